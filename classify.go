@@ -1,0 +1,146 @@
+package sqlretry
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"database/sql/driver"
+	"errors"
+	"io"
+	"net"
+	"syscall"
+)
+
+// Class is what an error means for a retry decision; shared/ERRORS.md is
+// the catalogue the defaults follow.
+type Class uint8
+
+const (
+	// Permanent errors are never retried: constraints, syntax, auth, ...
+	Permanent Class = iota
+	// RetryStatement: the server rolled back the statement (or nothing ran);
+	// running it again is safe in autocommit. Inside a transaction on
+	// PostgreSQL the transaction is aborted, so it becomes RetryTransaction.
+	RetryStatement
+	// RetryTransaction: the server aborted the whole transaction
+	// (deadlock, serialization failure); replay it from the start.
+	RetryTransaction
+	// Unavailable: the server could not be reached or refused the work
+	// before running it (dial failures, too many connections, read-only
+	// after a failover). Counts for the breaker.
+	Unavailable
+	// ConnectionLost: the connection broke after the request may have been
+	// sent. Safe to re-run only for reads and idempotent work; a lost COMMIT
+	// must be resolved. Counts for the breaker.
+	ConnectionLost
+	// Ambiguous: the server itself says the outcome is unknown.
+	Ambiguous
+)
+
+func (c Class) String() string {
+	switch c {
+	case Permanent:
+		return "permanent"
+	case RetryStatement:
+		return "retry-statement"
+	case RetryTransaction:
+		return "retry-transaction"
+	case Unavailable:
+		return "unavailable"
+	case ConnectionLost:
+		return "connection-lost"
+	case Ambiguous:
+		return "ambiguous"
+	}
+	return "class(" + string(rune('0'+c)) + ")"
+}
+
+// Classifier is a user rule. It returns ok=false to leave the error to the
+// next rule and finally to the defaults.
+type Classifier func(err error) (class Class, ok bool)
+
+// classify runs the user rules, then the defaults.
+func classify(rules []Classifier, err error) Class {
+	for _, rule := range rules {
+		if c, ok := rule(err); ok {
+			return c
+		}
+	}
+	return classifyDefault(err)
+}
+
+// classifyDefault knows PostgreSQL (by SQLSTATE, through SQLState() so that
+// pgx and lib/pq both work), MySQL/MariaDB (by error number) and the Go
+// network and context errors.
+func classifyDefault(err error) Class {
+	if err == nil {
+		return Permanent
+	}
+	var own *Error
+	if errors.As(err, &own) {
+		return own.Class
+	}
+	if errors.Is(err, driver.ErrBadConn) {
+		// By the driver contract nothing was sent.
+		return Unavailable
+	}
+	var pg interface{ SQLState() string }
+	if errors.As(err, &pg) {
+		return classifyPostgres(pg.SQLState(), err.Error())
+	}
+	if c, ok := classifyMySQL(err); ok {
+		return c
+	}
+	return classifyNetwork(err)
+}
+
+// errTxCommitRollbackText is pgx.ErrTxCommitRollback's text: COMMIT of an
+// aborted transaction turned into a rollback, so it did not commit. Matched
+// by text to keep pgx out of this package's dependencies.
+const errTxCommitRollbackText = "commit unexpectedly resulted in rollback"
+
+func classifyNetwork(err error) Class {
+	// Caller cancellation is rule 3 and handled by the callers; a timeout
+	// that sqlretry set itself is turned into ConnectionLost there.
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return Permanent
+	}
+	var safe interface{ SafeToRetry() bool }
+	if errors.As(err, &safe) && safe.SafeToRetry() {
+		return Unavailable // pgconn: nothing was sent
+	}
+	if err.Error() == errTxCommitRollbackText {
+		return RetryTransaction
+	}
+	var (
+		unknownAuthority x509.UnknownAuthorityError
+		hostname         x509.HostnameError
+		certInvalid      x509.CertificateInvalidError
+		verify           *tls.CertificateVerificationError
+		header           tls.RecordHeaderError
+	)
+	if errors.As(err, &unknownAuthority) || errors.As(err, &hostname) || errors.As(err, &certInvalid) ||
+		errors.As(err, &verify) || errors.As(err, &header) {
+		return Permanent
+	}
+	var dnsErr *net.DNSError
+	if errors.As(err, &dnsErr) {
+		return Unavailable
+	}
+	var opErr *net.OpError
+	if errors.As(err, &opErr) && opErr.Op == "dial" {
+		return Unavailable
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH) {
+		return Unavailable
+	}
+	if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) {
+		return ConnectionLost
+	}
+	var netErr net.Error
+	if errors.As(err, &netErr) && netErr.Timeout() {
+		return ConnectionLost
+	}
+	return Permanent
+}

@@ -1,0 +1,47 @@
+package sqlretry
+
+import "strings"
+
+// classifyPostgres maps a SQLSTATE (PostgreSQL, CockroachDB, YugabyteDB) to
+// a class; shared/ERRORS.md is the table.
+func classifyPostgres(code, msg string) Class {
+	switch code {
+	case "40001": // serialization_failure, also hot-standby conflicts and Cockroach/Yugabyte restarts
+		return RetryStatement
+	case "55P03": // lock_not_available (NOWAIT, lock_timeout)
+		return RetryStatement
+	case "40P01", // deadlock_detected
+		"25P02",          // in_failed_transaction: the caller should look at the first error
+		"25P03", "25P04", // idle-in-transaction / transaction timeout: the session is gone, the transaction rolled back
+		"CR000": // CockroachDB: transaction retry
+		return RetryTransaction
+	case "40003", "08007": // statement completion / transaction resolution unknown
+		return Ambiguous
+	case "57P01", "57P02": // admin / crash shutdown
+		return ConnectionLost
+	case "08000", "08003", "08006": // connection exceptions
+		return ConnectionLost
+	case "08001", "08004", // could not connect / rejected
+		"57P03", "53300", "57P05", // cannot connect now, too many connections, idle session timeout
+		"53000", "53100", "53200", "53400", "58000", "58030", // resources, system / io error
+		"25006": // read-only transaction: a standby after a failover
+		return Unavailable
+	case "08P01":
+		// From PostgreSQL a protocol violation is a bug; from PgBouncer it
+		// is how pool exhaustion and queue timeouts are reported.
+		if isPgBouncerUnavailable(msg) {
+			return Unavailable
+		}
+		return Permanent
+	}
+	return Permanent
+}
+
+func isPgBouncerUnavailable(msg string) bool {
+	for _, s := range []string{"max_client_conn", "query_wait_timeout", "pgbouncer", "server login has been failing", "no more connections allowed"} {
+		if strings.Contains(msg, s) {
+			return true
+		}
+	}
+	return false
+}
