@@ -1,0 +1,292 @@
+package sqlretry
+
+import (
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// BreakerState is the state of a circuit breaker.
+type BreakerState int32
+
+const (
+	BreakerClosed   BreakerState = iota // calls flow
+	BreakerOpen                         // calls fail fast with ErrCircuitOpen
+	BreakerHalfOpen                     // a few probes test the database
+)
+
+func (s BreakerState) String() string {
+	switch s {
+	case BreakerClosed:
+		return "closed"
+	case BreakerOpen:
+		return "open"
+	case BreakerHalfOpen:
+		return "half-open"
+	}
+	return "unknown"
+}
+
+// Breaker configures the circuit breaker of one wrapped connector. Only
+// connection and unavailability failures count against it (a deadlock is
+// contention, not an outage); any answer from the server counts for it.
+// The zero value of a field means its default.
+type Breaker struct {
+	Window         time.Duration // rolling window of outcomes; default 10s (in 10 buckets)
+	MinRequests    int           // outcomes in the window before it may open; default 20
+	FailureRatio   float64       // failures/outcomes at which it opens, in (0, 1]; default 0.5
+	OpenTimeout    time.Duration // how long it stays open before probing; default 5s
+	OpenJitter     float64       // the open time is stretched by up to this share, in [0, 1]; default 0.2
+	HalfOpenProbes int           // concurrent probes, and successes needed to close; default 1
+}
+
+// DefaultBreaker is what Open uses when no WithBreaker option is given.
+var DefaultBreaker = Breaker{
+	Window:         10 * time.Second,
+	MinRequests:    20,
+	FailureRatio:   0.5,
+	OpenTimeout:    5 * time.Second,
+	OpenJitter:     0.2,
+	HalfOpenProbes: 1,
+}
+
+func (b Breaker) withDefaults() Breaker {
+	d := DefaultBreaker
+	if b.Window == 0 {
+		b.Window = d.Window
+	}
+	if b.MinRequests == 0 {
+		b.MinRequests = d.MinRequests
+	}
+	if b.FailureRatio == 0 {
+		b.FailureRatio = d.FailureRatio
+	}
+	if b.OpenTimeout == 0 {
+		b.OpenTimeout = d.OpenTimeout
+	}
+	if b.OpenJitter == 0 {
+		b.OpenJitter = d.OpenJitter
+	}
+	if b.HalfOpenProbes == 0 {
+		b.HalfOpenProbes = d.HalfOpenProbes
+	}
+	return b
+}
+
+func (b Breaker) validate() error {
+	switch {
+	case b.Window < 0, b.OpenTimeout < 0:
+		return errors.New("durations must not be negative")
+	case b.Window != 0 && b.Window < breakerBuckets*time.Millisecond:
+		return errors.New("the field Window must be at least 10ms")
+	case b.MinRequests < 0, b.HalfOpenProbes < 0:
+		return errors.New("counts must not be negative")
+	case b.FailureRatio < 0, b.FailureRatio > 1:
+		return errors.New("the field FailureRatio must be in (0, 1]")
+	case b.OpenJitter < 0, b.OpenJitter > 1:
+		return errors.New("the field OpenJitter must be in [0, 1]")
+	}
+	return nil
+}
+
+const breakerBuckets = 10
+
+type breakerBucket struct {
+	epoch      atomic.Int64
+	ok, failed atomic.Int64
+}
+
+// breaker is a closed/open/half-open state machine over a rolling window of
+// outcomes. The success path is lock-free (it runs after every statement);
+// the mutex guards transitions and bucket rotation. A generation counter
+// discards outcomes of calls that began before the last transition, as
+// sony/gobreaker does.
+type breaker struct {
+	s        Breaker
+	clock    Clock
+	rnd      func() float64
+	onChange func(from, to BreakerState)
+	width    int64 // bucket width in nanoseconds
+
+	state      atomic.Int32
+	openUntil  atomic.Int64 // unix nanoseconds
+	generation atomic.Uint64
+	buckets    [breakerBuckets]breakerBucket
+
+	mu          sync.Mutex
+	probes      int // in flight, half-open only
+	probeWins   int
+	rejectCount atomic.Int64
+}
+
+func newBreaker(s Breaker, clock Clock, rnd func() float64, onChange func(from, to BreakerState)) *breaker {
+	return &breaker{s: s, clock: clock, rnd: rnd, onChange: onChange, width: int64(s.Window) / breakerBuckets}
+}
+
+// ticket is what allow hands out; done takes it back with the outcome.
+type ticket struct {
+	gen   uint64
+	probe bool
+}
+
+// allow asks whether a call may go to the database now.
+func (b *breaker) allow() (ticket, error) {
+	if b == nil {
+		return ticket{}, nil
+	}
+	switch BreakerState(b.state.Load()) {
+	case BreakerClosed:
+		return ticket{gen: b.generation.Load()}, nil
+	case BreakerOpen:
+		if b.clock.Now().UnixNano() < b.openUntil.Load() {
+			b.rejectCount.Add(1)
+			return ticket{}, ErrCircuitOpen
+		}
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch BreakerState(b.state.Load()) {
+	case BreakerClosed:
+		return ticket{gen: b.generation.Load()}, nil
+	case BreakerOpen:
+		if b.clock.Now().UnixNano() < b.openUntil.Load() {
+			b.rejectCount.Add(1)
+			return ticket{}, ErrCircuitOpen
+		}
+		b.setLocked(BreakerHalfOpen)
+	}
+	if b.probes >= b.s.HalfOpenProbes {
+		b.rejectCount.Add(1)
+		return ticket{}, ErrCircuitOpen
+	}
+	b.probes++
+	return ticket{gen: b.generation.Load(), probe: true}, nil
+}
+
+// outcome of a call, as the breaker counts it.
+type outcome uint8
+
+const (
+	outcomeSuccess outcome = iota // the server answered
+	outcomeFailure                // unreachable, refused or connection lost
+	outcomeNeutral                // says nothing about availability (caller cancelled, bad input)
+)
+
+// done records the outcome of a call that allow let through.
+func (b *breaker) done(t ticket, o outcome) {
+	if b == nil {
+		return
+	}
+	if !t.probe && o == outcomeSuccess && BreakerState(b.state.Load()) == BreakerClosed {
+		b.count(true) // the hot path: no lock
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if t.probe && t.gen == b.generation.Load() {
+		b.probes--
+	}
+	if t.gen != b.generation.Load() || o == outcomeNeutral {
+		return
+	}
+	switch BreakerState(b.state.Load()) {
+	case BreakerClosed:
+		b.count(o == outcomeSuccess)
+		if o == outcomeFailure {
+			b.tripIfNeededLocked()
+		}
+	case BreakerHalfOpen:
+		if !t.probe {
+			return
+		}
+		if o == outcomeFailure {
+			b.setLocked(BreakerOpen)
+			return
+		}
+		b.probeWins++
+		if b.probeWins >= b.s.HalfOpenProbes {
+			b.setLocked(BreakerClosed)
+		}
+	}
+}
+
+func (b *breaker) count(success bool) {
+	epoch := b.clock.Now().UnixNano() / b.width
+	bk := &b.buckets[epoch%breakerBuckets]
+	if bk.epoch.Load() != epoch {
+		b.rotate(bk, epoch)
+	}
+	if success {
+		bk.ok.Add(1)
+	} else {
+		bk.failed.Add(1)
+	}
+}
+
+// rotate resets a bucket that holds an older epoch. Counts added by a racing
+// goroutine during the reset may be lost; the window is an estimate.
+func (b *breaker) rotate(bk *breakerBucket, epoch int64) {
+	for {
+		old := bk.epoch.Load()
+		if old >= epoch {
+			return
+		}
+		if bk.epoch.CompareAndSwap(old, epoch) {
+			bk.ok.Store(0)
+			bk.failed.Store(0)
+			return
+		}
+	}
+}
+
+func (b *breaker) tripIfNeededLocked() {
+	now := b.clock.Now().UnixNano() / b.width
+	var ok, failed int64
+	for i := range b.buckets {
+		bk := &b.buckets[i]
+		if e := bk.epoch.Load(); e > now-breakerBuckets && e <= now {
+			ok += bk.ok.Load()
+			failed += bk.failed.Load()
+		}
+	}
+	total := ok + failed
+	if total >= int64(b.s.MinRequests) && float64(failed) >= b.s.FailureRatio*float64(total) {
+		b.setLocked(BreakerOpen)
+	}
+}
+
+func (b *breaker) setLocked(to BreakerState) {
+	from := BreakerState(b.state.Load())
+	if from == to {
+		return
+	}
+	b.generation.Add(1)
+	b.probes, b.probeWins = 0, 0
+	switch to {
+	case BreakerOpen:
+		open := float64(b.s.OpenTimeout) * (1 + b.s.OpenJitter*b.rnd())
+		b.openUntil.Store(b.clock.Now().Add(time.Duration(open)).UnixNano())
+	case BreakerClosed:
+		for i := range b.buckets {
+			b.buckets[i].epoch.Store(0)
+			b.buckets[i].ok.Store(0)
+			b.buckets[i].failed.Store(0)
+		}
+	}
+	b.state.Store(int32(to))
+	if b.onChange != nil {
+		b.onChange(from, to)
+	}
+}
+
+func (b *breaker) State() BreakerState {
+	if b == nil {
+		return BreakerClosed
+	}
+	// An open breaker whose timeout passed is half-open for the next call.
+	if s := BreakerState(b.state.Load()); s != BreakerOpen || b.clock.Now().UnixNano() < b.openUntil.Load() {
+		return s
+	}
+	return BreakerHalfOpen
+}
