@@ -1,0 +1,193 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql"
+	"log/slog"
+	"sync/atomic"
+	"time"
+)
+
+// EventKind names a decision sqlretry made.
+type EventKind uint8
+
+const (
+	// EventRetry: an attempt failed and another follows after Delay.
+	EventRetry EventKind = iota + 1
+	// EventHandOff: the connection is unusable and the call is safe to
+	// re-run, so it was handed back to database/sql to run on another one.
+	EventHandOff
+	// EventGiveUp: sqlretry stopped and returned Err to the caller.
+	EventGiveUp
+	// EventBreaker: the circuit breaker went from BreakerFrom to BreakerTo.
+	EventBreaker
+	// EventCommitResolved: a COMMIT lost its connection and sqlretry found
+	// out whether it took effect (Outcome).
+	EventCommitResolved
+)
+
+func (k EventKind) String() string {
+	switch k {
+	case EventRetry:
+		return "retry"
+	case EventHandOff:
+		return "hand-off"
+	case EventGiveUp:
+		return "give-up"
+	case EventBreaker:
+		return "breaker"
+	case EventCommitResolved:
+		return "commit-resolved"
+	}
+	return "unknown"
+}
+
+// CommitOutcome is what the resolution of a lost COMMIT found.
+type CommitOutcome uint8
+
+const (
+	CommitUnknown      CommitOutcome = iota // could not be found out: ErrAmbiguousCommit
+	CommitCommitted                         // it committed: reported as success
+	CommitNotCommitted                      // it did not: safe to replay
+)
+
+func (o CommitOutcome) String() string {
+	switch o {
+	case CommitCommitted:
+		return "committed"
+	case CommitNotCommitted:
+		return "not-committed"
+	}
+	return "unknown"
+}
+
+// Event describes one decision. Successful first attempts are not events
+// (they would cost on every call); Stats counts them.
+type Event struct {
+	Kind        EventKind
+	Op          string        // "exec", "query", "stmt.exec", "stmt.query", "begin", "dial", "commit", "tx"
+	Attempt     int           // the attempt that just ended, from 1
+	Class       Class         // class of Err
+	Err         error         // the error of that attempt
+	Delay       time.Duration // EventRetry: the pause before the next attempt
+	Reason      string        // why: the rule that applied or why it stopped
+	BreakerFrom BreakerState  // EventBreaker
+	BreakerTo   BreakerState  // EventBreaker
+	Outcome     CommitOutcome // EventCommitResolved
+}
+
+// Observer sees every decision. Observe is called synchronously on the
+// calling goroutine and must be quick and safe for concurrent use.
+type Observer interface {
+	Observe(ctx context.Context, e Event)
+}
+
+// ObserverFunc adapts a function to Observer.
+type ObserverFunc func(ctx context.Context, e Event)
+
+func (f ObserverFunc) Observe(ctx context.Context, e Event) { f(ctx, e) }
+
+// SlogObserver logs every decision to l: retries and hand-offs at Debug,
+// breaker changes and commit resolutions at Info (Warn when the breaker
+// opens or a commit stays unknown), give-ups at Warn.
+func SlogObserver(l *slog.Logger) Observer {
+	return ObserverFunc(func(ctx context.Context, e Event) {
+		level := slog.LevelDebug
+		attrs := []slog.Attr{slog.String("op", e.Op)}
+		switch e.Kind {
+		case EventBreaker:
+			level = slog.LevelInfo
+			if e.BreakerTo == BreakerOpen {
+				level = slog.LevelWarn
+			}
+			attrs = []slog.Attr{slog.String("from", e.BreakerFrom.String()), slog.String("to", e.BreakerTo.String())}
+		case EventCommitResolved:
+			level = slog.LevelInfo
+			if e.Outcome == CommitUnknown {
+				level = slog.LevelWarn
+			}
+			attrs = append(attrs, slog.String("outcome", e.Outcome.String()))
+		case EventGiveUp:
+			level = slog.LevelWarn
+		}
+		if e.Kind != EventBreaker {
+			attrs = append(attrs, slog.Int("attempt", e.Attempt), slog.String("class", e.Class.String()))
+		}
+		if e.Delay > 0 {
+			attrs = append(attrs, slog.Duration("delay", e.Delay))
+		}
+		if e.Reason != "" {
+			attrs = append(attrs, slog.String("reason", e.Reason))
+		}
+		if e.Err != nil {
+			attrs = append(attrs, slog.String("error", e.Err.Error()))
+		}
+		l.LogAttrs(ctx, level, "sqlretry "+e.Kind.String(), attrs...)
+	})
+}
+
+// Stats is a snapshot of what one wrapped connector has done, read like
+// db.Stats(). Counters only grow.
+type Stats struct {
+	Successes          int64 // calls that succeeded (statements, begins, commits, dials)
+	RetriesStatement   int64 // statements re-run on the same connection after the server rolled them back
+	RetriesTransaction int64 // RunInTx replays of a whole transaction
+	RetriesConnection  int64 // re-dials, and replays after connection loss or unavailability
+	HandOffs           int64 // calls handed back to database/sql to re-run on another connection (its ErrBadConn loop)
+	GiveUps            int64 // retryable errors returned to the caller after retrying
+	Dials              int64 // connections opened
+	DialFailures       int64 // dial attempts that failed
+	CircuitRejections  int64 // calls refused with ErrCircuitOpen
+	BudgetRejections   int64 // retries refused with ErrBudgetExhausted
+	CommitsResolved    int64 // lost COMMITs whose outcome was found out
+	CommitsAmbiguous   int64 // lost COMMITs returned as ErrAmbiguousCommit
+	Poisoned           int64 // transactions poisoned by a swallowed retryable error
+	Breaker            BreakerState
+	BudgetTokens       float64 // retries the budget would allow now (before time refill)
+}
+
+type counters struct {
+	successes, retriesStatement, retriesTransaction, retriesConnection atomic.Int64
+	handOffs, giveUps, dials, dialFailures, budgetRejections           atomic.Int64
+	commitsResolved, commitsAmbiguous, poisoned                        atomic.Int64
+}
+
+// StatsOf returns the statistics of a *sql.DB opened through sqlretry, and
+// false for any other *sql.DB.
+func StatsOf(db *sql.DB) (Stats, bool) {
+	r := retrierOf(db)
+	if r == nil {
+		return Stats{}, false
+	}
+	return r.stats(), true
+}
+
+func (r *retrier) stats() Stats {
+	c := r.counters
+	s := Stats{
+		Successes:          c.successes.Load(),
+		RetriesStatement:   c.retriesStatement.Load(),
+		RetriesTransaction: c.retriesTransaction.Load(),
+		RetriesConnection:  c.retriesConnection.Load(),
+		HandOffs:           c.handOffs.Load(),
+		GiveUps:            c.giveUps.Load(),
+		Dials:              c.dials.Load(),
+		DialFailures:       c.dialFailures.Load(),
+		BudgetRejections:   c.budgetRejections.Load(),
+		CommitsResolved:    c.commitsResolved.Load(),
+		CommitsAmbiguous:   c.commitsAmbiguous.Load(),
+		Poisoned:           c.poisoned.Load(),
+		Breaker:            r.breaker.State(),
+		BudgetTokens:       r.budget.tokens(),
+	}
+	if r.breaker != nil {
+		s.CircuitRejections = r.breaker.rejectCount.Load()
+	}
+	return s
+}
+
+func (r *retrier) observe(ctx context.Context, e Event) {
+	if r.obs != nil {
+		r.obs.Observe(ctx, e)
+	}
+}

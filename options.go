@@ -1,0 +1,278 @@
+package sqlretry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Option configures sqlretry. Options are checked when they are applied:
+// Open, Register, Wrap and WrapConnector return the error; OpenDB returns a
+// *sql.DB whose every call returns it.
+type Option func(*config) error
+
+// Dialect selects the database-specific behaviour: error tables, how a lost
+// COMMIT is resolved, and PostgreSQL's rule that any error aborts a
+// transaction. Open detects it from the driver.
+type Dialect uint8
+
+const (
+	DialectUnknown  Dialect = iota // both error tables; lost COMMITs are ErrAmbiguousCommit
+	DialectPostgres                // pgx, lib/pq, and pgwire engines
+	DialectMySQL                   // go-sql-driver/mysql: MySQL, MariaDB
+)
+
+func (d Dialect) String() string {
+	switch d {
+	case DialectPostgres:
+		return "postgres"
+	case DialectMySQL:
+		return "mysql"
+	}
+	return "unknown"
+}
+
+type config struct {
+	backoff        Backoff
+	breaker        *Breaker // nil: no breaker
+	budget         *Budget  // nil: no budget
+	dialParallel   int
+	attemptTimeout time.Duration
+	observer       Observer
+	clock          Clock
+	rnd            func() float64
+	rules          []Classifier
+	dialect        Dialect
+	dialectSet     bool
+	resolveCommits bool
+	mysqlMarker    string
+}
+
+func defaultConfig() config {
+	br, bu := DefaultBreaker, DefaultBudget
+	return config{
+		backoff:        DefaultBackoff,
+		breaker:        &br,
+		budget:         &bu,
+		dialParallel:   4,
+		clock:          realClock{},
+		rnd:            defaultRand,
+		resolveCommits: true,
+	}
+}
+
+func (c *config) apply(opts []Option) error {
+	for i, o := range opts {
+		if o == nil {
+			return fmt.Errorf("sqlretry: option %d is nil", i)
+		}
+		if err := o(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func optionError(name string, err error) error {
+	return fmt.Errorf("sqlretry: %s: %w", name, err)
+}
+
+// WithBackoff sets the retry pacing; zero fields take DefaultBackoff's values.
+func WithBackoff(b Backoff) Option {
+	return func(c *config) error {
+		if err := b.validate(); err != nil {
+			return optionError("WithBackoff", err)
+		}
+		c.backoff = b.withDefaults()
+		return nil
+	}
+}
+
+// WithMaxAttempts sets how many attempts a call may make, the first
+// included (default 10). 1 turns retries off.
+func WithMaxAttempts(n int) Option {
+	return func(c *config) error {
+		if n < 1 {
+			return optionError("WithMaxAttempts", fmt.Errorf("%d is not at least 1", n))
+		}
+		c.backoff.MaxAttempts = n
+		return nil
+	}
+}
+
+// WithBreaker sets the circuit breaker; zero fields take DefaultBreaker's values.
+func WithBreaker(b Breaker) Option {
+	return func(c *config) error {
+		if err := b.validate(); err != nil {
+			return optionError("WithBreaker", err)
+		}
+		b = b.withDefaults()
+		c.breaker = &b
+		return nil
+	}
+}
+
+// WithoutBreaker turns the circuit breaker off.
+func WithoutBreaker() Option {
+	return func(c *config) error { c.breaker = nil; return nil }
+}
+
+// WithBudget sets the retry budget; zero fields take DefaultBudget's values.
+func WithBudget(b Budget) Option {
+	return func(c *config) error {
+		if err := b.validate(); err != nil {
+			return optionError("WithBudget", err)
+		}
+		b = b.withDefaults()
+		c.budget = &b
+		return nil
+	}
+}
+
+// WithoutBudget turns the retry budget off.
+func WithoutBudget() Option {
+	return func(c *config) error { c.budget = nil; return nil }
+}
+
+// WithDialConcurrency bounds the dials in flight per connector (default 4).
+func WithDialConcurrency(n int) Option {
+	return func(c *config) error {
+		if n < 1 {
+			return optionError("WithDialConcurrency", fmt.Errorf("%d is not at least 1", n))
+		}
+		c.dialParallel = n
+		return nil
+	}
+}
+
+// WithAttemptTimeout bounds each dial and each autocommit statement attempt
+// inside the caller's deadline (default 0: no bound), so that a hung
+// connection turns into a retry while time is left. A write that timed out
+// after it was sent is ambiguous and is not retried.
+func WithAttemptTimeout(d time.Duration) Option {
+	return func(c *config) error {
+		if d < 0 {
+			return optionError("WithAttemptTimeout", errors.New("must not be negative"))
+		}
+		c.attemptTimeout = d
+		return nil
+	}
+}
+
+// WithObserver sends every decision to o (default: none).
+func WithObserver(o Observer) Option {
+	return func(c *config) error {
+		if o == nil {
+			return optionError("WithObserver", errors.New("observer is nil"))
+		}
+		c.observer = o
+		return nil
+	}
+}
+
+// WithClock replaces the clock (default: the real one); for tests.
+func WithClock(clock Clock) Option {
+	return func(c *config) error {
+		if clock == nil {
+			return optionError("WithClock", errors.New("clock is nil"))
+		}
+		c.clock = clock
+		return nil
+	}
+}
+
+// WithClassifier adds a rule that runs before the defaults; later rules run
+// after earlier ones.
+func WithClassifier(rule Classifier) Option {
+	return func(c *config) error {
+		if rule == nil {
+			return optionError("WithClassifier", errors.New("classifier is nil"))
+		}
+		c.rules = append(c.rules, rule)
+		return nil
+	}
+}
+
+// WithDialect overrides the dialect detected from the driver.
+func WithDialect(d Dialect) Option {
+	return func(c *config) error {
+		if d > DialectMySQL {
+			return optionError("WithDialect", fmt.Errorf("unknown dialect %d", d))
+		}
+		c.dialect, c.dialectSet = d, true
+		return nil
+	}
+}
+
+// WithCommitResolution turns the PostgreSQL resolution of lost COMMITs on
+// or off (default on). When on, a transaction that wrote asks for its
+// transaction id just before COMMIT (one extra round trip); when its COMMIT
+// loses the connection, sqlretry asks txid_status on a fresh connection and
+// reports success, replay, or ErrAmbiguousCommit. When off, every lost
+// COMMIT is ErrAmbiguousCommit.
+func WithCommitResolution(on bool) Option {
+	return func(c *config) error { c.resolveCommits = on; return nil }
+}
+
+// WithMySQLCommitMarker turns on the MySQL/MariaDB resolution of lost
+// COMMITs (default off): a transaction that wrote also inserts a row with a
+// random token into table (created if missing) just before COMMIT; after a
+// lost COMMIT sqlretry waits for the old session to end and looks the token
+// up. Rows older than an hour are deleted now and then.
+func WithMySQLCommitMarker(table string) Option {
+	return func(c *config) error {
+		if !isPlainIdentifier(table) {
+			return optionError("WithMySQLCommitMarker", fmt.Errorf("%q is not a plain table name ([A-Za-z0-9_], optionally schema.table)", table))
+		}
+		c.mysqlMarker = table
+		return nil
+	}
+}
+
+func isPlainIdentifier(s string) bool {
+	if s == "" || len(s) > 128 {
+		return false
+	}
+	dots := 0
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '.':
+			dots++
+			if dots > 1 || i == 0 || i == len(s)-1 {
+				return false
+			}
+		case c == '_', c >= '0' && c <= '9', c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// Context markers for one call.
+type ctxKey uint8
+
+const (
+	keyIdempotent ctxKey = iota + 1
+	keyNoRetry
+)
+
+// Idempotent marks the calls made with ctx as safe to run twice: an
+// autocommit write that loses its connection after it was sent is re-run
+// instead of returned as ambiguous.
+func Idempotent(ctx context.Context) context.Context {
+	return context.WithValue(ctx, keyIdempotent, true)
+}
+
+// NotIdempotent marks the calls made with ctx as unsafe to run twice even
+// when they look like reads (a SELECT of a function with side effects).
+// Statements the server rolled back are still retried.
+func NotIdempotent(ctx context.Context) context.Context {
+	return context.WithValue(ctx, keyIdempotent, false)
+}
+
+// NoRetry turns every retry off for the calls made with ctx.
+func NoRetry(ctx context.Context) context.Context {
+	return context.WithValue(ctx, keyNoRetry, true)
+}
