@@ -1,0 +1,521 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"io"
+	"reflect"
+	"sync/atomic"
+)
+
+// Compile-time checks: every optional interface that database/sql looks for
+// is implemented, and each method falls back to what database/sql would do
+// when the driver's connection lacks it, so wrapping changes nothing a
+// program can observe except the retries. The deprecated Stmt
+// ColumnConverter is not forwarded: database/sql would then skip argument
+// conversion for drivers whose NumInput is -1, and neither pgx nor
+// go-sql-driver/mysql implements it.
+var (
+	_ driver.Conn               = (*conn)(nil)
+	_ driver.ConnBeginTx        = (*conn)(nil)
+	_ driver.ConnPrepareContext = (*conn)(nil)
+	_ driver.ExecerContext      = (*conn)(nil)
+	_ driver.QueryerContext     = (*conn)(nil)
+	_ driver.Pinger             = (*conn)(nil)
+	_ driver.SessionResetter    = (*conn)(nil)
+	_ driver.Validator          = (*conn)(nil)
+	_ driver.NamedValueChecker  = (*conn)(nil)
+
+	_ driver.Stmt              = (*stmt)(nil)
+	_ driver.StmtExecContext   = (*stmt)(nil)
+	_ driver.StmtQueryContext  = (*stmt)(nil)
+	_ driver.NamedValueChecker = (*stmt)(nil)
+
+	_ driver.Rows                           = (*txRows)(nil)
+	_ driver.RowsNextResultSet              = (*txRows)(nil)
+	_ driver.RowsColumnTypeScanType         = (*txRows)(nil)
+	_ driver.RowsColumnTypeDatabaseTypeName = (*txRows)(nil)
+	_ driver.RowsColumnTypeLength           = (*txRows)(nil)
+	_ driver.RowsColumnTypeNullable         = (*txRows)(nil)
+	_ driver.RowsColumnTypePrecisionScale   = (*txRows)(nil)
+)
+
+// Unwrapper is implemented by every connection sqlretry hands to
+// database/sql: sql.Conn.Raw users reach the driver's own connection
+// through it (see UnwrapConn).
+type Unwrapper interface {
+	Unwrap() driver.Conn
+}
+
+// UnwrapConn returns the driver's own connection under any stack of
+// wrappers that follow the Unwrap() driver.Conn convention, for use inside
+// sql.Conn.Raw:
+//
+//	conn.Raw(func(dc any) error {
+//		pgxConn := sqlretry.UnwrapConn(dc).(*stdlib.Conn).Conn()
+//		...
+//	})
+func UnwrapConn(dc any) driver.Conn {
+	for {
+		u, ok := dc.(Unwrapper)
+		if !ok {
+			c, _ := dc.(driver.Conn)
+			return c
+		}
+		dc = u.Unwrap()
+	}
+}
+
+// conn is the Conn decorator. database/sql serialises the calls on one
+// connection; bad is atomic because IsValid may be read from another
+// goroutine when the pool takes the connection back.
+type conn struct {
+	inner   driver.Conn
+	execer  driver.ExecerContext  // nil when the driver lacks it
+	queryer driver.QueryerContext // nil when the driver lacks it
+	r       *retrier
+	tx      *tx          // the open transaction, nil in autocommit
+	manual  atomic.Int32 // >0: a transaction opened by hand (BEGIN via Exec); no statement retries
+	bad     atomic.Bool  // discard at the next reset: it broke or may be on a standby
+
+	serverID int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
+}
+
+func newConn(ic driver.Conn, r *retrier) *conn {
+	c := &conn{inner: ic, r: r}
+	c.execer, _ = ic.(driver.ExecerContext)
+	c.queryer, _ = ic.(driver.QueryerContext)
+	if r.implicitTx {
+		c.manual.Store(2)
+	}
+	return c
+}
+
+// Unwrap returns the driver's own connection (the http.ResponseController
+// convention), so that sql.Conn.Raw reaches *stdlib.Conn or the mysql conn.
+func (c *conn) Unwrap() driver.Conn { return c.inner }
+
+func (c *conn) Close() error { return c.inner.Close() }
+
+func (c *conn) Begin() (driver.Tx, error) {
+	return c.BeginTx(context.Background(), driver.TxOptions{})
+}
+
+func (c *conn) Prepare(query string) (driver.Stmt, error) {
+	return c.PrepareContext(context.Background(), query)
+}
+
+func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
+	var (
+		si  driver.Stmt
+		err error
+	)
+	if pc, ok := c.inner.(driver.ConnPrepareContext); ok {
+		si, err = pc.PrepareContext(ctx, query)
+	} else {
+		// As database/sql's ctxDriverPrepare.
+		si, err = c.inner.Prepare(query)
+		if err == nil && ctx.Err() != nil {
+			si.Close()
+			return nil, ctx.Err()
+		}
+	}
+	if err != nil {
+		if c.tx != nil {
+			c.tx.failed(err, query)
+		}
+		return nil, err
+	}
+	return &stmt{inner: si, c: c, query: query}, nil
+}
+
+// noteTxControl follows transactions opened by hand with Exec("BEGIN").
+func (c *conn) noteTxControl(query string) {
+	switch txControl(query) {
+	case 1:
+		c.manual.Store(1)
+	case 2:
+		c.manual.Store(2)
+	case -1:
+		if c.manual.Load() == 1 {
+			c.manual.Store(0)
+		}
+	}
+}
+
+func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if c.tx != nil {
+		return c.tx.exec(ctx, query, args)
+	}
+	t, err := c.r.breaker.allow()
+	if err != nil {
+		return nil, c.r.refuse(ctx, "exec", 0, Unavailable, err, nil)
+	}
+	c.noteTxControl(query)
+	if c.r.cfg.attemptTimeout == 0 {
+		res, err := c.execInner(ctx, query, args)
+		if err == nil {
+			c.r.succeeded(t)
+			return res, nil
+		}
+		if isPassThrough(err) {
+			c.r.breaker.done(t, outcomeNeutral)
+			return nil, err
+		}
+		return runStatement(ctx, c, t, "exec", query, false, err, func(ctx context.Context) (driver.Result, error) {
+			return c.execInner(ctx, query, args)
+		})
+	}
+	return runStatement(ctx, c, t, "exec", query, false, nil, func(ctx context.Context) (driver.Result, error) {
+		return c.execInner(ctx, query, args)
+	})
+}
+
+func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.tx != nil {
+		return c.tx.query(ctx, query, args)
+	}
+	t, err := c.r.breaker.allow()
+	if err != nil {
+		return nil, c.r.refuse(ctx, "query", 0, Unavailable, err, nil)
+	}
+	c.noteTxControl(query)
+	if c.r.cfg.attemptTimeout == 0 {
+		rows, err := c.queryInner(ctx, query, args)
+		if err == nil {
+			c.r.succeeded(t)
+			return rows, nil
+		}
+		if isPassThrough(err) {
+			c.r.breaker.done(t, outcomeNeutral)
+			return nil, err
+		}
+		return runStatement(ctx, c, t, "query", query, true, err, func(ctx context.Context) (driver.Rows, error) {
+			return c.queryInner(ctx, query, args)
+		})
+	}
+	return runStatement(ctx, c, t, "query", query, true, nil, func(ctx context.Context) (driver.Rows, error) {
+		return c.queryInner(ctx, query, args)
+	})
+}
+
+// execInner calls the driver as database/sql would: ExecerContext, else the
+// deprecated Execer, else ErrSkip (database/sql then prepares).
+func (c *conn) execInner(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if c.execer != nil {
+		return c.execer.ExecContext(ctx, query, args)
+	}
+	//lint:ignore SA1019 forwarding the deprecated interface on purpose
+	if e, ok := c.inner.(driver.Execer); ok {
+		values, err := namedValueToValue(args)
+		if err != nil {
+			return nil, err
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		return e.Exec(query, values)
+	}
+	return nil, driver.ErrSkip
+}
+
+func (c *conn) queryInner(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.queryer != nil {
+		return c.queryer.QueryContext(ctx, query, args)
+	}
+	//lint:ignore SA1019 forwarding the deprecated interface on purpose
+	if q, ok := c.inner.(driver.Queryer); ok {
+		values, err := namedValueToValue(args)
+		if err != nil {
+			return nil, err
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		return q.Query(query, values)
+	}
+	return nil, driver.ErrSkip
+}
+
+func namedValueToValue(named []driver.NamedValue) ([]driver.Value, error) {
+	args := make([]driver.Value, len(named))
+	for n, param := range named {
+		if len(param.Name) > 0 {
+			return nil, errors.New("sql: driver does not support the use of Named Parameters")
+		}
+		args[n] = param.Value
+	}
+	return args, nil
+}
+
+func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	t, err := c.r.breaker.allow()
+	if err != nil {
+		return nil, c.r.refuse(ctx, "begin", 0, Unavailable, err, nil)
+	}
+	var itx driver.Tx
+	if bt, ok := c.inner.(driver.ConnBeginTx); ok {
+		itx, err = bt.BeginTx(ctx, opts)
+	} else {
+		itx, err = beginWithoutContext(ctx, c.inner, opts)
+	}
+	if err != nil {
+		cls := c.r.classify(err)
+		c.r.breaker.done(t, outcomeOf(cls))
+		if cls == ConnectionLost {
+			c.bad.Store(true)
+		}
+		return nil, err
+	}
+	c.r.succeeded(t)
+	c.tx = &tx{c: c, inner: itx, ctx: ctx, readOnly: opts.ReadOnly}
+	if a, ok := ctx.Value(keyAttempt).(*txAttempt); ok {
+		c.tx.attempt = a
+	}
+	return c.tx, nil
+}
+
+// beginWithoutContext is database/sql's ctxDriverBegin for old drivers.
+func beginWithoutContext(ctx context.Context, ci driver.Conn, opts driver.TxOptions) (driver.Tx, error) {
+	if opts.Isolation != driver.IsolationLevel(0) {
+		return nil, errors.New("sql: driver does not support non-default isolation level")
+	}
+	if opts.ReadOnly {
+		return nil, errors.New("sql: driver does not support read-only transactions")
+	}
+	//lint:ignore SA1019 the fallback database/sql itself uses
+	txi, err := ci.Begin()
+	if err == nil && ctx.Err() != nil {
+		txi.Rollback()
+		return nil, ctx.Err()
+	}
+	return txi, err
+}
+
+func (c *conn) Ping(ctx context.Context) error {
+	if p, ok := c.inner.(driver.Pinger); ok {
+		return p.Ping(ctx)
+	}
+	return nil
+}
+
+// ResetSession discards a connection that sqlretry saw break.
+func (c *conn) ResetSession(ctx context.Context) error {
+	if c.bad.Load() {
+		return driver.ErrBadConn
+	}
+	if sr, ok := c.inner.(driver.SessionResetter); ok {
+		return sr.ResetSession(ctx)
+	}
+	return nil
+}
+
+func (c *conn) IsValid() bool {
+	if c.bad.Load() {
+		return false
+	}
+	if v, ok := c.inner.(driver.Validator); ok {
+		return v.IsValid()
+	}
+	return true
+}
+
+func (c *conn) CheckNamedValue(nv *driver.NamedValue) error {
+	if nvc, ok := c.inner.(driver.NamedValueChecker); ok {
+		return nvc.CheckNamedValue(nv)
+	}
+	return driver.ErrSkip
+}
+
+// stmt is the Stmt decorator: the same rules as conn, for prepared statements.
+type stmt struct {
+	inner driver.Stmt
+	c     *conn
+	query string
+}
+
+func (s *stmt) Close() error  { return s.inner.Close() }
+func (s *stmt) NumInput() int { return s.inner.NumInput() }
+
+func (s *stmt) Exec(args []driver.Value) (driver.Result, error) {
+	//lint:ignore SA1019 database/sql calls the context method; this keeps the interface whole
+	return s.inner.Exec(args)
+}
+
+func (s *stmt) Query(args []driver.Value) (driver.Rows, error) {
+	//lint:ignore SA1019 as Exec
+	return s.inner.Query(args)
+}
+
+func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	c := s.c
+	if c.tx != nil {
+		return c.tx.stmtExec(ctx, s, args)
+	}
+	t, err := c.r.breaker.allow()
+	if err != nil {
+		return nil, c.r.refuse(ctx, "stmt.exec", 0, Unavailable, err, nil)
+	}
+	if c.r.cfg.attemptTimeout == 0 {
+		res, err := s.execInner(ctx, args)
+		if err == nil {
+			c.r.succeeded(t)
+			return res, nil
+		}
+		if isPassThrough(err) {
+			c.r.breaker.done(t, outcomeNeutral)
+			return nil, err
+		}
+		return runStatement(ctx, c, t, "stmt.exec", s.query, false, err, func(ctx context.Context) (driver.Result, error) {
+			return s.execInner(ctx, args)
+		})
+	}
+	return runStatement(ctx, c, t, "stmt.exec", s.query, false, nil, func(ctx context.Context) (driver.Result, error) {
+		return s.execInner(ctx, args)
+	})
+}
+
+func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	c := s.c
+	if c.tx != nil {
+		return c.tx.stmtQuery(ctx, s, args)
+	}
+	t, err := c.r.breaker.allow()
+	if err != nil {
+		return nil, c.r.refuse(ctx, "stmt.query", 0, Unavailable, err, nil)
+	}
+	if c.r.cfg.attemptTimeout == 0 {
+		rows, err := s.queryInner(ctx, args)
+		if err == nil {
+			c.r.succeeded(t)
+			return rows, nil
+		}
+		if isPassThrough(err) {
+			c.r.breaker.done(t, outcomeNeutral)
+			return nil, err
+		}
+		return runStatement(ctx, c, t, "stmt.query", s.query, true, err, func(ctx context.Context) (driver.Rows, error) {
+			return s.queryInner(ctx, args)
+		})
+	}
+	return runStatement(ctx, c, t, "stmt.query", s.query, true, nil, func(ctx context.Context) (driver.Rows, error) {
+		return s.queryInner(ctx, args)
+	})
+}
+
+// execInner is database/sql's ctxDriverStmtExec.
+func (s *stmt) execInner(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	if e, ok := s.inner.(driver.StmtExecContext); ok {
+		return e.ExecContext(ctx, args)
+	}
+	values, err := namedValueToValue(args)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	//lint:ignore SA1019 fallback for old drivers, as database/sql does
+	return s.inner.Exec(values)
+}
+
+func (s *stmt) queryInner(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	if q, ok := s.inner.(driver.StmtQueryContext); ok {
+		return q.QueryContext(ctx, args)
+	}
+	values, err := namedValueToValue(args)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	//lint:ignore SA1019 fallback for old drivers, as database/sql does
+	return s.inner.Query(values)
+}
+
+// CheckNamedValue keeps database/sql's order: the statement's checker, then
+// the connection's, then the default conversion.
+func (s *stmt) CheckNamedValue(nv *driver.NamedValue) error {
+	if nvc, ok := s.inner.(driver.NamedValueChecker); ok {
+		return nvc.CheckNamedValue(nv)
+	}
+	return s.c.CheckNamedValue(nv)
+}
+
+// txRows watches the rows of a statement inside a transaction: an error
+// while reading them poisons the transaction like any other. Rows outside
+// a transaction are not wrapped (nothing to watch, nothing to retry: an
+// error after rows were consumed is never retried).
+type txRows struct {
+	inner driver.Rows
+	tx    *tx
+	query string
+}
+
+func (r *txRows) Columns() []string { return r.inner.Columns() }
+func (r *txRows) Close() error      { return r.inner.Close() }
+
+func (r *txRows) Next(dest []driver.Value) error {
+	err := r.inner.Next(dest)
+	if err != nil && err != io.EOF {
+		r.tx.failed(err, r.query)
+	}
+	return err
+}
+
+func (r *txRows) HasNextResultSet() bool {
+	if n, ok := r.inner.(driver.RowsNextResultSet); ok {
+		return n.HasNextResultSet()
+	}
+	return false
+}
+
+func (r *txRows) NextResultSet() error {
+	if n, ok := r.inner.(driver.RowsNextResultSet); ok {
+		err := n.NextResultSet()
+		if err != nil && err != io.EOF {
+			r.tx.failed(err, r.query)
+		}
+		return err
+	}
+	return io.EOF
+}
+
+// The column-type methods return what database/sql assumes when a driver
+// lacks the interface.
+func (r *txRows) ColumnTypeScanType(i int) reflect.Type {
+	if c, ok := r.inner.(driver.RowsColumnTypeScanType); ok {
+		return c.ColumnTypeScanType(i)
+	}
+	return reflect.TypeFor[any]()
+}
+
+func (r *txRows) ColumnTypeDatabaseTypeName(i int) string {
+	if c, ok := r.inner.(driver.RowsColumnTypeDatabaseTypeName); ok {
+		return c.ColumnTypeDatabaseTypeName(i)
+	}
+	return ""
+}
+
+func (r *txRows) ColumnTypeLength(i int) (int64, bool) {
+	if c, ok := r.inner.(driver.RowsColumnTypeLength); ok {
+		return c.ColumnTypeLength(i)
+	}
+	return 0, false
+}
+
+func (r *txRows) ColumnTypeNullable(i int) (bool, bool) {
+	if c, ok := r.inner.(driver.RowsColumnTypeNullable); ok {
+		return c.ColumnTypeNullable(i)
+	}
+	return false, false
+}
+
+func (r *txRows) ColumnTypePrecisionScale(i int) (int64, int64, bool) {
+	if c, ok := r.inner.(driver.RowsColumnTypePrecisionScale); ok {
+		return c.ColumnTypePrecisionScale(i)
+	}
+	return 0, 0, false
+}

@@ -1,0 +1,253 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"sync"
+	"sync/atomic"
+)
+
+// retrier is the policy and the shared state of one wrapped connector: every
+// connection it opens, and RunInTx on its *sql.DB, use the same breaker,
+// budget, dial limiter and counters.
+type retrier struct {
+	cfg        config
+	dialect    Dialect
+	clock      Clock
+	rnd        func() float64
+	breaker    *breaker
+	budget     *retryBudget
+	dials      *dialLimiter
+	obs        Observer
+	inner      driver.Connector // the driver's connector, for side connections that resolve lost COMMITs
+	implicitTx bool             // the DSN turns autocommit off: every statement is in a transaction
+	counters   *counters
+	resolution *resolveState
+}
+
+// resolveState is what the resolution of lost COMMITs learns as it goes.
+type resolveState struct {
+	broken      atomic.Bool // the engine lacks txid_current_if_assigned (CockroachDB): stop asking
+	markerMu    sync.Mutex
+	markerReady bool
+	markerCount atomic.Int64
+}
+
+func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
+	r := &retrier{cfg: cfg, dialect: dialect, clock: cfg.clock, rnd: cfg.rnd, obs: cfg.observer, inner: inner,
+		counters: &counters{}, resolution: &resolveState{}}
+	if cfg.breaker != nil {
+		r.breaker = newBreaker(*cfg.breaker, cfg.clock, cfg.rnd, func(from, to BreakerState) {
+			r.observe(context.Background(), Event{Kind: EventBreaker, Op: "breaker", BreakerFrom: from, BreakerTo: to})
+		})
+	}
+	if cfg.budget != nil {
+		r.budget = newRetryBudget(*cfg.budget, cfg.clock)
+	}
+	r.dials = newDialLimiter(cfg.dialParallel)
+	return r
+}
+
+func (r *retrier) classify(err error) Class { return classify(r.cfg.rules, err) }
+
+// succeeded is the bookkeeping of every successful call: the hot path.
+func (r *retrier) succeeded(t ticket) {
+	r.breaker.done(t, outcomeSuccess)
+	r.budget.success()
+	r.counters.successes.Add(1)
+}
+
+// outcomeOf says how an error counts for the breaker: only unavailability
+// and lost connections are failures; any other answer from the server shows
+// it is up.
+func outcomeOf(c Class) outcome {
+	switch c {
+	case Unavailable, ConnectionLost:
+		return outcomeFailure
+	case Permanent:
+		return outcomeNeutral
+	}
+	return outcomeSuccess
+}
+
+// record feeds an outcome that did not go through allow (statements inside
+// a transaction) to the breaker.
+func (r *retrier) record(c Class) {
+	if r.breaker != nil {
+		r.breaker.done(ticket{gen: r.breaker.generation.Load()}, outcomeOf(c))
+	}
+}
+
+// refuse builds the error for a call that sqlretry would not (re)try.
+func (r *retrier) refuse(ctx context.Context, op string, attempts int, cls Class, reason, last error) error {
+	if reason == ErrBudgetExhausted {
+		r.counters.budgetRejections.Add(1)
+	}
+	e := &Error{Op: op, Attempts: attempts, Class: cls, Reason: reason, Err: withoutBadConn(last)}
+	r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempts, Class: cls, Err: last, Reason: reason.Error()})
+	return e
+}
+
+// giveUp returns the last error of a call that was retried, wrapped with
+// the attempt count; a call that was not retried gets its error unchanged.
+func (r *retrier) giveUp(ctx context.Context, op string, attempts int, cls Class, err error, why string) error {
+	if attempts <= 1 {
+		return err
+	}
+	r.counters.giveUps.Add(1)
+	r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempts, Class: cls, Err: err, Reason: why})
+	return &Error{Op: op, Attempts: attempts, Class: cls, Err: withoutBadConn(err)}
+}
+
+// action is a row of the safety table for a statement outside a transaction.
+type action uint8
+
+const (
+	actSurface   action = iota // return the error
+	actRetryHere               // the server rolled the statement back: back off, run again on this connection
+	actHandOff                 // connection unusable, re-running is safe: let database/sql re-run it on another
+	actAmbiguous               // a write may have run before the connection broke: never re-run
+)
+
+// decideAutocommit is the safety table for autocommit statements
+// (shared/DESIGN.md). manual is true when the caller opened a transaction
+// by hand (BEGIN through Exec), where nothing but the driver's own
+// ErrBadConn is retried.
+func decideAutocommit(cls Class, err error, safeToRerun, manual bool) action {
+	switch cls {
+	case RetryStatement, RetryTransaction:
+		if manual {
+			return actSurface
+		}
+		return actRetryHere
+	case Unavailable:
+		if errors.Is(err, driver.ErrBadConn) {
+			return actHandOff // nothing was sent, by the driver contract
+		}
+		if manual {
+			return actSurface
+		}
+		// The server refused the statement before running it (read-only
+		// standby, too many connections, out of resources): pause, then let
+		// database/sql run it on a new connection.
+		return actHandOff
+	case ConnectionLost, Ambiguous:
+		if manual {
+			return actSurface
+		}
+		if safeToRerun {
+			return actHandOff
+		}
+		return actAmbiguous
+	}
+	return actSurface
+}
+
+// safeToRerun: reads, and what the caller marked idempotent.
+func safeToRerun(ctx context.Context, query string, isQuery bool) bool {
+	if v, ok := ctx.Value(keyIdempotent).(bool); ok {
+		return v
+	}
+	return isQuery && isReadQuery(query)
+}
+
+// runStatement is the slow path of an autocommit statement: the first
+// attempt failed with firstErr (or, with firstErr nil, has not run yet
+// because each attempt needs its own timeout). It applies the safety table
+// until the statement succeeds or a rule says stop.
+func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query string, isQuery bool, firstErr error,
+	run func(context.Context) (T, error)) (T, error) {
+	r := c.r
+	var zero T
+	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
+	err := firstErr
+	for attempt := 1; ; attempt++ {
+		ownTimeout := false
+		if attempt > 1 || err == nil {
+			if attempt > 1 {
+				var gateErr error
+				if t, gateErr = r.breaker.allow(); gateErr != nil {
+					return zero, r.refuse(ctx, op, attempt-1, r.classify(err), gateErr, err)
+				}
+			}
+			var v T
+			v, err, ownTimeout = attemptWithTimeout(ctx, r.cfg, run)
+			if err == nil {
+				r.succeeded(t)
+				return v, nil
+			}
+			if isPassThrough(err) {
+				r.breaker.done(t, outcomeNeutral)
+				return zero, err
+			}
+		}
+		if ctx.Err() != nil { // rule 3: the caller is gone
+			r.breaker.done(t, outcomeNeutral)
+			return zero, r.giveUp(ctx, op, attempt, Permanent, err, "caller's context is done")
+		}
+		cls := r.classify(err)
+		if ownTimeout {
+			cls = ConnectionLost // rule 2: a timeout sqlretry set; the statement may have run
+		}
+		r.breaker.done(t, outcomeOf(cls))
+		if ctx.Value(keyNoRetry) != nil {
+			return zero, err
+		}
+		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, query, isQuery), c.manual.Load() != 0)
+		switch act {
+		case actSurface:
+			if cls == ConnectionLost {
+				c.bad.Store(true)
+			}
+			return zero, r.giveUp(ctx, op, attempt, cls, err, "not retryable here")
+		case actAmbiguous:
+			c.bad.Store(cls == ConnectionLost)
+			r.counters.giveUps.Add(1)
+			r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: "a write may have run before the connection broke"})
+			return zero, &Error{Op: op, Attempts: attempt, Class: cls, Reason: ErrAmbiguousCommit, Err: err}
+		case actHandOff:
+			c.bad.Store(true)
+			if !r.budget.withdraw() {
+				return zero, r.refuse(ctx, op, attempt, cls, ErrBudgetExhausted, err)
+			}
+			if !errors.Is(err, driver.ErrBadConn) && cls == Unavailable {
+				// The server answered with a refusal: pause before the re-run.
+				d, stop := p.next(ctx, attempt)
+				if stop != "" {
+					return zero, r.giveUp(ctx, op, attempt, cls, err, stop)
+				}
+				if serr := r.clock.Sleep(ctx, d); serr != nil {
+					return zero, r.giveUp(ctx, op, attempt, cls, err, "caller's context is done")
+				}
+			}
+			r.counters.handOffs.Add(1)
+			r.counters.retriesConnection.Add(1)
+			r.observe(ctx, Event{Kind: EventHandOff, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: "connection unusable; database/sql re-runs the call on another"})
+			return zero, handOff(err)
+		}
+		// actRetryHere: contention is not charged to the budget.
+		d, stop := p.next(ctx, attempt)
+		if stop != "" {
+			return zero, r.giveUp(ctx, op, attempt, cls, err, stop)
+		}
+		r.counters.retriesStatement.Add(1)
+		r.observe(ctx, Event{Kind: EventRetry, Op: op, Attempt: attempt, Class: cls, Err: err, Delay: d, Reason: "the server rolled the statement back"})
+		if serr := r.clock.Sleep(ctx, d); serr != nil {
+			return zero, r.giveUp(ctx, op, attempt, cls, err, "caller's context is done")
+		}
+	}
+}
+
+// attemptWithTimeout runs one attempt, inside the per-attempt timeout when
+// one is set, and tells whether that timeout (not the caller's) ended it.
+func attemptWithTimeout[T any](ctx context.Context, cfg config, run func(context.Context) (T, error)) (T, error, bool) {
+	if cfg.attemptTimeout <= 0 {
+		v, err := run(ctx)
+		return v, err, false
+	}
+	actx, cancel := context.WithTimeout(ctx, cfg.attemptTimeout)
+	defer cancel()
+	v, err := run(actx)
+	return v, err, err != nil && actx.Err() != nil && ctx.Err() == nil
+}

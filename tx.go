@@ -1,0 +1,343 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"sync"
+)
+
+var _ driver.Tx = (*tx)(nil)
+
+// tx is the Tx decorator and the state of the transaction open on a conn.
+// No statement inside a transaction is retried on its own. The first
+// retryable error poisons the transaction: later statements and COMMIT fail
+// with it without reaching the server. That matters on MySQL, where a
+// deadlock rolls the transaction back and later statements would run in
+// autocommit: a silent partial write if the caller swallowed the error.
+type tx struct {
+	c        *conn
+	inner    driver.Tx
+	ctx      context.Context // BeginTx's context: the deadline for resolving a lost COMMIT
+	readOnly bool
+	attempt  *txAttempt // set when RunInTx began this transaction
+
+	poison   error // first retryable error
+	firstErr error // first error of any class (PostgreSQL aborts on any)
+	wrote    bool  // ran something other than a plain read
+	xid      int64 // PostgreSQL transaction id taken before COMMIT, 0 if none
+	token    []byte
+}
+
+// guard refuses statements in a poisoned transaction, except ROLLBACK TO
+// SAVEPOINT, which may revive it.
+func (t *tx) guard(query string) error {
+	if t.poison != nil && !isRollbackToSavepoint(query) {
+		return &poisonedError{cause: t.poison}
+	}
+	return nil
+}
+
+// done records a statement's result inside the transaction.
+func (t *tx) done(err error, query string, isQuery bool) {
+	if err == nil {
+		t.c.r.succeeded(ticket{})
+		if !t.wrote && (!isQuery || !isReadQuery(query)) {
+			t.wrote = true
+		}
+		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
+			t.poison, t.firstErr = nil, nil // the server accepted it: the transaction lives on
+			if t.attempt != nil {
+				t.attempt.poison = nil
+			}
+		}
+		return
+	}
+	t.failed(err, query)
+}
+
+// failed notes an error inside the transaction.
+func (t *tx) failed(err error, query string) {
+	if isPassThrough(err) {
+		return
+	}
+	var p *poisonedError
+	if errors.As(err, &p) {
+		return
+	}
+	r := t.c.r
+	cls := r.classify(err)
+	if cls == Unavailable && t.readOnly && r.dialect == DialectPostgres {
+		cls = Permanent // 25006 in a transaction the caller made read-only: a bug, not a failover
+	}
+	r.record(cls)
+	if cls == ConnectionLost || errors.Is(err, driver.ErrBadConn) {
+		t.c.bad.Store(true)
+	}
+	if t.firstErr == nil {
+		t.firstErr = err
+	}
+	if cls != Permanent && t.poison == nil {
+		t.poison = err
+		if t.attempt != nil {
+			t.attempt.poison = err
+		}
+	}
+}
+
+func (t *tx) exec(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if err := t.guard(query); err != nil {
+		return nil, err
+	}
+	res, err := t.c.execInner(ctx, query, args)
+	t.done(err, query, false)
+	return res, err
+}
+
+func (t *tx) query(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if err := t.guard(query); err != nil {
+		return nil, err
+	}
+	rows, err := t.c.queryInner(ctx, query, args)
+	t.done(err, query, true)
+	if err != nil {
+		return nil, err
+	}
+	return &txRows{inner: rows, tx: t, query: query}, nil
+}
+
+func (t *tx) stmtExec(ctx context.Context, s *stmt, args []driver.NamedValue) (driver.Result, error) {
+	if err := t.guard(s.query); err != nil {
+		return nil, err
+	}
+	res, err := s.execInner(ctx, args)
+	t.done(err, s.query, false)
+	return res, err
+}
+
+func (t *tx) stmtQuery(ctx context.Context, s *stmt, args []driver.NamedValue) (driver.Rows, error) {
+	if err := t.guard(s.query); err != nil {
+		return nil, err
+	}
+	rows, err := s.queryInner(ctx, args)
+	t.done(err, s.query, true)
+	if err != nil {
+		return nil, err
+	}
+	return &txRows{inner: rows, tx: t, query: s.query}, nil
+}
+
+func (t *tx) Rollback() error {
+	t.c.tx = nil
+	return t.inner.Rollback()
+}
+
+// Commit refuses a poisoned transaction, remembers what it needs to
+// resolve a lost COMMIT, and never reports a COMMIT whose outcome it does
+// not know as either success or failure.
+func (t *tx) Commit() error {
+	c, r := t.c, t.c.r
+	defer func() { c.tx = nil }()
+	if t.poison != nil {
+		_ = t.inner.Rollback()
+		r.counters.poisoned.Add(1)
+		return &poisonedError{cause: t.poison}
+	}
+	if t.wrote {
+		if err := t.prepareResolution(); err != nil {
+			_ = t.inner.Rollback()
+			return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: err}
+		}
+	}
+	err := t.inner.Commit()
+	if err == nil {
+		r.succeeded(ticket{})
+		t.afterCommit()
+		return nil
+	}
+	return t.commitFailed(err)
+}
+
+// commitFailed decides what a failed COMMIT means. Errors that the server
+// answered, and errors from before anything was sent, say it did not
+// commit; a lost connection or an explicit "unknown" must be resolved.
+func (t *tx) commitFailed(err error) error {
+	r := t.c.r
+	cls := r.classify(err)
+	r.record(cls)
+	if err.Error() == errTxCommitRollbackText && t.firstErr != nil {
+		// PostgreSQL turned COMMIT into ROLLBACK because of an earlier error
+		// the caller swallowed: report that error, with its class.
+		return &Error{Op: "commit", Attempts: 1, Class: r.classify(t.firstErr), Err: fmt.Errorf("%w: %w", err, t.firstErr)}
+	}
+	switch cls {
+	case ConnectionLost, Ambiguous:
+	case Unavailable:
+		if errors.Is(err, driver.ErrBadConn) {
+			// Nothing was sent and the server rolls back on disconnect.
+			t.c.bad.Store(true)
+			return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: withoutBadConn(err)}
+		}
+		return err
+	default:
+		return err // answered by the server: not committed
+	}
+	t.c.bad.Store(cls == ConnectionLost)
+	if !t.wrote {
+		// Nothing to lose: a transaction that wrote nothing may be replayed.
+		return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: err}
+	}
+	outcome := CommitUnknown
+	if t.ctx.Err() == nil { // rule 3: the caller's context is done, no time to ask
+		outcome = r.resolveCommit(t.ctx, t)
+	}
+	switch outcome {
+	case CommitCommitted:
+		return nil
+	case CommitNotCommitted:
+		return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: err}
+	}
+	r.counters.commitsAmbiguous.Add(1)
+	return &Error{Op: "commit", Attempts: 1, Class: Ambiguous, Reason: ErrAmbiguousCommit, Err: err}
+}
+
+// txAttempt links one RunInTx attempt to the transaction the driver
+// opened for it, so RunInTx sees a poisoning even when the closure
+// returned some other error.
+type txAttempt struct{ poison error }
+
+const keyAttempt ctxKey = 100
+
+// RunInTx runs fn in a transaction and commits it. When the transaction is
+// aborted by something that is safe to retry (a serialization failure, a
+// deadlock, a lock-wait timeout, a connection lost before COMMIT was sent)
+// it rolls back, backs off and runs fn again from the start, so fn must
+// do nothing outside the transaction that cannot be repeated. A COMMIT
+// that lost its connection is resolved, never guessed: success,
+// a replay, or ErrAmbiguousCommit.
+//
+// On a *sql.DB opened through sqlretry RunInTx uses its policy, breaker and
+// budget; on any other *sql.DB the defaults. opts may override the backoff
+// (WithBackoff, WithMaxAttempts), the observer and the classifier rules
+// for this call.
+func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, opts ...Option) error {
+	if db == nil {
+		return errors.New("sqlretry: RunInTx: db is nil")
+	}
+	if fn == nil {
+		return errors.New("sqlretry: RunInTx: fn is nil")
+	}
+	r := retrierOf(db)
+	own := r != nil
+	if !own {
+		r = plainRetrier()
+	}
+	if len(opts) > 0 {
+		cfg := r.cfg
+		cfg.rules = append([]Classifier(nil), cfg.rules...)
+		if err := cfg.apply(opts); err != nil {
+			return err
+		}
+		rc := *r // shares breaker, budget, counters and resolution state by pointer
+		rc.cfg, rc.obs = cfg, cfg.observer
+		r = &rc
+	}
+	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
+	for attempt := 1; ; attempt++ {
+		err, phase, poison := runTxOnce(ctx, db, txOpts, fn)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return r.giveUp(ctx, "tx", attempt, Permanent, err, "caller's context is done")
+		}
+		if errors.Is(err, ErrCircuitOpen) || errors.Is(err, ErrBudgetExhausted) || errors.Is(err, ErrAmbiguousCommit) {
+			return err
+		}
+		cls := r.classify(err)
+		if poison != nil {
+			cls = r.classify(poison)
+		}
+		replay := false
+		switch cls {
+		case RetryStatement, RetryTransaction, Unavailable:
+			replay = true
+		case ConnectionLost, Ambiguous:
+			// Before COMMIT the server rolls back on disconnect. A raw lost
+			// COMMIT (from a driver sqlretry does not wrap) is unknown.
+			replay = phase != phaseCommit || own
+			if !replay {
+				return &Error{Op: "commit", Attempts: attempt, Class: cls, Reason: ErrAmbiguousCommit, Err: err}
+			}
+		}
+		if !replay || ctx.Value(keyNoRetry) != nil {
+			if poison != nil && err != poison {
+				err = fmt.Errorf("%w (the transaction had been aborted by: %w)", err, poison)
+			}
+			return r.giveUp(ctx, "tx", attempt, cls, err, "not retryable")
+		}
+		if cls == Unavailable || cls == ConnectionLost {
+			if !r.budget.withdraw() {
+				return r.refuse(ctx, "tx", attempt, cls, ErrBudgetExhausted, err)
+			}
+			r.counters.retriesConnection.Add(1)
+		}
+		d, stop := p.next(ctx, attempt)
+		if stop != "" {
+			return r.giveUp(ctx, "tx", max(attempt, 2), cls, err, stop)
+		}
+		r.counters.retriesTransaction.Add(1)
+		r.observe(ctx, Event{Kind: EventRetry, Op: "tx", Attempt: attempt, Class: cls, Err: err, Delay: d, Reason: "transaction aborted; replaying it"})
+		if serr := r.clock.Sleep(ctx, d); serr != nil {
+			return r.giveUp(ctx, "tx", attempt, cls, err, "caller's context is done")
+		}
+	}
+}
+
+type txPhase uint8
+
+const (
+	phaseBegin txPhase = iota
+	phaseBody
+	phaseCommit
+)
+
+func runTxOnce(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error) (err error, phase txPhase, poison error) {
+	att := &txAttempt{}
+	sqlTx, err := db.BeginTx(context.WithValue(ctx, keyAttempt, att), txOpts)
+	if err != nil {
+		return err, phaseBegin, nil
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			_ = sqlTx.Rollback() // also when fn panics
+		}
+	}()
+	if err := fn(ctx, sqlTx); err != nil {
+		return err, phaseBody, att.poison
+	}
+	committed = true
+	if err := sqlTx.Commit(); err != nil {
+		return err, phaseCommit, nil
+	}
+	return nil, phaseCommit, nil
+}
+
+var (
+	plainOnce sync.Once
+	plain     *retrier
+)
+
+// plainRetrier serves RunInTx on a *sql.DB that sqlretry did not open: the
+// default backoff and budget, no breaker (it cannot see the dials).
+func plainRetrier() *retrier {
+	plainOnce.Do(func() {
+		cfg := defaultConfig()
+		cfg.breaker = nil
+		plain = newRetrier(cfg, nil, DialectUnknown)
+	})
+	return plain
+}
