@@ -1,0 +1,426 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// fakeClock never sleeps: Sleep moves time forward and records the pause.
+type fakeClock struct {
+	mu     sync.Mutex
+	now    time.Time
+	sleeps []time.Duration
+}
+
+// It starts at the real time so that context deadlines made from it are
+// not already past.
+func newFakeClock() *fakeClock { return &fakeClock{now: time.Now()} }
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Sleep(ctx context.Context, d time.Duration) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.sleeps = append(c.sleeps, d)
+	c.mu.Unlock()
+	return ctx.Err()
+}
+func (c *fakeClock) Advance(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }
+func (c *fakeClock) Sleeps() []time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]time.Duration(nil), c.sleeps...)
+}
+
+// pgError is a server error with a SQLSTATE, like *pgconn.PgError.
+type pgError struct{ code, msg string }
+
+func (e *pgError) Error() string    { return "ERROR: " + e.msg + " (SQLSTATE " + e.code + ")" }
+func (e *pgError) SQLState() string { return e.code }
+
+// step is one scripted answer of the fake server to a statement.
+type step struct {
+	err error
+	ran bool // the statement took effect even though err is set (lost reply)
+}
+
+// fakeServer is what the fake connections talk to: scripts per statement
+// (matched by prefix), and a log of what ran and what committed.
+type fakeServer struct {
+	mu        sync.Mutex
+	scripts   map[string][]step
+	dialErrs  []error
+	dials     int
+	ran       []string // autocommit statements and committed transactions' statements
+	committed int
+	nextXID   int64
+	xidStatus map[int64]string // txid_status answers
+	inflight  map[int64]int    // xid -> kills needed before the committed transaction shows its final status
+	final     map[int64]string
+	killed    []int64
+	openConns atomic.Int64
+}
+
+func newFakeServer() *fakeServer {
+	return &fakeServer{scripts: map[string][]step{}, xidStatus: map[int64]string{}, inflight: map[int64]int{}, final: map[int64]string{}, nextXID: 700}
+}
+
+func (s *fakeServer) script(prefix string, steps ...step) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.scripts[prefix] = append(s.scripts[prefix], steps...)
+}
+
+func (s *fakeServer) next(query string) (step, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for prefix, steps := range s.scripts {
+		if strings.HasPrefix(query, prefix) && len(steps) > 0 {
+			s.scripts[prefix] = steps[1:]
+			return steps[0], true
+		}
+	}
+	return step{}, false
+}
+
+func (s *fakeServer) ranCount(prefix string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, q := range s.ran {
+		if strings.HasPrefix(q, prefix) {
+			n++
+		}
+	}
+	return n
+}
+
+// fakeConnector dials the fake server.
+type fakeConnector struct {
+	srv     *fakeServer
+	minimal bool // connections implement no optional interface
+}
+
+func (c *fakeConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	c.srv.mu.Lock()
+	c.srv.dials++
+	if len(c.srv.dialErrs) > 0 {
+		err := c.srv.dialErrs[0]
+		c.srv.dialErrs = c.srv.dialErrs[1:]
+		c.srv.mu.Unlock()
+		return nil, err
+	}
+	c.srv.mu.Unlock()
+	c.srv.openConns.Add(1)
+	fc := &fakeConn{srv: c.srv, pid: int64(1000 + c.srv.dials)}
+	if c.minimal {
+		return &minimalConn{fc}, nil
+	}
+	return fc, nil
+}
+func (c *fakeConnector) Driver() driver.Driver { return fakeDriver{} }
+
+type fakeDriver struct{}
+
+func (fakeDriver) Open(string) (driver.Conn, error) { return nil, errors.New("use the connector") }
+
+// fakeConn implements every optional interface.
+type fakeConn struct {
+	srv     *fakeServer
+	pid     int64
+	closed  bool
+	broken  bool
+	inTx    bool
+	pending []string
+	xid     int64
+	resets  int
+}
+
+func (c *fakeConn) Prepare(q string) (driver.Stmt, error) { return &fakeStmt{c: c, q: q}, nil }
+func (c *fakeConn) PrepareContext(_ context.Context, q string) (driver.Stmt, error) {
+	return c.Prepare(q)
+}
+func (c *fakeConn) Close() error {
+	if !c.closed {
+		c.closed = true
+		c.srv.openConns.Add(-1)
+	}
+	return nil
+}
+func (c *fakeConn) Begin() (driver.Tx, error) {
+	return c.BeginTx(context.Background(), driver.TxOptions{})
+}
+func (c *fakeConn) BeginTx(ctx context.Context, _ driver.TxOptions) (driver.Tx, error) {
+	if c.broken {
+		return nil, driver.ErrBadConn
+	}
+	if st, ok := c.srv.next("BEGIN"); ok && st.err != nil {
+		return nil, st.err
+	}
+	c.inTx, c.pending, c.xid = true, nil, 0
+	return &fakeTx{c: c}, nil
+}
+
+// run is the server side of one statement.
+func (c *fakeConn) run(ctx context.Context, q string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if c.broken {
+		return driver.ErrBadConn
+	}
+	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid()" || q == "SELECT txid_status($1)" {
+		return nil
+	}
+	st, ok := c.srv.next(q)
+	if ok && st.err != nil {
+		if isConnErr(st.err) {
+			c.broken = true
+		}
+		if st.ran {
+			c.apply(q)
+		}
+		return st.err
+	}
+	c.apply(q)
+	return nil
+}
+
+func isConnErr(err error) bool {
+	return errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF)
+}
+
+func (c *fakeConn) apply(q string) {
+	if c.inTx {
+		c.pending = append(c.pending, q)
+		if c.xid == 0 && !strings.HasPrefix(q, "SELECT") {
+			c.srv.mu.Lock()
+			c.srv.nextXID++
+			c.xid = c.srv.nextXID
+			c.srv.xidStatus[c.xid] = "in progress"
+			c.srv.mu.Unlock()
+		}
+		return
+	}
+	c.srv.mu.Lock()
+	c.srv.ran = append(c.srv.ran, q)
+	c.srv.mu.Unlock()
+}
+
+func (c *fakeConn) ExecContext(ctx context.Context, q string, _ []driver.NamedValue) (driver.Result, error) {
+	if q == "ERRSKIP" {
+		return nil, driver.ErrSkip
+	}
+	if err := c.run(ctx, q); err != nil {
+		return nil, err
+	}
+	return driver.RowsAffected(1), nil
+}
+
+func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	if err := c.run(ctx, q); err != nil {
+		return nil, err
+	}
+	switch q {
+	case "SELECT txid_current_if_assigned()", "SELECT txid_current_if_assigned(), pg_backend_pid()":
+		var xid driver.Value
+		if c.xid != 0 {
+			xid = c.xid
+		}
+		return &fakeRows{cols: []string{"xid", "pid"}, data: [][]driver.Value{{xid, c.pid}}}, nil
+	case "SELECT txid_status($1)":
+		xid := args[0].Value.(int64)
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		status := c.srv.xidStatus[xid]
+		return &fakeRows{cols: []string{"txid_status"}, data: [][]driver.Value{{status}}}, nil
+	}
+	if strings.HasPrefix(q, "SELECT pg_terminate_backend") {
+		c.srv.mu.Lock()
+		pid := args[0].Value.(int64)
+		xid := args[1].Value.(int64)
+		c.srv.killed = append(c.srv.killed, pid)
+		if c.srv.inflight[xid] > 0 {
+			c.srv.inflight[xid]--
+		}
+		if c.srv.inflight[xid] == 0 && c.srv.final[xid] != "" {
+			c.srv.xidStatus[xid] = c.srv.final[xid]
+		}
+		c.srv.mu.Unlock()
+		return &fakeRows{cols: []string{"ok"}, data: [][]driver.Value{{true}}}, nil
+	}
+	return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{int64(1)}, {int64(2)}}}, nil
+}
+
+func (c *fakeConn) Ping(context.Context) error {
+	if c.broken {
+		return driver.ErrBadConn
+	}
+	return nil
+}
+func (c *fakeConn) ResetSession(context.Context) error {
+	c.resets++
+	if c.broken {
+		return driver.ErrBadConn
+	}
+	return nil
+}
+func (c *fakeConn) IsValid() bool { return !c.broken && !c.closed }
+func (c *fakeConn) CheckNamedValue(nv *driver.NamedValue) error {
+	if s, ok := nv.Value.(fmt.Stringer); ok {
+		nv.Value = "checked:" + s.String()
+		return nil
+	}
+	return driver.ErrSkip
+}
+
+type fakeTx struct{ c *fakeConn }
+
+func (t *fakeTx) Commit() error {
+	c := t.c
+	c.inTx = false
+	st, _ := c.srv.next("COMMIT")
+	if c.broken {
+		return driver.ErrBadConn
+	}
+	if st.err != nil && !st.ran {
+		if isConnErr(st.err) {
+			c.broken = true
+		}
+		c.setXID("aborted")
+		return st.err
+	}
+	c.srv.mu.Lock()
+	c.srv.ran = append(c.srv.ran, c.pending...)
+	c.srv.committed++
+	c.srv.mu.Unlock()
+	c.setXID("committed")
+	if st.err != nil {
+		c.broken = true
+		return st.err
+	}
+	return nil
+}
+
+func (c *fakeConn) setXID(status string) {
+	if c.xid == 0 {
+		return
+	}
+	c.srv.mu.Lock()
+	if c.srv.inflight[c.xid] > 0 {
+		// The old backend is still finishing: txid_status says "in progress"
+		// until it has been asked to end often enough.
+		c.srv.final[c.xid] = status
+	} else {
+		c.srv.xidStatus[c.xid] = status
+	}
+	c.srv.mu.Unlock()
+}
+
+func (t *fakeTx) Rollback() error {
+	t.c.inTx = false
+	t.c.pending = nil
+	t.c.setXID("aborted")
+	return nil
+}
+
+type fakeStmt struct {
+	c *fakeConn
+	q string
+}
+
+func (s *fakeStmt) Close() error  { return nil }
+func (s *fakeStmt) NumInput() int { return -1 }
+func (s *fakeStmt) Exec(args []driver.Value) (driver.Result, error) {
+	return s.c.ExecContext(context.Background(), s.q, nil)
+}
+func (s *fakeStmt) Query(args []driver.Value) (driver.Rows, error) {
+	return s.c.QueryContext(context.Background(), s.q, nil)
+}
+func (s *fakeStmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	return s.c.ExecContext(ctx, s.q, args)
+}
+func (s *fakeStmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	return s.c.QueryContext(ctx, s.q, args)
+}
+
+type fakeRows struct {
+	cols    []string
+	data    [][]driver.Value
+	i       int
+	nextErr error // returned after the data, instead of io.EOF
+	sets    int   // further result sets
+}
+
+func (r *fakeRows) Columns() []string { return r.cols }
+func (r *fakeRows) Close() error      { return nil }
+func (r *fakeRows) Next(dest []driver.Value) error {
+	if r.i >= len(r.data) {
+		if r.nextErr != nil {
+			return r.nextErr
+		}
+		return io.EOF
+	}
+	copy(dest, r.data[r.i])
+	r.i++
+	return nil
+}
+func (r *fakeRows) HasNextResultSet() bool { return r.sets > 0 }
+func (r *fakeRows) NextResultSet() error {
+	if r.sets == 0 {
+		return io.EOF
+	}
+	r.sets--
+	r.i = 0
+	return nil
+}
+
+// minimalConn hides every optional interface of fakeConn.
+type minimalConn struct{ c *fakeConn }
+
+func (m *minimalConn) Prepare(q string) (driver.Stmt, error) {
+	return &minimalStmt{&fakeStmt{c: m.c, q: q}}, nil
+}
+func (m *minimalConn) Close() error              { return m.c.Close() }
+func (m *minimalConn) Begin() (driver.Tx, error) { return m.c.Begin() }
+
+type minimalStmt struct{ s *fakeStmt }
+
+func (m *minimalStmt) Close() error                                 { return nil }
+func (m *minimalStmt) NumInput() int                                { return -1 }
+func (m *minimalStmt) Exec(a []driver.Value) (driver.Result, error) { return m.s.Exec(a) }
+func (m *minimalStmt) Query(a []driver.Value) (driver.Rows, error)  { return m.s.Query(a) }
+
+// testDB opens a *sql.DB through sqlretry on a fake server with a fake clock.
+func testDB(t *testing.T, srv *fakeServer, opts ...Option) (*sql.DB, *fakeClock) {
+	t.Helper()
+	clock := newFakeClock()
+	all := append([]Option{WithClock(clock), WithDialect(DialectPostgres)}, opts...)
+	wc, err := WrapConnector(&fakeConnector{srv: srv}, all...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sql.OpenDB(wc)
+	t.Cleanup(func() { db.Close() })
+	return db, clock
+}
+
+func stats(t *testing.T, db *sql.DB) Stats {
+	t.Helper()
+	s, ok := StatsOf(db)
+	if !ok {
+		t.Fatal("StatsOf: not a sqlretry db")
+	}
+	return s
+}
