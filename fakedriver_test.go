@@ -349,7 +349,10 @@ func (s *fakeStmt) Query(args []driver.Value) (driver.Rows, error) {
 	return s.c.QueryContext(context.Background(), s.q, nil)
 }
 func (s *fakeStmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
-	return s.c.ExecContext(ctx, s.q, args)
+	if err := s.c.run(ctx, s.q); err != nil { // the prepared path never skips
+		return nil, err
+	}
+	return driver.RowsAffected(1), nil
 }
 func (s *fakeStmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
 	return s.c.QueryContext(ctx, s.q, args)

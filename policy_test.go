@@ -154,8 +154,8 @@ func TestBreakerDiscardsLateResults(t *testing.T) {
 func TestBudget(t *testing.T) {
 	clock := newFakeClock()
 	rb := newRetryBudget(Budget{Ratio: 0.5, PerSecond: 1, Max: 2}, clock)
-	if !rb.withdraw() || !rb.withdraw() || rb.withdraw() {
-		t.Fatal("a full budget of 2 allows exactly 2 retries")
+	if got := []bool{rb.withdraw(), rb.withdraw(), rb.withdraw()}; !got[0] || !got[1] || got[2] {
+		t.Fatalf("a full budget of 2 allows exactly 2 retries: %v", got)
 	}
 	rb.success()
 	rb.success() // 2 successes at ratio 0.5 earn one retry

@@ -360,7 +360,7 @@ func TestRunInTxReturnsPermanentErrorsUnchanged(t *testing.T) {
 // Row: the connection was lost while COMMIT was in flight -> resolve it,
 // never guess.
 func TestLostCommitIsResolvedOnPostgres(t *testing.T) {
-	run := func(t *testing.T, srv *fakeServer, ctx context.Context) (error, int) {
+	run := func(t *testing.T, srv *fakeServer, ctx context.Context) (int, error) {
 		db, _ := testDB(t, srv)
 		calls := 0
 		err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
@@ -368,12 +368,12 @@ func TestLostCommitIsResolvedOnPostgres(t *testing.T) {
 			_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
 			return err
 		})
-		return err, calls
+		return calls, err
 	}
 	t.Run("it committed: success, no replay", func(t *testing.T) {
 		srv := newFakeServer()
 		srv.script("COMMIT", step{err: errLost, ran: true})
-		err, calls := run(t, srv, context.Background())
+		calls, err := run(t, srv, context.Background())
 		if err != nil || calls != 1 || srv.ranCount("INSERT") != 1 {
 			t.Fatalf("err=%v calls=%d inserts=%d; want success after one run", err, calls, srv.ranCount("INSERT"))
 		}
@@ -381,7 +381,7 @@ func TestLostCommitIsResolvedOnPostgres(t *testing.T) {
 	t.Run("it did not commit: replay", func(t *testing.T) {
 		srv := newFakeServer()
 		srv.script("COMMIT", step{err: errLost})
-		err, calls := run(t, srv, context.Background())
+		calls, err := run(t, srv, context.Background())
 		if err != nil || calls != 2 || srv.ranCount("INSERT") != 1 {
 			t.Fatalf("err=%v calls=%d inserts=%d; want one replay and one insert", err, calls, srv.ranCount("INSERT"))
 		}
@@ -390,7 +390,7 @@ func TestLostCommitIsResolvedOnPostgres(t *testing.T) {
 		srv := newFakeServer()
 		srv.script("COMMIT", step{err: errLost, ran: true})
 		srv.inflight[701] = 2 // two "in progress" answers, then "committed"
-		err, calls := run(t, srv, context.Background())
+		calls, err := run(t, srv, context.Background())
 		if err != nil || calls != 1 || srv.ranCount("INSERT") != 1 {
 			t.Fatalf("err=%v calls=%d; want success once the backend finished", err, calls)
 		}
