@@ -32,7 +32,9 @@ func TestOpenRejectsBadInput(t *testing.T) {
 		"empty name":     func() error { return Register("", stdlib.GetDefaultDriver()) },
 		"duplicate name": func() error { return Register("pgx", stdlib.GetDefaultDriver()) },
 		"nil connector":  func() error { _, err := WrapConnector(nil); return err },
-		"nil db":         func() error { return RunInTx(context.Background(), nil, nil, func(context.Context, *sql.Tx) error { return nil }) },
+		"nil db": func() error {
+			return RunInTx(context.Background(), nil, nil, func(context.Context, *sql.Tx) error { return nil })
+		},
 	} {
 		err := fn()
 		if err == nil {
