@@ -50,7 +50,7 @@ type Backoff struct {
 	Max         time.Duration // largest single delay; default 1s
 	Multiplier  float64       // growth per attempt; default 2
 	Jitter      Jitter        // default FullJitter
-	MaxAttempts int           // attempts in all, the first included; default 10
+	MaxAttempts int           // attempts in all, the first included; default 30
 	MaxElapsed  time.Duration // stop retrying after this long since the first attempt; default 30s
 }
 
@@ -60,7 +60,7 @@ var DefaultBackoff = Backoff{
 	Max:         time.Second,
 	Multiplier:  2,
 	Jitter:      FullJitter,
-	MaxAttempts: 10,
+	MaxAttempts: 30,
 	MaxElapsed:  30 * time.Second,
 }
 

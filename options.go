@@ -90,7 +90,7 @@ func WithBackoff(b Backoff) Option {
 }
 
 // WithMaxAttempts sets how many attempts a call may make, the first
-// included (default 10). 1 turns retries off.
+// included (default 30). 1 turns retries off.
 func WithMaxAttempts(n int) Option {
 	return func(c *config) error {
 		if n < 1 {
