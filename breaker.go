@@ -118,10 +118,41 @@ type breaker struct {
 	probes      int // in flight, half-open only
 	probeWins   int
 	rejectCount atomic.Int64
+
+	// successes is the retrier's success counter. The hot path only adds to
+	// it (time.Now costs tens of nanoseconds on a VM clock); every
+	// flushEvery-th success, and every failure, moves the successes not yet
+	// counted into the current bucket.
+	successes *atomic.Int64
+	flushed   int64 // guarded by mu
 }
+
+// flushEvery is how many successes the hot path lets pile up.
+const flushEvery = 64
 
 func newBreaker(s Breaker, clock Clock, rnd func() float64, onChange func(from, to BreakerState)) *breaker {
 	return &breaker{s: s, clock: clock, rnd: rnd, onChange: onChange, width: int64(s.Window) / breakerBuckets}
+}
+
+// flush counts the successes that piled up since the last flush.
+func (b *breaker) flush() {
+	if b == nil || b.successes == nil {
+		return
+	}
+	b.mu.Lock()
+	b.flushLocked()
+	b.mu.Unlock()
+}
+
+func (b *breaker) flushLocked() {
+	if b.successes == nil {
+		return
+	}
+	n := b.successes.Load()
+	if d := n - b.flushed; d > 0 {
+		b.flushed = n
+		b.countN(true, d)
+	}
 }
 
 // ticket is what allow hands out; done takes it back with the outcome.
@@ -179,7 +210,7 @@ func (b *breaker) done(t ticket, o outcome) {
 		return
 	}
 	if !t.probe && o == outcomeSuccess && BreakerState(b.state.Load()) == BreakerClosed {
-		b.count(true) // the hot path: no lock
+		b.countN(true, 1)
 		return
 	}
 	b.mu.Lock()
@@ -192,7 +223,10 @@ func (b *breaker) done(t ticket, o outcome) {
 	}
 	switch BreakerState(b.state.Load()) {
 	case BreakerClosed:
-		b.count(o == outcomeSuccess)
+		if o == outcomeFailure {
+			b.flushLocked()
+		}
+		b.countN(o == outcomeSuccess, 1)
 		if o == outcomeFailure {
 			b.tripIfNeededLocked()
 		}
@@ -211,16 +245,16 @@ func (b *breaker) done(t ticket, o outcome) {
 	}
 }
 
-func (b *breaker) count(success bool) {
+func (b *breaker) countN(success bool, n int64) {
 	epoch := b.clock.Now().UnixNano() / b.width
 	bk := &b.buckets[epoch%breakerBuckets]
 	if bk.epoch.Load() != epoch {
 		b.rotate(bk, epoch)
 	}
 	if success {
-		bk.ok.Add(1)
+		bk.ok.Add(n)
 	} else {
-		bk.failed.Add(1)
+		bk.failed.Add(n)
 	}
 }
 
@@ -268,6 +302,9 @@ func (b *breaker) setLocked(to BreakerState) {
 		open := float64(b.s.OpenTimeout) * (1 + b.s.OpenJitter*b.rnd())
 		b.openUntil.Store(b.clock.Now().Add(time.Duration(open)).UnixNano())
 	case BreakerClosed:
+		if b.successes != nil {
+			b.flushed = b.successes.Load()
+		}
 		for i := range b.buckets {
 			b.buckets[i].epoch.Store(0)
 			b.buckets[i].ok.Store(0)

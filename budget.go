@@ -73,9 +73,12 @@ func newRetryBudget(b Budget, clock Clock) *retryBudget {
 	return rb
 }
 
-func (rb *retryBudget) success() {
+func (rb *retryBudget) success() { rb.successes(1) }
+
+// successes deposits the tokens earned by n successful calls.
+func (rb *retryBudget) successes(n int64) {
 	if rb != nil && rb.deposit > 0 {
-		rb.balance.Add(rb.deposit)
+		rb.balance.Add(rb.deposit * n)
 	}
 }
 

@@ -75,7 +75,8 @@ type conn struct {
 	execer  driver.ExecerContext  // nil when the driver lacks it
 	queryer driver.QueryerContext // nil when the driver lacks it
 	r       *retrier
-	tx      *tx          // the open transaction, nil in autocommit
+	tx      *tx          // the open transaction (&txBuf), nil in autocommit
+	txBuf   tx           // one transaction at a time per connection: no allocation per BeginTx
 	manual  atomic.Int32 // >0: a transaction opened by hand (BEGIN via Exec); no statement retries
 	bad     atomic.Bool  // discard at the next reset: it broke or may be on a standby
 
@@ -269,10 +270,11 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 		return nil, err
 	}
 	c.r.succeeded(t)
-	c.tx = &tx{c: c, inner: itx, ctx: ctx, readOnly: opts.ReadOnly}
+	c.txBuf = tx{c: c, inner: itx, ctx: ctx, readOnly: opts.ReadOnly}
 	if a, ok := ctx.Value(keyAttempt).(*txAttempt); ok {
-		c.tx.attempt = a
+		c.txBuf.attempt = a
 	}
+	c.tx = &c.txBuf
 	return c.tx, nil
 }
 

@@ -173,3 +173,25 @@ func TestBudget(t *testing.T) {
 		t.Errorf("tokens = %v, want capped at Max 2", got)
 	}
 }
+
+// Successes reach the breaker in batches; a failure flushes what piled up,
+// so connection losses amid heavy successful traffic do not open it.
+func TestBreakerSeesBatchedSuccesses(t *testing.T) {
+	for _, tc := range []struct {
+		successes int
+		wantOpen  bool
+	}{{0, true}, {1000, false}, {10, true}} {
+		cfg := defaultConfig()
+		cfg.clock = newFakeClock()
+		r := newRetrier(cfg, nil, DialectPostgres)
+		for range tc.successes {
+			r.succeeded(ticket{})
+		}
+		for range 25 {
+			r.record(ConnectionLost)
+		}
+		if open := r.breaker.State() == BreakerOpen; open != tc.wantOpen {
+			t.Errorf("%d successes then 25 losses: open = %v, want %v", tc.successes, open, tc.wantOpen)
+		}
+	}
+}

@@ -41,6 +41,7 @@ func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 		r.breaker = newBreaker(*cfg.breaker, cfg.clock, cfg.rnd, func(from, to BreakerState) {
 			r.observe(context.Background(), Event{Kind: EventBreaker, Op: "breaker", BreakerFrom: from, BreakerTo: to})
 		})
+		r.breaker.successes = &r.counters.successes
 	}
 	if cfg.budget != nil {
 		r.budget = newRetryBudget(*cfg.budget, cfg.clock)
@@ -51,11 +52,18 @@ func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 
 func (r *retrier) classify(err error) Class { return classify(r.cfg.rules, err) }
 
-// succeeded is the bookkeeping of every successful call: the hot path.
+// succeeded is the bookkeeping of every successful call: the hot path, so
+// one atomic add on a shared counter; the breaker's window and the budget
+// take the successes in batches.
 func (r *retrier) succeeded(t ticket) {
-	r.breaker.done(t, outcomeSuccess)
-	r.budget.success()
-	r.counters.successes.Add(1)
+	n := r.counters.successes.Add(1)
+	if t.probe || r.breaker != nil && BreakerState(r.breaker.state.Load()) != BreakerClosed {
+		r.breaker.done(t, outcomeSuccess)
+	}
+	if n%flushEvery == 0 {
+		r.breaker.flush()
+		r.budget.successes(flushEvery)
+	}
 }
 
 // outcomeOf says how an error counts for the breaker: only unavailability

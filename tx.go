@@ -205,8 +205,19 @@ func (t *tx) commitFailed(err error) error {
 
 // txAttempt links one RunInTx attempt to the transaction the driver
 // opened for it, so RunInTx sees a poisoning even when the closure
-// returned some other error.
-type txAttempt struct{ poison error }
+// returned some other error. It is the context given to BeginTx (one
+// allocation instead of a context.WithValue and a struct).
+type txAttempt struct {
+	context.Context
+	poison error
+}
+
+func (a *txAttempt) Value(key any) any {
+	if key == keyAttempt {
+		return a
+	}
+	return a.Context.Value(key)
+}
 
 const keyAttempt ctxKey = 100
 
@@ -305,8 +316,8 @@ const (
 )
 
 func runTxOnce(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error) (err error, phase txPhase, poison error) {
-	att := &txAttempt{}
-	sqlTx, err := db.BeginTx(context.WithValue(ctx, keyAttempt, att), txOpts)
+	att := &txAttempt{Context: ctx}
+	sqlTx, err := db.BeginTx(att, txOpts)
 	if err != nil {
 		return err, phaseBegin, nil
 	}
