@@ -180,9 +180,6 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	if c.broken {
 		return driver.ErrBadConn
 	}
-	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid()" || q == "SELECT txid_status($1)" {
-		return nil
-	}
 	st, ok := c.srv.next(q)
 	if ok && st.err != nil {
 		if isConnErr(st.err) {
@@ -192,6 +189,9 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 			c.apply(q)
 		}
 		return st.err
+	}
+	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid()" || q == "SELECT txid_status($1)" {
+		return nil
 	}
 	c.apply(q)
 	return nil

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -644,3 +646,65 @@ func TestAttemptTimeoutTurnsAHungReadIntoARetry(t *testing.T) {
 		t.Fatalf("write after our own timeout: err = %v, want ErrAmbiguousCommit", err)
 	}
 }
+
+// An engine without txid_current_if_assigned (CockroachDB): the failed
+// lookup aborted the transaction before COMMIT, so it is replayed once and
+// the lookup is not asked again.
+func TestCommitResolutionTurnsItselfOffWithoutTheFunction(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("SELECT txid_current_if_assigned", step{err: &pgError{"42883", "function txid_current_if_assigned() does not exist"}})
+	db, _ := testDB(t, srv)
+	calls := 0
+	for range 2 {
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			_, err := tx.ExecContext(ctx, "INSERT INTO t VALUES (1)")
+			return err
+		})
+		if err != nil {
+			t.Fatalf("RunInTx: %v", err)
+		}
+	}
+	if calls != 3 || srv.committed != 2 {
+		t.Errorf("calls=%d committed=%d; want one replay, then no more lookups", calls, srv.committed)
+	}
+	if !retrierOf(db).resolution.broken.Load() {
+		t.Error("the lookup was not turned off")
+	}
+}
+
+// A recovering database is not hit by every pooled connection at once.
+func TestDialsInFlightAreBounded(t *testing.T) {
+	var inFlight, most atomic.Int32
+	release := make(chan struct{})
+	c := connectorFunc(func(ctx context.Context) (driver.Conn, error) {
+		n := inFlight.Add(1)
+		for {
+			m := most.Load()
+			if n <= m || most.CompareAndSwap(m, n) {
+				break
+			}
+		}
+		<-release
+		inFlight.Add(-1)
+		return &fakeConn{srv: newFakeServer()}, nil
+	})
+	db := OpenDB(c, WithDialConcurrency(2))
+	defer db.Close()
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() { defer wg.Done(); db.Conn(context.Background()) }()
+	}
+	time.Sleep(50 * time.Millisecond)
+	close(release)
+	wg.Wait()
+	if m := most.Load(); m != 2 {
+		t.Errorf("at most %d dials were in flight, want 2", m)
+	}
+}
+
+type connectorFunc func(context.Context) (driver.Conn, error)
+
+func (f connectorFunc) Connect(ctx context.Context) (driver.Conn, error) { return f(ctx) }
+func (f connectorFunc) Driver() driver.Driver                            { return fakeDriver{} }
