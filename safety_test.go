@@ -708,3 +708,68 @@ type connectorFunc func(context.Context) (driver.Conn, error)
 
 func (f connectorFunc) Connect(ctx context.Context) (driver.Conn, error) { return f(ctx) }
 func (f connectorFunc) Driver() driver.Driver                            { return fakeDriver{} }
+
+// pgx can report a COMMIT that was written as "conn closed" with
+// SafeToRetry() == true (seen on a real server: integration
+// TestPostgresLostCommitIsResolved). At COMMIT such a client-side error is
+// resolved like a lost connection, never taken as "not sent".
+func TestSafeToRetryAtCommitIsNotTrusted(t *testing.T) {
+	t.Run("resolved: it committed", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.script("COMMIT", step{err: safeErr{}, ran: true})
+		db, _ := testDB(t, srv)
+		calls := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
+			return err
+		})
+		if err != nil || calls != 1 || srv.ranCount("INSERT") != 1 {
+			t.Fatalf("err=%v calls=%d inserts=%d; want success without a replay", err, calls, srv.ranCount("INSERT"))
+		}
+	})
+	t.Run("no resolution: ambiguous", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.script("COMMIT", step{err: safeErr{}, ran: true})
+		db, _ := testDB(t, srv, WithCommitResolution(false))
+		calls := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
+			return err
+		})
+		if !errors.Is(err, ErrAmbiguousCommit) || calls != 1 {
+			t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit and no replay", err, calls)
+		}
+	})
+	t.Run("ErrBadConn keeps the driver contract", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.script("COMMIT", step{err: driver.ErrBadConn})
+		db, _ := testDB(t, srv, WithCommitResolution(false))
+		calls := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
+			return err
+		})
+		if err != nil || calls != 2 {
+			t.Fatalf("err=%v calls=%d; want a replay (nothing was sent)", err, calls)
+		}
+	})
+}
+
+// A poisoned COMMIT is never sent, whatever poisoned it: replay, not ambiguity.
+func TestPoisonedByALostConnectionIsReplayed(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("UPDATE a", step{err: errLost})
+	db, _ := testDB(t, srv, WithDialect(DialectMySQL))
+	calls := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		tx.ExecContext(ctx, "UPDATE a SET n = 1") // error swallowed
+		return nil
+	})
+	if err != nil || calls != 2 || srv.committed != 1 {
+		t.Fatalf("err=%v calls=%d committed=%d; want one replay", err, calls, srv.committed)
+	}
+}

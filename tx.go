@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+
+	"github.com/go-sql-driver/mysql"
 )
 
 var _ driver.Tx = (*tx)(nil)
@@ -172,35 +174,53 @@ func (t *tx) commitFailed(err error) error {
 		// the caller swallowed: report that error, with its class.
 		return &Error{Op: "commit", Attempts: 1, Class: r.classify(t.firstErr), Err: fmt.Errorf("%w: %w", err, t.firstErr)}
 	}
-	switch cls {
-	case ConnectionLost, Ambiguous:
-	case Unavailable:
-		if errors.Is(err, driver.ErrBadConn) {
-			// Nothing was sent and the server rolls back on disconnect.
-			t.c.bad.Store(true)
-			return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: withoutBadConn(err)}
-		}
-		return err
-	default:
-		return err // answered by the server: not committed
+	if !commitOutcomeUnknown(cls, err) {
+		return err // the server answered: not committed
 	}
-	t.c.bad.Store(cls == ConnectionLost)
+	t.c.bad.Store(true)
 	if !t.wrote {
 		// Nothing to lose: a transaction that wrote nothing may be replayed.
-		return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: err}
+		return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: withoutBadConn(err)}
 	}
 	outcome := CommitUnknown
 	if t.ctx.Err() == nil { // rule 3: the caller's context is done, no time to ask
 		outcome = r.resolveCommit(t.ctx, t)
 	}
+	if outcome == CommitUnknown && err == driver.ErrBadConn {
+		// The driver contract: nothing was sent, and the server rolls back
+		// on disconnect. Only the exact sentinel is trusted here.
+		outcome = CommitNotCommitted
+	}
 	switch outcome {
 	case CommitCommitted:
 		return nil
 	case CommitNotCommitted:
-		return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: err}
+		return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: withoutBadConn(err)}
 	}
 	r.counters.commitsAmbiguous.Add(1)
 	return &Error{Op: "commit", Attempts: 1, Class: Ambiguous, Reason: ErrAmbiguousCommit, Err: err}
+}
+
+// commitOutcomeUnknown reports a COMMIT error that does not say whether the
+// COMMIT took effect: a lost connection, an "unknown" from the server, or
+// any client-side failure. A client's claim that nothing was sent is not
+// trusted at COMMIT: pgx reports a COMMIT it had already written, when the
+// socket closed under it, as "conn closed" with SafeToRetry() true.
+func commitOutcomeUnknown(cls Class, err error) bool {
+	switch cls {
+	case ConnectionLost, Ambiguous:
+		return true
+	case Unavailable:
+		return !serverAnswered(err)
+	}
+	return false
+}
+
+// serverAnswered reports an error that the database server sent.
+func serverAnswered(err error) bool {
+	var pg interface{ SQLState() string }
+	var my *mysql.MySQLError
+	return errors.As(err, &pg) || errors.As(err, &my)
 }
 
 // txAttempt links one RunInTx attempt to the transaction the driver
@@ -241,8 +261,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		return errors.New("sqlretry: RunInTx: fn is nil")
 	}
 	r := retrierOf(db)
-	own := r != nil
-	if !own {
+	if r == nil {
 		r = plainRetrier()
 	}
 	if len(opts) > 0 {
@@ -276,12 +295,14 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		case RetryStatement, RetryTransaction, Unavailable:
 			replay = true
 		case ConnectionLost, Ambiguous:
-			// Before COMMIT the server rolls back on disconnect. A raw lost
-			// COMMIT (from a driver sqlretry does not wrap) is unknown.
-			replay = phase != phaseCommit || own
-			if !replay {
-				return &Error{Op: "commit", Attempts: attempt, Class: cls, Reason: ErrAmbiguousCommit, Err: err}
-			}
+			replay = true // before COMMIT the server rolls back on disconnect
+		}
+		var own *Error
+		var poisoned *poisonedError
+		if phase == phaseCommit && !errors.As(err, &own) && !errors.As(err, &poisoned) && commitOutcomeUnknown(cls, err) {
+			// A raw COMMIT error that sqlretry's Tx did not resolve (a *sql.DB
+			// that sqlretry did not open): its outcome is unknown.
+			return &Error{Op: "commit", Attempts: attempt, Class: cls, Reason: ErrAmbiguousCommit, Err: err}
 		}
 		if !replay || ctx.Value(keyNoRetry) != nil {
 			if poison != nil && err != poison {

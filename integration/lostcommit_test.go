@@ -1,0 +1,189 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/go-sql-driver/mysql"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/sqlretry/sqlretry"
+)
+
+// cutter is a test-only layer under the driver: when armed, the next write
+// that carries COMMIT is delivered whole and the socket is then closed
+// (the server commits, the reply is lost), or only half of it is delivered
+// before the close (the server never sees a COMMIT).
+type cutter struct {
+	mode     atomic.Int32 // 0 off, cutAfterSend, cutMidMessage
+	isCommit func([]byte) bool
+	fired    atomic.Int32
+}
+
+const (
+	cutAfterSend  = 1
+	cutMidMessage = 2
+)
+
+func (c *cutter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &cutConn{Conn: conn, c: c}, nil
+}
+
+type cutConn struct {
+	net.Conn
+	c *cutter
+}
+
+func (cc *cutConn) Write(p []byte) (int, error) {
+	if cc.c.isCommit(p) {
+		switch mode := cc.c.mode.Swap(0); mode {
+		case cutAfterSend:
+			n, err := cc.Conn.Write(p)
+			cc.c.fired.Add(1)
+			cc.Conn.Close()
+			return n, err
+		case cutMidMessage:
+			cc.Conn.Write(p[:len(p)/2])
+			cc.c.fired.Add(1)
+			cc.Conn.Close()
+			return len(p), nil
+		}
+	}
+	return cc.Conn.Write(p)
+}
+
+func pgCommit(p []byte) bool { return bytes.Contains(bytes.ToLower(p), []byte("commit\x00")) }
+func mysqlCommit(p []byte) bool {
+	return bytes.HasSuffix(p, []byte{0x03, 'C', 'O', 'M', 'M', 'I', 'T'})
+}
+
+func openCutPostgres(t *testing.T, c *cutter) *sql.DB {
+	cfg, err := pgx.ParseConfig(needPrivate(t, "pgx"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DialFunc = c.dial
+	return sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+}
+
+var registerCutOnce sync.Once
+var mysqlCutter = &cutter{isCommit: mysqlCommit}
+
+func openCutMariaDB(t *testing.T, opts ...sqlretry.Option) *sql.DB {
+	cfg, err := mysql.ParseDSN(needPrivate(t, "mysql"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	registerCutOnce.Do(func() {
+		mysql.RegisterDialContext("cut", func(ctx context.Context, addr string) (net.Conn, error) { return mysqlCutter.dial(ctx, "tcp", addr) })
+	})
+	cfg.Net = "cut"
+	conn, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sqlretry.OpenDB(conn, opts...)
+}
+
+// lostCommit runs one RunInTx that inserts op into a ledger with COMMIT cut
+// as mode says, and reports the error, how often the closure ran, and how
+// often op is in the ledger.
+func lostCommit(t *testing.T, db *sql.DB, c *cutter, mode int32, placeholder string) (calls, rows int, err error) {
+	t.Helper()
+	tbl := table(t, db, "ledger")
+	mustExec(t, db, "CREATE TABLE "+tbl+" (op varchar(40) PRIMARY KEY)")
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if calls == 1 {
+			c.mode.Store(mode)
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ("+placeholder+")", op)
+		return err
+	})
+	c.mode.Store(0)
+	if qerr := db.QueryRow("SELECT COUNT(*) FROM "+tbl+" WHERE op = "+placeholder, op).Scan(&rows); qerr != nil {
+		t.Fatal(qerr)
+	}
+	if c.fired.Load() == 0 {
+		t.Fatal("the COMMIT was never cut: the test proved nothing")
+	}
+	c.fired.Store(0)
+	return calls, rows, err
+}
+
+func TestPostgresLostCommitIsResolved(t *testing.T) {
+	c := &cutter{isCommit: pgCommit}
+	db := openCutPostgres(t, c)
+	defer db.Close()
+	t.Run("server committed: success, closure ran once", func(t *testing.T) {
+		calls, n, err := lostCommit(t, db, c, cutAfterSend, "$1")
+		if err != nil || calls != 1 || n != 1 {
+			t.Fatalf("err=%v calls=%d rows=%d; want success, 1 run, 1 row", err, calls, n)
+		}
+	})
+	t.Run("server never got COMMIT: replayed, one row", func(t *testing.T) {
+		calls, n, err := lostCommit(t, db, c, cutMidMessage, "$1")
+		if err != nil || calls != 2 || n != 1 {
+			t.Fatalf("err=%v calls=%d rows=%d; want success after 1 replay, 1 row", err, calls, n)
+		}
+	})
+	s, _ := sqlretry.StatsOf(db)
+	t.Logf("stats: %+v", s)
+	if s.CommitsResolved != 2 || s.CommitsAmbiguous != 0 {
+		t.Errorf("resolved=%d ambiguous=%d, want 2 and 0", s.CommitsResolved, s.CommitsAmbiguous)
+	}
+}
+
+func TestPostgresLostCommitWithoutResolutionIsAmbiguous(t *testing.T) {
+	c := &cutter{isCommit: pgCommit}
+	cfg, _ := pgx.ParseConfig(needPrivate(t, "pgx"))
+	cfg.DialFunc = c.dial
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithCommitResolution(false))
+	defer db.Close()
+	calls, n, err := lostCommit(t, db, c, cutAfterSend, "$1")
+	if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || calls != 1 {
+		t.Fatalf("err=%v calls=%d rows=%d; want ErrAmbiguousCommit and no replay", err, calls, n)
+	}
+}
+
+func TestMariaDBLostCommitIsResolvedWithTheMarker(t *testing.T) {
+	db := openCutMariaDB(t, sqlretry.WithMySQLCommitMarker("sqlretry_marker"))
+	defer db.Close()
+	t.Run("server committed", func(t *testing.T) {
+		calls, n, err := lostCommit(t, db, mysqlCutter, cutAfterSend, "?")
+		if err != nil || calls != 1 || n != 1 {
+			t.Fatalf("err=%v calls=%d rows=%d; want success, 1 run, 1 row", err, calls, n)
+		}
+	})
+	t.Run("server never got COMMIT", func(t *testing.T) {
+		calls, n, err := lostCommit(t, db, mysqlCutter, cutMidMessage, "?")
+		if err != nil || calls != 2 || n != 1 {
+			t.Fatalf("err=%v calls=%d rows=%d; want success after 1 replay, 1 row", err, calls, n)
+		}
+	})
+}
+
+func TestMariaDBLostCommitWithoutMarkerIsAmbiguous(t *testing.T) {
+	db := openCutMariaDB(t)
+	defer db.Close()
+	calls, _, err := lostCommit(t, db, mysqlCutter, cutAfterSend, "?")
+	if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || calls != 1 {
+		t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit and no replay", err, calls)
+	}
+}
