@@ -149,20 +149,16 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 	if c.tx != nil {
 		return c.tx.exec(ctx, query, args)
 	}
-	t, err := c.r.breaker.allow()
+	t, err := c.enter(ctx, "exec", query)
 	if err != nil {
-		return nil, c.r.refuse(ctx, "exec", 0, Unavailable, err, nil)
+		return nil, err
 	}
-	c.noteTxControl(query)
+	// The first attempt is a direct call: a closure is built only on the
+	// slow path, so a successful call allocates nothing of sqlretry's.
 	if c.r.cfg.attemptTimeout == 0 {
 		res, err := c.execInner(ctx, query, args)
-		if err == nil {
-			c.r.succeeded(t)
-			return res, nil
-		}
-		if isPassThrough(err) {
-			c.r.breaker.done(t, outcomeNeutral)
-			return nil, err
+		if c.firstAttemptDone(t, err) {
+			return res, err
 		}
 		return runStatement(ctx, c, t, "exec", query, false, err, func(ctx context.Context) (driver.Result, error) {
 			return c.execInner(ctx, query, args)
@@ -177,20 +173,14 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 	if c.tx != nil {
 		return c.tx.query(ctx, query, args)
 	}
-	t, err := c.r.breaker.allow()
+	t, err := c.enter(ctx, "query", query)
 	if err != nil {
-		return nil, c.r.refuse(ctx, "query", 0, Unavailable, err, nil)
+		return nil, err
 	}
-	c.noteTxControl(query)
 	if c.r.cfg.attemptTimeout == 0 {
 		rows, err := c.queryInner(ctx, query, args)
-		if err == nil {
-			c.r.succeeded(t)
-			return rows, nil
-		}
-		if isPassThrough(err) {
-			c.r.breaker.done(t, outcomeNeutral)
-			return nil, err
+		if c.firstAttemptDone(t, err) {
+			return rows, err
 		}
 		return runStatement(ctx, c, t, "query", query, true, err, func(ctx context.Context) (driver.Rows, error) {
 			return c.queryInner(ctx, query, args)
@@ -199,6 +189,31 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 	return runStatement(ctx, c, t, "query", query, true, nil, func(ctx context.Context) (driver.Rows, error) {
 		return c.queryInner(ctx, query, args)
 	})
+}
+
+// enter admits an autocommit statement: the breaker fails it fast when
+// open, and transactions opened by hand are noted.
+func (c *conn) enter(ctx context.Context, op, query string) (ticket, error) {
+	t, err := c.r.breaker.allow()
+	if err != nil {
+		return t, c.r.refuse(ctx, op, 0, Unavailable, err, nil)
+	}
+	c.noteTxControl(query)
+	return t, nil
+}
+
+// firstAttemptDone books a first attempt that needs no retry decision: a
+// success, or an error database/sql compares by identity.
+func (c *conn) firstAttemptDone(t ticket, err error) bool {
+	switch {
+	case err == nil:
+		c.r.succeeded(t)
+		return true
+	case isPassThrough(err):
+		c.r.breaker.done(t, outcomeNeutral)
+		return true
+	}
+	return false
 }
 
 // execInner calls the driver as database/sql would: ExecerContext, else the
@@ -355,19 +370,14 @@ func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (drive
 	if c.tx != nil {
 		return c.tx.stmtExec(ctx, s, args)
 	}
-	t, err := c.r.breaker.allow()
+	t, err := c.enter(ctx, "stmt.exec", s.query)
 	if err != nil {
-		return nil, c.r.refuse(ctx, "stmt.exec", 0, Unavailable, err, nil)
+		return nil, err
 	}
 	if c.r.cfg.attemptTimeout == 0 {
 		res, err := s.execInner(ctx, args)
-		if err == nil {
-			c.r.succeeded(t)
-			return res, nil
-		}
-		if isPassThrough(err) {
-			c.r.breaker.done(t, outcomeNeutral)
-			return nil, err
+		if c.firstAttemptDone(t, err) {
+			return res, err
 		}
 		return runStatement(ctx, c, t, "stmt.exec", s.query, false, err, func(ctx context.Context) (driver.Result, error) {
 			return s.execInner(ctx, args)
@@ -383,19 +393,14 @@ func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driv
 	if c.tx != nil {
 		return c.tx.stmtQuery(ctx, s, args)
 	}
-	t, err := c.r.breaker.allow()
+	t, err := c.enter(ctx, "stmt.query", s.query)
 	if err != nil {
-		return nil, c.r.refuse(ctx, "stmt.query", 0, Unavailable, err, nil)
+		return nil, err
 	}
 	if c.r.cfg.attemptTimeout == 0 {
 		rows, err := s.queryInner(ctx, args)
-		if err == nil {
-			c.r.succeeded(t)
-			return rows, nil
-		}
-		if isPassThrough(err) {
-			c.r.breaker.done(t, outcomeNeutral)
-			return nil, err
+		if c.firstAttemptDone(t, err) {
+			return rows, err
 		}
 		return runStatement(ctx, c, t, "stmt.query", s.query, true, err, func(ctx context.Context) (driver.Rows, error) {
 			return s.queryInner(ctx, args)
