@@ -56,6 +56,13 @@ func (e *Error) Error() string {
 	return b.String()
 }
 
+// newError builds every *Error sqlretry returns. The driver's error is
+// kept from matching driver.ErrBadConn: database/sql re-runs any call whose
+// error does, and an *Error means sqlretry decided the call must stop.
+func newError(op string, attempts int, cls Class, reason, err error) *Error {
+	return &Error{Op: op, Attempts: attempts, Class: cls, Reason: reason, Err: withoutBadConn(err)}
+}
+
 // Unwrap exposes both the reason and the driver's error to errors.Is/As.
 func (e *Error) Unwrap() []error {
 	switch {

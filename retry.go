@@ -92,7 +92,7 @@ func (r *retrier) refuse(ctx context.Context, op string, attempts int, cls Class
 	if reason == ErrBudgetExhausted {
 		r.counters.budgetRejections.Add(1)
 	}
-	e := &Error{Op: op, Attempts: attempts, Class: cls, Reason: reason, Err: withoutBadConn(last)}
+	e := newError(op, attempts, cls, reason, last)
 	r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempts, Class: cls, Err: last, Reason: reason.Error()})
 	return e
 }
@@ -105,7 +105,7 @@ func (r *retrier) giveUp(ctx context.Context, op string, attempts int, cls Class
 	}
 	r.counters.giveUps.Add(1)
 	r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempts, Class: cls, Err: err, Reason: why})
-	return &Error{Op: op, Attempts: attempts, Class: cls, Err: withoutBadConn(err)}
+	return newError(op, attempts, cls, nil, err)
 }
 
 // action is a row of the safety table for a statement outside a transaction.
@@ -198,6 +198,13 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		if ownTimeout {
 			cls = ConnectionLost // rule 2: a timeout sqlretry set; the statement may have run
 		}
+		if cls == Unavailable && r.dialect == DialectPostgres && errors.Is(err, driver.ErrBadConn) {
+			// pgx's stdlib turns every SafeToRetry error into ErrBadConn, and
+			// pgx calls a connection lost after a simple-protocol statement was
+			// sent SafeToRetry ("conn closed"): a plain database/sql re-runs
+			// such a write. Only reads and idempotent calls are handed off.
+			cls = ConnectionLost
+		}
 		r.breaker.done(t, outcomeOf(cls))
 		if ctx.Value(keyNoRetry) != nil {
 			return zero, err
@@ -213,7 +220,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			c.bad.Store(cls == ConnectionLost)
 			r.counters.giveUps.Add(1)
 			r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: "a write may have run before the connection broke"})
-			return zero, &Error{Op: op, Attempts: attempt, Class: cls, Reason: ErrAmbiguousCommit, Err: err}
+			return zero, newError(op, attempt, cls, ErrAmbiguousCommit, err)
 		case actHandOff:
 			c.bad.Store(true)
 			if !r.budget.withdraw() {

@@ -150,7 +150,7 @@ func (t *tx) Commit() error {
 	if t.wrote {
 		if err := t.prepareResolution(); err != nil {
 			_ = t.inner.Rollback()
-			return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: err}
+			return newError("commit", 1, RetryTransaction, nil, err)
 		}
 	}
 	err := t.inner.Commit()
@@ -172,7 +172,7 @@ func (t *tx) commitFailed(err error) error {
 	if err.Error() == errTxCommitRollbackText && t.firstErr != nil {
 		// PostgreSQL turned COMMIT into ROLLBACK because of an earlier error
 		// the caller swallowed: report that error, with its class.
-		return &Error{Op: "commit", Attempts: 1, Class: r.classify(t.firstErr), Err: fmt.Errorf("%w: %w", err, t.firstErr)}
+		return newError("commit", 1, r.classify(t.firstErr), nil, fmt.Errorf("%w: %w", err, t.firstErr))
 	}
 	if !commitOutcomeUnknown(cls, err) {
 		return err // the server answered: not committed
@@ -180,7 +180,7 @@ func (t *tx) commitFailed(err error) error {
 	t.c.bad.Store(true)
 	if !t.wrote {
 		// Nothing to lose: a transaction that wrote nothing may be replayed.
-		return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: withoutBadConn(err)}
+		return newError("commit", 1, RetryTransaction, nil, err)
 	}
 	outcome := CommitUnknown
 	if t.ctx.Err() == nil { // rule 3: the caller's context is done, no time to ask
@@ -195,10 +195,10 @@ func (t *tx) commitFailed(err error) error {
 	case CommitCommitted:
 		return nil
 	case CommitNotCommitted:
-		return &Error{Op: "commit", Attempts: 1, Class: RetryTransaction, Err: withoutBadConn(err)}
+		return newError("commit", 1, RetryTransaction, nil, err)
 	}
 	r.counters.commitsAmbiguous.Add(1)
-	return &Error{Op: "commit", Attempts: 1, Class: Ambiguous, Reason: ErrAmbiguousCommit, Err: err}
+	return newError("commit", 1, Ambiguous, ErrAmbiguousCommit, err)
 }
 
 // commitOutcomeUnknown reports a COMMIT error that does not say whether the
@@ -302,7 +302,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		if phase == phaseCommit && !errors.As(err, &own) && !errors.As(err, &poisoned) && commitOutcomeUnknown(cls, err) {
 			// A raw COMMIT error that sqlretry's Tx did not resolve (a *sql.DB
 			// that sqlretry did not open): its outcome is unknown.
-			return &Error{Op: "commit", Attempts: attempt, Class: cls, Reason: ErrAmbiguousCommit, Err: err}
+			return newError("commit", attempt, cls, ErrAmbiguousCommit, err)
 		}
 		if !replay || ctx.Value(keyNoRetry) != nil {
 			if poison != nil && err != poison {
