@@ -81,6 +81,10 @@ type conn struct {
 	bad     atomic.Bool  // discard at the next reset: it broke or may be on a standby
 
 	serverID int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
+
+	// inflight is a COMMIT abandoned at the caller's deadline (see
+	// commitWithinDeadline): the driver's connection is closed after it.
+	inflight atomic.Pointer[chan error]
 }
 
 func newConn(ic driver.Conn, r *retrier) *conn {
@@ -97,7 +101,13 @@ func newConn(ic driver.Conn, r *retrier) *conn {
 // convention), so that sql.Conn.Raw reaches *stdlib.Conn or the mysql conn.
 func (c *conn) Unwrap() driver.Conn { return c.inner }
 
-func (c *conn) Close() error { return c.inner.Close() }
+func (c *conn) Close() error {
+	if done := c.inflight.Load(); done != nil {
+		go func() { <-*done; c.inner.Close() }()
+		return nil
+	}
+	return c.inner.Close()
+}
 
 func (c *conn) Begin() (driver.Tx, error) {
 	return c.BeginTx(context.Background(), driver.TxOptions{})

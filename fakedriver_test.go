@@ -58,18 +58,19 @@ type step struct {
 // fakeServer is what the fake connections talk to: scripts per statement
 // (matched by prefix), and a log of what ran and what committed.
 type fakeServer struct {
-	mu        sync.Mutex
-	scripts   map[string][]step
-	dialErrs  []error
-	dials     int
-	ran       []string // autocommit statements and committed transactions' statements
-	committed int
-	nextXID   int64
-	xidStatus map[int64]string // txid_status answers
-	inflight  map[int64]int    // xid -> kills needed before the committed transaction shows its final status
-	final     map[int64]string
-	killed    []int64
-	openConns atomic.Int64
+	mu         sync.Mutex
+	scripts    map[string][]step
+	dialErrs   []error
+	dials      int
+	ran        []string // autocommit statements and committed transactions' statements
+	committed  int
+	nextXID    int64
+	xidStatus  map[int64]string // txid_status answers
+	inflight   map[int64]int    // xid -> kills needed before the committed transaction shows its final status
+	final      map[int64]string
+	killed     []int64
+	openConns  atomic.Int64
+	hangCommit chan struct{} // when set, COMMIT waits for it to close
 }
 
 func newFakeServer() *fakeServer {
@@ -289,6 +290,9 @@ type fakeTx struct{ c *fakeConn }
 
 func (t *fakeTx) Commit() error {
 	c := t.c
+	if h := c.srv.hangCommit; h != nil {
+		<-h // a silent network: the driver's COMMIT takes no context
+	}
 	c.inTx = false
 	st, _ := c.srv.next("COMMIT")
 	if c.broken {

@@ -815,3 +815,40 @@ func TestPoisonedByALostConnectionIsReplayed(t *testing.T) {
 		t.Fatalf("err=%v calls=%d committed=%d; want one replay", err, calls, srv.committed)
 	}
 }
+
+// driver.Tx.Commit takes no context, and go-sql-driver/mysql's COMMIT on a
+// silent network blocks until TCP gives up. sqlretry returns at the
+// caller's deadline with ErrAmbiguousCommit, and closes the connection only
+// after the driver's COMMIT has returned.
+func TestMySQLCommitEndsAtTheDeadline(t *testing.T) {
+	srv := newFakeServer()
+	srv.hangCommit = make(chan struct{})
+	wc, _ := WrapConnector(&fakeConnector{srv: srv}, WithDialect(DialectMySQL))
+	db := sql.OpenDB(wc)
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO t VALUES (1)")
+		return err
+	})
+	late := time.Since(start) - 100*time.Millisecond
+	if !errors.Is(err, ErrAmbiguousCommit) {
+		t.Fatalf("err = %v, want ErrAmbiguousCommit", err)
+	}
+	if late > 30*time.Millisecond {
+		t.Errorf("returned %v after the deadline", late)
+	}
+	if n := srv.openConns.Load(); n != 1 {
+		t.Errorf("open connections = %d while the COMMIT is in flight, want 1", n)
+	}
+	close(srv.hangCommit)
+	db.Close()
+	for i := 0; i < 100 && srv.openConns.Load() != 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := srv.openConns.Load(); n != 0 {
+		t.Errorf("the connection was not closed after the COMMIT returned: %d open", n)
+	}
+}

@@ -153,13 +153,40 @@ func (t *tx) Commit() error {
 			return newError("commit", 1, RetryTransaction, nil, err)
 		}
 	}
-	err := t.inner.Commit()
+	abandoned, err := t.commitWithinDeadline()
+	if abandoned {
+		r.counters.commitsAmbiguous.Add(1)
+		r.observe(t.ctx, Event{Kind: EventCommitResolved, Op: "commit", Attempt: 1, Class: ConnectionLost, Outcome: CommitUnknown, Err: err})
+		return newError("commit", 1, Ambiguous, ErrAmbiguousCommit, err)
+	}
 	if err == nil {
 		r.succeeded(ticket{})
 		t.afterCommit()
 		return nil
 	}
 	return t.commitFailed(err)
+}
+
+// commitWithinDeadline runs the driver's COMMIT within the caller's
+// deadline. driver.Tx.Commit takes no context: pgx commits with the
+// BeginTx context, but go-sql-driver/mysql blocks on a silent network
+// until TCP gives up. There the COMMIT runs on its own goroutine; when the
+// deadline comes first the outcome is unknown (no time is left to ask), and
+// the connection is closed only once the driver's COMMIT has returned.
+func (t *tx) commitWithinDeadline() (abandoned bool, err error) {
+	if t.c.r.dialect != DialectMySQL || t.ctx.Done() == nil {
+		return false, t.inner.Commit()
+	}
+	done := make(chan error, 1)
+	go func() { done <- t.inner.Commit() }()
+	select {
+	case err := <-done:
+		return false, err
+	case <-t.ctx.Done():
+		t.c.bad.Store(true)
+		t.c.inflight.Store(&done)
+		return true, fmt.Errorf("COMMIT still in flight at the caller's deadline: %w", t.ctx.Err())
+	}
 }
 
 // commitFailed decides what a failed COMMIT means. Errors that the server

@@ -21,9 +21,11 @@ import (
 // (shared/SERVERS.md).
 
 type privateServer struct {
-	dsn  string
-	err  error
-	stop func()
+	dsn    string
+	err    error
+	stop   func()
+	crash  func() error // PostgreSQL: stop like a crash (pg_ctl -m immediate)
+	resume func() error // PostgreSQL: start again on the same port
 }
 
 var (
@@ -139,10 +141,19 @@ func startPostgres() *privateServer {
 		os.RemoveAll(dir)
 		return &privateServer{err: fmt.Errorf("pg_ctl start: %v: %s", err, out)}
 	}
+	pgctl := func(args ...string) error {
+		out, err := asUser("postgres", filepath.Join(bin, "pg_ctl"), append([]string{"-D", data}, args...)...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("pg_ctl %v: %v: %s", args, err, out)
+		}
+		return nil
+	}
 	return &privateServer{
-		dsn: fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port),
+		dsn:    fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port),
+		crash:  func() error { return pgctl("-m", "immediate", "stop") },
+		resume: func() error { return pgctl("-w", "-l", filepath.Join(dir, "log"), "-o", opts, "start") },
 		stop: func() {
-			asUser("postgres", filepath.Join(bin, "pg_ctl"), "-D", data, "-m", "immediate", "stop").Run()
+			pgctl("-m", "immediate", "stop")
 			os.RemoveAll(dir)
 		},
 	}

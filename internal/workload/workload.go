@@ -144,12 +144,14 @@ type Config struct {
 // Result is what the callers saw.
 type Result struct {
 	Committed, Failed int64
+	Unknown           int64 // ErrAmbiguousCommit: the caller was told the outcome is unknown
 	Elapsed           time.Duration
 	Errors            map[string]int  // failures by summary
 	Latencies         []time.Duration // of every operation, sorted
 	MaxOvershoot      time.Duration   // the most an operation returned after its deadline
 	Timeline          []int           // commits per Tick
 	Acked, FailedOps  map[string]bool
+	UnknownOps        map[string]bool
 }
 
 // Percentile returns the p-th percentile latency (0 < p <= 100).
@@ -170,7 +172,7 @@ func Run(ctx context.Context, cfg Config, bank *Bank, db *sql.DB, strategy Strat
 	if cfg.OpTimeout == 0 {
 		cfg.OpTimeout = 10 * time.Second
 	}
-	res := &Result{Errors: map[string]int{}, Acked: map[string]bool{}, FailedOps: map[string]bool{}}
+	res := &Result{Errors: map[string]int{}, Acked: map[string]bool{}, FailedOps: map[string]bool{}, UnknownOps: map[string]bool{}}
 	var mu sync.Mutex
 	var committed, failed atomic.Int64
 	var overshoot atomic.Int64
@@ -207,7 +209,12 @@ func Run(ctx context.Context, cfg Config, bank *Bank, db *sql.DB, strategy Strat
 						timeline[i].Add(1)
 					}
 				} else {
-					res.FailedOps[op] = true
+					if errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+						res.UnknownOps[op] = true
+						res.Unknown++
+					} else {
+						res.FailedOps[op] = true
+					}
 					failed.Add(1)
 					res.Errors[Summarize(err)]++
 				}
@@ -268,12 +275,15 @@ func trim(s string) string {
 	return s
 }
 
-// Invariants are the checks after a run.
+// Invariants are the checks after a run. An operation whose caller was
+// told the outcome is unknown (ErrAmbiguousCommit) is neither lost nor a
+// phantom; UnknownCommitted says how many of those did commit.
 type Invariants struct {
-	MoneyConserved bool // the balances add up to what they started with
-	LedgerMatches  bool // every balance is explained by the ledger
-	Lost           int  // acknowledged operations missing from the ledger
-	Phantom        int  // failed operations present in the ledger
+	MoneyConserved   bool // the balances add up to what they started with
+	LedgerMatches    bool // every balance is explained by the ledger
+	Lost             int  // acknowledged operations missing from the ledger
+	Phantom          int  // failed operations present in the ledger
+	UnknownCommitted int  // operations with an unknown outcome that are in the ledger
 }
 
 // OK reports whether every invariant holds.
@@ -282,7 +292,8 @@ func (i Invariants) OK() bool {
 }
 
 func (i Invariants) String() string {
-	return fmt.Sprintf("money conserved=%v ledger=balances=%v lost acks=%d phantom writes=%d", i.MoneyConserved, i.LedgerMatches, i.Lost, i.Phantom)
+	return fmt.Sprintf("money conserved=%v ledger=balances=%v lost acks=%d phantom writes=%d unknown-but-committed=%d",
+		i.MoneyConserved, i.LedgerMatches, i.Lost, i.Phantom, i.UnknownCommitted)
 }
 
 // Check verifies the invariants against what the callers were told.
@@ -314,6 +325,9 @@ func (b *Bank) Check(ctx context.Context, admin *sql.DB, res *Result) (Invariant
 		want[dst] += amount
 		if res.FailedOps[op] {
 			inv.Phantom++
+		}
+		if res.UnknownOps[op] {
+			inv.UnknownCommitted++
 		}
 	}
 	rows.Close()

@@ -1,0 +1,328 @@
+package integration
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/sqlretry/sqlretry"
+	"github.com/sqlretry/sqlretry/internal/workload"
+)
+
+// scenario runs the transfer workload through db while chaos runs, checks
+// the invariants, and logs the figures of the run.
+// Commits whose outcome stays unknown are an error where sqlretry can
+// resolve them, except in scenarios (a blackhole longer than the deadline)
+// whose names end in "~unknown-ok".
+func scenario(t *testing.T, name string, admin, db *sql.DB, driver string, strategy workload.Strategy, cfg workload.Config,
+	chaos func(ctx context.Context)) (*workload.Result, workload.Invariants) {
+	t.Helper()
+	ctx := context.Background()
+	bank, err := workload.NewBank(ctx, admin, driver, fmt.Sprintf("s%d", rand.Uint32()), 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bank.Drop(ctx, admin)
+	if cfg.Workers == 0 {
+		cfg.Workers = 8
+	}
+	chaosCtx, stopChaos := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	if chaos != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); chaos(chaosCtx) }()
+	}
+	res := workload.Run(ctx, cfg, bank, db, strategy)
+	stopChaos()
+	wg.Wait()
+	inv, err := bank.Check(ctx, admin, res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := sqlretry.StatsOf(db)
+	t.Logf("FIGURES %s: ops=%d committed=%d failed=%d (unknown outcome %d) p50=%v p99=%v max-overshoot=%v retries(stmt/tx/conn/handoff)=%d/%d/%d/%d breaker-rejections=%d dials=%d dial-failures=%d resolved-commits=%d; %v; errors=%v",
+		name, res.Committed+res.Failed, res.Committed, res.Failed, res.Unknown, res.Percentile(50).Round(time.Millisecond), res.Percentile(99).Round(time.Millisecond),
+		res.MaxOvershoot.Round(time.Millisecond), s.RetriesStatement, s.RetriesTransaction, s.RetriesConnection, s.HandOffs, s.CircuitRejections,
+		s.Dials, s.DialFailures, s.CommitsResolved, inv, res.Errors)
+	if !inv.OK() {
+		t.Errorf("%s: invariants broken: %v", name, inv)
+	}
+	if res.Unknown > 0 && resolves(db) && !strings.HasSuffix(name, "~unknown-ok") {
+		t.Errorf("%s: %d commits left unknown although sqlretry can resolve them", name, res.Unknown)
+	}
+	return res, inv
+}
+
+// markerTable resolves lost COMMITs on MySQL in the fault scenarios.
+const markerTable = "sqlretry_marker"
+
+// retryOptions are the options the scenarios open sqlretry with: the
+// defaults, plus the commit marker on MySQL.
+func retryOptions(driver string, opts ...sqlretry.Option) []sqlretry.Option {
+	if driver == "mysql" {
+		opts = append(opts, sqlretry.WithMySQLCommitMarker(markerTable))
+	}
+	return opts
+}
+
+// resolves reports a *sql.DB whose lost COMMITs sqlretry resolves.
+func resolves(db *sql.DB) bool {
+	_, ok := sqlretry.StatsOf(db)
+	return ok
+}
+
+func openPrivate(t *testing.T, driver string, opts ...sqlretry.Option) (admin, db *sql.DB) {
+	t.Helper()
+	dsn := needPrivate(t, driver)
+	admin, err := sql.Open(driver, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err = sqlretry.Open(driver, dsn, retryOptions(driver, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close(); admin.Close() })
+	return admin, db
+}
+
+// 1. Serialization failures and deadlocks: all retried, none surfaced.
+func TestFaultContention(t *testing.T) {
+	for _, driver := range []string{"pgx", "mysql"} {
+		t.Run(driver, func(t *testing.T) {
+			admin, db := openPrivate(t, driver)
+			res, _ := scenario(t, "contention/"+driver, admin, db, driver, workload.RunInTx,
+				workload.Config{Duration: 3 * time.Second}, nil)
+			if res.Failed != 0 {
+				t.Errorf("%d operations failed: %v", res.Failed, res.Errors)
+			}
+			if s, _ := sqlretry.StatsOf(db); s.RetriesTransaction == 0 {
+				t.Error("no transaction was replayed: no contention was provoked")
+			}
+		})
+	}
+}
+
+// 2. MariaDB lock-wait timeout inside transactions: replayed, no partial write.
+func TestFaultMariaDBLockWaitTimeout(t *testing.T) {
+	dsn := needPrivate(t, "mysql")
+	admin, _ := sql.Open("mysql", dsn)
+	defer admin.Close()
+	var timeouts atomic.Int64
+	db, err := sqlretry.Open("mysql", dsn+"?innodb_lock_wait_timeout=1", retryOptions("mysql", sqlretry.WithObserver(sqlretry.ObserverFunc(
+		func(_ context.Context, e sqlretry.Event) {
+			if e.Kind == sqlretry.EventRetry && e.Err != nil && strings.Contains(e.Err.Error(), "1205") {
+				timeouts.Add(1)
+			}
+		})))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	// A blocker holds account 1 for 1.5 s at a time, longer than the lock wait.
+	blocker := func(ctx context.Context) {
+		for ctx.Err() == nil {
+			tx, err := admin.BeginTx(context.Background(), nil)
+			if err != nil {
+				return
+			}
+			tx.Exec("SELECT balance FROM " + currentAccounts(admin) + " WHERE id = 1 FOR UPDATE")
+			select {
+			case <-ctx.Done():
+			case <-time.After(1500 * time.Millisecond):
+			}
+			tx.Rollback()
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	res, _ := scenario(t, "lock-wait-timeout/mysql", admin, db, "mysql", workload.RunInTx,
+		workload.Config{Duration: 4 * time.Second, Workers: 4}, blocker)
+	if res.Failed != 0 {
+		t.Errorf("%d operations failed: %v", res.Failed, res.Errors)
+	}
+	t.Logf("lock wait timeouts replayed: %d", timeouts.Load())
+	if timeouts.Load() == 0 {
+		t.Error("no lock wait timeout was provoked")
+	}
+}
+
+// currentAccounts finds the accounts table of the running scenario.
+func currentAccounts(admin *sql.DB) string {
+	var name string
+	admin.QueryRow("SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE 's%\\_accounts' LIMIT 1").Scan(&name)
+	return name
+}
+
+// 4. Connections killed under load every 100-500 ms.
+func TestFaultKilledConnections(t *testing.T) {
+	for _, driver := range []string{"pgx", "mysql"} {
+		t.Run(driver, func(t *testing.T) {
+			dsn := needPrivate(t, driver)
+			admin, _ := sql.Open(driver, dsn)
+			defer admin.Close()
+			workDSN := dsn
+			var victims string
+			if driver == "pgx" {
+				workDSN += "&application_name=workload"
+				victims = `SELECT pid FROM pg_stat_activity WHERE application_name = 'workload' ORDER BY random() LIMIT 1`
+			} else {
+				// The workload runs as its own user, so that the killer finds it.
+				admin.Exec("CREATE USER IF NOT EXISTS 'work'@'127.0.0.1'")
+				admin.Exec("GRANT ALL PRIVILEGES ON *.* TO 'work'@'127.0.0.1'")
+				workDSN = strings.Replace(dsn, "root@", "work@", 1)
+				victims = `SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'work' ORDER BY RAND() LIMIT 1`
+			}
+			db, err := sqlretry.Open(driver, workDSN, retryOptions(driver)...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			var kills atomic.Int64
+			killer := func(ctx context.Context) {
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-time.After(time.Duration(100+rand.IntN(400)) * time.Millisecond):
+					}
+					var id int64
+					if admin.QueryRow(victims).Scan(&id) != nil {
+						continue
+					}
+					var err error
+					if driver == "pgx" {
+						_, err = admin.Exec("SELECT pg_terminate_backend($1)", id)
+					} else {
+						_, err = admin.Exec(fmt.Sprintf("KILL CONNECTION %d", id))
+					}
+					if err == nil {
+						kills.Add(1)
+					}
+				}
+			}
+			res, _ := scenario(t, "killed-connections/"+driver, admin, db, driver, workload.RunInTx,
+				workload.Config{Duration: 4 * time.Second}, killer)
+			t.Logf("sessions killed: %d", kills.Load())
+			if kills.Load() < 5 {
+				t.Errorf("only %d kills: the scenario provoked too little", kills.Load())
+			}
+			if res.Failed != 0 {
+				t.Errorf("%d operations failed: %v", res.Failed, res.Errors)
+			}
+		})
+	}
+}
+
+// countingDialer counts dial attempts, for the database's view of an outage.
+type countingDialer struct {
+	mu    sync.Mutex
+	times []time.Time
+}
+
+func (d *countingDialer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	d.mu.Lock()
+	d.times = append(d.times, time.Now())
+	d.mu.Unlock()
+	return (&net.Dialer{}).DialContext(ctx, network, addr)
+}
+
+func (d *countingDialer) between(from, to time.Time) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, t := range d.times {
+		if !t.Before(from) && t.Before(to) {
+			n++
+		}
+	}
+	return n
+}
+
+// 5. Server crash and an outage longer than the breaker's threshold: the
+// breaker opens, callers fail fast, dials are bounded, and service resumes
+// within about one open timeout after the server is back. The plain driver
+// runs the same outage for comparison.
+func TestFaultServerRestartAndOutage(t *testing.T) {
+	srv := startPostgres() // its own server: this test crashes it
+	if srv.err != nil {
+		needPrivate(t, "pgx") // skips, or fails under CI, with the reason
+		t.Fatal(srv.err)
+	}
+	defer srv.stop()
+	const outage = 4 * time.Second
+	openTimeout := 2 * time.Second
+	for _, wrapped := range []bool{false, true} {
+		name := map[bool]string{false: "plain", true: "sqlretry"}[wrapped]
+		t.Run(name, func(t *testing.T) {
+			admin, _ := sql.Open("pgx", srv.dsn)
+			defer admin.Close()
+			cfg, _ := pgx.ParseConfig(srv.dsn)
+			cfg.ConnectTimeout = time.Second
+			dialer := &countingDialer{}
+			cfg.DialFunc = dialer.dial
+			var db *sql.DB
+			strategy := workload.Plain
+			if wrapped {
+				db = sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithBreaker(sqlretry.Breaker{OpenTimeout: openTimeout, MinRequests: 10}))
+				strategy = workload.RunInTx
+			} else {
+				db = sql.OpenDB(stdlib.GetConnector(*cfg))
+			}
+			defer db.Close()
+			var down, up time.Time
+			chaos := func(ctx context.Context) {
+				time.Sleep(time.Second)
+				down = time.Now()
+				if err := srv.crash(); err != nil {
+					t.Error(err)
+				}
+				time.Sleep(outage)
+				if err := srv.resume(); err != nil {
+					t.Error(err)
+				}
+				up = time.Now()
+			}
+			res, _ := scenario(t, "restart/"+name, admin, db, "pgx", strategy,
+				workload.Config{Duration: 1*time.Second + outage + openTimeout*3/2 + 2*time.Second, Workers: 8, OpTimeout: time.Second}, chaos)
+			dials := dialer.between(down, up)
+			// Recovery: the first timeline tick with commits after the server
+			// is back (the chaos starts one second into the run).
+			tick := 100 * time.Millisecond
+			recovered := time.Duration(-1)
+			runStart := down.Add(-time.Second)
+			for i, n := range res.Timeline {
+				at := runStart.Add(time.Duration(i) * tick)
+				if at.After(up) && n > 0 {
+					recovered = at.Sub(up)
+					break
+				}
+			}
+			t.Logf("FIGURES restart/%s: outage %v, dial attempts during the outage %d (%.1f/s), first commit %v after the server was back",
+				name, outage, dials, float64(dials)/outage.Seconds(), recovered)
+			if wrapped {
+				if s, _ := sqlretry.StatsOf(db); s.CircuitRejections == 0 {
+					t.Error("the breaker never opened during the outage")
+				}
+				if recovered < 0 || recovered > openTimeout*6/5+time.Second {
+					t.Errorf("recovered %v after the server returned, want within one open timeout (%v)", recovered, openTimeout)
+				}
+			}
+			t.Cleanup(func() { restartDials[name] = dials })
+		})
+	}
+	if p, s := restartDials["plain"], restartDials["sqlretry"]; p > 0 && s >= p {
+		t.Errorf("sqlretry dialled %d times during the outage, the plain driver %d", s, p)
+	}
+}
+
+var restartDials = map[string]int{}
