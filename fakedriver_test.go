@@ -70,7 +70,7 @@ type fakeServer struct {
 	final      map[int64]string
 	killed     []int64
 	openConns  atomic.Int64
-	hangCommit chan struct{} // when set, COMMIT waits for it to close
+	hangCommit chan struct{} // when set, COMMIT and ROLLBACK wait for it to close
 }
 
 func newFakeServer() *fakeServer {
@@ -333,6 +333,9 @@ func (c *fakeConn) setXID(status string) {
 }
 
 func (t *fakeTx) Rollback() error {
+	if h := t.c.srv.hangCommit; h != nil {
+		<-h
+	}
 	t.c.inTx = false
 	t.c.pending = nil
 	t.c.setXID("aborted")

@@ -852,3 +852,30 @@ func TestMySQLCommitEndsAtTheDeadline(t *testing.T) {
 		t.Errorf("the connection was not closed after the COMMIT returned: %d open", n)
 	}
 }
+
+// The same for ROLLBACK: a poisoned transaction's COMMIT rolls back, and
+// on MySQL that ROLLBACK takes no context either.
+func TestMySQLRollbackEndsAtTheDeadline(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("UPDATE", step{err: errDeadlockMy})
+	wc, _ := WrapConnector(&fakeConnector{srv: srv}, WithDialect(DialectMySQL))
+	db := sql.OpenDB(wc)
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx.ExecContext(ctx, "UPDATE t SET n = 1") // poisons
+	srv.hangCommit = make(chan struct{})
+	start := time.Now()
+	err = tx.Commit()
+	if !errors.Is(err, errDeadlockMy) {
+		t.Fatalf("Commit = %v, want the deadlock", err)
+	}
+	if late := time.Since(start); late > 130*time.Millisecond {
+		t.Errorf("Commit of a poisoned transaction took %v with a 100ms deadline", late)
+	}
+	close(srv.hangCommit)
+}

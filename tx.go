@@ -133,7 +133,7 @@ func (t *tx) stmtQuery(ctx context.Context, s *stmt, args []driver.NamedValue) (
 
 func (t *tx) Rollback() error {
 	t.c.tx = nil
-	return t.inner.Rollback()
+	return t.rollback()
 }
 
 // Commit refuses a poisoned transaction, remembers what it needs to
@@ -143,13 +143,13 @@ func (t *tx) Commit() error {
 	c, r := t.c, t.c.r
 	defer func() { c.tx = nil }()
 	if t.poison != nil {
-		_ = t.inner.Rollback()
+		_ = t.rollback()
 		r.counters.poisoned.Add(1)
 		return &poisonedError{cause: t.poison}
 	}
 	if t.wrote {
 		if err := t.prepareResolution(); err != nil {
-			_ = t.inner.Rollback()
+			_ = t.rollback()
 			return newError("commit", 1, RetryTransaction, nil, err)
 		}
 	}
@@ -168,25 +168,39 @@ func (t *tx) Commit() error {
 }
 
 // commitWithinDeadline runs the driver's COMMIT within the caller's
-// deadline. driver.Tx.Commit takes no context: pgx commits with the
-// BeginTx context, but go-sql-driver/mysql blocks on a silent network
-// until TCP gives up. There the COMMIT runs on its own goroutine; when the
-// deadline comes first the outcome is unknown (no time is left to ask), and
-// the connection is closed only once the driver's COMMIT has returned.
+// deadline; abandoned means the deadline came first and the outcome is
+// unknown (no time is left to ask).
 func (t *tx) commitWithinDeadline() (abandoned bool, err error) {
+	return t.withinDeadline("COMMIT", t.inner.Commit)
+}
+
+// withinDeadline runs a COMMIT or ROLLBACK of the driver within the
+// BeginTx context. driver.Tx takes no context: pgx uses the BeginTx
+// context itself, but go-sql-driver/mysql blocks on a silent network until
+// TCP gives up. There the call runs on its own goroutine; when the deadline
+// comes first the connection is marked bad, and closed only once the
+// driver's call has returned, so the driver is never used from two
+// goroutines at once.
+func (t *tx) withinDeadline(what string, call func() error) (abandoned bool, err error) {
 	if t.c.r.dialect != DialectMySQL || t.ctx.Done() == nil {
-		return false, t.inner.Commit()
+		return false, call()
 	}
 	done := make(chan error, 1)
-	go func() { done <- t.inner.Commit() }()
+	go func() { done <- call() }()
 	select {
 	case err := <-done:
 		return false, err
 	case <-t.ctx.Done():
 		t.c.bad.Store(true)
 		t.c.inflight.Store(&done)
-		return true, fmt.Errorf("COMMIT still in flight at the caller's deadline: %w", t.ctx.Err())
+		return true, fmt.Errorf("%s still in flight at the caller's deadline: %w", what, t.ctx.Err())
 	}
+}
+
+// rollback ends the transaction on the server within the caller's deadline.
+func (t *tx) rollback() error {
+	_, err := t.withinDeadline("ROLLBACK", t.inner.Rollback)
+	return err
 }
 
 // commitFailed decides what a failed COMMIT means. Errors that the server
