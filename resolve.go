@@ -235,7 +235,7 @@ func queryRow(ctx context.Context, dc driver.Conn, query string, args ...any) ([
 	}
 	if rows == nil && (err == nil || err == driver.ErrSkip) {
 		var s driver.Stmt
-		if s, err = dc.Prepare(query); err != nil {
+		if s, err = prepare(ctx, dc, query); err != nil {
 			return nil, err
 		}
 		defer s.Close()
@@ -266,7 +266,7 @@ func execConn(ctx context.Context, dc driver.Conn, query string, args ...any) er
 			return err
 		}
 	}
-	s, err := dc.Prepare(query)
+	s, err := prepare(ctx, dc, query)
 	if err != nil {
 		return err
 	}
@@ -276,6 +276,21 @@ func execConn(ctx context.Context, dc driver.Conn, query string, args ...any) er
 		return err
 	}
 	return errors.New("sqlretry: driver statement lacks ExecContext")
+}
+
+// prepare prepares within ctx: go-sql-driver/mysql answers ErrSkip to any
+// statement with arguments, and its Prepare without a context blocks on a
+// silent network past the caller's deadline.
+func prepare(ctx context.Context, dc driver.Conn, query string) (driver.Stmt, error) {
+	if pc, ok := dc.(driver.ConnPrepareContext); ok {
+		return pc.PrepareContext(ctx, query)
+	}
+	s, err := dc.Prepare(query)
+	if err == nil && ctx.Err() != nil {
+		s.Close()
+		return nil, ctx.Err()
+	}
+	return s, err
 }
 
 func asInt64(v driver.Value) int64 {
