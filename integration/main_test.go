@@ -1,9 +1,13 @@
 // Package integration tests sqlretry against real PostgreSQL and MariaDB.
 //
-// Where the databases come from: SQLRETRY_PG_DSN and SQLRETRY_MYSQL_DSN,
-// else the local servers on their standard ports. When a database cannot be
-// reached the tests that need it skip with one line, except with CI=true,
-// where they fail.
+// Where the databases come from, in this order: SQLRETRY_PG_DSN and
+// SQLRETRY_MYSQL_DSN; else private throwaway servers the tests start
+// themselves from the locally installed server binaries; else, where a
+// Docker engine answers, testcontainers-go (package dbserver). When none
+// works the tests that need a database skip with one line, except with
+// CI=true, where they fail. Tests that kill, crash or starve a server always
+// use a private one, never a server named by the environment.
+// The benchmarks measure the local servers on their standard ports.
 package integration
 
 import (
@@ -23,6 +27,8 @@ import (
 const (
 	defaultPG    = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
 	defaultMySQL = "root@tcp(127.0.0.1:3306)/test?parseTime=true&multiStatements=true"
+	// mysqlParams are what the suite's MySQL code expects of a DSN.
+	mysqlParams = "parseTime=true&multiStatements=true"
 )
 
 func dsn(env, def string) string {
@@ -32,30 +38,43 @@ func dsn(env, def string) string {
 	return def
 }
 
-// need returns the DSN of a reachable database or skips (fails under CI).
+// need returns the DSN of a database for tests that do not harm it: the
+// environment's, else a private server's; it skips (fails under CI=true)
+// when there is none.
 func need(t *testing.T, driverName string) string {
 	t.Helper()
-	var d string
-	switch driverName {
-	case "pgx":
-		d = dsn("SQLRETRY_PG_DSN", defaultPG)
-	case "mysql":
-		d = dsn("SQLRETRY_MYSQL_DSN", defaultMySQL)
-	}
-	db, err := sql.Open(driverName, d)
-	if err == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err = db.PingContext(ctx)
-		cancel()
-		db.Close()
-	}
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s database unreachable under CI=true: %v", driverName, err)
+	env := map[string]string{"pgx": "SQLRETRY_PG_DSN", "mysql": "SQLRETRY_MYSQL_DSN"}[driverName]
+	if d := os.Getenv(env); d != "" {
+		if err := ping(driverName, d); err != nil {
+			unavailable(t, fmt.Sprintf("%s=%s: %v", env, d, err))
 		}
-		t.Skipf("%s database unreachable (set SQLRETRY_PG_DSN / SQLRETRY_MYSQL_DSN): %v", driverName, err)
+		return d
+	}
+	d := needPrivate(t, driverName)
+	if driverName == "mysql" {
+		d += "?" + mysqlParams
 	}
 	return d
+}
+
+func ping(driverName, d string) error {
+	db, err := sql.Open(driverName, d)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return db.PingContext(ctx)
+}
+
+// unavailable skips with one loud line, or fails under CI=true.
+func unavailable(t testing.TB, why string) {
+	t.Helper()
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("DATABASE UNAVAILABLE under CI=true: %s", why)
+	}
+	t.Skipf("DATABASE UNAVAILABLE, skipping: %s", why)
 }
 
 // table returns a unique table name for one test and drops it afterwards.
