@@ -142,6 +142,8 @@ type Stats struct {
 	CommitsResolved    int64 // lost COMMITs whose outcome was found out
 	CommitsAmbiguous   int64 // lost COMMITs returned as ErrAmbiguousCommit
 	Poisoned           int64 // transactions poisoned by a swallowed retryable error
+	ContentionWaits    int64 // RunInTx attempts that waited for contention control
+	ContentionCuts     int64 // times contention control cut the number of transactions at once
 	Breaker            BreakerState
 	BudgetTokens       float64 // retries the budget would allow now (before time refill)
 }
@@ -182,6 +184,9 @@ func (r *retrier) stats() Stats {
 	}
 	if r.breaker != nil {
 		s.CircuitRejections = r.breaker.rejectCount.Load()
+	}
+	if l := r.txLimit; l != nil {
+		s.ContentionWaits, s.ContentionCuts = l.queued.Load(), l.decrease.Load()
 	}
 	return s
 }

@@ -47,6 +47,8 @@ type config struct {
 	dialectSet     bool
 	resolveCommits bool
 	mysqlMarker    string
+
+	contentionControl bool
 }
 
 func defaultConfig() config {
@@ -59,6 +61,8 @@ func defaultConfig() config {
 		clock:          realClock{},
 		rnd:            defaultRand,
 		resolveCommits: true,
+
+		contentionControl: true,
 	}
 }
 
@@ -72,6 +76,20 @@ func (c *config) apply(opts []Option) error {
 		}
 	}
 	return nil
+}
+
+// WithContentionControl turns RunInTx's contention control on (the
+// default) or off. While the transactions of a *sql.DB keep aborting each
+// other (serialization failures, deadlocks, lock-wait timeouts) it lets only
+// as many run at once as commit without conflict, halving the number at each
+// round of conflicts and growing it by one per round of commits, and lets go
+// once conflicts stop. The others wait their turn, first come first served,
+// within their context's deadline. A RunInTx inside another never waits.
+func WithContentionControl(on bool) Option {
+	return func(c *config) error {
+		c.contentionControl = on
+		return nil
+	}
 }
 
 func optionError(name string, err error) error {

@@ -24,6 +24,7 @@ type retrier struct {
 	implicitTx bool             // the DSN turns autocommit off: every statement is in a transaction
 	counters   *counters
 	resolution *resolveState
+	txLimit    *txLimiter // RunInTx's contention control; nil when off
 }
 
 // resolveState is what the resolution of lost COMMITs learns as it goes.
@@ -37,6 +38,9 @@ type resolveState struct {
 func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 	r := &retrier{cfg: cfg, dialect: dialect, clock: cfg.clock, rnd: cfg.rnd, obs: cfg.observer, inner: inner,
 		counters: &counters{}, resolution: &resolveState{}}
+	if cfg.contentionControl && inner != nil {
+		r.txLimit = &txLimiter{clock: cfg.clock}
+	}
 	if cfg.breaker != nil {
 		r.breaker = newBreaker(*cfg.breaker, cfg.clock, cfg.rnd, func(from, to BreakerState) {
 			r.observe(context.Background(), Event{Kind: EventBreaker, Op: "breaker", BreakerFrom: from, BreakerTo: to})

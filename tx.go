@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/go-sql-driver/mysql"
 )
@@ -282,6 +283,19 @@ func (a *txAttempt) Value(key any) any {
 
 const keyAttempt ctxKey = 100
 
+// slotHeld marks the context of a RunInTx body that holds a slot of the
+// contention control, for a RunInTx nested in it.
+type slotHeld struct{ context.Context }
+
+const keySlotHeld ctxKey = 101
+
+func (h slotHeld) Value(key any) any {
+	if key == keySlotHeld {
+		return true
+	}
+	return h.Context.Value(key)
+}
+
 // RunInTx runs fn in a transaction and commits it. When the transaction is
 // aborted by something that is safe to retry (a serialization failure, a
 // deadlock, a lock-wait timeout, a connection lost before COMMIT was sent)
@@ -316,8 +330,36 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		r = &rc
 	}
 	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
+	lim := r.txLimit
+	if ctx.Value(keySlotHeld) != nil {
+		lim = nil // an outer RunInTx holds a slot: waiting for another could deadlock
+	}
 	for attempt := 1; ; attempt++ {
-		err, phase, poison := runTxOnce(ctx, db, txOpts, fn)
+		var slot txSlot
+		var began time.Time
+		if lim != nil {
+			var werr error
+			if slot, werr = lim.acquire(ctx); werr != nil {
+				return r.giveUp(ctx, "tx", max(attempt-1, 1), Permanent, werr, "caller's context is done")
+			}
+			began = r.clock.Now()
+		}
+		body := fn
+		if slot.limited {
+			body = func(ctx context.Context, tx *sql.Tx) error { return fn(slotHeld{ctx}, tx) }
+		}
+		err, phase, poison := runTxOnce(ctx, db, txOpts, body)
+		if lim != nil {
+			conflict := false
+			if err != nil && ctx.Err() == nil {
+				c := r.classify(err)
+				if poison != nil {
+					c = r.classify(poison)
+				}
+				conflict = c == RetryTransaction || c == RetryStatement
+			}
+			lim.release(slot, conflict, err == nil, r.clock.Now().Sub(began))
+		}
 		if err == nil {
 			return nil
 		}

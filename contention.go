@@ -1,0 +1,202 @@
+package sqlretry
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// txLimiter is RunInTx's contention control: while the transactions of one
+// *sql.DB keep conflicting (serialization failures, deadlocks, lock-wait
+// timeouts), it bounds how many of them run at once, the way TCP bounds a
+// congested flow (additive increase, multiplicative decrease). On a hot spot
+// the transactions then queue, first come first served, instead of aborting
+// each other, and the server spends no time detecting deadlocks
+// (PostgreSQL waits deadlock_timeout, 1 s by default, before it looks).
+//
+// Until the first conflict it only counts the transactions in flight: one
+// atomic add each way. It lets go again when the limit has grown back past
+// twice the concurrency it started from.
+type txLimiter struct {
+	inflight atomic.Int64
+	engaged  atomic.Bool
+	clock    Clock
+	useful   atomic.Int64 // time spent in attempts that committed, ns ...
+	wasted   atomic.Int64 // ... and in attempts a conflict aborted
+
+	mu       sync.Mutex
+	gen      uint64  // counts engagements and releases: slots of an older one are void
+	limit    float64 // transactions allowed at once, while engaged
+	ceiling  float64 // at or above this the limiter lets go
+	running  int     // transactions holding a slot, while engaged
+	since    int     // completions since the last decrease
+	waiters  []*txWaiter
+	hold     time.Duration // after a cut, the limit does not grow for this long ...
+	holdEnd  time.Time     // ... until then
+	lastCut  time.Time
+	queued   atomic.Int64 // transactions that waited for a slot
+	decrease atomic.Int64 // times the limit was cut
+}
+
+type txWaiter struct {
+	ready   chan struct{}
+	granted bool
+	gen     uint64
+}
+
+// txSlot is what acquire hands out; release gives it back.
+type txSlot struct {
+	limited bool   // the attempt holds a slot of the engaged limiter ...
+	gen     uint64 // ... of this engagement
+}
+
+// acquire waits for a slot while the limiter is engaged.
+func (l *txLimiter) acquire(ctx context.Context) (txSlot, error) {
+	l.inflight.Add(1)
+	if !l.engaged.Load() {
+		return txSlot{}, nil
+	}
+	l.mu.Lock()
+	if !l.engaged.Load() {
+		l.mu.Unlock()
+		return txSlot{}, nil
+	}
+	if len(l.waiters) == 0 && l.running < int(l.limit) {
+		l.running++
+		l.mu.Unlock()
+		return txSlot{limited: true, gen: l.gen}, nil
+	}
+	w := &txWaiter{ready: make(chan struct{}), gen: l.gen}
+	l.waiters = append(l.waiters, w)
+	l.mu.Unlock()
+	l.queued.Add(1)
+	select {
+	case <-w.ready:
+		return txSlot{limited: w.granted, gen: w.gen}, nil
+	case <-ctx.Done():
+		l.mu.Lock()
+		select {
+		case <-w.ready: // granted meanwhile: give the slot to the next one
+			if w.granted && w.gen == l.gen {
+				l.running--
+			}
+			l.wakeLocked()
+		default:
+			for i, x := range l.waiters {
+				if x == w {
+					l.waiters = append(l.waiters[:i], l.waiters[i+1:]...)
+					break
+				}
+			}
+		}
+		l.mu.Unlock()
+		l.inflight.Add(-1)
+		return txSlot{}, ctx.Err()
+	}
+}
+
+// release returns a slot; conflict says the attempt was aborted by a
+// conflict with another transaction, committed that it committed; took is
+// how long the attempt ran.
+func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Duration) {
+	n := l.inflight.Add(-1) + 1 // in flight when this attempt ended, itself included
+	if committed {
+		l.useful.Add(int64(took))
+	}
+	if !conflict && !l.engaged.Load() {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if s.limited && s.gen == l.gen {
+		l.running--
+	}
+	if conflict {
+		// Conflicts matter when they waste a third of the work or more:
+		// cheap ones (a serialization failure found at once) are better
+		// replayed than queued; a deadlock that took a second to find is not.
+		w, u := l.wasted.Add(int64(took)), l.useful.Load()
+		if w+u > int64(4*time.Second) { // forget slowly
+			l.wasted.Store(w / 2)
+			l.useful.Store(u / 2)
+		}
+		if 2*w < u || w < int64(50*time.Millisecond) {
+			l.since++
+			l.wakeLocked()
+			return
+		}
+	}
+	switch {
+	case conflict && !l.engaged.Load():
+		// Engage at half the concurrency that produced the conflict.
+		l.limit = max(1, float64(n)/2)
+		l.ceiling = max(4, 2*float64(n))
+		l.running = 0 // transactions already running hold no slot
+		l.since = 0
+		l.gen++
+		l.engaged.Store(true)
+		l.decrease.Add(1)
+		l.holdAfterCut(took)
+	case conflict:
+		// At most one cut per round of completions, as TCP cuts once per
+		// round trip: many conflicts at once are one signal.
+		if float64(l.since) >= l.limit {
+			l.limit = max(1, l.limit/2)
+			l.since = 0
+			l.decrease.Add(1)
+			l.holdAfterCut(took)
+		}
+		l.since++
+	case committed:
+		if l.clock.Now().Before(l.holdEnd) {
+			l.since++
+			break
+		}
+		l.limit += 1 / (increaseRounds * l.limit)
+		l.since++
+		if l.limit >= l.ceiling {
+			l.engaged.Store(false)
+			for _, w := range l.waiters {
+				close(w.ready) // not granted: they run unlimited
+			}
+			l.waiters = nil
+			l.running = 0
+			l.gen++
+			return
+		}
+	default:
+		l.since++
+	}
+	l.wakeLocked()
+}
+
+// holdAfterCut keeps the limit from growing for a while after a cut: four
+// times what the conflict cost (a deadlock on PostgreSQL costs its
+// deadlock_timeout), at least 100 ms, and twice the last hold when the
+// conflicts came back soon after the last one ended, up to 30 s.
+func (l *txLimiter) holdAfterCut(took time.Duration) {
+	now := l.clock.Now()
+	if !l.lastCut.IsZero() && now.Sub(l.lastCut) < 2*l.hold+time.Second {
+		l.hold = min(30*time.Second, 2*l.hold)
+	} else {
+		l.hold = min(10*time.Second, max(100*time.Millisecond, 4*took))
+	}
+	l.lastCut, l.holdEnd = now, now.Add(l.hold)
+}
+
+// wakeLocked hands free slots to waiters, oldest first.
+func (l *txLimiter) wakeLocked() {
+	for len(l.waiters) > 0 && l.running < int(l.limit) {
+		w := l.waiters[0]
+		l.waiters = l.waiters[1:]
+		w.granted = true
+		l.running++
+		close(w.ready)
+	}
+}
+
+// increaseRounds is how many rounds of commits without a conflict grow the
+// limit by one. A conflict can cost a second (PostgreSQL's deadlock_timeout),
+// a round of commits a millisecond: the limit grows back slowly.
+const increaseRounds = 8

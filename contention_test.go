@@ -1,0 +1,170 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func newTestLimiter() (*txLimiter, *fakeClock) {
+	c := newFakeClock()
+	return &txLimiter{clock: c}, c
+}
+
+// Expensive conflicts (a deadlock found after a second) engage the limiter,
+// which then never lets more than int(limit) transactions run at once.
+func TestContentionEngagesOnCostlyConflictsAndBoundsConcurrency(t *testing.T) {
+	l, _ := newTestLimiter()
+	ctx := context.Background()
+	var slots []txSlot
+	for range 8 {
+		s, err := l.acquire(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		slots = append(slots, s)
+	}
+	l.release(slots[0], false, true, time.Millisecond)
+	l.release(slots[1], true, false, time.Second) // a deadlock: costly
+	if !l.engaged.Load() {
+		t.Fatal("a conflict that wasted most of the work did not engage the limiter")
+	}
+	if l.limit != 3.5 { // half of the 7 in flight when it ended
+		t.Errorf("limit = %v, want 3.5", l.limit)
+	}
+	for _, s := range slots[2:] {
+		l.release(s, false, true, time.Millisecond)
+	}
+	// Now at most 3 run at once; the 4th waits until one ends.
+	var running, most atomic.Int64
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := l.acquire(ctx)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			n := running.Add(1)
+			for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+			}
+			time.Sleep(time.Millisecond)
+			running.Add(-1)
+			l.release(s, false, false, time.Millisecond)
+		}()
+	}
+	wg.Wait()
+	if m := most.Load(); m > 3 || m < 1 {
+		t.Errorf("%d transactions ran at once, want at most 3", m)
+	}
+	if l.queued.Load() == 0 {
+		t.Error("no transaction waited")
+	}
+}
+
+// Cheap conflicts (serialization failures found at once, a few per hundred
+// commits) are replayed, not queued: the limiter stays out of the way.
+func TestContentionIgnoresCheapConflicts(t *testing.T) {
+	l, _ := newTestLimiter()
+	for i := range 100 {
+		s, _ := l.acquire(context.Background())
+		l.release(s, i%5 == 0, i%5 != 0, time.Millisecond)
+	}
+	if l.engaged.Load() {
+		t.Errorf("20%% cheap conflicts engaged the limiter (limit %v)", l.limit)
+	}
+}
+
+// After a cut the limit holds, then grows with commits and lets go.
+func TestContentionLetsGoWhenConflictsStop(t *testing.T) {
+	l, clock := newTestLimiter()
+	var slots []txSlot
+	for range 4 {
+		s, _ := l.acquire(context.Background())
+		slots = append(slots, s)
+	}
+	l.release(slots[0], true, false, time.Second)
+	for _, s := range slots[1:] {
+		l.release(s, false, false, 0)
+	}
+	if !l.engaged.Load() || l.limit != 2 {
+		t.Fatalf("engaged=%v limit=%v, want engaged at 2", l.engaged.Load(), l.limit)
+	}
+	s, _ := l.acquire(context.Background())
+	l.release(s, false, true, time.Millisecond)
+	if l.limit != 2 {
+		t.Errorf("the limit grew during the hold after a cut: %v", l.limit)
+	}
+	clock.Advance(time.Minute)
+	for i := 0; l.engaged.Load(); i++ {
+		if i > 10000 {
+			t.Fatalf("still engaged after %d commits without conflict, limit %v", i, l.limit)
+		}
+		s, _ := l.acquire(context.Background())
+		l.release(s, false, true, time.Millisecond)
+	}
+}
+
+// A caller whose context ends while it waits gets its error at once, and
+// its place is not lost to the others.
+func TestContentionWaitEndsWithContext(t *testing.T) {
+	l, _ := newTestLimiter()
+	a, _ := l.acquire(context.Background())
+	b, _ := l.acquire(context.Background())
+	l.release(a, true, false, time.Second) // engage at 1
+	_ = b
+	if !l.engaged.Load() || int(l.limit) != 1 {
+		t.Fatalf("engaged=%v limit=%v", l.engaged.Load(), l.limit)
+	}
+	held, _ := l.acquire(context.Background())
+	if !held.limited {
+		t.Fatal("the first caller after engaging got no slot")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if _, err := l.acquire(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want the context's", err)
+	}
+	l.release(held, false, true, time.Millisecond)
+	got, err := l.acquire(context.Background())
+	if err != nil || !got.limited {
+		t.Fatalf("the slot was lost: %+v %v", got, err)
+	}
+}
+
+// A RunInTx inside another must not wait for a slot the outer one holds.
+func TestContentionNestedRunInTxDoesNotWait(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv)
+	l := retrierOf(db).txLimit
+	if l == nil {
+		t.Fatal("contention control is off by default")
+	}
+	l.mu.Lock()
+	l.engaged.Store(true)
+	l.limit = 1
+	l.hold = time.Hour
+	l.holdEnd = time.Now().Add(time.Hour)
+	l.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		return RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error { return nil })
+	})
+	if err != nil {
+		t.Fatalf("nested RunInTx: %v", err)
+	}
+}
+
+func TestContentionControlCanBeTurnedOff(t *testing.T) {
+	db, _ := testDB(t, newFakeServer(), WithContentionControl(false))
+	if retrierOf(db).txLimit != nil {
+		t.Error("WithContentionControl(false) left contention control on")
+	}
+}
