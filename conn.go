@@ -80,7 +80,8 @@ type conn struct {
 	manual  atomic.Int32 // >0: a transaction opened by hand (BEGIN via Exec); no statement retries
 	bad     atomic.Bool  // discard at the next reset: it broke or may be on a standby
 
-	serverID int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
+	serverID    int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
+	serverStart int64 // PostgreSQL server start time, µs, asked with serverID
 
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.

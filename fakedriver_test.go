@@ -73,6 +73,9 @@ type fakeServer struct {
 	hangCommit chan struct{} // when set, COMMIT and ROLLBACK wait for it to close
 }
 
+// fakeStart is the fake server's start time: it never restarts.
+const fakeStart = int64(1_700_000_000_000_000)
+
 func newFakeServer() *fakeServer {
 	return &fakeServer{scripts: map[string][]step{}, xidStatus: map[int64]string{}, inflight: map[int64]int{}, final: map[int64]string{}, nextXID: 700}
 }
@@ -191,7 +194,7 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 		}
 		return st.err
 	}
-	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid()" || q == "SELECT txid_status($1)" {
+	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid(), "+pgStartTime || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" {
 		return nil
 	}
 	c.apply(q)
@@ -234,12 +237,14 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		return nil, err
 	}
 	switch q {
-	case "SELECT txid_current_if_assigned()", "SELECT txid_current_if_assigned(), pg_backend_pid()":
+	case "SELECT txid_current_if_assigned()", "SELECT txid_current_if_assigned(), pg_backend_pid(), " + pgStartTime:
 		var xid driver.Value
 		if c.xid != 0 {
 			xid = c.xid
 		}
-		return &fakeRows{cols: []string{"xid", "pid"}, data: [][]driver.Value{{xid, c.pid}}}, nil
+		return &fakeRows{cols: []string{"xid", "pid", "start"}, data: [][]driver.Value{{xid, c.pid, fakeStart}}}, nil
+	case "SELECT " + pgStartTime:
+		return &fakeRows{cols: []string{"start"}, data: [][]driver.Value{{fakeStart}}}, nil
 	case "SELECT txid_status($1)":
 		xid := args[0].Value.(int64)
 		c.srv.mu.Lock()

@@ -14,10 +14,14 @@ import (
 //
 // PostgreSQL: just before COMMIT a transaction that wrote asks for its
 // transaction id and backend pid (one round trip; the pid is asked once per
-// connection). After a lost COMMIT sqlretry asks txid_status on a fresh
-// connection. "in progress" is not an answer: after a network cut the old
-// backend may still be committing, so sqlretry ends it (when the role may)
-// and asks again until the answer is final or the caller's deadline comes.
+// connection, with the server's start time). After a lost COMMIT sqlretry
+// asks txid_status on a fresh connection. "in progress" is not an answer:
+// after a network cut the old backend may still be committing, so sqlretry
+// ends it (when the role may) and asks again until the answer is final or
+// the caller's deadline comes. After a crash the server hands out again the
+// ids whose WAL never reached the disk, so when it has restarted since,
+// "committed" may be another transaction's and is no answer (ambiguous);
+// anything else means ours never committed (a committed id is never reused).
 //
 // MySQL/MariaDB, with WithMySQLCommitMarker: the transaction inserts a row
 // with a random token before COMMIT; after a lost COMMIT sqlretry waits for
@@ -29,9 +33,9 @@ func (t *tx) prepareResolution() error {
 	c, r := t.c, t.c.r
 	switch {
 	case r.dialect == DialectPostgres && r.cfg.resolveCommits && !r.resolution.broken.Load():
-		q := "SELECT txid_current_if_assigned()"
-		if c.serverID == 0 {
-			q = "SELECT txid_current_if_assigned(), pg_backend_pid()"
+		q, ask := "SELECT txid_current_if_assigned()", c.serverID == 0
+		if ask {
+			q = "SELECT txid_current_if_assigned(), pg_backend_pid(), " + pgStartTime
 		}
 		vals, err := queryRow(t.ctx, c.inner, q)
 		if err != nil {
@@ -44,8 +48,8 @@ func (t *tx) prepareResolution() error {
 			return err
 		}
 		t.xid = asInt64(vals[0])
-		if len(vals) > 1 {
-			c.serverID = asInt64(vals[1])
+		if ask {
+			c.serverID, c.serverStart = asInt64(vals[1]), asInt64(vals[2])
 		}
 	case r.dialect == DialectMySQL && r.cfg.mysqlMarker != "":
 		if err := r.ensureMarkerTable(t.ctx); err != nil {
@@ -110,7 +114,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	switch {
 	case r.dialect == DialectPostgres && t.xid != 0:
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID)
+			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart)
 		}
 	case r.dialect == DialectPostgres && r.cfg.resolveCommits && !r.resolution.broken.Load():
 		// The id was asked and there was none: the transaction wrote nothing.
@@ -154,6 +158,10 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 				outcome = o
 				break
 			}
+			if errors.Is(err, errUnresolvable) {
+				lastErr = err
+				break
+			}
 			if err != nil {
 				lastErr = err
 				dc.Close()
@@ -172,19 +180,42 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	return outcome
 }
 
+// pgStartTime is the server's start time in microseconds: a restart since
+// the transaction makes its id ambiguous.
+const pgStartTime = "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint"
+
+// errUnresolvable is a final "cannot know".
+var errUnresolvable = errors.New("sqlretry: the server restarted since the COMMIT and has handed out its transaction id again")
+
 // pgCheckCommit asks once. "in progress" means the old backend still holds
 // the transaction: end it if it is still that backend, and ask again later.
-func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid int64) (CommitOutcome, error) {
+// When the server restarted since (start differs), the id may have been
+// handed out again: "committed" is then no answer, anything else is.
+func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (CommitOutcome, error) {
+	restarted := false
+	if start != 0 {
+		vals, err := queryRow(ctx, dc, "SELECT "+pgStartTime)
+		if err != nil {
+			return CommitUnknown, err
+		}
+		restarted = asInt64(vals[0]) != start
+	}
 	vals, err := queryRow(ctx, dc, "SELECT txid_status($1)", xid)
 	if err != nil {
+		var pg interface{ SQLState() string }
+		if restarted && errors.As(err, &pg) && pg.SQLState() == "22023" {
+			return CommitNotCommitted, nil // "is in the future": the id was never logged
+		}
 		return CommitUnknown, err
 	}
-	switch s, _ := vals[0].(string); s {
-	case "committed":
+	switch s, _ := vals[0].(string); {
+	case s == "committed" && restarted:
+		return CommitUnknown, errUnresolvable
+	case s == "committed":
 		return CommitCommitted, nil
-	case "aborted":
+	case s == "aborted", s == "in progress" && restarted: // the old backend died with the server
 		return CommitNotCommitted, nil
-	case "in progress":
+	case s == "in progress":
 		if pid != 0 {
 			// backend_xid guards against a reused pid.
 			_, _ = queryRow(ctx, dc, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity

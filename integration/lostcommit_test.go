@@ -27,6 +27,7 @@ type cutter struct {
 	mode     atomic.Int32 // 0 off, cutAfterSend, cutMidMessage
 	isCommit func([]byte) bool
 	fired    atomic.Int32
+	afterCut func() // when set, runs after a cut, before the driver sees it
 }
 
 const (
@@ -59,6 +60,9 @@ func (cc *cutConn) Write(p []byte) (int, error) {
 			cc.Conn.Write(p[:len(p)/2])
 			cc.c.fired.Add(1)
 			cc.Conn.Close()
+			if cc.c.afterCut != nil {
+				cc.c.afterCut()
+			}
 			return len(p), nil
 		}
 	}
@@ -71,7 +75,11 @@ func mysqlCommit(p []byte) bool {
 }
 
 func openCutPostgres(t *testing.T, c *cutter) *sql.DB {
-	cfg, err := pgx.ParseConfig(needPrivate(t, "pgx"))
+	return openCutPostgresAt(t, c, needPrivate(t, "pgx"))
+}
+
+func openCutPostgresAt(t *testing.T, c *cutter, dsn string) *sql.DB {
+	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,5 +193,86 @@ func TestMariaDBLostCommitWithoutMarkerIsAmbiguous(t *testing.T) {
 	calls, _, err := lostCommit(t, db, mysqlCutter, cutAfterSend, "?")
 	if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || calls != 1 {
 		t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit and no replay", err, calls)
+	}
+}
+
+// After a crash PostgreSQL hands out again the transaction ids whose WAL
+// never reached the disk: txid_status of a lost COMMIT's id may then
+// describe another transaction. Here the COMMIT is cut before the server
+// gets it, the server crashes, and new transactions take the same id and
+// commit; asked naively, txid_status says "committed" and the caller would
+// be told that a write which is not there succeeded.
+func TestPostgresLostCommitAcrossACrashIsNotMistaken(t *testing.T) {
+	srv := ownServer(t, "pgx") // this test crashes it
+	admin, err := sql.Open("pgx", srv.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Keep the WAL writer from flushing the transaction's records before
+	// the crash, so that its id is handed out again.
+	mustExec(t, admin, "ALTER SYSTEM SET wal_writer_delay = '10s'")
+	mustExec(t, admin, "SELECT pg_reload_conf()")
+	mustExec(t, admin, "CREATE TABLE reuse_ledger (op text PRIMARY KEY)")
+	mustExec(t, admin, "CREATE TABLE reuse_other (n int)")
+	admin.Close()
+
+	var xid int64
+	reused := false
+	c := &cutter{isCommit: pgCommit}
+	c.afterCut = func() {
+		if err := srv.Crash(); err != nil {
+			t.Error(err)
+			return
+		}
+		if err := srv.Resume(); err != nil {
+			t.Error(err)
+			return
+		}
+		other, err := sql.Open("pgx", srv.DSN)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer other.Close()
+		for range 20 { // new transactions take the ids again, and commit
+			var id int64
+			if err := other.QueryRow("INSERT INTO reuse_other VALUES (1) RETURNING txid_current()").Scan(&id); err != nil {
+				t.Error(err)
+				return
+			}
+			reused = reused || id == xid
+		}
+	}
+	db := openCutPostgresAt(t, c, srv.DSN)
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	calls := 0
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "INSERT INTO reuse_ledger VALUES ('op-1')"); err != nil {
+			return err
+		}
+		if calls == 1 {
+			if err := tx.QueryRowContext(ctx, "SELECT txid_current()").Scan(&xid); err != nil {
+				return err
+			}
+			c.mode.Store(cutMidMessage)
+		}
+		return nil
+	})
+	var rows int
+	if qerr := db.QueryRow("SELECT COUNT(*) FROM reuse_ledger").Scan(&rows); qerr != nil {
+		t.Fatal(qerr)
+	}
+	if c.fired.Load() == 0 || !reused {
+		t.Fatalf("cut=%d, id %d handed out again=%v: the test proved nothing", c.fired.Load(), xid, reused)
+	}
+	t.Logf("err=%v calls=%d rows=%d", err, calls, rows)
+	if err == nil && rows == 0 {
+		t.Fatal("the caller was told the transaction committed, and it is not there")
+	}
+	if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || rows != 0 {
+		t.Fatalf("err=%v rows=%d; want ErrAmbiguousCommit and no row (the id now names another transaction)", err, rows)
 	}
 }

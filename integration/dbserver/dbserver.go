@@ -47,8 +47,8 @@ func (s *Server) Stop() {
 	}
 }
 
-// Crash stops the server at once, like a crash (PostgreSQL from local
-// binaries only), keeping its data and port for Resume.
+// Crash stops the server at once, like a crash (servers from local binaries
+// only), keeping its data and port for Resume.
 func (s *Server) Crash() error {
 	if s.crash == nil {
 		return errors.New("dbserver: this server cannot be crashed and resumed")
@@ -211,14 +211,26 @@ func startMariaDB() (*Server, error) {
 	if os.Geteuid() == 0 {
 		args = append(args, "--user=mysql")
 	}
-	cmd := exec.Command(mariadbd, args...)
-	if err := cmd.Start(); err != nil {
+	var cmd *exec.Cmd
+	start := func() error {
+		cmd = exec.Command(mariadbd, args...)
+		return cmd.Start()
+	}
+	kill := func() error {
+		if cmd == nil || cmd.Process == nil {
+			return nil
+		}
+		err := cmd.Process.Kill()
+		cmd.Wait()
+		cmd = nil
+		return err
+	}
+	if err := start(); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
 	}
 	stop := func() {
-		cmd.Process.Kill()
-		cmd.Wait()
+		kill()
 		os.RemoveAll(dir)
 	}
 	root := fmt.Sprintf("root@tcp(127.0.0.1:%d)/", port)
@@ -227,7 +239,15 @@ func startMariaDB() (*Server, error) {
 		stop()
 		return nil, fmt.Errorf("mariadbd did not answer: %v\n%s", err, log)
 	}
-	return &Server{Kind: MariaDB, DSN: root + "test", Source: "local binaries", stop: stop}, nil
+	return &Server{Kind: MariaDB, DSN: root + "test", Source: "local binaries", stop: stop,
+		crash: kill, // SIGKILL: InnoDB recovers on the next start
+		resume: func() error {
+			if err := start(); err != nil {
+				return err
+			}
+			return waitMariaDB(root, 60*time.Second)
+		},
+	}, nil
 }
 
 // waitMariaDB waits until the server answers and has a database test.
