@@ -39,6 +39,11 @@ type Breaker struct {
 	OpenTimeout    time.Duration // how long it stays open before probing; default 5s
 	OpenJitter     float64       // the open time is stretched by up to this share, in [0, 1]; default 0.2
 	HalfOpenProbes int           // concurrent probes, and successes needed to close; default 1
+	// ConsecutiveDialFailures opens it when this many dials fail in a row
+	// with no success in between, whatever the window holds: after a busy
+	// period the window is full of successes, and a ratio alone would keep
+	// a dead database's breaker closed for most of a window. Default 10.
+	ConsecutiveDialFailures int
 }
 
 // DefaultBreaker is what Open uses when no WithBreaker option is given.
@@ -49,6 +54,8 @@ var DefaultBreaker = Breaker{
 	OpenTimeout:    5 * time.Second,
 	OpenJitter:     0.2,
 	HalfOpenProbes: 1,
+
+	ConsecutiveDialFailures: 10,
 }
 
 func (b Breaker) withDefaults() Breaker {
@@ -71,6 +78,9 @@ func (b Breaker) withDefaults() Breaker {
 	if b.HalfOpenProbes == 0 {
 		b.HalfOpenProbes = d.HalfOpenProbes
 	}
+	if b.ConsecutiveDialFailures == 0 {
+		b.ConsecutiveDialFailures = d.ConsecutiveDialFailures
+	}
 	return b
 }
 
@@ -80,7 +90,7 @@ func (b Breaker) validate() error {
 		return errors.New("durations must not be negative")
 	case b.Window != 0 && b.Window < breakerBuckets*time.Millisecond:
 		return errors.New("the field Window must be at least 10ms")
-	case b.MinRequests < 0, b.HalfOpenProbes < 0:
+	case b.MinRequests < 0, b.HalfOpenProbes < 0, b.ConsecutiveDialFailures < 0:
 		return errors.New("counts must not be negative")
 	case b.FailureRatio < 0, b.FailureRatio > 1:
 		return errors.New("the field FailureRatio must be in (0, 1]")
@@ -117,7 +127,7 @@ type breaker struct {
 	mu          sync.Mutex
 	probes      int // in flight, half-open only
 	probeWins   int
-	rejectCount atomic.Int64
+	rejectCount atomic.Int64 // calls refused (counted by the retrier's admit)
 
 	// successes is the retrier's success counter. The hot path only adds to
 	// it (time.Now costs tens of nanoseconds on a VM clock); every
@@ -125,6 +135,10 @@ type breaker struct {
 	// counted into the current bucket.
 	successes *atomic.Int64
 	flushed   int64 // guarded by mu
+
+	okSeen          atomic.Int64 // successes counted, ever
+	okAtDialFailure int64        // okSeen at the last dial failure, guarded by mu ...
+	dialRun         int          // ... and dial failures since it changed
 }
 
 // flushEvery is how many successes the hot path lets pile up.
@@ -161,7 +175,8 @@ type ticket struct {
 	probe bool
 }
 
-// allow asks whether a call may go to the database now.
+// allow asks whether a call may go to the database now; callers go
+// through retrier.admit, which may wait for the probe.
 func (b *breaker) allow() (ticket, error) {
 	if b == nil {
 		return ticket{}, nil
@@ -171,7 +186,6 @@ func (b *breaker) allow() (ticket, error) {
 		return ticket{gen: b.generation.Load()}, nil
 	case BreakerOpen:
 		if b.clock.Now().UnixNano() < b.openUntil.Load() {
-			b.rejectCount.Add(1)
 			return ticket{}, ErrCircuitOpen
 		}
 	}
@@ -182,13 +196,11 @@ func (b *breaker) allow() (ticket, error) {
 		return ticket{gen: b.generation.Load()}, nil
 	case BreakerOpen:
 		if b.clock.Now().UnixNano() < b.openUntil.Load() {
-			b.rejectCount.Add(1)
 			return ticket{}, ErrCircuitOpen
 		}
 		b.setLocked(BreakerHalfOpen)
 	}
 	if b.probes >= b.s.HalfOpenProbes {
-		b.rejectCount.Add(1)
 		return ticket{}, ErrCircuitOpen
 	}
 	b.probes++
@@ -199,9 +211,10 @@ func (b *breaker) allow() (ticket, error) {
 type outcome uint8
 
 const (
-	outcomeSuccess outcome = iota // the server answered
-	outcomeFailure                // unreachable, refused or connection lost
-	outcomeNeutral                // says nothing about availability (caller cancelled, bad input)
+	outcomeSuccess     outcome = iota // the server answered
+	outcomeFailure                    // unreachable, refused or connection lost
+	outcomeDialFailure                // a failure to connect: a failure that also counts toward ConsecutiveDialFailures
+	outcomeNeutral                    // says nothing about availability (caller cancelled, bad input)
 )
 
 // done records the outcome of a call that allow let through.
@@ -221,12 +234,28 @@ func (b *breaker) done(t ticket, o outcome) {
 	if t.gen != b.generation.Load() || o == outcomeNeutral {
 		return
 	}
+	dial := o == outcomeDialFailure
+	if dial {
+		o = outcomeFailure
+	}
 	switch BreakerState(b.state.Load()) {
 	case BreakerClosed:
 		if o == outcomeFailure {
 			b.flushLocked()
 		}
 		b.countN(o == outcomeSuccess, 1)
+		if dial {
+			// A run of dial failures: no success was counted since the last one.
+			if ok := b.okSeen.Load(); ok == b.okAtDialFailure {
+				b.dialRun++
+			} else {
+				b.dialRun, b.okAtDialFailure = 1, ok
+			}
+			if b.dialRun >= b.s.ConsecutiveDialFailures {
+				b.setLocked(BreakerOpen)
+				return
+			}
+		}
 		if o == outcomeFailure {
 			b.tripIfNeededLocked()
 		}
@@ -253,6 +282,7 @@ func (b *breaker) countN(success bool, n int64) {
 	}
 	if success {
 		bk.ok.Add(n)
+		b.okSeen.Add(n)
 	} else {
 		bk.failed.Add(n)
 	}
@@ -297,6 +327,7 @@ func (b *breaker) setLocked(to BreakerState) {
 	}
 	b.generation.Add(1)
 	b.probes, b.probeWins = 0, 0
+	b.dialRun = 0
 	switch to {
 	case BreakerOpen:
 		open := float64(b.s.OpenTimeout) * (1 + b.s.OpenJitter*b.rnd())

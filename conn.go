@@ -205,7 +205,7 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 // enter admits an autocommit statement: the breaker fails it fast when
 // open, and transactions opened by hand are noted.
 func (c *conn) enter(ctx context.Context, op, query string) (ticket, error) {
-	t, err := c.r.breaker.allow()
+	t, err := c.r.admit(ctx)
 	if err != nil {
 		return t, c.r.refuse(ctx, op, 0, Unavailable, err, nil)
 	}
@@ -277,7 +277,7 @@ func namedValueToValue(named []driver.NamedValue) ([]driver.Value, error) {
 }
 
 func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
-	t, err := c.r.breaker.allow()
+	t, err := c.r.admit(ctx)
 	if err != nil {
 		return nil, c.r.refuse(ctx, "begin", 0, Unavailable, err, nil)
 	}

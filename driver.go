@@ -235,7 +235,7 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
 	var last error
 	for attempt := 1; ; attempt++ {
-		t, err := r.breaker.allow()
+		t, err := r.admit(ctx)
 		if err != nil {
 			return nil, r.refuse(ctx, "dial", attempt-1, Unavailable, ErrCircuitOpen, last)
 		}
@@ -264,7 +264,7 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 			r.breaker.done(t, outcomeNeutral)
 			return nil, r.giveUp(ctx, "dial", attempt, cls, err, "not retryable")
 		}
-		r.breaker.done(t, outcomeFailure)
+		r.breaker.done(t, outcomeDialFailure)
 		if !r.budget.withdraw() {
 			return nil, r.refuse(ctx, "dial", attempt, cls, ErrBudgetExhausted, err)
 		}

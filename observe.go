@@ -138,6 +138,7 @@ type Stats struct {
 	Dials              int64 // connections opened
 	DialFailures       int64 // dial attempts that failed
 	CircuitRejections  int64 // calls refused with ErrCircuitOpen
+	CircuitWaits       int64 // waits of calls whose deadline let them wait for an open breaker's probe
 	BudgetRejections   int64 // retries refused with ErrBudgetExhausted
 	CommitsResolved    int64 // lost COMMITs whose outcome was found out
 	CommitsAmbiguous   int64 // lost COMMITs returned as ErrAmbiguousCommit
@@ -151,7 +152,7 @@ type Stats struct {
 type counters struct {
 	successes, retriesStatement, retriesTransaction, retriesConnection atomic.Int64
 	handOffs, giveUps, dials, dialFailures, budgetRejections           atomic.Int64
-	commitsResolved, commitsAmbiguous, poisoned                        atomic.Int64
+	commitsResolved, commitsAmbiguous, poisoned, circuitWaits          atomic.Int64
 }
 
 // StatsOf returns the statistics of a *sql.DB opened through sqlretry, and
@@ -179,6 +180,7 @@ func (r *retrier) stats() Stats {
 		CommitsResolved:    c.commitsResolved.Load(),
 		CommitsAmbiguous:   c.commitsAmbiguous.Load(),
 		Poisoned:           c.poisoned.Load(),
+		CircuitWaits:       c.circuitWaits.Load(),
 		Breaker:            r.breaker.State(),
 		BudgetTokens:       r.budget.tokens(),
 	}

@@ -195,3 +195,36 @@ func TestBreakerSeesBatchedSuccesses(t *testing.T) {
 		}
 	}
 }
+
+// A window full of successes from before an outage must not keep the
+// breaker closed while every dial fails: dial failures in a row, with no
+// success in between, open it whatever the window holds.
+func TestBreakerOpensOnConsecutiveDialFailures(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		between  bool // a success in the middle of the run of failures
+		wantOpen bool
+	}{{"ten in a row", false, true}, {"a success in between", true, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := defaultConfig()
+			cfg.clock = newFakeClock()
+			r := newRetrier(cfg, nil, DialectPostgres)
+			for range 5000 {
+				r.succeeded(ticket{})
+			}
+			for i := range DefaultBreaker.ConsecutiveDialFailures {
+				if tc.between && i == DefaultBreaker.ConsecutiveDialFailures/2 {
+					r.succeeded(ticket{})
+				}
+				tk, err := r.breaker.allow()
+				if err != nil {
+					t.Fatalf("dial %d: %v", i, err)
+				}
+				r.breaker.done(tk, outcomeDialFailure)
+			}
+			if open := r.breaker.State() == BreakerOpen; open != tc.wantOpen {
+				t.Errorf("open = %v, want %v", open, tc.wantOpen)
+			}
+		})
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // retrier is the policy and the shared state of one wrapped connector: every
@@ -82,6 +83,45 @@ func outcomeOf(c Class) outcome {
 	}
 	return outcomeSuccess
 }
+
+// admit asks the breaker to let a call through. When it is open and the
+// caller's deadline reaches past the moment it lets a probe through, the
+// call waits for that moment, dialling nothing meanwhile, rather than fail:
+// the outage may well end within the caller's patience. A caller without a
+// deadline, or whose deadline (or the backoff's MaxElapsed) ends first,
+// fails fast with ErrCircuitOpen.
+func (r *retrier) admit(ctx context.Context) (ticket, error) {
+	var start time.Time
+	for {
+		t, err := r.breaker.allow()
+		if err == nil {
+			return t, nil
+		}
+		now := r.clock.Now()
+		if start.IsZero() {
+			start = now
+		}
+		d := time.Duration(r.breaker.openUntil.Load() - now.UnixNano())
+		if d <= 0 {
+			// Half-open with its probes out: look again shortly.
+			d = time.Duration(float64(probeRecheck) * (0.5 + r.rnd()))
+		}
+		dl, ok := ctx.Deadline()
+		if !ok || !now.Add(d).Before(dl) || now.Add(d).Sub(start) > r.cfg.backoff.MaxElapsed {
+			r.breaker.rejectCount.Add(1)
+			return t, err
+		}
+		r.counters.circuitWaits.Add(1)
+		if r.clock.Sleep(ctx, d) != nil {
+			r.breaker.rejectCount.Add(1)
+			return t, err
+		}
+	}
+}
+
+// probeRecheck is how often, on average, a waiting call looks again while
+// a half-open breaker's probes are out.
+const probeRecheck = 50 * time.Millisecond
 
 // record feeds an outcome that did not go through allow (statements inside
 // a transaction) to the breaker.
@@ -179,7 +219,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		if attempt > 1 || err == nil {
 			if attempt > 1 {
 				var gateErr error
-				if t, gateErr = r.breaker.allow(); gateErr != nil {
+				if t, gateErr = r.admit(ctx); gateErr != nil {
 					return zero, r.refuse(ctx, op, attempt-1, r.classify(err), gateErr, err)
 				}
 			}

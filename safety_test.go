@@ -879,3 +879,47 @@ func TestMySQLRollbackEndsAtTheDeadline(t *testing.T) {
 	}
 	close(srv.hangCommit)
 }
+
+// Row: breaker open and the caller's deadline reaches past the moment it
+// lets a probe through -> wait for that moment (dialling nothing) instead of
+// failing: the outage may end within the caller's patience. A deadline that
+// ends first still fails fast, without waiting.
+func TestOpenBreakerWaitsWhenTheDeadlineAllows(t *testing.T) {
+	srv := newFakeServer()
+	for range 5 {
+		srv.dialErrs = append(srv.dialErrs, errRefused)
+	}
+	db, clock := testDB(t, srv, WithBreaker(Breaker{MinRequests: 5, OpenTimeout: time.Second, OpenJitter: 0.01}), WithoutBudget())
+	if _, err := db.Exec("SELECT 1"); !errors.Is(err, ErrCircuitOpen) {
+		t.Fatalf("err = %v, want ErrCircuitOpen", err)
+	}
+	dials, slept := srv.dials, len(clock.Sleeps())
+
+	short, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if _, err := db.ExecContext(short, "SELECT 1"); !errors.Is(err, ErrCircuitOpen) {
+		t.Fatalf("deadline before the probe: err = %v, want ErrCircuitOpen", err)
+	}
+	if n := len(clock.Sleeps()); n != slept {
+		t.Errorf("a caller whose deadline ends first waited: %v", clock.Sleeps()[slept:])
+	}
+
+	long, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel2()
+	if _, err := db.ExecContext(long, "SELECT 1"); err != nil {
+		t.Fatalf("deadline past the probe: %v", err)
+	}
+	var waited time.Duration
+	for _, d := range clock.Sleeps()[slept:] {
+		waited += d
+	}
+	if waited < 900*time.Millisecond || waited > 1100*time.Millisecond {
+		t.Errorf("waited %v, want about the open timeout (1s)", waited)
+	}
+	if srv.dials != dials+1 {
+		t.Errorf("dials while waiting: %d, want only the probe", srv.dials-dials)
+	}
+	if s := stats(t, db); s.Breaker != BreakerClosed || s.CircuitWaits == 0 {
+		t.Errorf("breaker = %v, waits = %d; want closed after one wait", s.Breaker, s.CircuitWaits)
+	}
+}
