@@ -24,6 +24,7 @@ type txLimiter struct {
 	clock    Clock
 	useful   atomic.Int64 // time spent in attempts that committed, ns ...
 	wasted   atomic.Int64 // ... and in attempts a conflict aborted
+	seen     atomic.Int64 // attempts completed, counted up to warmedUp
 
 	mu       sync.Mutex
 	gen      uint64  // counts engagements and releases: slots of an older one are void
@@ -104,6 +105,10 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 	if committed {
 		l.useful.Add(int64(took))
 	}
+	seen := int64(warmedUp)
+	if (committed || conflict) && l.seen.Load() < warmedUp {
+		seen = l.seen.Add(1)
+	}
 	if !conflict && !l.engaged.Load() {
 		return
 	}
@@ -121,7 +126,9 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 			l.wasted.Store(w / 2)
 			l.useful.Store(u / 2)
 		}
-		if 2*w < u || w < int64(50*time.Millisecond) {
+		// Nor does a conflict before two rounds of the transactions in
+		// flight have completed: there is no measure of the work yet.
+		if 2*w < u || w < int64(50*time.Millisecond) || !l.engaged.Load() && seen < 2*n {
 			l.since++
 			l.wakeLocked()
 			return
@@ -195,6 +202,11 @@ func (l *txLimiter) wakeLocked() {
 		close(w.ready)
 	}
 }
+
+// warmedUp is where the limiter stops counting completed attempts: it
+// judges conflicts only once it has seen two rounds of the transactions
+// in flight complete.
+const warmedUp = 1 << 16
 
 // increaseRounds is how many rounds of commits without a conflict grow the
 // limit by one. A conflict can cost a second (PostgreSQL's deadlock_timeout),

@@ -15,10 +15,47 @@ func newTestLimiter() (*txLimiter, *fakeClock) {
 	return &txLimiter{clock: c}, c
 }
 
+// warmUp completes n cheap transactions one after the other, so that the
+// limiter has seen a round of work before it judges a conflict.
+func warmUp(l *txLimiter, n int) {
+	for range n {
+		s, _ := l.acquire(context.Background())
+		l.release(s, false, true, time.Millisecond)
+	}
+}
+
+// A conflict before one round of the transactions in flight has completed
+// says nothing about how much work conflicts waste: on a slow network the
+// first serialization failure costs as much as a commit, and engaging on
+// it halved throughput for many seconds (8 workers, 20 ms each way).
+func TestContentionWaitsForARoundBeforeJudging(t *testing.T) {
+	l, _ := newTestLimiter()
+	var slots []txSlot
+	for range 8 {
+		s, _ := l.acquire(context.Background())
+		slots = append(slots, s)
+	}
+	l.release(slots[0], false, true, 250*time.Millisecond)
+	l.release(slots[1], true, false, 250*time.Millisecond)
+	if l.engaged.Load() {
+		t.Fatalf("one conflict among the first completions engaged the limiter (limit %v)", l.limit)
+	}
+	// The round goes on like the rest of the run: one conflict in five.
+	for i := 0; i < 200; i++ {
+		s := slots[2+i%6]
+		l.release(s, i%5 == 0, i%5 != 0, 250*time.Millisecond)
+		if l.engaged.Load() {
+			t.Fatalf("conflicts that waste a fifth of the work engaged the limiter after %d more completions (limit %v)", i+1, l.limit)
+		}
+		slots[2+i%6], _ = l.acquire(context.Background())
+	}
+}
+
 // Expensive conflicts (a deadlock found after a second) engage the limiter,
 // which then never lets more than int(limit) transactions run at once.
 func TestContentionEngagesOnCostlyConflictsAndBoundsConcurrency(t *testing.T) {
 	l, _ := newTestLimiter()
+	warmUp(l, 16)
 	ctx := context.Background()
 	var slots []txSlot
 	for range 8 {
@@ -84,6 +121,7 @@ func TestContentionIgnoresCheapConflicts(t *testing.T) {
 // After a cut the limit holds, then grows with commits and lets go.
 func TestContentionLetsGoWhenConflictsStop(t *testing.T) {
 	l, clock := newTestLimiter()
+	warmUp(l, 8)
 	var slots []txSlot
 	for range 4 {
 		s, _ := l.acquire(context.Background())
@@ -115,6 +153,7 @@ func TestContentionLetsGoWhenConflictsStop(t *testing.T) {
 // its place is not lost to the others.
 func TestContentionWaitEndsWithContext(t *testing.T) {
 	l, _ := newTestLimiter()
+	warmUp(l, 4)
 	a, _ := l.acquire(context.Background())
 	b, _ := l.acquire(context.Background())
 	l.release(a, true, false, time.Second) // engage at 1
