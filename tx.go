@@ -172,7 +172,7 @@ func (t *tx) Commit() error {
 // deadline; abandoned means the deadline came first and the outcome is
 // unknown (no time is left to ask).
 func (t *tx) commitWithinDeadline() (abandoned bool, err error) {
-	return t.withinDeadline("COMMIT", t.inner.Commit)
+	return t.withinDeadline("COMMIT", driver.Tx.Commit)
 }
 
 // withinDeadline runs a COMMIT or ROLLBACK of the driver within the
@@ -182,12 +182,16 @@ func (t *tx) commitWithinDeadline() (abandoned bool, err error) {
 // comes first the connection is marked bad, and closed only once the
 // driver's call has returned, so the driver is never used from two
 // goroutines at once.
-func (t *tx) withinDeadline(what string, call func() error) (abandoned bool, err error) {
+//
+// call is a method expression (driver.Tx.Commit), not a method value, so
+// the common path allocates nothing.
+func (t *tx) withinDeadline(what string, call func(driver.Tx) error) (abandoned bool, err error) {
 	if t.c.r.dialect != DialectMySQL || t.ctx.Done() == nil {
-		return false, call()
+		return false, call(t.inner)
 	}
 	done := make(chan error, 1)
-	go func() { done <- call() }()
+	inner := t.inner
+	go func() { done <- call(inner) }()
 	select {
 	case err := <-done:
 		return false, err
@@ -200,7 +204,7 @@ func (t *tx) withinDeadline(what string, call func() error) (abandoned bool, err
 
 // rollback ends the transaction on the server within the caller's deadline.
 func (t *tx) rollback() error {
-	_, err := t.withinDeadline("ROLLBACK", t.inner.Rollback)
+	_, err := t.withinDeadline("ROLLBACK", driver.Tx.Rollback)
 	return err
 }
 
@@ -342,7 +346,10 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 			if slot, werr = lim.acquire(ctx); werr != nil {
 				return r.giveUp(ctx, "tx", max(attempt-1, 1), Permanent, werr, "caller's context is done")
 			}
-			began = r.clock.Now()
+			began = p.start // the first attempt, unless it waited, began with the pacer: one clock read less
+			if attempt > 1 || slot.limited {
+				began = r.clock.Now()
+			}
 		}
 		body := fn
 		if slot.limited {
