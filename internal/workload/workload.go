@@ -145,6 +145,7 @@ type Config struct {
 type Result struct {
 	Committed, Failed int64
 	Unknown           int64 // ErrAmbiguousCommit: the caller was told the outcome is unknown
+	Attempts          int64 // transaction bodies run, first attempts and replays
 	Elapsed           time.Duration
 	Errors            map[string]int  // failures by summary
 	Latencies         []time.Duration // of every operation, sorted
@@ -175,7 +176,7 @@ func Run(ctx context.Context, cfg Config, bank *Bank, db *sql.DB, strategy Strat
 	res := &Result{Errors: map[string]int{}, Acked: map[string]bool{}, FailedOps: map[string]bool{}, UnknownOps: map[string]bool{}}
 	var mu sync.Mutex
 	var committed, failed atomic.Int64
-	var overshoot atomic.Int64
+	var overshoot, attempts atomic.Int64
 	runCtx, cancel := context.WithTimeout(ctx, cfg.Duration)
 	defer cancel()
 	start := time.Now()
@@ -193,7 +194,11 @@ func Run(ctx context.Context, cfg Config, bank *Bank, db *sql.DB, strategy Strat
 				dst := 1 + (src+rand.IntN(bank.Accounts-1))%bank.Accounts
 				t0 := time.Now()
 				opCtx, opCancel := context.WithTimeout(ctx, cfg.OpTimeout)
-				err := strategy(opCtx, db, bank.TxOptions(), bank.Transfer(op, src, dst, 1+rand.IntN(10)))
+				body := bank.Transfer(op, src, dst, 1+rand.IntN(10))
+				err := strategy(opCtx, db, bank.TxOptions(), func(ctx context.Context, tx *sql.Tx) error {
+					attempts.Add(1)
+					return body(ctx, tx)
+				})
 				opCancel()
 				t1 := time.Now()
 				lat = append(lat, t1.Sub(t0))
@@ -239,6 +244,7 @@ func Run(ctx context.Context, cfg Config, bank *Bank, db *sql.DB, strategy Strat
 	res.Elapsed = time.Since(start)
 	res.Committed, res.Failed = committed.Load(), failed.Load()
 	res.MaxOvershoot = time.Duration(overshoot.Load())
+	res.Attempts = attempts.Load()
 	sort.Slice(res.Latencies, func(i, j int) bool { return res.Latencies[i] < res.Latencies[j] })
 	for i := range timeline {
 		res.Timeline = append(res.Timeline, int(timeline[i].Load()))
