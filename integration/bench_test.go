@@ -7,16 +7,20 @@ import (
 	"math/rand/v2"
 	"testing"
 
+	"github.com/XSAM/otelsql"
+
 	"github.com/sqlretry/sqlretry"
+	"github.com/sqlretry/sqlretry/internal/workload"
 )
 
 // Raw driver vs sqlretry against the real local servers, as sub-benchmarks
 // db=.../wrap=... for `benchstat -col /wrap`. "sqlretry-noresolve" turns
-// the PostgreSQL transaction-id lookup before COMMIT off, to measure it.
+// the PostgreSQL transaction-id lookup before COMMIT off, to measure it;
+// XSAM/otelsql (no-op tracer provider) is the reference wrapper.
 func benchReal(b *testing.B, body func(b *testing.B, db *sql.DB, dialect string)) {
 	for _, dialect := range []string{"pgx", "mysql"} {
 		d := needB(b, dialect)
-		wraps := []string{"raw", "sqlretry"}
+		wraps := []string{"raw", "sqlretry", "otelsql"}
 		if dialect == "pgx" {
 			wraps = append(wraps, "sqlretry-noresolve")
 		}
@@ -29,6 +33,8 @@ func benchReal(b *testing.B, body func(b *testing.B, db *sql.DB, dialect string)
 					db, err = sql.Open(dialect, d)
 				case "sqlretry":
 					db, err = sqlretry.Open(dialect, d)
+				case "otelsql":
+					db, err = otelsql.Open(dialect, d)
 				default:
 					db, err = sqlretry.Open(dialect, d, sqlretry.WithCommitResolution(false))
 				}
@@ -90,24 +96,20 @@ func BenchmarkRealSmallTx(b *testing.B) {
 			_, err := tx.ExecContext(ctx, update)
 			return err
 		}
-		_, wrapped := sqlretry.StatsOf(db)
+		run := txStrategy(db)
 		for b.Loop() {
-			var err error
-			if wrapped {
-				err = sqlretry.RunInTx(ctx, db, nil, fn)
-			} else {
-				var tx *sql.Tx
-				if tx, err = db.BeginTx(ctx, nil); err == nil {
-					if err = fn(ctx, tx); err == nil {
-						err = tx.Commit()
-					} else {
-						tx.Rollback()
-					}
-				}
-			}
-			if err != nil {
+			if err := run(ctx, db, nil, fn); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
+}
+
+// txStrategy is sqlretry.RunInTx on a *sql.DB sqlretry opened, and the
+// same transaction by hand (BeginTx, the closure, Commit) on any other.
+func txStrategy(db *sql.DB) workload.Strategy {
+	if _, wrapped := sqlretry.StatsOf(db); wrapped {
+		return workload.RunInTx
+	}
+	return workload.Plain
 }
