@@ -33,12 +33,16 @@ func (s BreakerState) String() string {
 // contention, not an outage); any answer from the server counts for it.
 // The zero value of a field means its default.
 type Breaker struct {
-	Window         time.Duration // rolling window of outcomes; default 10s (in 10 buckets)
-	MinRequests    int           // outcomes in the window before it may open; default 20
-	FailureRatio   float64       // failures/outcomes at which it opens, in (0, 1]; default 0.5
-	OpenTimeout    time.Duration // how long it stays open before probing; default 5s
-	OpenJitter     float64       // the open time is stretched by up to this share, in [0, 1]; default 0.2
-	HalfOpenProbes int           // concurrent probes, and successes needed to close; default 1
+	Window       time.Duration // rolling window of outcomes; default 10s (in 10 buckets)
+	MinRequests  int           // outcomes in the window before it may open; default 20
+	FailureRatio float64       // failures/outcomes at which it opens, in (0, 1]; default 0.5
+	// OpenTimeout is how long it stays open before a probe, and again
+	// after each failed probe; default 1s. One probe (one dial) a second
+	// costs a struggling database nothing next to a pool that redials at
+	// once, and a database that comes back is seen within about this long.
+	OpenTimeout    time.Duration
+	OpenJitter     float64 // the open time is stretched by up to this share, in [0, 1]; default 0.2
+	HalfOpenProbes int     // concurrent probes, and successes needed to close; default 1
 	// ConsecutiveDialFailures opens it when this many dials fail in a row
 	// with no success in between, whatever the window holds: after a busy
 	// period the window is full of successes, and a ratio alone would keep
@@ -51,7 +55,7 @@ var DefaultBreaker = Breaker{
 	Window:         10 * time.Second,
 	MinRequests:    20,
 	FailureRatio:   0.5,
-	OpenTimeout:    5 * time.Second,
+	OpenTimeout:    time.Second,
 	OpenJitter:     0.2,
 	HalfOpenProbes: 1,
 

@@ -2,6 +2,7 @@ package sqlretry
 
 import (
 	"context"
+	"math/rand/v2"
 	"testing"
 	"time"
 )
@@ -224,6 +225,51 @@ func TestBreakerOpensOnConsecutiveDialFailures(t *testing.T) {
 			}
 			if open := r.breaker.State() == BreakerOpen; open != tc.wantOpen {
 				t.Errorf("open = %v, want %v", open, tc.wantOpen)
+			}
+		})
+	}
+}
+
+// A probe that fails just before the database comes back must not keep
+// the breaker open for long: with the defaults it probes again within
+// about a second (OpenTimeout 1s, stretched by up to 20 % of jitter),
+// and a set OpenTimeout is kept after each failed probe.
+func TestBreakerReprobesAfterOpenTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		b            Breaker
+		stillOpenAt  time.Duration // after the failed probe
+		probeAllowed time.Duration
+	}{
+		{"default", Breaker{}, 990 * time.Millisecond, 1201 * time.Millisecond},
+		{"set", Breaker{OpenTimeout: 300 * time.Millisecond}, 290 * time.Millisecond, 361 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clock := newFakeClock()
+			b := newBreaker(tc.b.withDefaults(), clock, rand.Float64, nil)
+			for range b.s.ConsecutiveDialFailures {
+				tk, err := b.allow()
+				if err != nil {
+					t.Fatal(err)
+				}
+				b.done(tk, outcomeDialFailure)
+			}
+			if _, err := b.allow(); err != ErrCircuitOpen {
+				t.Fatalf("after %d dial failures: err=%v, want ErrCircuitOpen", b.s.ConsecutiveDialFailures, err)
+			}
+			clock.Advance(tc.probeAllowed)
+			tk, err := b.allow()
+			if err != nil || !tk.probe {
+				t.Fatalf("%v after opening: probe=%v err=%v, want a probe", tc.probeAllowed, tk.probe, err)
+			}
+			b.done(tk, outcomeDialFailure)
+			clock.Advance(tc.stillOpenAt)
+			if _, err := b.allow(); err != ErrCircuitOpen {
+				t.Fatalf("%v after the failed probe: err=%v, want ErrCircuitOpen", tc.stillOpenAt, err)
+			}
+			clock.Advance(tc.probeAllowed - tc.stillOpenAt)
+			if tk, err := b.allow(); err != nil || !tk.probe {
+				t.Fatalf("%v after the failed probe: probe=%v err=%v, want the next probe", tc.probeAllowed, tk.probe, err)
 			}
 		})
 	}
