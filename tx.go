@@ -333,29 +333,36 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		rc.cfg, rc.obs = cfg, cfg.observer
 		r = &rc
 	}
-	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
 	lim := r.txLimit
 	if ctx.Value(keySlotHeld) != nil {
 		lim = nil // an outer RunInTx holds a slot: waiting for another could deadlock
 	}
+	// With contention control the clock is read once BEGIN has returned
+	// (the wait for a connection is not the transaction's work), and the
+	// first of those reads starts the pacer: one clock read per attempt.
+	var p pacer
+	var timer Clock
+	if lim != nil {
+		p, timer = pacer{b: r.cfg.backoff, clock: r.clock, rnd: r.rnd}, r.clock
+	} else {
+		p = newPacer(r.cfg.backoff, r.clock, r.rnd)
+	}
 	for attempt := 1; ; attempt++ {
 		var slot txSlot
-		var began time.Time
 		if lim != nil {
 			var werr error
 			if slot, werr = lim.acquire(ctx); werr != nil {
 				return r.giveUp(ctx, "tx", max(attempt-1, 1), Permanent, werr, "caller's context is done")
-			}
-			began = p.start // the first attempt, unless it waited, began with the pacer: one clock read less
-			if attempt > 1 || slot.limited {
-				began = r.clock.Now()
 			}
 		}
 		body := fn
 		if slot.limited {
 			body = func(ctx context.Context, tx *sql.Tx) error { return fn(slotHeld{ctx}, tx) }
 		}
-		err, phase, poison := runTxOnce(ctx, db, txOpts, body)
+		began, err, phase, poison := runTxOnce(ctx, db, txOpts, body, timer)
+		if p.start.IsZero() {
+			p.start = began
+		}
 		if lim != nil {
 			conflict := false
 			if err != nil && ctx.Err() == nil {
@@ -426,11 +433,16 @@ const (
 	phaseCommit
 )
 
-func runTxOnce(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error) (err error, phase txPhase, poison error) {
+// runTxOnce runs one attempt of a RunInTx transaction; began is when
+// BeginTx returned, read from clock when it is not nil.
+func runTxOnce(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock) (began time.Time, err error, phase txPhase, poison error) {
 	att := &txAttempt{Context: ctx}
 	sqlTx, err := db.BeginTx(att, txOpts)
+	if clock != nil {
+		began = clock.Now()
+	}
 	if err != nil {
-		return err, phaseBegin, nil
+		return began, err, phaseBegin, nil
 	}
 	committed := false
 	defer func() {
@@ -439,13 +451,13 @@ func runTxOnce(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(c
 		}
 	}()
 	if err := fn(ctx, sqlTx); err != nil {
-		return err, phaseBody, att.poison
+		return began, err, phaseBody, att.poison
 	}
 	committed = true
 	if err := sqlTx.Commit(); err != nil {
-		return err, phaseCommit, nil
+		return began, err, phaseCommit, nil
 	}
-	return nil, phaseCommit, nil
+	return began, nil, phaseCommit, nil
 }
 
 var (
