@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-sql-driver/mysql"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
 	"go.uber.org/goleak"
@@ -58,7 +60,15 @@ func scenario(t *testing.T, name string, admin, db *sql.DB, driver string, strat
 		name, res.Committed+res.Failed, res.Committed, res.Failed, res.Unknown, res.Percentile(50).Round(time.Millisecond), res.Percentile(99).Round(time.Millisecond),
 		res.MaxOvershoot.Round(time.Millisecond), s.RetriesStatement, s.RetriesTransaction, s.RetriesConnection, s.HandOffs, s.CircuitRejections,
 		s.Dials, s.DialFailures, s.CommitsResolved, inv, res.Errors)
-	if !inv.OK() {
+	switch {
+	case !resolves(db) && inv.MoneyConserved && inv.LedgerMatches && inv.Lost == 0:
+		// The plain driver reports a COMMIT that died on the way back as
+		// failed although it may have committed: a phantom write there is
+		// what the comparison shows, not a broken database.
+		if inv.Phantom > 0 {
+			t.Logf("%s: the plain driver told callers of %d committed operations that they failed", name, inv.Phantom)
+		}
+	case !inv.OK():
 		t.Errorf("%s: invariants broken: %v", name, inv)
 	}
 	if res.Unknown > 0 && resolves(db) && !strings.HasSuffix(name, "~unknown-ok") {
@@ -233,25 +243,55 @@ func TestFaultKilledConnections(t *testing.T) {
 }
 
 func TestFaultServerRestartAndOutage(t *testing.T) {
-	srv := ownServer(t, "pgx") // this test crashes it
+	for _, d := range []string{"pgx", "mysql"} {
+		t.Run(d, func(t *testing.T) { restartAndOutage(t, d) })
+	}
+}
+
+// restartConnector is the workload's connector for the restart scenario:
+// dials logged, and a 1 s connect timeout.
+func restartConnector(t *testing.T, d, dsn string, dials *workload.DialLog) driver.Connector {
+	if d == "pgx" {
+		cfg, err := pgx.ParseConfig(dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.ConnectTimeout = time.Second
+		cfg.DialFunc = dials.Dial
+		return stdlib.GetConnector(*cfg)
+	}
+	cfg, err := mysql.ParseDSN(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Timeout = time.Second
+	cfg.DialFunc = dials.Dial
+	c, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func restartAndOutage(t *testing.T, d string) {
+	srv := ownServer(t, d) // this test crashes it
 	const outage = 4 * time.Second
 	openTimeout := 2 * time.Second
+	restartDials := map[string]int{}
 	for _, wrapped := range []bool{false, true} {
 		name := map[bool]string{false: "plain", true: "sqlretry"}[wrapped]
 		t.Run(name, func(t *testing.T) {
-			admin, _ := sql.Open("pgx", srv.DSN)
+			admin, _ := sql.Open(d, srv.DSN)
 			defer admin.Close()
-			cfg, _ := pgx.ParseConfig(srv.DSN)
-			cfg.ConnectTimeout = time.Second
 			dialer := &workload.DialLog{}
-			cfg.DialFunc = dialer.Dial
+			connector := restartConnector(t, d, srv.DSN, dialer)
 			var db *sql.DB
 			strategy := workload.Plain
 			if wrapped {
-				db = sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithBreaker(sqlretry.Breaker{OpenTimeout: openTimeout, MinRequests: 10}))
+				db = sqlretry.OpenDB(connector, retryOptions(d, sqlretry.WithBreaker(sqlretry.Breaker{OpenTimeout: openTimeout, MinRequests: 10}))...)
 				strategy = workload.RunInTx
 			} else {
-				db = sql.OpenDB(stdlib.GetConnector(*cfg))
+				db = sql.OpenDB(connector)
 			}
 			defer db.Close()
 			var down, up time.Time
@@ -270,7 +310,7 @@ func TestFaultServerRestartAndOutage(t *testing.T) {
 			// A COMMIT lost in the crash cannot be resolved while the server
 			// is down, and the callers' deadline (1 s) is shorter than the
 			// outage (4 s): such a commit is rightly ErrAmbiguousCommit.
-			res, _ := scenario(t, "restart/"+name+"~unknown-ok", admin, db, "pgx", strategy,
+			res, _ := scenario(t, "restart/"+d+"/"+name+"~unknown-ok", admin, db, d, strategy,
 				workload.Config{Duration: 1*time.Second + outage + openTimeout*3/2 + 2*time.Second, Workers: 8, OpTimeout: time.Second}, chaos)
 			dials := dialer.Between(down, up)
 			// Recovery: the first timeline tick with commits after the server
@@ -285,8 +325,8 @@ func TestFaultServerRestartAndOutage(t *testing.T) {
 					break
 				}
 			}
-			t.Logf("FIGURES restart/%s: outage %v, dial attempts during the outage %d (%.1f/s), first commit %v after the server was back",
-				name, outage, dials, float64(dials)/outage.Seconds(), recovered)
+			t.Logf("FIGURES restart/%s/%s: outage %v, dial attempts during the outage %d (%.1f/s), first commit %v after the server was back",
+				d, name, outage, dials, float64(dials)/outage.Seconds(), recovered)
 			if wrapped {
 				if s, _ := sqlretry.StatsOf(db); s.CircuitRejections == 0 {
 					t.Error("the breaker never opened during the outage")
@@ -295,12 +335,10 @@ func TestFaultServerRestartAndOutage(t *testing.T) {
 					t.Errorf("recovered %v after the server returned, want within one open timeout (%v)", recovered, openTimeout)
 				}
 			}
-			t.Cleanup(func() { restartDials[name] = dials })
+			restartDials[name] = dials
 		})
 	}
 	if p, s := restartDials["plain"], restartDials["sqlretry"]; p > 0 && s >= p {
 		t.Errorf("sqlretry dialled %d times during the outage, the plain driver %d", s, p)
 	}
 }
-
-var restartDials = map[string]int{}
