@@ -15,8 +15,10 @@ import (
 // each other, and the server spends no time detecting deadlocks
 // (PostgreSQL waits deadlock_timeout, 1 s by default, before it looks).
 //
-// Until the first conflict it only counts the transactions in flight: one
-// atomic add each way. It lets go again when the limit has grown back past
+// It acts on conflicts that are both costly (they waste a third of the
+// time or more) and frequent (one per three commits or more). Until the
+// first conflict it only counts: the transactions in flight, the commits
+// and their time. It lets go again when the limit has grown back past
 // twice the concurrency it started from.
 type txLimiter struct {
 	inflight atomic.Int64
@@ -24,6 +26,8 @@ type txLimiter struct {
 	clock    Clock
 	useful   atomic.Int64 // time spent in attempts that committed, ns ...
 	wasted   atomic.Int64 // ... and in attempts a conflict aborted
+	commits  atomic.Int64 // attempts that committed ...
+	aborts   atomic.Int64 // ... and attempts a conflict aborted
 	seen     atomic.Int64 // attempts completed, counted up to warmedUp
 
 	mu       sync.Mutex
@@ -104,6 +108,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 	n := l.inflight.Add(-1) + 1 // in flight when this attempt ended, itself included
 	if committed {
 		l.useful.Add(int64(took))
+		l.commits.Add(1)
 	}
 	seen := int64(warmedUp)
 	if (committed || conflict) && l.seen.Load() < warmedUp {
@@ -126,9 +131,18 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 			l.wasted.Store(w / 2)
 			l.useful.Store(u / 2)
 		}
+		// Nor do rare ones, however costly (fewer than one per three
+		// commits): queueing then costs more throughput than they waste;
+		// a transaction that waited on a row lock and then failed to
+		// serialize is costly, but one in seven is no hot spot.
+		a, c := l.aborts.Add(1), l.commits.Load()
+		if a+c > 1024 {
+			l.aborts.Store(a / 2)
+			l.commits.Store(c / 2)
+		}
 		// Nor does a conflict before two rounds of the transactions in
 		// flight have completed: there is no measure of the work yet.
-		if 2*w < u || w < int64(50*time.Millisecond) || !l.engaged.Load() && seen < 2*n {
+		if 2*w < u || w < int64(50*time.Millisecond) || 3*a < c || !l.engaged.Load() && seen < 2*n {
 			l.since++
 			l.wakeLocked()
 			return
