@@ -26,8 +26,9 @@ type txLimiter struct {
 	clock    Clock
 	useful   atomic.Int64 // time spent in attempts that committed, ns ...
 	wasted   atomic.Int64 // ... and in attempts a conflict aborted
-	commits  atomic.Int64 // attempts that committed ...
-	aborts   atomic.Int64 // ... and attempts a conflict aborted
+	total    atomic.Int64 // attempts that committed, ever
+	aborts   atomic.Int64 // attempts a conflict aborted, halved with base
+	base     int64        // total at the start of the counted history, guarded by mu
 	seen     atomic.Int64 // attempts completed, counted up to warmedUp
 
 	mu       sync.Mutex
@@ -42,6 +43,22 @@ type txLimiter struct {
 	lastCut  time.Time
 	queued   atomic.Int64 // transactions that waited for a slot
 	decrease atomic.Int64 // times the limit was cut
+
+	// Limiting must earn its keep. The commit rate is taken over windows
+	// of at least a second while unlimited (at conflicts, off the hot
+	// path); for a second after engaging, and until the limit was cut,
+	// the limiter is on probation: if the db commits less than it did
+	// just before, it lets go and stays out for a while (quiet: 5 s,
+	// doubling while probations keep failing, up to a minute).
+	markAt       time.Time
+	markTotal    int64
+	rateBefore   float64 // commits/s in the last window before engaging; 0: none
+	engagedAt    time.Time
+	engagedTotal int64
+	probation    float64 // the rate to beat; 0: no probation under way
+	quiet        time.Duration
+	quietUntil   time.Time
+	letGo        atomic.Int64 // probations failed
 }
 
 type txWaiter struct {
@@ -108,7 +125,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 	n := l.inflight.Add(-1) + 1 // in flight when this attempt ended, itself included
 	if committed {
 		l.useful.Add(int64(took))
-		l.commits.Add(1)
+		l.total.Add(1)
 	}
 	seen := int64(warmedUp)
 	if (committed || conflict) && l.seen.Load() < warmedUp {
@@ -135,14 +152,21 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		// commits): queueing then costs more throughput than they waste;
 		// a transaction that waited on a row lock and then failed to
 		// serialize is costly, but one in seven is no hot spot.
-		a, c := l.aborts.Add(1), l.commits.Load()
+		a, c := l.aborts.Add(1), l.total.Load()-l.base
 		if a+c > 1024 {
 			l.aborts.Store(a / 2)
-			l.commits.Store(c / 2)
+			l.base += c / 2
+		}
+		engaged := l.engaged.Load()
+		var now time.Time
+		if !engaged {
+			now = l.clock.Now()
+			l.markRateLocked(now)
 		}
 		// Nor does a conflict before two rounds of the transactions in
-		// flight have completed: there is no measure of the work yet.
-		if 2*w < u || w < int64(50*time.Millisecond) || 3*a < c || !l.engaged.Load() && seen < 2*n {
+		// flight have completed (there is no measure of the work yet), nor
+		// one soon after a failed probation.
+		if 2*w < u || w < int64(50*time.Millisecond) || 3*a < c || !engaged && (seen < 2*n || now.Before(l.quietUntil)) {
 			l.since++
 			l.wakeLocked()
 			return
@@ -159,6 +183,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		l.engaged.Store(true)
 		l.decrease.Add(1)
 		l.holdAfterCut(took)
+		l.startProbationLocked()
 	case conflict:
 		// At most one cut per round of completions, as TCP cuts once per
 		// round trip: many conflicts at once are one signal.
@@ -170,26 +195,72 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		}
 		l.since++
 	case committed:
-		if l.clock.Now().Before(l.holdEnd) {
+		now := l.clock.Now()
+		if l.probation > 0 && now.Sub(l.engagedAt) >= time.Second {
+			rate := float64(l.total.Load()-l.engagedTotal) / now.Sub(l.engagedAt).Seconds()
+			if rate < l.probation {
+				l.quiet = min(time.Minute, max(5*time.Second, 2*l.quiet))
+				l.quietUntil = now.Add(l.quiet)
+				l.letGo.Add(1)
+				l.releaseAllLocked()
+				return
+			}
+			l.probation, l.quiet = 0, 0
+		}
+		if now.Before(l.holdEnd) {
 			l.since++
 			break
 		}
 		l.limit += 1 / (increaseRounds * l.limit)
 		l.since++
 		if l.limit >= l.ceiling {
-			l.engaged.Store(false)
-			for _, w := range l.waiters {
-				close(w.ready) // not granted: they run unlimited
-			}
-			l.waiters = nil
-			l.running = 0
-			l.gen++
+			l.releaseAllLocked()
 			return
 		}
 	default:
 		l.since++
 	}
 	l.wakeLocked()
+}
+
+// releaseAllLocked lets go: the waiters run unlimited.
+func (l *txLimiter) releaseAllLocked() {
+	l.engaged.Store(false)
+	l.probation = 0
+	for _, w := range l.waiters {
+		close(w.ready) // not granted: they run unlimited
+	}
+	l.waiters = nil
+	l.running = 0
+	l.gen++
+	l.markAt = time.Time{} // the rate while limited is no reference
+}
+
+// markRateLocked keeps the commit rate of the last window of at least a
+// second while unlimited.
+func (l *txLimiter) markRateLocked(now time.Time) {
+	total := l.total.Load()
+	if l.markAt.IsZero() {
+		l.markAt, l.markTotal = now, total
+		return
+	}
+	if el := now.Sub(l.markAt); el >= time.Second {
+		l.rateBefore = float64(total-l.markTotal) / el.Seconds()
+		l.markAt, l.markTotal = now, total
+	}
+}
+
+// startProbationLocked puts a new engagement on probation against the
+// commit rate just before it: the last full window, or the current one
+// when it is a quarter of a second or longer and faster. Without either
+// there is nothing to compare with, and no probation.
+func (l *txLimiter) startProbationLocked() {
+	now, total := l.clock.Now(), l.total.Load()
+	rate := l.rateBefore
+	if el := now.Sub(l.markAt); !l.markAt.IsZero() && el >= time.Second/4 {
+		rate = max(rate, float64(total-l.markTotal)/el.Seconds())
+	}
+	l.probation, l.engagedAt, l.engagedTotal = rate, now, total
 }
 
 // holdAfterCut keeps the limit from growing for a while after a cut: four

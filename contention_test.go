@@ -273,3 +273,77 @@ func TestContentionDoesNotCountTheWaitForAConnection(t *testing.T) {
 		t.Errorf("circuit waits %d, contention cuts %d: want a wait for the probe and no cut", s.CircuitWaits, s.ContentionCuts)
 	}
 }
+
+// engageAfter runs the limiter unlimited at rate commits a second (fake
+// time) for d, then feeds it frequent costly conflicts until it engages.
+func engageAfter(t *testing.T, l *txLimiter, clock *fakeClock, rate float64, d time.Duration) {
+	t.Helper()
+	step := time.Duration(float64(time.Second) / rate)
+	for el := time.Duration(0); el < d; el += step {
+		s, _ := l.acquire(context.Background())
+		clock.Advance(step)
+		// A cheap conflict now and then: the windows of the commit rate
+		// are kept on the conflict path.
+		conflict := int(el/step)%10 == 9
+		l.release(s, conflict, !conflict, time.Millisecond)
+	}
+	// Seven more transactions in flight: it engages at half of eight.
+	var others []txSlot
+	for range 7 {
+		s, _ := l.acquire(context.Background())
+		others = append(others, s)
+	}
+	for i := 0; !l.engaged.Load(); i++ {
+		if i > 1000 {
+			t.Fatal("frequent costly conflicts did not engage the limiter")
+		}
+		s, _ := l.acquire(context.Background())
+		clock.Advance(step)
+		l.release(s, i%2 == 0, i%2 != 0, 200*time.Millisecond)
+	}
+	for _, s := range others {
+		l.release(s, false, false, 0)
+	}
+}
+
+// runLimited runs the engaged limiter at rate commits a second for d.
+func runLimited(l *txLimiter, clock *fakeClock, rate float64, d time.Duration) {
+	step := time.Duration(float64(time.Second) / rate)
+	for el := time.Duration(0); el < d && l.engaged.Load(); el += step {
+		s, _ := l.acquire(context.Background())
+		clock.Advance(step)
+		l.release(s, false, true, time.Millisecond)
+	}
+}
+
+// Limiting concurrency must earn its keep: when the db commits less under
+// the limit than it did unlimited just before (on a slow link, where a
+// transaction's time is mostly the network's), the limiter lets go after
+// a probation, and conflicts do not engage it again for a while. On a hot
+// spot, where it commits more, it stays.
+func TestContentionLetsGoWhenLimitingCommitsLess(t *testing.T) {
+	t.Run("commits less", func(t *testing.T) {
+		l, clock := newTestLimiter()
+		engageAfter(t, l, clock, 100, 3*time.Second) // 50 commits a second while conflicts mount
+		runLimited(l, clock, 25, 3*time.Second)
+		if l.engaged.Load() {
+			t.Fatalf("still engaged at half the throughput it had unlimited (limit %v)", l.limit)
+		}
+		for i := range 50 {
+			s, _ := l.acquire(context.Background())
+			clock.Advance(10 * time.Millisecond)
+			l.release(s, i%2 == 0, i%2 != 0, 200*time.Millisecond)
+		}
+		if l.engaged.Load() {
+			t.Error("engaged again within a second of a failed probation")
+		}
+	})
+	t.Run("commits more", func(t *testing.T) {
+		l, clock := newTestLimiter()
+		engageAfter(t, l, clock, 100, 3*time.Second)
+		runLimited(l, clock, 400, 1500*time.Millisecond)
+		if !l.engaged.Load() {
+			t.Error("let go although limiting quadrupled the throughput")
+		}
+	})
+}

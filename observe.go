@@ -145,6 +145,7 @@ type Stats struct {
 	Poisoned           int64 // transactions poisoned by a swallowed retryable error
 	ContentionWaits    int64 // RunInTx attempts that waited for contention control
 	ContentionCuts     int64 // times contention control cut the number of transactions at once
+	ContentionLetGo    int64 // times it let go because the db committed less with it than without
 	Breaker            BreakerState
 	BudgetTokens       float64 // retries the budget would allow now (before time refill)
 }
@@ -188,7 +189,7 @@ func (r *retrier) stats() Stats {
 		s.CircuitRejections = r.breaker.rejectCount.Load()
 	}
 	if l := r.txLimit; l != nil {
-		s.ContentionWaits, s.ContentionCuts = l.queued.Load(), l.decrease.Load()
+		s.ContentionWaits, s.ContentionCuts, s.ContentionLetGo = l.queued.Load(), l.decrease.Load(), l.letGo.Load()
 	}
 	return s
 }
