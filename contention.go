@@ -15,8 +15,9 @@ import (
 // each other, and the server spends no time detecting deadlocks
 // (PostgreSQL waits deadlock_timeout, 1 s by default, before it looks).
 //
-// It acts on conflicts that are both costly (they waste a third of the
-// time or more) and frequent (one per three commits or more). Until the
+// It acts on conflicts that are costly (they waste a third of the time or
+// more) and frequent (one per three commits or more), or very costly (two
+// thirds of the time: deadlocks, each found after deadlock_timeout). Until the
 // first conflict it only counts: the transactions in flight, the commits
 // and their time. It lets go again when the limit has grown back past
 // twice the concurrency it started from.
@@ -148,10 +149,14 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 			l.wasted.Store(w / 2)
 			l.useful.Store(u / 2)
 		}
-		// Nor do rare ones, however costly (fewer than one per three
-		// commits): queueing then costs more throughput than they waste;
-		// a transaction that waited on a row lock and then failed to
-		// serialize is costly, but one in seven is no hot spot.
+		// Nor do rare ones (fewer than one per three commits) engage it
+		// unless they waste two thirds of the time or more: queueing costs
+		// more throughput than a few conflicts waste (under killed
+		// sessions on PostgreSQL one attempt in seven failed to serialize
+		// after waiting on a row lock, about a third of the time), but not
+		// more than deadlocks that each stall their cycle for
+		// deadlock_timeout. Once engaged, costly conflicts cut the limit
+		// however frequent.
 		a, c := l.aborts.Add(1), l.total.Load()-l.base
 		if a+c > 1024 {
 			l.aborts.Store(a / 2)
@@ -166,7 +171,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		// Nor does a conflict before two rounds of the transactions in
 		// flight have completed (there is no measure of the work yet), nor
 		// one soon after a failed probation.
-		if 2*w < u || w < int64(50*time.Millisecond) || 3*a < c || !engaged && (seen < 2*n || now.Before(l.quietUntil)) {
+		if 2*w < u || w < int64(50*time.Millisecond) || !engaged && (3*a < c && w < 2*u || seen < 2*n || now.Before(l.quietUntil)) {
 			l.since++
 			l.wakeLocked()
 			return
