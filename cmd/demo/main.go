@@ -41,6 +41,7 @@ var (
 	duration   = flag.Duration("duration", 10*time.Second, "run time per strategy")
 	killEvery  = flag.Duration("kill-every", 300*time.Millisecond, "kill one of the demo's own sessions this often (0: never)")
 	outage     = flag.Duration("outage", 2*time.Second, "crash the private server a third into the run for this long (0: never)")
+	showStats  = flag.Bool("stats", false, "also print sqlretry's statistics (sqlretry.StatsOf)")
 )
 
 func main() {
@@ -124,6 +125,11 @@ func run(ctx context.Context) error {
 			r.P99ms, r.Lost, r.Phantom, r.MoneyConserved && r.LedgerMatches)
 	}
 	tw.Flush()
+	for _, r := range reports {
+		if s := r.Sqlretry; s != nil && *showStats {
+			fmt.Printf("\nsqlretry's statistics: %+v\n", *s)
+		}
+	}
 	for _, r := range reports {
 		if len(r.Errors) == 0 {
 			continue
