@@ -298,9 +298,10 @@ func TestContentionDoesNotCountTheWaitForAConnection(t *testing.T) {
 	}
 }
 
-// engageAfter runs the limiter unlimited at rate commits a second (fake
-// time) for d, then feeds it frequent costly conflicts until it engages.
-func engageAfter(t *testing.T, l *txLimiter, clock *fakeClock, rate float64, d time.Duration) {
+// engageAfter runs the limiter unlimited at rate completions a second
+// (fake time) for d, then feeds it frequent costly conflicts, every other
+// completion, at hot completions a second until it engages.
+func engageAfter(t *testing.T, l *txLimiter, clock *fakeClock, rate float64, d time.Duration, hot float64) {
 	t.Helper()
 	step := time.Duration(float64(time.Second) / rate)
 	for el := time.Duration(0); el < d; el += step {
@@ -317,6 +318,7 @@ func engageAfter(t *testing.T, l *txLimiter, clock *fakeClock, rate float64, d t
 		s, _ := l.acquire(context.Background())
 		others = append(others, s)
 	}
+	step = time.Duration(float64(time.Second) / hot)
 	for i := 0; !l.engaged.Load(); i++ {
 		if i > 1000 {
 			t.Fatal("frequent costly conflicts did not engage the limiter")
@@ -348,7 +350,7 @@ func runLimited(l *txLimiter, clock *fakeClock, rate float64, d time.Duration) {
 func TestContentionLetsGoWhenLimitingCommitsLess(t *testing.T) {
 	t.Run("commits less", func(t *testing.T) {
 		l, clock := newTestLimiter()
-		engageAfter(t, l, clock, 100, 3*time.Second) // 50 commits a second while conflicts mount
+		engageAfter(t, l, clock, 100, 3*time.Second, 100) // 50 commits a second while conflicts mount
 		runLimited(l, clock, 25, 3*time.Second)
 		if l.engaged.Load() {
 			t.Fatalf("still engaged at half the throughput it had unlimited (limit %v)", l.limit)
@@ -364,10 +366,23 @@ func TestContentionLetsGoWhenLimitingCommitsLess(t *testing.T) {
 	})
 	t.Run("commits more", func(t *testing.T) {
 		l, clock := newTestLimiter()
-		engageAfter(t, l, clock, 100, 3*time.Second)
+		engageAfter(t, l, clock, 100, 3*time.Second, 100)
 		runLimited(l, clock, 400, 1500*time.Millisecond)
 		if !l.engaged.Load() {
 			t.Error("let go although limiting quadrupled the throughput")
 		}
 	})
+}
+
+// A hot spot that starts after a calm, fast period is judged against the
+// rate since the conflicts became costly, not against the calm one: the
+// limited db commits less than it did calm, but ten times what it did
+// once the hot spot began, and the limiter must stay.
+func TestContentionProbationComparesWithTheContendedRate(t *testing.T) {
+	l, clock := newTestLimiter()
+	engageAfter(t, l, clock, 1000, 3*time.Second, 40) // calm at 1,000 commits/s, then 20/s
+	runLimited(l, clock, 200, 1500*time.Millisecond)
+	if !l.engaged.Load() {
+		t.Error("let go although the db committed less only than in the calm before the conflicts")
+	}
 }
