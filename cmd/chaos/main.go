@@ -51,8 +51,9 @@ func scenarios(d time.Duration) []chaos.Scenario {
 		// reads in random order on MariaDB.
 		{Name: "hotspot", Accounts: 4, Workers: 16, Duration: d, OpTimeout: 10 * time.Second},
 		{Name: "kills", Accounts: 100, Workers: 8, Duration: d, OpTimeout: 10 * time.Second, KillEvery: 200 * time.Millisecond},
-		// The server crashes 2 s in and is back 5 s later; the default
-		// breaker's open timeout is 5 s, so the run goes on 7 s after that.
+		// The server crashes 2 s in and is back 5 s later; the run goes on
+		// 7 s after that, so that the recovery shows (the default breaker
+		// probes once a second).
 		{Name: "restart", Accounts: 100, Workers: 8, Duration: restartAt + outage + 7*time.Second, OpTimeout: 10 * time.Second,
 			RestartAt: restartAt, Outage: outage},
 		{Name: "latency", Accounts: 100, Workers: 8, Duration: d, OpTimeout: 10 * time.Second, Latency: 20 * time.Millisecond},
