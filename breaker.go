@@ -179,6 +179,15 @@ type ticket struct {
 	probe bool
 }
 
+// closedTicket is the ticket of a call a closed (or absent) breaker lets
+// through.
+func (b *breaker) closedTicket() ticket {
+	if b == nil {
+		return ticket{}
+	}
+	return ticket{gen: b.generation.Load()}
+}
+
 // allow asks whether a call may go to the database now; callers go
 // through retrier.admit, which may wait for the probe.
 func (b *breaker) allow() (ticket, error) {
@@ -187,7 +196,7 @@ func (b *breaker) allow() (ticket, error) {
 	}
 	switch BreakerState(b.state.Load()) {
 	case BreakerClosed:
-		return ticket{gen: b.generation.Load()}, nil
+		return b.closedTicket(), nil
 	case BreakerOpen:
 		if b.clock.Now().UnixNano() < b.openUntil.Load() {
 			return ticket{}, ErrCircuitOpen
@@ -197,7 +206,7 @@ func (b *breaker) allow() (ticket, error) {
 	defer b.mu.Unlock()
 	switch BreakerState(b.state.Load()) {
 	case BreakerClosed:
-		return ticket{gen: b.generation.Load()}, nil
+		return b.closedTicket(), nil
 	case BreakerOpen:
 		if b.clock.Now().UnixNano() < b.openUntil.Load() {
 			return ticket{}, ErrCircuitOpen

@@ -28,22 +28,22 @@ type txLimiter struct {
 	useful   atomic.Int64 // time spent in attempts that committed, ns ...
 	wasted   atomic.Int64 // ... and in attempts a conflict aborted
 	total    atomic.Int64 // attempts that committed, ever
-	aborts   atomic.Int64 // attempts a conflict aborted, halved with base
-	base     int64        // total at the start of the counted history, guarded by mu
-	seen     atomic.Int64 // attempts completed, counted up to warmedUp
 
-	mu       sync.Mutex
-	gen      uint64  // counts engagements and releases: slots of an older one are void
-	limit    float64 // transactions allowed at once, while engaged
-	ceiling  float64 // at or above this the limiter lets go
-	running  int     // transactions holding a slot, while engaged
-	since    int     // completions since the last decrease
-	waiters  []*txWaiter
-	hold     time.Duration // after a cut, the limit does not grow for this long ...
-	holdEnd  time.Time     // ... until then
-	lastCut  time.Time
-	queued   atomic.Int64 // transactions that waited for a slot
-	decrease atomic.Int64 // times the limit was cut
+	mu        sync.Mutex
+	gen       uint64  // counts engagements and releases: slots of an older one are void
+	limit     float64 // transactions allowed at once, while engaged
+	ceiling   float64 // at or above this the limiter lets go
+	running   int     // transactions holding a slot, while engaged
+	since     int     // completions since the last decrease
+	waiters   []*txWaiter
+	hold      time.Duration // after a cut, the limit does not grow for this long ...
+	holdEnd   time.Time     // ... until then
+	lastCut   time.Time
+	conflicts int64        // attempts a conflict aborted, ever
+	aborts    int64        // ... of the counted history, halved with it
+	base      int64        // total at the start of the counted history
+	queued    atomic.Int64 // transactions that waited for a slot
+	decrease  atomic.Int64 // times the limit was cut
 
 	// Limiting must earn its keep. The commit rate is taken over windows
 	// of at least a second while unlimited (at conflicts, off the hot
@@ -128,10 +128,6 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		l.useful.Add(int64(took))
 		l.total.Add(1)
 	}
-	seen := int64(warmedUp)
-	if (committed || conflict) && l.seen.Load() < warmedUp {
-		seen = l.seen.Add(1)
-	}
 	if !conflict && !l.engaged.Load() {
 		return
 	}
@@ -157,11 +153,15 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		// more than deadlocks that each stall their cycle for
 		// deadlock_timeout. Once engaged, costly conflicts cut the limit
 		// however frequent.
-		a, c := l.aborts.Add(1), l.total.Load()-l.base
+		total := l.total.Load()
+		l.conflicts++
+		l.aborts++
+		a, c := l.aborts, total-l.base
 		if a+c > 1024 {
-			l.aborts.Store(a / 2)
+			l.aborts /= 2
 			l.base += c / 2
 		}
+		seen := total + l.conflicts // attempts completed
 		engaged := l.engaged.Load()
 		var now time.Time
 		if !engaged {
@@ -292,11 +292,6 @@ func (l *txLimiter) wakeLocked() {
 		close(w.ready)
 	}
 }
-
-// warmedUp is where the limiter stops counting completed attempts: it
-// judges conflicts only once it has seen two rounds of the transactions
-// in flight complete.
-const warmedUp = 1 << 16
 
 // increaseRounds is how many rounds of commits without a conflict grow the
 // limit by one. A conflict can cost a second (PostgreSQL's deadlock_timeout),

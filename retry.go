@@ -90,7 +90,18 @@ func outcomeOf(c Class) outcome {
 // the outage may well end within the caller's patience. A caller without a
 // deadline, or whose deadline (or the backoff's MaxElapsed) ends first,
 // fails fast with ErrCircuitOpen.
+//
+// The closed breaker's path is small enough to be inlined: every statement
+// passes here.
 func (r *retrier) admit(ctx context.Context) (ticket, error) {
+	if b := r.breaker; b == nil || BreakerState(b.state.Load()) == BreakerClosed {
+		return b.closedTicket(), nil // what allow hands out when closed
+	}
+	return r.waitForProbe(ctx)
+}
+
+// waitForProbe is admit's path when the breaker is not closed.
+func (r *retrier) waitForProbe(ctx context.Context) (ticket, error) {
 	var start time.Time
 	for {
 		t, err := r.breaker.allow()
@@ -109,12 +120,12 @@ func (r *retrier) admit(ctx context.Context) (ticket, error) {
 		dl, ok := ctx.Deadline()
 		if !ok || !now.Add(d).Before(dl) || now.Add(d).Sub(start) > r.cfg.backoff.MaxElapsed {
 			r.breaker.rejectCount.Add(1)
-			return t, err
+			return ticket{}, err
 		}
 		r.counters.circuitWaits.Add(1)
 		if r.clock.Sleep(ctx, d) != nil {
 			r.breaker.rejectCount.Add(1)
-			return t, err
+			return ticket{}, err
 		}
 	}
 }

@@ -337,16 +337,10 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 	if ctx.Value(keySlotHeld) != nil {
 		lim = nil // an outer RunInTx holds a slot: waiting for another could deadlock
 	}
-	// With contention control the clock is read once BEGIN has returned
-	// (the wait for a connection is not the transaction's work), and the
-	// first of those reads starts the pacer: one clock read per attempt.
-	var p pacer
-	var timer Clock
-	if lim != nil {
-		p, timer = pacer{b: r.cfg.backoff, clock: r.clock, rnd: r.rnd}, r.clock
-	} else {
-		p = newPacer(r.cfg.backoff, r.clock, r.rnd)
-	}
+	// The clock is read once BEGIN has returned (the wait for a connection
+	// is not the transaction's work, for contention control), and the first
+	// of those reads starts the pacer: one clock read per attempt.
+	p := pacer{b: r.cfg.backoff, clock: r.clock, rnd: r.rnd}
 	for attempt := 1; ; attempt++ {
 		var slot txSlot
 		if lim != nil {
@@ -359,7 +353,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		if slot.limited {
 			body = func(ctx context.Context, tx *sql.Tx) error { return fn(slotHeld{ctx}, tx) }
 		}
-		began, err, phase, poison := runTxOnce(ctx, db, txOpts, body, timer)
+		began, err, phase, poison := runTxOnce(ctx, db, txOpts, body, r.clock)
 		if p.start.IsZero() {
 			p.start = began
 		}
@@ -434,13 +428,11 @@ const (
 )
 
 // runTxOnce runs one attempt of a RunInTx transaction; began is when
-// BeginTx returned, read from clock when it is not nil.
+// BeginTx returned.
 func runTxOnce(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock) (began time.Time, err error, phase txPhase, poison error) {
 	att := &txAttempt{Context: ctx}
 	sqlTx, err := db.BeginTx(att, txOpts)
-	if clock != nil {
-		began = clock.Now()
-	}
+	began = clock.Now()
 	if err != nil {
 		return began, err, phaseBegin, nil
 	}

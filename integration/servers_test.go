@@ -45,10 +45,8 @@ func TestMain(m *testing.M) {
 }
 
 func kindOf(driverName string) dbserver.Kind {
-	if driverName == "pgx" {
-		return dbserver.Postgres
-	}
-	return dbserver.MariaDB
+	k, _ := dbserver.KindFor(driverName)
+	return k
 }
 
 // needPrivate returns the DSN of the shared private server of this test

@@ -104,8 +104,8 @@ func run(ctx context.Context) error {
 	}
 	out := output{Command: "make chaos  # go run ./chaos " + strings.Join(os.Args[1:], " "), Machine: machine(), Servers: map[string]string{}, Started: time.Now().UTC()}
 	for _, d := range drivers {
-		kind := map[string]dbserver.Kind{"pgx": dbserver.Postgres, "mysql": dbserver.MariaDB}[d]
-		if kind == "" {
+		kind, ok := dbserver.KindFor(d)
+		if !ok {
 			return fmt.Errorf("unknown driver %q (pgx or mysql)", d)
 		}
 		fmt.Printf("starting a private %s server...\n", kind)

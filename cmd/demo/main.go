@@ -61,8 +61,8 @@ func main() {
 }
 
 func run(ctx context.Context) error {
-	kind := map[string]dbserver.Kind{"pgx": dbserver.Postgres, "mysql": dbserver.MariaDB}[*driverName]
-	if kind == "" {
+	kind, ok := dbserver.KindFor(*driverName)
+	if !ok {
 		return fmt.Errorf("unknown -driver %q (pgx or mysql)", *driverName)
 	}
 	if *workers < 1 || *accounts < 2 || *duration <= 0 || *killEvery < 0 || *outage < 0 {

@@ -29,6 +29,27 @@ const (
 	MariaDB  Kind = "mariadb"
 )
 
+// KindFor is the server a database/sql driver name talks to: "pgx"
+// PostgreSQL, "mysql" MariaDB; false for any other name.
+func KindFor(driverName string) (Kind, bool) {
+	switch driverName {
+	case "pgx":
+		return Postgres, true
+	case "mysql":
+		return MariaDB, true
+	}
+	return "", false
+}
+
+// Driver is the database/sql driver name the tests and programs use for
+// the server.
+func (k Kind) Driver() string {
+	if k == Postgres {
+		return "pgx"
+	}
+	return "mysql"
+}
+
 // Server is a running throwaway server.
 type Server struct {
 	Kind   Kind

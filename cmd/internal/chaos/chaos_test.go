@@ -26,8 +26,7 @@ func TestEngine(t *testing.T) {
 				t.Skip(err)
 			}
 			defer srv.Stop()
-			d := map[dbserver.Kind]string{dbserver.Postgres: "pgx", dbserver.MariaDB: "mysql"}[kind]
-			tg := Target{Driver: d, DSN: srv.DSN, Server: srv}
+			tg := Target{Driver: kind.Driver(), DSN: srv.DSN, Server: srv}
 			sc := Scenario{Name: "short", Accounts: 4, Workers: 4, Duration: 3 * time.Second, OpTimeout: 10 * time.Second,
 				KillEvery: 100 * time.Millisecond, RestartAt: time.Second, Outage: 500 * time.Millisecond}
 			for _, st := range Strategies {
