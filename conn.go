@@ -144,7 +144,7 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 
 // noteTxControl follows transactions opened by hand with Exec("BEGIN").
 func (c *conn) noteTxControl(query string) {
-	switch txControl(query) {
+	switch txControl(c.r.dialect, query) {
 	case 1:
 		c.manual.Store(1)
 	case 2:

@@ -208,11 +208,11 @@ func decideAutocommit(cls Class, err error, safeToRerun, manual bool) action {
 }
 
 // safeToRerun: reads, and what the caller marked idempotent.
-func safeToRerun(ctx context.Context, query string, isQuery bool) bool {
+func safeToRerun(ctx context.Context, d Dialect, query string, isQuery bool) bool {
 	if v, ok := ctx.Value(keyIdempotent).(bool); ok {
 		return v
 	}
-	return isQuery && isReadQuery(query)
+	return isQuery && isReadQuery(d, query)
 }
 
 // runStatement is the slow path of an autocommit statement: the first
@@ -264,7 +264,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		if ctx.Value(keyNoRetry) != nil {
 			return zero, err
 		}
-		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, query, isQuery), c.manual.Load() != 0)
+		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery), c.manual.Load() != 0)
 		switch act {
 		case actSurface:
 			if cls == ConnectionLost {

@@ -63,7 +63,7 @@ var writingWords = []string{
 // writing words outside literals and quoted names. A SELECT that calls a
 // function with side effects cannot be told apart; callers mark such calls
 // with NotIdempotent.
-func isReadQuery(q string) bool {
+func isReadQuery(d Dialect, q string) bool {
 	switch kw := firstKeyword(q); {
 	case strings.EqualFold(kw, "SELECT"), strings.EqualFold(kw, "VALUES"), strings.EqualFold(kw, "TABLE"),
 		strings.EqualFold(kw, "SHOW"), strings.EqualFold(kw, "DESCRIBE"), strings.EqualFold(kw, "DESC"),
@@ -160,10 +160,24 @@ func closeQuote(q string, start int, quote byte) int {
 	return -1
 }
 
+// isAtomicStatement reports whether q is provably one statement that the
+// server runs atomically: when the server rolls it back (a lock-wait
+// timeout, a serialization failure) nothing of it remains, so running it
+// again is safe. Several statements, procedure calls and anonymous blocks
+// are not (they may commit or keep part of their work).
+func isAtomicStatement(d Dialect, q string) bool {
+	switch kw := firstKeyword(q); {
+	case strings.EqualFold(kw, "CALL"), strings.EqualFold(kw, "DO"), strings.EqualFold(kw, "EXEC"),
+		strings.EqualFold(kw, "EXECUTE"), strings.EqualFold(kw, "BEGIN"), strings.EqualFold(kw, "DECLARE"):
+		return false
+	}
+	return !strings.Contains(strings.TrimRight(strings.TrimSpace(q), ";"), ";")
+}
+
 // txControl tells whether a statement run outside database/sql's BeginTx
 // opens a transaction by hand (+1), ends one (-1) or neither (0). "SET
 // autocommit" and XA make the connection manual for good (+2).
-func txControl(q string) int {
+func txControl(d Dialect, q string) int {
 	i := skipSpace(q, 0)
 	if i < 0 || i >= len(q) {
 		return 0

@@ -32,7 +32,7 @@ func TestIsReadQuery(t *testing.T) {
 		"CALL proc()":                                           false,
 		"":                                                      false,
 	} {
-		if got := isReadQuery(q); got != want {
+		if got := isReadQuery(DialectUnknown, q); got != want {
 			t.Errorf("isReadQuery(%q) = %v, want %v", q, got, want)
 		}
 	}
@@ -55,7 +55,7 @@ func TestTxControl(t *testing.T) {
 		"SELECT 1":                           0,
 		"INSERT INTO b VALUES (1)":           0,
 	} {
-		if got := txControl(q); got != want {
+		if got := txControl(DialectUnknown, q); got != want {
 			t.Errorf("txControl(%q) = %d, want %d", q, got, want)
 		}
 	}
@@ -66,8 +66,8 @@ func FuzzSQLText(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, q string) {
-		_ = isReadQuery(q)
-		_ = txControl(q)
+		_ = isReadQuery(DialectUnknown, q)
+		_ = txControl(DialectUnknown, q)
 		_ = isRollbackToSavepoint(q)
 		_ = firstKeyword(q)
 	})

@@ -47,7 +47,7 @@ func (t *tx) guard(query string) error {
 func (t *tx) done(err error, query string, isQuery bool) {
 	if err == nil {
 		t.c.r.succeeded(ticket{})
-		if !t.wrote && (!isQuery || !isReadQuery(query)) {
+		if !t.wrote && (!isQuery || !isReadQuery(t.c.r.dialect, query)) {
 			t.wrote = true
 		}
 		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
