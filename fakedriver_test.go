@@ -51,8 +51,9 @@ func (e *pgError) SQLState() string { return e.code }
 
 // step is one scripted answer of the fake server to a statement.
 type step struct {
-	err error
-	ran bool // the statement took effect even though err is set (lost reply)
+	err   error
+	ran   bool // the statement took effect even though err is set (lost reply)
+	block bool // no answer until the caller's context is done
 }
 
 // fakeServer is what the fake connections talk to: scripts per statement
@@ -71,6 +72,9 @@ type fakeServer struct {
 	killed     []int64
 	openConns  atomic.Int64
 	hangCommit chan struct{} // when set, COMMIT and ROLLBACK wait for it to close
+	// pgAborts makes a transaction behave as on PostgreSQL: after an error
+	// every statement fails with 25P02 and COMMIT turns into a rollback.
+	pgAborts bool
 }
 
 // fakeStart is the fake server's start time: it never restarts.
@@ -149,6 +153,7 @@ type fakeConn struct {
 	pending []string
 	xid     int64
 	resets  int
+	aborted bool // pgAborts: an error aborted the open transaction
 }
 
 func (c *fakeConn) Prepare(q string) (driver.Stmt, error) { return &fakeStmt{c: c, q: q}, nil }
@@ -172,7 +177,7 @@ func (c *fakeConn) BeginTx(ctx context.Context, _ driver.TxOptions) (driver.Tx, 
 	if st, ok := c.srv.next("BEGIN"); ok && st.err != nil {
 		return nil, st.err
 	}
-	c.inTx, c.pending, c.xid = true, nil, 0
+	c.inTx, c.pending, c.xid, c.aborted = true, nil, 0, false
 	return &fakeTx{c: c}, nil
 }
 
@@ -184,10 +189,20 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	if c.broken {
 		return driver.ErrBadConn
 	}
+	if c.aborted {
+		return errInFailedTx
+	}
 	st, ok := c.srv.next(q)
+	if ok && st.block {
+		<-ctx.Done()
+		return ctx.Err()
+	}
 	if ok && st.err != nil {
 		if isConnErr(st.err) {
 			c.broken = true
+		}
+		if c.inTx && c.srv.pgAborts {
+			c.aborted = true
 		}
 		if st.ran {
 			c.apply(q)
@@ -200,6 +215,10 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	c.apply(q)
 	return nil
 }
+
+// errInFailedTx is PostgreSQL's answer to a statement after an error in
+// the same transaction.
+var errInFailedTx = &pgError{"25P02", "current transaction is aborted, commands ignored until end of transaction block"}
 
 func isConnErr(err error) bool {
 	return errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF)
@@ -299,6 +318,11 @@ func (t *fakeTx) Commit() error {
 		<-h // a silent network: the driver's COMMIT takes no context
 	}
 	c.inTx = false
+	if c.aborted {
+		c.aborted, c.pending = false, nil
+		c.setXID("aborted")
+		return errors.New(errTxCommitRollbackText) // pgx.ErrTxCommitRollback
+	}
 	st, _ := c.srv.next("COMMIT")
 	if c.broken {
 		return driver.ErrBadConn
@@ -341,7 +365,7 @@ func (t *fakeTx) Rollback() error {
 	if h := t.c.srv.hangCommit; h != nil {
 		<-h
 	}
-	t.c.inTx = false
+	t.c.inTx, t.c.aborted = false, false
 	t.c.pending = nil
 	t.c.setXID("aborted")
 	return nil
