@@ -45,6 +45,8 @@ const (
 )
 
 // Backoff is the retry pacing. The zero value of a field means its default.
+// Durations are at most 24h and Multiplier is a finite number: other
+// values are errors from Open, OpenDB, Wrap and WithBackoff.
 type Backoff struct {
 	Initial     time.Duration // first delay; default 5ms
 	Max         time.Duration // largest single delay; default 1s
@@ -87,6 +89,10 @@ func (b Backoff) validate() error {
 	switch {
 	case b.Initial < 0, b.Max < 0, b.MaxElapsed < 0:
 		return errors.New("durations must not be negative")
+	case b.Initial > maxOptionDuration, b.Max > maxOptionDuration, b.MaxElapsed > maxOptionDuration:
+		return errDurationTooLong
+	case !finite(b.Multiplier):
+		return errors.New("the field Multiplier must be a finite number")
 	case b.Multiplier != 0 && b.Multiplier < 1:
 		return errors.New("the field Multiplier must be at least 1")
 	case b.MaxAttempts < 0:

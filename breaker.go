@@ -31,7 +31,8 @@ func (s BreakerState) String() string {
 // Breaker configures the circuit breaker of one wrapped connector. Only
 // connection and unavailability failures count against it (a deadlock is
 // contention, not an outage); any answer from the server counts for it.
-// The zero value of a field means its default.
+// The zero value of a field means its default; durations are at most 24h,
+// the ratios finite numbers in their ranges.
 type Breaker struct {
 	Window       time.Duration // rolling window of outcomes; default 10s (in 10 buckets)
 	MinRequests  int           // outcomes in the window before it may open; default 20
@@ -92,6 +93,10 @@ func (b Breaker) validate() error {
 	switch {
 	case b.Window < 0, b.OpenTimeout < 0:
 		return errors.New("durations must not be negative")
+	case b.Window > maxOptionDuration, b.OpenTimeout > maxOptionDuration:
+		return errDurationTooLong
+	case !finite(b.FailureRatio), !finite(b.OpenJitter):
+		return errors.New("the ratios must be finite numbers")
 	case b.Window != 0 && b.Window < breakerBuckets*time.Millisecond:
 		return errors.New("the field Window must be at least 10ms")
 	case b.MinRequests < 0, b.HalfOpenProbes < 0, b.ConsecutiveDialFailures < 0:

@@ -14,7 +14,8 @@ import (
 // RetryBudget and the AWS SDK's retry token bucket do. Contention retries
 // (deadlocks, serialization failures, lock timeouts) are not charged: the
 // database asked for them, and backoff paces them. The zero value of a field
-// means its default.
+// means its default; the fields are finite numbers, PerSecond and Max at
+// most 1e9.
 type Budget struct {
 	Ratio     float64 // tokens earned per successful call, in [0, 1]; default 0.2
 	PerSecond float64 // tokens earned per second regardless of traffic; default 10
@@ -39,6 +40,8 @@ func (b Budget) withDefaults() Budget {
 
 func (b Budget) validate() error {
 	switch {
+	case !finite(b.Ratio), !finite(b.PerSecond), !finite(b.Max):
+		return errors.New("the fields must be finite numbers")
 	case b.Ratio < 0, b.Ratio > 1:
 		return errors.New("the field Ratio must be in [0, 1]")
 	case b.PerSecond < 0:
@@ -47,12 +50,20 @@ func (b Budget) validate() error {
 		return errors.New("the field Max must not be negative")
 	case b.Max != 0 && b.Max < 1:
 		return errors.New("the field Max must be at least 1 (one retry)")
+	case b.PerSecond > maxBudgetTokens, b.Max > maxBudgetTokens:
+		// The balance is kept in fixed point in an int64: more would
+		// overflow it (Max: +Inf became a negative balance, no retries).
+		return errors.New("the fields PerSecond and Max must not exceed 1e9 (WithoutBudget turns the budget off)")
 	}
 	return nil
 }
 
 // milli is the fixed-point scale of the token balance.
 const milli = 1000
+
+// maxBudgetTokens bounds Max and PerSecond: at this scale a day of
+// PerSecond still fits the int64 balance many times over.
+const maxBudgetTokens = 1e9
 
 // retryBudget is the token bucket. Deposits on success are one atomic add;
 // withdrawals take the lock to add the time-based floor and clamp.

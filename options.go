@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -96,6 +97,23 @@ func optionError(name string, err error) error {
 	return fmt.Errorf("sqlretry: %s: %w", name, err)
 }
 
+// maxOptionDuration bounds every duration option: a longer one is a unit
+// mistake (a count of seconds given as a Duration of nanoseconds scaled up),
+// and near the top of the int64 range the backoff's and the breaker's
+// float arithmetic overflows.
+const maxOptionDuration = 24 * time.Hour
+
+var errDurationTooLong = fmt.Errorf("durations must not exceed %v", maxOptionDuration)
+
+// maxDialConcurrency bounds WithDialConcurrency (the limiter's channel is
+// allocated at that size).
+const maxDialConcurrency = 10000
+
+// finite reports a float option that is neither NaN nor infinite: NaN
+// passes every range check (each comparison is false) and then poisons
+// the arithmetic (Backoff{Multiplier: NaN} removed all backoff).
+func finite(f float64) bool { return !math.IsNaN(f) && !math.IsInf(f, 0) }
+
 // WithBackoff sets the retry pacing; zero fields take DefaultBackoff's values.
 func WithBackoff(b Backoff) Option {
 	return func(c *config) error {
@@ -156,8 +174,8 @@ func WithoutBudget() Option {
 // WithDialConcurrency bounds the dials in flight per connector (default 4).
 func WithDialConcurrency(n int) Option {
 	return func(c *config) error {
-		if n < 1 {
-			return optionError("WithDialConcurrency", fmt.Errorf("%d is not at least 1", n))
+		if n < 1 || n > maxDialConcurrency {
+			return optionError("WithDialConcurrency", fmt.Errorf("%d is not in [1, %d]", n, maxDialConcurrency))
 		}
 		c.dialParallel = n
 		return nil
@@ -172,6 +190,9 @@ func WithAttemptTimeout(d time.Duration) Option {
 	return func(c *config) error {
 		if d < 0 {
 			return optionError("WithAttemptTimeout", errors.New("must not be negative"))
+		}
+		if d > maxOptionDuration {
+			return optionError("WithAttemptTimeout", errDurationTooLong)
 		}
 		c.attemptTimeout = d
 		return nil
