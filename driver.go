@@ -241,7 +241,7 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 		}
 		if err := r.dials.acquire(ctx); err != nil {
 			r.breaker.done(t, outcomeNeutral)
-			return nil, r.giveUp(ctx, "dial", attempt, Permanent, errors.Join(err, last), "caller's context is done")
+			return nil, r.stop(ctx, "dial", attempt, err, last, "caller's context is done")
 		}
 		ic, err, ownTimeout := attemptWithTimeout(ctx, r.cfg, c.inner.Connect)
 		r.dials.release()
@@ -250,11 +250,12 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 			r.counters.dials.Add(1)
 			return newConn(ic, r), nil
 		}
+		prev := last
 		last = err
 		r.counters.dialFailures.Add(1)
 		if ctx.Err() != nil {
 			r.breaker.done(t, outcomeNeutral)
-			return nil, r.giveUp(ctx, "dial", attempt, Permanent, err, "caller's context is done")
+			return nil, r.stop(ctx, "dial", attempt, err, prev, "caller's context is done")
 		}
 		cls := r.classify(err)
 		if ownTimeout {
@@ -270,12 +271,12 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 		}
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
-			return nil, r.giveUp(ctx, "dial", attempt, cls, err, stop)
+			return nil, r.paceStop(ctx, "dial", attempt, cls, err, stop)
 		}
 		r.counters.retriesConnection.Add(1)
 		r.observe(ctx, Event{Kind: EventRetry, Op: "dial", Attempt: attempt, Class: cls, Err: err, Delay: d, Reason: "dial failed; nothing was sent"})
 		if serr := r.clock.Sleep(ctx, d); serr != nil {
-			return nil, r.giveUp(ctx, "dial", attempt, cls, err, "caller's context is done")
+			return nil, r.stop(ctx, "dial", attempt, err, nil, "caller's context is done")
 		}
 	}
 }

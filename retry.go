@@ -163,6 +163,59 @@ func (r *retrier) giveUp(ctx context.Context, op string, attempts int, cls Class
 	return newError(op, attempts, cls, nil, err)
 }
 
+// stop ends a call that the caller's context ended, or whose next attempt
+// would end after the caller's deadline. The error matches the context's
+// error and keeps the database's error that was being retried (err, or
+// prev when err is only the context's): "context deadline exceeded" alone
+// hides a refused connection or a deadlock.
+func (r *retrier) stop(ctx context.Context, op string, attempts int, err, prev error, why string) error {
+	err = stoppedBy(ctx, err, prev)
+	cls := Permanent
+	var s *stoppedError
+	if errors.As(err, &s) {
+		cls = r.classify(s.cause)
+	}
+	return r.giveUp(ctx, op, attempts, cls, err, why)
+}
+
+// paceStop ends a call whose pacing said stop: at the caller's deadline
+// the error matches it, as when the context itself ended.
+func (r *retrier) paceStop(ctx context.Context, op string, attempts int, cls Class, err error, why string) error {
+	if why == stopDeadline {
+		return r.stop(ctx, op, attempts, err, nil, why)
+	}
+	return r.giveUp(ctx, op, attempts, cls, err, why)
+}
+
+// stoppedError is what ended a call (the context's error) with the last
+// error of the database before it.
+type stoppedError struct{ stop, cause error }
+
+func (e *stoppedError) Error() string {
+	return e.stop.Error() + " (while retrying: " + e.cause.Error() + ")"
+}
+func (e *stoppedError) Unwrap() []error { return []error{e.stop, e.cause} }
+
+func stoppedBy(ctx context.Context, err, prev error) error {
+	stop := ctx.Err()
+	if stop == nil {
+		stop = context.DeadlineExceeded // the next attempt would end after the deadline
+	}
+	cause := err
+	if err == nil || errors.Is(err, stop) {
+		// The attempt only says the context ended (pgx: "timeout: context
+		// deadline exceeded"): the cause is the attempt before.
+		if err != nil {
+			stop = err
+		}
+		cause = prev
+	}
+	if cause == nil || errors.Is(cause, stop) {
+		return stop
+	}
+	return &stoppedError{stop: stop, cause: withoutBadConn(cause)}
+}
+
 // action is a row of the safety table for a statement outside a transaction.
 type action uint8
 
@@ -225,9 +278,11 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 	var zero T
 	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
 	err := firstErr
+	var prev error // the previous attempt's error, kept for a give-up at the deadline
 	for attempt := 1; ; attempt++ {
 		ownTimeout := false
 		if attempt > 1 || err == nil {
+			prev = err
 			if attempt > 1 {
 				var gateErr error
 				if t, gateErr = r.admit(ctx); gateErr != nil {
@@ -247,7 +302,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		}
 		if ctx.Err() != nil { // rule 3: the caller is gone
 			r.breaker.done(t, outcomeNeutral)
-			return zero, r.giveUp(ctx, op, attempt, Permanent, err, "caller's context is done")
+			return zero, r.stop(ctx, op, attempt, err, prev, "caller's context is done")
 		}
 		cls := r.classify(err)
 		if ownTimeout {
@@ -285,10 +340,10 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 				// The server answered with a refusal: pause before the re-run.
 				d, stop := p.next(ctx, attempt)
 				if stop != "" {
-					return zero, r.giveUp(ctx, op, attempt, cls, err, stop)
+					return zero, r.paceStop(ctx, op, attempt, cls, err, stop)
 				}
 				if serr := r.clock.Sleep(ctx, d); serr != nil {
-					return zero, r.giveUp(ctx, op, attempt, cls, err, "caller's context is done")
+					return zero, r.stop(ctx, op, attempt, err, nil, "caller's context is done")
 				}
 			}
 			r.counters.handOffs.Add(1)
@@ -299,12 +354,12 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		// actRetryHere: contention is not charged to the budget.
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
-			return zero, r.giveUp(ctx, op, attempt, cls, err, stop)
+			return zero, r.paceStop(ctx, op, attempt, cls, err, stop)
 		}
 		r.counters.retriesStatement.Add(1)
 		r.observe(ctx, Event{Kind: EventRetry, Op: op, Attempt: attempt, Class: cls, Err: err, Delay: d, Reason: "the server rolled the statement back"})
 		if serr := r.clock.Sleep(ctx, d); serr != nil {
-			return zero, r.giveUp(ctx, op, attempt, cls, err, "caller's context is done")
+			return zero, r.stop(ctx, op, attempt, err, nil, "caller's context is done")
 		}
 	}
 }
