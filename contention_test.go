@@ -282,13 +282,10 @@ func TestContentionDoesNotCountTheWaitForAConnection(t *testing.T) {
 	for range DefaultBreaker.ConsecutiveDialFailures {
 		srv.dialErrs = append(srv.dialErrs, errRefused)
 	}
-	first := true
-	err := RunInTx(ctx, db, nil, func(context.Context, *sql.Tx) error {
-		if first {
-			first = false
-			return &pgError{"40001", "could not serialize access due to concurrent update"}
-		}
-		return nil
+	srv.script("UPDATE", step{err: &pgError{"40001", "could not serialize access due to concurrent update"}})
+	err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "UPDATE t SET n = 1")
+		return err
 	})
 	if err != nil {
 		t.Fatal(err)

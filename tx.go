@@ -52,9 +52,7 @@ func (t *tx) done(err error, query string, isQuery bool) {
 		}
 		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
 			t.poison, t.firstErr = nil, nil // the server accepted it: the transaction lives on
-			if t.attempt != nil {
-				t.attempt.poison = nil
-			}
+			t.attempt.revived()
 		}
 		return
 	}
@@ -70,6 +68,7 @@ func (t *tx) failed(err error, query string) {
 	if errors.As(err, &p) {
 		return
 	}
+	t.attempt.raised(err)
 	r := t.c.r
 	cls := r.classify(err)
 	if cls == Unavailable && t.readOnly && r.dialect == DialectPostgres {
@@ -269,36 +268,93 @@ func serverAnswered(err error) bool {
 	return errors.As(err, &pg) || errors.As(err, &my)
 }
 
-// txAttempt links one RunInTx attempt to the transaction the driver
-// opened for it, so RunInTx sees a poisoning even when the closure
-// returned some other error. It is the context given to BeginTx (one
-// allocation instead of a context.WithValue and a struct).
+// txAttempt is one RunInTx attempt. It is the context given to BeginTx,
+// which links it to the transaction the driver opens (conn.BeginTx), so
+// that the Tx decorator records on it what the database raised in this
+// attempt; and it is the context given to the closure, where a nested
+// RunInTx finds it. One allocation per attempt serves all of that.
 type txAttempt struct {
 	context.Context
-	poison error
+	begun  bool  // BeginTx has returned: a BeginTx inside the closure is not this attempt's
+	poison error // first retryable error (tx.failed)
+	first  error // first error the database raised in this attempt, of any class ...
+	last   error // ... and the last
+	// A RunInTx nested in this attempt's closure runs once; when it failed
+	// for a reason worth a replay, the replay is this attempt's.
+	nested, nestedCause error
 }
 
 func (a *txAttempt) Value(key any) any {
-	if key == keyAttempt {
+	switch key {
+	case keyAttempt:
+		if a.begun {
+			return nil
+		}
+		return a
+	case keyRunInTx:
 		return a
 	}
 	return a.Context.Value(key)
 }
 
-const keyAttempt ctxKey = 100
-
-// slotHeld marks the context of a RunInTx body that holds a slot of the
-// contention control, for a RunInTx nested in it.
-type slotHeld struct{ context.Context }
-
-const keySlotHeld ctxKey = 101
-
-func (h slotHeld) Value(key any) any {
-	if key == keySlotHeld {
-		return true
+// raised records an error the database raised in this attempt's
+// transaction.
+func (a *txAttempt) raised(err error) {
+	if a == nil {
+		return
 	}
-	return h.Context.Value(key)
+	if a.first == nil {
+		a.first = err
+	}
+	a.last = err
 }
+
+// revived forgets the errors before a ROLLBACK TO SAVEPOINT the server
+// accepted: the transaction lives on.
+func (a *txAttempt) revived() {
+	if a != nil {
+		a.poison, a.first, a.last = nil, nil, nil
+	}
+}
+
+// causeOf returns the error that decides whether an attempt whose closure
+// returned err is replayed, or nil when err is not the database's:
+// only errors the database raised in this attempt are replay causes, and
+// an error of the closure's own (a parse error, an HTTP call) is returned
+// unchanged. A closure that swallowed a retryable error and returned
+// another is still replayed (poisoning, shared/DESIGN.md).
+func (a *txAttempt) causeOf(err error, pgRules bool) error {
+	if a.nested != nil && errors.Is(err, a.nested) {
+		return a.nestedCause
+	}
+	var p *poisonedError
+	raised := errors.As(err, &p) ||
+		a.first != nil && (errors.Is(err, a.first) || errors.Is(err, a.last))
+	if !raised && a.poison == nil {
+		return nil
+	}
+	return a.decider(err, pgRules)
+}
+
+// decider is the error that decides for the attempt: on PostgreSQL any
+// error aborts the transaction, so the first one (a unique violation the
+// closure swallowed decides, not the 25P02 after it); on MySQL an error
+// such as a unique violation leaves the transaction alive, so the first
+// retryable one.
+func (a *txAttempt) decider(err error, pgRules bool) error {
+	switch {
+	case pgRules && a.first != nil:
+		return a.first
+	case a.poison != nil:
+		return a.poison
+	}
+	return err
+}
+
+const (
+	keyAttempt ctxKey = 100 // BeginTx's context: the attempt to link
+	keyRunInTx ctxKey = 101 // the closure's context: the attempt it runs in
+)
 
 // RunInTx runs fn in a transaction and commits it. When the transaction is
 // aborted by something that is safe to retry (a serialization failure, a
@@ -308,11 +364,24 @@ func (h slotHeld) Value(key any) any {
 // that lost its connection is resolved, never guessed: success,
 // a replay, or ErrAmbiguousCommit.
 //
+// Only errors the database raised in the attempt's transaction are replay
+// causes: an error of fn's own (a parse error, a failed HTTP call, a
+// give-up of sqlretry elsewhere) comes back unchanged after one run. On
+// PostgreSQL the transaction's first error decides, not the "current
+// transaction is aborted" that follows it. A timeout that repeats (idle in
+// transaction, transaction or statement timeout) is fn's, not contention:
+// it is replayed once at most. A RunInTx nested in fn runs once, and a
+// replay it needs is the outer's: the attempts do not multiply.
+//
 // On a *sql.DB opened through sqlretry RunInTx uses its policy, breaker and
-// budget; on any other *sql.DB the defaults. opts may override the backoff
-// (WithBackoff, WithMaxAttempts), the observer and the classifier rules
-// for this call.
+// budget; on any other *sql.DB the defaults, and since it cannot see the
+// driver's calls there it judges by the error fn returned. opts may
+// override the backoff (WithBackoff, WithMaxAttempts), the observer and the
+// classifier rules for this call.
 func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, opts ...Option) error {
+	if ctx == nil {
+		return errors.New("sqlretry: RunInTx: nil context")
+	}
 	if db == nil {
 		return errors.New("sqlretry: RunInTx: db is nil")
 	}
@@ -320,6 +389,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		return errors.New("sqlretry: RunInTx: fn is nil")
 	}
 	r := retrierOf(db)
+	sees := r != nil // the Tx decorator records what the database raised
 	if r == nil {
 		r = plainRetrier()
 	}
@@ -333,73 +403,68 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		rc.cfg, rc.obs = cfg, cfg.observer
 		r = &rc
 	}
+	outer, _ := ctx.Value(keyRunInTx).(*txAttempt)
 	lim := r.txLimit
-	if ctx.Value(keySlotHeld) != nil {
-		lim = nil // an outer RunInTx holds a slot: waiting for another could deadlock
+	if outer != nil {
+		lim = nil // the outer may hold a slot: waiting for another could deadlock
 	}
 	// The clock is read once BEGIN has returned (the wait for a connection
 	// is not the transaction's work, for contention control), and the first
 	// of those reads starts the pacer: one clock read per attempt.
 	p := pacer{b: r.cfg.backoff, clock: r.clock, rnd: r.rnd}
+	conflicted := false  // an attempt of this call was aborted by a conflict
+	var prev error       // the last attempt's error, for a give-up at the deadline
+	var lastTimeout uint // the last attempt's timeout, 0 if none
 	for attempt := 1; ; attempt++ {
-		var slot txSlot
-		if lim != nil {
-			var werr error
-			if slot, werr = lim.acquire(ctx); werr != nil {
-				return r.giveUp(ctx, "tx", max(attempt-1, 1), Permanent, werr, "caller's context is done")
-			}
+		o, werr := r.runAttempt(ctx, lim, db, txOpts, fn, sees, conflicted)
+		if werr != nil {
+			return r.stop(ctx, "tx", max(attempt-1, 1), werr, prev, "caller's context is done")
 		}
-		body := fn
-		if slot.limited {
-			body = func(ctx context.Context, tx *sql.Tx) error { return fn(slotHeld{ctx}, tx) }
-		}
-		began, err, phase, poison := runTxOnce(ctx, db, txOpts, body, r.clock)
 		if p.start.IsZero() {
-			p.start = began
+			p.start = o.began
 		}
-		if lim != nil {
-			conflict := false
-			if err != nil && ctx.Err() == nil {
-				c := r.classify(err)
-				if poison != nil {
-					c = r.classify(poison)
-				}
-				conflict = c == RetryTransaction || c == RetryStatement
-			}
-			lim.release(slot, conflict, err == nil, r.clock.Now().Sub(began))
-		}
+		conflicted = conflicted || o.conflict
+		err := o.err
 		if err == nil {
 			return nil
 		}
 		if ctx.Err() != nil {
-			return r.giveUp(ctx, "tx", attempt, Permanent, err, "caller's context is done")
+			return r.stop(ctx, "tx", attempt, err, prev, "caller's context is done")
 		}
 		if errors.Is(err, ErrCircuitOpen) || errors.Is(err, ErrBudgetExhausted) || errors.Is(err, ErrAmbiguousCommit) {
 			return err
 		}
-		cls := r.classify(err)
-		if poison != nil {
-			cls = r.classify(poison)
+		if o.cause == nil {
+			return err // fn's own error, or a give-up of something else: final
 		}
-		replay := false
-		switch cls {
-		case RetryStatement, RetryTransaction, Unavailable:
-			replay = true
-		case ConnectionLost, Ambiguous:
-			replay = true // before COMMIT the server rolls back on disconnect
-		}
+		cls := o.cls
 		var own *Error
 		var poisoned *poisonedError
-		if phase == phaseCommit && !errors.As(err, &own) && !errors.As(err, &poisoned) && commitOutcomeUnknown(cls, err) {
+		if o.phase == phaseCommit && !errors.As(err, &own) && !errors.As(err, &poisoned) && commitOutcomeUnknown(cls, err) {
 			// A raw COMMIT error that sqlretry's Tx did not resolve (a *sql.DB
 			// that sqlretry did not open): its outcome is unknown.
 			return newError("commit", attempt, cls, ErrAmbiguousCommit, err)
 		}
-		if !replay || ctx.Value(keyNoRetry) != nil {
-			if poison != nil && err != poison {
-				err = fmt.Errorf("%w (the transaction had been aborted by: %w)", err, poison)
+		if o.cause != err && !errors.Is(err, o.cause) {
+			err = fmt.Errorf("%w (the transaction had been aborted by: %w)", err, o.cause)
+		}
+		if outer != nil {
+			// Nested: one run; a replay is the outer RunInTx's.
+			if o.replay {
+				outer.nested, outer.nestedCause = err, o.cause
 			}
+			return err
+		}
+		if !o.replay || ctx.Value(keyNoRetry) != nil {
 			return r.giveUp(ctx, "tx", attempt, cls, err, "not retryable")
+		}
+		if t := timeoutOf(o.cause); t != 0 {
+			if t == lastTimeout {
+				return r.giveUp(ctx, "tx", attempt, cls, err, "the same timeout repeated: it is the transaction's, not contention")
+			}
+			lastTimeout = t
+		} else {
+			lastTimeout = 0
 		}
 		if cls == Unavailable || cls == ConnectionLost {
 			if !r.budget.withdraw() {
@@ -409,14 +474,117 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		}
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
-			return r.giveUp(ctx, "tx", max(attempt, 2), cls, err, stop)
+			return r.paceStop(ctx, "tx", max(attempt, 2), cls, err, stop)
 		}
 		r.counters.retriesTransaction.Add(1)
 		r.observe(ctx, Event{Kind: EventRetry, Op: "tx", Attempt: attempt, Class: cls, Err: err, Delay: d, Reason: "transaction aborted; replaying it"})
 		if serr := r.clock.Sleep(ctx, d); serr != nil {
-			return r.giveUp(ctx, "tx", attempt, cls, err, "caller's context is done")
+			return r.stop(ctx, "tx", attempt, err, nil, "caller's context is done")
+		}
+		prev = err
+	}
+}
+
+// txOutcome is what one RunInTx attempt came to.
+type txOutcome struct {
+	began    time.Time // when BeginTx returned
+	phase    txPhase
+	err      error // what the attempt returned
+	cause    error // what decides about a replay; nil: err is final
+	cls      Class // cause's class
+	replay   bool
+	conflict bool // aborted by a conflict with another transaction (for contention control)
+}
+
+// runAttempt runs one attempt within the contention control: the slot is
+// given back on every path, a panic of fn included (the panic goes on with
+// its own value). werr is the caller's context ending while it waited for
+// a slot. conflicted says an earlier attempt of the same call was aborted
+// by a conflict: later ones are that caller's trouble (one transaction
+// waiting on a lock held outside, say), not transactions colliding with
+// each other, and are not reported to the contention control as conflicts.
+func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
+	fn func(context.Context, *sql.Tx) error, sees, conflicted bool) (o txOutcome, werr error) {
+	var slot txSlot
+	if lim != nil {
+		if slot, werr = lim.acquire(ctx); werr != nil {
+			return o, werr
+		}
+		defer func() {
+			var took time.Duration
+			if !o.began.IsZero() {
+				took = r.clock.Now().Sub(o.began)
+			}
+			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
+		}()
+	}
+	att := &txAttempt{Context: ctx}
+	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock)
+	if o.err != nil {
+		r.decide(&o, att, sees)
+		o.conflict = ctx.Err() == nil && o.replay && (o.cls == RetryTransaction || o.cls == RetryStatement)
+	}
+	return o, nil
+}
+
+// decide says whether a failed attempt is replayed, and for what cause.
+func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
+	err := o.err
+	var own *Error
+	pgRules := r.dialect != DialectMySQL
+	switch {
+	case o.phase != phaseCommit && errors.As(err, &own):
+		// sqlretry's own give-up or refusal (a statement, a dial, a nested
+		// RunInTx): final. At COMMIT the Tx's *Error is its verdict.
+		return
+	case !sees:
+		o.cause = err // a *sql.DB sqlretry did not open: only the error itself to judge by
+	case o.phase == phaseBody:
+		o.cause = att.causeOf(err, pgRules)
+	case o.phase == phaseCommit:
+		var p *poisonedError
+		if errors.As(err, &p) || pgRules && att.first != nil {
+			o.cause = att.decider(err, pgRules)
+		} else {
+			o.cause = err
+		}
+	default:
+		o.cause = err
+	}
+	if o.cause == nil {
+		return
+	}
+	o.cls = r.classify(o.cause)
+	switch o.cls {
+	case RetryStatement, RetryTransaction, Unavailable:
+		o.replay = true
+	case ConnectionLost, Ambiguous:
+		o.replay = true // before COMMIT the server rolls back on disconnect
+	}
+}
+
+// timeoutOf recognises the timeouts that end a transaction which ran too
+// long or sat idle too long: when one repeats, the transaction itself is
+// the cause (a deterministic error is not contention). Lock timeouts are
+// not among them: they wait on another transaction. The value is the
+// SQLSTATE's or the error number's, for comparing attempts.
+func timeoutOf(err error) uint {
+	var pg interface{ SQLState() string }
+	if errors.As(err, &pg) {
+		switch c := pg.SQLState(); c {
+		case "25P03", "25P04", "57014": // idle in transaction, transaction timeout, statement timeout
+			return uint(c[0])<<24 | uint(c[1])<<16 | uint(c[3])<<8 | uint(c[4])
+		}
+		return 0
+	}
+	var my *mysql.MySQLError
+	if errors.As(err, &my) {
+		switch my.Number {
+		case 4031, 1969, 3024: // idle disconnect, MariaDB max_statement_time, MySQL max_execution_time
+			return uint(my.Number)
 		}
 	}
+	return 0
 }
 
 type txPhase uint8
@@ -428,28 +596,28 @@ const (
 )
 
 // runTxOnce runs one attempt of a RunInTx transaction; began is when
-// BeginTx returned.
-func runTxOnce(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock) (began time.Time, err error, phase txPhase, poison error) {
-	att := &txAttempt{Context: ctx}
+// BeginTx returned. fn runs with att as its context.
+func runTxOnce(att *txAttempt, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock) (began time.Time, phase txPhase, err error) {
 	sqlTx, err := db.BeginTx(att, txOpts)
 	began = clock.Now()
 	if err != nil {
-		return began, err, phaseBegin, nil
+		return began, phaseBegin, err
 	}
+	att.begun = true
 	committed := false
 	defer func() {
 		if !committed {
 			_ = sqlTx.Rollback() // also when fn panics
 		}
 	}()
-	if err := fn(ctx, sqlTx); err != nil {
-		return began, err, phaseBody, att.poison
+	if err := fn(att, sqlTx); err != nil {
+		return began, phaseBody, err
 	}
 	committed = true
 	if err := sqlTx.Commit(); err != nil {
-		return began, err, phaseCommit, nil
+		return began, phaseCommit, err
 	}
-	return began, nil, phaseCommit, nil
+	return began, phaseCommit, nil
 }
 
 var (
