@@ -446,7 +446,9 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 			return newError("commit", attempt, cls, ErrAmbiguousCommit, err)
 		}
 		if o.cause != err && !errors.Is(err, o.cause) {
-			err = fmt.Errorf("%w (the transaction had been aborted by: %w)", err, o.cause)
+			// The cause first: errors.As finds the error that decided (the
+			// unique violation, not the 25P02 the closure met after it).
+			err = fmt.Errorf("%w (then: %w)", o.cause, err)
 		}
 		if outer != nil {
 			// Nested: one run; a replay is the outer RunInTx's.
