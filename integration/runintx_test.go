@@ -65,7 +65,7 @@ func stuckCaller(t *testing.T, driverName string) {
 	update := "UPDATE " + tbl + " SET n = n + 1 WHERE id = " + placeholder(driverName, 1)
 
 	// Each phase runs on a *sql.DB of its own: the same start for both.
-	run := func(stuck bool) (commits int64, stuckRuns int64, stuckErr error, s sqlretry.Stats) {
+	run := func(stuck bool) (commits, stuckRuns int64, s sqlretry.Stats, stuckErr error) {
 		db, err := sqlretry.Open(driverName, d)
 		if err != nil {
 			t.Fatal(err)
@@ -118,10 +118,10 @@ func stuckCaller(t *testing.T, driverName string) {
 		}
 		wg.Wait()
 		s, _ = sqlretry.StatsOf(db)
-		return commits, stuckRuns, stuckErr, s
+		return commits, stuckRuns, s, stuckErr
 	}
 	base, _, _, _ := run(false)
-	withStuck, stuckRuns, stuckErr, s := run(true)
+	withStuck, stuckRuns, s, stuckErr := run(true)
 	ratio := float64(withStuck) / float64(base)
 	t.Logf("commits in %v: %d alone, %d beside the stuck caller (%.0f%%); the stuck caller ran %d times and got %v; stats %+v",
 		phase, base, withStuck, 100*ratio, stuckRuns, stuckErr, s)
