@@ -513,3 +513,41 @@ func TestGiveUpAtTheDeadlineKeepsTheCause(t *testing.T) {
 		check(t, err, errDeadlockPG)
 	})
 }
+
+// cancellingClock is a fake clock whose sleeps are cut by the caller's
+// cancellation, which comes during the first sleep.
+type cancellingClock struct {
+	*fakeClock
+	cancel context.CancelFunc
+}
+
+func (c cancellingClock) Sleep(ctx context.Context, d time.Duration) error {
+	c.cancel()
+	return ctx.Err()
+}
+
+// A call that waits for an open breaker's probe and is cancelled meanwhile
+// says both: the breaker, and the caller's cancellation.
+func TestRefusalAfterACancelledWaitSaysSo(t *testing.T) {
+	srv := newFakeServer()
+	for range 5 {
+		srv.dialErrs = append(srv.dialErrs, errRefused)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	clock := cancellingClock{newFakeClock(), func() {}}
+	wc, err := WrapConnector(&fakeConnector{srv: srv}, WithClock(clock), WithDialect(DialectPostgres),
+		WithBreaker(Breaker{MinRequests: 5, OpenTimeout: time.Second, OpenJitter: 0.01}), WithoutBudget(), WithMaxAttempts(5))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sql.OpenDB(wc)
+	defer db.Close()
+	db.Exec("SELECT 1") // the dials fail, the breaker opens
+	clock.cancel = cancel
+	retrierOf(db).clock = clock
+	_, err = db.ExecContext(ctx, "SELECT 1")
+	if !errors.Is(err, ErrCircuitOpen) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want ErrCircuitOpen and context.Canceled", err)
+	}
+}

@@ -147,6 +147,11 @@ func (r *retrier) refuse(ctx context.Context, op string, attempts int, cls Class
 	if reason == ErrBudgetExhausted {
 		r.counters.budgetRejections.Add(1)
 	}
+	if ctx.Err() != nil {
+		// The caller's context ended while the call waited for the
+		// breaker's probe: say so, beside the database's last error.
+		last = stoppedBy(ctx, last, nil)
+	}
 	e := newError(op, attempts, cls, reason, last)
 	r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempts, Class: cls, Err: last, Reason: reason.Error()})
 	return e
