@@ -279,10 +279,13 @@ type txAttempt struct {
 	poison error // first retryable error (tx.failed)
 	first  error // first error the database raised in this attempt, of any class ...
 	last   error // ... and the last
-	// A RunInTx nested in this attempt's closure runs once; when it failed
-	// for a reason worth a replay, the replay is this attempt's.
-	nested, nestedCause error
+	nested *nestedReplay
 }
+
+// nestedReplay is the failure of a RunInTx nested in an attempt's closure
+// for a reason worth a replay: it runs once, and the replay is the
+// outer attempt's.
+type nestedReplay struct{ err, cause error }
 
 func (a *txAttempt) Value(key any) any {
 	switch key {
@@ -324,8 +327,8 @@ func (a *txAttempt) revived() {
 // unchanged. A closure that swallowed a retryable error and returned
 // another is still replayed (poisoning, shared/DESIGN.md).
 func (a *txAttempt) causeOf(err error, pgRules bool) error {
-	if a.nested != nil && errors.Is(err, a.nested) {
-		return a.nestedCause
+	if a.nested != nil && errors.Is(err, a.nested.err) {
+		return a.nested.cause
 	}
 	var p *poisonedError
 	raised := errors.As(err, &p) ||
@@ -453,7 +456,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		if outer != nil {
 			// Nested: one run; a replay is the outer RunInTx's.
 			if o.replay {
-				outer.nested, outer.nestedCause = err, o.cause
+				outer.nested = &nestedReplay{err: err, cause: o.cause}
 			}
 			return err
 		}
