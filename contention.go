@@ -170,13 +170,18 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 			now = l.clock.Now()
 			l.markRateLocked(now)
 			// Limiting helps only transactions that collide with each
-			// other. A conflict while no other of ours was in flight, or
-			// with no other call's conflict shortly before (RunInTx reports
-			// only a call's first conflict), is one caller waiting on
-			// something outside: a batch session's row lock held for
-			// seconds engaged it, and eight workers on their own rows fell
-			// from 721 commits to 72 (issue 9 item 8).
-			lone = n < 2 || l.lastAt.IsZero() || now.Sub(l.lastAt) > max(time.Second, took)
+			// other. A conflict with no other call's conflict shortly
+			// before it (RunInTx reports only a call's first conflict) is
+			// one caller waiting on something outside: a batch session's
+			// row lock held for seconds engaged it, and eight workers on
+			// their own rows fell from 721 commits to 72 (issue 9 item 8).
+			// "Shortly" is two deadlock_timeouts of PostgreSQL's default,
+			// or twice what this conflict cost: two workers deadlocking
+			// with each other meet once per deadlock_timeout and a backoff.
+			// (Whether another transaction of ours was still in flight
+			// says nothing: a deadlock's winner often commits before the
+			// victim has rolled back.)
+			lone = l.lastAt.IsZero() || now.Sub(l.lastAt) > max(2*time.Second, 2*took)
 			l.lastAt = now
 		}
 		// Nor does a conflict before two rounds of the transactions in
