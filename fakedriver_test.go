@@ -59,6 +59,10 @@ type step struct {
 // fakeServer is what the fake connections talk to: scripts per statement
 // (matched by prefix), and a log of what ran and what committed.
 type fakeServer struct {
+	// pgAborts makes a transaction behave as on PostgreSQL: after an error
+	// every statement fails with 25P02 and COMMIT turns into a rollback.
+	pgAborts bool
+
 	mu         sync.Mutex
 	scripts    map[string][]step
 	dialErrs   []error
@@ -72,9 +76,6 @@ type fakeServer struct {
 	killed     []int64
 	openConns  atomic.Int64
 	hangCommit chan struct{} // when set, COMMIT and ROLLBACK wait for it to close
-	// pgAborts makes a transaction behave as on PostgreSQL: after an error
-	// every statement fails with 25P02 and COMMIT turns into a rollback.
-	pgAborts bool
 }
 
 // fakeStart is the fake server's start time: it never restarts.
@@ -186,11 +187,11 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if c.broken {
-		return driver.ErrBadConn
-	}
 	if c.aborted {
 		return errInFailedTx
+	}
+	if c.broken {
+		return driver.ErrBadConn
 	}
 	st, ok := c.srv.next(q)
 	if ok && st.block {
