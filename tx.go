@@ -68,7 +68,6 @@ func (t *tx) failed(err error, query string) {
 	if errors.As(err, &p) {
 		return
 	}
-	t.attempt.raised(err)
 	r := t.c.r
 	cls := r.classify(err)
 	if cls == Unavailable && t.readOnly && r.dialect == DialectPostgres {
@@ -81,6 +80,7 @@ func (t *tx) failed(err error, query string) {
 	if t.firstErr == nil {
 		t.firstErr = err
 	}
+	t.attempt.raised(err)
 	if cls != Permanent && t.poison == nil {
 		t.poison = err
 		if t.attempt != nil {
