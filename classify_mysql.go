@@ -58,3 +58,13 @@ func classifyMySQLNumber(n uint16, msg string) Class {
 	}
 	return Permanent
 }
+
+// mysqlAnsweredForStatement: numbers that, answered for a statement on a
+// live session, are that statement's: a per-user limit (1226: at connect
+// time max_connections_per_hour, at statement time max_questions or
+// max_updates) or an InnoDB limit (1637: too many active concurrent
+// transactions). 1040 and 1203 stay unavailability: the server sends them
+// only while a session starts, so after that they come from a proxy.
+func mysqlAnsweredForStatement(n uint16) bool {
+	return n == 1226 || n == 1637
+}

@@ -115,3 +115,41 @@ func FuzzClassify(f *testing.F) {
 		}
 	})
 }
+
+// The same code reads differently by phase: at connect time a refusal
+// (unavailable, retried, counted by the breaker), answered for a statement
+// on a live session the statement's own error (issue 9, item 6).
+func TestClassifyByPhase(t *testing.T) {
+	my := func(n uint16) error { return &mysql.MySQLError{Number: n, Message: "x"} }
+	pg := func(code string) error { return &pgError{code: code, msg: "x"} }
+	for _, tc := range []struct {
+		err             error
+		dial, statement Class
+	}{
+		{pg("53000"), Unavailable, Permanent}, {pg("53100"), Unavailable, Permanent}, {pg("53200"), Unavailable, Permanent},
+		{pg("53400"), Unavailable, Permanent}, {pg("58000"), Unavailable, Permanent}, {pg("58030"), Unavailable, Permanent},
+		{pg("08001"), Unavailable, Permanent}, {pg("08004"), Unavailable, Permanent},
+		{pg("08000"), ConnectionLost, Permanent}, {pg("08003"), ConnectionLost, Permanent}, {pg("08006"), ConnectionLost, Permanent},
+		{fmt.Errorf("wrapped: %w", pg("53200")), Unavailable, Permanent},
+		// Sent only while a session starts: after that, a pooler's refusal.
+		{pg("53300"), Unavailable, Unavailable}, {pg("57P03"), Unavailable, Unavailable},
+		{&pgError{"08P01", "no more connections allowed (max_client_conn)"}, Unavailable, Unavailable},
+		// The session itself is gone.
+		{pg("57P01"), ConnectionLost, ConnectionLost}, {pg("57P05"), Unavailable, Unavailable}, {pg("08007"), Ambiguous, Ambiguous},
+		{my(1226), Unavailable, Permanent}, {my(1637), Unavailable, Permanent},
+		{my(1040), Unavailable, Unavailable}, {my(1203), Unavailable, Unavailable}, {my(4031), Unavailable, Unavailable},
+		{my(1047), Unavailable, Unavailable}, {my(1927), ConnectionLost, ConnectionLost},
+		{my(1037), Permanent, Permanent}, {my(1038), Permanent, Permanent}, {my(1041), Permanent, Permanent},
+		{my(1114), Permanent, Permanent}, {my(3024), Permanent, Permanent},
+		{driver.ErrBadConn, Unavailable, Unavailable}, {errRefused, Unavailable, Unavailable},
+		// sqlretry's own verdict stands.
+		{&Error{Class: Unavailable, Err: pg("53300")}, Unavailable, Unavailable},
+	} {
+		if got := classifyDial(nil, tc.err); got != tc.dial {
+			t.Errorf("at connect: %v = %v, want %v", tc.err, got, tc.dial)
+		}
+		if got := classify(nil, tc.err); got != tc.statement {
+			t.Errorf("for a statement: %v = %v, want %v", tc.err, got, tc.statement)
+		}
+	}
+}

@@ -256,7 +256,10 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 			r.breaker.done(t, outcomeNeutral)
 			return nil, r.giveUp(ctx, "dial", attempt, Permanent, err, "caller's context is done")
 		}
-		cls := r.classify(err)
+		// By code alone: a refusal at connect time ("too many
+		// connections", "starting up", out of memory) is unavailability,
+		// where the same code answered for a statement is not.
+		cls := classifyDial(r.cfg.rules, err)
 		if ownTimeout {
 			cls = ConnectionLost
 		}
