@@ -134,6 +134,9 @@ func classifyDefault(err error) Class {
 		// By the driver contract nothing was sent.
 		return Unavailable
 	}
+	if isStandby(err) {
+		return Unavailable // the server said it is read-only (readonly.go)
+	}
 	var pg interface{ SQLState() string }
 	if errors.As(err, &pg) {
 		return classifyPostgres(pg.SQLState(), err.Error())

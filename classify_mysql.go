@@ -36,14 +36,14 @@ func classifyMySQLNumber(n uint16, msg string) Class {
 		1615: // prepared statement needs re-preparing
 		return RetryStatement
 	case 1040, 1203, 1226, 1637, 4031, // too many connections / idle disconnect
-		1836, 1792, 1047, // read-only / node not ready (failover, Galera)
+		1047,                                                 // node not ready (Galera)
 		9001, 9002, 9003, 9004, 9005, 9008, 8027, 8120, 8252: // TiDB: storage unavailable
 		return Unavailable
-	case 1290:
-		// Also returned for secure-file-priv, which is permanent.
-		if strings.Contains(msg, "read-only") || strings.Contains(msg, "read_only") {
-			return Unavailable
-		}
+	case 1290, 1792, 1836:
+		// Read-only (1290 also means secure-file-priv): the user's
+		// read-only transaction or session, or a read-only server. The
+		// number cannot tell: sqlretry asks the server (readonly.go) and
+		// only a read-only server becomes Unavailable.
 		return Permanent
 	case 1053, 1080, 1152, 1158, 1159, 1160, 1161, 1927: // shutdown, connection killed or lost
 		return ConnectionLost
@@ -67,4 +67,15 @@ func classifyMySQLNumber(n uint16, msg string) Class {
 // only while a session starts, so after that they come from a proxy.
 func mysqlAnsweredForStatement(n uint16) bool {
 	return n == 1226 || n == 1637
+}
+
+// mysqlReadOnlyAnswer: the server refused a write as read-only.
+func mysqlReadOnlyAnswer(n uint16, msg string) bool {
+	switch n {
+	case 1792, 1836:
+		return true
+	case 1290:
+		return strings.Contains(msg, "read-only") || strings.Contains(msg, "read_only")
+	}
+	return false
 }

@@ -23,11 +23,15 @@ func classifyPostgres(code, msg string) Class {
 		return ConnectionLost
 	case "08001", "08004", // could not connect / rejected
 		"57P03", "53300", "57P05", // cannot connect now, too many connections, idle session timeout
-		"53000", "53100", "53200", "53400", "58000", "58030", // resources, system / io error
-		"25006": // read-only transaction: a standby after a failover
+		"53000", "53100", "53200", "53400", "58000", "58030": // resources, system / io error
 		// At connect time the server refused the session. Answered for a
 		// statement these are the statement's (classifyAnswer).
 		return Unavailable
+	case "25006":
+		// read_only_sql_transaction: the user's read-only transaction or
+		// session, or a standby. The code cannot tell: sqlretry asks the
+		// server (readonly.go) and only a standby becomes Unavailable.
+		return Permanent
 	case "08P01":
 		// From PostgreSQL a protocol violation is a bug; from PgBouncer it
 		// is how pool exhaustion and queue timeouts are reported.

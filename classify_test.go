@@ -57,15 +57,15 @@ func TestClassifyDefault(t *testing.T) {
 		{pg("53100"), Unavailable}, {pg("58030"), Unavailable},
 		{pg("08006"), ConnectionLost}, {pg("08001"), Unavailable},
 		{pg("08P01"), Permanent}, {&pgError{"08P01", "no more connections allowed (max_client_conn)"}, Unavailable},
-		{pg("25006"), Unavailable}, {pg("57014"), Permanent},
+		{pg("25006"), Permanent}, {pg("57014"), Permanent},
 		{pg("23505"), Permanent}, {pg("22001"), Permanent}, {pg("42P01"), Permanent}, {pg("28P01"), Permanent},
 		{pg("3D000"), Permanent}, {pg("0A000"), Permanent}, {pg("XX000"), Permanent}, {pg("CR000"), RetryTransaction},
 		{&net.OpError{Op: "dial", Err: pg("28P01")}, Permanent}, // a wrapped auth failure inside a connect error
 		// MySQL / MariaDB
 		{my(1213, ""), RetryTransaction}, {my(1205, ""), RetryStatement}, {my(3572, ""), RetryStatement},
 		{my(3101, ""), RetryTransaction}, {my(1020, ""), RetryTransaction}, {my(1615, ""), RetryStatement},
-		{my(1040, ""), Unavailable}, {my(4031, ""), Unavailable}, {my(1836, ""), Unavailable}, {my(1047, ""), Unavailable},
-		{my(1290, "The MariaDB server is running with the --read-only option"), Unavailable},
+		{my(1040, ""), Unavailable}, {my(4031, ""), Unavailable}, {my(1836, ""), Permanent}, {my(1047, ""), Unavailable},
+		{my(1290, "The MariaDB server is running with the --read-only option"), Permanent},
 		{my(1290, "The MySQL server is running with the --secure-file-priv option"), Permanent},
 		{my(1053, ""), ConnectionLost}, {my(1927, ""), ConnectionLost}, {my(1317, ""), Permanent},
 		{my(1062, ""), Permanent}, {my(1064, ""), Permanent}, {my(1146, ""), Permanent}, {my(1045, ""), Permanent},

@@ -191,9 +191,9 @@ func decideAutocommit(cls Class, err error, safeToRerun, manual bool) action {
 		if manual {
 			return actSurface
 		}
-		// The server refused the statement before running it (read-only
-		// standby, too many connections, out of resources): pause, then let
-		// database/sql run it on a new connection.
+		// The server refused the statement before running it (a standby, as
+		// the server itself said; a pooler with no server for it): pause,
+		// then let database/sql run it on a new connection.
 		return actHandOff
 	case ConnectionLost, Ambiguous:
 		if manual {
@@ -260,7 +260,18 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			// such a write. Only reads and idempotent calls are handed off.
 			cls = ConnectionLost
 		}
-		r.breaker.done(t, outcomeOf(cls))
+		standby := false
+		if cls == Permanent && c.manual.Load() == 0 && isReadOnlyAnswer(err) {
+			// The user's read-only session, or a standby: ask the server.
+			if err, standby = c.judgeReadOnly(ctx, err); standby {
+				cls = Unavailable
+			}
+		}
+		if standby {
+			r.breaker.done(t, outcomeNeutral) // a standby answered: it is up
+		} else {
+			r.breaker.done(t, outcomeOf(cls))
+		}
 		if ctx.Value(keyNoRetry) != nil {
 			return zero, err
 		}

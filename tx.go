@@ -72,17 +72,34 @@ func (t *tx) failed(err error, query string) {
 	}
 	r := t.c.r
 	cls := r.classify(err)
-	if cls == Unavailable && t.readOnly && r.dialect == DialectPostgres {
-		cls = Permanent // 25006 in a transaction the caller made read-only: a bug, not a failover
+	pending := false
+	if cls == Permanent && !t.readOnly && isReadOnlyAnswer(err) {
+		// A write refused as read-only in a transaction the caller did not
+		// declare read-only: the user's session setting, or a standby.
+		switch r.dialect {
+		case DialectMySQL: // the transaction lives on and can answer
+			var standby bool
+			if err, standby = t.c.judgeReadOnly(t.ctx, err); standby {
+				cls = Unavailable
+			}
+		case DialectPostgres: // aborted: ask after the rollback; no COMMIT meanwhile
+			pending = true
+			t.c.readOnlyPending = true
+			err = &readOnlyError{err: err}
+		}
 	}
-	r.record(cls)
+	if isStandby(err) {
+		r.record(Permanent) // the server answered: a standby is up
+	} else {
+		r.record(cls)
+	}
 	if cls == ConnectionLost || errors.Is(err, driver.ErrBadConn) {
 		t.c.bad.Store(true)
 	}
 	if t.firstErr == nil {
 		t.firstErr = err
 	}
-	if cls != Permanent && t.poison == nil {
+	if (cls != Permanent || pending) && t.poison == nil {
 		t.poison = err
 		if t.attempt != nil {
 			t.attempt.poison = err
@@ -205,6 +222,12 @@ func (t *tx) withinDeadline(what string, call func(driver.Tx) error) (abandoned 
 // rollback ends the transaction on the server within the caller's deadline.
 func (t *tx) rollback() error {
 	_, err := t.withinDeadline("ROLLBACK", driver.Tx.Rollback)
+	if t.c.readOnlyPending {
+		t.c.readOnlyPending = false
+		if err == nil {
+			t.judgeReadOnlyAfterRollback()
+		}
+	}
 	return err
 }
 
