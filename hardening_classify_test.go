@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -313,5 +314,81 @@ func TestClassifyStandbyConnectionDiscardedAfterRollback(t *testing.T) {
 	}
 	if s := stats(t, db); s.Dials != 2 {
 		t.Errorf("dials %d, want 2: the standby's connection must be discarded", s.Dials)
+	}
+}
+
+// A pinned *sql.Conn whose session was lost: the caller is told what
+// happened, and database/sql discards the connection.
+func TestClassifyPinnedConnLostSaysWhat(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("SELECT", step{err: &pgError{"57P01", "terminating connection due to administrator command"}})
+	db, _ := testDB(t, srv)
+	ctx := context.Background()
+	c, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.QueryContext(ctx, "SELECT n FROM t")
+	if err == nil || !strings.Contains(err.Error(), "connection was lost") || !strings.Contains(err.Error(), "pinned *sql.Conn") ||
+		!strings.Contains(err.Error(), "57P01") {
+		t.Errorf("pinned conn after its session was killed: %v; want what happened, the pinning and the server's error", err)
+	}
+	if strings.HasPrefix(err.Error(), "driver: bad connection") {
+		t.Errorf("%q reads like the driver's bare ErrBadConn", err)
+	}
+	c.Close()
+	if _, err := db.Exec("SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	if srv.dials != 2 {
+		t.Errorf("dials %d, want 2: the lost connection must be discarded", srv.dials)
+	}
+}
+
+// A prepared INSERT on a pinned connection already known lost: the driver
+// refused it before sending anything (pgx's stdlib checks IsClosed first),
+// so it is not ambiguous. The first call after the loss, whose error may
+// have come after the write was sent, still is.
+func TestClassifyKnownLostConnectionSentNothing(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("SELECT", step{err: errLost})
+	db, _ := testDB(t, srv)
+	ctx := context.Background()
+	c, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	st, err := c.PrepareContext(ctx, "INSERT INTO t VALUES ($1)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if _, err := c.ExecContext(ctx, "SELECT pg_sleep(0)"); !errors.Is(err, ErrAmbiguousCommit) {
+		t.Fatalf("a write whose connection broke: %v, want ErrAmbiguousCommit", err)
+	}
+	_, err = st.ExecContext(ctx, 1)
+	if errors.Is(err, ErrAmbiguousCommit) {
+		t.Fatalf("prepared INSERT on a connection known lost: %v; nothing was sent, it is not ambiguous", err)
+	}
+	if err == nil || !strings.Contains(err.Error(), "nothing was sent") {
+		t.Errorf("prepared INSERT on a connection known lost: %v; want it said that nothing was sent", err)
+	}
+	if n := srv.ranCount("INSERT"); n != 0 {
+		t.Errorf("INSERT ran %d times", n)
+	}
+}
+
+// pgx's trap: ErrBadConn on a connection not known lost may come after the
+// write was sent ("conn closed" is SafeToRetry): still ambiguous.
+func TestClassifyBadConnOnLiveConnectionStaysAmbiguous(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("INSERT", step{err: driver.ErrBadConn, ran: true})
+	db, _ := testDB(t, srv)
+	if _, err := db.Exec("INSERT INTO t VALUES (1)"); !errors.Is(err, ErrAmbiguousCommit) {
+		t.Errorf("%v, want ErrAmbiguousCommit", err)
+	}
+	if n := srv.ranCount("INSERT"); n != 1 {
+		t.Errorf("INSERT ran %d times, want 1", n)
 	}
 }

@@ -195,3 +195,12 @@ func (t *tx) judgeReadOnlyAfterRollback() {
 		ro.standby.Store(true)
 	}
 }
+
+// noteLost remembers that the driver's connection is closed for good, once
+// the driver itself says so (driver.Validator): after that, its
+// driver.ErrBadConn proves that nothing was sent.
+func (c *conn) noteLost() {
+	if v, ok := c.inner.(driver.Validator); ok && !v.IsValid() {
+		c.lost = true
+	}
+}

@@ -253,12 +253,20 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		if ownTimeout {
 			cls = ConnectionLost // rule 2: a timeout sqlretry set; the statement may have run
 		}
+		notSent := false
 		if cls == Unavailable && r.dialect == DialectPostgres && errors.Is(err, driver.ErrBadConn) {
-			// pgx's stdlib turns every SafeToRetry error into ErrBadConn, and
-			// pgx calls a connection lost after a simple-protocol statement was
-			// sent SafeToRetry ("conn closed"): a plain database/sql re-runs
-			// such a write. Only reads and idempotent calls are handed off.
-			cls = ConnectionLost
+			if c.lost {
+				// The driver's connection was closed before this call began:
+				// pgx's stdlib refuses it (IsClosed) before writing anything.
+				notSent = true
+			} else {
+				// pgx's stdlib turns every SafeToRetry error into ErrBadConn,
+				// and pgx calls a connection lost after a simple-protocol
+				// statement was sent SafeToRetry ("conn closed"): a plain
+				// database/sql re-runs such a write. Only reads and idempotent
+				// calls are handed off.
+				cls = ConnectionLost
+			}
 		}
 		standby := false
 		if cls == Permanent && c.manual.Load() == 0 && isReadOnlyAnswer(err) {
@@ -267,10 +275,19 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 				cls = Unavailable
 			}
 		}
-		if standby {
-			r.breaker.done(t, outcomeNeutral) // a standby answered: it is up
+		if cls == ConnectionLost {
+			c.noteLost()
+		}
+		if standby || notSent {
+			// A standby answered: it is up. A connection already lost was
+			// counted when it broke.
+			r.breaker.done(t, outcomeNeutral)
 		} else {
 			r.breaker.done(t, outcomeOf(cls))
+		}
+		if notSent {
+			c.bad.Store(true)
+			return zero, &connAlreadyLostError{cause: err}
 		}
 		if ctx.Value(keyNoRetry) != nil {
 			return zero, err
@@ -304,8 +321,9 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			}
 			r.counters.handOffs.Add(1)
 			r.counters.retriesConnection.Add(1)
-			r.observe(ctx, Event{Kind: EventHandOff, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: "connection unusable; database/sql re-runs the call on another"})
-			return zero, handOff(err)
+			why := handOffReason(cls, err, standby)
+			r.observe(ctx, Event{Kind: EventHandOff, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: why + "; database/sql re-runs the call on another connection"})
+			return zero, handOffWith(err, why)
 		}
 		// actRetryHere: contention is not charged to the budget.
 		d, stop := p.next(ctx, attempt)

@@ -95,6 +95,7 @@ func (t *tx) failed(err error, query string) {
 	}
 	if cls == ConnectionLost || errors.Is(err, driver.ErrBadConn) {
 		t.c.bad.Store(true)
+		t.c.noteLost()
 	}
 	if t.firstErr == nil {
 		t.firstErr = err
