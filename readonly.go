@@ -5,8 +5,10 @@ import (
 	"database/sql/driver"
 	"errors"
 	"io"
+	"net"
 	"strings"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/go-sql-driver/mysql"
 )
@@ -196,11 +198,32 @@ func (t *tx) judgeReadOnlyAfterRollback() {
 	}
 }
 
-// noteLost remembers that the driver's connection is closed for good, once
-// the driver itself says so (driver.Validator): after that, its
-// driver.ErrBadConn proves that nothing was sent.
-func (c *conn) noteLost() {
-	if v, ok := c.inner.(driver.Validator); ok && !v.IsValid() {
+// noteLost remembers that the driver's connection is closed for good,
+// after a lost connection: from then on its driver.ErrBadConn proves that
+// nothing was sent. A driver with driver.Validator says so itself. pgx's
+// stdlib has none, but pgconn closes the connection for good on any
+// network error and on a FATAL answer (the server ended the session), and
+// its stdlib then refuses every call before writing (IsClosed). A timeout
+// is not taken as proof: how pgx ends a cancelled query is configurable.
+func (c *conn) noteLost(err error) {
+	if v, ok := c.inner.(driver.Validator); ok {
+		c.lost = c.lost || !v.IsValid()
+		return
+	}
+	if c.r.dialect != DialectPostgres {
+		return
+	}
+	var pg interface{ SQLState() string }
+	if errors.As(err, &pg) {
+		// pgconn.PgError reads "SEVERITY: message (SQLSTATE code)".
+		if e, ok := pg.(error); ok {
+			msg := e.Error()
+			c.lost = c.lost || strings.HasPrefix(msg, "FATAL: ") || strings.HasPrefix(msg, "PANIC: ")
+		}
+		return
+	}
+	if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) {
 		c.lost = true
 	}
 }

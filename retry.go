@@ -276,7 +276,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			}
 		}
 		if cls == ConnectionLost {
-			c.noteLost()
+			c.noteLost(err)
 		}
 		if standby || notSent {
 			// A standby answered: it is up. A connection already lost was

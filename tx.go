@@ -95,7 +95,7 @@ func (t *tx) failed(err error, query string) {
 	}
 	if cls == ConnectionLost || errors.Is(err, driver.ErrBadConn) {
 		t.c.bad.Store(true)
-		t.c.noteLost()
+		t.c.noteLost(err)
 	}
 	if t.firstErr == nil {
 		t.firstErr = err
