@@ -392,3 +392,33 @@ func TestClassifyBadConnOnLiveConnectionStaysAmbiguous(t *testing.T) {
 		t.Errorf("INSERT ran %d times, want 1", n)
 	}
 }
+
+// A MySQL transaction opened by hand (BEGIN through Exec, or autocommit=0
+// in the DSN) on a read-only server: the error is the caller's, and the
+// standby's connection is discarded.
+func TestClassifyMySQLManualTransactionOnStandby(t *testing.T) {
+	srv := newFakeServer()
+	ro := &roServer{}
+	ro.standby.Store(true)
+	srv.script("INSERT", step{err: errServerRO})
+	db := roDB(t, srv, ro, WithDialect(DialectMySQL))
+	ctx := context.Background()
+	c, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ExecContext(ctx, "BEGIN"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.ExecContext(ctx, "INSERT INTO t VALUES (1)")
+	if !errors.Is(err, errServerRO) || !strings.Contains(err.Error(), "standby") {
+		t.Errorf("%v; want the server's error, recognised as a standby's", err)
+	}
+	c.Close()
+	if _, err := db.Exec("SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	if srv.dials != 2 {
+		t.Errorf("dials %d, want 2: the standby's connection must be discarded", srv.dials)
+	}
+}

@@ -269,8 +269,12 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			}
 		}
 		standby := false
-		if cls == Permanent && c.manual.Load() == 0 && isReadOnlyAnswer(err) {
-			// The user's read-only session, or a standby: ask the server.
+		if cls == Permanent && (c.manual.Load() == 0 || r.dialect == DialectMySQL) && isReadOnlyAnswer(err) {
+			// The user's read-only session, or a standby: ask the server. A
+			// PostgreSQL transaction opened by hand was aborted and cannot
+			// answer; a MySQL one can (with autocommit=0 in the DSN every
+			// statement is in one): a standby's connection is then
+			// discarded, and the error surfaced.
 			if err, standby = c.judgeReadOnly(ctx, err); standby {
 				cls = Unavailable
 			}
