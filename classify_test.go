@@ -153,3 +153,30 @@ func TestClassifyByPhase(t *testing.T) {
 		}
 	}
 }
+
+// The statement phase only ever turns a class into Permanent: whatever
+// retries a server's answer earns for a statement, it earns at connect
+// time too, and nothing a statement gets is more retryable than the code.
+func FuzzClassifyPhase(f *testing.F) {
+	f.Add("53200", uint16(1226), "out of shared memory", 0)
+	f.Add("08001", uint16(1040), "could not connect", 1)
+	f.Add("25006", uint16(1792), "read-only", 2)
+	f.Fuzz(func(t *testing.T, code string, num uint16, msg string, kind int) {
+		var err error
+		switch kind % 3 {
+		case 0:
+			err = &pgError{code: code, msg: msg}
+		case 1:
+			err = &mysql.MySQLError{Number: num, Message: msg}
+		default:
+			err = fmt.Errorf("%s: %w", msg, &pgError{code: code, msg: msg})
+		}
+		dial, stmt := classifyDial(nil, err), classify(nil, err)
+		if stmt != dial && stmt != Permanent {
+			t.Fatalf("%v: %v at connect, %v for a statement", err, dial, stmt)
+		}
+		if stmt == Unavailable && answeredForStatement(err) {
+			t.Fatalf("%v: a server's answer for a statement is Unavailable", err)
+		}
+	})
+}
