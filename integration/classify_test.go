@@ -229,6 +229,46 @@ func TestClassifyUsersReadOnlyIsPermanent(t *testing.T) {
 	}
 }
 
+// PostgreSQL: read-only asked for in the DSN (a startup parameter, source
+// "client") is the user's too.
+func TestClassifyPGReadOnlyFromTheDSNIsPermanent(t *testing.T) {
+	d := need(t, "pgx")
+	admin, err := sql.Open("pgx", d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	tbl := table(t, admin, "cls_rodsn")
+	mustExec(t, admin, "CREATE TABLE "+tbl+" (n int)")
+	sep := "?"
+	if strings.Contains(d, "?") {
+		sep = "&"
+	}
+	db, err := sqlretry.Open("pgx", d+sep+"default_transaction_read_only=on")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := db.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (1)"); pgCode(err) != "25006" {
+		t.Errorf("write with default_transaction_read_only=on in the DSN: %v; want 25006", err)
+	}
+	runs := 0
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (1)")
+		return err
+	})
+	if runs != 1 || pgCode(err) != "25006" {
+		t.Errorf("RunInTx: %d runs, %v; want 1 run and 25006", runs, err)
+	}
+	if s := retryStats(t, db); s.HandOffs != 0 || s.RetriesTransaction != 0 || s.Dials != 1 {
+		t.Errorf("hand-offs %d, replays %d, dials %d; want 0, 0, 1", s.HandOffs, s.RetriesTransaction, s.Dials)
+	}
+	othersServed(t, db)
+}
+
 func pgBinDir(t *testing.T) string {
 	t.Helper()
 	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
@@ -445,6 +485,20 @@ func TestClassifyMariaDBReadOnlyServer(t *testing.T) {
 		t.Errorf("hand-offs %d, dials %d: want the connection discarded and the call handed off", s.HandOffs, s.Dials)
 	}
 	othersServed(t, db)
+
+	// rejectReadOnly=true: the driver itself turns 1290 into
+	// driver.ErrBadConn (what that option is for); still a hand-off.
+	rdb, err := sqlretry.Open("mysql", appDSN+"?rejectReadOnly=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	_, err = rdb.ExecContext(ctx, "INSERT INTO cls_rosrv VALUES (1)")
+	if rs := retryStats(t, rdb); err == nil || rs.HandOffs == 0 || rs.Dials < 2 {
+		t.Errorf("rejectReadOnly=true on a read-only server: %v, %d hand-offs, %d dials; want hand-offs", err, rs.HandOffs, rs.Dials)
+	}
+	othersServed(t, rdb)
+
 	mustExec(t, root, "SET GLOBAL read_only = OFF")
 	if _, err := db.ExecContext(ctx, "INSERT INTO cls_rosrv VALUES (2)"); err != nil {
 		t.Errorf("after the server became writable: %v", err)
