@@ -94,8 +94,12 @@ func (e *handOffError) Error() string {
 	if why == "" {
 		why = "the connection is unusable"
 	}
+	cause := e.cause
+	if ro, ok := cause.(*readOnlyError); ok {
+		cause = ro.err // why says it already
+	}
 	return "sqlretry: " + why + "; the connection is discarded and the call was handed back to database/sql " +
-		"to run on another connection (a pinned *sql.Conn cannot move to another connection): " + e.cause.Error()
+		"to run on another connection (a pinned *sql.Conn cannot move to another connection): " + cause.Error()
 }
 func (e *handOffError) Is(target error) bool { return target == driver.ErrBadConn }
 func (e *handOffError) Unwrap() error        { return e.cause }
