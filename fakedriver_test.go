@@ -71,13 +71,26 @@ type fakeServer struct {
 	killed     []int64
 	openConns  atomic.Int64
 	hangCommit chan struct{} // when set, COMMIT and ROLLBACK wait for it to close
+
+	// Synchronous replication (PostgreSQL), for pgStatusQuery and the
+	// standby position checks.
+	syncNames     string                // synchronous_standby_names
+	syncCommit    string                // the side connection's synchronous_commit; "" is "on"
+	oldBackend    map[int64]fakeBackend // xid -> its old backend, still holding it
+	standbyLag    int                   // position checks that find the standby behind; -1 never caught up
+	standbyHidden bool                  // the role cannot read pg_stat_replication's positions
+	replChecks    int                   // position checks asked
 }
+
+// fakeBackend is what pg_stat_activity shows of an old backend.
+type fakeBackend struct{ waitEvent, state string }
 
 // fakeStart is the fake server's start time: it never restarts.
 const fakeStart = int64(1_700_000_000_000_000)
 
 func newFakeServer() *fakeServer {
-	return &fakeServer{scripts: map[string][]step{}, xidStatus: map[int64]string{}, inflight: map[int64]int{}, final: map[int64]string{}, nextXID: 700}
+	return &fakeServer{scripts: map[string][]step{}, xidStatus: map[int64]string{}, inflight: map[int64]int{}, final: map[int64]string{}, nextXID: 700,
+		oldBackend: map[int64]fakeBackend{}}
 }
 
 func (s *fakeServer) script(prefix string, steps ...step) {
@@ -194,7 +207,8 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 		}
 		return st.err
 	}
-	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid(), "+pgStartTime || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" {
+	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid(), "+pgStartTime || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" ||
+		q == pgStatusQuery || strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") || strings.Contains(q, "FROM pg_stat_replication") {
 		return nil
 	}
 	c.apply(q)
@@ -251,6 +265,43 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		defer c.srv.mu.Unlock()
 		status := c.srv.xidStatus[xid]
 		return &fakeRows{cols: []string{"txid_status"}, data: [][]driver.Value{{status}}}, nil
+	}
+	if q == pgStatusQuery {
+		xid := args[0].Value.(int64)
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		b, holding := c.srv.oldBackend[xid]
+		if c.srv.inflight[xid] > 0 && !holding {
+			holding, b = true, fakeBackend{state: "idle in transaction"}
+		}
+		commit := c.srv.syncCommit
+		if commit == "" {
+			commit = "on"
+		}
+		var wait, state driver.Value
+		if holding {
+			state = b.state
+			if b.waitEvent != "" {
+				wait = b.waitEvent
+			}
+		}
+		return &fakeRows{cols: []string{"txid_status", "holding", "wait_event", "state", "names", "commit"},
+			data: [][]driver.Value{{c.srv.xidStatus[xid], holding, wait, state, c.srv.syncNames, commit}}}, nil
+	}
+	if strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") {
+		return &fakeRows{cols: []string{"lsn", "see"}, data: [][]driver.Value{{"0/3000148", !c.srv.standbyHidden}}}, nil
+	}
+	if strings.Contains(q, "FROM pg_stat_replication") {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		c.srv.replChecks++
+		n := int64(0)
+		if c.srv.standbyLag == 0 {
+			n = int64(syncStandbysNeeded(c.srv.syncNames))
+		} else if c.srv.standbyLag > 0 {
+			c.srv.standbyLag--
+		}
+		return &fakeRows{cols: []string{"count"}, data: [][]driver.Value{{n}}}, nil
 	}
 	if strings.HasPrefix(q, "SELECT pg_terminate_backend") {
 		c.srv.mu.Lock()

@@ -1,0 +1,267 @@
+package integration
+
+import (
+	"context"
+	"database/sql"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/sqlretry/sqlretry"
+	"github.com/sqlretry/sqlretry/integration/dbserver"
+)
+
+// Lost COMMITs under synchronous replication. A COMMIT on a primary with a
+// synchronous standby is durable only once the standby has it; until then
+// the backend waits in SyncRep, txid_status already says "committed", and
+// ending the backend makes the row visible on the primary alone. sqlretry
+// may say "committed" only when the standby has the commit: it waits for
+// that within the caller's deadline, and otherwise answers
+// ErrAmbiguousCommit.
+
+func syncPair(t *testing.T) *dbserver.PostgresSyncPair {
+	t.Helper()
+	p, err := dbserver.StartPostgresSyncPair()
+	if err != nil {
+		unavailable(t, err.Error())
+	}
+	t.Cleanup(p.Stop)
+	return p
+}
+
+// onStandby counts op in tbl on the standby, waiting up to wait for it to
+// appear (synchronous_commit=on waits for the flush, not for the replay).
+func onStandby(t *testing.T, standby *sql.DB, tbl, op string, wait time.Duration) int {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for {
+		var n int
+		err := standby.QueryRow("SELECT COUNT(*) FROM "+tbl+" WHERE op = $1", op).Scan(&n)
+		if err != nil && !errors.Is(err, sql.ErrNoRows) {
+			// The table itself may not have been replayed yet.
+			n = 0
+		}
+		if n > 0 || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// dropCancels wraps a dialer: a PostgreSQL cancel request written on a
+// connection it made is swallowed, as on a network that is partitioned
+// between client and server (pgx sends one on a separate connection when a
+// connection breaks; it would end the old backend's SyncRep wait).
+func dropCancels(dial func(context.Context, string, string) (net.Conn, error)) func(context.Context, string, string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &cancelDropConn{Conn: c}, nil
+	}
+}
+
+type cancelDropConn struct{ net.Conn }
+
+func (c *cancelDropConn) Write(p []byte) (int, error) {
+	if len(p) == 16 && binary.BigEndian.Uint32(p) == 16 && binary.BigEndian.Uint32(p[4:]) == 80877102 {
+		c.Conn.Close()
+		return len(p), nil
+	}
+	return c.Conn.Write(p)
+}
+
+type syncRepCase struct {
+	mode      int32         // cutAfterSend or cutMidMessage
+	partition bool          // pgx's cancel request never arrives
+	deadline  time.Duration // the caller's
+	thawAfter time.Duration // 0: stays frozen
+	cancel    bool          // a DBA cancels the old backend's SyncRep wait (pg_cancel_backend)
+	freeze    bool
+}
+
+// syncRepLostCommit runs one RunInTx inserting op with its COMMIT cut as
+// sc says, the standby frozen or not. It returns the table, the op,
+// sqlretry's error, the closure's runs and how long RunInTx took.
+func syncRepLostCommit(t *testing.T, p *dbserver.PostgresSyncPair, admin *sql.DB, sc syncRepCase) (tbl, op string, calls int, elapsed time.Duration, err error) {
+	t.Helper()
+	c := &cutter{isCommit: pgCommit}
+	cfg, perr := pgx.ParseConfig(p.Primary.DSN)
+	if perr != nil {
+		t.Fatal(perr)
+	}
+	cfg.DialFunc = c.dial
+	if sc.partition {
+		cfg.DialFunc = dropCancels(c.dial)
+	}
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+	defer db.Close()
+	tbl = fmt.Sprintf("syncrep_%d", time.Now().UnixNano())
+	mustExec(t, admin, "CREATE TABLE "+tbl+" (op text PRIMARY KEY)")
+	op = "op-1"
+	if sc.freeze {
+		if err := p.FreezeStandby(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	thawed := make(chan struct{})
+	if sc.freeze && sc.thawAfter > 0 {
+		go func() {
+			defer close(thawed)
+			for c.fired.Load() == 0 {
+				time.Sleep(5 * time.Millisecond)
+			}
+			time.Sleep(sc.thawAfter)
+			if err := p.ThawStandby(); err != nil {
+				t.Error(err)
+			}
+		}()
+	} else if sc.cancel {
+		go func() {
+			defer close(thawed)
+			for deadline := time.Now().Add(sc.deadline); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+				var n int
+				if err := admin.QueryRow("SELECT COUNT(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").Scan(&n); err != nil {
+					t.Error(err)
+					return
+				}
+				if n > 0 {
+					return
+				}
+			}
+			t.Error("no backend ever waited in SyncRep to be canceled")
+		}()
+	} else {
+		close(thawed)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), sc.deadline)
+	defer cancel()
+	start := time.Now()
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if calls == 1 {
+			c.mode.Store(sc.mode)
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ($1)", op)
+		return err
+	})
+	elapsed = time.Since(start)
+	c.mode.Store(0)
+	<-thawed
+	if c.fired.Load() == 0 {
+		t.Fatal("the COMMIT was never cut: the test proved nothing")
+	}
+	return tbl, op, calls, elapsed, err
+}
+
+// TestPostgresSyncRepLostCommit: a primary with a synchronous standby whose
+// WAL receiver is frozen, so that COMMITs wait in SyncRep; the COMMIT's
+// reply is lost. While the standby has not got the commit the only right
+// answers are to wait or ErrAmbiguousCommit, never success (a failover
+// would lose the write); once it has, success.
+func TestPostgresSyncRepLostCommit(t *testing.T) {
+	p := syncPair(t)
+	admin, err := sql.Open("pgx", p.Primary.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	standby, err := sql.Open("pgx", p.StandbyDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer standby.Close()
+	inSyncRep := func() int {
+		var n int
+		if err := admin.QueryRow("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	for _, tc := range []struct {
+		name              string
+		partition, cancel bool
+	}{
+		// The old backend keeps waiting in SyncRep: sqlretry must not end it.
+		{"standby frozen past the deadline, network partitioned", true, false},
+		// pgx's cancel request may end the wait (if it comes after the
+		// COMMIT): the commit is then visible on the primary alone.
+		{"standby frozen past the deadline, pgx cancels the wait", false, false},
+		// The same, for certain: the backend lets go of the id, txid_status
+		// says committed, and the standby still lacks the commit.
+		{"standby frozen past the deadline, a DBA cancels the wait", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			defer p.ThawStandby()
+			tbl, op, calls, elapsed, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutAfterSend, partition: tc.partition, cancel: tc.cancel, deadline: 2 * time.Second, freeze: true})
+			waiting := inSyncRep()
+			replicated := onStandby(t, standby, tbl, op, 0)
+			t.Logf("err=%v calls=%d elapsed=%v backends in SyncRep=%d on standby=%d", err, calls, elapsed, waiting, replicated)
+			if err == nil && replicated == 0 {
+				t.Fatal("sqlretry said committed, and the synchronous standby does not have the commit: a failover now loses it")
+			}
+			if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || calls != 1 {
+				t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit and no replay", err, calls)
+			}
+			if tc.partition && !tc.cancel && waiting == 0 {
+				t.Errorf("the old backend no longer waits in SyncRep: it was ended, and its commit is visible on the primary alone\n%s", p.PrimaryLog())
+			}
+			if tc.cancel && waiting != 0 {
+				t.Error("the DBA's cancel did not end the SyncRep wait: the test proved nothing")
+			}
+			if elapsed > 3*time.Second {
+				t.Errorf("took %v past a 2 s deadline", elapsed)
+			}
+			if err := p.ThawStandby(); err != nil {
+				t.Fatal(err)
+			}
+			if n := onStandby(t, standby, tbl, op, 5*time.Second); n != 1 {
+				t.Errorf("after the thaw the standby has %d rows, want 1 (the commit was waiting, not lost)", n)
+			}
+		})
+	}
+
+	for _, partition := range []bool{true, false} {
+		t.Run(fmt.Sprintf("standby thawed within the deadline, partition=%v", partition), func(t *testing.T) {
+			defer p.ThawStandby()
+			tbl, op, calls, elapsed, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutAfterSend, partition: partition, deadline: 10 * time.Second, freeze: true, thawAfter: 700 * time.Millisecond})
+			t.Logf("err=%v calls=%d elapsed=%v", err, calls, elapsed)
+			if err != nil || calls != 1 {
+				t.Fatalf("err=%v calls=%d; want success once the standby has the commit, without a replay", err, calls)
+			}
+			if elapsed < 700*time.Millisecond {
+				t.Errorf("answered after %v, before the standby was thawed (700ms)", elapsed)
+			}
+			if n := onStandby(t, standby, tbl, op, 5*time.Second); n != 1 {
+				t.Fatalf("sqlretry said committed; the standby has %d rows, want 1", n)
+			}
+		})
+	}
+
+	t.Run("standby up: resolved at once", func(t *testing.T) {
+		tbl, op, calls, elapsed, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutAfterSend, partition: true, deadline: 10 * time.Second})
+		t.Logf("err=%v calls=%d elapsed=%v", err, calls, elapsed)
+		if err != nil || calls != 1 || onStandby(t, standby, tbl, op, 5*time.Second) != 1 {
+			t.Fatalf("err=%v calls=%d; want success without a replay, and the row on the standby", err, calls)
+		}
+	})
+
+	t.Run("COMMIT never reached the server: replayed once", func(t *testing.T) {
+		tbl, op, calls, _, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutMidMessage, partition: true, deadline: 10 * time.Second})
+		var rows int
+		if qerr := admin.QueryRow("SELECT COUNT(*) FROM "+tbl+" WHERE op = $1", op).Scan(&rows); qerr != nil {
+			t.Fatal(qerr)
+		}
+		if err != nil || calls != 2 || rows != 1 {
+			t.Fatalf("err=%v calls=%d rows=%d; want success after one replay, one row", err, calls, rows)
+		}
+	})
+}

@@ -1,0 +1,205 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"strings"
+	"time"
+)
+
+// Lost COMMITs under synchronous replication (PostgreSQL).
+//
+// A backend committing with synchronous_commit on, remote_write or
+// remote_apply and a non-empty synchronous_standby_names writes and flushes
+// its commit record, marks the transaction committed (txid_status says
+// "committed" from here on), and then waits for the synchronous standbys
+// (wait_event SyncRep) while still holding its transaction id, so that no
+// other session sees the commit. Whatever ends that wait early
+// (pg_terminate_backend, pg_cancel_backend, and pgx itself, which sends a
+// cancel request when a connection breaks) publishes a commit that no
+// standby may have: a failover then loses it. So after a lost COMMIT
+// sqlretry:
+//   - never ends a backend that waits in SyncRep, nor, under synchronous
+//     replication, one that has begun to commit (only one that is idle in
+//     its transaction, which never got the COMMIT);
+//   - counts "committed" only once the old backend has let go of the id,
+//     and, under synchronous replication, once enough synchronous standbys
+//     report a position at or past the primary's flush position read after
+//     that (the commit record was flushed before the transaction was marked
+//     committed, so that position covers it);
+//   - otherwise waits within the caller's deadline and then answers
+//     ErrAmbiguousCommit.
+// The side connection cannot see the old session's own synchronous_commit:
+// it reads its own, which has the same role and database defaults. None of
+// this costs the happy path anything: it is all asked after a lost COMMIT.
+
+// pgStatusQuery asks the id's status and what the old backend is doing, in
+// one round trip. The LEFT JOIN keeps one row when the backend is gone.
+const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.wait_event, a.state,
+	current_setting('synchronous_standby_names'), current_setting('synchronous_commit')
+	FROM (SELECT 1) AS one LEFT JOIN pg_stat_activity AS a
+	ON a.pid = $2 AND a.backend_xid = ($1::bigint % 4294967296)::text::xid`
+
+// pgTerminateQuery ends the old backend ($1) if it still holds the id ($2),
+// does not wait in SyncRep, and, unless $3 (no synchronous replication),
+// is idle in its transaction: all read again as it is ended.
+const pgTerminateQuery = `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+	WHERE pid = $1 AND backend_xid = ($2::bigint % 4294967296)::text::xid
+	AND wait_event IS DISTINCT FROM 'SyncRep' AND ($3::boolean OR state = 'idle in transaction')`
+
+// pgStatus is one answer of pgStatusQuery.
+type pgStatus struct {
+	status    string // txid_status
+	holding   bool   // the old backend still holds the id
+	waitEvent string
+	state     string
+	names     string // synchronous_standby_names
+	commit    string // synchronous_commit of the side connection
+}
+
+// pgAskStatus asks pgStatusQuery; an engine that speaks PostgreSQL's
+// protocol but lacks a column or setting it reads (undefined column,
+// function or table) is asked txid_status alone, as before: it has no
+// synchronous standbys sqlretry could see.
+func pgAskStatus(ctx context.Context, dc driver.Conn, xid, pid int64) (pgStatus, error) {
+	vals, err := queryRow(ctx, dc, pgStatusQuery, xid, pid)
+	var pg interface{ SQLState() string }
+	if err != nil && errors.As(err, &pg) {
+		switch pg.SQLState() {
+		case "42703", "42883", "42P01", "42704": // undefined column, function, table, object (a setting)
+			vals, err = queryRow(ctx, dc, "SELECT txid_status($1)", xid)
+		}
+	}
+	if err != nil {
+		return pgStatus{}, err
+	}
+	return pgStatusOf(vals), nil
+}
+
+func pgStatusOf(vals []driver.Value) pgStatus {
+	str := func(i int) string {
+		if i >= len(vals) {
+			return ""
+		}
+		switch v := vals[i].(type) {
+		case string:
+			return v
+		case []byte:
+			return string(v)
+		}
+		return ""
+	}
+	st := pgStatus{status: str(0), waitEvent: str(2), state: str(3), names: str(4), commit: str(5)}
+	if len(vals) > 1 {
+		st.holding, _ = vals[1].(bool)
+	}
+	return st
+}
+
+// syncRequired says whether a commit counts only once synchronous standbys
+// have it.
+func (st pgStatus) syncRequired() bool {
+	if strings.TrimSpace(st.names) == "" {
+		return false
+	}
+	switch st.commit {
+	case "local", "off":
+		return false
+	}
+	return true
+}
+
+// mayEnd says whether the old backend, still holding the id, may be ended
+// without risking a commit published before the standbys have it.
+func (st pgStatus) mayEnd() bool {
+	return st.holding && st.waitEvent != "SyncRep" && (!st.syncRequired() || st.state == "idle in transaction")
+}
+
+// pgReplicaWait bounds one pgReplicated call: under a steady write load the
+// standbys trail the primary's current position, so the position is read
+// once and waited for, rather than read again at every attempt.
+const pgReplicaWait = time.Second
+
+// errStandbysHidden: the role cannot read the standbys' positions.
+var errStandbysHidden = unresolvableError("sqlretry: under synchronous replication a lost COMMIT counts only once the synchronous standbys have it, " +
+	"and this role cannot read their positions in pg_stat_replication (grant it pg_read_all_stats)")
+
+// unresolvableError is a final "cannot know" with its own reason.
+type unresolvableError string
+
+func (e unresolvableError) Error() string        { return string(e) }
+func (e unresolvableError) Is(target error) bool { return target == errUnresolvable }
+
+// pgReplicated says whether enough synchronous standbys have the primary's
+// WAL up to its flush position now, waiting up to pgReplicaWait within ctx.
+func pgReplicated(ctx context.Context, dc driver.Conn, st pgStatus) (bool, error) {
+	need := syncStandbysNeeded(st.names)
+	col := "flush_lsn"
+	switch st.commit {
+	case "remote_write":
+		col = "write_lsn"
+	case "remote_apply":
+		col = "replay_lsn"
+	}
+	vals, err := queryRow(ctx, dc, "SELECT pg_current_wal_flush_lsn()::text, pg_has_role('pg_read_all_stats', 'USAGE')")
+	if err != nil {
+		return false, err
+	}
+	lsn, _ := vals[0].(string)
+	if b, ok := vals[0].([]byte); ok {
+		lsn = string(b)
+	}
+	if see, _ := vals[1].(bool); !see {
+		return false, errStandbysHidden
+	}
+	q := "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum') AND " + col + " >= $1::text::pg_lsn"
+	deadline := time.Now().Add(pgReplicaWait)
+	pause := 5 * time.Millisecond
+	for {
+		vals, err := queryRow(ctx, dc, q, lsn)
+		if err != nil {
+			return false, err
+		}
+		if asInt64(vals[0]) >= int64(need) {
+			return true, nil
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return false, nil
+		}
+		t := time.NewTimer(min(pause, left))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return false, nil
+		case <-t.C:
+		}
+		pause = min(2*pause, 100*time.Millisecond)
+	}
+}
+
+// syncStandbysNeeded is how many synchronous standbys must have a commit
+// under synchronous_standby_names s: "FIRST n (...)", "ANY n (...)",
+// "n (...)", or a plain list (one).
+func syncStandbysNeeded(s string) int {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0
+	}
+	for _, kw := range []string{"first", "any"} {
+		if len(s) > len(kw) && strings.EqualFold(s[:len(kw)], kw) && (s[len(kw)] == ' ' || s[len(kw)] == '\t' || s[len(kw)] == '\n') {
+			s = strings.TrimLeft(s[len(kw):], " \t\n")
+			break
+		}
+	}
+	n, i := 0, 0
+	for i < len(s) && s[i] >= '0' && s[i] <= '9' && n < 1000 {
+		n = n*10 + int(s[i]-'0')
+		i++
+	}
+	if i > 0 && strings.HasPrefix(strings.TrimLeft(s[i:], " \t\n"), "(") && n > 0 {
+		return n
+	}
+	return 1
+}
