@@ -80,6 +80,14 @@ type fakeServer struct {
 	standbyLag    int                   // position checks that find the standby behind; -1 never caught up
 	standbyHidden bool                  // the role cannot read pg_stat_replication's positions
 	replChecks    int                   // position checks asked
+
+	// Semi-synchronous replication (MySQL/MariaDB), for the marker's
+	// resolution.
+	semiSync      bool         // rpl_semi_sync_master_enabled
+	semiSyncOff   bool         // Rpl_semi_sync_master_status OFF (a wait timed out)
+	replicaFrozen bool         // an autocommit INSERT or DELETE waits for the ACK until its context ends
+	oldSession    *fakeBackend // the old session in the process list (any ID) until KILLed: state is its Command, waitEvent its State
+	mysqlKills    []string     // KILL statements run
 }
 
 // fakeBackend is what pg_stat_activity shows of an old backend.
@@ -197,6 +205,17 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	if c.broken {
 		return driver.ErrBadConn
 	}
+	if !c.inTx && c.srv.replicaFrozen && (strings.HasPrefix(q, "INSERT INTO ") || strings.HasPrefix(q, "DELETE FROM ")) {
+		<-ctx.Done() // waits for a replica's ACK that never comes
+		c.broken = true
+		return ctx.Err()
+	}
+	if strings.HasPrefix(q, "KILL ") {
+		c.srv.mu.Lock()
+		c.srv.mysqlKills = append(c.srv.mysqlKills, q)
+		c.srv.oldSession = nil
+		c.srv.mu.Unlock()
+	}
 	st, ok := c.srv.next(q)
 	if ok && st.err != nil {
 		if isConnErr(st.err) {
@@ -265,6 +284,50 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		defer c.srv.mu.Unlock()
 		status := c.srv.xidStatus[xid]
 		return &fakeRows{cols: []string{"txid_status"}, data: [][]driver.Value{{status}}}, nil
+	}
+	if q == "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?" {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		n := int64(0)
+		if c.srv.oldSession != nil {
+			n = 1
+		}
+		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{n}}}, nil
+	}
+	if strings.HasPrefix(q, "SELECT COUNT(*), MAX(COMMAND), MAX(STATE) FROM information_schema.PROCESSLIST") {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		if b := c.srv.oldSession; b != nil {
+			return &fakeRows{cols: []string{"n", "command", "state"}, data: [][]driver.Value{{int64(1), b.state, b.waitEvent}}}, nil
+		}
+		return &fakeRows{cols: []string{"n", "command", "state"}, data: [][]driver.Value{{int64(0), nil, nil}}}, nil
+	}
+	if strings.HasPrefix(q, "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('rpl_semi_sync") {
+		v := "OFF"
+		if c.srv.semiSync {
+			v = "ON"
+		}
+		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{"rpl_semi_sync_master_enabled", v}}}, nil
+	}
+	if strings.HasPrefix(q, "SHOW GLOBAL STATUS WHERE Variable_name IN ('Rpl_semi_sync") {
+		v := "ON"
+		if c.srv.semiSyncOff || !c.srv.semiSync {
+			v = "OFF"
+		}
+		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{"Rpl_semi_sync_master_status", v}}}, nil
+	}
+	if strings.HasPrefix(q, "SELECT COUNT(*) FROM ") && strings.HasSuffix(q, " WHERE token = ?") {
+		// The marker: there once a transaction that inserted it committed.
+		table := strings.TrimSuffix(strings.TrimPrefix(q, "SELECT COUNT(*) FROM "), " WHERE token = ?")
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		n := int64(0)
+		for _, r := range c.srv.ran {
+			if strings.HasPrefix(r, "INSERT INTO "+table+" ") {
+				n = 1
+			}
+		}
+		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{n}}}, nil
 	}
 	if q == pgStatusQuery {
 		xid := args[0].Value.(int64)

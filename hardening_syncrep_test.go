@@ -169,3 +169,124 @@ func TestSyncStandbysNeeded(t *testing.T) {
 		}
 	}
 }
+
+// Lost COMMITs under semi-synchronous replication (MySQL/MariaDB, with the
+// commit marker): never KILL a session that waits for (or may be about to
+// wait for) a replica's ACK; a marker found counts only once a replica has
+// acknowledged a later commit; otherwise wait, then ErrAmbiguousCommit.
+func TestSemiSyncLostCommitResolution(t *testing.T) {
+	const marker = "sqlretry_marker"
+	run := func(t *testing.T, srv *fakeServer, commit step, deadline time.Duration) (int, time.Duration, error) {
+		t.Helper()
+		srv.script("COMMIT", commit)
+		db, _ := testDB(t, srv, WithDialect(DialectMySQL), WithMySQLCommitMarker(marker))
+		ctx, cancel := context.WithTimeout(context.Background(), deadline)
+		defer cancel()
+		calls := 0
+		start := time.Now()
+		err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
+			return err
+		})
+		return calls, time.Since(start), err
+	}
+	committed := step{err: errLost, ran: true}
+	waitingForAck := &fakeBackend{state: "Query", waitEvent: "Waiting for semi-sync ACK from slave"}
+	wantAmbiguous := func(t *testing.T, calls int, err error) {
+		t.Helper()
+		if err == nil {
+			t.Fatal("reported committed while no replica has acknowledged the commit: a failover loses it")
+		}
+		if !errors.Is(err, ErrAmbiguousCommit) || calls != 1 {
+			t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit and no replay", err, calls)
+		}
+	}
+
+	t.Run("old session waits for the ACK: not KILLed, ambiguous", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.semiSync, srv.replicaFrozen = true, true
+		srv.oldSession = waitingForAck
+		calls, _, err := run(t, srv, committed, 300*time.Millisecond)
+		wantAmbiguous(t, calls, err)
+		if len(srv.mysqlKills) != 0 {
+			t.Errorf("the session waiting for the ACK was KILLed (%v): that publishes a commit no replica has", srv.mysqlKills)
+		}
+	})
+	t.Run("old session runs COMMIT under semi-sync: not KILLed", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.semiSync, srv.replicaFrozen = true, true
+		srv.oldSession = &fakeBackend{state: "Query", waitEvent: "Commit"}
+		calls, _, err := run(t, srv, committed, 300*time.Millisecond)
+		wantAmbiguous(t, calls, err)
+		if len(srv.mysqlKills) != 0 {
+			t.Errorf("a committing session was KILLed under semi-sync (%v)", srv.mysqlKills)
+		}
+	})
+	t.Run("waiter KILLed by someone else, replica frozen: ambiguous", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.semiSync, srv.replicaFrozen = true, true
+		calls, took, err := run(t, srv, committed, 300*time.Millisecond)
+		wantAmbiguous(t, calls, err)
+		if took > 2*time.Second {
+			t.Errorf("took %v past a 300ms deadline", took)
+		}
+		if n := srv.ranCount("DELETE FROM " + marker); n != 0 {
+			t.Errorf("the marker was deleted (%d) without an answer: a later lookup would say 'not committed'", n)
+		}
+	})
+	t.Run("replica acknowledges the probe: committed, marker and probe deleted", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.semiSync = true
+		calls, _, err := run(t, srv, committed, 5*time.Second)
+		if err != nil || calls != 1 || srv.ranCount("INSERT INTO ledger") != 1 {
+			t.Fatalf("err=%v calls=%d; want success without a replay", err, calls)
+		}
+		if srv.ranCount("INSERT INTO "+marker) != 2 || srv.ranCount("DELETE FROM "+marker+" WHERE token IN (?, ?)") != 1 {
+			t.Errorf("marker inserts=%d deletes=%d; want the transaction's and the probe's, deleted together", srv.ranCount("INSERT INTO "+marker), srv.ranCount("DELETE FROM "+marker))
+		}
+	})
+	t.Run("the probe's wait timed out (semi-sync off): ambiguous", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.semiSync, srv.semiSyncOff = true, true
+		calls, _, err := run(t, srv, committed, 300*time.Millisecond)
+		wantAmbiguous(t, calls, err)
+	})
+	t.Run("idle session under semi-sync (COMMIT never arrived): KILLed, replayed", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.semiSync = true
+		srv.oldSession = &fakeBackend{state: "Sleep"}
+		calls, _, err := run(t, srv, step{err: errLost}, 5*time.Second)
+		if err != nil || calls != 2 || srv.ranCount("INSERT INTO ledger") != 1 || len(srv.mysqlKills) != 1 {
+			t.Fatalf("err=%v calls=%d inserts=%d kills=%v; want the idle session KILLed and one replay", err, calls, srv.ranCount("INSERT INTO ledger"), srv.mysqlKills)
+		}
+	})
+	t.Run("no semi-sync: session KILLed, marker counts at once", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.oldSession = &fakeBackend{state: "Query", waitEvent: "Commit"}
+		calls, _, err := run(t, srv, committed, 5*time.Second)
+		if err != nil || calls != 1 || len(srv.mysqlKills) != 1 {
+			t.Fatalf("err=%v calls=%d kills=%v; want the session KILLed and success", err, calls, srv.mysqlKills)
+		}
+	})
+}
+
+func TestMySQLMayKill(t *testing.T) {
+	for _, c := range []struct {
+		semi           bool
+		command, state string
+		want           bool
+	}{
+		{false, "Sleep", "", true},
+		{false, "Query", "Commit", true},
+		{true, "Sleep", "", true},
+		{true, "Query", "Commit", false},
+		{true, "Query", "Waiting for semi-sync ACK from slave", false},
+		{true, "Killed", "", false},
+		{false, "Query", "Waiting for semi-sync ACK from replica", false}, // switched off since, still waiting
+	} {
+		if got := mysqlMayKill(c.semi, c.command, c.state); got != c.want {
+			t.Errorf("mysqlMayKill(%v, %q, %q) = %v, want %v", c.semi, c.command, c.state, got, c.want)
+		}
+	}
+}

@@ -242,24 +242,51 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 	return CommitUnknown, errors.New("sqlretry: txid_status has no answer")
 }
 
+// mysqlCheckCommit asks once. While the old session is in the process list
+// it may still commit: KILL it and ask again later, unless semi-synchronous
+// replication is on and the session has begun to commit (it may be waiting
+// for a replica's ACK, and a KILL would publish a commit no replica has).
+// Once it is gone, the marker says whether it committed; under semi-sync
+// that counts only once a replica has it (mysqlReplicaHas).
 func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token []byte, connID int64) (CommitOutcome, error) {
-	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
+	vals, err := queryRow(ctx, dc, "SELECT COUNT(*), MAX(COMMAND), MAX(STATE) FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
 	if err != nil {
 		return CommitUnknown, err
 	}
 	if asInt64(vals[0]) > 0 {
-		_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
+		semi, err := mysqlSemiSync(ctx, dc)
+		if err != nil {
+			return CommitUnknown, err
+		}
+		if mysqlMayKill(semi, textOf(vals[1]), textOf(vals[2])) {
+			_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
+		}
 		return CommitUnknown, nil
 	}
 	vals, err = queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
 	if err != nil {
 		return CommitUnknown, err
 	}
-	if asInt64(vals[0]) > 0 {
-		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token = ?", token)
-		return CommitCommitted, nil
+	if asInt64(vals[0]) == 0 {
+		return CommitNotCommitted, nil
 	}
-	return CommitNotCommitted, nil
+	semi, err := mysqlSemiSync(ctx, dc)
+	if err != nil {
+		return CommitUnknown, err
+	}
+	var probe []byte
+	if semi {
+		var ok bool
+		if ok, probe, err = mysqlReplicaHas(ctx, dc, table); !ok || err != nil {
+			return CommitUnknown, err
+		}
+	}
+	if probe != nil {
+		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token IN (?, ?)", token, probe)
+	} else {
+		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token = ?", token)
+	}
+	return CommitCommitted, nil
 }
 
 func namedArgs(args []any) []driver.NamedValue {

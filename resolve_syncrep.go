@@ -2,8 +2,10 @@ package sqlretry
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql/driver"
 	"errors"
+	"io"
 	"strings"
 	"time"
 )
@@ -202,4 +204,117 @@ func syncStandbysNeeded(s string) int {
 		return n
 	}
 	return 1
+}
+
+// Lost COMMITs under semi-synchronous replication (MariaDB, MySQL).
+//
+// With rpl_semi_sync_master_enabled (MySQL: rpl_semi_sync_source_enabled) a
+// COMMIT waits for a replica's ACK (process list State "Waiting for
+// semi-sync ACK from slave"). With the wait point AFTER_COMMIT (MariaDB's
+// default) the commit is visible on the primary while it waits; with
+// AFTER_SYNC it becomes visible when the wait ends, by the ACK or by a
+// KILL. Either way a KILLed waiter leaves a commit on the primary that no
+// replica may have, and the marker row is then there. So under semi-sync
+// sqlretry KILLs the old session only while it is idle in its transaction
+// (Command Sleep: the COMMIT never arrived), and counts a marker it finds
+// only once a replica has acknowledged a later commit: it commits a probe
+// row of its own on the side connection, which waits for the ACK of a
+// binlog position past the lost COMMIT's, and then checks that semi-sync is
+// still on (a wait that timed out turns it off). The marker row itself is
+// never deleted before the answer is "committed": a lookup that found it
+// gone would say "not committed" and replay a transaction that is there.
+
+// mysqlSemiSync says whether the primary waits for replicas' ACKs.
+func mysqlSemiSync(ctx context.Context, dc driver.Conn) (bool, error) {
+	rows, err := queryRows(ctx, dc, "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('rpl_semi_sync_master_enabled', 'rpl_semi_sync_source_enabled')")
+	if err != nil {
+		return false, err
+	}
+	for _, r := range rows {
+		if len(r) > 1 && strings.EqualFold(textOf(r[1]), "ON") {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// mysqlMayKill says whether the old session may be KILLed without risking a
+// commit published before a replica has it.
+func mysqlMayKill(semiSync bool, command, state string) bool {
+	if strings.Contains(strings.ToLower(state), "semi-sync") {
+		return false
+	}
+	return !semiSync || command == "Sleep"
+}
+
+// mysqlReplicaHas commits a probe row in the marker table (autocommit): its
+// COMMIT waits for a replica's ACK of a binlog position past every earlier
+// commit's. It reports whether semi-sync is still on afterwards, and the
+// probe's token for the caller to delete.
+func mysqlReplicaHas(ctx context.Context, dc driver.Conn, table string) (bool, []byte, error) {
+	probe := make([]byte, 16)
+	_, _ = rand.Read(probe)
+	if err := execConn(ctx, dc, "INSERT INTO "+table+" (token) VALUES (?)", probe); err != nil {
+		return false, nil, err
+	}
+	rows, err := queryRows(ctx, dc, "SHOW GLOBAL STATUS WHERE Variable_name IN ('Rpl_semi_sync_master_status', 'Rpl_semi_sync_source_status')")
+	if err != nil {
+		return false, probe, err
+	}
+	for _, r := range rows {
+		if len(r) > 1 && strings.EqualFold(textOf(r[1]), "ON") {
+			return true, probe, nil
+		}
+	}
+	// The probe's wait timed out and the primary went on without replicas.
+	// The probe row is left to the marker's clean-up.
+	return false, probe, nil
+}
+
+func textOf(v driver.Value) string {
+	switch x := v.(type) {
+	case string:
+		return x
+	case []byte:
+		return string(x)
+	}
+	return ""
+}
+
+// queryRows runs a query on a driver connection and returns all its rows.
+func queryRows(ctx context.Context, dc driver.Conn, query string, args ...any) ([][]driver.Value, error) {
+	var (
+		rows driver.Rows
+		err  error
+	)
+	if q, ok := dc.(driver.QueryerContext); ok {
+		rows, err = q.QueryContext(ctx, query, namedArgs(args))
+	}
+	if rows == nil && (err == nil || err == driver.ErrSkip) {
+		var s driver.Stmt
+		if s, err = prepare(ctx, dc, query); err != nil {
+			return nil, err
+		}
+		defer s.Close()
+		sq, ok := s.(driver.StmtQueryContext)
+		if !ok {
+			return nil, errors.New("sqlretry: driver statement lacks QueryContext")
+		}
+		rows, err = sq.QueryContext(ctx, namedArgs(args))
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var all [][]driver.Value
+	for {
+		vals := make([]driver.Value, len(rows.Columns()))
+		if err := rows.Next(vals); err != nil {
+			if err == io.EOF {
+				return all, nil
+			}
+			return nil, err
+		}
+		all = append(all, vals)
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-sql-driver/mysql"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
 
@@ -258,6 +259,211 @@ func TestPostgresSyncRepLostCommit(t *testing.T) {
 		tbl, op, calls, _, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutMidMessage, partition: true, deadline: 10 * time.Second})
 		var rows int
 		if qerr := admin.QueryRow("SELECT COUNT(*) FROM "+tbl+" WHERE op = $1", op).Scan(&rows); qerr != nil {
+			t.Fatal(qerr)
+		}
+		if err != nil || calls != 2 || rows != 1 {
+			t.Fatalf("err=%v calls=%d rows=%d; want success after one replay, one row", err, calls, rows)
+		}
+	})
+}
+
+// MariaDB semi-synchronous replication: a COMMIT waits for a replica's ACK
+// ("Waiting for semi-sync ACK from slave"); with the wait point
+// AFTER_COMMIT (MariaDB's default) the commit is already visible on the
+// primary while it waits, with AFTER_SYNC it becomes visible when the wait
+// ends, by the ACK or by a KILL. A KILLed waiter leaves a commit the
+// replica may not have: sqlretry must not report it as committed.
+
+func semiSyncPair(t *testing.T) *dbserver.MariaDBSemiSyncPair {
+	t.Helper()
+	p, err := dbserver.StartMariaDBSemiSyncPair()
+	if err != nil {
+		unavailable(t, err.Error())
+	}
+	t.Cleanup(p.Stop)
+	return p
+}
+
+type semiSyncCase struct {
+	mode      int32
+	deadline  time.Duration
+	freeze    bool
+	thawAfter time.Duration // 0: stays frozen
+	kill      bool          // a DBA KILLs the session waiting for the ACK
+}
+
+func semiSyncLostCommit(t *testing.T, p *dbserver.MariaDBSemiSyncPair, admin *sql.DB, sc semiSyncCase) (tbl, op string, calls int, elapsed time.Duration, err error) {
+	t.Helper()
+	cfg, perr := mysql.ParseDSN(p.Primary.DSN)
+	if perr != nil {
+		t.Fatal(perr)
+	}
+	c := &cutter{isCommit: mysqlCommit}
+	netName := fmt.Sprintf("semisync-%d", time.Now().UnixNano())
+	mysql.RegisterDialContext(netName, func(ctx context.Context, addr string) (net.Conn, error) { return c.dial(ctx, "tcp", addr) })
+	defer mysql.DeregisterDialContext(netName)
+	cfg.Net = netName
+	conn, perr := mysql.NewConnector(cfg)
+	if perr != nil {
+		t.Fatal(perr)
+	}
+	db := sqlretry.OpenDB(conn, sqlretry.WithMySQLCommitMarker("sqlretry_marker"))
+	defer db.Close()
+	tbl = fmt.Sprintf("semisync_%d", time.Now().UnixNano())
+	mustExec(t, admin, "CREATE TABLE "+tbl+" (op varchar(40) PRIMARY KEY)")
+	// The marker table exists (created by an earlier case, or now) before
+	// the replica is frozen: its DDL would wait for the ACK too.
+	mustExec(t, admin, "CREATE TABLE IF NOT EXISTS sqlretry_marker (token BINARY(16) NOT NULL PRIMARY KEY, created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), KEY (created_at)) ENGINE=InnoDB")
+	op = "op-1"
+	if sc.freeze {
+		if err := p.FreezeReplica(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan struct{})
+	switch {
+	case sc.freeze && sc.thawAfter > 0:
+		go func() {
+			defer close(done)
+			for c.fired.Load() == 0 {
+				time.Sleep(5 * time.Millisecond)
+			}
+			time.Sleep(sc.thawAfter)
+			if err := p.ThawReplica(); err != nil {
+				t.Error(err)
+			}
+		}()
+	case sc.kill:
+		go func() {
+			defer close(done)
+			for deadline := time.Now().Add(sc.deadline); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+				var id int64
+				err := admin.QueryRow("SELECT ID FROM information_schema.PROCESSLIST WHERE STATE LIKE '%semi-sync%' AND COMMAND = 'Query' LIMIT 1").Scan(&id)
+				if err == nil {
+					_, err = admin.Exec(fmt.Sprintf("KILL %d", id))
+					if err != nil {
+						t.Error(err)
+					}
+					return
+				}
+			}
+			t.Error("no session ever waited for the semi-sync ACK to be KILLed")
+		}()
+	default:
+		close(done)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), sc.deadline)
+	defer cancel()
+	start := time.Now()
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if calls == 1 {
+			c.mode.Store(sc.mode)
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?)", op)
+		return err
+	})
+	elapsed = time.Since(start)
+	c.mode.Store(0)
+	<-done
+	if c.fired.Load() == 0 {
+		t.Fatal("the COMMIT was never cut: the test proved nothing")
+	}
+	return tbl, op, calls, elapsed, err
+}
+
+// onReplica counts op in tbl on the replica, waiting up to wait for it.
+func onReplica(replica *sql.DB, tbl, op string, wait time.Duration) int {
+	deadline := time.Now().Add(wait)
+	for {
+		var n int
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		if err := replica.QueryRowContext(ctx, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op).Scan(&n); err != nil {
+			n = 0
+		}
+		cancel()
+		if n > 0 || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestMariaDBSemiSyncLostCommit(t *testing.T) {
+	p := semiSyncPair(t)
+	admin, err := sql.Open("mysql", p.Primary.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	replica, err := sql.Open("mysql", p.ReplicaDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer replica.Close()
+	waitingForAck := func() int {
+		var n int
+		if err := admin.QueryRow("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE LIKE '%semi-sync%' AND COMMAND = 'Query'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	for _, point := range []string{"AFTER_COMMIT", "AFTER_SYNC"} {
+		mustExec(t, admin, "SET GLOBAL rpl_semi_sync_master_wait_point = "+point)
+		for _, kill := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s, replica frozen past the deadline, DBA kills the waiter=%v", point, kill), func(t *testing.T) {
+				defer p.ThawReplica()
+				tbl, op, calls, elapsed, err := semiSyncLostCommit(t, p, admin, semiSyncCase{mode: cutAfterSend, deadline: 2 * time.Second, freeze: true, kill: kill})
+				waiting := waitingForAck()
+				replicated := onReplica(replica, tbl, op, 0)
+				t.Logf("err=%v calls=%d elapsed=%v sessions waiting for the ACK=%d on replica=%d", err, calls, elapsed, waiting, replicated)
+				if err == nil && replicated == 0 {
+					t.Fatal("sqlretry said committed, and the semi-synchronous replica does not have the commit: a failover now loses it")
+				}
+				if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || calls != 1 {
+					t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit and no replay", err, calls)
+				}
+				if !kill && waiting == 0 {
+					t.Error("the old session no longer waits for the ACK: it was KILLed, and its commit is on the primary alone")
+				}
+				if elapsed > 3*time.Second {
+					t.Errorf("took %v past a 2 s deadline", elapsed)
+				}
+				if err := p.ThawReplica(); err != nil {
+					t.Fatal(err)
+				}
+				if n := onReplica(replica, tbl, op, 10*time.Second); n != 1 {
+					t.Errorf("after the thaw the replica has %d rows, want 1", n)
+				}
+			})
+		}
+		t.Run(point+", replica thawed within the deadline", func(t *testing.T) {
+			defer p.ThawReplica()
+			tbl, op, calls, elapsed, err := semiSyncLostCommit(t, p, admin, semiSyncCase{mode: cutAfterSend, deadline: 10 * time.Second, freeze: true, thawAfter: 700 * time.Millisecond})
+			t.Logf("err=%v calls=%d elapsed=%v", err, calls, elapsed)
+			if err != nil || calls != 1 {
+				t.Fatalf("err=%v calls=%d; want success once the replica has the commit, without a replay", err, calls)
+			}
+			if elapsed < 700*time.Millisecond {
+				t.Errorf("answered after %v, before the replica was thawed (700ms)", elapsed)
+			}
+			if n := onReplica(replica, tbl, op, 5*time.Second); n != 1 {
+				t.Fatalf("sqlretry said committed; the replica has %d rows, want 1", n)
+			}
+		})
+	}
+	t.Run("replica up: resolved at once", func(t *testing.T) {
+		tbl, op, calls, elapsed, err := semiSyncLostCommit(t, p, admin, semiSyncCase{mode: cutAfterSend, deadline: 10 * time.Second})
+		t.Logf("err=%v calls=%d elapsed=%v", err, calls, elapsed)
+		if err != nil || calls != 1 || onReplica(replica, tbl, op, 5*time.Second) != 1 {
+			t.Fatalf("err=%v calls=%d; want success without a replay, and the row on the replica", err, calls)
+		}
+	})
+	t.Run("COMMIT never reached the server: replayed once", func(t *testing.T) {
+		tbl, op, calls, _, err := semiSyncLostCommit(t, p, admin, semiSyncCase{mode: cutMidMessage, deadline: 10 * time.Second})
+		var rows int
+		if qerr := admin.QueryRow("SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op).Scan(&rows); qerr != nil {
 			t.Fatal(qerr)
 		}
 		if err != nil || calls != 2 || rows != 1 {

@@ -1,6 +1,8 @@
 package dbserver
 
 import (
+	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"os"
@@ -181,4 +183,184 @@ func (p *PostgresSyncPair) Stop() {
 func (p *PostgresSyncPair) PrimaryLog() string {
 	b, _ := os.ReadFile(filepath.Join(p.dir, "primary.log"))
 	return string(b)
+}
+
+// MariaDBSemiSyncPair is a MariaDB primary with semi-synchronous replication
+// on (rpl_semi_sync_master_enabled, a 60 s rpl_semi_sync_master_timeout,
+// the wait point left at its default) and one semi-synchronous replica, both
+// from the local binaries. The replica can be frozen (SIGSTOP), so that
+// every COMMIT on the primary waits for its ACK until it is thawed.
+type MariaDBSemiSyncPair struct {
+	Primary    *Server
+	ReplicaDSN string // database test
+	replica    *Server
+	replicaPid func() int
+	frozen     bool
+}
+
+// StartMariaDBSemiSyncPair starts the pair; Stop removes both.
+func StartMariaDBSemiSyncPair() (*MariaDBSemiSyncPair, error) {
+	p := &MariaDBSemiSyncPair{}
+	var err error
+	// Semi-sync is turned on once the replica is there: until then every
+	// COMMIT would wait for an ACK.
+	p.Primary, _, err = startMariaDBWith("--log-bin=bin", "--server-id=1", "--binlog-format=ROW")
+	if err != nil {
+		return nil, err
+	}
+	p.replica, p.replicaPid, err = startMariaDBWith("--server-id=2", "--rpl-semi-sync-slave-enabled=ON", "--skip-slave-start", "--read-only=ON")
+	if err != nil {
+		p.Primary.Stop()
+		return nil, err
+	}
+	p.ReplicaDSN = p.replica.DSN
+	ok := false
+	defer func() {
+		if !ok {
+			p.Stop()
+		}
+	}()
+	replica, err := sql.Open("mysql", p.replica.DSN)
+	if err != nil {
+		return nil, err
+	}
+	defer replica.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := replica.ExecContext(ctx, fmt.Sprintf("CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=%d, MASTER_USER='root', MASTER_USE_GTID=slave_pos", mariaDBPort(p.Primary.DSN))); err != nil {
+		return nil, fmt.Errorf("CHANGE MASTER: %v", err)
+	}
+	if _, err := replica.ExecContext(ctx, "START SLAVE"); err != nil {
+		return nil, fmt.Errorf("START SLAVE: %v", err)
+	}
+	primary, err := sql.Open("mysql", p.Primary.DSN)
+	if err != nil {
+		return nil, err
+	}
+	defer primary.Close()
+	for _, q := range []string{"SET GLOBAL rpl_semi_sync_master_timeout = 60000", "SET GLOBAL rpl_semi_sync_master_enabled = ON"} {
+		if _, err := primary.ExecContext(ctx, q); err != nil {
+			return nil, fmt.Errorf("%s: %v", q, err)
+		}
+	}
+	// The replica registers as semi-synchronous when its IO thread connects.
+	for _, q := range []string{"STOP SLAVE IO_THREAD", "START SLAVE IO_THREAD"} {
+		if _, err := replica.ExecContext(ctx, q); err != nil {
+			return nil, fmt.Errorf("%s: %v", q, err)
+		}
+	}
+	for {
+		var name, clients string
+		err := primary.QueryRowContext(ctx, "SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync_master_clients'").Scan(&name, &clients)
+		if err == nil && clients == "1" {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("the replica did not become semi-synchronous (clients %q, %v)", clients, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	ok = true
+	return p, nil
+}
+
+func mariaDBPort(dsn string) int {
+	i := strings.Index(dsn, "tcp(127.0.0.1:")
+	if i < 0 {
+		return 0
+	}
+	rest := dsn[i+len("tcp(127.0.0.1:"):]
+	n, _ := strconv.Atoi(rest[:strings.Index(rest, ")")])
+	return n
+}
+
+// FreezeReplica stops (SIGSTOP) the replica's server: the primary's COMMITs
+// then wait for a semi-sync ACK.
+func (p *MariaDBSemiSyncPair) FreezeReplica() error {
+	if p.frozen {
+		return nil
+	}
+	pid := p.replicaPid()
+	if pid <= 0 {
+		return errors.New("the replica is not running")
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		return err
+	}
+	p.frozen = true
+	return nil
+}
+
+// ThawReplica lets the replica run again.
+func (p *MariaDBSemiSyncPair) ThawReplica() error {
+	if !p.frozen {
+		return nil
+	}
+	p.frozen = false
+	return syscall.Kill(p.replicaPid(), syscall.SIGCONT)
+}
+
+// Stop thaws, stops and removes both servers. It is safe to call twice.
+func (p *MariaDBSemiSyncPair) Stop() {
+	p.ThawReplica()
+	if p.replica != nil {
+		p.replica.Stop()
+	}
+	if p.Primary != nil {
+		p.Primary.Stop()
+	}
+}
+
+// startMariaDBWith is startMariaDB with binary logging left to extra (the
+// default one skips it), and the server's pid.
+func startMariaDBWith(extra ...string) (*Server, func() int, error) {
+	mariadbd, err := exec.LookPath("mariadbd")
+	if err != nil {
+		if mariadbd, err = exec.LookPath("/usr/sbin/mariadbd"); err != nil {
+			return nil, nil, errors.New("no mariadbd binary found")
+		}
+	}
+	dir, err := tempDirFor("mysql")
+	if err != nil {
+		return nil, nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, nil, err
+	}
+	data := filepath.Join(dir, "data")
+	install := exec.Command("mariadb-install-db", "--no-defaults", "--datadir="+data, "--auth-root-authentication-method=normal", "--skip-test-db")
+	if os.Geteuid() == 0 {
+		install.Args = append(install.Args, "--user=mysql")
+	}
+	if out, err := install.CombinedOutput(); err != nil {
+		os.RemoveAll(dir)
+		return nil, nil, fmt.Errorf("mariadb-install-db: %v: %s", err, out)
+	}
+	args := []string{"--no-defaults", "--datadir=" + data, fmt.Sprintf("--port=%d", port), "--bind-address=127.0.0.1",
+		"--socket=" + filepath.Join(dir, "sock"), "--pid-file=" + filepath.Join(dir, "pid"), "--log-error=" + filepath.Join(dir, "err.log"),
+		"--innodb-flush-log-at-trx-commit=2", "--innodb-buffer-pool-size=64M", "--max-connections=100"}
+	args = append(args, extra...)
+	if os.Geteuid() == 0 {
+		args = append(args, "--user=mysql")
+	}
+	cmd := exec.Command(mariadbd, args...)
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return nil, nil, err
+	}
+	stop := func() {
+		cmd.Process.Signal(syscall.SIGCONT)
+		cmd.Process.Kill()
+		cmd.Wait()
+		os.RemoveAll(dir)
+	}
+	root := fmt.Sprintf("root@tcp(127.0.0.1:%d)/", port)
+	if err := waitMariaDB(root, 30*time.Second); err != nil {
+		log, _ := os.ReadFile(filepath.Join(dir, "err.log"))
+		stop()
+		return nil, nil, fmt.Errorf("mariadbd did not answer: %v\n%s", err, log)
+	}
+	return &Server{Kind: MariaDB, DSN: root + "test", Source: "local binaries", stop: stop}, func() int { return cmd.Process.Pid }, nil
 }
