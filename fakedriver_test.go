@@ -351,6 +351,18 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		return &fakeRows{cols: []string{"txid_status", "holding", "wait_event", "state", "names", "commit"},
 			data: [][]driver.Value{{c.srv.xidStatus[xid], holding, wait, state, c.srv.syncNames, commit}}}, nil
 	}
+	if q == pgProbeQuery && c.srv.standbyHidden {
+		c.srv.mu.Lock()
+		c.srv.replChecks++
+		lag := c.srv.standbyLag
+		c.srv.mu.Unlock()
+		if lag < 0 {
+			<-ctx.Done() // the probe's COMMIT waits in SyncRep
+			c.broken = true
+			return nil, ctx.Err()
+		}
+		return &fakeRows{cols: []string{"txid_current"}, data: [][]driver.Value{{int64(900)}}}, nil
+	}
 	if strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") {
 		return &fakeRows{cols: []string{"lsn", "see"}, data: [][]driver.Value{{"0/3000148", !c.srv.standbyHidden}}}, nil
 	}

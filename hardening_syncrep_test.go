@@ -75,14 +75,27 @@ func TestSyncRepLostCommitResolution(t *testing.T) {
 			t.Errorf("position checks = %d, want 4 (3 behind, then caught up)", srv.replChecks)
 		}
 	})
-	t.Run("role cannot see the standbys: ambiguous at once", func(t *testing.T) {
+	t.Run("role cannot see the standbys, standby frozen: its own commit waits, ambiguous", func(t *testing.T) {
 		srv := newFakeServer()
 		srv.syncNames = "*"
 		srv.standbyHidden = true
-		calls, took, err := run(t, srv, 5*time.Second)
+		srv.standbyLag = -1
+		calls, took, err := run(t, srv, 300*time.Millisecond)
 		wantAmbiguous(t, srv, calls, err)
-		if took > time.Second {
-			t.Errorf("took %v: waiting cannot help when the positions are hidden", took)
+		if srv.replChecks == 0 {
+			t.Error("no probe transaction was committed")
+		}
+		if took > 2*time.Second {
+			t.Errorf("took %v past a 300ms deadline", took)
+		}
+	})
+	t.Run("role cannot see the standbys, standby up: its own commit returns, committed", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.syncNames = "*"
+		srv.standbyHidden = true
+		calls, _, err := run(t, srv, 5*time.Second)
+		if err != nil || calls != 1 || srv.replChecks != 1 {
+			t.Fatalf("err=%v calls=%d probes=%d; want success after one probe", err, calls, srv.replChecks)
 		}
 	})
 	for _, commit := range []string{"local", "off"} {

@@ -118,23 +118,28 @@ func (st pgStatus) mayEnd() bool {
 	return st.holding && st.waitEvent != "SyncRep" && (!st.syncRequired() || st.state == "idle in transaction")
 }
 
+// pgProbeQuery is a transaction that writes WAL without touching a table
+// (any role may run it): a transactional logical decoding message, which
+// logical decoding consumers see with the prefix "sqlretry". A transaction
+// that only takes an id (txid_current()) writes no WAL before its commit
+// record and does not wait for the standbys.
+const pgProbeQuery = "SELECT pg_logical_emit_message(true, 'sqlretry', 'commit resolution probe')::text"
+
 // pgReplicaWait bounds one pgReplicated call: under a steady write load the
 // standbys trail the primary's current position, so the position is read
 // once and waited for, rather than read again at every attempt.
 const pgReplicaWait = time.Second
 
-// errStandbysHidden: the role cannot read the standbys' positions.
-var errStandbysHidden = unresolvableError("sqlretry: under synchronous replication a lost COMMIT counts only once the synchronous standbys have it, " +
-	"and this role cannot read their positions in pg_stat_replication (grant it pg_read_all_stats)")
-
-// unresolvableError is a final "cannot know" with its own reason.
-type unresolvableError string
-
-func (e unresolvableError) Error() string        { return string(e) }
-func (e unresolvableError) Is(target error) bool { return target == errUnresolvable }
-
 // pgReplicated says whether enough synchronous standbys have the primary's
 // WAL up to its flush position now, waiting up to pgReplicaWait within ctx.
+// A role that cannot read the standbys' positions (they need superuser or
+// pg_read_all_stats) commits a transaction of its own instead
+// (pgProbeQuery, in autocommit): its commit record lies past the lost
+// COMMIT's, and its COMMIT returns once the synchronous standbys have it
+// (or when the side connection's context ends: no answer then). Only a
+// cancel of that very wait by someone else would make it return early,
+// with a WARNING the driver does not report; a client whose COMMIT was not
+// cut would then have been told "committed" as well.
 func pgReplicated(ctx context.Context, dc driver.Conn, st pgStatus) (bool, error) {
 	need := syncStandbysNeeded(st.names)
 	col := "flush_lsn"
@@ -153,7 +158,10 @@ func pgReplicated(ctx context.Context, dc driver.Conn, st pgStatus) (bool, error
 		lsn = string(b)
 	}
 	if see, _ := vals[1].(bool); !see {
-		return false, errStandbysHidden
+		if _, err := queryRow(ctx, dc, pgProbeQuery); err != nil {
+			return false, err
+		}
+		return true, nil
 	}
 	q := "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum') AND " + col + " >= $1::text::pg_lsn"
 	deadline := time.Now().Add(pgReplicaWait)

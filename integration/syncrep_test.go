@@ -84,7 +84,8 @@ type syncRepCase struct {
 	partition bool          // pgx's cancel request never arrives
 	deadline  time.Duration // the caller's
 	thawAfter time.Duration // 0: stays frozen
-	cancel    bool          // a DBA cancels the old backend's SyncRep wait (pg_cancel_backend)
+	cancel    bool          // a DBA cancels the old backend's SyncRep wait (pg_cancel_backend; that backend only, not sqlretry's probe)
+	role      string        // connect as this role (created here, no pg_read_all_stats) instead of the superuser
 	freeze    bool
 }
 
@@ -98,6 +99,10 @@ func syncRepLostCommit(t *testing.T, p *dbserver.PostgresSyncPair, admin *sql.DB
 	if perr != nil {
 		t.Fatal(perr)
 	}
+	if sc.role != "" {
+		mustExec(t, admin, "DO $$ BEGIN CREATE ROLE "+sc.role+" LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+		cfg.User = sc.role
+	}
 	cfg.DialFunc = c.dial
 	if sc.partition {
 		cfg.DialFunc = dropCancels(c.dial)
@@ -106,6 +111,9 @@ func syncRepLostCommit(t *testing.T, p *dbserver.PostgresSyncPair, admin *sql.DB
 	defer db.Close()
 	tbl = fmt.Sprintf("syncrep_%d", time.Now().UnixNano())
 	mustExec(t, admin, "CREATE TABLE "+tbl+" (op text PRIMARY KEY)")
+	if sc.role != "" {
+		mustExec(t, admin, "GRANT ALL ON "+tbl+" TO "+sc.role)
+	}
 	op = "op-1"
 	if sc.freeze {
 		if err := p.FreezeStandby(); err != nil {
@@ -129,7 +137,7 @@ func syncRepLostCommit(t *testing.T, p *dbserver.PostgresSyncPair, admin *sql.DB
 			defer close(thawed)
 			for deadline := time.Now().Add(sc.deadline); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 				var n int
-				if err := admin.QueryRow("SELECT COUNT(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").Scan(&n); err != nil {
+				if err := admin.QueryRow("SELECT COUNT(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND query ILIKE 'commit%'").Scan(&n); err != nil {
 					t.Error(err)
 					return
 				}
@@ -246,6 +254,32 @@ func TestPostgresSyncRepLostCommit(t *testing.T) {
 			}
 		})
 	}
+
+	// A role that cannot read pg_stat_replication's positions (no
+	// superuser, no pg_read_all_stats), as applications usually connect.
+	t.Run("plain role, standby frozen past the deadline", func(t *testing.T) {
+		defer p.ThawStandby()
+		tbl, op, calls, elapsed, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutAfterSend, partition: true, cancel: true, deadline: 2 * time.Second, freeze: true, role: "app"})
+		replicated := onStandby(t, standby, tbl, op, 0)
+		t.Logf("err=%v calls=%d elapsed=%v on standby=%d", err, calls, elapsed, replicated)
+		if err == nil && replicated == 0 {
+			t.Fatal("sqlretry said committed, and the synchronous standby does not have the commit")
+		}
+		if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || calls != 1 {
+			t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit and no replay", err, calls)
+		}
+	})
+	t.Run("plain role, standby thawed within the deadline", func(t *testing.T) {
+		defer p.ThawStandby()
+		tbl, op, calls, elapsed, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutAfterSend, partition: true, deadline: 10 * time.Second, freeze: true, thawAfter: 700 * time.Millisecond, role: "app"})
+		t.Logf("err=%v calls=%d elapsed=%v", err, calls, elapsed)
+		if err != nil || calls != 1 {
+			t.Fatalf("err=%v calls=%d; want success once the standby has the commit, without a replay", err, calls)
+		}
+		if n := onStandby(t, standby, tbl, op, 5*time.Second); n != 1 {
+			t.Fatalf("sqlretry said committed; the standby has %d rows, want 1", n)
+		}
+	})
 
 	t.Run("standby up: resolved at once", func(t *testing.T) {
 		tbl, op, calls, elapsed, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutAfterSend, partition: true, deadline: 10 * time.Second})
