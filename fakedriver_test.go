@@ -83,11 +83,12 @@ type fakeServer struct {
 
 	// Semi-synchronous replication (MySQL/MariaDB), for the marker's
 	// resolution.
-	semiSync      bool         // rpl_semi_sync_master_enabled
-	semiSyncOff   bool         // Rpl_semi_sync_master_status OFF (a wait timed out)
-	replicaFrozen bool         // an autocommit INSERT or DELETE waits for the ACK until its context ends
-	oldSession    *fakeBackend // the old session in the process list (any ID) until KILLed: state is its Command, waitEvent its State
-	mysqlKills    []string     // KILL statements run
+	semiSync         bool         // rpl_semi_sync_master_enabled
+	semiSyncOff      bool         // Rpl_semi_sync_master_status OFF (a wait timed out)
+	semiSyncTimesOut bool         // the next autocommit INSERT's wait times out: semiSyncOff from then on
+	replicaFrozen    bool         // an autocommit INSERT or DELETE waits for the ACK until its context ends
+	oldSession       *fakeBackend // the old session in the process list (any ID) until KILLed: state is its Command, waitEvent its State
+	mysqlKills       []string     // KILL statements run
 }
 
 // fakeBackend is what pg_stat_activity shows of an old backend.
@@ -204,6 +205,11 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	}
 	if c.broken {
 		return driver.ErrBadConn
+	}
+	if !c.inTx && c.srv.semiSyncTimesOut && strings.HasPrefix(q, "INSERT INTO ") {
+		c.srv.mu.Lock()
+		c.srv.semiSyncOff = true // its wait timed out: the primary goes on without replicas
+		c.srv.mu.Unlock()
 	}
 	if !c.inTx && c.srv.replicaFrozen && (strings.HasPrefix(q, "INSERT INTO ") || strings.HasPrefix(q, "DELETE FROM ")) {
 		<-ctx.Done() // waits for a replica's ACK that never comes

@@ -259,11 +259,23 @@ func TestSemiSyncLostCommitResolution(t *testing.T) {
 			t.Errorf("marker inserts=%d deletes=%d; want the transaction's and the probe's, deleted together", srv.ranCount("INSERT INTO "+marker), srv.ranCount("DELETE FROM "+marker))
 		}
 	})
-	t.Run("the probe's wait timed out (semi-sync off): ambiguous", func(t *testing.T) {
+	t.Run("semi-sync switched off (a wait timed out): ambiguous, no probe", func(t *testing.T) {
 		srv := newFakeServer()
 		srv.semiSync, srv.semiSyncOff = true, true
 		calls, _, err := run(t, srv, committed, 300*time.Millisecond)
 		wantAmbiguous(t, calls, err)
+		if n := srv.ranCount("INSERT INTO " + marker); n != 1 {
+			t.Errorf("marker inserts = %d, want only the transaction's: no probe while no replica acknowledges", n)
+		}
+	})
+	t.Run("the probe's own wait times out: ambiguous, probe deleted, no more probes", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.semiSync, srv.semiSyncTimesOut = true, true
+		calls, _, err := run(t, srv, committed, 300*time.Millisecond)
+		wantAmbiguous(t, calls, err)
+		if n, d := srv.ranCount("INSERT INTO "+marker), srv.ranCount("DELETE FROM "+marker+" WHERE token = ?"); n != 2 || d != 1 {
+			t.Errorf("marker inserts = %d, probe deletes = %d; want 2 (the transaction's, one probe) and 1", n, d)
+		}
 	})
 	t.Run("idle session under semi-sync (COMMIT never arrived): KILLed, replayed", func(t *testing.T) {
 		srv := newFakeServer()

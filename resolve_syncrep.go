@@ -257,26 +257,40 @@ func mysqlMayKill(semiSync bool, command, state string) bool {
 
 // mysqlReplicaHas commits a probe row in the marker table (autocommit): its
 // COMMIT waits for a replica's ACK of a binlog position past every earlier
-// commit's. It reports whether semi-sync is still on afterwards, and the
-// probe's token for the caller to delete.
+// commit's. It reports whether semi-sync was on before and is still on
+// afterwards (a wait that timed out turns it off), and the probe's token for
+// the caller to delete. While semi-sync is off (no replica acknowledges) it
+// writes nothing.
 func mysqlReplicaHas(ctx context.Context, dc driver.Conn, table string) (bool, []byte, error) {
+	if on, err := mysqlSemiSyncOn(ctx, dc); !on || err != nil {
+		return false, nil, err
+	}
 	probe := make([]byte, 16)
 	_, _ = rand.Read(probe)
 	if err := execConn(ctx, dc, "INSERT INTO "+table+" (token) VALUES (?)", probe); err != nil {
-		return false, nil, err
+		return false, nil, err // a probe that did commit is left to the marker's clean-up
 	}
+	on, err := mysqlSemiSyncOn(ctx, dc)
+	if !on && err == nil {
+		// The probe's wait timed out and the primary went on without
+		// replicas: no ACK to wait for when deleting it.
+		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token = ?", probe)
+	}
+	return on, probe, err
+}
+
+// mysqlSemiSyncOn says whether the primary is waiting for ACKs now.
+func mysqlSemiSyncOn(ctx context.Context, dc driver.Conn) (bool, error) {
 	rows, err := queryRows(ctx, dc, "SHOW GLOBAL STATUS WHERE Variable_name IN ('Rpl_semi_sync_master_status', 'Rpl_semi_sync_source_status')")
 	if err != nil {
-		return false, probe, err
+		return false, err
 	}
 	for _, r := range rows {
 		if len(r) > 1 && strings.EqualFold(textOf(r[1]), "ON") {
-			return true, probe, nil
+			return true, nil
 		}
 	}
-	// The probe's wait timed out and the primary went on without replicas.
-	// The probe row is left to the marker's clean-up.
-	return false, probe, nil
+	return false, nil
 }
 
 func textOf(v driver.Value) string {
