@@ -300,27 +300,27 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		}
 		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{n}}}, nil
 	}
-	if strings.HasPrefix(q, "SELECT COUNT(*), MAX(COMMAND), MAX(STATE) FROM information_schema.PROCESSLIST") {
+	if strings.HasPrefix(q, "SELECT COMMAND, STATE FROM information_schema.PROCESSLIST") {
 		c.srv.mu.Lock()
 		defer c.srv.mu.Unlock()
 		if b := c.srv.oldSession; b != nil {
-			return &fakeRows{cols: []string{"n", "command", "state"}, data: [][]driver.Value{{int64(1), b.state, b.waitEvent}}}, nil
+			return &fakeRows{cols: []string{"COMMAND", "STATE"}, data: [][]driver.Value{{[]byte(b.state), []byte(b.waitEvent)}}, clobber: true}, nil
 		}
-		return &fakeRows{cols: []string{"n", "command", "state"}, data: [][]driver.Value{{int64(0), nil, nil}}}, nil
+		return &fakeRows{cols: []string{"COMMAND", "STATE"}}, nil
 	}
 	if strings.HasPrefix(q, "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('rpl_semi_sync") {
 		v := "OFF"
 		if c.srv.semiSync {
 			v = "ON"
 		}
-		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{"rpl_semi_sync_master_enabled", v}}}, nil
+		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{[]byte("rpl_semi_sync_master_enabled"), []byte(v)}}, clobber: true}, nil
 	}
 	if strings.HasPrefix(q, "SHOW GLOBAL STATUS WHERE Variable_name IN ('Rpl_semi_sync") {
 		v := "ON"
 		if c.srv.semiSyncOff || !c.srv.semiSync {
 			v = "OFF"
 		}
-		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{"Rpl_semi_sync_master_status", v}}}, nil
+		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{[]byte("Rpl_semi_sync_master_status"), []byte(v)}}, clobber: true}, nil
 	}
 	if strings.HasPrefix(q, "SELECT COUNT(*) FROM ") && strings.HasSuffix(q, " WHERE token = ?") {
 		// The marker: there once a transaction that inserted it committed.
@@ -385,6 +385,11 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		return &fakeRows{cols: []string{"count"}, data: [][]driver.Value{{n}}}, nil
 	}
 	if strings.HasPrefix(q, "SELECT pg_terminate_backend") {
+		if want := strings.Count(q, "$"); strings.Contains(q, "$3") && len(args) != want {
+			// Like the server: "bind message supplies 2 parameters, but
+			// prepared statement requires 3".
+			return nil, &pgError{"08P01", fmt.Sprintf("bind message supplies %d parameters, but prepared statement requires %d", len(args), want)}
+		}
 		c.srv.mu.Lock()
 		pid := args[0].Value.(int64)
 		xid := args[1].Value.(int64)
@@ -508,11 +513,30 @@ type fakeRows struct {
 	i       int
 	nextErr error // returned after the data, instead of io.EOF
 	sets    int   // further result sets
+	clobber bool  // like go-sql-driver/mysql: a []byte handed out is overwritten by the next Next
+	lent    [][]byte
 }
 
 func (r *fakeRows) Columns() []string { return r.cols }
 func (r *fakeRows) Close() error      { return nil }
 func (r *fakeRows) Next(dest []driver.Value) error {
+	for _, b := range r.lent {
+		for i := range b {
+			b[i] = '#'
+		}
+	}
+	r.lent = nil
+	if r.clobber && r.i < len(r.data) {
+		defer func() {
+			for i, v := range dest {
+				if b, ok := v.([]byte); ok {
+					b = append([]byte(nil), b...)
+					dest[i] = b
+					r.lent = append(r.lent, b)
+				}
+			}
+		}()
+	}
 	if r.i >= len(r.data) {
 		if r.nextErr != nil {
 			return r.nextErr

@@ -234,7 +234,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 		if st.holding && st.mayEnd() {
 			// backend_xid guards against a reused pid; the wait_event and
 			// state are read again at the moment it is ended.
-			_, _ = queryRow(ctx, dc, pgTerminateQuery, pid, xid)
+			_, _ = queryRow(ctx, dc, pgTerminateQuery, pid, xid, !st.syncRequired())
 		}
 		return CommitUnknown, nil
 	}
@@ -249,21 +249,22 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 // Once it is gone, the marker says whether it committed; under semi-sync
 // that counts only once a replica has it (mysqlReplicaHas).
 func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token []byte, connID int64) (CommitOutcome, error) {
-	vals, err := queryRow(ctx, dc, "SELECT COUNT(*), MAX(COMMAND), MAX(STATE) FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
+	// Not MAX(COMMAND): MariaDB 10.11 answers it with a mangled string.
+	session, err := queryRows(ctx, dc, "SELECT COMMAND, STATE FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
 	if err != nil {
 		return CommitUnknown, err
 	}
-	if asInt64(vals[0]) > 0 {
+	if len(session) > 0 {
 		semi, err := mysqlSemiSync(ctx, dc)
 		if err != nil {
 			return CommitUnknown, err
 		}
-		if mysqlMayKill(semi, textOf(vals[1]), textOf(vals[2])) {
+		if mysqlMayKill(semi, textOf(session[0][0]), textOf(session[0][1])) {
 			_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
 		}
 		return CommitUnknown, nil
 	}
-	vals, err = queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
+	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
 	if err != nil {
 		return CommitUnknown, err
 	}

@@ -45,10 +45,18 @@ const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.wait_event, 
 
 // pgTerminateQuery ends the old backend ($1) if it still holds the id ($2),
 // does not wait in SyncRep, and, unless $3 (no synchronous replication),
-// is idle in its transaction: all read again as it is ended.
+// is idle in its transaction: all read again as it is ended. A backend
+// idle in its transaction for less than pgIdleGrace may not have read the
+// COMMIT waiting in its socket yet: ending it then would abort a commit
+// that was about to happen (and replay it); it is ended at a later attempt
+// if it stays idle, as behind a silent network.
 const pgTerminateQuery = `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 	WHERE pid = $1 AND backend_xid = ($2::bigint % 4294967296)::text::xid
-	AND wait_event IS DISTINCT FROM 'SyncRep' AND ($3::boolean OR state = 'idle in transaction')`
+	AND wait_event IS DISTINCT FROM 'SyncRep' AND ($3::boolean OR state = 'idle in transaction')
+	AND (state IS DISTINCT FROM 'idle in transaction' OR state_change < clock_timestamp() - interval '` + pgIdleGrace + `')`
+
+// pgIdleGrace: see pgTerminateQuery.
+const pgIdleGrace = "200 milliseconds"
 
 // pgStatus is one answer of pgStatusQuery.
 type pgStatus struct {
@@ -336,6 +344,13 @@ func queryRows(ctx context.Context, dc driver.Conn, query string, args ...any) (
 				return all, nil
 			}
 			return nil, err
+		}
+		// A driver's []byte may point into its read buffer, valid only
+		// until the next Next (go-sql-driver/mysql's do).
+		for i, v := range vals {
+			if b, ok := v.([]byte); ok {
+				vals[i] = append([]byte(nil), b...)
+			}
 		}
 		all = append(all, vals)
 	}

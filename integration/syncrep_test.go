@@ -6,7 +6,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -79,6 +82,105 @@ func (c *cancelDropConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
+// blackhole is a dialer whose connections, once armed, swallow the next
+// COMMIT and everything after it, keeping the socket open: the server's
+// backend stays idle in its transaction and never learns that the client
+// has gone. The driver is told the connection broke after the write.
+type blackhole struct {
+	isCommit func([]byte) bool // pgCommit when nil
+	armed    atomic.Bool
+	fired    atomic.Int32
+	mu       sync.Mutex
+	held     []net.Conn
+}
+
+func (b *blackhole) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &blackholeConn{Conn: c, b: b}, nil
+}
+
+// release closes the held sockets.
+func (b *blackhole) release() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, c := range b.held {
+		c.Close()
+	}
+	b.held = nil
+}
+
+type blackholeConn struct {
+	net.Conn
+	b    *blackhole
+	held atomic.Bool
+}
+
+func (c *blackholeConn) Write(p []byte) (int, error) {
+	if c.held.Load() {
+		return len(p), nil
+	}
+	isCommit := c.b.isCommit
+	if isCommit == nil {
+		isCommit = pgCommit
+	}
+	if isCommit(p) && c.b.armed.CompareAndSwap(true, false) {
+		c.held.Store(true)
+		c.b.mu.Lock()
+		c.b.held = append(c.b.held, c.Conn)
+		c.b.mu.Unlock()
+		c.b.fired.Add(1)
+		return len(p), io.ErrUnexpectedEOF // all of it "sent": not safe to retry
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *blackholeConn) Read(p []byte) (int, error) {
+	if c.held.Load() {
+		return 0, io.ErrUnexpectedEOF
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *blackholeConn) Close() error {
+	if c.held.Load() {
+		return nil // released by the test
+	}
+	return c.Conn.Close()
+}
+
+// afterCommitSent wraps a dialer: after a write that carries COMMIT, fn
+// runs before the driver sees the write's result.
+func afterCommitSent(dial func(context.Context, string, string) (net.Conn, error), fn func()) func(context.Context, string, string) (net.Conn, error) {
+	return afterCommitSentBy(pgCommit, dial, fn)
+}
+
+func afterCommitSentBy(isCommit func([]byte) bool, dial func(context.Context, string, string) (net.Conn, error), fn func()) func(context.Context, string, string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &commitHookConn{Conn: c, isCommit: isCommit, fn: fn}, nil
+	}
+}
+
+type commitHookConn struct {
+	net.Conn
+	isCommit func([]byte) bool
+	fn       func()
+}
+
+func (c *commitHookConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if c.isCommit(p) {
+		c.fn()
+	}
+	return n, err
+}
+
 type syncRepCase struct {
 	mode      int32         // cutAfterSend or cutMidMessage
 	partition bool          // pgx's cancel request never arrives
@@ -105,7 +207,20 @@ func syncRepLostCommit(t *testing.T, p *dbserver.PostgresSyncPair, admin *sql.DB
 	}
 	cfg.DialFunc = c.dial
 	if sc.partition {
-		cfg.DialFunc = dropCancels(c.dial)
+		cfg.DialFunc = dropCancels(cfg.DialFunc)
+	}
+	if sc.freeze && sc.mode == cutAfterSend {
+		// Let the old backend read its COMMIT before sqlretry looks: a
+		// backend still idle in its transaction when sqlretry ends it never
+		// commits, and the replay is right but proves nothing here.
+		cfg.DialFunc = afterCommitSent(cfg.DialFunc, func() {
+			for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+				var n int
+				if err := admin.QueryRow("SELECT COUNT(*) FROM pg_stat_activity WHERE query ILIKE 'commit%' AND state = 'active'").Scan(&n); err == nil && n > 0 {
+					return
+				}
+			}
+		})
 	}
 	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
 	defer db.Close()
@@ -289,6 +404,45 @@ func TestPostgresSyncRepLostCommit(t *testing.T) {
 		}
 	})
 
+	// The COMMIT is lost on the way and the socket stays open: the old
+	// backend sits idle in its transaction, and under synchronous
+	// replication sqlretry may (and must, to answer) end it, then replay.
+	t.Run("COMMIT blackholed, old backend idle in transaction: ended, replayed once", func(t *testing.T) {
+		b := &blackhole{}
+		defer b.release()
+		cfg, err := pgx.ParseConfig(p.Primary.DSN)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.DialFunc = dropCancels(b.dial)
+		db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+		defer db.Close()
+		tbl := fmt.Sprintf("syncrep_%d", time.Now().UnixNano())
+		mustExec(t, admin, "CREATE TABLE "+tbl+" (op text PRIMARY KEY)")
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		calls := 0
+		err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			if calls == 1 {
+				b.armed.Store(true)
+			}
+			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('op-1')")
+			return err
+		})
+		var rows int
+		if qerr := admin.QueryRow("SELECT COUNT(*) FROM " + tbl).Scan(&rows); qerr != nil {
+			t.Fatal(qerr)
+		}
+		t.Logf("err=%v calls=%d rows=%d", err, calls, rows)
+		if b.fired.Load() == 0 {
+			t.Fatal("the COMMIT was never blackholed: the test proved nothing")
+		}
+		if err != nil || calls != 2 || rows != 1 {
+			t.Fatalf("err=%v calls=%d rows=%d; want the idle backend ended and one replay", err, calls, rows)
+		}
+	})
+
 	t.Run("COMMIT never reached the server: replayed once", func(t *testing.T) {
 		tbl, op, calls, _, err := syncRepLostCommit(t, p, admin, syncRepCase{mode: cutMidMessage, partition: true, deadline: 10 * time.Second})
 		var rows int
@@ -334,7 +488,20 @@ func semiSyncLostCommit(t *testing.T, p *dbserver.MariaDBSemiSyncPair, admin *sq
 	}
 	c := &cutter{isCommit: mysqlCommit}
 	netName := fmt.Sprintf("semisync-%d", time.Now().UnixNano())
-	mysql.RegisterDialContext(netName, func(ctx context.Context, addr string) (net.Conn, error) { return c.dial(ctx, "tcp", addr) })
+	dial := c.dial
+	if sc.freeze && sc.mode == cutAfterSend {
+		// Let the old session read its COMMIT before sqlretry looks (see
+		// syncRepLostCommit).
+		dial = afterCommitSentBy(mysqlCommit, dial, func() {
+			for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+				var n int
+				if err := admin.QueryRow("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE COMMAND = 'Query' AND INFO = 'COMMIT'").Scan(&n); err == nil && n > 0 {
+					return
+				}
+			}
+		})
+	}
+	mysql.RegisterDialContext(netName, func(ctx context.Context, addr string) (net.Conn, error) { return dial(ctx, "tcp", addr) })
 	defer mysql.DeregisterDialContext(netName)
 	cfg.Net = netName
 	conn, perr := mysql.NewConnector(cfg)
@@ -492,6 +659,51 @@ func TestMariaDBSemiSyncLostCommit(t *testing.T) {
 		t.Logf("err=%v calls=%d elapsed=%v", err, calls, elapsed)
 		if err != nil || calls != 1 || onReplica(replica, tbl, op, 5*time.Second) != 1 {
 			t.Fatalf("err=%v calls=%d; want success without a replay, and the row on the replica", err, calls)
+		}
+	})
+	// The COMMIT is lost on the way and the socket stays open: the old
+	// session sleeps in its transaction (Command Sleep), and under
+	// semi-sync sqlretry may (and must, to answer) KILL it, then replay.
+	t.Run("COMMIT blackholed, old session idle in transaction: KILLed, replayed once", func(t *testing.T) {
+		b := &blackhole{isCommit: mysqlCommit}
+		defer b.release()
+		cfg, err := mysql.ParseDSN(p.Primary.DSN)
+		if err != nil {
+			t.Fatal(err)
+		}
+		netName := fmt.Sprintf("blackhole-%d", time.Now().UnixNano())
+		mysql.RegisterDialContext(netName, func(ctx context.Context, addr string) (net.Conn, error) { return b.dial(ctx, "tcp", addr) })
+		defer mysql.DeregisterDialContext(netName)
+		cfg.Net = netName
+		conn, err := mysql.NewConnector(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db := sqlretry.OpenDB(conn, sqlretry.WithMySQLCommitMarker("sqlretry_marker"))
+		defer db.Close()
+		tbl := fmt.Sprintf("semisync_%d", time.Now().UnixNano())
+		mustExec(t, admin, "CREATE TABLE "+tbl+" (op varchar(40) PRIMARY KEY)")
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		calls := 0
+		err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			if calls == 1 {
+				b.armed.Store(true)
+			}
+			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('op-1')")
+			return err
+		})
+		var rows int
+		if qerr := admin.QueryRow("SELECT COUNT(*) FROM " + tbl).Scan(&rows); qerr != nil {
+			t.Fatal(qerr)
+		}
+		t.Logf("err=%v calls=%d rows=%d", err, calls, rows)
+		if b.fired.Load() == 0 {
+			t.Fatal("the COMMIT was never blackholed: the test proved nothing")
+		}
+		if err != nil || calls != 2 || rows != 1 {
+			t.Fatalf("err=%v calls=%d rows=%d; want the idle session KILLed and one replay", err, calls, rows)
 		}
 	})
 	t.Run("COMMIT never reached the server: replayed once", func(t *testing.T) {
