@@ -188,9 +188,14 @@ const pgStartTime = "(extract(epoch FROM pg_postmaster_start_time()) * 1000000):
 var errUnresolvable = errors.New("sqlretry: the server restarted since the COMMIT and has handed out its transaction id again")
 
 // pgCheckCommit asks once. "in progress" means the old backend still holds
-// the transaction: end it if it is still that backend, and ask again later.
-// When the server restarted since (start differs), the id may have been
-// handed out again: "committed" is then no answer, anything else is.
+// the transaction: end it if it is still that backend and has not begun to
+// commit under synchronous replication, and ask again later. "committed"
+// counts only once the old backend has let go of the id and, under
+// synchronous replication, the synchronous standbys have the commit
+// (pgReplicated): until then the commit may be on the primary alone, and a
+// failover would lose it. When the server restarted since (start differs),
+// the id may have been handed out again: "committed" is then no answer,
+// anything else is.
 func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (CommitOutcome, error) {
 	restarted := false
 	if start != 0 {
@@ -200,7 +205,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 		}
 		restarted = asInt64(vals[0]) != start
 	}
-	vals, err := queryRow(ctx, dc, "SELECT txid_status($1)", xid)
+	st, err := pgAskStatus(ctx, dc, xid, pid)
 	if err != nil {
 		var pg interface{ SQLState() string }
 		if restarted && errors.As(err, &pg) && pg.SQLState() == "22023" {
@@ -208,18 +213,28 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 		}
 		return CommitUnknown, err
 	}
-	switch s, _ := vals[0].(string); {
-	case s == "committed" && restarted:
+	switch {
+	case st.status == "committed" && restarted:
 		return CommitUnknown, errUnresolvable
-	case s == "committed":
+	case st.status == "committed" && st.holding:
+		// Committed locally, not yet visible: the old backend waits for a
+		// synchronous standby (SyncRep) or is about to let go. Ending it
+		// would publish a commit no standby may have; wait for it.
+		return CommitUnknown, nil
+	case st.status == "committed" && st.syncRequired():
+		if ok, err := pgReplicated(ctx, dc, st); !ok || err != nil {
+			return CommitUnknown, err
+		}
 		return CommitCommitted, nil
-	case s == "aborted", s == "in progress" && restarted: // the old backend died with the server
+	case st.status == "committed":
+		return CommitCommitted, nil
+	case st.status == "aborted", st.status == "in progress" && restarted: // the old backend died with the server
 		return CommitNotCommitted, nil
-	case s == "in progress":
-		if pid != 0 {
-			// backend_xid guards against a reused pid.
-			_, _ = queryRow(ctx, dc, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-				WHERE pid = $1 AND backend_xid = ($2::bigint % 4294967296)::text::xid`, pid, xid)
+	case st.status == "in progress":
+		if st.holding && st.mayEnd() {
+			// backend_xid guards against a reused pid; the wait_event and
+			// state are read again at the moment it is ended.
+			_, _ = queryRow(ctx, dc, pgTerminateQuery, pid, xid, !st.syncRequired())
 		}
 		return CommitUnknown, nil
 	}
@@ -227,24 +242,52 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 	return CommitUnknown, errors.New("sqlretry: txid_status has no answer")
 }
 
+// mysqlCheckCommit asks once. While the old session is in the process list
+// it may still commit: KILL it and ask again later, unless semi-synchronous
+// replication is on and the session has begun to commit (it may be waiting
+// for a replica's ACK, and a KILL would publish a commit no replica has).
+// Once it is gone, the marker says whether it committed; under semi-sync
+// that counts only once a replica has it (mysqlReplicaHas).
 func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token []byte, connID int64) (CommitOutcome, error) {
-	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
+	// Not MAX(COMMAND): MariaDB 10.11 answers it with a mangled string.
+	session, err := queryRows(ctx, dc, "SELECT COMMAND, STATE FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
 	if err != nil {
 		return CommitUnknown, err
 	}
-	if asInt64(vals[0]) > 0 {
-		_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
+	if len(session) > 0 {
+		semi, err := mysqlSemiSync(ctx, dc)
+		if err != nil {
+			return CommitUnknown, err
+		}
+		if mysqlMayKill(semi, textOf(session[0][0]), textOf(session[0][1])) {
+			_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
+		}
 		return CommitUnknown, nil
 	}
-	vals, err = queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
+	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
 	if err != nil {
 		return CommitUnknown, err
 	}
-	if asInt64(vals[0]) > 0 {
-		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token = ?", token)
-		return CommitCommitted, nil
+	if asInt64(vals[0]) == 0 {
+		return CommitNotCommitted, nil
 	}
-	return CommitNotCommitted, nil
+	semi, err := mysqlSemiSync(ctx, dc)
+	if err != nil {
+		return CommitUnknown, err
+	}
+	var probe []byte
+	if semi {
+		var ok bool
+		if ok, probe, err = mysqlReplicaHas(ctx, dc, table); !ok || err != nil {
+			return CommitUnknown, err
+		}
+	}
+	if probe != nil {
+		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token IN (?, ?)", token, probe)
+	} else {
+		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token = ?", token)
+	}
+	return CommitCommitted, nil
 }
 
 func namedArgs(args []any) []driver.NamedValue {
