@@ -25,7 +25,7 @@ import (
 // driver module is copied from the module cache into a temporary directory
 // (no driver source lives in this repository), files are added that route
 // the suite's databases through sqlretry when the test binary is linked
-// with -X, and every top-level test runs in a process of its own, raw and
+// with -X flags, and every top-level test runs in a process of its own, raw and
 // wrapped, against a private server. A test that passes raw must pass
 // wrapped; the only exceptions are written down here with their reason:
 //
@@ -38,12 +38,12 @@ import (
 
 // driverSuite is one driver's own test suite.
 type driverSuite struct {
-	module  string            // module path, at the version the integration module requires
-	pkg     string            // the package whose tests run, relative to the module root
-	server  string            // "mysql" or "pgx", for ownServer
-	wrapVar string            // -X setting that routes the suite through sqlretry
-	add     map[string]string // files added to the copy (path in the module: content)
-	patch   []textPatch       // edits to the copy's non-test files
+	module string            // module path, at the version the integration module requires
+	pkg    string            // the package whose tests run, relative to the module root
+	server string            // "mysql" or "pgx", for ownServer
+	wrap   string            // -ldflags that route the suite through sqlretry
+	add    map[string]string // files added to the copy (path in the module: content)
+	patch  []textPatch       // edits to the copy's non-test files
 	// rawAccess finds the tests' type assertions on the connection that
 	// conn.Raw hands them: rewritten to sqlretryUnwrapConn(x).(T) for the
 	// third run, rawAccessCount times.
@@ -63,10 +63,14 @@ var rawAssertionPanic = regexp.MustCompile(`panic: interface conversion: (interf
 
 var driverSuites = []driverSuite{
 	{
-		module:  "github.com/go-sql-driver/mysql",
-		pkg:     ".",
-		server:  "mysql",
-		wrapVar: "github.com/go-sql-driver/mysql.driverNameTest=sqlretry", // the driver's own switch (driver_test.go)
+		module: "github.com/go-sql-driver/mysql",
+		pkg:    ".",
+		server: "mysql",
+		// The driver's own switches: driverName is the name its init
+		// registers it under, driverNameTest the name most of the suite
+		// opens (the rest opens "mysql").
+		wrap: "-X=github.com/go-sql-driver/mysql.driverName=mysql-raw -X=github.com/go-sql-driver/mysql.driverNameTest=mysql " +
+			"-X=github.com/go-sql-driver/mysql.sqlretryWrap=1",
 		add: map[string]string{"zz_sqlretry_test.go": `package mysql
 
 import (
@@ -75,10 +79,16 @@ import (
 	"github.com/sqlretry/sqlretry"
 )
 
-// Added by sqlretry's TestDriverSuites: the suite opens its databases with
-// sql.Open(driverNameTest, ...), and -X ...driverNameTest=sqlretry names this.
+// Added by sqlretry's TestDriverSuites. With -X ...sqlretryWrap=1 (and the
+// driver registering itself under another name) "mysql" is the driver
+// through sqlretry.
+var sqlretryWrap string
+
 func init() {
-	if err := sqlretry.Register("sqlretry", &MySQLDriver{}); err != nil {
+	if sqlretryWrap == "" {
+		return
+	}
+	if err := sqlretry.Register("mysql", &MySQLDriver{}); err != nil {
 		panic(err)
 	}
 }
@@ -106,10 +116,10 @@ func sqlretryUnwrapConn(dc any) driver.Conn { return sqlretry.UnwrapConn(dc) }
 		},
 	},
 	{
-		module:  "github.com/jackc/pgx/v5",
-		pkg:     "stdlib",
-		server:  "pgx",
-		wrapVar: "github.com/jackc/pgx/v5/stdlib.sqlretryWrap=1",
+		module: "github.com/jackc/pgx/v5",
+		pkg:    "stdlib",
+		server: "pgx",
+		wrap:   "-X=github.com/jackc/pgx/v5/stdlib.sqlretryWrap=1",
 		add: map[string]string{
 			"stdlib/zz_sqlretry_test.go": `package stdlib
 
@@ -221,9 +231,9 @@ func (s driverSuite) run(t *testing.T, root string) {
 	bins := t.TempDir()
 	raw, wrapped, unwrapped := filepath.Join(bins, "raw.test"), filepath.Join(bins, "wrapped.test"), filepath.Join(bins, "unwrap.test")
 	s.build(t, dir, raw, "")
-	s.build(t, dir, wrapped, "-X="+s.wrapVar)
+	s.build(t, dir, wrapped, s.wrap)
 	s.rewriteRawAccess(t, dir)
-	s.build(t, dir, unwrapped, "-X="+s.wrapVar)
+	s.build(t, dir, unwrapped, s.wrap)
 
 	srv := ownServer(t, s.server)
 	env, err := s.env(srv.DSN)
@@ -429,7 +439,7 @@ func (s driverSuite) compare(t *testing.T, raw, wrapped map[string]outcome, rawA
 	if len(rawAccess) == 0 {
 		// -X on a variable that does not exist is silently ignored: without
 		// this, a renamed variable would compare the raw driver with itself.
-		t.Errorf("no test saw sqlretry's connection in conn.Raw: did the wrapped run go through sqlretry (%s)?", s.wrapVar)
+		t.Errorf("no test saw sqlretry's connection in conn.Raw: did the wrapped run go through sqlretry (%s)?", s.wrap)
 	}
 	top := func(name string) string { return strings.SplitN(name, "/", 2)[0] }
 	// A subtest that did not run because its test stopped earlier is not
@@ -469,6 +479,11 @@ func (s driverSuite) compare(t *testing.T, raw, wrapped map[string]outcome, rawA
 	}
 	t.Logf("%d tests and subtests ran raw; %d failed raw (the server or the sandbox, not sqlretry) %v",
 		len(raw), len(rawFails), rawFails)
+	for _, n := range rawFails {
+		if !strings.Contains(n, "/") {
+			t.Logf("raw %s: %s", n, failureLines(raw[n].log))
+		}
+	}
 	for name, why := range s.skip {
 		t.Logf("not run: %s: %s", name, why)
 	}
@@ -477,4 +492,15 @@ func (s driverSuite) compare(t *testing.T, raw, wrapped map[string]outcome, rawA
 	if len(wrapOnlyPass) > 0 {
 		t.Logf("failed raw but passed wrapped: %v", wrapOnlyPass)
 	}
+}
+
+var failureLine = regexp.MustCompile(`(?m)^\s*(\w+_test\.go:\d+: .*|panic: .*)$`)
+
+// failureLines is what a failed test said about its failure, in brief.
+func failureLines(log string) string {
+	m := failureLine.FindAllString(log, 3)
+	for i := range m {
+		m[i] = strings.TrimSpace(m[i])
+	}
+	return strings.Join(m, " | ")
 }
