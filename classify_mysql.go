@@ -1,24 +1,21 @@
 package sqlretry
 
 import (
-	"errors"
 	"strings"
-
-	"github.com/go-sql-driver/mysql"
 )
 
 // classifyMySQL maps go-sql-driver/mysql errors (MySQL, MariaDB, and the
-// MySQL-protocol engines) to a class; shared/ERRORS.md is the table.
+// MySQL-protocol engines) to a class; shared/ERRORS.md is the table. The
+// driver is recognised without importing it (mysqlerr.go).
 func classifyMySQL(err error) (Class, bool) {
-	var me *mysql.MySQLError
-	if errors.As(err, &me) {
-		return classifyMySQLNumber(me.Number, me.Message), true
+	if n, msg, ok := mysqlErrorOf(err); ok {
+		return classifyMySQLNumber(n, msg), true
 	}
-	switch {
-	case errors.Is(err, mysql.ErrInvalidConn):
+	switch s, _ := mysqlSentinelOf(err); s {
+	case mysqlErrInvalidConn:
 		// The connection broke after the request was written (rule 2).
 		return ConnectionLost, true
-	case errors.Is(err, mysql.ErrBusyBuffer), errors.Is(err, mysql.ErrPktSync), errors.Is(err, mysql.ErrPktSyncMul):
+	case mysqlErrBusyBuffer, mysqlErrPktSync, mysqlErrPktSyncMul:
 		return Permanent, true
 	}
 	return Permanent, false

@@ -8,8 +8,6 @@ import (
 	"fmt"
 	"sync"
 	"time"
-
-	"github.com/go-sql-driver/mysql"
 )
 
 var _ driver.Tx = (*tx)(nil)
@@ -289,8 +287,11 @@ func commitOutcomeUnknown(cls Class, err error) bool {
 // serverAnswered reports an error that the database server sent.
 func serverAnswered(err error) bool {
 	var pg interface{ SQLState() string }
-	var my *mysql.MySQLError
-	return errors.As(err, &pg) || errors.As(err, &my)
+	if errors.As(err, &pg) {
+		return true
+	}
+	_, _, ok := mysqlErrorOf(err)
+	return ok
 }
 
 // txAttempt links one RunInTx attempt to the transaction the driver
