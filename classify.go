@@ -9,8 +9,6 @@ import (
 	"io"
 	"net"
 	"syscall"
-
-	"github.com/go-sql-driver/mysql"
 )
 
 // Class is what an error means for a retry decision; shared/ERRORS.md is
@@ -112,9 +110,8 @@ func answeredForStatement(err error) bool {
 	if errors.As(err, &pg) {
 		return pgAnsweredForStatement(pg.SQLState())
 	}
-	var me *mysql.MySQLError
-	if errors.As(err, &me) {
-		return mysqlAnsweredForStatement(me.Number)
+	if n, _, ok := mysqlErrorOf(err); ok {
+		return mysqlAnsweredForStatement(n)
 	}
 	return false
 }

@@ -9,8 +9,6 @@ import (
 	"strings"
 	"sync/atomic"
 	"syscall"
-
-	"github.com/go-sql-driver/mysql"
 )
 
 // Read-only answers (issue 9, item 5). PostgreSQL's 25006 and MySQL's
@@ -68,8 +66,8 @@ func isReadOnlyAnswer(err error) bool {
 	if errors.As(err, &pg) {
 		return pg.SQLState() == "25006"
 	}
-	var me *mysql.MySQLError
-	return errors.As(err, &me) && mysqlReadOnlyAnswer(me.Number, me.Message)
+	n, msg, ok := mysqlErrorOf(err)
+	return ok && mysqlReadOnlyAnswer(n, msg)
 }
 
 // pgReadOnlyQuery answers (server read-only, session read-only by the
