@@ -71,6 +71,7 @@ type fakeServer struct {
 	killed     []int64
 	openConns  atomic.Int64
 	hangCommit chan struct{} // when set, COMMIT and ROLLBACK wait for it to close
+	inRecovery bool          // a PostgreSQL standby: no transaction ids
 }
 
 // fakeStart is the fake server's start time: it never restarts.
@@ -194,7 +195,7 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 		}
 		return st.err
 	}
-	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid(), "+pgStartTime || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" {
+	if q == pgAskXID || q == pgAskXIDAndServer || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" {
 		return nil
 	}
 	c.apply(q)
@@ -208,7 +209,7 @@ func isConnErr(err error) bool {
 func (c *fakeConn) apply(q string) {
 	if c.inTx {
 		c.pending = append(c.pending, q)
-		if c.xid == 0 && !strings.HasPrefix(q, "SELECT") {
+		if c.xid == 0 && !strings.HasPrefix(q, "SELECT") && !strings.HasPrefix(q, "NOTIFY") { // NOTIFY takes no id
 			c.srv.mu.Lock()
 			c.srv.nextXID++
 			c.xid = c.srv.nextXID
@@ -237,9 +238,16 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		return nil, err
 	}
 	switch q {
-	case "SELECT txid_current_if_assigned()", "SELECT txid_current_if_assigned(), pg_backend_pid(), " + pgStartTime:
-		var xid driver.Value
-		if c.xid != 0 {
+	case pgAskXID, pgAskXIDAndServer:
+		var xid driver.Value // NULL: in recovery
+		if !c.srv.inRecovery {
+			if c.xid == 0 && strings.Contains(q, "txid_current()") { // it assigns one
+				c.srv.mu.Lock()
+				c.srv.nextXID++
+				c.xid = c.srv.nextXID
+				c.srv.xidStatus[c.xid] = "in progress"
+				c.srv.mu.Unlock()
+			}
 			xid = c.xid
 		}
 		return &fakeRows{cols: []string{"xid", "pid", "start"}, data: [][]driver.Value{{xid, c.pid, fakeStart}}}, nil
