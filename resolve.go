@@ -15,9 +15,13 @@ import (
 
 // How a lost COMMIT is resolved (shared/DESIGN.md):
 //
-// PostgreSQL: just before COMMIT a transaction that wrote asks for its
-// transaction id and backend pid (one round trip; the pid is asked once per
-// connection, with the server's start time). After a lost COMMIT sqlretry
+// PostgreSQL: just before COMMIT a transaction that did not provably only
+// read asks for its transaction id, assigning one if it has none (NOTIFY
+// and writes through postgres_fdw take no local id), and its backend pid
+// (one round trip; the pid is asked once per connection, with the server's
+// start time). A transaction that provably only read is replayed after a
+// lost COMMIT without asking; so is one on a server in recovery, which can
+// commit nothing. After a lost COMMIT sqlretry
 // asks txid_status on a fresh connection. "in progress" is not an answer:
 // after a network cut the old backend may still be committing, so sqlretry
 // ends it (when the role may) and asks again until the answer is final or
@@ -27,9 +31,14 @@ import (
 // anything else means ours never committed (a committed id is never reused).
 //
 // MySQL/MariaDB, with WithMySQLCommitMarker: the transaction inserts a row
-// with a random token before COMMIT; after a lost COMMIT sqlretry waits for
-// the old session to leave the process list (KILLing it where it may) and
-// then looks the token up.
+// with a random token before COMMIT into the marker table, whose name is
+// fixed (qualified with the DSN's database) at first use; after a lost
+// COMMIT sqlretry waits for the old session to leave the process list
+// (KILLing it where it may) and then looks the token up. READ ONLY
+// transactions write no marker: MySQL refuses table writes in them.
+//
+// Nothing that fails in this machinery is a reason to replay the caller's
+// transaction: see resolutionFailed and configError.
 
 // pgAskXID takes the transaction's id, assigning one if it has none yet:
 // a transaction whose only writes went through postgres_fdw, or that only
