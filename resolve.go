@@ -46,7 +46,11 @@ import (
 // (issue 15), so "no id" proves nothing. A server in recovery assigns no ids
 // and commits nothing (no writes, no NOTIFY): NULL there. The functions are
 // qualified: the closure may have set a search_path that puts others first.
-const pgAskXID = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE pg_catalog.txid_current() END"
+// txid_current_if_assigned is asked first (COALESCE evaluates no more than
+// it needs) because engines that lack it (CockroachDB) lack txid_status
+// too, and its absence (42883) turns the resolution off at once.
+const pgAskXID = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+	"ELSE COALESCE(pg_catalog.txid_current_if_assigned(), pg_catalog.txid_current()) END"
 
 // pgAskXIDAndServer also asks, once per connection, for the backend pid and
 // the server's start time.
