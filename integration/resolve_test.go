@@ -547,6 +547,28 @@ func TestMariaDBMarkerCleanupKeepsTheDeadline(t *testing.T) {
 	if slowest > 1100*time.Millisecond {
 		t.Fatalf("slowest commit took %v with a 1 s deadline: the clean-up is on the caller's path", slowest)
 	}
+	// Once the lock is gone, a later round deletes the old row.
+	if _, err := locker.ExecContext(context.Background(), "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	for range 256 {
+		if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO test.ledger_clean VALUES (1)")
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old := -1
+	for i := 0; i < 50 && old != 0; i++ {
+		time.Sleep(100 * time.Millisecond)
+		if err := root.QueryRow("SELECT COUNT(*) FROM test." + marker + " WHERE created_at < NOW(6) - INTERVAL 1 HOUR").Scan(&old); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if old != 0 {
+		t.Fatalf("%d old marker rows left after the lock was released", old)
+	}
 }
 
 // startStandby starts a streaming standby of the PostgreSQL server at
