@@ -305,16 +305,6 @@ func quoteMySQL(id string) string {
 	return "`" + strings.ReplaceAll(id, "`", "``") + "`"
 }
 
-func asString(v driver.Value) string {
-	switch x := v.(type) {
-	case []byte:
-		return string(x)
-	case string:
-		return x
-	}
-	return fmt.Sprint(v)
-}
-
 // forgetMarker makes the next transaction check the marker table again.
 func (rs *resolveState) forgetMarker() {
 	rs.markerMu.Lock()
