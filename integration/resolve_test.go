@@ -7,9 +7,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -571,81 +568,14 @@ func TestMariaDBMarkerCleanupKeepsTheDeadline(t *testing.T) {
 	}
 }
 
-// startStandby starts a streaming standby of the PostgreSQL server at
-// primaryDSN from the local binaries, for one test.
-func startStandby(t *testing.T, primaryDSN string) string {
-	t.Helper()
-	cfg, err := pgx.ParseConfig(primaryDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("pg_config", "--bindir").Output()
-	if err != nil {
-		unavailable(t, "pg_config: "+err.Error())
-	}
-	bin := strings.TrimSpace(string(out))
-	// A hot standby needs at least the primary's max_connections.
-	var maxConns string
-	primary, err := sql.Open("pgx", primaryDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = primary.QueryRow("SHOW max_connections").Scan(&maxConns)
-	primary.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp("", "sqlretry-standby-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	asPostgres := func(name string, args ...string) *exec.Cmd {
-		if os.Geteuid() == 0 {
-			return exec.Command("runuser", append([]string{"-u", "postgres", "--", name}, args...)...)
-		}
-		return exec.Command(name, args...)
-	}
-	if os.Geteuid() == 0 {
-		if out, err := exec.Command("chown", "postgres:postgres", dir).CombinedOutput(); err != nil {
-			t.Fatalf("chown: %v: %s", err, out)
-		}
-	}
-	data := filepath.Join(dir, "data")
-	if out, err := asPostgres(filepath.Join(bin, "pg_basebackup"), "-h", "127.0.0.1", "-p", fmt.Sprint(cfg.Port), "-U", cfg.User,
-		"-D", data, "-R", "-X", "stream").CombinedOutput(); err != nil {
-		os.RemoveAll(dir)
-		unavailable(t, fmt.Sprintf("pg_basebackup: %v: %s", err, out))
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	pgctl := func(args ...string) error {
-		if out, err := asPostgres(filepath.Join(bin, "pg_ctl"), append([]string{"-D", data}, args...)...).CombinedOutput(); err != nil {
-			return fmt.Errorf("pg_ctl %v: %v: %s", args, err, out)
-		}
-		return nil
-	}
-	if err := pgctl("-w", "-l", filepath.Join(dir, "log"), "-o", fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c max_connections=%s", port, dir, maxConns), "start"); err != nil {
-		os.RemoveAll(dir)
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		pgctl("-m", "immediate", "stop")
-		os.RemoveAll(dir)
-	})
-	return fmt.Sprintf("postgres://%s@127.0.0.1:%d/postgres?sslmode=disable", cfg.User, port)
-}
-
 // On a standby no transaction gets an id and none can commit anything (no
 // writes, no NOTIFY): asking for an id must not fail there (txid_current
 // does: "cannot execute pg_current_xact_id() during recovery"), and a lost
 // COMMIT is replayed, not ambiguous. This guards the new way of asking for
 // the id; the code before it passed too.
 func TestPostgresStandbyTransactionsNeedNoID(t *testing.T) {
-	dsn := startStandby(t, needPrivate(t, "pgx"))
+	port, _ := startStandby(t, dsnPort(t, needPrivate(t, "pgx"))) // classify_test.go
+	dsn := fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
 	c := &settledCutter{}
 	pcfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
