@@ -219,8 +219,10 @@ func newConnector(ic driver.Connector, cfg config, implicitTx bool) *connector {
 func (c *connector) Driver() driver.Driver { return c.driver }
 
 // Close is here because database/sql asserts io.Closer on the connector it
-// holds; the assertion does not pass through a decorator by itself.
+// holds; the assertion does not pass through a decorator by itself. It also
+// stops the commit marker's clean-up (db.Close calls it).
 func (c *connector) Close() error {
+	c.r.resolution.close()
 	if cl, ok := c.inner.(io.Closer); ok {
 		return cl.Close()
 	}

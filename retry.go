@@ -30,10 +30,21 @@ type retrier struct {
 
 // resolveState is what the resolution of lost COMMITs learns as it goes.
 type resolveState struct {
-	broken      atomic.Bool // the engine lacks txid_current_if_assigned (CockroachDB): stop asking
+	broken atomic.Bool // the engine lacks txid_current (CockroachDB): stop asking
+
 	markerMu    sync.Mutex
-	markerReady bool
+	markerName  string    // the marker table, fully qualified and checked; "" until then
+	markerErr   error     // a configuration error of the marker table, answered until markerErrAt+markerRecheck
+	markerErrAt time.Time //
 	markerCount atomic.Int64
+
+	// The marker clean-up runs on a goroutine of its own, started on first
+	// use and stopped when the db is closed.
+	cleanMu   sync.Mutex
+	closed    bool
+	cleanDue  chan string // the table to clean, when a clean-up is due
+	cleanStop context.CancelFunc
+	cleanDone chan struct{}
 }
 
 func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {

@@ -30,6 +30,11 @@ type tx struct {
 	wrote    bool  // ran something other than a plain read
 	xid      int64 // PostgreSQL transaction id taken before COMMIT, 0 if none
 	token    []byte
+	marker   string // the MySQL marker table token went into
+	// nothingDurable: the server held the transaction read-only (a
+	// PostgreSQL standby, a MySQL READ ONLY transaction): its COMMIT can
+	// make nothing last, so a lost one needs no resolution.
+	nothingDurable bool
 }
 
 // guard refuses statements in a poisoned transaction, except ROLLBACK TO
@@ -167,8 +172,14 @@ func (t *tx) Commit() error {
 	if t.wrote {
 		if err := t.prepareResolution(); err != nil {
 			_ = t.rollback()
-			return newError("commit", 1, RetryTransaction, nil, err)
+			return err
 		}
+	}
+	if err := t.ctx.Err(); err != nil {
+		// The caller's deadline came before COMMIT was sent: do not send
+		// it, so that the outcome is known (not committed).
+		_ = t.rollback()
+		return err
 	}
 	abandoned, err := t.commitWithinDeadline()
 	if abandoned {
@@ -242,16 +253,23 @@ func (t *tx) commitFailed(err error) error {
 		// the caller swallowed: report that error, with its class.
 		return newError("commit", 1, r.classify(t.firstErr), nil, fmt.Errorf("%w: %w", err, t.firstErr))
 	}
-	if !commitOutcomeUnknown(cls, err) {
+	// The caller's deadline while COMMIT was in flight: the driver gave up
+	// waiting for the reply, not the server (issue 9).
+	atDeadline := t.ctx.Err() != nil && !serverAnswered(err)
+	if !atDeadline && !commitOutcomeUnknown(cls, err) {
 		return err // the server answered: not committed
 	}
 	t.c.bad.Store(true)
-	if !t.wrote {
-		// Nothing to lose: a transaction that wrote nothing may be replayed.
+	if !t.wrote || t.nothingDurable {
+		// Nothing to lose: a transaction that provably only read, or that
+		// the server held read-only, may be replayed.
 		return newError("commit", 1, RetryTransaction, nil, err)
 	}
 	outcome := CommitUnknown
-	if t.ctx.Err() == nil { // rule 3: the caller's context is done, no time to ask
+	if !atDeadline && t.ctx.Err() == nil {
+		// Within the caller's deadline only (shared/DESIGN.md): past it the
+		// old session may still be committing, and waiting for it is time
+		// the caller does not have. Then the answer is ErrAmbiguousCommit.
 		outcome = r.resolveCommit(t.ctx, t)
 	}
 	if outcome == CommitUnknown && err == driver.ErrBadConn {
@@ -266,6 +284,9 @@ func (t *tx) commitFailed(err error) error {
 		return newError("commit", 1, RetryTransaction, nil, err)
 	}
 	r.counters.commitsAmbiguous.Add(1)
+	if ctxErr := t.ctx.Err(); ctxErr != nil && !errors.Is(err, ctxErr) {
+		err = fmt.Errorf("%w (COMMIT in flight at the caller's deadline: %w)", err, ctxErr)
+	}
 	return newError("commit", 1, Ambiguous, ErrAmbiguousCommit, err)
 }
 
