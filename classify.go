@@ -59,14 +59,61 @@ func (c Class) String() string {
 // next rule and finally to the defaults.
 type Classifier func(err error) (class Class, ok bool)
 
-// classify runs the user rules, then the defaults.
+// classify is the class of an error a statement (or BEGIN, COMMIT, a
+// transaction) got: the user rules, then the defaults as they read in that
+// phase (classifyAnswer).
 func classify(rules []Classifier, err error) Class {
 	for _, rule := range rules {
 		if c, ok := rule(err); ok {
 			return c
 		}
 	}
+	return classifyAnswer(err)
+}
+
+// classifyDial is the class of an error the driver's Connect returned: the
+// user rules, then the defaults by code alone. A refusal at connect time
+// ("too many connections", "the database system is starting up") is
+// unavailability: nothing was sent, and the breaker counts it.
+func classifyDial(rules []Classifier, err error) Class {
+	for _, rule := range rules {
+		if c, ok := rule(err); ok {
+			return c
+		}
+	}
 	return classifyDefault(err)
+}
+
+// classifyAnswer reads an error of the statement phase. A server that
+// answered a statement is up: a resource limit it hit (out of memory, out
+// of shared memory, temp_file_limit, disk full), or a connection error it
+// relays from elsewhere (dblink or postgres_fdw to a remote that is down),
+// is that statement's error, never unavailability (issue 9, item 6). The
+// same codes at connect time mean the server refused the connection; the
+// connector classifies those with classifyDial.
+func classifyAnswer(err error) Class {
+	cls := classifyDefault(err)
+	if (cls == Unavailable || cls == ConnectionLost) && answeredForStatement(err) {
+		return Permanent
+	}
+	return cls
+}
+
+// answeredForStatement reports a server error that, once a session is up,
+// concerns only the statement it answered.
+func answeredForStatement(err error) bool {
+	var own *Error
+	if errors.As(err, &own) {
+		return false // sqlretry's own verdict stands
+	}
+	var pg interface{ SQLState() string }
+	if errors.As(err, &pg) {
+		return pgAnsweredForStatement(pg.SQLState())
+	}
+	if n, _, ok := mysqlErrorOf(err); ok {
+		return mysqlAnsweredForStatement(n)
+	}
+	return false
 }
 
 // classifyDefault knows PostgreSQL (by SQLSTATE, through SQLState() so that
@@ -83,6 +130,9 @@ func classifyDefault(err error) Class {
 	if errors.Is(err, driver.ErrBadConn) {
 		// By the driver contract nothing was sent.
 		return Unavailable
+	}
+	if isStandby(err) {
+		return Unavailable // the server said it is read-only (readonly.go)
 	}
 	var pg interface{ SQLState() string }
 	if errors.As(err, &pg) {

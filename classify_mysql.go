@@ -1,24 +1,21 @@
 package sqlretry
 
 import (
-	"errors"
 	"strings"
-
-	"github.com/go-sql-driver/mysql"
 )
 
 // classifyMySQL maps go-sql-driver/mysql errors (MySQL, MariaDB, and the
-// MySQL-protocol engines) to a class; shared/ERRORS.md is the table.
+// MySQL-protocol engines) to a class; shared/ERRORS.md is the table. The
+// driver is recognised without importing it (mysqlerr.go).
 func classifyMySQL(err error) (Class, bool) {
-	var me *mysql.MySQLError
-	if errors.As(err, &me) {
-		return classifyMySQLNumber(me.Number, me.Message), true
+	if n, msg, ok := mysqlErrorOf(err); ok {
+		return classifyMySQLNumber(n, msg), true
 	}
-	switch {
-	case errors.Is(err, mysql.ErrInvalidConn):
+	switch s, _ := mysqlSentinelOf(err); s {
+	case mysqlErrInvalidConn:
 		// The connection broke after the request was written (rule 2).
 		return ConnectionLost, true
-	case errors.Is(err, mysql.ErrBusyBuffer), errors.Is(err, mysql.ErrPktSync), errors.Is(err, mysql.ErrPktSyncMul):
+	case mysqlErrBusyBuffer, mysqlErrPktSync, mysqlErrPktSyncMul:
 		return Permanent, true
 	}
 	return Permanent, false
@@ -36,14 +33,14 @@ func classifyMySQLNumber(n uint16, msg string) Class {
 		1615: // prepared statement needs re-preparing
 		return RetryStatement
 	case 1040, 1203, 1226, 1637, 4031, // too many connections / idle disconnect
-		1836, 1792, 1047, // read-only / node not ready (failover, Galera)
+		1047,                                                 // node not ready (Galera)
 		9001, 9002, 9003, 9004, 9005, 9008, 8027, 8120, 8252: // TiDB: storage unavailable
 		return Unavailable
-	case 1290:
-		// Also returned for secure-file-priv, which is permanent.
-		if strings.Contains(msg, "read-only") || strings.Contains(msg, "read_only") {
-			return Unavailable
-		}
+	case 1290, 1792, 1836:
+		// Read-only (1290 also means secure-file-priv): the user's
+		// read-only transaction or session, or a read-only server. The
+		// number cannot tell: sqlretry asks the server (readonly.go) and
+		// only a read-only server becomes Unavailable.
 		return Permanent
 	case 1053, 1080, 1152, 1158, 1159, 1160, 1161, 1927: // shutdown, connection killed or lost
 		return ConnectionLost
@@ -57,4 +54,25 @@ func classifyMySQLNumber(n uint16, msg string) Class {
 		return Permanent
 	}
 	return Permanent
+}
+
+// mysqlAnsweredForStatement: numbers that, answered for a statement on a
+// live session, are that statement's: a per-user limit (1226: at connect
+// time max_connections_per_hour, at statement time max_questions or
+// max_updates) or an InnoDB limit (1637: too many active concurrent
+// transactions). 1040 and 1203 stay unavailability: the server sends them
+// only while a session starts, so after that they come from a proxy.
+func mysqlAnsweredForStatement(n uint16) bool {
+	return n == 1226 || n == 1637
+}
+
+// mysqlReadOnlyAnswer: the server refused a write as read-only.
+func mysqlReadOnlyAnswer(n uint16, msg string) bool {
+	switch n {
+	case 1792, 1836:
+		return true
+	case 1290:
+		return strings.Contains(msg, "read-only") || strings.Contains(msg, "read_only")
+	}
+	return false
 }

@@ -23,9 +23,15 @@ func classifyPostgres(code, msg string) Class {
 		return ConnectionLost
 	case "08001", "08004", // could not connect / rejected
 		"57P03", "53300", "57P05", // cannot connect now, too many connections, idle session timeout
-		"53000", "53100", "53200", "53400", "58000", "58030", // resources, system / io error
-		"25006": // read-only transaction: a standby after a failover
+		"53000", "53100", "53200", "53400", "58000", "58030": // resources, system / io error
+		// At connect time the server refused the session. Answered for a
+		// statement these are the statement's (classifyAnswer).
 		return Unavailable
+	case "25006":
+		// read_only_sql_transaction: the user's read-only transaction or
+		// session, or a standby. The code cannot tell: sqlretry asks the
+		// server (readonly.go) and only a standby becomes Unavailable.
+		return Permanent
 	case "08P01":
 		// From PostgreSQL a protocol violation is a bug; from PgBouncer it
 		// is how pool exhaustion and queue timeouts are reported.
@@ -42,6 +48,25 @@ func isPgBouncerUnavailable(msg string) bool {
 		if strings.Contains(msg, s) {
 			return true
 		}
+	}
+	return false
+}
+
+// pgAnsweredForStatement: SQLSTATEs that, sent by a live server for a
+// statement, are about that statement (a limit it hit) or about a remote
+// that dblink or postgres_fdw could not reach (08001), not about this
+// session. 53300 and 57P03 stay unavailability: PostgreSQL sends them only
+// while a session starts, so after that they come from a pooler that could
+// not get a server session for the statement, as PgBouncer's 08P01 does.
+func pgAnsweredForStatement(code string) bool {
+	if len(code) != 5 || code == "53300" {
+		return false
+	}
+	switch code[:2] {
+	case "53", "58": // insufficient resources, system error
+		return true
+	case "08": // connection exceptions relayed from a remote
+		return code != "08P01" && code != "08007"
 	}
 	return false
 }

@@ -80,6 +80,14 @@ type conn struct {
 	manual  atomic.Int32 // >0: a transaction opened by hand (BEGIN via Exec); no statement retries
 	bad     atomic.Bool  // discard at the next reset: it broke or may be on a standby
 
+	// lost: the driver's connection was seen closed after a lost
+	// connection; from then on the driver refuses every call before sending
+	// anything (pgx checks IsClosed first), so its ErrBadConn is a proven
+	// "not sent". readOnlyPending: a PostgreSQL transaction got a read-only
+	// answer, to be judged after its rollback (readonly.go).
+	lost            bool
+	readOnlyPending bool
+
 	serverID    int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
 	serverStart int64 // PostgreSQL server start time, µs, asked with serverID
 
@@ -297,6 +305,7 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 	}
 	c.r.succeeded(t)
 	c.txBuf = tx{c: c, inner: itx, ctx: ctx, readOnly: opts.ReadOnly}
+	c.readOnlyPending = false
 	if a, ok := ctx.Value(keyAttempt).(*txAttempt); ok {
 		c.txBuf.attempt = a
 	}

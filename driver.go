@@ -219,8 +219,10 @@ func newConnector(ic driver.Connector, cfg config, implicitTx bool) *connector {
 func (c *connector) Driver() driver.Driver { return c.driver }
 
 // Close is here because database/sql asserts io.Closer on the connector it
-// holds; the assertion does not pass through a decorator by itself.
+// holds; the assertion does not pass through a decorator by itself. It also
+// stops the commit marker's clean-up (db.Close calls it).
 func (c *connector) Close() error {
+	c.r.resolution.close()
 	if cl, ok := c.inner.(io.Closer); ok {
 		return cl.Close()
 	}
@@ -257,7 +259,10 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 			r.breaker.done(t, outcomeNeutral)
 			return nil, r.stop(ctx, "dial", attempt, err, prev, "caller's context is done")
 		}
-		cls := r.classify(err)
+		// By code alone: a refusal at connect time ("too many
+		// connections", "starting up", out of memory) is unavailability,
+		// where the same code answered for a statement is not.
+		cls := classifyDial(r.cfg.rules, err)
 		if ownTimeout {
 			cls = ConnectionLost
 		}

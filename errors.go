@@ -80,23 +80,65 @@ func (e *Error) Unwrap() []error {
 var errConnUnusable = errors.New("sqlretry: connection unusable (driver: bad connection)")
 
 // handOffError tells database/sql to re-run the call on another connection
-// (it matches driver.ErrBadConn) while keeping the real cause readable: the
-// caller sees it if database/sql's own re-runs are used up.
-type handOffError struct{ cause error }
+// (it matches driver.ErrBadConn) while saying what happened: the caller
+// sees it when database/sql cannot re-run the call (a pinned *sql.Conn, a
+// prepared statement of one) or has used up its own re-runs. database/sql
+// discards the connection either way.
+type handOffError struct {
+	cause error
+	why   string // what happened, in the caller's words
+}
 
 func (e *handOffError) Error() string {
-	return "driver: bad connection (sqlretry handed the call back to database/sql after: " + e.cause.Error() + ")"
+	why := e.why
+	if why == "" {
+		why = "the connection is unusable"
+	}
+	cause := e.cause
+	if ro, ok := cause.(*readOnlyError); ok {
+		cause = ro.err // why says it already
+	}
+	return "sqlretry: " + why + "; the connection is discarded and the call was handed back to database/sql " +
+		"to run on another connection (a pinned *sql.Conn cannot move to another connection): " + cause.Error()
 }
 func (e *handOffError) Is(target error) bool { return target == driver.ErrBadConn }
 func (e *handOffError) Unwrap() error        { return e.cause }
 
 // handOff returns the error that makes database/sql re-run a call.
-func handOff(cause error) error {
-	if cause == driver.ErrBadConn {
-		return driver.ErrBadConn
-	}
-	return &handOffError{cause: cause}
+func handOff(cause error) error { return handOffWith(cause, "") }
+
+// handOffWith is handOff with what happened (handOffReason).
+func handOffWith(cause error, why string) error {
+	return &handOffError{cause: cause, why: why}
 }
+
+// handOffReason says why a statement is handed off, for the caller.
+func handOffReason(cls Class, err error, standby bool) string {
+	switch {
+	case standby:
+		return "the server is read-only (a standby or a demoted primary)"
+	case cls == ConnectionLost:
+		return "the connection was lost (the server closed it or the network failed) before the statement finished; it is safe to run again"
+	case errors.Is(err, driver.ErrBadConn):
+		return "the driver found the connection unusable before sending anything"
+	}
+	return "the server refused the statement before running it"
+}
+
+// connAlreadyLostError is returned for a call on a connection that had
+// already been lost: the driver refused it before sending anything. It
+// does not match driver.ErrBadConn, so that database/sql's own re-runs do
+// not replace it with "sql: connection is already closed"; the connection
+// is discarded all the same (sqlretry's IsValid and ResetSession say so).
+// Only a pinned *sql.Conn (or a statement prepared on one) gets here: the
+// pool never hands out a connection sqlretry saw break.
+type connAlreadyLostError struct{ cause error }
+
+func (e *connAlreadyLostError) Error() string {
+	return "sqlretry: the connection had already been lost (the server closed it or the network failed); " +
+		"nothing was sent, and a pinned *sql.Conn cannot move to another connection: " + e.cause.Error()
+}
+func (e *connAlreadyLostError) Unwrap() error { return withoutBadConn(e.cause) }
 
 // withoutBadConn keeps an error from matching driver.ErrBadConn.
 func withoutBadConn(err error) error {

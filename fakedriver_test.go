@@ -76,13 +76,37 @@ type fakeServer struct {
 	killed     []int64
 	openConns  atomic.Int64
 	hangCommit chan struct{} // when set, COMMIT and ROLLBACK wait for it to close
+
+	inRecovery bool // a PostgreSQL standby: no transaction ids
+
+	// Synchronous replication (PostgreSQL), for pgStatusQuery and the
+	// standby position checks.
+	syncNames     string                // synchronous_standby_names
+	syncCommit    string                // the side connection's synchronous_commit; "" is "on"
+	oldBackend    map[int64]fakeBackend // xid -> its old backend, still holding it
+	standbyLag    int                   // position checks that find the standby behind; -1 never caught up
+	standbyHidden bool                  // the role cannot read pg_stat_replication's positions
+	replChecks    int                   // position checks asked
+
+	// Semi-synchronous replication (MySQL/MariaDB), for the marker's
+	// resolution.
+	semiSync         bool         // rpl_semi_sync_master_enabled
+	semiSyncOff      bool         // Rpl_semi_sync_master_status OFF (a wait timed out)
+	semiSyncTimesOut bool         // the next autocommit INSERT's wait times out: semiSyncOff from then on
+	replicaFrozen    bool         // an autocommit INSERT or DELETE waits for the ACK until its context ends
+	oldSession       *fakeBackend // the old session in the process list (any ID) until KILLed: state is its Command, waitEvent its State
+	mysqlKills       []string     // KILL statements run
 }
+
+// fakeBackend is what pg_stat_activity shows of an old backend.
+type fakeBackend struct{ waitEvent, state string }
 
 // fakeStart is the fake server's start time: it never restarts.
 const fakeStart = int64(1_700_000_000_000_000)
 
 func newFakeServer() *fakeServer {
-	return &fakeServer{scripts: map[string][]step{}, xidStatus: map[int64]string{}, inflight: map[int64]int{}, final: map[int64]string{}, nextXID: 700}
+	return &fakeServer{scripts: map[string][]step{}, xidStatus: map[int64]string{}, inflight: map[int64]int{}, final: map[int64]string{}, nextXID: 700,
+		oldBackend: map[int64]fakeBackend{}}
 }
 
 func (s *fakeServer) script(prefix string, steps ...step) {
@@ -193,6 +217,23 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	if c.broken {
 		return driver.ErrBadConn
 	}
+	if !c.inTx && c.srv.semiSyncTimesOut && strings.HasPrefix(q, "INSERT INTO ") {
+		c.srv.mu.Lock()
+		c.srv.semiSyncOff = true // its wait timed out: the primary goes on without replicas
+		c.srv.mu.Unlock()
+	}
+	if !c.inTx && c.srv.replicaFrozen && (strings.HasPrefix(q, "INSERT INTO ") || strings.HasPrefix(q, "DELETE FROM ")) &&
+		!strings.HasSuffix(q, " WHERE 1=0") { // a DELETE of no row logs nothing, so it waits for no ACK
+		<-ctx.Done() // waits for a replica's ACK that never comes
+		c.broken = true
+		return ctx.Err()
+	}
+	if strings.HasPrefix(q, "KILL ") {
+		c.srv.mu.Lock()
+		c.srv.mysqlKills = append(c.srv.mysqlKills, q)
+		c.srv.oldSession = nil
+		c.srv.mu.Unlock()
+	}
 	st, ok := c.srv.next(q)
 	if ok && st.block {
 		<-ctx.Done()
@@ -210,7 +251,8 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 		}
 		return st.err
 	}
-	if q == "SELECT txid_current_if_assigned()" || q == "SELECT txid_current_if_assigned(), pg_backend_pid(), "+pgStartTime || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" {
+	if q == pgAskXID || q == pgAskXIDAndServer || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" ||
+		q == pgStatusQuery || strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") || strings.Contains(q, "FROM pg_stat_replication") {
 		return nil
 	}
 	c.apply(q)
@@ -228,7 +270,7 @@ func isConnErr(err error) bool {
 func (c *fakeConn) apply(q string) {
 	if c.inTx {
 		c.pending = append(c.pending, q)
-		if c.xid == 0 && !strings.HasPrefix(q, "SELECT") {
+		if c.xid == 0 && !strings.HasPrefix(q, "SELECT") && !strings.HasPrefix(q, "NOTIFY") { // NOTIFY takes no id
 			c.srv.mu.Lock()
 			c.srv.nextXID++
 			c.xid = c.srv.nextXID
@@ -257,9 +299,16 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		return nil, err
 	}
 	switch q {
-	case "SELECT txid_current_if_assigned()", "SELECT txid_current_if_assigned(), pg_backend_pid(), " + pgStartTime:
-		var xid driver.Value
-		if c.xid != 0 {
+	case pgAskXID, pgAskXIDAndServer:
+		var xid driver.Value // NULL: in recovery
+		if !c.srv.inRecovery {
+			if c.xid == 0 && strings.Contains(q, "txid_current()") { // it assigns one
+				c.srv.mu.Lock()
+				c.srv.nextXID++
+				c.xid = c.srv.nextXID
+				c.srv.xidStatus[c.xid] = "in progress"
+				c.srv.mu.Unlock()
+			}
 			xid = c.xid
 		}
 		return &fakeRows{cols: []string{"xid", "pid", "start"}, data: [][]driver.Value{{xid, c.pid, fakeStart}}}, nil
@@ -272,7 +321,114 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		status := c.srv.xidStatus[xid]
 		return &fakeRows{cols: []string{"txid_status"}, data: [][]driver.Value{{status}}}, nil
 	}
+	// A MySQL-like default: the DSN's database is test, and the commit
+	// marker table exists there (markerConnector in hardening_resolve_test.go
+	// configures other layouts).
+	switch {
+	case q == "SELECT DATABASE()":
+		return &fakeRows{cols: []string{"DATABASE()"}, data: [][]driver.Value{{"test"}}}, nil
+	case strings.HasPrefix(q, "SELECT COUNT(*) FROM information_schema.TABLES"):
+		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{int64(1)}}}, nil
+	}
+	if q == "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?" {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		n := int64(0)
+		if c.srv.oldSession != nil {
+			n = 1
+		}
+		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{n}}}, nil
+	}
+	if strings.HasPrefix(q, "SELECT COMMAND, STATE FROM information_schema.PROCESSLIST") {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		if b := c.srv.oldSession; b != nil {
+			return &fakeRows{cols: []string{"COMMAND", "STATE"}, data: [][]driver.Value{{[]byte(b.state), []byte(b.waitEvent)}}, clobber: true}, nil
+		}
+		return &fakeRows{cols: []string{"COMMAND", "STATE"}}, nil
+	}
+	if strings.HasPrefix(q, "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('rpl_semi_sync") {
+		v := "OFF"
+		if c.srv.semiSync {
+			v = "ON"
+		}
+		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{[]byte("rpl_semi_sync_master_enabled"), []byte(v)}}, clobber: true}, nil
+	}
+	if strings.HasPrefix(q, "SHOW GLOBAL STATUS WHERE Variable_name IN ('Rpl_semi_sync") {
+		v := "ON"
+		if c.srv.semiSyncOff || !c.srv.semiSync {
+			v = "OFF"
+		}
+		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{[]byte("Rpl_semi_sync_master_status"), []byte(v)}}, clobber: true}, nil
+	}
+	if strings.HasPrefix(q, "SELECT COUNT(*) FROM ") && strings.HasSuffix(q, " WHERE token = ?") {
+		// The marker: there once a transaction that inserted it committed.
+		table := strings.TrimSuffix(strings.TrimPrefix(q, "SELECT COUNT(*) FROM "), " WHERE token = ?")
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		n := int64(0)
+		for _, r := range c.srv.ran {
+			if strings.HasPrefix(r, "INSERT INTO "+table+" ") {
+				n = 1
+			}
+		}
+		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{n}}}, nil
+	}
+	if q == pgStatusQuery {
+		xid := args[0].Value.(int64)
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		b, holding := c.srv.oldBackend[xid]
+		if c.srv.inflight[xid] > 0 && !holding {
+			holding, b = true, fakeBackend{state: "idle in transaction"}
+		}
+		commit := c.srv.syncCommit
+		if commit == "" {
+			commit = "on"
+		}
+		var wait, state driver.Value
+		if holding {
+			state = b.state
+			if b.waitEvent != "" {
+				wait = b.waitEvent
+			}
+		}
+		return &fakeRows{cols: []string{"txid_status", "holding", "wait_event", "state", "names", "commit"},
+			data: [][]driver.Value{{c.srv.xidStatus[xid], holding, wait, state, c.srv.syncNames, commit}}}, nil
+	}
+	if q == pgProbeQuery && c.srv.standbyHidden {
+		c.srv.mu.Lock()
+		c.srv.replChecks++
+		lag := c.srv.standbyLag
+		c.srv.mu.Unlock()
+		if lag < 0 {
+			<-ctx.Done() // the probe's COMMIT waits in SyncRep
+			c.broken = true
+			return nil, ctx.Err()
+		}
+		return &fakeRows{cols: []string{"txid_current"}, data: [][]driver.Value{{int64(900)}}}, nil
+	}
+	if strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") {
+		return &fakeRows{cols: []string{"lsn", "see"}, data: [][]driver.Value{{"0/3000148", !c.srv.standbyHidden}}}, nil
+	}
+	if strings.Contains(q, "FROM pg_stat_replication") {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		c.srv.replChecks++
+		n := int64(0)
+		if c.srv.standbyLag == 0 {
+			n = int64(syncStandbysNeeded(c.srv.syncNames))
+		} else if c.srv.standbyLag > 0 {
+			c.srv.standbyLag--
+		}
+		return &fakeRows{cols: []string{"count"}, data: [][]driver.Value{{n}}}, nil
+	}
 	if strings.HasPrefix(q, "SELECT pg_terminate_backend") {
+		if want := strings.Count(q, "$"); strings.Contains(q, "$3") && len(args) != want {
+			// Like the server: "bind message supplies 2 parameters, but
+			// prepared statement requires 3".
+			return nil, &pgError{"08P01", fmt.Sprintf("bind message supplies %d parameters, but prepared statement requires %d", len(args), want)}
+		}
 		c.srv.mu.Lock()
 		pid := args[0].Value.(int64)
 		xid := args[1].Value.(int64)
@@ -401,11 +557,30 @@ type fakeRows struct {
 	i       int
 	nextErr error // returned after the data, instead of io.EOF
 	sets    int   // further result sets
+	clobber bool  // like go-sql-driver/mysql: a []byte handed out is overwritten by the next Next
+	lent    [][]byte
 }
 
 func (r *fakeRows) Columns() []string { return r.cols }
 func (r *fakeRows) Close() error      { return nil }
 func (r *fakeRows) Next(dest []driver.Value) error {
+	for _, b := range r.lent {
+		for i := range b {
+			b[i] = '#'
+		}
+	}
+	r.lent = nil
+	if r.clobber && r.i < len(r.data) {
+		defer func() {
+			for i, v := range dest {
+				if b, ok := v.([]byte); ok {
+					b = append([]byte(nil), b...)
+					dest[i] = b
+					r.lent = append(r.lent, b)
+				}
+			}
+		}()
+	}
 	if r.i >= len(r.data) {
 		if r.nextErr != nil {
 			return r.nextErr

@@ -256,9 +256,15 @@ func WithCommitResolution(on bool) Option {
 
 // WithMySQLCommitMarker turns on the MySQL/MariaDB resolution of lost
 // COMMITs (default off): a transaction that wrote also inserts a row with a
-// random token into table (created if missing) just before COMMIT; after a
-// lost COMMIT sqlretry waits for the old session to end and looks the token
-// up. Rows older than an hour are deleted now and then.
+// random token into table just before COMMIT; after a lost COMMIT sqlretry
+// waits for the old session to end and looks the token up. table is
+// "name" (in the DSN's database, fixed at first use: USE in a transaction
+// does not move it) or "db.name". It is created if missing; the user needs
+// SELECT, INSERT and DELETE on it (CREATE only to create it). Without a
+// database to put it in, or without those privileges, writing transactions
+// fail at once with an error that says what to do. READ ONLY transactions
+// write no marker. Rows older than an hour are deleted now and then, in the
+// background, until the db is closed.
 func WithMySQLCommitMarker(table string) Option {
 	return func(c *config) error {
 		if !isPlainIdentifier(table) {

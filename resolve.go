@@ -7,14 +7,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 )
 
 // How a lost COMMIT is resolved (shared/DESIGN.md):
 //
-// PostgreSQL: just before COMMIT a transaction that wrote asks for its
-// transaction id and backend pid (one round trip; the pid is asked once per
-// connection, with the server's start time). After a lost COMMIT sqlretry
+// PostgreSQL: just before COMMIT a transaction that did not provably only
+// read asks for its transaction id, assigning one if it has none (NOTIFY
+// and writes through postgres_fdw take no local id), and its backend pid
+// (one round trip; the pid is asked once per connection, with the server's
+// start time). A transaction that provably only read is replayed after a
+// lost COMMIT without asking; so is one on a server in recovery, which can
+// commit nothing. After a lost COMMIT sqlretry
 // asks txid_status on a fresh connection. "in progress" is not an answer:
 // after a network cut the old backend may still be committing, so sqlretry
 // ends it (when the role may) and asks again until the answer is final or
@@ -24,61 +29,166 @@ import (
 // anything else means ours never committed (a committed id is never reused).
 //
 // MySQL/MariaDB, with WithMySQLCommitMarker: the transaction inserts a row
-// with a random token before COMMIT; after a lost COMMIT sqlretry waits for
-// the old session to leave the process list (KILLing it where it may) and
-// then looks the token up.
+// with a random token before COMMIT into the marker table, whose name is
+// fixed (qualified with the DSN's database) at first use; after a lost
+// COMMIT sqlretry waits for the old session to leave the process list
+// (KILLing it where it may) and then looks the token up. READ ONLY
+// transactions write no marker: MySQL refuses table writes in them.
+//
+// Nothing that fails in this machinery is a reason to replay the caller's
+// transaction: see resolutionFailed and configError.
 
-// prepareResolution runs inside the transaction, just before COMMIT.
+// pgAskXID takes the transaction's id, assigning one if it has none yet:
+// a transaction whose only writes went through postgres_fdw, or that only
+// ran NOTIFY, has no local id, yet its COMMIT decides whether they happen
+// (issue 15), so "no id" proves nothing. A server in recovery assigns no ids
+// and commits nothing (no writes, no NOTIFY): NULL there. The functions are
+// qualified: the closure may have set a search_path that puts others first.
+// txid_current_if_assigned is asked first (COALESCE evaluates no more than
+// it needs) because engines that lack it (CockroachDB) lack txid_status
+// too, and its absence (42883) turns the resolution off at once.
+const pgAskXID = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+	"ELSE COALESCE(pg_catalog.txid_current_if_assigned(), pg_catalog.txid_current()) END"
+
+// pgAskXIDAndServer also asks, once per connection, for the backend pid and
+// the server's start time.
+const pgAskXIDAndServer = pgAskXID + ", pg_catalog.pg_backend_pid(), " + pgStartTime
+
+// prepareResolution runs inside the transaction, just before COMMIT. Its
+// errors never replay the transaction for their own sake (issue 15): a
+// lost connection keeps its class (the server rolls back), anything else
+// is permanent, reported at once.
 func (t *tx) prepareResolution() error {
 	c, r := t.c, t.c.r
 	switch {
 	case r.dialect == DialectPostgres && r.cfg.resolveCommits && !r.resolution.broken.Load():
-		q, ask := "SELECT txid_current_if_assigned()", c.serverID == 0
+		q, ask := pgAskXID, c.serverID == 0
 		if ask {
-			q = "SELECT txid_current_if_assigned(), pg_backend_pid(), " + pgStartTime
+			q = pgAskXIDAndServer
 		}
 		vals, err := queryRow(t.ctx, c.inner, q)
 		if err != nil {
-			if r.classify(err) == Permanent {
-				// An engine without the function (CockroachDB): the failed
-				// statement aborted this transaction, so replay it once and
-				// stop asking.
+			if lacksFunction(err) {
+				// An engine without the functions (CockroachDB): the failed
+				// statement aborted this transaction before COMMIT, so replay
+				// it once and stop asking. Nothing else turns this off: a
+				// caller's tiny deadline says nothing about the engine.
 				r.resolution.broken.Store(true)
+				return newError("commit", 1, RetryTransaction, nil, err)
 			}
-			return err
+			return r.resolutionFailed(t.ctx, "asking for the transaction id", err)
+		}
+		if vals[0] == nil {
+			t.nothingDurable = true // in recovery: read-only, no id, nothing to commit
 		}
 		t.xid = asInt64(vals[0])
 		if ask {
 			c.serverID, c.serverStart = asInt64(vals[1]), asInt64(vals[2])
 		}
 	case r.dialect == DialectMySQL && r.cfg.mysqlMarker != "":
-		if err := r.ensureMarkerTable(t.ctx); err != nil {
+		if t.readOnly {
+			// MySQL refuses table writes in a READ ONLY transaction, and what
+			// it allows (temporary tables, variables) dies with the session.
+			t.nothingDurable = true
+			return nil
+		}
+		marker, err := r.markerTable(t.ctx)
+		if err != nil {
 			return err
+		}
+		if marker == "" {
+			return nil // the table could not be checked just now: a lost COMMIT will be ambiguous
 		}
 		if c.serverID == 0 {
 			vals, err := queryRow(t.ctx, c.inner, "SELECT CONNECTION_ID()")
 			if err != nil {
-				return err
+				return r.resolutionFailed(t.ctx, "asking for the connection id", err)
 			}
 			c.serverID = asInt64(vals[0])
 		}
-		t.token = make([]byte, 16)
-		_, _ = rand.Read(t.token)
-		if err := execConn(t.ctx, c.inner, "INSERT INTO "+r.cfg.mysqlMarker+" (token) VALUES (?)", t.token); err != nil {
-			return err
+		token := make([]byte, 16)
+		_, _ = rand.Read(token)
+		if err := execConn(t.ctx, c.inner, "INSERT INTO "+marker+" (token) VALUES (?)", token); err != nil {
+			switch mysqlNumber(err) {
+			case 1792:
+				// The session made the transaction read-only (SET SESSION
+				// TRANSACTION READ ONLY): the failed INSERT left it open, and
+				// it can commit nothing durable.
+				t.nothingDurable = true
+				return nil
+			case 1142, 1143, 1044, 1046, 1146, 1049:
+				r.resolution.forgetMarker() // dropped or revoked since: look again next time
+				return newError("commit", 1, Permanent, nil, &configError{what: "writing the commit marker into " + marker,
+					fix: "the marker table needs SELECT, INSERT and DELETE for this user", err: err})
+			}
+			return r.resolutionFailed(t.ctx, "writing the commit marker", err)
 		}
+		t.token, t.marker = token, marker
 	}
 	return nil
 }
 
-// afterCommit deletes old marker rows now and then, on the connection that
-// just committed (in autocommit).
+// lacksFunction reports the definite "this engine has no such function".
+func lacksFunction(err error) bool {
+	var pg interface{ SQLState() string }
+	if !errors.As(err, &pg) {
+		return false
+	}
+	switch pg.SQLState() {
+	case "42883", // undefined_function
+		"0A000": // feature_not_supported
+		return true
+	}
+	return false
+}
+
+func mysqlNumber(err error) uint16 {
+	n, _, _ := mysqlErrorOf(err)
+	return n
+}
+
+// resolutionFailed is the error of a failed step of sqlretry's own
+// resolution machinery before COMMIT. A lost connection, or one the driver
+// says it never used, keeps its class: the server rolls the transaction
+// back, as for any connection lost before COMMIT. Any other failure is
+// permanent: it is no reason to run the caller's transaction again.
+func (r *retrier) resolutionFailed(ctx context.Context, what string, err error) error {
+	cls := r.classify(err)
+	switch {
+	case ctx.Err() != nil:
+		cls = Permanent
+	case cls == ConnectionLost:
+	case cls == Unavailable && !serverAnswered(err):
+	default:
+		cls = Permanent
+	}
+	return newError("commit", 1, cls, nil, fmt.Errorf("sqlretry: %s before COMMIT: %w", what, err))
+}
+
+// configError is a setting or a privilege that sqlretry needs and lacks;
+// it says what to do.
+type configError struct {
+	what, fix string
+	err       error
+}
+
+func (e *configError) Error() string {
+	s := "sqlretry: configuration: " + e.what + " failed; " + e.fix
+	if e.err != nil {
+		s += ": " + e.err.Error()
+	}
+	return s
+}
+func (e *configError) Unwrap() error { return e.err }
+
+// afterCommit asks now and then for old marker rows to be deleted, off the
+// caller's path (see cleanMarkers).
 func (t *tx) afterCommit() {
 	r := t.c.r
 	if t.token == nil || r.resolution.markerCount.Add(1)%256 != 0 {
 		return
 	}
-	_ = execConn(context.Background(), t.c.inner, "DELETE FROM "+r.cfg.mysqlMarker+" WHERE created_at < NOW(6) - INTERVAL 1 HOUR")
+	r.resolution.requestCleanup(r.inner, t.marker)
 }
 
 const markerDDL = `CREATE TABLE IF NOT EXISTS %s (
@@ -87,25 +197,181 @@ const markerDDL = `CREATE TABLE IF NOT EXISTS %s (
 	KEY (created_at)
 ) ENGINE=InnoDB`
 
-// ensureMarkerTable creates the marker table once, on a side connection:
-// DDL inside the caller's transaction would commit it implicitly.
-func (r *retrier) ensureMarkerTable(ctx context.Context) error {
+// markerRecheck is how long a configuration error of the marker is
+// answered from memory before the table is looked at again (a DBA may
+// grant what was missing).
+const markerRecheck = 10 * time.Second
+
+// markerTable returns the fully qualified marker table, checking it once
+// on a side connection (DDL inside the caller's transaction would commit
+// it implicitly). The name is fixed here, from the DSN's database when the
+// option names no schema, so that USE in a closure cannot move the marker
+// away from where the lookup looks (issue 15). The table is created only
+// when it is missing: a DBA may have created it and granted only SELECT,
+// INSERT and DELETE. A configuration error (no default database, a missing
+// privilege) is returned at once, permanent, with what to do. When the side
+// connection fails otherwise the name is "" and no error: the caller's
+// transaction is not at fault, it commits without a marker (a lost COMMIT
+// is then ErrAmbiguousCommit) and the next one checks again.
+func (r *retrier) markerTable(ctx context.Context) (string, error) {
 	rs := r.resolution
 	rs.markerMu.Lock()
 	defer rs.markerMu.Unlock()
-	if rs.markerReady {
-		return nil
+	if rs.markerName != "" {
+		return rs.markerName, nil
+	}
+	if rs.markerErr != nil && r.clock.Now().Sub(rs.markerErrAt) < markerRecheck {
+		return "", rs.markerErr
 	}
 	dc, err := r.inner.Connect(ctx)
 	if err != nil {
-		return err
+		return "", nil
 	}
 	defer dc.Close()
-	if err := execConn(ctx, dc, fmt.Sprintf(markerDDL, r.cfg.mysqlMarker)); err != nil {
-		return fmt.Errorf("sqlretry: creating the commit marker table: %w", err)
+	name, cerr, err := checkMarkerTable(ctx, dc, r.cfg.mysqlMarker)
+	if cerr != nil {
+		rs.markerErr, rs.markerErrAt = newError("commit", 1, Permanent, nil, cerr), r.clock.Now()
+		return "", rs.markerErr
 	}
-	rs.markerReady = true
-	return nil
+	if err != nil {
+		return "", nil
+	}
+	rs.markerName, rs.markerErr = name, nil
+	return name, nil
+}
+
+// checkMarkerTable qualifies the marker's name, creates the table if it is
+// missing and checks the privileges the resolution needs. cerr is a
+// configuration error, err any other failure.
+func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name string, cerr, err error) {
+	schema, table, qualified := strings.Cut(option, ".")
+	if !qualified {
+		schema, table = "", option
+		vals, err := queryRow(ctx, dc, "SELECT DATABASE()")
+		if err != nil {
+			return "", nil, err
+		}
+		if vals[0] == nil {
+			return "", &configError{what: fmt.Sprintf("placing the commit marker table %q", option),
+				fix: `the DSN names no database: name the table with its database, WithMySQLCommitMarker("db.` + option + `"), or add one to the DSN`}, nil
+		}
+		schema = asString(vals[0])
+	}
+	name = quoteMySQL(schema) + "." + quoteMySQL(table)
+	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?", schema, table)
+	if err != nil {
+		return "", nil, err
+	}
+	ddl := fmt.Sprintf(markerDDL, name)
+	if asInt64(vals[0]) == 0 {
+		if err := execConn(ctx, dc, ddl); err != nil {
+			if isConfigNumber(mysqlNumber(err)) {
+				return "", &configError{what: "creating the commit marker table " + name,
+					fix: "create it once as an administrator (" + strings.Join(strings.Fields(ddl), " ") + ") and grant this user SELECT, INSERT and DELETE on it", err: err}, nil
+			}
+			return "", nil, err
+		}
+	}
+	// The lookup reads the table, the clean-up deletes from it. WHERE 1=0
+	// checks the privilege and touches no row.
+	for _, q := range []string{"SELECT COUNT(*) FROM " + name + " WHERE 1=0", "DELETE FROM " + name + " WHERE 1=0"} {
+		if err := execConn(ctx, dc, q); err != nil {
+			if isConfigNumber(mysqlNumber(err)) {
+				return "", &configError{what: "checking the privileges on the commit marker table " + name,
+					fix: "grant this user SELECT, INSERT and DELETE on it", err: err}, nil
+			}
+			return "", nil, err
+		}
+	}
+	return name, nil, nil
+}
+
+// isConfigNumber: access denied, no database, no such table or database.
+func isConfigNumber(n uint16) bool {
+	switch n {
+	case 1142, 1143, 1044, 1045, 1046, 1049, 1146, 1227:
+		return true
+	}
+	return false
+}
+
+// quoteMySQL quotes an identifier with backticks.
+func quoteMySQL(id string) string {
+	return "`" + strings.ReplaceAll(id, "`", "``") + "`"
+}
+
+// forgetMarker makes the next transaction check the marker table again.
+func (rs *resolveState) forgetMarker() {
+	rs.markerMu.Lock()
+	rs.markerName = ""
+	rs.markerMu.Unlock()
+}
+
+// requestCleanup wakes the clean-up goroutine of the marker table, starting
+// it on first use. It never blocks the caller.
+func (rs *resolveState) requestCleanup(c driver.Connector, table string) {
+	rs.cleanMu.Lock()
+	defer rs.cleanMu.Unlock()
+	if rs.closed || c == nil {
+		return
+	}
+	if rs.cleanDue == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		rs.cleanDue, rs.cleanStop, rs.cleanDone = make(chan string, 1), cancel, make(chan struct{})
+		go cleanLoop(ctx, c, rs.cleanDue, rs.cleanDone)
+	}
+	select {
+	case rs.cleanDue <- table:
+	default: // one is due already
+	}
+}
+
+// close stops the clean-up goroutine and waits for it: the db is closing.
+func (rs *resolveState) close() {
+	rs.cleanMu.Lock()
+	rs.closed = true
+	stop, done := rs.cleanStop, rs.cleanDone
+	rs.cleanMu.Unlock()
+	if stop != nil {
+		stop()
+		<-done
+	}
+}
+
+func cleanLoop(ctx context.Context, c driver.Connector, due <-chan string, done chan<- struct{}) {
+	defer close(done)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case table := <-due:
+			cleanMarkers(ctx, c, table)
+		}
+	}
+}
+
+// cleanTimeout bounds one clean-up; cleanBatch the rows it deletes.
+const (
+	cleanTimeout = 10 * time.Second
+	cleanBatch   = 5000
+)
+
+// cleanMarkers deletes marker rows older than an hour on a side connection
+// of its own, in autocommit. It waits at most a second for a row lock (a
+// row someone holds is left for a later round) and gives up after
+// cleanTimeout; its errors are nobody's: the next round tries again.
+func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
+	ctx, cancel := context.WithTimeout(ctx, cleanTimeout)
+	defer cancel()
+	dc, err := c.Connect(ctx)
+	if err != nil {
+		return
+	}
+	defer dc.Close()
+	if execConn(ctx, dc, "SET SESSION innodb_lock_wait_timeout = 1, lock_wait_timeout = 1") != nil {
+		return
+	}
+	_ = execConn(ctx, dc, fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR LIMIT %d", table, cleanBatch))
 }
 
 // resolveCommit finds out whether the COMMIT of t took effect, within ctx.
@@ -116,12 +382,9 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
 			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart)
 		}
-	case r.dialect == DialectPostgres && r.cfg.resolveCommits && !r.resolution.broken.Load():
-		// The id was asked and there was none: the transaction wrote nothing.
-		return CommitNotCommitted
 	case r.dialect == DialectMySQL && t.token != nil:
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return mysqlCheckCommit(ctx, dc, r.cfg.mysqlMarker, t.token, t.c.serverID)
+			return mysqlCheckCommit(ctx, dc, t.marker, t.token, t.c.serverID)
 		}
 	default:
 		return CommitUnknown
@@ -182,15 +445,20 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 
 // pgStartTime is the server's start time in microseconds: a restart since
 // the transaction makes its id ambiguous.
-const pgStartTime = "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint"
+const pgStartTime = "(extract(epoch FROM pg_catalog.pg_postmaster_start_time()) * 1000000)::bigint"
 
 // errUnresolvable is a final "cannot know".
 var errUnresolvable = errors.New("sqlretry: the server restarted since the COMMIT and has handed out its transaction id again")
 
 // pgCheckCommit asks once. "in progress" means the old backend still holds
-// the transaction: end it if it is still that backend, and ask again later.
-// When the server restarted since (start differs), the id may have been
-// handed out again: "committed" is then no answer, anything else is.
+// the transaction: end it if it is still that backend and has not begun to
+// commit under synchronous replication, and ask again later. "committed"
+// counts only once the old backend has let go of the id and, under
+// synchronous replication, the synchronous standbys have the commit
+// (pgReplicated): until then the commit may be on the primary alone, and a
+// failover would lose it. When the server restarted since (start differs),
+// the id may have been handed out again: "committed" is then no answer,
+// anything else is.
 func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (CommitOutcome, error) {
 	restarted := false
 	if start != 0 {
@@ -200,7 +468,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 		}
 		restarted = asInt64(vals[0]) != start
 	}
-	vals, err := queryRow(ctx, dc, "SELECT txid_status($1)", xid)
+	st, err := pgAskStatus(ctx, dc, xid, pid)
 	if err != nil {
 		var pg interface{ SQLState() string }
 		if restarted && errors.As(err, &pg) && pg.SQLState() == "22023" {
@@ -208,18 +476,28 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 		}
 		return CommitUnknown, err
 	}
-	switch s, _ := vals[0].(string); {
-	case s == "committed" && restarted:
+	switch {
+	case st.status == "committed" && restarted:
 		return CommitUnknown, errUnresolvable
-	case s == "committed":
+	case st.status == "committed" && st.holding:
+		// Committed locally, not yet visible: the old backend waits for a
+		// synchronous standby (SyncRep) or is about to let go. Ending it
+		// would publish a commit no standby may have; wait for it.
+		return CommitUnknown, nil
+	case st.status == "committed" && st.syncRequired():
+		if ok, err := pgReplicated(ctx, dc, st); !ok || err != nil {
+			return CommitUnknown, err
+		}
 		return CommitCommitted, nil
-	case s == "aborted", s == "in progress" && restarted: // the old backend died with the server
+	case st.status == "committed":
+		return CommitCommitted, nil
+	case st.status == "aborted", st.status == "in progress" && restarted: // the old backend died with the server
 		return CommitNotCommitted, nil
-	case s == "in progress":
-		if pid != 0 {
-			// backend_xid guards against a reused pid.
-			_, _ = queryRow(ctx, dc, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-				WHERE pid = $1 AND backend_xid = ($2::bigint % 4294967296)::text::xid`, pid, xid)
+	case st.status == "in progress":
+		if st.holding && st.mayEnd() {
+			// backend_xid guards against a reused pid; the wait_event and
+			// state are read again at the moment it is ended.
+			_, _ = queryRow(ctx, dc, pgTerminateQuery, pid, xid, !st.syncRequired())
 		}
 		return CommitUnknown, nil
 	}
@@ -227,24 +505,52 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 	return CommitUnknown, errors.New("sqlretry: txid_status has no answer")
 }
 
+// mysqlCheckCommit asks once. While the old session is in the process list
+// it may still commit: KILL it and ask again later, unless semi-synchronous
+// replication is on and the session has begun to commit (it may be waiting
+// for a replica's ACK, and a KILL would publish a commit no replica has).
+// Once it is gone, the marker says whether it committed; under semi-sync
+// that counts only once a replica has it (mysqlReplicaHas).
 func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token []byte, connID int64) (CommitOutcome, error) {
-	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
+	// Not MAX(COMMAND): MariaDB 10.11 answers it with a mangled string.
+	session, err := queryRows(ctx, dc, "SELECT COMMAND, STATE FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
 	if err != nil {
 		return CommitUnknown, err
 	}
-	if asInt64(vals[0]) > 0 {
-		_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
+	if len(session) > 0 {
+		semi, err := mysqlSemiSync(ctx, dc)
+		if err != nil {
+			return CommitUnknown, err
+		}
+		if mysqlMayKill(semi, textOf(session[0][0]), textOf(session[0][1])) {
+			_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
+		}
 		return CommitUnknown, nil
 	}
-	vals, err = queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
+	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
 	if err != nil {
 		return CommitUnknown, err
 	}
-	if asInt64(vals[0]) > 0 {
-		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token = ?", token)
-		return CommitCommitted, nil
+	if asInt64(vals[0]) == 0 {
+		return CommitNotCommitted, nil
 	}
-	return CommitNotCommitted, nil
+	semi, err := mysqlSemiSync(ctx, dc)
+	if err != nil {
+		return CommitUnknown, err
+	}
+	var probe []byte
+	if semi {
+		var ok bool
+		if ok, probe, err = mysqlReplicaHas(ctx, dc, table); !ok || err != nil {
+			return CommitUnknown, err
+		}
+	}
+	if probe != nil {
+		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token IN (?, ?)", token, probe)
+	} else {
+		_ = execConn(ctx, dc, "DELETE FROM "+table+" WHERE token = ?", token)
+	}
+	return CommitCommitted, nil
 }
 
 func namedArgs(args []any) []driver.NamedValue {

@@ -30,10 +30,21 @@ type retrier struct {
 
 // resolveState is what the resolution of lost COMMITs learns as it goes.
 type resolveState struct {
-	broken      atomic.Bool // the engine lacks txid_current_if_assigned (CockroachDB): stop asking
+	broken atomic.Bool // the engine lacks txid_current (CockroachDB): stop asking
+
 	markerMu    sync.Mutex
-	markerReady bool
+	markerName  string    // the marker table, fully qualified and checked; "" until then
+	markerErr   error     // a configuration error of the marker table, answered until markerErrAt+markerRecheck
+	markerErrAt time.Time //
 	markerCount atomic.Int64
+
+	// The marker clean-up runs on a goroutine of its own, started on first
+	// use and stopped when the db is closed.
+	cleanMu   sync.Mutex
+	closed    bool
+	cleanDue  chan string // the table to clean, when a clean-up is due
+	cleanStop context.CancelFunc
+	cleanDone chan struct{}
 }
 
 func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
@@ -249,9 +260,9 @@ func decideAutocommit(cls Class, err error, safeToRerun, manual bool) action {
 		if manual {
 			return actSurface
 		}
-		// The server refused the statement before running it (read-only
-		// standby, too many connections, out of resources): pause, then let
-		// database/sql run it on a new connection.
+		// The server refused the statement before running it (a standby, as
+		// the server itself said; a pooler with no server for it): pause,
+		// then let database/sql run it on a new connection.
 		return actHandOff
 	case ConnectionLost, Ambiguous:
 		if manual {
@@ -313,14 +324,46 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		if ownTimeout {
 			cls = ConnectionLost // rule 2: a timeout sqlretry set; the statement may have run
 		}
+		notSent := false
 		if cls == Unavailable && r.dialect == DialectPostgres && errors.Is(err, driver.ErrBadConn) {
-			// pgx's stdlib turns every SafeToRetry error into ErrBadConn, and
-			// pgx calls a connection lost after a simple-protocol statement was
-			// sent SafeToRetry ("conn closed"): a plain database/sql re-runs
-			// such a write. Only reads and idempotent calls are handed off.
-			cls = ConnectionLost
+			if c.lost {
+				// The driver's connection was closed before this call began:
+				// pgx's stdlib refuses it (IsClosed) before writing anything.
+				notSent = true
+			} else {
+				// pgx's stdlib turns every SafeToRetry error into ErrBadConn,
+				// and pgx calls a connection lost after a simple-protocol
+				// statement was sent SafeToRetry ("conn closed"): a plain
+				// database/sql re-runs such a write. Only reads and idempotent
+				// calls are handed off.
+				cls = ConnectionLost
+			}
 		}
-		r.breaker.done(t, outcomeOf(cls))
+		standby := false
+		if cls == Permanent && (c.manual.Load() == 0 || r.dialect == DialectMySQL) && isReadOnlyAnswer(err) {
+			// The user's read-only session, or a standby: ask the server. A
+			// PostgreSQL transaction opened by hand was aborted and cannot
+			// answer; a MySQL one can (with autocommit=0 in the DSN every
+			// statement is in one): a standby's connection is then
+			// discarded, and the error surfaced.
+			if err, standby = c.judgeReadOnly(ctx, err); standby {
+				cls = Unavailable
+			}
+		}
+		if cls == ConnectionLost {
+			c.noteLost(err)
+		}
+		if standby || notSent {
+			// A standby answered: it is up. A connection already lost was
+			// counted when it broke.
+			r.breaker.done(t, outcomeNeutral)
+		} else {
+			r.breaker.done(t, outcomeOf(cls))
+		}
+		if notSent {
+			c.bad.Store(true)
+			return zero, &connAlreadyLostError{cause: err}
+		}
 		if ctx.Value(keyNoRetry) != nil {
 			return zero, err
 		}
@@ -353,8 +396,9 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			}
 			r.counters.handOffs.Add(1)
 			r.counters.retriesConnection.Add(1)
-			r.observe(ctx, Event{Kind: EventHandOff, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: "connection unusable; database/sql re-runs the call on another"})
-			return zero, handOff(err)
+			why := handOffReason(cls, err, standby)
+			r.observe(ctx, Event{Kind: EventHandOff, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: why + "; database/sql re-runs the call on another connection"})
+			return zero, handOffWith(err, why)
 		}
 		// actRetryHere: contention is not charged to the budget.
 		d, stop := p.next(ctx, attempt)

@@ -689,12 +689,12 @@ func TestAttemptTimeoutTurnsAHungReadIntoARetry(t *testing.T) {
 	}
 }
 
-// An engine without txid_current_if_assigned (CockroachDB): the failed
+// An engine without txid_current (CockroachDB): the failed
 // lookup aborted the transaction before COMMIT, so it is replayed once and
 // the lookup is not asked again.
 func TestCommitResolutionTurnsItselfOffWithoutTheFunction(t *testing.T) {
 	srv := newFakeServer()
-	srv.script("SELECT txid_current_if_assigned", step{err: &pgError{"42883", "function txid_current_if_assigned() does not exist"}})
+	srv.script(pgAskXID, step{err: &pgError{"42883", "function txid_current() does not exist"}})
 	db, _ := testDB(t, srv)
 	calls := 0
 	for range 2 {

@@ -1,10 +1,6 @@
 package sqlretry
 
-import (
-	"errors"
-
-	"github.com/go-sql-driver/mysql"
-)
+import "errors"
 
 // timeoutOf recognises the timeouts that end a transaction which ran too
 // long or sat idle too long: when one repeats, the transaction itself is
@@ -20,11 +16,10 @@ func timeoutOf(err error) uint {
 		}
 		return 0
 	}
-	var my *mysql.MySQLError
-	if errors.As(err, &my) {
-		switch my.Number {
+	if n, _, ok := mysqlErrorOf(err); ok {
+		switch n {
 		case 4031, 1969, 3024: // idle disconnect, MariaDB max_statement_time, MySQL max_execution_time
-			return uint(my.Number)
+			return uint(n)
 		}
 	}
 	return 0

@@ -8,8 +8,6 @@ import (
 	"fmt"
 	"sync"
 	"time"
-
-	"github.com/go-sql-driver/mysql"
 )
 
 var _ driver.Tx = (*tx)(nil)
@@ -32,6 +30,11 @@ type tx struct {
 	wrote    bool  // ran something other than a plain read
 	xid      int64 // PostgreSQL transaction id taken before COMMIT, 0 if none
 	token    []byte
+	marker   string // the MySQL marker table token went into
+	// nothingDurable: the server held the transaction read-only (a
+	// PostgreSQL standby, a MySQL READ ONLY transaction): its COMMIT can
+	// make nothing last, so a lost one needs no resolution.
+	nothingDurable bool
 }
 
 // guard refuses statements in a poisoned transaction, except ROLLBACK TO
@@ -70,18 +73,36 @@ func (t *tx) failed(err error, query string) {
 	}
 	r := t.c.r
 	cls := r.classify(err)
-	if cls == Unavailable && t.readOnly && r.dialect == DialectPostgres {
-		cls = Permanent // 25006 in a transaction the caller made read-only: a bug, not a failover
+	pending := false
+	if cls == Permanent && !t.readOnly && isReadOnlyAnswer(err) {
+		// A write refused as read-only in a transaction the caller did not
+		// declare read-only: the user's session setting, or a standby.
+		switch r.dialect {
+		case DialectMySQL: // the transaction lives on and can answer
+			var standby bool
+			if err, standby = t.c.judgeReadOnly(t.ctx, err); standby {
+				cls = Unavailable
+			}
+		case DialectPostgres: // aborted: ask after the rollback; no COMMIT meanwhile
+			pending = true
+			t.c.readOnlyPending = true
+			err = &readOnlyError{err: err}
+		}
 	}
-	r.record(cls)
+	if isStandby(err) {
+		r.record(Permanent) // the server answered: a standby is up
+	} else {
+		r.record(cls)
+	}
 	if cls == ConnectionLost || errors.Is(err, driver.ErrBadConn) {
 		t.c.bad.Store(true)
+		t.c.noteLost(err)
 	}
 	if t.firstErr == nil {
 		t.firstErr = err
 	}
 	t.attempt.raised(err)
-	if cls != Permanent && t.poison == nil {
+	if (cls != Permanent || pending) && t.poison == nil {
 		t.poison = err
 		if t.attempt != nil {
 			t.attempt.poison = err
@@ -150,8 +171,14 @@ func (t *tx) Commit() error {
 	if t.wrote {
 		if err := t.prepareResolution(); err != nil {
 			_ = t.rollback()
-			return newError("commit", 1, RetryTransaction, nil, err)
+			return err
 		}
+	}
+	if err := t.ctx.Err(); err != nil {
+		// The caller's deadline came before COMMIT was sent: do not send
+		// it, so that the outcome is known (not committed).
+		_ = t.rollback()
+		return err
 	}
 	abandoned, err := t.commitWithinDeadline()
 	if abandoned {
@@ -204,6 +231,12 @@ func (t *tx) withinDeadline(what string, call func(driver.Tx) error) (abandoned 
 // rollback ends the transaction on the server within the caller's deadline.
 func (t *tx) rollback() error {
 	_, err := t.withinDeadline("ROLLBACK", driver.Tx.Rollback)
+	if t.c.readOnlyPending {
+		t.c.readOnlyPending = false
+		if err == nil {
+			t.judgeReadOnlyAfterRollback()
+		}
+	}
 	return err
 }
 
@@ -219,16 +252,23 @@ func (t *tx) commitFailed(err error) error {
 		// the caller swallowed: report that error, with its class.
 		return newError("commit", 1, r.classify(t.firstErr), nil, fmt.Errorf("%w: %w", err, t.firstErr))
 	}
-	if !commitOutcomeUnknown(cls, err) {
+	// The caller's deadline while COMMIT was in flight: the driver gave up
+	// waiting for the reply, not the server (issue 9).
+	atDeadline := t.ctx.Err() != nil && !serverAnswered(err)
+	if !atDeadline && !commitOutcomeUnknown(cls, err) {
 		return err // the server answered: not committed
 	}
 	t.c.bad.Store(true)
-	if !t.wrote {
-		// Nothing to lose: a transaction that wrote nothing may be replayed.
+	if !t.wrote || t.nothingDurable {
+		// Nothing to lose: a transaction that provably only read, or that
+		// the server held read-only, may be replayed.
 		return newError("commit", 1, RetryTransaction, nil, err)
 	}
 	outcome := CommitUnknown
-	if t.ctx.Err() == nil { // rule 3: the caller's context is done, no time to ask
+	if !atDeadline && t.ctx.Err() == nil {
+		// Within the caller's deadline only (shared/DESIGN.md): past it the
+		// old session may still be committing, and waiting for it is time
+		// the caller does not have. Then the answer is ErrAmbiguousCommit.
 		outcome = r.resolveCommit(t.ctx, t)
 	}
 	if outcome == CommitUnknown && err == driver.ErrBadConn {
@@ -243,6 +283,9 @@ func (t *tx) commitFailed(err error) error {
 		return newError("commit", 1, RetryTransaction, nil, err)
 	}
 	r.counters.commitsAmbiguous.Add(1)
+	if ctxErr := t.ctx.Err(); ctxErr != nil && !errors.Is(err, ctxErr) {
+		err = fmt.Errorf("%w (COMMIT in flight at the caller's deadline: %w)", err, ctxErr)
+	}
 	return newError("commit", 1, Ambiguous, ErrAmbiguousCommit, err)
 }
 
@@ -264,8 +307,11 @@ func commitOutcomeUnknown(cls Class, err error) bool {
 // serverAnswered reports an error that the database server sent.
 func serverAnswered(err error) bool {
 	var pg interface{ SQLState() string }
-	var my *mysql.MySQLError
-	return errors.As(err, &pg) || errors.As(err, &my)
+	if errors.As(err, &pg) {
+		return true
+	}
+	_, _, ok := mysqlErrorOf(err)
+	return ok
 }
 
 // txAttempt is one RunInTx attempt. It is the context given to BeginTx,
