@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -12,8 +11,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/sqlretry/sqlretry"
 )
@@ -138,15 +135,6 @@ func stuckCaller(t *testing.T, driverName string) {
 		t.Errorf("the others made %d commits beside the stuck caller, %.0f%% of the %d they make alone; want at least 70%% (contention cuts %d)",
 			withStuck, 100*ratio, base, s.ContentionCuts)
 	}
-}
-
-// pgCode returns the SQLSTATE err carries, or "".
-func pgCode(err error) string {
-	var pg *pgconn.PgError
-	if errors.As(err, &pg) {
-		return pg.Code
-	}
-	return ""
 }
 
 // On PostgreSQL any error aborts the transaction: after a swallowed
