@@ -113,6 +113,25 @@ func classifyDialOne(err error) Class {
 	return classifyDefault(err)
 }
 
+// wrongRoleAnswer reports a connect failure in which some host answered,
+// only not as the kind of server asked for (a standby while a read-write
+// host is wanted): that host is up. The connector does not count such a
+// dial against the breaker, whose one probe a second would otherwise add
+// up to a second to the election once a host takes writes again; the
+// dials stay paced by backoff and bounded by the dial limiter.
+func wrongRoleAnswer(err error) bool {
+	hosts := perHostErrors(err)
+	if hosts == nil {
+		return isWrongRoleAtConnect(err)
+	}
+	for _, h := range hosts {
+		if isWrongRoleAtConnect(h) {
+			return true
+		}
+	}
+	return false
+}
+
 // perHostErrors returns the per-host failures of a connect error that
 // joins several (pgconn.ConnectError around errors.Join, even for one
 // host), or nil.

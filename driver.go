@@ -269,7 +269,12 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 			r.breaker.done(t, outcomeNeutral)
 			return nil, r.giveUp(ctx, "dial", attempt, cls, err, "not retryable")
 		}
-		r.breaker.done(t, outcomeDialFailure)
+		if cls != Permanent && wrongRoleAnswer(err) {
+			// A host answered: up, but not writable yet (an election).
+			r.breaker.done(t, outcomeNeutral)
+		} else {
+			r.breaker.done(t, outcomeDialFailure)
+		}
 		if !r.budget.withdraw() {
 			return nil, r.refuse(ctx, "dial", attempt, cls, ErrBudgetExhausted, err)
 		}

@@ -219,3 +219,34 @@ func TestFailoverHardRefusalStaysPermanent(t *testing.T) {
 		})
 	}
 }
+
+// A host that answers "read only connection" is up: those dials do not
+// open the breaker, whose one probe a second would add up to a second to
+// the election once a host takes writes (issue 10: write service back
+// within 0.5 s of the cluster). Dials to hosts that are all down still
+// open it.
+func TestFailoverWrongRoleAnswersDoNotOpenTheBreaker(t *testing.T) {
+	readOnly := pgconnDialError(t, multiHost([]int{fakePG(t, "standby"), refusedPort(t)}, "target_session_attrs=read-write"))
+	allDown := pgconnDialError(t, multiHost([]int{refusedPort(t), refusedPort(t)}, "target_session_attrs=read-write"))
+	for _, tc := range []struct {
+		name      string
+		err       error
+		wantWaits bool
+	}{{"a standby answered", readOnly, false}, {"every host down", allDown, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := newFakeServer()
+			for range 2 * DefaultBreaker.ConsecutiveDialFailures {
+				srv.dialErrs = append(srv.dialErrs, tc.err)
+			}
+			db, clock := testDB(t, srv)
+			ctx, cancel := context.WithDeadline(context.Background(), clock.Now().Add(time.Hour))
+			defer cancel()
+			if err := db.PingContext(ctx); err != nil {
+				t.Fatalf("Ping: %v", err)
+			}
+			if s := stats(t, db); (s.CircuitWaits > 0) != tc.wantWaits {
+				t.Errorf("circuit waits %d, breaker %v: want waits %v", s.CircuitWaits, s.Breaker, tc.wantWaits)
+			}
+		})
+	}
+}
