@@ -115,10 +115,9 @@ func classifyDialOne(err error) Class {
 
 // wrongRoleAnswer reports a connect failure in which some host answered,
 // only not as the kind of server asked for (a standby while a read-write
-// host is wanted): that host is up. The connector does not count such a
-// dial against the breaker, whose one probe a second would otherwise add
-// up to a second to the election once a host takes writes again; the
-// dials stay paced by backoff and bounded by the dial limiter.
+// host is wanted): that host is up, and a host may take writes any moment
+// (an election). The connector counts the dial against the breaker like
+// any other, but has an open breaker probe again soon (reprobeSoon).
 func wrongRoleAnswer(err error) bool {
 	hosts := perHostErrors(err)
 	if hosts == nil {

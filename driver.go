@@ -269,11 +269,11 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 			r.breaker.done(t, outcomeNeutral)
 			return nil, r.giveUp(ctx, "dial", attempt, cls, err, "not retryable")
 		}
-		if cls != Permanent && wrongRoleAnswer(err) {
-			// A host answered: up, but not writable yet (an election).
-			r.breaker.done(t, outcomeNeutral)
-		} else {
-			r.breaker.done(t, outcomeDialFailure)
+		r.breaker.done(t, outcomeDialFailure)
+		if wrongRoleAnswer(err) {
+			// A host answered, only not writable yet (an election):
+			// probe again soon, not in a whole OpenTimeout.
+			r.breaker.reprobeSoon()
 		}
 		if !r.budget.withdraw() {
 			return nil, r.refuse(ctx, "dial", attempt, cls, ErrBudgetExhausted, err)

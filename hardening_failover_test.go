@@ -220,32 +220,45 @@ func TestFailoverHardRefusalStaysPermanent(t *testing.T) {
 	}
 }
 
-// A host that answers "read only connection" is up: those dials do not
-// open the breaker, whose one probe a second would add up to a second to
-// the election once a host takes writes (issue 10: write service back
-// within 0.5 s of the cluster). Dials to hosts that are all down still
-// open it.
-func TestFailoverWrongRoleAnswersDoNotOpenTheBreaker(t *testing.T) {
+// A host that answers "read only connection" is up, and a host may take
+// writes any moment: once such dials open the breaker, it probes again
+// within an eighth of its OpenTimeout, not a whole one, so its pacing does
+// not add a second to an election (issue 10: write service back within
+// 0.5 s of the cluster). Dials to hosts that are all down keep the whole
+// OpenTimeout.
+func TestFailoverWrongRoleAnswersProbeSoon(t *testing.T) {
 	readOnly := pgconnDialError(t, multiHost([]int{fakePG(t, "standby"), refusedPort(t)}, "target_session_attrs=read-write"))
 	allDown := pgconnDialError(t, multiHost([]int{refusedPort(t), refusedPort(t)}, "target_session_attrs=read-write"))
+	open := DefaultBreaker.OpenTimeout
 	for _, tc := range []struct {
-		name      string
-		err       error
-		wantWaits bool
-	}{{"a standby answered", readOnly, false}, {"every host down", allDown, true}} {
+		name     string
+		err      error
+		min, max time.Duration
+	}{
+		{"a standby answered", readOnly, open / 8, open / 8 * 6 / 5},
+		{"every host down", allDown, open, open * 6 / 5},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
 			srv := newFakeServer()
-			for range 2 * DefaultBreaker.ConsecutiveDialFailures {
+			n := DefaultBreaker.ConsecutiveDialFailures
+			for range n {
 				srv.dialErrs = append(srv.dialErrs, tc.err)
 			}
-			db, clock := testDB(t, srv)
-			ctx, cancel := context.WithDeadline(context.Background(), clock.Now().Add(time.Hour))
-			defer cancel()
-			if err := db.PingContext(ctx); err != nil {
-				t.Fatalf("Ping: %v", err)
+			clock := newFakeClock()
+			wc, err := WrapConnector(&fakeConnector{srv: srv}, WithClock(clock), WithDialect(DialectPostgres), WithMaxAttempts(n))
+			if err != nil {
+				t.Fatal(err)
 			}
-			if s := stats(t, db); (s.CircuitWaits > 0) != tc.wantWaits {
-				t.Errorf("circuit waits %d, breaker %v: want waits %v", s.CircuitWaits, s.Breaker, tc.wantWaits)
+			c := wc.(*connector)
+			if _, err := c.Connect(context.Background()); err == nil {
+				t.Fatal("Connect succeeded, want it to give up after the attempts")
+			}
+			b := c.r.breaker
+			if BreakerState(b.state.Load()) != BreakerOpen {
+				t.Fatalf("breaker %v after %d failed dials, want open", BreakerState(b.state.Load()), n)
+			}
+			if wait := time.Duration(b.openUntil.Load() - clock.Now().UnixNano()); wait < tc.min || wait > tc.max {
+				t.Errorf("next probe in %v, want within [%v, %v]", wait, tc.min, tc.max)
 			}
 		})
 	}
