@@ -27,8 +27,21 @@ import (
 // crash the standby is promoted. The transfer workload's callers, started
 // after the crash with 10 s deadlines, must all succeed: no surfaced error,
 // money conserved, no lost and no phantom write, and the first commit soon
-// after the new primary takes writes.
+// after the new primary takes writes. With 32 callers and a 4 s election
+// the callers must wait for the breaker's probe, not each dial on its own
+// until the retry budget runs out.
 func TestFailoverPromotedStandby(t *testing.T) {
+	for _, tc := range []struct {
+		workers  int
+		election time.Duration
+	}{{8, 1500 * time.Millisecond}, {32, 4 * time.Second}} {
+		t.Run(fmt.Sprintf("%d callers, %v", tc.workers, tc.election), func(t *testing.T) {
+			promotedStandby(t, tc.workers, tc.election)
+		})
+	}
+}
+
+func promotedStandby(t *testing.T, workers int, election time.Duration) {
 	pair, err := dbserver.StartPostgresSyncPair()
 	if err != nil {
 		unavailable(t, err.Error())
@@ -56,7 +69,6 @@ func TestFailoverPromotedStandby(t *testing.T) {
 	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
 	defer db.Close()
 	// The pool holds sessions on the primary, as an application's does.
-	const workers = 8
 	db.SetMaxIdleConns(workers)
 	var warm sync.WaitGroup
 	for range workers {
@@ -91,7 +103,7 @@ func TestFailoverPromotedStandby(t *testing.T) {
 			t.Error(err)
 		}
 		readOnlyAt = time.Now()
-		time.Sleep(time.Until(down.Add(1500 * time.Millisecond)))
+		time.Sleep(time.Until(down.Add(election)))
 		promoteAt = time.Now()
 		done := make(chan error, 1)
 		go func() { done <- pair.PromoteStandby() }()
@@ -110,7 +122,7 @@ func TestFailoverPromotedStandby(t *testing.T) {
 	}()
 	tick := 10 * time.Millisecond
 	start := time.Now()
-	res := workload.Run(ctx, workload.Config{Workers: workers, Duration: 4 * time.Second, OpTimeout: 10 * time.Second, Tick: tick}, bank, db, workload.RunInTx)
+	res := workload.Run(ctx, workload.Config{Workers: workers, Duration: election + 2500*time.Millisecond, OpTimeout: 10 * time.Second, Tick: tick}, bank, db, workload.RunInTx)
 	<-chaos
 	if t.Failed() {
 		t.FailNow()
@@ -134,10 +146,10 @@ func TestFailoverPromotedStandby(t *testing.T) {
 		longest = max(longest, run)
 	}
 	s, _ := sqlretry.StatsOf(db)
-	t.Logf("FIGURES failover/promoted-standby: ops=%d committed=%d surfaced errors=%d (unknown %d) %v; replays=%d connection retries=%d hand-offs=%d; "+
+	t.Logf("FIGURES failover/promoted-standby/%d callers: ops=%d committed=%d surfaced errors=%d (unknown %d) %v; replays=%d connection retries=%d hand-offs=%d; "+
 		"no writable host for %v (old primary back read-only after %v, promote at %v), first commit %v after the new primary took writes, "+
 		"longest stretch without a commit %v; dial attempts during the outage %d (%d dial failures in all), breaker rejections %d, circuit waits %d; %v",
-		res.Committed+res.Failed, res.Committed, res.Failed, res.Unknown, res.Errors, s.RetriesTransaction, s.RetriesConnection, s.HandOffs,
+		workers, res.Committed+res.Failed, res.Committed, res.Failed, res.Unknown, res.Errors, s.RetriesTransaction, s.RetriesConnection, s.HandOffs,
 		writable.Sub(down).Round(time.Millisecond), readOnlyAt.Sub(down).Round(time.Millisecond), promoteAt.Sub(down).Round(time.Millisecond),
 		first.Sub(writable).Round(time.Millisecond), (time.Duration(longest) * tick), dials.Between(down, writable), s.DialFailures,
 		s.CircuitRejections, s.CircuitWaits, inv)
@@ -147,7 +159,7 @@ func TestFailoverPromotedStandby(t *testing.T) {
 	if !inv.OK() {
 		t.Errorf("invariants broken: %v", inv)
 	}
-	if first.IsZero() || res.Committed < workers {
+	if first.IsZero() || res.Committed < int64(workers) {
 		t.Fatalf("%d commits after the failover", res.Committed)
 	}
 	// Write service back soon after the cluster: the breaker's probe
