@@ -75,13 +75,110 @@ func classify(rules []Classifier, err error) Class {
 // user rules, then the defaults by code alone. A refusal at connect time
 // ("too many connections", "the database system is starting up") is
 // unavailability: nothing was sent, and the breaker counts it.
+//
+// A multi-host DSN (pgx: host=a,b target_session_attrs=read-write) fails
+// with one error per host, joined: each host is classified on its own, and
+// the dial is unavailable when every host's failure is (down, starting up,
+// timed out, or not the kind of server the DSN asks for, as while a
+// cluster elects its leader); a host that refuses for good (a wrong
+// password, an unknown database, TLS) makes it permanent.
 func classifyDial(rules []Classifier, err error) Class {
 	for _, rule := range rules {
 		if c, ok := rule(err); ok {
 			return c
 		}
 	}
+	if hosts := perHostErrors(err); hosts != nil {
+		for _, h := range hosts {
+			if c := classifyDialOne(h); c == Permanent || c == Ambiguous {
+				return c
+			}
+		}
+		return Unavailable
+	}
+	return classifyDialOne(err)
+}
+
+// classifyDialOne is the class of one host's connect failure.
+func classifyDialOne(err error) Class {
+	if isWrongRoleAtConnect(err) {
+		return Unavailable
+	}
+	// The connector looks at the caller's context before classifying: a
+	// deadline inside a dial error is the driver's own connect_timeout (a
+	// hung or blackholed host), not the caller's.
+	if errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
+		return Unavailable
+	}
 	return classifyDefault(err)
+}
+
+// wrongRoleAnswer reports a connect failure in which some host answered,
+// only not as the kind of server asked for (a standby while a read-write
+// host is wanted): that host is up, and a host may take writes any moment
+// (an election). The connector counts the dial against the breaker like
+// any other, but has an open breaker probe again soon (reprobeSoon).
+func wrongRoleAnswer(err error) bool {
+	hosts := perHostErrors(err)
+	if hosts == nil {
+		return isWrongRoleAtConnect(err)
+	}
+	for _, h := range hosts {
+		if isWrongRoleAtConnect(h) {
+			return true
+		}
+	}
+	return false
+}
+
+// perHostErrors returns the per-host failures of a connect error that
+// joins several (pgconn.ConnectError around errors.Join, even for one
+// host), or nil.
+func perHostErrors(err error) []error {
+	for err != nil {
+		switch u := err.(type) {
+		case interface{ Unwrap() []error }:
+			return u.Unwrap()
+		case interface{ Unwrap() error }:
+			err = u.Unwrap()
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
+// wrongRoleAtConnect are the texts of pgconn's ValidateConnect errors for
+// target_session_attrs (ErrReadOnlyConnection, ErrStandbyConnection,
+// ErrReadWriteConnection, ErrPrimaryConnection): the host answered, but it
+// is not the kind of server asked for, for now. Matched by text on the
+// innermost error, to keep pgx out of this package's dependencies.
+var wrongRoleAtConnect = [...]string{
+	"read only connection",
+	"server is in standby mode",
+	"connection is not read only",
+	"server is not in hot standby mode",
+}
+
+func isWrongRoleAtConnect(err error) bool {
+	for {
+		u, ok := err.(interface{ Unwrap() error })
+		if !ok {
+			break
+		}
+		next := u.Unwrap()
+		if next == nil {
+			break
+		}
+		err = next
+	}
+	msg := err.Error()
+	for _, s := range wrongRoleAtConnect {
+		if msg == s {
+			return true
+		}
+	}
+	return false
 }
 
 // classifyAnswer reads an error of the statement phase. A server that

@@ -271,6 +271,11 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 			return nil, r.giveUp(ctx, "dial", attempt, cls, err, "not retryable")
 		}
 		r.breaker.done(t, outcomeDialFailure)
+		if wrongRoleAnswer(err) {
+			// A host answered, only not writable yet (an election):
+			// probe again soon, not in a whole OpenTimeout.
+			r.breaker.reprobeSoon()
+		}
 		if !r.budget.withdraw() {
 			return nil, r.refuse(ctx, "dial", attempt, cls, ErrBudgetExhausted, err)
 		}
