@@ -2,7 +2,8 @@
 # Makes sure PostgreSQL (127.0.0.1:5432, trust auth, database test) and
 # MariaDB (127.0.0.1:3306, root with an empty password, database test) are
 # up: starts them, and installs them from Debian's packages when absent.
-# Idempotent; needs root for a first install.
+# Installs the PgBouncer binary for the pooler tests. Idempotent; needs
+# root for a first install.
 set -euo pipefail
 
 log() { echo "ensure-databases: $*"; }
@@ -57,4 +58,10 @@ if ! mariadb-admin -h 127.0.0.1 -uroot ping >/dev/null 2>&1; then
   wait_for "mariadb-admin -h 127.0.0.1 -uroot ping" "mariadb on 127.0.0.1"
 fi
 mariadb -h 127.0.0.1 -uroot -e "CREATE DATABASE IF NOT EXISTS test"
-log "postgresql and mariadb are up"
+# --- PgBouncer: only the binary; the tests start their own on free loopback
+# ports in front of a private PostgreSQL.
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  log "installing pgbouncer"
+  apt_install pgbouncer
+fi
+log "postgresql and mariadb are up; pgbouncer is installed"
