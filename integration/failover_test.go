@@ -139,7 +139,7 @@ func promotedStandby(t *testing.T, workers int, election time.Duration) {
 		}
 	}
 	longest, run := 0, 0
-	for _, n := range res.Timeline[:int(res.Elapsed/tick)] {
+	for _, n := range res.Timeline[:min(int(res.Elapsed/tick), len(res.Timeline))] {
 		if run++; n > 0 {
 			run = 0
 		}
