@@ -142,6 +142,42 @@ func TestRolledBackPartOfACallIsNotRerun(t *testing.T) {
 	})
 }
 
+// issue 9 item 2: a write that the old reader took for a read was re-run
+// after a lost connection. Each text reaches the server as a query; its
+// reply is lost after it ran.
+func TestLostWriteThatLooksLikeAReadIsNotRerun(t *testing.T) {
+	for _, tc := range []struct {
+		d Dialect
+		q string
+	}{
+		{DialectPostgres, "SELECT '{\"n\":1}'::jsonb #>> '{n}' AS n, (WITH d AS (INSERT INTO t VALUES (1) RETURNING 1) SELECT 1)"},
+		{DialectPostgres, "WITH s AS (SELECT '{}'::jsonb #- '{a}' AS j), i AS (INSERT INTO t SELECT 1 RETURNING 1) SELECT * FROM s"},
+		{DialectPostgres, "SELECT 1 #>> 2\n; DELETE FROM t RETURNING 1"},
+		{DialectPostgres, "SELECT 'a\\'; DELETE FROM t RETURNING 1; --'"},
+		{DialectPostgres, "SELECT n FROM t FOR NO KEY UPDATE"},
+		{DialectPostgres, "SELECT pg_advisory_lock(1)"},
+		{DialectMySQL, "SELECT 1 --x\n; DELETE FROM t"},
+		{DialectMySQL, "SELECT 'a\\'; DELETE FROM t; -- '"},
+		{DialectMySQL, "SELECT n FROM t /*!50000 FOR UPDATE */"},
+		{DialectMySQL, "SELECT n FROM t LOCK IN SHARE MODE"},
+		{DialectMySQL, "SELECT NEXT VALUE FOR s"},
+		{DialectUnknown, "SELECT 1 # x\n; DELETE FROM t"},
+	} {
+		t.Run(tc.q, func(t *testing.T) {
+			srv := newFakeServer()
+			srv.script(tc.q[:6], step{err: errLost, ran: true})
+			db, _ := testDB(t, srv, WithDialect(tc.d))
+			_, err := db.Query(tc.q)
+			if !errors.Is(err, ErrAmbiguousCommit) {
+				t.Fatalf("err = %v, want ErrAmbiguousCommit", err)
+			}
+			if n := srv.ranCount(tc.q[:6]); n != 1 {
+				t.Errorf("ran %d times, want 1", n)
+			}
+		})
+	}
+}
+
 // issue 9 item 3: COMMIT AND CHAIN (and ROLLBACK AND CHAIN) leaves a
 // transaction open; statements in it are not retried one by one (MySQL
 // rolled the whole chained transaction back at the deadlock).
