@@ -252,3 +252,40 @@ func FuzzSQLText(f *testing.F) {
 		_ = isRollbackToSavepoint(q)
 	})
 }
+
+// The reader runs on every autocommit statement (txControl) and on every
+// query in a transaction (isReadQuery).
+var benchQueries = []string{
+	"SELECT id, name, balance FROM accounts WHERE id = $1",
+	"UPDATE accounts SET balance = balance + $1 WHERE id = $2",
+	"INSERT INTO ledger (account_id, amount, note) VALUES ($1, $2, 'transfer: it''s done')",
+	"/* app=api */ SELECT o.id, o.total FROM orders o JOIN customers c ON c.id = o.customer_id WHERE c.email = $1 ORDER BY o.created_at DESC LIMIT 20",
+	"BEGIN",
+	"COMMIT",
+}
+
+func BenchmarkTxControl(b *testing.B) {
+	for _, d := range []Dialect{DialectPostgres, DialectMySQL} {
+		b.Run(d.String(), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				for _, q := range benchQueries {
+					txControl(d, q)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkIsReadQuery(b *testing.B) {
+	for _, d := range []Dialect{DialectPostgres, DialectMySQL} {
+		b.Run(d.String(), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				for _, q := range benchQueries {
+					isReadQuery(d, q)
+				}
+			}
+		})
+	}
+}

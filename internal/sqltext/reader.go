@@ -62,7 +62,15 @@ func analyze(d Dialect, q string, flags uint8, need uint8) result {
 	l := lexer{q: q, flags: flags}
 	var r result
 	var s stmt
+	// Transaction control of a text without a ";" is settled by its first
+	// two tokens unless it starts with a transaction-control word: the
+	// common statement is not read to its end.
+	short := need == needTx && strings.IndexByte(q, ';') < 0
 	for {
+		if short && s.n == 2 && s.txs == txsNone {
+			r.stmts, r.tx = 1, s.tx
+			return r
+		}
 		var t token
 		if d == Postgres {
 			t = l.nextPG()
@@ -137,17 +145,12 @@ func (s *stmt) add(d Dialect, t token, need uint8) {
 			return
 		}
 		s.first = t.s
-		if need&needRead == 0 {
-			// Cheap filter on the first letter before the lookup: most
-			// statements are not transaction control.
-			switch t.s[0] | 0x20 {
-			case 'b', 's', 'c', 'r', 'e', 'a', 'x', 'p':
-			default:
-				return
-			}
+		if need&needRead != 0 {
+			s.firstBits = lookup(t.s)
 		}
-		s.firstBits = lookup(t.s)
-		s.startTx(d, t.s)
+		if isTxWord(t.s) {
+			s.startTx(d, t.s)
+		}
 		return
 	}
 	if s.pending != 0 {
@@ -206,8 +209,8 @@ func (s *stmt) add(d Dialect, t token, need uint8) {
 
 // startTx notes a statement that may open or close a transaction.
 func (s *stmt) startTx(d Dialect, w string) {
-	if s.firstBits&wTxWord == 0 {
-		if d == MySQL && (strings.EqualFold(w, "CALL") || strings.EqualFold(w, "EXECUTE")) {
+	if eqUpper(w, "CALL") || eqUpper(w, "EXECUTE") {
+		if d == MySQL {
 			// A MySQL procedure or prepared statement may START TRANSACTION
 			// or SET autocommit and leave it so: sqlretry cannot see it.
 			s.tx = TxForGood
@@ -367,6 +370,14 @@ func IsAtomic(d Dialect, q string) bool {
 // longer in plain autocommit, or sqlretry cannot tell) beats everything.
 // Where readings disagree, the answer that keeps retries off wins.
 func TxControl(d Dialect, q string) int {
+	if plainFirstWord(q) {
+		return TxNone
+	}
+	return txControlRead(d, q)
+}
+
+// txControlRead is TxControl without the fast path: every reading is lexed.
+func txControlRead(d Dialect, q string) int {
 	best := TxEnds - 1
 	ds, nd := dialects(d)
 	for _, dd := range ds[:nd] {
@@ -380,6 +391,89 @@ func TxControl(d Dialect, q string) int {
 		}
 	}
 	return best
+}
+
+// plainFirstWord is TxControl's fast path for the common statement: a text
+// without ";" that starts with a word that is no transaction control and
+// is not a label, in every dialect and reading (white space, names, and
+// comments that nest nothing, run nothing and hold no carriage return are
+// the same in all of them).
+func plainFirstWord(q string) bool {
+	i := 0
+	for i < len(q) {
+		switch c := q[i]; {
+		case isSpace(c):
+			i++
+			continue
+		case c == '/' && i+2 < len(q) && q[i+1] == '*' && q[i+2] != '!' && q[i+2] != 'M':
+			end := strings.Index(q[i+2:], "*/")
+			if end < 0 || strings.Contains(q[i+2:i+2+end], "/*") {
+				return false
+			}
+			i += 2 + end + 2
+			continue
+		case c == '-' && i+2 < len(q) && q[i+1] == '-' && (q[i+2] == ' ' || q[i+2] == '\t'):
+			end := strings.IndexByte(q[i:], '\n')
+			if end < 0 || strings.IndexByte(q[i:i+end], '\r') >= 0 {
+				return false
+			}
+			i += end + 1
+			continue
+		}
+		break
+	}
+	if i == len(q) || !isLetter(q[i]) {
+		return false
+	}
+	j := i + 1
+	for j < len(q) && (isLetter(q[j]) || isDigit(q[j]) || q[j] == '$') {
+		j++
+	}
+	w := q[i:j]
+	for j < len(q) && isSpace(q[j]) {
+		j++
+	}
+	if j < len(q) {
+		switch q[j] {
+		case ':', '/', '-', '#': // a label, or a comment before one
+			return false
+		}
+	}
+	return !isTxWord(w) && strings.IndexByte(q[j:], ';') < 0
+}
+
+// isTxWord: the first words that TxControl must look further at.
+func isTxWord(w string) bool {
+	switch len(w) {
+	case 2:
+		return eqUpper(w, "XA")
+	case 3:
+		return eqUpper(w, "END") || eqUpper(w, "SET")
+	case 4:
+		return eqUpper(w, "CALL")
+	case 5:
+		return eqUpper(w, "BEGIN") || eqUpper(w, "START") || eqUpper(w, "ABORT")
+	case 6:
+		return eqUpper(w, "COMMIT")
+	case 7:
+		return eqUpper(w, "PREPARE") || eqUpper(w, "EXECUTE")
+	case 8:
+		return eqUpper(w, "ROLLBACK")
+	}
+	return false
+}
+
+// eqUpper compares w with an upper-case keyword of letters, ignoring case.
+func eqUpper(w, k string) bool {
+	if len(w) != len(k) {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		if w[i]&^0x20 != k[i] {
+			return false
+		}
+	}
+	return true
 }
 
 func rank(tx int) int {

@@ -276,6 +276,9 @@ func FuzzReader(f *testing.F) {
 	for _, c := range readCases {
 		f.Add(c.q)
 	}
+	for _, q := range []string{"/* a */ SELECT 1", "-- a\nBEGIN", "lbl: BEGIN NOT ATOMIC END", "select 1 /* ; */", "CALL p()", "x /* c */ : BEGIN"} {
+		f.Add(q)
+	}
 	f.Fuzz(func(t *testing.T, q string) {
 		for _, d := range []Dialect{Unknown, Postgres, MySQL} {
 			read, atomic := IsRead(d, q), IsAtomic(d, q)
@@ -284,6 +287,13 @@ func FuzzReader(f *testing.F) {
 			}
 			if atomic && TxControl(d, q) != TxNone {
 				t.Errorf("%q: atomic with transaction control", q)
+			}
+		}
+		if plainFirstWord(q) {
+			for _, d := range []Dialect{Unknown, Postgres, MySQL} {
+				if tx := txControlRead(d, q); tx != TxNone {
+					t.Errorf("%q: the fast path says no transaction control, the lexer says %d", q, tx)
+				}
 			}
 		}
 		if IsRead(Unknown, q) && !(IsRead(Postgres, q) && IsRead(MySQL, q)) {

@@ -1,5 +1,7 @@
 package sqltext
 
+import "strings"
+
 // What a word means to the reader, as a set of bits.
 const (
 	wReadStart   = 1 << iota // a statement that starts with it may be a plain read
@@ -7,7 +9,6 @@ const (
 	wWrite                   // not a plain read when it appears as a keyword anywhere (INTO, FOR UPDATE, a data-modifying CTE)
 	wSideEffect              // a function with a side effect: not a plain read
 	wNonTx                   // a side effect that survives a rollback: not atomic either
-	wTxWord                  // starts a statement that txControl looks at
 )
 
 // words maps an upper-case word to its bits.
@@ -81,10 +82,6 @@ var words = map[string]uint8{
 	"SLEEP":                          wSideEffect,
 	"SYS_EXEC":                       wSideEffect | wNonTx, // the common lib_mysqludf_sys UDFs
 	"SYS_EVAL":                       wSideEffect | wNonTx,
-
-	// Transaction control (txControl).
-	"BEGIN": wTxWord, "START": wTxWord, "COMMIT": wTxWord, "ROLLBACK": wTxWord, "END": wTxWord,
-	"ABORT": wTxWord, "SET": wTxWord, "XA": wTxWord, "PREPARE": wTxWord,
 }
 
 // sideEffectPrefix lists families of functions with side effects, each
@@ -113,30 +110,55 @@ var sideEffectPrefix = [...]struct {
 // matched against the prefixes.
 const maxWord = 40
 
+// wordFilter has a bit set for the length, first and last letter of every
+// word in words: most names in a statement miss it and skip the map.
+var wordFilter = func() (f [4]uint64) {
+	for w := range words {
+		h := filterHash(len(w), w[0], w[len(w)-1])
+		f[h>>6] |= 1 << (h & 63)
+	}
+	return f
+}()
+
+func filterHash(n int, first, last byte) uint {
+	return (uint(n)*31 + uint(first|0x20)*7 + uint(last|0x20)) & 255
+}
+
 // lookup returns the bits of a word, compared without regard to case.
 // It does not allocate: the word is folded into a buffer on the stack.
 func lookup(w string) uint8 {
-	var buf [maxWord]byte
 	n := len(w)
-	if n > maxWord {
-		n = maxWord
-	}
-	for i := 0; i < n; i++ {
-		c := w[i]
-		if c >= 'a' && c <= 'z' {
-			c -= 'a' - 'A'
-		}
-		buf[i] = c
+	if n < 2 {
+		return 0
 	}
 	var bits uint8
-	if len(w) <= maxWord {
+	if h := filterHash(n, w[0], w[n-1]); n <= maxWord && wordFilter[h>>6]&(1<<(h&63)) != 0 {
+		var buf [maxWord]byte
+		for i := 0; i < n; i++ {
+			c := w[i]
+			if c >= 'a' && c <= 'z' {
+				c -= 'a' - 'A'
+			}
+			buf[i] = c
+		}
 		bits = words[string(buf[:n])]
 	}
-	switch buf[0] {
-	case 'P', 'D', 'L', 'T', 'Q', 'C':
-		for _, p := range sideEffectPrefix {
-			if n >= len(p.prefix) && string(buf[:len(p.prefix)]) == p.prefix {
-				return bits | p.bits
+	if n >= 3 {
+		// The prefix families start with one of these three letters.
+		var p [3]byte
+		for i := range p {
+			c := w[i]
+			if c >= 'a' && c <= 'z' {
+				c -= 'a' - 'A'
+			}
+			p[i] = c
+		}
+		switch string(p[:]) {
+		case "PG_", "DBL", "LO_", "TXI", "QUE", "CUR":
+			for _, sp := range sideEffectPrefix {
+				if n >= len(sp.prefix) && strings.EqualFold(w[:len(sp.prefix)], sp.prefix) {
+					return bits | sp.bits
+				}
 			}
 		}
 	}
