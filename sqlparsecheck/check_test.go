@@ -47,7 +47,7 @@ func check(q string) []string {
 	pg := parsePG(q)
 	switch {
 	case !pg.ok:
-		if read && !strings.HasPrefix(pg.err, "syntax error at ") {
+		if read && !pgGrammarError(pg.err) {
 			fail("postgres: the parser rejects it (%s), the reader says read", pg.err)
 		}
 	default:
@@ -96,6 +96,18 @@ func check(q string) []string {
 		fail("unknown dialect: atomic, but not in both dialects")
 	}
 	return bad
+}
+
+// pgGrammarError: PostgreSQL rejected a text whose tokens the reader and
+// the server agree on: a grammar error, or a bad value inside a literal
+// whose ends are certain (E'\0', an invalid Unicode escape).
+func pgGrammarError(err string) bool {
+	for _, p := range []string{"syntax error at ", "invalid byte sequence for encoding", "invalid Unicode "} {
+		if strings.HasPrefix(err, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // separatorsAgree checks, for a text the reader takes for one statement,

@@ -164,6 +164,10 @@ func (l *lexer) tokenPG(c byte) token {
 			for j < len(q) && isDigit(q[j]) {
 				j++
 			}
+			if j < len(q) && (isLetter(q[j]) || q[j] == '$') {
+				l.i = j // "$1abc": trailing junk
+				return token{k: kBad}
+			}
 			l.i = j
 			return token{k: kParam, s: q[start:j]}
 		}
@@ -174,7 +178,7 @@ func (l *lexer) tokenPG(c byte) token {
 			}
 		}
 		if j >= len(q) || q[j] != '$' {
-			l.i = len(q)
+			l.i = start + 1 // a lone "$"
 			return token{k: kBad}
 		}
 		tag := q[start : j+1]
@@ -186,9 +190,12 @@ func (l *lexer) tokenPG(c byte) token {
 		l.i = j + 1 + end + len(tag)
 		return token{k: kString, s: q[j+1 : j+1+end]}
 	case isDigit(c) || c == '.' && start+1 < len(q) && isDigit(q[start+1]):
-		j := start + 1
-		for j < len(q) && (isDigit(q[j]) || isLetter(q[j]) || q[j] == '.') {
-			j++
+		j := scanNumber(q, start)
+		if j < len(q) && (isLetter(q[j]) || isDigit(q[j]) || q[j] == '$') {
+			// "1into": PostgreSQL 15 reads 1 INTO, 16 and later reject it
+			// ("trailing junk"), and 0x1F, 1_000 are numbers only since 16.
+			l.i = j
+			return token{k: kBad}
 		}
 		l.i = j
 		return token{k: kNumber, s: q[start:j]}
@@ -207,7 +214,7 @@ func (l *lexer) tokenPG(c byte) token {
 		l.i++
 		return token{k: kOther, s: q[start:l.i]}
 	}
-	l.i = len(q) // a backslash, NUL, control byte: the server rejects it
+	l.i = start + 1 // a backslash, NUL, control byte: the server rejects it
 	return token{k: kBad}
 }
 
@@ -293,6 +300,7 @@ func (l *lexer) nextMy() token {
 		}
 	}
 	if l.inExec {
+		l.inExec = false // unterminated: bad once, then the end
 		return token{k: kBad}
 	}
 	return token{k: kEOF}
@@ -301,8 +309,15 @@ func (l *lexer) nextMy() token {
 func (l *lexer) tokenMy(c byte) token {
 	q, start := l.q, l.i
 	switch {
-	case isLetter(c) || isDigit(c) || c == '$':
-		// Names may start with a digit; numbers are words here too.
+	case isDigit(c) || c == '.' && start+1 < len(q) && isDigit(q[start+1]):
+		// MySQL ends a number where a name would go on ("1.5into" is 1.5
+		// INTO, "1e5into" is 1e5 INTO) but reads "1into" as one name. The
+		// reader always ends the number: what follows is read as a word,
+		// which can only make it more cautious.
+		j := scanNumber(q, start)
+		l.i = j
+		return token{k: kWord, s: q[start:j]}
+	case isLetter(c) || c == '$':
 		j := start + 1
 		for j < len(q) && (isLetter(q[j]) || isDigit(q[j]) || q[j] == '$') {
 			j++
@@ -339,7 +354,7 @@ func (l *lexer) tokenMy(c byte) token {
 		l.i++
 		return token{k: kOther, s: q[start:l.i]}
 	}
-	l.i = len(q) // a backslash (\N), NUL, control byte: not read further
+	l.i = start + 1 // a backslash (\N), NUL, control byte
 	return token{k: kBad}
 }
 
@@ -365,4 +380,32 @@ func (l *lexer) quotedMy(open int, quote byte, k kind, backslash bool) token {
 	}
 	l.i = len(q)
 	return token{k: kBad}
+}
+
+// scanNumber returns the end of the number at q[start]: digits, a
+// fraction, an exponent with at least one digit.
+func scanNumber(q string, start int) int {
+	j := start
+	for j < len(q) && isDigit(q[j]) {
+		j++
+	}
+	if j < len(q) && q[j] == '.' {
+		j++
+		for j < len(q) && isDigit(q[j]) {
+			j++
+		}
+	}
+	if j < len(q) && q[j]|0x20 == 'e' {
+		k := j + 1
+		if k < len(q) && (q[k] == '+' || q[k] == '-') {
+			k++
+		}
+		if k < len(q) && isDigit(q[k]) {
+			for k < len(q) && isDigit(q[k]) {
+				k++
+			}
+			j = k
+		}
+	}
+	return j
 }

@@ -79,9 +79,11 @@ func analyze(d Dialect, q string, flags uint8, need uint8) result {
 		}
 		switch t.k {
 		case kBad:
+			// Not a read, not atomic; read on to the end all the same, so
+			// that transaction control after it is seen.
 			r.bad = true
-			r.finish(&s)
-			return r
+			s.n++
+			continue
 		case kEOF:
 			r.finish(&s)
 			return r

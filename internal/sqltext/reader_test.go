@@ -54,6 +54,12 @@ var readCases = []struct {
 	{"SELECT $a$ x $b$ ; $a$ FROM t", verdict{true, false}},
 	{"SELECT $1, $2", verdict{true, true}},
 	{"SELECT $a$ unterminated", verdict{false, true}},
+	// Numbers end where a name begins: 1.5into is 1.5 INTO.
+	{"SELECT 1into t2", verdict{false, false}},
+	{"SELECT 1.5into @x", verdict{false, false}},
+	{"SELECT 1e5into @x", verdict{false, false}},
+	{"SELECT $1into t2", verdict{false, true}}, // MySQL: one name
+	{"SELECT 1e5, .5, 1.5e-3", verdict{true, true}},
 	// Several statements.
 	{"SELECT 1; SELECT 2", verdict{false, false}},
 	{"SELECT 1; DELETE FROM t", verdict{false, false}},
