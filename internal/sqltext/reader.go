@@ -66,6 +66,11 @@ func analyze(d Dialect, q string, flags uint8, need uint8) result {
 	// two tokens unless it starts with a transaction-control word: the
 	// common statement is not read to its end.
 	short := need == needTx && strings.IndexByte(q, ';') < 0
+	if d == Postgres && need&needRead != 0 && strings.IndexByte(q, 0) >= 0 {
+		// PostgreSQL takes the text as a C string: a NUL byte, even inside
+		// a comment, cuts what the server sees.
+		r.bad = true
+	}
 	for {
 		if short && s.n == 2 && s.txs == txsNone {
 			r.stmts, r.tx = 1, s.tx

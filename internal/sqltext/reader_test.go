@@ -115,6 +115,7 @@ var readCases = []struct {
 	{"SELECT (1 # )\n)", verdict{false, true}},
 	{"SELECT 1\x00; DELETE FROM t", verdict{false, false}},
 	{"SELECT \\N", verdict{false, false}},
+	{"SELECT 1 /*\x00*/", verdict{false, true}},
 	{"", verdict{false, false}},
 	{";", verdict{false, false}},
 	{"BEGIN", verdict{false, false}},
