@@ -69,6 +69,7 @@ func check(q string) []string {
 	for mode := range myModes {
 		my := parseMy(q, mode)
 		switch {
+		case my.unknown:
 		case !my.ok:
 			if read && !separatorsAgree(q, mode) {
 				fail("mysql %v: the parser rejects it (%s) and splits it where the reader does not; the reader says read", myModes[mode], my.err)
