@@ -59,18 +59,18 @@ const (
 // analyze reads the text once, in one dialect (Postgres or MySQL) and one
 // reading (flags).
 func analyze(d Dialect, q string, flags uint8, need uint8) result {
-	l := lexer{q: q, flags: flags}
 	var r result
+	if i := strings.IndexByte(q, 0); i >= 0 && d == Postgres {
+		// PostgreSQL takes the text as a C string: a NUL byte, even inside
+		// a comment, cuts what the server sees. Never a read.
+		q, r.bad = q[:i], true
+	}
+	l := lexer{q: q, flags: flags}
 	var s stmt
 	// Transaction control of a text without a ";" is settled by its first
 	// two tokens unless it starts with a transaction-control word: the
 	// common statement is not read to its end.
 	short := need == needTx && strings.IndexByte(q, ';') < 0
-	if d == Postgres && need&needRead != 0 && strings.IndexByte(q, 0) >= 0 {
-		// PostgreSQL takes the text as a C string: a NUL byte, even inside
-		// a comment, cuts what the server sees.
-		r.bad = true
-	}
 	for {
 		if short && s.n == 2 && s.txs == txsNone {
 			r.stmts, r.tx = 1, s.tx

@@ -230,6 +230,7 @@ func TestTxControl(t *testing.T) {
 		{"SELECT 1", TxNone, TxNone},
 		{"INSERT INTO b VALUES (1)", TxNone, TxNone},
 		{"START SLAVE", TxNone, TxNone},
+		{"COMMIT\x00PREPARED 'x'", TxEnds, TxNone}, // PostgreSQL sees "COMMIT"
 	} {
 		if got := TxControl(Postgres, c.q); got != c.p {
 			t.Errorf("TxControl(Postgres, %q) = %d, want %d", c.q, got, c.p)
