@@ -101,9 +101,10 @@ func check(q string) []string {
 
 // pgGrammarError: PostgreSQL rejected a text whose tokens the reader and
 // the server agree on: a grammar error, or a bad value inside a literal
-// whose ends are certain (E'\0', an invalid Unicode escape).
+// whose ends are certain (E'\0', an invalid Unicode escape), an operator
+// longer than NAMEDATALEN (an operator either way).
 func pgGrammarError(err string) bool {
-	for _, p := range []string{"syntax error at ", "invalid byte sequence for encoding", "invalid Unicode "} {
+	for _, p := range []string{"syntax error at ", "invalid byte sequence for encoding", "invalid Unicode ", "operator too long"} {
 		if strings.HasPrefix(err, p) {
 			return true
 		}
