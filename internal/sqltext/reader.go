@@ -310,7 +310,7 @@ func readings(d Dialect, q string) (out [8]uint8, n int) {
 		if strings.IndexByte(q, '"') >= 0 {
 			vary |= myANSIQuotes
 		}
-		if strings.Contains(q, "/*!") || strings.Contains(q, "/*M!") {
+		if strings.IndexByte(q, '/') >= 0 && (strings.Contains(q, "/*!") || strings.Contains(q, "/*M!")) {
 			vary |= myGatedAsComment
 		}
 		// Every subset of vary.
