@@ -380,7 +380,45 @@ func TxControl(d Dialect, q string) int {
 	if plainFirstWord(q) {
 		return TxNone
 	}
+	if tx, ok := wordsOnlyTx(d, q); ok {
+		return tx
+	}
 	return txControlRead(d, q)
+}
+
+// wordsOnlyTx is TxControl's fast path for "BEGIN", "COMMIT AND CHAIN":
+// a text of ASCII letters and white space has the same words in every
+// reading, so they go straight to the statement's rules.
+func wordsOnlyTx(d Dialect, q string) (int, bool) {
+	for i := 0; i < len(q); i++ {
+		if c := q[i]; !isSpace(c) && (c|0x20 < 'a' || c|0x20 > 'z') && c != '_' {
+			return 0, false
+		}
+	}
+	best := TxEnds - 1
+	ds, nd := dialects(d)
+	for _, dd := range ds[:nd] {
+		var r result
+		var s stmt
+		for i := 0; i < len(q); {
+			for i < len(q) && isSpace(q[i]) {
+				i++
+			}
+			j := i
+			for j < len(q) && !isSpace(q[j]) {
+				j++
+			}
+			if j > i {
+				s.add(dd, token{k: kWord, s: q[i:j]}, needTx)
+			}
+			i = j
+		}
+		r.finish(&s)
+		if best == TxEnds-1 || rank(r.tx) > rank(best) {
+			best = r.tx
+		}
+	}
+	return best, true
 }
 
 // txControlRead is TxControl without the fast path: every reading is lexed.

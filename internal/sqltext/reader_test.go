@@ -284,7 +284,7 @@ func FuzzReader(f *testing.F) {
 	for _, c := range readCases {
 		f.Add(c.q)
 	}
-	for _, q := range []string{"/* a */ SELECT 1", "-- a\nBEGIN", "lbl: BEGIN NOT ATOMIC END", "select 1 /* ; */", "CALL p()", "x /* c */ : BEGIN"} {
+	for _, q := range []string{"/* a */ SELECT 1", "-- a\nBEGIN", "lbl: BEGIN NOT ATOMIC END", "select 1 /* ; */", "CALL p()", "x /* c */ : BEGIN", "COMMIT AND CHAIN", "rollback work and no chain release", "BEGIN NOT ATOMIC", "START TRANSACTION", "SET autocommit"} {
 		f.Add(q)
 	}
 	f.Fuzz(func(t *testing.T, q string) {
@@ -295,6 +295,14 @@ func FuzzReader(f *testing.F) {
 			}
 			if atomic && TxControl(d, q) != TxNone {
 				t.Errorf("%q: atomic with transaction control", q)
+			}
+		}
+		if _, ok := wordsOnlyTx(Unknown, q); ok {
+			for _, d := range []Dialect{Unknown, Postgres, MySQL} {
+				fast, _ := wordsOnlyTx(d, q)
+				if slow := txControlRead(d, q); fast != slow {
+					t.Errorf("%q: the words-only path says %d, the lexer says %d", q, fast, slow)
+				}
 			}
 		}
 		if plainFirstWord(q) {
