@@ -150,17 +150,18 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 	return &stmt{inner: si, c: c, query: query}, nil
 }
 
-// noteTxControl follows transactions opened by hand with Exec("BEGIN").
+// noteTxControl follows transactions opened by hand with Exec("BEGIN"),
+// through every statement of the text: "INSERT ...; BEGIN" opens one, and
+// COMMIT AND CHAIN keeps it open (issue 9 item 3). A connection that is
+// manual for good (SET autocommit, XA) stays so.
 func (c *conn) noteTxControl(query string) {
 	switch txControl(c.r.dialect, query) {
-	case 1:
-		c.manual.Store(1)
-	case 2:
+	case txOpens:
+		c.manual.CompareAndSwap(0, 1)
+	case txForGood:
 		c.manual.Store(2)
-	case -1:
-		if c.manual.Load() == 1 {
-			c.manual.Store(0)
-		}
+	case txEnds:
+		c.manual.CompareAndSwap(1, 0)
 	}
 }
 

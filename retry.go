@@ -245,11 +245,15 @@ const (
 // decideAutocommit is the safety table for autocommit statements
 // (shared/DESIGN.md). manual is true when the caller opened a transaction
 // by hand (BEGIN through Exec), where nothing but the driver's own
-// ErrBadConn is retried.
-func decideAutocommit(cls Class, err error, safeToRerun, manual bool) action {
+// ErrBadConn is retried. atomic is true when the server's rollback undid
+// everything the call did (one atomic statement, or a call marked
+// Idempotent): only then is it run again after a rollback (issue 9 item 1:
+// "INSERT ...; UPDATE ..." or a CALL that commits inside keeps its first
+// part).
+func decideAutocommit(cls Class, err error, safeToRerun, atomic, manual bool) action {
 	switch cls {
 	case RetryStatement, RetryTransaction:
-		if manual {
+		if manual || !atomic {
 			return actSurface
 		}
 		return actRetryHere
@@ -276,12 +280,23 @@ func decideAutocommit(cls Class, err error, safeToRerun, manual bool) action {
 	return actSurface
 }
 
-// safeToRerun: reads, and what the caller marked idempotent.
+// safeToRerun: reads (exactly one statement, a plain read), and what the
+// caller marked idempotent.
 func safeToRerun(ctx context.Context, d Dialect, query string, isQuery bool) bool {
 	if v, ok := ctx.Value(keyIdempotent).(bool); ok {
 		return v
 	}
 	return isQuery && isReadQuery(d, query)
+}
+
+// rolledBackWhole: after the server rolled the call back, nothing of it
+// remains when it was one atomic statement; a call marked Idempotent may
+// run again whatever it holds.
+func rolledBackWhole(ctx context.Context, d Dialect, query string) bool {
+	if v, ok := ctx.Value(keyIdempotent).(bool); ok && v {
+		return true
+	}
+	return isAtomicStatement(d, query)
 }
 
 // runStatement is the slow path of an autocommit statement: the first
@@ -367,7 +382,8 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		if ctx.Value(keyNoRetry) != nil {
 			return zero, err
 		}
-		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery), c.manual.Load() != 0)
+		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery),
+			(cls == RetryStatement || cls == RetryTransaction) && rolledBackWhole(ctx, r.dialect, query), c.manual.Load() != 0)
 		switch act {
 		case actSurface:
 			if cls == ConnectionLost {
