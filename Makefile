@@ -8,11 +8,15 @@ STATICCHECK_VERSION ?= v0.8.2
 # Unit tests (fake driver, fake clock), then the integration and fault
 # suite (its own module, so that its dependencies stay out of users'
 # builds) against the local PostgreSQL and MariaDB and private throwaway
-# servers, with the race detector.
+# servers, with the race detector; the drivers' own test suites raw and
+# through sqlretry (TestDriverSuites); the SQL reader against PostgreSQL's
+# and TiDB's parsers (sqlparsecheck, its own module: cgo, parsers).
 test: databases
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 5m ./...
-	cd integration && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 10m ./...
+	cd integration && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 15m -skip '^TestDriverSuites$$' ./...
+	cd integration && $(GO) test -count=1 -timeout 10m -run '^TestDriverSuites$$' .
+	cd sqlparsecheck && $(GO) vet ./... && $(GO) test -count=1 -timeout 10m .
 	cd cmd && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 5m ./...
 
 # The main job: a private PostgreSQL server, a concurrent transfer workload
@@ -38,6 +42,7 @@ lint:
 	$(GOBIN)/staticcheck ./...
 	cd integration && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 	cd cmd && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
+	cd sqlparsecheck && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 
 # Happy-path overhead: raw driver vs sqlretry, side by side with benchstat.
 bench:
@@ -48,3 +53,4 @@ bench:
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzClassify -fuzztime 20s .
 	$(GO) test -run '^$$' -fuzz FuzzSQLText -fuzztime 20s .
+	cd sqlparsecheck && $(GO) test -run '^$$' -fuzz FuzzReaderAgainstParsers -fuzztime 60s .
