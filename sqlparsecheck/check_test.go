@@ -102,9 +102,10 @@ func check(q string) []string {
 // pgGrammarError: PostgreSQL rejected a text whose tokens the reader and
 // the server agree on: a grammar error, or a bad value inside a literal
 // whose ends are certain (E'\0', an invalid Unicode escape), an operator
-// longer than NAMEDATALEN (an operator either way).
+// longer than NAMEDATALEN (an operator either way), a UESCAPE clause
+// without its literal.
 func pgGrammarError(err string) bool {
-	for _, p := range []string{"syntax error at ", "invalid byte sequence for encoding", "invalid Unicode ", "operator too long"} {
+	for _, p := range []string{"syntax error at ", "invalid byte sequence for encoding", "invalid Unicode ", "operator too long", "UESCAPE must be followed by"} {
 		if strings.HasPrefix(err, p) {
 			return true
 		}

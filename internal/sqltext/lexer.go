@@ -63,7 +63,11 @@ type lexer struct {
 	inExec bool // MySQL: inside an executable comment /*! ... */
 }
 
-func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' }
+// isSpace: white space in MySQL (my_isspace) and PostgreSQL 16 and later
+// (\v is an error in 15, where the text then runs nothing).
+func isSpace(c byte) bool {
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'
+}
 
 func isDigit(c byte) bool { return c >= '0' && c <= '9' }
 

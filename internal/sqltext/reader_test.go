@@ -230,6 +230,7 @@ func TestTxControl(t *testing.T) {
 		{"SELECT 1", TxNone, TxNone},
 		{"INSERT INTO b VALUES (1)", TxNone, TxNone},
 		{"START SLAVE", TxNone, TxNone},
+		{"\vCALL p()", TxNone, TxForGood},
 		{"COMMIT\x00PREPARED 'x'", TxEnds, TxNone}, // PostgreSQL sees "COMMIT"
 	} {
 		if got := TxControl(Postgres, c.q); got != c.p {
