@@ -54,6 +54,9 @@ type step struct {
 	err   error
 	ran   bool // the statement took effect even though err is set (lost reply)
 	block bool // no answer until the caller's context is done
+	// closes: the server ended the session with err (a FATAL, a KILL): the
+	// connection is broken from then on (Ping and IsValid say so).
+	closes bool
 }
 
 // fakeServer is what the fake connections talk to: scripts per statement
@@ -240,7 +243,7 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 		return ctx.Err()
 	}
 	if ok && st.err != nil {
-		if isConnErr(st.err) {
+		if isConnErr(st.err) || st.closes {
 			c.broken = true
 		}
 		if c.inTx && c.srv.pgAborts {

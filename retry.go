@@ -336,6 +336,12 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			return zero, r.stop(ctx, op, attempt, err, prev, "caller's context is done")
 		}
 		cls := r.classify(err)
+		switch {
+		case cls == RetryTransaction && c.manual.Load() == 0 && pgInFailedTx(err):
+			cls = Permanent // no transaction to replay in autocommit: the statement raised it
+		case (cls == ConnectionLost || cls == Unavailable) && !ownTimeout && c.answeredOnLiveSession(ctx, err):
+			cls = Permanent // a MySQL session-ended number on a live session: the statement's
+		}
 		if ownTimeout {
 			cls = ConnectionLost // rule 2: a timeout sqlretry set; the statement may have run
 		}

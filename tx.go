@@ -73,6 +73,12 @@ func (t *tx) failed(err error, query string) {
 	}
 	r := t.c.r
 	cls := r.classify(err)
+	if (cls == ConnectionLost || cls == Unavailable) && t.c.answeredOnLiveSession(t.ctx, err) {
+		cls = Permanent // a MySQL session-ended number on a live session: the statement's
+		if t.attempt != nil {
+			t.attempt.answered = err
+		}
+	}
 	pending := false
 	if cls == Permanent && !t.readOnly && isReadOnlyAnswer(err) {
 		// A write refused as read-only in a transaction the caller did not
@@ -325,7 +331,10 @@ type txAttempt struct {
 	poison error // first retryable error (tx.failed)
 	first  error // first error the database raised in this attempt, of any class ...
 	last   error // ... and the last
-	nested *nestedReplay
+	// answered: the last error whose code says the session ended, raised
+	// on a session that lived on (tx.failed): the statement's, no replay.
+	answered error
+	nested   *nestedReplay
 }
 
 // nestedReplay is the failure of a RunInTx nested in an attempt's closure
@@ -606,6 +615,9 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 		return
 	}
 	o.cls = r.classify(o.cause)
+	if o.cls != Permanent && att.answered != nil && errors.Is(o.cause, att.answered) {
+		o.cls = Permanent // tx.failed found the session alive: the statement's error
+	}
 	switch o.cls {
 	case RetryStatement, RetryTransaction, Unavailable:
 		o.replay = true

@@ -1,0 +1,162 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/go-sql-driver/mysql"
+)
+
+// A server that answered a statement is up: an error it returned for the
+// statement is that statement's, whatever its code says, unless the
+// session really ended (PostgreSQL sends the error at FATAL and closes the
+// connection; a killed MySQL session is closed).
+
+// pgSevError is a PostgreSQL error with its severity, as *pgconn.PgError
+// and *pq.Error carry it.
+type pgSevError struct{ Severity, Code, Message string }
+
+func (e *pgSevError) Error() string {
+	return e.Severity + ": " + e.Message + " (SQLSTATE " + e.Code + ")"
+}
+func (e *pgSevError) SQLState() string { return e.Code }
+
+// pgSessionCodes are the SQLSTATEs of an ended session or a refused one:
+// a user function can raise any of them at ERROR on a live session.
+var pgSessionCodes = []string{"57P01", "57P02", "57P03", "53300", "57P05", "08000", "08003", "08006", "25P03", "25P04"}
+
+// mySessionNumbers are the numbers of an ended or refused MySQL session: a
+// SIGNAL can raise any of them on a live one.
+var mySessionNumbers = []uint16{1927, 1053, 1080, 1152, 1158, 1159, 1160, 1161, 1040, 1203, 4031}
+
+// left is how many of a script's steps were not used: each attempt uses one.
+func left(srv *fakeServer, prefix string) int {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	return len(srv.scripts[prefix])
+}
+
+// checkAnswered runs the statement that fails with err (scripted under
+// prefix) in autocommit as a read and as a write, and in RunInTx, and
+// checks that each ran once and returned err itself, that the connection
+// was kept, and that the breaker did not count it.
+func checkAnswered(t *testing.T, err error, opts ...Option) {
+	t.Helper()
+	srv := newFakeServer()
+	const n = 60
+	for range n {
+		srv.script("SELECT f()", step{err: err})
+		srv.script("INSERT INTO t SELECT f()", step{err: err})
+	}
+	db, _ := testDB(t, srv, opts...)
+	ctx := context.Background()
+	used := 0
+	for i := range 10 {
+		_, got := db.QueryContext(ctx, "SELECT f()")
+		used++
+		if !errors.Is(got, err) || errors.Is(got, ErrAmbiguousCommit) || left(srv, "SELECT f()") != n-used {
+			t.Fatalf("read %d: err = %v, ran %d times; want the statement's error at once", i, got, n-left(srv, "SELECT f()")-used+1)
+		}
+		var own *Error
+		if errors.As(got, &own) {
+			t.Fatalf("read %d: err = %v is sqlretry's verdict; want the server's answer unchanged", i, got)
+		}
+	}
+	for i := range 10 {
+		_, got := db.ExecContext(ctx, "INSERT INTO t SELECT f()")
+		if !errors.Is(got, err) || errors.Is(got, ErrAmbiguousCommit) || left(srv, "INSERT INTO t SELECT f()") != n-i-1 {
+			t.Fatalf("write %d: err = %v; want the statement's error at once, never ambiguous", i, got)
+		}
+	}
+	calls := 0
+	got := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		_, err := tx.ExecContext(ctx, "INSERT INTO t SELECT f()")
+		return err
+	})
+	if calls != 1 || !errors.Is(got, err) {
+		t.Fatalf("RunInTx: %d runs, err = %v; want one run and the statement's error", calls, got)
+	}
+	if _, err := db.ExecContext(ctx, "SELECT 1"); err != nil {
+		t.Fatalf("SELECT 1 after the statement errors: %v (the breaker counted a server that answered)", err)
+	}
+	if s := stats(t, db); s.Breaker != BreakerClosed || s.HandOffs != 0 {
+		t.Errorf("breaker %v, hand-offs %d; want closed, 0", s.Breaker, s.HandOffs)
+	}
+	if srv.dials != 1 {
+		t.Errorf("dials = %d; the live connection was discarded", srv.dials)
+	}
+}
+
+func TestConnectionCodesAnsweredOnALiveSessionAreTheStatements(t *testing.T) {
+	for _, code := range pgSessionCodes {
+		t.Run("pg "+code, func(t *testing.T) {
+			checkAnswered(t, &pgSevError{"ERROR", code, "raised by a user function"})
+		})
+	}
+	for _, num := range mySessionNumbers {
+		t.Run(fmt.Sprint("mysql ", num), func(t *testing.T) {
+			checkAnswered(t, &mysql.MySQLError{Number: num, Message: "raised by SIGNAL"}, WithDialect(DialectMySQL))
+		})
+	}
+}
+
+// The real ones end the session: they keep their meaning.
+func TestConnectionCodesOfAnEndedSessionKeepTheirMeaning(t *testing.T) {
+	cases := []struct {
+		name string
+		err  error
+		opts []Option
+	}{
+		{"pg FATAL 57P01", &pgSevError{"FATAL", "57P01", "terminating connection due to administrator command"}, nil},
+		{"pg FATAL 57P01 unlocalized", &pgSevError{"FATAL", "57P01", "terminating connection due to administrator command"}, nil},
+		{"mysql 1927 killed", &mysql.MySQLError{Number: 1927, Message: "Connection was killed"}, []Option{WithDialect(DialectMySQL)}},
+		{"mysql 1053 shutdown", &mysql.MySQLError{Number: 1053, Message: "Server shutdown in progress"}, []Option{WithDialect(DialectMySQL)}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			srv := newFakeServer()
+			srv.script("SELECT f()", step{err: tc.err, closes: true})
+			srv.script("INSERT INTO t", step{err: tc.err, closes: true, ran: true})
+			srv.script("UPDATE t", step{err: tc.err, closes: true})
+			db, _ := testDB(t, srv, tc.opts...)
+			rows, err := db.QueryContext(ctx, "SELECT f()")
+			if err != nil {
+				t.Fatalf("read: %v; want it re-run on another connection", err)
+			}
+			rows.Close()
+			if _, err := db.ExecContext(ctx, "INSERT INTO t VALUES (1)"); !errors.Is(err, ErrAmbiguousCommit) {
+				t.Fatalf("write: err = %v; want ErrAmbiguousCommit", err)
+			}
+			calls := 0
+			err = RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				_, err := tx.ExecContext(ctx, "UPDATE t SET n = 1")
+				return err
+			})
+			if err != nil || calls != 2 {
+				t.Fatalf("RunInTx: %d runs, err = %v; want a replay that succeeds", calls, err)
+			}
+		})
+	}
+}
+
+// In autocommit there is no transaction to replay: a 25P02 there is raised
+// by the statement itself.
+func TestInFailedTransactionCodeInAutocommitIsTheStatements(t *testing.T) {
+	for _, err := range []error{&pgError{"25P02", "raised by a user function"}, &pgSevError{"ERROR", "25P02", "raised by a user function"}} {
+		srv := newFakeServer()
+		for range 10 {
+			srv.script("SELECT f()", step{err: err})
+		}
+		db, _ := testDB(t, srv)
+		_, got := db.Query("SELECT f()")
+		if !errors.Is(got, err) || left(srv, "SELECT f()") != 9 {
+			t.Fatalf("err = %v, ran %d times; want the statement's error at once", got, 10-left(srv, "SELECT f()"))
+		}
+	}
+}
