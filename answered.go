@@ -29,16 +29,13 @@ func mysqlSessionNumber(n uint16) bool {
 // livenessTimeout bounds the ping that asks whether a session lives.
 const livenessTimeout = 2 * time.Second
 
-// answeredOnLiveSession reports a MySQL error whose number says the
-// session ended or was refused, got on a session that still answers: a
-// statement raised it (SIGNAL), and it is that statement's. A killed or
-// shut-down session is closed by the server right after its error, so the
-// driver's ping fails (and go-sql-driver/mysql then closes the
-// connection). Only on this error path: one round trip, never on success.
-// A user rule that classifies the error keeps the last word.
-func (c *conn) answeredOnLiveSession(ctx context.Context, err error) bool {
+// mysqlSessionCandidate reports a MySQL error whose number says the
+// session ended or was refused, on a connection the driver still holds
+// open: whether the session lives must be asked. A user rule that
+// classifies the error keeps the last word.
+func (c *conn) mysqlSessionCandidate(err error) bool {
 	n, _, ok := mysqlErrorOf(err)
-	if !ok || !mysqlSessionNumber(n) || ctx == nil || ctx.Err() != nil {
+	if !ok || !mysqlSessionNumber(n) {
 		return false
 	}
 	var own *Error
@@ -50,7 +47,21 @@ func (c *conn) answeredOnLiveSession(ctx context.Context, err error) bool {
 			return false
 		}
 	}
-	if v, ok := c.inner.(driver.Validator); ok && !v.IsValid() {
+	v, ok := c.inner.(driver.Validator)
+	return !ok || v.IsValid()
+}
+
+// answeredOnLiveSession reports a MySQL session-ended number got by an
+// autocommit statement on a session that still answers: a statement raised
+// it (SIGNAL), and it is that statement's. A killed or shut-down session
+// is closed by the server right after its error, so the driver's ping
+// fails (go-sql-driver/mysql then closes the connection). One round trip,
+// only on this error path. Not for a transaction's statements: their error
+// may come while the rows are still open, when go-sql-driver/mysql cannot
+// ping (its ping would close the connection); the transaction's rollback
+// answers the question there (tx.judgeSession).
+func (c *conn) answeredOnLiveSession(ctx context.Context, err error) bool {
+	if ctx.Err() != nil || !c.mysqlSessionCandidate(err) {
 		return false
 	}
 	p, ok := c.inner.(driver.Pinger)
@@ -60,6 +71,26 @@ func (c *conn) answeredOnLiveSession(ctx context.Context, err error) bool {
 	pctx, cancel := context.WithTimeout(ctx, livenessTimeout)
 	defer cancel()
 	return p.Ping(pctx) == nil
+}
+
+// judgeSession settles a MySQL session-ended number a statement of this
+// transaction got (sessionErr), once the transaction's ROLLBACK returned
+// rbErr: a session that rolled back lives, and the error was the
+// statement's (RunInTx does not replay it); one that could not was ended,
+// and the error counts as it says (the connection is discarded, the
+// breaker counts it, RunInTx replays).
+func (t *tx) judgeSession(rbErr error) {
+	err := t.sessionErr
+	t.sessionErr = nil
+	if rbErr == nil {
+		if t.attempt != nil {
+			t.attempt.answered = err
+		}
+		return
+	}
+	t.c.bad.Store(true)
+	t.c.noteLost(err)
+	t.c.r.record(ConnectionLost)
 }
 
 // pgInFailedTx: PostgreSQL's "current transaction is aborted" (25P02). In

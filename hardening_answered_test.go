@@ -106,23 +106,26 @@ func TestConnectionCodesAnsweredOnALiveSessionAreTheStatements(t *testing.T) {
 
 // The real ones end the session: they keep their meaning.
 func TestConnectionCodesOfAnEndedSessionKeepTheirMeaning(t *testing.T) {
+	my := []Option{WithDialect(DialectMySQL)}
 	cases := []struct {
 		name string
 		err  error
 		opts []Option
+		kill bool // the driver notices at its next use (go-sql-driver/mysql), not at once (pgx)
 	}{
-		{"pg FATAL 57P01", &pgSevError{"FATAL", "57P01", "terminating connection due to administrator command"}, nil},
-		{"pg FATAL 57P01 unlocalized", &pgSevError{"FATAL", "57P01", "terminating connection due to administrator command"}, nil},
-		{"mysql 1927 killed", &mysql.MySQLError{Number: 1927, Message: "Connection was killed"}, []Option{WithDialect(DialectMySQL)}},
-		{"mysql 1053 shutdown", &mysql.MySQLError{Number: 1053, Message: "Server shutdown in progress"}, []Option{WithDialect(DialectMySQL)}},
+		{"pg FATAL 57P01", &pgSevError{"FATAL", "57P01", "terminating connection due to administrator command"}, nil, false},
+		{"pg PANIC 57P02", &pgSevError{"PANIC", "57P02", "terminating connection because of crash of another server process"}, nil, false},
+		{"mysql 1927 killed", &mysql.MySQLError{Number: 1927, Message: "Connection was killed"}, my, true},
+		{"mysql 1053 shutdown", &mysql.MySQLError{Number: 1053, Message: "Server shutdown in progress"}, my, true},
+		{"mysql 1158 network", &mysql.MySQLError{Number: 1158, Message: "Got an error reading communication packets"}, my, true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
 			srv := newFakeServer()
-			srv.script("SELECT f()", step{err: tc.err, closes: true})
-			srv.script("INSERT INTO t", step{err: tc.err, closes: true, ran: true})
-			srv.script("UPDATE t", step{err: tc.err, closes: true})
+			srv.script("SELECT f()", step{err: tc.err, closes: !tc.kill, kills: tc.kill})
+			srv.script("INSERT INTO t", step{err: tc.err, closes: !tc.kill, kills: tc.kill, ran: true})
+			srv.script("UPDATE t", step{err: tc.err, closes: !tc.kill, kills: tc.kill})
 			db, _ := testDB(t, srv, tc.opts...)
 			rows, err := db.QueryContext(ctx, "SELECT f()")
 			if err != nil {
@@ -158,5 +161,41 @@ func TestInFailedTransactionCodeInAutocommitIsTheStatements(t *testing.T) {
 		if !errors.Is(got, err) || left(srv, "SELECT f()") != 9 {
 			t.Fatalf("err = %v, ran %d times; want the statement's error at once", got, 10-left(srv, "SELECT f()"))
 		}
+	}
+}
+
+// A real refusal (FATAL from PostgreSQL or a pooler, MySQL's too many
+// connections with the session closed) still sends the work to another
+// connection.
+func TestRefusalsOfAnEndedSessionKeepTheirMeaning(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		opts []Option
+		kill bool
+	}{
+		{"pg FATAL 53300", &pgSevError{"FATAL", "53300", "sorry, too many clients already"}, nil, false},
+		{"pg FATAL 57P03", &pgSevError{"FATAL", "57P03", "the database system is starting up"}, nil, false},
+		{"mysql 1040", &mysql.MySQLError{Number: 1040, Message: "Too many connections"}, []Option{WithDialect(DialectMySQL)}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			srv := newFakeServer()
+			srv.script("INSERT INTO t", step{err: tc.err, closes: !tc.kill, kills: tc.kill})
+			srv.script("UPDATE t", step{err: tc.err, closes: !tc.kill, kills: tc.kill})
+			db, _ := testDB(t, srv, tc.opts...)
+			if _, err := db.ExecContext(ctx, "INSERT INTO t VALUES (1)"); err != nil || srv.ranCount("INSERT") != 1 {
+				t.Fatalf("write: err = %v, ran %d; want it run on another connection", err, srv.ranCount("INSERT"))
+			}
+			calls := 0
+			err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				_, err := tx.ExecContext(ctx, "UPDATE t SET n = 1")
+				return err
+			})
+			if err != nil || calls != 2 {
+				t.Fatalf("RunInTx: %d runs, err = %v; want a replay that succeeds", calls, err)
+			}
+		})
 	}
 }

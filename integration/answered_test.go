@@ -149,6 +149,13 @@ func TestAnsweredMariaDBUserSignalledSessionNumbers(t *testing.T) {
 					return err
 				})
 			},
+			"RunInTx-rows": func(ctx context.Context, n uint16) error {
+				// the error comes while the rows are read
+				return sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					var x int
+					return tx.QueryRowContext(ctx, "SELECT "+fn+"(?)", n).Scan(&x)
+				})
+			},
 		})
 }
 
@@ -195,7 +202,8 @@ func TestAnsweredKilledSessionsStillCount(t *testing.T) {
 					return err
 				}
 				done := killSoon(id)
-				_, err := tx.ExecContext(ctx, sleepQ)
+				var x any
+				err := tx.QueryRowContext(ctx, sleepQ).Scan(&x)
 				if kerr := <-done; kerr != nil {
 					t.Errorf("kill: %v", kerr)
 				}
