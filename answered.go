@@ -99,3 +99,12 @@ func pgInFailedTx(err error) bool {
 	var pg interface{ SQLState() string }
 	return errors.As(err, &pg) && pg.SQLState() == "25P02"
 }
+
+// cutInFlight reports an attempt's error that the end of the caller's
+// context may have cut after the statement was sent: not the server's
+// answer, and not a refusal before sending (driver.ErrBadConn: pgx's
+// stdlib returns it for a context already done, database/sql checks the
+// context before calling the driver).
+func cutInFlight(err error) bool {
+	return err != nil && !serverAnswered(err) && !errors.Is(err, driver.ErrBadConn)
+}

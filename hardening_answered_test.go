@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/go-sql-driver/mysql"
 )
@@ -197,5 +198,59 @@ func TestRefusalsOfAnEndedSessionKeepTheirMeaning(t *testing.T) {
 				t.Fatalf("RunInTx: %d runs, err = %v; want a replay that succeeds", calls, err)
 			}
 		})
+	}
+}
+
+// An autocommit write whose reply the caller's deadline cut may have run
+// (a COMMIT waiting for a synchronous standby, a lock): the caller must
+// learn that, never get a plain failure. A read so cut is a plain
+// deadline; so is a write the server answered, and one never sent.
+func TestAutocommitWriteCutByTheCallersDeadlineIsAmbiguous(t *testing.T) {
+	for _, dialect := range []Dialect{DialectPostgres, DialectMySQL} {
+		srv := newFakeServer()
+		srv.script("INSERT", step{block: true})
+		srv.script("CALL", step{block: true})
+		srv.script("SELECT", step{block: true})
+		srv.script("UPDATE", step{block: true})
+		db, _ := testDB(t, srv, WithDialect(dialect))
+		for _, q := range []string{"INSERT INTO t VALUES (1)", "CALL p()"} {
+			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+			_, err := db.ExecContext(ctx, q)
+			cancel()
+			if !errors.Is(err, ErrAmbiguousCommit) || !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("%v %q: err = %v; want ErrAmbiguousCommit and context.DeadlineExceeded", dialect, q, err)
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		_, err := db.QueryContext(ctx, "SELECT n FROM t")
+		if !errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrAmbiguousCommit) {
+			t.Errorf("%v read: err = %v; want the deadline, not ambiguous", dialect, err)
+		}
+		_, err = db.ExecContext(Idempotent(ctx), "UPDATE t SET n = 1")
+		if errors.Is(err, ErrAmbiguousCommit) {
+			t.Errorf("%v idempotent write: err = %v; the caller vouched for it", dialect, err)
+		}
+		cancel()
+		// In a transaction opened by hand the write did not commit.
+		conn, err := db.Conn(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.ExecContext(context.Background(), "BEGIN"); err != nil {
+			t.Fatal(err)
+		}
+		srv.script("INSERT", step{block: true})
+		ctx, cancel = context.WithTimeout(context.Background(), 50*time.Millisecond)
+		if _, err := conn.ExecContext(ctx, "INSERT INTO t VALUES (3)"); errors.Is(err, ErrAmbiguousCommit) || !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("%v write in a transaction opened by hand: err = %v; want the deadline alone", dialect, err)
+		}
+		cancel()
+		conn.Close()
+		srv.script("INSERT", step{err: errUnique})
+		ctx, cancel = context.WithCancel(context.Background())
+		cancel()
+		if _, err := db.ExecContext(ctx, "INSERT INTO t VALUES (2)"); errors.Is(err, ErrAmbiguousCommit) {
+			t.Errorf("%v write never sent: err = %v", dialect, err)
+		}
 	}
 }

@@ -236,3 +236,68 @@ func TestAnsweredKilledSessionsStillCount(t *testing.T) {
 		})
 	}
 }
+
+// A write whose COMMIT the caller's deadline cut (a synchronous standby
+// frozen, so the COMMIT waits) may have committed: the caller gets
+// ErrAmbiguousCommit with the deadline, never a plain failure, whether
+// the COMMIT was RunInTx's, Tx.Commit's or an autocommit statement's own.
+func TestAnsweredCommitCutByTheDeadlineIsAmbiguous(t *testing.T) {
+	p := syncPair(t)
+	admin, err := sql.Open("pgx", p.Primary.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	tbl := ansName("ans_sync")
+	mustExec(t, admin, "CREATE TABLE "+tbl+" (id serial PRIMARY KEY, tag text)")
+	db, err := sqlretry.Open("pgx", p.Primary.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	for _, c := range []struct {
+		name string
+		run  func(ctx context.Context, q string) error
+	}{
+		{"autocommit", func(ctx context.Context, q string) error { _, err := db.ExecContext(ctx, q); return err }},
+		{"RunInTx", func(ctx context.Context, q string) error {
+			return sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error { _, err := tx.ExecContext(ctx, q); return err })
+		}},
+		{"Tx.Commit", func(ctx context.Context, q string) error {
+			tx, err := db.BeginTx(ctx, nil)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, q); err != nil {
+				tx.Rollback()
+				return err
+			}
+			return tx.Commit()
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if err := db.Ping(); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.FreezeStandby(); err != nil {
+				t.Fatal(err)
+			}
+			tag := ansName("t")
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			err := c.run(ctx, "INSERT INTO "+tbl+"(tag) VALUES ('"+tag+"')")
+			cancel()
+			p.ThawStandby()
+			var n int
+			for range 50 { // the cut COMMIT finishes on the primary alone
+				admin.QueryRow("SELECT COUNT(*) FROM "+tbl+" WHERE tag = $1", tag).Scan(&n)
+				if n > 0 {
+					break
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || !errors.Is(err, context.DeadlineExceeded) || n > 1 {
+				t.Errorf("err = %v, rows %d; want ErrAmbiguousCommit with the deadline, at most one row", err, n)
+			}
+		})
+	}
+}
