@@ -95,9 +95,15 @@ func (t *tx) judgeSession(rbErr error) {
 
 // pgInFailedTx: PostgreSQL's "current transaction is aborted" (25P02). In
 // autocommit there is no transaction: a statement raised it.
-func pgInFailedTx(err error) bool {
+func pgInFailedTx(err error) bool { return pgCodeOf(err) == "25P02" }
+
+// pgCodeOf is the SQLSTATE of a PostgreSQL error in err's chain, or "".
+func pgCodeOf(err error) string {
 	var pg interface{ SQLState() string }
-	return errors.As(err, &pg) && pg.SQLState() == "25P02"
+	if errors.As(err, &pg) {
+		return pg.SQLState()
+	}
+	return ""
 }
 
 // cutInFlight reports an attempt's error that the end of the caller's

@@ -205,7 +205,9 @@ func classifyAnswer(err error) Class {
 			return Permanent
 		}
 	case RetryTransaction:
-		if pgSessionAnswered(err) { // 25P03, 25P04 at ERROR
+		// The idle-in-transaction and transaction timeouts end the
+		// session: at ERROR a statement raised them.
+		if code := pgCodeOf(err); (code == "25P03" || code == "25P04") && pgSessionAnswered(err) {
 			return Permanent
 		}
 	}

@@ -254,3 +254,27 @@ func TestAutocommitWriteCutByTheCallersDeadlineIsAmbiguous(t *testing.T) {
 		}
 	}
 }
+
+// Contention is answered at ERROR too: a deadlock or a serialization
+// failure with its severity keeps its class.
+func TestContentionAtErrorSeverityIsStillRetried(t *testing.T) {
+	for _, code := range []string{"40001", "40P01", "55P03"} {
+		err := &pgSevError{"ERROR", code, "contention"}
+		srv := newFakeServer()
+		srv.script("UPDATE t", step{err: err})
+		db, _ := testDB(t, srv)
+		if _, got := db.Exec("UPDATE t SET n = 1"); got != nil {
+			t.Errorf("%s autocommit: %v; want it retried", code, got)
+		}
+		srv.script("UPDATE t", step{err: err})
+		calls := 0
+		got := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			_, err := tx.ExecContext(ctx, "UPDATE t SET n = 1")
+			return err
+		})
+		if got != nil || calls != 2 {
+			t.Errorf("%s RunInTx: %d runs, err = %v; want a replay", code, calls, got)
+		}
+	}
+}
