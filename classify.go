@@ -188,10 +188,28 @@ func isWrongRoleAtConnect(err error) bool {
 // is that statement's error, never unavailability (issue 9, item 6). The
 // same codes at connect time mean the server refused the connection; the
 // connector classifies those with classifyDial.
+//
+// The codes of an ended or refused session (admin shutdown, terminated
+// backend, too many connections, idle-in-transaction timeout) count as
+// such only when the session really ended: PostgreSQL sends them at FATAL
+// (or PANIC) and closes the connection. The same code at ERROR on a live
+// session was raised by the statement (a function's RAISE ... USING
+// ERRCODE, a remote's error relayed by postgres_fdw): it is the
+// statement's. MySQL errors carry no severity: the connection itself is
+// asked (conn.answeredOnLiveSession).
 func classifyAnswer(err error) Class {
 	cls := classifyDefault(err)
-	if (cls == Unavailable || cls == ConnectionLost) && answeredForStatement(err) {
-		return Permanent
+	switch cls {
+	case Unavailable, ConnectionLost:
+		if answeredForStatement(err) {
+			return Permanent
+		}
+	case RetryTransaction:
+		// The idle-in-transaction and transaction timeouts end the
+		// session: at ERROR a statement raised them.
+		if code := pgCodeOf(err); (code == "25P03" || code == "25P04") && pgSessionAnswered(err) {
+			return Permanent
+		}
 	}
 	return cls
 }
@@ -205,7 +223,7 @@ func answeredForStatement(err error) bool {
 	}
 	var pg interface{ SQLState() string }
 	if errors.As(err, &pg) {
-		return pgAnsweredForStatement(pg.SQLState())
+		return pgAnsweredForStatement(pg.SQLState()) || pgSessionAnswered(err)
 	}
 	if n, _, ok := mysqlErrorOf(err); ok {
 		return mysqlAnsweredForStatement(n)

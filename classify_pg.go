@@ -1,6 +1,12 @@
 package sqlretry
 
-import "strings"
+import (
+	"database/sql/driver"
+	"errors"
+	"reflect"
+	"strings"
+	"sync/atomic"
+)
 
 // classifyPostgres maps a SQLSTATE (PostgreSQL, CockroachDB, YugabyteDB) to
 // a class; shared/ERRORS.md is the table.
@@ -55,9 +61,10 @@ func isPgBouncerUnavailable(msg string) bool {
 // pgAnsweredForStatement: SQLSTATEs that, sent by a live server for a
 // statement, are about that statement (a limit it hit) or about a remote
 // that dblink or postgres_fdw could not reach (08001), not about this
-// session. 53300 and 57P03 stay unavailability: PostgreSQL sends them only
-// while a session starts, so after that they come from a pooler that could
-// not get a server session for the statement, as PgBouncer's 08P01 does.
+// session. 53300 and 57P03 are left to the severity (pgSessionAnswered):
+// PostgreSQL sends them only while a session starts, at FATAL, and so does
+// a pooler that could not get a server session for the statement; at
+// ERROR on a live session a statement raised them.
 func pgAnsweredForStatement(code string) bool {
 	if len(code) != 5 || code == "53300" {
 		return false
@@ -69,4 +76,90 @@ func pgAnsweredForStatement(code string) bool {
 		return code != "08P01" && code != "08007"
 	}
 	return false
+}
+
+// pgSessionAnswered reports a PostgreSQL error sent at a severity that
+// leaves the session open (ERROR): whatever its code says, the server is
+// up and the error is the statement's. An ended session gets its error at
+// FATAL or PANIC (pgx then closes the connection; lib/pq turns such an
+// error into driver.ErrBadConn). False when the severity cannot be read (a
+// driver that does not keep it): the code alone decides then. A standby's
+// refusal (readonly.go), a connection the driver refused (ErrBadConn) and
+// PgBouncer's refusals (08P01 with its texts) keep their class.
+func pgSessionAnswered(err error) bool {
+	if isStandby(err) || errors.Is(err, driver.ErrBadConn) {
+		return false
+	}
+	var pg interface{ SQLState() string }
+	if !errors.As(err, &pg) {
+		return false
+	}
+	sev, ok := pgSeverityOf(pg)
+	if !ok || sev == "FATAL" || sev == "PANIC" {
+		return false
+	}
+	return pg.SQLState() != "08P01" || !isPgBouncerUnavailable(err.Error())
+}
+
+// pgSeverityLayout is where an error type keeps its severity: the field
+// indexes of SeverityUnlocalized (pgconn's, from the protocol's V field,
+// PostgreSQL 9.6 on) and Severity (pgconn's and lib/pq's, maybe
+// localized); -1 when it has none.
+type pgSeverityLayout struct {
+	typ                   reflect.Type
+	unlocalized, severity int
+}
+
+// lastPgSeverityLayout caches the last error type seen: the type is
+// inspected once, not on every error. The drivers are read by their
+// fields' names, to keep them out of this package's dependencies.
+var lastPgSeverityLayout atomic.Pointer[pgSeverityLayout]
+
+// pgSeverityOf returns the severity a PostgreSQL error carries, the
+// unlocalized one when there is one.
+func pgSeverityOf(e any) (string, bool) {
+	t := reflect.TypeOf(e)
+	l := lastPgSeverityLayout.Load()
+	if l == nil || l.typ != t {
+		l = pgSeverityLayoutOf(t)
+		lastPgSeverityLayout.Store(l)
+	}
+	if l.unlocalized < 0 && l.severity < 0 {
+		return "", false
+	}
+	v := reflect.ValueOf(e)
+	if v.Kind() == reflect.Pointer {
+		if v.IsNil() {
+			return "", false
+		}
+		v = v.Elem()
+	}
+	for _, i := range [2]int{l.unlocalized, l.severity} {
+		if i >= 0 {
+			if s := v.Field(i).String(); s != "" {
+				return s, true
+			}
+		}
+	}
+	return "", false
+}
+
+func pgSeverityLayoutOf(t reflect.Type) *pgSeverityLayout {
+	l := &pgSeverityLayout{typ: t, unlocalized: -1, severity: -1}
+	s := t
+	if s.Kind() == reflect.Pointer {
+		s = s.Elem()
+	}
+	if s.Kind() != reflect.Struct {
+		return l
+	}
+	field := func(name string) int {
+		f, ok := s.FieldByName(name)
+		if !ok || f.Type.Kind() != reflect.String || len(f.Index) != 1 || !f.IsExported() {
+			return -1
+		}
+		return f.Index[0]
+	}
+	l.unlocalized, l.severity = field("SeverityUnlocalized"), field("Severity")
+	return l
 }

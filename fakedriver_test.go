@@ -54,6 +54,13 @@ type step struct {
 	err   error
 	ran   bool // the statement took effect even though err is set (lost reply)
 	block bool // no answer until the caller's context is done
+	// closes: the server ended the session with err (a FATAL, a KILL): the
+	// connection is broken from then on (Ping and IsValid say so).
+	closes bool
+	// kills: the server sent err and closed the session, and the driver
+	// has not noticed yet (go-sql-driver/mysql after a KILL): IsValid
+	// holds until the next use (a statement, Ping, ROLLBACK) fails.
+	kills bool
 }
 
 // fakeServer is what the fake connections talk to: scripts per statement
@@ -179,6 +186,16 @@ type fakeConn struct {
 	xid     int64
 	resets  int
 	aborted bool // pgAborts: an error aborted the open transaction
+	gone    bool // step.kills: the server closed the session; the next use fails
+}
+
+// noticeGone is the driver's next use of a session the server closed.
+func (c *fakeConn) noticeGone() error {
+	if c.gone {
+		c.broken = true
+		return io.ErrUnexpectedEOF
+	}
+	return nil
 }
 
 func (c *fakeConn) Prepare(q string) (driver.Stmt, error) { return &fakeStmt{c: c, q: q}, nil }
@@ -217,6 +234,9 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	if c.broken {
 		return driver.ErrBadConn
 	}
+	if err := c.noticeGone(); err != nil {
+		return err
+	}
 	if !c.inTx && c.srv.semiSyncTimesOut && strings.HasPrefix(q, "INSERT INTO ") {
 		c.srv.mu.Lock()
 		c.srv.semiSyncOff = true // its wait timed out: the primary goes on without replicas
@@ -240,9 +260,10 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 		return ctx.Err()
 	}
 	if ok && st.err != nil {
-		if isConnErr(st.err) {
+		if isConnErr(st.err) || st.closes {
 			c.broken = true
 		}
+		c.gone = c.gone || st.kills
 		if c.inTx && c.srv.pgAborts {
 			c.aborted = true
 		}
@@ -449,6 +470,9 @@ func (c *fakeConn) Ping(context.Context) error {
 	if c.broken {
 		return driver.ErrBadConn
 	}
+	if err := c.noticeGone(); err != nil {
+		return err
+	}
 	return nil
 }
 func (c *fakeConn) ResetSession(context.Context) error {
@@ -525,7 +549,7 @@ func (t *fakeTx) Rollback() error {
 	t.c.inTx, t.c.aborted = false, false
 	t.c.pending = nil
 	t.c.setXID("aborted")
-	return nil
+	return t.c.noticeGone()
 }
 
 type fakeStmt struct {

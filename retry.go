@@ -333,9 +333,27 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		}
 		if ctx.Err() != nil { // rule 3: the caller is gone
 			r.breaker.done(t, outcomeNeutral)
+			if m := c.manual.Load(); (m == 0 || m == 2 && !r.implicitTx) && cutInFlight(err) && !safeToRerun(ctx, r.dialect, query, isQuery) {
+				// The caller's context ended while a write was in flight: in
+				// autocommit (or maybe: after a MySQL CALL, SET autocommit) it
+				// is its own COMMIT, and it may have run (a COMMIT waiting for
+				// a synchronous standby, a lock). Never a plain failure. In a
+				// transaction opened by hand it did not commit.
+				c.bad.Store(true)
+				r.counters.giveUps.Add(1)
+				stopped := stoppedBy(ctx, err, prev)
+				r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempt, Class: ConnectionLost, Err: stopped, Reason: "the caller's context ended while a write was in flight; it may have run"})
+				return zero, newError(op, attempt, ConnectionLost, ErrAmbiguousCommit, stopped)
+			}
 			return zero, r.stop(ctx, op, attempt, err, prev, "caller's context is done")
 		}
 		cls := r.classify(err)
+		switch {
+		case cls == RetryTransaction && c.manual.Load() == 0 && pgInFailedTx(err):
+			cls = Permanent // no transaction to replay in autocommit: the statement raised it
+		case (cls == ConnectionLost || cls == Unavailable) && !ownTimeout && c.answeredOnLiveSession(ctx, err):
+			cls = Permanent // a MySQL session-ended number on a live session: the statement's
+		}
 		if ownTimeout {
 			cls = ConnectionLost // rule 2: a timeout sqlretry set; the statement may have run
 		}

@@ -35,6 +35,9 @@ type tx struct {
 	// PostgreSQL standby, a MySQL READ ONLY transaction): its COMMIT can
 	// make nothing last, so a lost one needs no resolution.
 	nothingDurable bool
+	// sessionErr: a MySQL session-ended number a statement got on a
+	// connection still open, judged at the rollback (judgeSession).
+	sessionErr error
 }
 
 // guard refuses statements in a poisoned transaction, except ROLLBACK TO
@@ -73,6 +76,12 @@ func (t *tx) failed(err error, query string) {
 	}
 	r := t.c.r
 	cls := r.classify(err)
+	if (cls == ConnectionLost || cls == Unavailable) && t.c.mysqlSessionCandidate(err) {
+		// A MySQL session-ended number on a connection still open: a SIGNAL
+		// (the statement's) or a KILL. The rollback tells (judgeSession).
+		cls = Permanent
+		t.sessionErr = err
+	}
 	pending := false
 	if cls == Permanent && !t.readOnly && isReadOnlyAnswer(err) {
 		// A write refused as read-only in a transaction the caller did not
@@ -231,6 +240,9 @@ func (t *tx) withinDeadline(what string, call func(driver.Tx) error) (abandoned 
 // rollback ends the transaction on the server within the caller's deadline.
 func (t *tx) rollback() error {
 	_, err := t.withinDeadline("ROLLBACK", driver.Tx.Rollback)
+	if t.sessionErr != nil {
+		t.judgeSession(err)
+	}
 	if t.c.readOnlyPending {
 		t.c.readOnlyPending = false
 		if err == nil {
@@ -325,7 +337,11 @@ type txAttempt struct {
 	poison error // first retryable error (tx.failed)
 	first  error // first error the database raised in this attempt, of any class ...
 	last   error // ... and the last
-	nested *nestedReplay
+	// answered: the last error whose code says the session ended, raised
+	// on a session that lived on (tx.judgeSession): the statement's, no
+	// replay.
+	answered error
+	nested   *nestedReplay
 }
 
 // nestedReplay is the failure of a RunInTx nested in an attempt's closure
@@ -606,6 +622,9 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 		return
 	}
 	o.cls = r.classify(o.cause)
+	if o.cls != Permanent && att.answered != nil && errors.Is(o.cause, att.answered) {
+		o.cls = Permanent // tx.failed found the session alive: the statement's error
+	}
 	switch o.cls {
 	case RetryStatement, RetryTransaction, Unavailable:
 		o.replay = true
