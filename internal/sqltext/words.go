@@ -213,3 +213,10 @@ func lookup(w string) uint8 {
 func SideEffectFunction(name string) bool {
 	return name != "" && lookup(name)&wSideEffect != 0
 }
+
+// NonTransactionalFunction reports whether the reader knows the function
+// name (unqualified, any case) to have a side effect that a rollback does
+// not undo. The parser checks use it.
+func NonTransactionalFunction(name string) bool {
+	return name != "" && lookup(name)&wNonTx != 0
+}
