@@ -155,7 +155,7 @@ const maxWord = 40
 
 // wordFilter has a bit set for the length, first and last letter of every
 // word in words: most names in a statement miss it and skip the map.
-var wordFilter = func() (f [4]uint64) {
+var wordFilter = func() (f [8]uint64) {
 	for w := range words {
 		h := filterHash(len(w), w[0], w[len(w)-1])
 		f[h>>6] |= 1 << (h & 63)
@@ -164,7 +164,7 @@ var wordFilter = func() (f [4]uint64) {
 }()
 
 func filterHash(n int, first, last byte) uint {
-	return (uint(n)*31 + uint(first|0x20)*7 + uint(last|0x20)) & 255
+	return (uint(n)*31 + uint(first|0x20)*7 + uint(last|0x20)) & 511
 }
 
 // lookup returns the bits of a word, compared without regard to case.
