@@ -19,8 +19,8 @@ type parsed struct {
 	unknown    bool   // the parser could not tell (it panicked)
 	err        string // why not
 	stmts      int
-	write      bool // some statement is not a plain read: a write, a locking read, INTO, EXPLAIN ANALYZE, a side-effect function
-	notAtomic  bool // CALL, DO, EXECUTE, transaction control
+	write      bool // some statement is not a plain read: a write, a locking read, INTO, EXPLAIN ANALYZE, a side-effect function, a variable assigned
+	notAtomic  bool // CALL, DO, EXECUTE, transaction control, a function whose effect a rollback keeps, a MySQL variable assigned
 	tx         int  // transaction-control effect, by the reader's rule: the last effect wins, TxForGood beats all
 	rollbackTo bool // exactly one statement, ROLLBACK TO SAVEPOINT
 }
@@ -106,8 +106,12 @@ func walkPG(key string, v any, p *parsed) {
 			if names, ok := m["funcname"].([]any); ok && len(names) > 0 {
 				last, _ := names[len(names)-1].(map[string]any)
 				s, _ := last["String"].(map[string]any)
-				if name, _ := s["sval"].(string); sqltext.SideEffectFunction(name) {
+				name, _ := s["sval"].(string)
+				if sqltext.SideEffectFunction(name) {
 					p.write = true
+				}
+				if sqltext.NonTransactionalFunction(name) {
+					p.notAtomic = true
 				}
 			}
 		}
@@ -213,6 +217,15 @@ func (w *myWalker) Enter(n ast.Node) (ast.Node, bool) {
 	case *ast.FuncCallExpr:
 		if sqltext.SideEffectFunction(x.FnName.L) {
 			w.p.write = true
+		}
+		if sqltext.NonTransactionalFunction(x.FnName.L) {
+			w.p.notAtomic = true
+		}
+	case *ast.VariableExpr:
+		// @x := ...: a user variable keeps what it was assigned when the
+		// statement is rolled back.
+		if x.Value != nil {
+			w.p.write, w.p.notAtomic = true, true
 		}
 	}
 	return n, false

@@ -30,6 +30,8 @@ type stmt struct {
 const (
 	pendReplace = 1 + iota // REPLACE: a function only when "(" follows
 	pendNext               // NEXT VALUE FOR: MariaDB's sequence increment
+	pendColon              // MySQL ":": ":=" assigns a variable
+	pendInto               // MySQL INTO: "INTO @x" assigns a variable
 )
 
 // need selects how much of the text analyze looks at.
@@ -152,6 +154,13 @@ func (s *stmt) add(d Dialect, t token, need uint8) {
 			if t.k == kWord && strings.EqualFold(t.s, "VALUE") {
 				s.notRead = true
 			}
+		case pendColon, pendInto:
+			// A MySQL user variable assigned (@x := ..., INTO @x) keeps
+			// its value when the server rolls the statement back, and is
+			// session state a plain read must not change.
+			if t.k == kOther && (s.pending == pendColon && t.s == "=" || s.pending == pendInto && t.s == "@") {
+				s.notRead, s.notAtomic = true, true
+			}
 		}
 		s.pending = 0
 	}
@@ -178,6 +187,12 @@ func (s *stmt) add(d Dialect, t token, need uint8) {
 			s.pending = pendReplace
 		case len(t.s) == 4 && strings.EqualFold(t.s, "NEXT"):
 			s.pending = pendNext
+		case d == MySQL && len(t.s) == 4 && strings.EqualFold(t.s, "INTO"):
+			s.pending = pendInto
+		}
+	case kOther:
+		if d == MySQL && t.s == ":" {
+			s.pending = pendColon
 		}
 	case kQuoted:
 		// A quoted name is not a keyword, but it can name a function:
@@ -241,8 +256,10 @@ func dialects(d Dialect) (out [2]Dialect, n int) {
 // IsRead reports whether q is exactly one statement and a plain read in
 // every reading: SELECT, VALUES, TABLE, WITH, SHOW or EXPLAIN/DESCRIBE
 // without a locking clause, INTO, a data-modifying part, EXPLAIN ANALYZE,
-// or a call of a function the reader knows to have a side effect. A
-// function of the user's own with side effects cannot be told apart.
+// a call of a function the reader knows to have a side effect (or to run
+// an SQL text it is given), or, in MySQL, an assignment to a variable
+// (@x := ..., INTO @x). A function of the user's own with side effects
+// cannot be told apart.
 func IsRead(d Dialect, q string) bool {
 	ds, nd := dialects(d)
 	for _, dd := range ds[:nd] {
@@ -260,8 +277,10 @@ func IsRead(d Dialect, q string) bool {
 // IsAtomic reports whether q is provably exactly one statement that the
 // server runs atomically: when the server rolls it back, nothing it did
 // remains. Several statements, CALL, DO, EXECUTE, anonymous blocks,
-// transaction control, and statements that call functions whose effects
-// survive a rollback (dblink, session advisory locks, GET_LOCK) are not.
+// transaction control, statements that call functions whose effects
+// survive a rollback (dblink, session advisory locks, GET_LOCK, functions
+// that run an SQL text) and MySQL statements that assign a user variable
+// (the rollback does not undo it) are not.
 func IsAtomic(d Dialect, q string) bool {
 	ds, nd := dialects(d)
 	for _, dd := range ds[:nd] {

@@ -82,6 +82,47 @@ var words = map[string]uint8{
 	"SLEEP":                          wSideEffect,
 	"SYS_EXEC":                       wSideEffect | wNonTx, // the common lib_mysqludf_sys UDFs
 	"SYS_EVAL":                       wSideEffect | wNonTx,
+
+	// PostgreSQL functions that run an SQL text they are given (whatever
+	// that text calls is invisible to the reader), in core and contrib.
+	"TS_STAT":     wSideEffect | wNonTx,
+	"TS_REWRITE":  wSideEffect | wNonTx, // ts_rewrite(query, 'SELECT ...')
+	"CROSSTAB":    wSideEffect | wNonTx, // tablefunc
+	"CROSSTAB2":   wSideEffect | wNonTx,
+	"CROSSTAB3":   wSideEffect | wNonTx,
+	"CROSSTAB4":   wSideEffect | wNonTx,
+	"CONNECTBY":   wSideEffect | wNonTx, // tablefunc: pastes its arguments into a query
+	"XPATH_TABLE": wSideEffect | wNonTx, // xml2: likewise
+	// Functions that write outside the transaction or change the server's
+	// state (statistics, WAL, indexes, files, caches).
+	"PG_STAT_STATEMENTS_RESET":   wSideEffect | wNonTx,
+	"BRIN_SUMMARIZE_NEW_VALUES":  wSideEffect | wNonTx,
+	"BRIN_SUMMARIZE_RANGE":       wSideEffect | wNonTx,
+	"BRIN_DESUMMARIZE_RANGE":     wSideEffect | wNonTx,
+	"GIN_CLEAN_PENDING_LIST":     wSideEffect | wNonTx,
+	"PG_CLEAR_RELATION_STATS":    wSideEffect | wNonTx,
+	"PG_RESTORE_RELATION_STATS":  wSideEffect | wNonTx,
+	"PG_SET_RELATION_STATS":      wSideEffect | wNonTx, // the 18 beta's names
+	"PG_CLEAR_ATTRIBUTE_STATS":   wSideEffect | wNonTx,
+	"PG_RESTORE_ATTRIBUTE_STATS": wSideEffect | wNonTx,
+	"PG_SET_ATTRIBUTE_STATS":     wSideEffect | wNonTx,
+	"PG_SYNC_REPLICATION_SLOTS":  wSideEffect | wNonTx,
+	"PG_SWITCH_XLOG":             wSideEffect | wNonTx, // before 10
+	"PG_XLOG_REPLAY_PAUSE":       wSideEffect | wNonTx,
+	"PG_XLOG_REPLAY_RESUME":      wSideEffect | wNonTx,
+	"PG_LOG_STANDBY_SNAPSHOT":    wSideEffect | wNonTx,
+	"PG_ROTATE_LOGFILE_OLD":      wSideEffect | wNonTx, // adminpack
+	"PG_LOGFILE_ROTATE":          wSideEffect | wNonTx,
+	"PG_FILE_SYNC":               wSideEffect | wNonTx,
+	"PG_NEXTOID":                 wSideEffect | wNonTx,
+	"PG_TRUNCATE_VISIBILITY_MAP": wSideEffect | wNonTx, // pg_visibility
+	"HEAP_FORCE_KILL":            wSideEffect | wNonTx, // pg_surgery
+	"HEAP_FORCE_FREEZE":          wSideEffect | wNonTx,
+	"AUTOPREWARM_DUMP_NOW":       wSideEffect | wNonTx, // pg_prewarm
+	"AUTOPREWARM_START_WORKER":   wSideEffect | wNonTx,
+	"LOWRITE":                    wSideEffect, // large objects by descriptor
+	"LOREAD":                     wSideEffect, // moves the descriptor
+	"SET_LIMIT":                  wSideEffect, // pg_trgm: sets a setting
 }
 
 // sideEffectPrefix lists families of functions with side effects, each
@@ -103,7 +144,9 @@ var sideEffectPrefix = [...]struct {
 	{"PG_COPY_", wSideEffect | wNonTx},             // replication slots
 	{"PG_LOGICAL_SLOT_GET_", wSideEffect | wNonTx}, // consumes changes
 	{"QUERY_TO_XML", wSideEffect | wNonTx},         // runs the query text it is given
-	{"CURSOR_TO_XML", wSideEffect | wNonTx},
+	{"CURSOR_TO_XML", wSideEffect | wNonTx},        // moves the cursor
+	{"PG_BUFFERCACHE_EVICT", wSideEffect | wNonTx}, //
+	{"PG_BACKGROUND_", wSideEffect | wNonTx},       // pg_background: runs an SQL text in a worker
 }
 
 // maxWord is the longest word looked up whole; longer ones are only
@@ -112,7 +155,7 @@ const maxWord = 40
 
 // wordFilter has a bit set for the length, first and last letter of every
 // word in words: most names in a statement miss it and skip the map.
-var wordFilter = func() (f [4]uint64) {
+var wordFilter = func() (f [8]uint64) {
 	for w := range words {
 		h := filterHash(len(w), w[0], w[len(w)-1])
 		f[h>>6] |= 1 << (h & 63)
@@ -121,7 +164,7 @@ var wordFilter = func() (f [4]uint64) {
 }()
 
 func filterHash(n int, first, last byte) uint {
-	return (uint(n)*31 + uint(first|0x20)*7 + uint(last|0x20)) & 255
+	return (uint(n)*31 + uint(first|0x20)*7 + uint(last|0x20)) & 511
 }
 
 // lookup returns the bits of a word, compared without regard to case.
@@ -169,4 +212,11 @@ func lookup(w string) uint8 {
 // (unqualified, any case) to have a side effect. The parser checks use it.
 func SideEffectFunction(name string) bool {
 	return name != "" && lookup(name)&wSideEffect != 0
+}
+
+// NonTransactionalFunction reports whether the reader knows the function
+// name (unqualified, any case) to have a side effect that a rollback does
+// not undo. The parser checks use it.
+func NonTransactionalFunction(name string) bool {
+	return name != "" && lookup(name)&wNonTx != 0
 }
