@@ -470,7 +470,7 @@ func TestContentionLetsGoWhenNothingCompletes(t *testing.T) {
 			case <-stop:
 				return
 			case <-time.After(5 * time.Millisecond):
-				clock.Advance(20 * time.Millisecond)
+				clock.Advance(10 * time.Millisecond)
 			}
 		}
 	}()
@@ -479,8 +479,8 @@ func TestContentionLetsGoWhenNothingCompletes(t *testing.T) {
 		if g.err != nil {
 			t.Fatalf("a waiting caller (or the nested one) never got in: %v", g.err)
 		}
-		if g.at < 150*time.Millisecond || g.at > 3*time.Second {
-			t.Errorf("a waiter got in after %v of no progress, want between the valve's floor and a few seconds", g.at)
+		if g.at < 1200*time.Millisecond || g.at > 5*time.Second {
+			t.Errorf("a waiter got in after %v of no progress, want after 1.2 s (PostgreSQL's deadlock_timeout and more) and within a few seconds", g.at)
 		}
 	}
 	if l.engaged.Load() || l.letGo.Load() != 1 {
@@ -511,16 +511,17 @@ func TestContentionKeepsLimitingWhileTransactionsComplete(t *testing.T) {
 		done <- err
 	}()
 	// Attempts that held no slot (in flight since before it engaged) keep
-	// completing, one every 50 ms, for 2 s of fake time.
+	// completing, one every 100 ms, for 4 s of fake time (1.6 s of real
+	// time, for the waiter's timer to look).
 	for range 40 {
 		s := txSlot{}
 		l.inflight.Add(1)
-		clock.Advance(50 * time.Millisecond)
-		l.release(s, false, false, 50*time.Millisecond)
+		clock.Advance(100 * time.Millisecond)
+		l.release(s, false, false, 100*time.Millisecond)
 		select {
 		case err := <-done:
 			t.Fatalf("the waiter got in (%v) although transactions kept completing", err)
-		case <-time.After(25 * time.Millisecond):
+		case <-time.After(40 * time.Millisecond):
 		}
 	}
 	if !l.engaged.Load() {
