@@ -26,7 +26,7 @@ import (
 func TestPostgresNestedFreshContextDoesNotStallContentionControl(t *testing.T) {
 	var ok [2]int
 	for i, cc := range []bool{false, true} {
-		r := nestedFreshRun(t, cc)
+		r := nestedFreshRun(t, cc, false)
 		t.Logf("contention control %v: nesting ok=%d failed=%d, plain ok=%d failed=%d (%d at their deadline); errors %v; waits=%d cuts=%d letgo=%d",
 			cc, r.okOuter, r.errOuter, r.okPlain, r.errPlain, r.deadline, r.errs, r.stats.ContentionWaits, r.stats.ContentionCuts, r.stats.ContentionLetGo)
 		ok[i] = r.okOuter + r.okPlain
@@ -42,6 +42,23 @@ func TestPostgresNestedFreshContextDoesNotStallContentionControl(t *testing.T) {
 	}
 }
 
+// The same with the nested RunInTx on another goroutine that the closure
+// waits for: nothing on the waiting caller's stack shows that it is nested,
+// and the limiter must let go once nothing completes (after 1.2 s at
+// least: a PostgreSQL deadlock among the slot holders stalls them for
+// deadlock_timeout). No caller may fail at its deadline.
+func TestPostgresNestedOnAnotherGoroutineDoesNotStallContentionControl(t *testing.T) {
+	r := nestedFreshRun(t, true, true)
+	t.Logf("nesting ok=%d failed=%d, plain ok=%d failed=%d (%d at their deadline); errors %v; waits=%d cuts=%d letgo=%d",
+		r.okOuter, r.errOuter, r.okPlain, r.errPlain, r.deadline, r.errs, r.stats.ContentionWaits, r.stats.ContentionCuts, r.stats.ContentionLetGo)
+	if r.deadline > 0 {
+		t.Errorf("%d callers failed at their deadline", r.deadline)
+	}
+	if r.stats.ContentionCuts == 0 {
+		t.Log("contention control never engaged: this run tests nothing")
+	}
+}
+
 type nestedFreshResult struct {
 	okOuter, okPlain, errOuter, errPlain int
 	deadline                             int // failed at their deadline
@@ -50,8 +67,9 @@ type nestedFreshResult struct {
 }
 
 // nestedFreshRun runs 8 workers for 2 s on a hot row, SERIALIZABLE; two of
-// them run a nested RunInTx on a fresh context inside their closure.
-func nestedFreshRun(t *testing.T, cc bool) nestedFreshResult {
+// them run a nested RunInTx on a fresh context inside their closure (on
+// another goroutine that the closure waits for, if elsewhere).
+func nestedFreshRun(t *testing.T, cc, elsewhere bool) nestedFreshResult {
 	db, err := sqlretry.Open("pgx", sharedDSN(t, "pgx"), sqlretry.WithContentionControl(cc))
 	if err != nil {
 		t.Fatal(err)
@@ -87,9 +105,17 @@ func nestedFreshRun(t *testing.T, cc bool) nestedFreshResult {
 						if err := hot(ctx, tx, 1); err != nil {
 							return err
 						}
-						ictx, icancel := context.WithTimeout(context.Background(), 2*time.Second)
-						defer icancel()
-						return sqlretry.RunInTx(ictx, db, ser, func(ctx context.Context, tx *sql.Tx) error { return hot(ctx, tx, 2) })
+						inner := func() error {
+							ictx, icancel := context.WithTimeout(context.Background(), 2*time.Second)
+							defer icancel()
+							return sqlretry.RunInTx(ictx, db, ser, func(ctx context.Context, tx *sql.Tx) error { return hot(ctx, tx, 2) })
+						}
+						if !elsewhere {
+							return inner()
+						}
+						ch := make(chan error, 1)
+						go func() { ch <- inner() }()
+						return <-ch
 					})
 				} else {
 					err = sqlretry.RunInTx(ctx, db, ser, func(ctx context.Context, tx *sql.Tx) error { return hot(ctx, tx, 1) })
