@@ -410,3 +410,125 @@ func TestContentionNeedsTwoCallsColliding(t *testing.T) {
 		}
 	})
 }
+
+// engagedAtOne engages the limiter with room for one transaction and
+// hands back that one's slot, held.
+func engagedAtOne(t *testing.T, l *txLimiter) txSlot {
+	t.Helper()
+	warmUp(l, 4)
+	a, _ := l.acquire(context.Background())
+	b, _ := l.acquire(context.Background())
+	l.release(a, true, false, 100*time.Millisecond) // engage at 1
+	l.release(b, false, false, 0)
+	if !l.engaged.Load() || int(l.limit) != 1 {
+		t.Fatalf("engaged=%v limit=%v", l.engaged.Load(), l.limit)
+	}
+	held, _ := l.acquire(context.Background())
+	if !held.limited {
+		t.Fatal("the first caller after engaging got no slot")
+	}
+	return held
+}
+
+// Contention control must never be the reason no transaction of the db
+// makes progress: when callers wait and nothing has completed for a while
+// (a slot holder that never finishes, or one whose closure waits for a slot
+// itself through a RunInTx nested on a context of its own), it lets go, and
+// the waiters run.
+func TestContentionLetsGoWhenNothingCompletes(t *testing.T) {
+	l, clock := newTestLimiter()
+	held := engagedAtOne(t, l)
+	// The holder's closure runs a RunInTx on a fresh context: the limiter
+	// cannot tell it from any other caller. Two more callers queue.
+	type got struct {
+		s   txSlot
+		err error
+		at  time.Duration // fake time from the start of the wait
+	}
+	start := clock.Now()
+	done := make(chan got, 3)
+	for range 3 {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			s, err := l.acquire(ctx)
+			done <- got{s, err, clock.Now().Sub(start)}
+		}()
+	}
+	// Limiting still holds while the fake clock stands still.
+	select {
+	case g := <-done:
+		t.Fatalf("a caller got in while the slot was held and no time passed: %+v", g)
+	case <-time.After(300 * time.Millisecond):
+	}
+	// Time passes with nothing completing.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+				clock.Advance(10 * time.Millisecond)
+			}
+		}
+	}()
+	for range 3 {
+		g := <-done
+		if g.err != nil {
+			t.Fatalf("a waiting caller (or the nested one) never got in: %v", g.err)
+		}
+		if g.at < 1200*time.Millisecond || g.at > 5*time.Second {
+			t.Errorf("a waiter got in after %v of no progress, want after 1.2 s (PostgreSQL's deadlock_timeout and more) and within a few seconds", g.at)
+		}
+	}
+	if l.engaged.Load() || l.letGo.Load() != 1 {
+		t.Errorf("engaged=%v letGo=%d: want let go once", l.engaged.Load(), l.letGo.Load())
+	}
+	l.release(held, false, true, 5*time.Second)
+	// It stays out for a while, like after a failed probation.
+	for i := range 50 {
+		s, _ := l.acquire(context.Background())
+		clock.Advance(10 * time.Millisecond)
+		l.release(s, i%2 == 0, i%2 != 0, 200*time.Millisecond)
+	}
+	if l.engaged.Load() {
+		t.Error("engaged again right after letting go for a stall")
+	}
+}
+
+// A queue behind a working limiter is not a stall: while transactions
+// keep completing, waiters wait their turn however long it takes.
+func TestContentionKeepsLimitingWhileTransactionsComplete(t *testing.T) {
+	l, clock := newTestLimiter()
+	held := engagedAtOne(t, l)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := l.acquire(ctx)
+		done <- err
+	}()
+	// Attempts that held no slot (in flight since before it engaged) keep
+	// completing, one every 100 ms, for 4 s of fake time (1.6 s of real
+	// time, for the waiter's timer to look).
+	for range 40 {
+		s := txSlot{}
+		l.inflight.Add(1)
+		clock.Advance(100 * time.Millisecond)
+		l.release(s, false, false, 100*time.Millisecond)
+		select {
+		case err := <-done:
+			t.Fatalf("the waiter got in (%v) although transactions kept completing", err)
+		case <-time.After(40 * time.Millisecond):
+		}
+	}
+	if !l.engaged.Load() {
+		t.Fatal("let go although transactions kept completing")
+	}
+	l.release(held, false, true, time.Millisecond)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
