@@ -49,11 +49,13 @@ func (t *tx) guard(query string) error {
 	return nil
 }
 
-// done records a statement's result inside the transaction.
-func (t *tx) done(err error, query string, isQuery bool) {
+// done records a statement's result inside the transaction. A read run
+// with a NotIdempotent context counts as a write: the caller said it has
+// an effect (a function of the user's own called by a SELECT).
+func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if err == nil {
 		t.c.r.succeeded(ticket{})
-		if !t.wrote && (!isQuery || !isReadQuery(t.c.r.dialect, query)) {
+		if !t.wrote && (!isQuery || !isReadQuery(t.c.r.dialect, query) || markedNotIdempotent(ctx)) {
 			t.wrote = true
 		}
 		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
@@ -124,7 +126,7 @@ func (t *tx) exec(ctx context.Context, query string, args []driver.NamedValue) (
 		return nil, err
 	}
 	res, err := t.c.execInner(ctx, query, args)
-	t.done(err, query, false)
+	t.done(ctx, err, query, false)
 	return res, err
 }
 
@@ -133,7 +135,7 @@ func (t *tx) query(ctx context.Context, query string, args []driver.NamedValue) 
 		return nil, err
 	}
 	rows, err := t.c.queryInner(ctx, query, args)
-	t.done(err, query, true)
+	t.done(ctx, err, query, true)
 	if err != nil {
 		return nil, err
 	}
@@ -145,7 +147,7 @@ func (t *tx) stmtExec(ctx context.Context, s *stmt, args []driver.NamedValue) (d
 		return nil, err
 	}
 	res, err := s.execInner(ctx, args)
-	t.done(err, s.query, false)
+	t.done(ctx, err, s.query, false)
 	return res, err
 }
 
@@ -154,7 +156,7 @@ func (t *tx) stmtQuery(ctx context.Context, s *stmt, args []driver.NamedValue) (
 		return nil, err
 	}
 	rows, err := s.queryInner(ctx, args)
-	t.done(err, s.query, true)
+	t.done(ctx, err, s.query, true)
 	if err != nil {
 		return nil, err
 	}
@@ -680,4 +682,11 @@ func plainRetrier() *retrier {
 		plain = newRetrier(cfg, nil, DialectUnknown)
 	})
 	return plain
+}
+
+// markedNotIdempotent reports a context marked NotIdempotent (or
+// Idempotent's value false).
+func markedNotIdempotent(ctx context.Context) bool {
+	v, ok := ctx.Value(keyIdempotent).(bool)
+	return ok && !v
 }
