@@ -83,3 +83,50 @@ func TestNotIdempotentReadInsideATransactionCountsAsAWrite(t *testing.T) {
 		t.Fatalf("an unmarked read: err=%v calls=%d, want a replay", err, calls)
 	}
 }
+
+// Item 3: a closure that ends the transaction itself. RunInTx's own
+// COMMIT then gets sql.ErrTxDone; it returns the closure's outcome and
+// never replays.
+func TestRunInTxClosureThatCommitsItself(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		commit step // the closure's COMMIT
+		opts   []Option
+		end    func(tx *sql.Tx) error // what the closure does at its end
+		want   error                  // nil: success
+		wantIs error
+	}{
+		{"commit, return its error", step{}, nil, func(tx *sql.Tx) error { return tx.Commit() }, nil, nil},
+		{"commit, return nil", step{}, nil, func(tx *sql.Tx) error { tx.Commit(); return nil }, nil, nil},
+		{"lost commit resolved committed", step{err: errLost, ran: true}, nil, func(tx *sql.Tx) error { tx.Commit(); return nil }, nil, nil},
+		{"lost commit unresolved", step{err: errLost, ran: true}, []Option{WithCommitResolution(false)}, func(tx *sql.Tx) error { tx.Commit(); return nil }, ErrAmbiguousCommit, ErrAmbiguousCommit},
+		{"commit refused", step{err: errSerialization}, nil, func(tx *sql.Tx) error { tx.Commit(); return nil }, errSerialization, errSerialization},
+		{"rollback, return nil", step{}, nil, func(tx *sql.Tx) error { tx.Rollback(); return nil }, sql.ErrTxDone, sql.ErrTxDone},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := newFakeServer()
+			srv.script("COMMIT", tc.commit)
+			db, _ := testDB(t, srv, tc.opts...)
+			calls := 0
+			err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				if _, err := tx.ExecContext(ctx, "INSERT INTO log VALUES ('once')"); err != nil {
+					return err
+				}
+				return tc.end(tx)
+			})
+			if calls != 1 {
+				t.Fatalf("calls = %d (err=%v); want no replay", calls, err)
+			}
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("err = %v; the closure's COMMIT succeeded", err)
+				}
+				return
+			}
+			if !errors.Is(err, tc.wantIs) {
+				t.Fatalf("err = %v, want %v", err, tc.wantIs)
+			}
+		})
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -165,13 +166,29 @@ func (t *tx) stmtQuery(ctx context.Context, s *stmt, args []driver.NamedValue) (
 
 func (t *tx) Rollback() error {
 	t.c.tx = nil
-	return t.rollback()
+	a := t.attempt
+	err := t.rollback()
+	if a != nil {
+		a.ended.Store(endRolledBack)
+	}
+	return err
 }
 
 // Commit refuses a poisoned transaction, remembers what it needs to
 // resolve a lost COMMIT, and never reports a COMMIT whose outcome it does
-// not know as either success or failure.
+// not know as either success or failure. In a RunInTx attempt its outcome
+// is recorded: a closure that commits itself (runTxOnce).
 func (t *tx) Commit() error {
+	a := t.attempt
+	err := t.commit()
+	if a != nil {
+		a.commitErr = err
+		a.ended.Store(endCommitted)
+	}
+	return err
+}
+
+func (t *tx) commit() error {
 	c, r := t.c, t.c.r
 	defer func() { c.tx = nil }()
 	if t.poison != nil {
@@ -335,16 +352,31 @@ func serverAnswered(err error) bool {
 // RunInTx finds it. One allocation per attempt serves all of that.
 type txAttempt struct {
 	context.Context
-	begun  bool  // BeginTx has returned: a BeginTx inside the closure is not this attempt's
-	poison error // first retryable error (tx.failed)
-	first  error // first error the database raised in this attempt, of any class ...
-	last   error // ... and the last
+	begun bool // BeginTx has returned: a BeginTx inside the closure is not this attempt's
+	// ended: the transaction's Commit or Rollback was called (endCommitted,
+	// endRolledBack), by the closure or, after it, by runTxOnce; atomic
+	// because database/sql rolls back from its own goroutine when the
+	// context ends. byClosure is ended as the closure left it, commitErr
+	// the Commit's result. (Packed next to begun: the attempt stays in a
+	// 112-byte allocation.)
+	byClosure int8
+	ended     atomic.Int32
+	commitErr error
+	poison    error // first retryable error (tx.failed)
+	first     error // first error the database raised in this attempt, of any class ...
+	last      error // ... and the last
 	// answered: the last error whose code says the session ended, raised
 	// on a session that lived on (tx.judgeSession): the statement's, no
 	// replay.
 	answered error
 	nested   *nestedReplay
 }
+
+// What a transaction's own Commit or Rollback did (txAttempt.ended).
+const (
+	endCommitted  = 1
+	endRolledBack = 2
+)
 
 // nestedReplay is the failure of a RunInTx nested in an attempt's closure
 // for a reason worth a replay: it runs once, and the replay is the
@@ -599,6 +631,9 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 // decide says whether a failed attempt is replayed, and for what cause.
 func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 	err := o.err
+	if att.byClosure != 0 {
+		return // the closure ended the transaction itself: its outcome is final
+	}
 	var own *Error
 	pgRules := r.dialect != DialectMySQL
 	switch {
@@ -658,11 +693,23 @@ func runTxOnce(att *txAttempt, db *sql.DB, txOpts *sql.TxOptions, fn func(contex
 			_ = sqlTx.Rollback() // also when fn panics
 		}
 	}()
-	if err := fn(att, sqlTx); err != nil {
+	err = fn(att, sqlTx)
+	att.byClosure = int8(att.ended.Load())
+	if err != nil {
 		return began, phaseBody, err
 	}
 	committed = true
 	if err := sqlTx.Commit(); err != nil {
+		if errors.Is(err, sql.ErrTxDone) {
+			// The closure ended the transaction itself: its outcome.
+			switch att.ended.Load() {
+			case endCommitted:
+				att.byClosure = endCommitted
+				return began, phaseCommit, att.commitErr
+			case endRolledBack:
+				att.byClosure = endRolledBack
+			}
+		}
 		return began, phaseCommit, err
 	}
 	return began, phaseCommit, nil
