@@ -4,7 +4,10 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strings"
 	"testing"
+
+	"github.com/go-sql-driver/mysql"
 )
 
 // Item 1: a statement run with a NotIdempotent context inside a transaction
@@ -81,6 +84,204 @@ func TestNotIdempotentReadInsideATransactionCountsAsAWrite(t *testing.T) {
 	})
 	if err != nil || calls != 2 {
 		t.Fatalf("an unmarked read: err=%v calls=%d, want a replay", err, calls)
+	}
+}
+
+// escapeCase is a statement run inside a RunInTx closure: escapes says
+// whether it ends or starts a transaction by itself (then part of the
+// closure's work may already be committed).
+type escapeCase struct {
+	dialect Dialect
+	stmt    string
+	escapes bool
+}
+
+var escapeCases = []escapeCase{
+	// Transaction control by hand, both dialects.
+	{DialectPostgres, "COMMIT", true},
+	{DialectPostgres, "commit work", true},
+	{DialectPostgres, "END", true},
+	{DialectPostgres, "COMMIT; BEGIN", true},
+	{DialectPostgres, "COMMIT AND CHAIN", true},
+	{DialectPostgres, "ROLLBACK", true},
+	{DialectPostgres, "ABORT", true},
+	{DialectPostgres, "PREPARE TRANSACTION 'x'", true},
+	{DialectPostgres, "UPDATE a SET n = 1; COMMIT", true},
+	{DialectPostgres, "/* c */ COMMIT", true},
+	{DialectMySQL, "COMMIT", true},
+	{DialectMySQL, "COMMIT; BEGIN", true},
+	{DialectMySQL, "START TRANSACTION", true},
+	{DialectMySQL, "BEGIN", true},
+	{DialectMySQL, "SET autocommit = 1", true},
+	{DialectMySQL, "XA START 'x'", true},
+	// MySQL's implicit commits.
+	{DialectMySQL, "CREATE TABLE x (id int)", true},
+	{DialectMySQL, "create index i on t (n)", true},
+	{DialectMySQL, "ALTER TABLE t ADD COLUMN c int", true},
+	{DialectMySQL, "DROP TABLE x", true},
+	{DialectMySQL, "RENAME TABLE a TO b", true},
+	{DialectMySQL, "TRUNCATE TABLE t", true},
+	{DialectMySQL, "TRUNCATE t", true},
+	{DialectMySQL, "LOCK TABLES t WRITE", true},
+	{DialectMySQL, "UNLOCK TABLES", true},
+	{DialectMySQL, "GRANT SELECT ON t TO u", true},
+	{DialectMySQL, "REVOKE SELECT ON t FROM u", true},
+	{DialectMySQL, "SET PASSWORD = PASSWORD('x')", true},
+	{DialectMySQL, "FLUSH PRIVILEGES", true},
+	{DialectMySQL, "ANALYZE TABLE t", true},
+	{DialectMySQL, "OPTIMIZE TABLE t", true},
+	{DialectMySQL, "REPAIR TABLE t", true},
+	{DialectMySQL, "CHECK TABLE t", true},
+	{DialectMySQL, "LOAD INDEX INTO CACHE t", true},
+	{DialectMySQL, "CACHE INDEX t IN c", true},
+	{DialectMySQL, "INSTALL PLUGIN p SONAME 'p.so'", true},
+	{DialectMySQL, "/* c */ CREATE TABLE x (id int)", true},
+	{DialectMySQL, "# c\nDROP TABLE x", true},
+	{DialectMySQL, "/*!40000 ALTER TABLE t DISABLE KEYS */", true},
+	{DialectMySQL, "UPDATE a SET n = 1; DROP TABLE x", true},
+	{DialectUnknown, "CREATE TABLE x (id int)", true},
+	// Not escapes: savepoints, reads and writes, PostgreSQL's
+	// transactional DDL, MySQL's temporary tables.
+	{DialectPostgres, "SAVEPOINT s1", false},
+	{DialectPostgres, "ROLLBACK TO SAVEPOINT s1", false},
+	{DialectPostgres, "RELEASE SAVEPOINT s1", false},
+	{DialectPostgres, "CREATE TABLE x (id int)", false},
+	{DialectPostgres, "LOCK TABLE t IN EXCLUSIVE MODE", false},
+	{DialectPostgres, "SELECT 'COMMIT'", false},
+	{DialectMySQL, "SAVEPOINT s1", false},
+	{DialectMySQL, "ROLLBACK TO SAVEPOINT s1", false},
+	{DialectMySQL, "RELEASE SAVEPOINT s1", false},
+	{DialectMySQL, "CREATE TEMPORARY TABLE x (id int)", false},
+	{DialectMySQL, "DROP TEMPORARY TABLE x", false},
+	{DialectMySQL, "SET @x = 1", false},
+	{DialectMySQL, "INSERT INTO t VALUES ('CREATE TABLE')", false},
+	{DialectMySQL, "SELECT * FROM t FOR UPDATE", false},
+	{DialectMySQL, "ANALYZE SELECT * FROM t", false},
+}
+
+func (c escapeCase) name() string {
+	return c.dialect.String() + ": " + c.stmt
+}
+
+// Item 2: a closure that commits part of its work itself (COMMIT by hand,
+// or a statement that commits implicitly on MySQL), then meets a deadlock:
+// replaying it from the start would write the committed part again.
+func TestRunInTxDoesNotReplayAClosureThatCommittedPartOfItsWork(t *testing.T) {
+	for _, tc := range escapeCases {
+		t.Run(tc.name(), func(t *testing.T) {
+			srv := newFakeServer()
+			srv.handCommits = []string{tc.stmt}
+			deadlock := error(errDeadlockMy)
+			if tc.dialect == DialectPostgres {
+				deadlock = errDeadlockPG
+			}
+			srv.script("UPDATE hot", step{err: deadlock})
+			db, _ := testDB(t, srv, WithDialect(tc.dialect))
+			calls := 0
+			err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				if _, err := tx.ExecContext(ctx, "INSERT INTO log VALUES ('once')"); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, tc.stmt); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "UPDATE hot SET n = n + 1")
+				return err
+			})
+			if !tc.escapes {
+				if err != nil || calls != 2 {
+					t.Fatalf("err=%v calls=%d; want the deadlock replayed", err, calls)
+				}
+				return
+			}
+			if calls != 1 || srv.ranCount("INSERT INTO log") > 1 {
+				t.Fatalf("calls=%d, log written %d times (err=%v): the closure was replayed after it committed part of its work", calls, srv.ranCount("INSERT INTO log"), err)
+			}
+			if !errors.Is(err, deadlock) {
+				t.Fatalf("err = %v, want the deadlock", err)
+			}
+			if !strings.Contains(err.Error(), "committed part of its work itself") {
+				t.Errorf("err = %v does not say why it was not replayed", err)
+			}
+		})
+	}
+}
+
+// Item 2, the other ways an attempt can end: a lost connection before
+// COMMIT, a statement that commits implicitly and fails all the same, and
+// a lost final COMMIT (resolved "committed" is success, anything else is
+// ErrAmbiguousCommit, never a replay).
+func TestEscapedTransactionIsNeverReplayed(t *testing.T) {
+	run := func(t *testing.T, srv *fakeServer, opts ...Option) (int, error) {
+		db, _ := testDB(t, srv, opts...)
+		calls := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			tx.ExecContext(ctx, "INSERT INTO log VALUES ('once')")
+			tx.ExecContext(ctx, "commit") // lower case: the scripts for "COMMIT" are the final one's
+			_, err := tx.ExecContext(ctx, "UPDATE hot SET n = n + 1")
+			return err
+		})
+		return calls, err
+	}
+	t.Run("connection lost after the escape", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.handCommits = []string{"commit"}
+		srv.script("UPDATE hot", step{err: errLost})
+		calls, err := run(t, srv)
+		if calls != 1 || !errors.Is(err, errLost) {
+			t.Fatalf("calls=%d err=%v; want no replay", calls, err)
+		}
+	})
+	t.Run("implicit commit by a failing DDL", func(t *testing.T) {
+		srv := newFakeServer()
+		srv.handCommits = []string{"CREATE TABLE"}
+		exists := &mysql.MySQLError{Number: 1050, Message: "Table 'x' already exists"}
+		srv.script("CREATE TABLE", step{err: exists, ran: true})
+		srv.script("UPDATE hot", step{err: errDeadlockMy})
+		db, _ := testDB(t, srv, WithDialect(DialectMySQL))
+		calls := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			tx.ExecContext(ctx, "INSERT INTO log VALUES ('once')")
+			tx.ExecContext(ctx, "CREATE TABLE x (id int)") // exists: fine by the caller
+			_, err := tx.ExecContext(ctx, "UPDATE hot SET n = n + 1")
+			return err
+		})
+		if calls != 1 || srv.ranCount("INSERT INTO log") != 1 || !errors.Is(err, errDeadlockMy) {
+			t.Fatalf("calls=%d log=%d err=%v; want no replay", calls, srv.ranCount("INSERT INTO log"), err)
+		}
+	})
+	for _, tc := range []struct {
+		name string
+		ran  bool
+		opts []Option
+		want error
+	}{
+		{"lost COMMIT resolved committed", true, nil, nil},
+		{"lost COMMIT resolved not committed", false, nil, ErrAmbiguousCommit},
+		{"lost COMMIT unresolved", true, []Option{WithCommitResolution(false)}, ErrAmbiguousCommit},
+		{"lost COMMIT, mysql marker, committed", true, []Option{WithDialect(DialectMySQL), WithMySQLCommitMarker("sqlretry_marker")}, nil},
+		{"lost COMMIT, mysql marker, not committed", false, []Option{WithDialect(DialectMySQL), WithMySQLCommitMarker("sqlretry_marker")}, ErrAmbiguousCommit},
+		{"lost COMMIT, mysql no marker", true, []Option{WithDialect(DialectMySQL)}, ErrAmbiguousCommit},
+		{"read only", false, nil, ErrAmbiguousCommit},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := newFakeServer()
+			srv.handCommits = []string{"commit"}
+			srv.script("COMMIT", step{err: errLost, ran: tc.ran})
+			if tc.name == "read only" {
+				srv.inRecovery = true // no transaction id: nothing durable, were it not for the escape
+			}
+			calls, err := run(t, srv, tc.opts...)
+			if calls != 1 || srv.ranCount("INSERT INTO log") != 1 {
+				t.Fatalf("calls=%d log=%d err=%v; want one run", calls, srv.ranCount("INSERT INTO log"), err)
+			}
+			if tc.want == nil && err != nil || tc.want != nil && !errors.Is(err, tc.want) {
+				t.Fatalf("err = %v, want %v", err, tc.want)
+			}
+		})
 	}
 }
 

@@ -39,6 +39,10 @@ type tx struct {
 	// sessionErr: a MySQL session-ended number a statement got on a
 	// connection still open, judged at the rollback (judgeSession).
 	sessionErr error
+	// escaped: a statement ended or started a transaction by itself
+	// (escapesTx): part of the work may be committed already, so a lost
+	// COMMIT is never turned into a replay.
+	escaped bool
 }
 
 // guard refuses statements in a poisoned transaction, except ROLLBACK TO
@@ -50,10 +54,18 @@ func (t *tx) guard(query string) error {
 	return nil
 }
 
-// done records a statement's result inside the transaction. A read run
+// done records a statement's result inside the transaction. A statement
+// that ends or starts a transaction by itself escapes it, whether it
+// succeeded or not (MySQL commits before a DDL statement runs). A read run
 // with a NotIdempotent context counts as a write: the caller said it has
 // an effect (a function of the user's own called by a SELECT).
 func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
+	if !t.escaped && escapesTx(t.c.r.dialect, query) {
+		t.escaped = true
+		if t.attempt != nil {
+			t.attempt.escaped = true
+		}
+	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
 		if !t.wrote && (!isQuery || !isReadQuery(t.c.r.dialect, query) || markedNotIdempotent(ctx)) {
@@ -290,7 +302,7 @@ func (t *tx) commitFailed(err error) error {
 		return err // the server answered: not committed
 	}
 	t.c.bad.Store(true)
-	if !t.wrote || t.nothingDurable {
+	if (!t.wrote || t.nothingDurable) && !t.escaped {
 		// Nothing to lose: a transaction that provably only read, or that
 		// the server held read-only, may be replayed.
 		return newError("commit", 1, RetryTransaction, nil, err)
@@ -307,11 +319,15 @@ func (t *tx) commitFailed(err error) error {
 		// on disconnect. Only the exact sentinel is trusted here.
 		outcome = CommitNotCommitted
 	}
-	switch outcome {
-	case CommitCommitted:
+	switch {
+	case outcome == CommitCommitted:
 		return nil
-	case CommitNotCommitted:
+	case outcome == CommitNotCommitted && !t.escaped:
 		return newError("commit", 1, RetryTransaction, nil, err)
+	case t.escaped:
+		// Its last part did not commit, or nobody knows; what the
+		// transaction committed by itself before did. No replay.
+		err = fmt.Errorf("%w (the transaction had committed part of its work itself before: %s)", err, escapedWhat)
 	}
 	r.counters.commitsAmbiguous.Add(1)
 	if ctxErr := t.ctx.Err(); ctxErr != nil && !errors.Is(err, ctxErr) {
@@ -353,6 +369,9 @@ func serverAnswered(err error) bool {
 type txAttempt struct {
 	context.Context
 	begun bool // BeginTx has returned: a BeginTx inside the closure is not this attempt's
+	// escaped: a statement of the attempt's transaction ended or started a
+	// transaction by itself (tx.done): no replay.
+	escaped bool
 	// ended: the transaction's Commit or Rollback was called (endCommitted,
 	// endRolledBack), by the closure or, after it, by runTxOnce; atomic
 	// because database/sql rolls back from its own goroutine when the
@@ -377,6 +396,19 @@ const (
 	endCommitted  = 1
 	endRolledBack = 2
 )
+
+// escapedWhat says why an attempt is not replayed after an escape.
+const escapedWhat = "COMMIT, ROLLBACK or BEGIN run as a statement, or a statement that commits implicitly such as DDL on MySQL"
+
+// escapedError is the error of an attempt that would have been replayed
+// but for an escape (tx.done).
+type escapedError struct{ err error }
+
+func (e *escapedError) Error() string {
+	return "sqlretry: RunInTx: the closure committed part of its work itself (" + escapedWhat +
+		"), so sqlretry cannot replay it: " + e.err.Error()
+}
+func (e *escapedError) Unwrap() error { return e.err }
 
 // nestedReplay is the failure of a RunInTx nested in an attempt's closure
 // for a reason worth a replay: it runs once, and the replay is the
@@ -544,6 +576,9 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 			// that sqlretry did not open): its outcome is unknown.
 			return newError("commit", attempt, cls, ErrAmbiguousCommit, err)
 		}
+		if o.escaped {
+			return &escapedError{err: err}
+		}
 		if o.cause != err && !errors.Is(err, o.cause) {
 			// The cause first: errors.As finds the error that decided (the
 			// unique violation, not the 25P02 the closure met after it).
@@ -595,6 +630,7 @@ type txOutcome struct {
 	cls      Class // cause's class
 	replay   bool
 	conflict bool // aborted by a conflict with another transaction (for contention control)
+	escaped  bool // it would have been replayed, but the closure committed part of its work itself
 }
 
 // runAttempt runs one attempt within the contention control: the slot is
@@ -667,6 +703,9 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 		o.replay = true
 	case ConnectionLost, Ambiguous:
 		o.replay = true // before COMMIT the server rolls back on disconnect
+	}
+	if o.replay && att.escaped {
+		o.replay, o.escaped = false, true
 	}
 }
 
