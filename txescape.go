@@ -12,10 +12,55 @@ import "strings"
 // It is called on every statement inside a transaction: txControl's fast
 // path and implicitCommit's first-word check allocate nothing.
 func escapesTx(d Dialect, q string) bool {
+	if plainDML(q) {
+		return false
+	}
 	if txControl(d, q) != 0 {
 		return true
 	}
 	return d != DialectPostgres && implicitCommit(q)
+}
+
+// plainDML is escapesTx's fast path for the common statement: a text
+// without ";" that starts (after white space) with SELECT, INSERT, UPDATE
+// or DELETE followed by white space or "(". It is one statement that
+// neither controls the transaction nor commits implicitly, in every
+// dialect and reading (txControl's own fast path says TxNone for it too).
+func plainDML(q string) bool {
+	i := 0
+	for i < len(q) && (q[i] == ' ' || q[i] == '\t' || q[i] == '\n' || q[i] == '\r') {
+		i++
+	}
+	if len(q)-i < 7 {
+		return false
+	}
+	switch q[i+6] {
+	case ' ', '\t', '\n', '\r', '(':
+	default:
+		return false
+	}
+	w := q[i : i+6]
+	switch w[0] | 0x20 {
+	case 's':
+		if !eqFold(w, "SELECT") {
+			return false
+		}
+	case 'i':
+		if !eqFold(w, "INSERT") {
+			return false
+		}
+	case 'u':
+		if !eqFold(w, "UPDATE") {
+			return false
+		}
+	case 'd':
+		if !eqFold(w, "DELETE") {
+			return false
+		}
+	default:
+		return false
+	}
+	return strings.IndexByte(q[i+6:], ';') < 0
 }
 
 // implicitCommit reports a text with a statement that MySQL (MariaDB)
