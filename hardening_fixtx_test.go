@@ -335,3 +335,32 @@ func TestRunInTxClosureThatCommitsItself(t *testing.T) {
 		})
 	}
 }
+
+// A statement inside a transaction that leaves the session out of plain
+// autocommit for good (SET autocommit = 0, SET completion_type on MySQL)
+// outlives the transaction: the connection goes back to the pool in
+// manual mode, and sqlretry must not retry its autocommit statements
+// from then on (as when the same statement runs outside a transaction).
+func TestSessionLeftManualInsideATransactionTurnsStatementRetriesOff(t *testing.T) {
+	for _, stmt := range []string{"SET autocommit = 0", "SET SESSION completion_type = 'CHAIN'"} {
+		t.Run(stmt, func(t *testing.T) {
+			srv := newFakeServer()
+			db, _ := testDB(t, srv, WithDialect(DialectMySQL))
+			db.SetMaxOpenConns(1)
+			tx, err := db.Begin()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := tx.Exec(stmt); err != nil {
+				t.Fatal(err)
+			}
+			if err := tx.Commit(); err != nil {
+				t.Fatal(err)
+			}
+			srv.script("UPDATE", step{err: errDeadlockMy})
+			if _, err := db.Exec("UPDATE t SET n = 1"); !errors.Is(err, errDeadlockMy) {
+				t.Fatalf("err = %v; want the deadlock returned: the session is no longer in autocommit", err)
+			}
+		})
+	}
+}

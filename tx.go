@@ -60,11 +60,8 @@ func (t *tx) guard(query string) error {
 // with a NotIdempotent context counts as a write: the caller said it has
 // an effect (a function of the user's own called by a SELECT).
 func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
-	if !t.escaped && escapesTx(t.c.r.dialect, query) {
-		t.escaped = true
-		if t.attempt != nil {
-			t.attempt.escaped = true
-		}
+	if escapesTx(t.c.r.dialect, query) {
+		t.escape(query)
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
@@ -78,6 +75,21 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 		return
 	}
 	t.failed(err, query)
+}
+
+// escape marks the transaction escaped (done). A statement that leaves
+// the session out of plain autocommit for good (SET autocommit, SET
+// completion_type, and what sqlretry cannot see into: txForGood) outlives
+// the transaction: the connection stays manual, as when it runs outside
+// one (conn.noteTxControl).
+func (t *tx) escape(query string) {
+	t.escaped = true
+	if t.attempt != nil {
+		t.attempt.escaped = true
+	}
+	if txControl(t.c.r.dialect, query) == txForGood {
+		t.c.manual.Store(2)
+	}
 }
 
 // failed notes an error inside the transaction.
