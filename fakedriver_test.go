@@ -103,6 +103,11 @@ type fakeServer struct {
 	replicaFrozen    bool         // an autocommit INSERT or DELETE waits for the ACK until its context ends
 	oldSession       *fakeBackend // the old session in the process list (any ID) until KILLed: state is its Command, waitEvent its State
 	mysqlKills       []string     // KILL statements run
+
+	// handCommits: statements (by prefix) that, run inside a transaction,
+	// commit its work so far (a COMMIT by hand, MySQL's implicit commits);
+	// the transaction goes on as a new one. Empty: none do.
+	handCommits []string
 }
 
 // fakeBackend is what pg_stat_activity shows of an old backend.
@@ -280,6 +285,16 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	return nil
 }
 
+// commitsByHand reports a statement that commits the open transaction.
+func (s *fakeServer) commitsByHand(q string) bool {
+	for _, p := range s.handCommits {
+		if strings.HasPrefix(q, p) {
+			return true
+		}
+	}
+	return false
+}
+
 // errInFailedTx is PostgreSQL's answer to a statement after an error in
 // the same transaction.
 var errInFailedTx = &pgError{"25P02", "current transaction is aborted, commands ignored until end of transaction block"}
@@ -289,6 +304,16 @@ func isConnErr(err error) bool {
 }
 
 func (c *fakeConn) apply(q string) {
+	if c.inTx && c.srv.commitsByHand(q) {
+		c.srv.mu.Lock()
+		c.srv.ran = append(c.srv.ran, c.pending...)
+		c.srv.ran = append(c.srv.ran, q)
+		c.srv.committed++
+		c.srv.mu.Unlock()
+		c.setXID("committed")
+		c.pending, c.xid = nil, 0
+		return
+	}
 	if c.inTx {
 		c.pending = append(c.pending, q)
 		if c.xid == 0 && !strings.HasPrefix(q, "SELECT") && !strings.HasPrefix(q, "NOTIFY") { // NOTIFY takes no id

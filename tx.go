@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -38,6 +39,10 @@ type tx struct {
 	// sessionErr: a MySQL session-ended number a statement got on a
 	// connection still open, judged at the rollback (judgeSession).
 	sessionErr error
+	// escaped: a statement ended or started a transaction by itself
+	// (escapesTx): part of the work may be committed already, so a lost
+	// COMMIT is never turned into a replay.
+	escaped bool
 }
 
 // guard refuses statements in a poisoned transaction, except ROLLBACK TO
@@ -49,11 +54,18 @@ func (t *tx) guard(query string) error {
 	return nil
 }
 
-// done records a statement's result inside the transaction.
-func (t *tx) done(err error, query string, isQuery bool) {
+// done records a statement's result inside the transaction. A statement
+// that ends or starts a transaction by itself escapes it, whether it
+// succeeded or not (MySQL commits before a DDL statement runs). A read run
+// with a NotIdempotent context counts as a write: the caller said it has
+// an effect (a function of the user's own called by a SELECT).
+func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
+	if escapesTx(t.c.r.dialect, query) {
+		t.escape(query)
+	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
-		if !t.wrote && (!isQuery || !isReadQuery(t.c.r.dialect, query)) {
+		if !t.wrote && (!isQuery || !isReadQuery(t.c.r.dialect, query) || markedNotIdempotent(ctx)) {
 			t.wrote = true
 		}
 		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
@@ -63,6 +75,21 @@ func (t *tx) done(err error, query string, isQuery bool) {
 		return
 	}
 	t.failed(err, query)
+}
+
+// escape marks the transaction escaped (done). A statement that leaves
+// the session out of plain autocommit for good (SET autocommit, SET
+// completion_type, and what sqlretry cannot see into: txForGood) outlives
+// the transaction: the connection stays manual, as when it runs outside
+// one (conn.noteTxControl).
+func (t *tx) escape(query string) {
+	t.escaped = true
+	if t.attempt != nil {
+		t.attempt.escaped = true
+	}
+	if txControl(t.c.r.dialect, query) == txForGood {
+		t.c.manual.Store(2)
+	}
 }
 
 // failed notes an error inside the transaction.
@@ -124,7 +151,7 @@ func (t *tx) exec(ctx context.Context, query string, args []driver.NamedValue) (
 		return nil, err
 	}
 	res, err := t.c.execInner(ctx, query, args)
-	t.done(err, query, false)
+	t.done(ctx, err, query, false)
 	return res, err
 }
 
@@ -133,7 +160,7 @@ func (t *tx) query(ctx context.Context, query string, args []driver.NamedValue) 
 		return nil, err
 	}
 	rows, err := t.c.queryInner(ctx, query, args)
-	t.done(err, query, true)
+	t.done(ctx, err, query, true)
 	if err != nil {
 		return nil, err
 	}
@@ -145,7 +172,7 @@ func (t *tx) stmtExec(ctx context.Context, s *stmt, args []driver.NamedValue) (d
 		return nil, err
 	}
 	res, err := s.execInner(ctx, args)
-	t.done(err, s.query, false)
+	t.done(ctx, err, s.query, false)
 	return res, err
 }
 
@@ -154,7 +181,7 @@ func (t *tx) stmtQuery(ctx context.Context, s *stmt, args []driver.NamedValue) (
 		return nil, err
 	}
 	rows, err := s.queryInner(ctx, args)
-	t.done(err, s.query, true)
+	t.done(ctx, err, s.query, true)
 	if err != nil {
 		return nil, err
 	}
@@ -163,13 +190,29 @@ func (t *tx) stmtQuery(ctx context.Context, s *stmt, args []driver.NamedValue) (
 
 func (t *tx) Rollback() error {
 	t.c.tx = nil
-	return t.rollback()
+	a := t.attempt
+	err := t.rollback()
+	if a != nil {
+		a.ended.Store(endRolledBack)
+	}
+	return err
 }
 
 // Commit refuses a poisoned transaction, remembers what it needs to
 // resolve a lost COMMIT, and never reports a COMMIT whose outcome it does
-// not know as either success or failure.
+// not know as either success or failure. In a RunInTx attempt its outcome
+// is recorded: a closure that commits itself (runTxOnce).
 func (t *tx) Commit() error {
+	a := t.attempt
+	err := t.commit()
+	if a != nil {
+		a.commitErr = err
+		a.ended.Store(endCommitted)
+	}
+	return err
+}
+
+func (t *tx) commit() error {
 	c, r := t.c, t.c.r
 	defer func() { c.tx = nil }()
 	if t.poison != nil {
@@ -271,7 +314,7 @@ func (t *tx) commitFailed(err error) error {
 		return err // the server answered: not committed
 	}
 	t.c.bad.Store(true)
-	if !t.wrote || t.nothingDurable {
+	if (!t.wrote || t.nothingDurable) && !t.escaped {
 		// Nothing to lose: a transaction that provably only read, or that
 		// the server held read-only, may be replayed.
 		return newError("commit", 1, RetryTransaction, nil, err)
@@ -288,11 +331,15 @@ func (t *tx) commitFailed(err error) error {
 		// on disconnect. Only the exact sentinel is trusted here.
 		outcome = CommitNotCommitted
 	}
-	switch outcome {
-	case CommitCommitted:
+	switch {
+	case outcome == CommitCommitted:
 		return nil
-	case CommitNotCommitted:
+	case outcome == CommitNotCommitted && !t.escaped:
 		return newError("commit", 1, RetryTransaction, nil, err)
+	case t.escaped:
+		// Its last part did not commit, or nobody knows; what the
+		// transaction committed by itself before did. No replay.
+		err = fmt.Errorf("%w (the transaction had committed part of its work itself before: %s)", err, escapedWhat)
 	}
 	r.counters.commitsAmbiguous.Add(1)
 	if ctxErr := t.ctx.Err(); ctxErr != nil && !errors.Is(err, ctxErr) {
@@ -333,16 +380,47 @@ func serverAnswered(err error) bool {
 // RunInTx finds it. One allocation per attempt serves all of that.
 type txAttempt struct {
 	context.Context
-	begun  bool  // BeginTx has returned: a BeginTx inside the closure is not this attempt's
-	poison error // first retryable error (tx.failed)
-	first  error // first error the database raised in this attempt, of any class ...
-	last   error // ... and the last
+	begun bool // BeginTx has returned: a BeginTx inside the closure is not this attempt's
+	// escaped: a statement of the attempt's transaction ended or started a
+	// transaction by itself (tx.done): no replay.
+	escaped bool
+	// ended: the transaction's Commit or Rollback was called (endCommitted,
+	// endRolledBack), by the closure or, after it, by runTxOnce; atomic
+	// because database/sql rolls back from its own goroutine when the
+	// context ends. byClosure is ended as the closure left it, commitErr
+	// the Commit's result. (Packed next to begun: the attempt stays in a
+	// 112-byte allocation.)
+	byClosure int8
+	ended     atomic.Int32
+	commitErr error
+	poison    error // first retryable error (tx.failed)
+	first     error // first error the database raised in this attempt, of any class ...
+	last      error // ... and the last
 	// answered: the last error whose code says the session ended, raised
 	// on a session that lived on (tx.judgeSession): the statement's, no
 	// replay.
 	answered error
 	nested   *nestedReplay
 }
+
+// What a transaction's own Commit or Rollback did (txAttempt.ended).
+const (
+	endCommitted  = 1
+	endRolledBack = 2
+)
+
+// escapedWhat says why an attempt is not replayed after an escape.
+const escapedWhat = "COMMIT, ROLLBACK or BEGIN run as a statement, or a statement that commits implicitly such as DDL on MySQL"
+
+// escapedError is the error of an attempt that would have been replayed
+// but for an escape (tx.done).
+type escapedError struct{ err error }
+
+func (e *escapedError) Error() string {
+	return "sqlretry: RunInTx: the closure committed part of its work itself (" + escapedWhat +
+		"), so sqlretry cannot replay it: " + e.err.Error()
+}
+func (e *escapedError) Unwrap() error { return e.err }
 
 // nestedReplay is the failure of a RunInTx nested in an attempt's closure
 // for a reason worth a replay: it runs once, and the replay is the
@@ -510,6 +588,9 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 			// that sqlretry did not open): its outcome is unknown.
 			return newError("commit", attempt, cls, ErrAmbiguousCommit, err)
 		}
+		if o.escaped {
+			return &escapedError{err: err}
+		}
 		if o.cause != err && !errors.Is(err, o.cause) {
 			// The cause first: errors.As finds the error that decided (the
 			// unique violation, not the 25P02 the closure met after it).
@@ -561,6 +642,7 @@ type txOutcome struct {
 	cls      Class // cause's class
 	replay   bool
 	conflict bool // aborted by a conflict with another transaction (for contention control)
+	escaped  bool // it would have been replayed, but the closure committed part of its work itself
 }
 
 // runAttempt runs one attempt within the contention control: the slot is
@@ -597,6 +679,9 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 // decide says whether a failed attempt is replayed, and for what cause.
 func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 	err := o.err
+	if att.byClosure != 0 {
+		return // the closure ended the transaction itself: its outcome is final
+	}
 	var own *Error
 	pgRules := r.dialect != DialectMySQL
 	switch {
@@ -631,6 +716,9 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 	case ConnectionLost, Ambiguous:
 		o.replay = true // before COMMIT the server rolls back on disconnect
 	}
+	if o.replay && att.escaped {
+		o.replay, o.escaped = false, true
+	}
 }
 
 type txPhase uint8
@@ -656,11 +744,23 @@ func runTxOnce(att *txAttempt, db *sql.DB, txOpts *sql.TxOptions, fn func(contex
 			_ = sqlTx.Rollback() // also when fn panics
 		}
 	}()
-	if err := fn(att, sqlTx); err != nil {
+	err = fn(att, sqlTx)
+	att.byClosure = int8(att.ended.Load())
+	if err != nil {
 		return began, phaseBody, err
 	}
 	committed = true
 	if err := sqlTx.Commit(); err != nil {
+		if errors.Is(err, sql.ErrTxDone) {
+			// The closure ended the transaction itself: its outcome.
+			switch att.ended.Load() {
+			case endCommitted:
+				att.byClosure = endCommitted
+				return began, phaseCommit, att.commitErr
+			case endRolledBack:
+				att.byClosure = endRolledBack
+			}
+		}
 		return began, phaseCommit, err
 	}
 	return began, phaseCommit, nil
@@ -680,4 +780,11 @@ func plainRetrier() *retrier {
 		plain = newRetrier(cfg, nil, DialectUnknown)
 	})
 	return plain
+}
+
+// markedNotIdempotent reports a context marked NotIdempotent (or
+// Idempotent's value false).
+func markedNotIdempotent(ctx context.Context) bool {
+	v, ok := ctx.Value(keyIdempotent).(bool)
+	return ok && !v
 }
