@@ -551,3 +551,34 @@ func TestRefusalAfterACancelledWaitSaysSo(t *testing.T) {
 		t.Fatalf("err = %v, want ErrCircuitOpen and context.Canceled", err)
 	}
 }
+
+// A RunInTx nested in a closure commits its own transaction: once it has,
+// replaying the outer closure would run the inner write again. So an outer
+// attempt in which a nested RunInTx committed is never replayed.
+func TestOuterIsNotReplayedAfterANestedRunInTxCommitted(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("UPDATE outer", step{err: errDeadlockPG})
+	db, _ := testDB(t, srv, WithMaxAttempts(5))
+	var outer, inner int
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		outer++
+		if err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			inner++
+			_, err := tx.ExecContext(ctx, "INSERT INTO inner_log VALUES (1)")
+			return err
+		}); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "UPDATE outer SET n = 1")
+		return err
+	})
+	if outer != 1 || inner != 1 {
+		t.Errorf("outer ran %d times, inner %d: the inner transaction had committed, a replay writes it again", outer, inner)
+	}
+	if !errors.Is(err, errDeadlockPG) {
+		t.Errorf("err = %v, want the deadlock", err)
+	}
+	if n := srv.ranCount("INSERT INTO inner_log"); n != 1 {
+		t.Errorf("the inner write committed %d times, want 1", n)
+	}
+}

@@ -410,7 +410,7 @@ const (
 )
 
 // escapedWhat says why an attempt is not replayed after an escape.
-const escapedWhat = "COMMIT, ROLLBACK or BEGIN run as a statement, or a statement that commits implicitly such as DDL on MySQL"
+const escapedWhat = "COMMIT, ROLLBACK or BEGIN run as a statement, a statement that commits implicitly such as DDL on MySQL, or a nested RunInTx that committed"
 
 // escapedError is the error of an attempt that would have been replayed
 // but for an escape (tx.done).
@@ -569,6 +569,11 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		conflicted = conflicted || o.conflict
 		err := o.err
 		if err == nil {
+			if outer != nil {
+				// This transaction committed on its own: replaying the outer
+				// closure would run it again.
+				outer.escaped = true
+			}
 			return nil
 		}
 		if ctx.Err() != nil {
