@@ -298,7 +298,7 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 	}
 	if err != nil {
 		cls := c.r.classify(err)
-		c.r.breaker.done(t, outcomeOf(cls))
+		c.r.breaker.done(t, breakerOutcome(cls, err))
 		if cls == ConnectionLost {
 			c.bad.Store(true)
 		}

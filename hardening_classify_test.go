@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/go-sql-driver/mysql"
 )
@@ -420,5 +421,51 @@ func TestClassifyMySQLManualTransactionOnStandby(t *testing.T) {
 	}
 	if srv.dials != 2 {
 		t.Errorf("dials %d, want 2: the standby's connection must be discarded", srv.dials)
+	}
+}
+
+// A connection left in the pool from before an outage is found broken by
+// the driver, which sends nothing (driver.ErrBadConn). That says nothing
+// about the server now: counted as a failure it took the half-open
+// breaker's probe and opened it again, so after a restart the breaker kept
+// reopening for as long as stale connections were left in the pool (the
+// MariaDB restart in the fault suite recovered 2.5 s late, or never).
+func TestStaleConnectionDoesNotReopenTheBreaker(t *testing.T) {
+	srv := newFakeServer()
+	db, clock := testDB(t, srv, WithBreaker(Breaker{MinRequests: 5, OpenTimeout: time.Second, ConsecutiveDialFailures: 3}), WithoutBudget())
+	db.SetMaxIdleConns(2)
+	ctx := context.Background()
+	stale, err := db.Conn(ctx) // dialled while the server is up: it goes back to the pool
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.mu.Lock()
+	for range 10 {
+		srv.dialErrs = append(srv.dialErrs, errRefused)
+	}
+	srv.mu.Unlock()
+	// The outage: new dials fail until the breaker opens.
+	for range 5 {
+		if c, err := db.Conn(ctx); err == nil {
+			c.Close()
+		}
+	}
+	stale.Close() // back to the pool, broken by the outage as far as the driver will find
+	if s := stats(t, db); s.Breaker != BreakerOpen {
+		t.Fatalf("breaker = %v, want open after the failed dials", s.Breaker)
+	}
+	// The server is back; the pooled connection's BEGIN finds it broken.
+	srv.mu.Lock()
+	srv.dialErrs = nil
+	srv.mu.Unlock()
+	srv.script("BEGIN", step{err: driver.ErrBadConn})
+	clock.Advance(2 * time.Second)
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatalf("BEGIN after the server came back: %v (the stale connection took the probe)", err)
+	}
+	_ = tx.Rollback()
+	if s := stats(t, db); s.Breaker != BreakerClosed {
+		t.Errorf("breaker = %v, want closed: the new dial was the probe and succeeded", s.Breaker)
 	}
 }

@@ -95,6 +95,21 @@ func outcomeOf(c Class) outcome {
 	return outcomeSuccess
 }
 
+// breakerOutcome is outcomeOf for a call on a pooled connection: the
+// driver's driver.ErrBadConn, classed Unavailable, means it found the
+// connection broken and sent nothing (a connection left from before a
+// restart, found closed by go-sql-driver/mysql's liveness check). That says
+// nothing about the server now: database/sql dials anew, and the dial is
+// the evidence. Counted as a failure it took the half-open breaker's probe
+// and opened it again after every restart, for as long as stale
+// connections were left in the pool.
+func breakerOutcome(cls Class, err error) outcome {
+	if cls == Unavailable && errors.Is(err, driver.ErrBadConn) {
+		return outcomeNeutral
+	}
+	return outcomeOf(cls)
+}
+
 // admit asks the breaker to let a call through. When it is open and the
 // caller's deadline reaches past the moment it lets a probe through, the
 // call waits for that moment, dialling nothing meanwhile, rather than fail:
@@ -391,7 +406,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			// counted when it broke.
 			r.breaker.done(t, outcomeNeutral)
 		} else {
-			r.breaker.done(t, outcomeOf(cls))
+			r.breaker.done(t, breakerOutcome(cls, err))
 		}
 		if notSent {
 			c.bad.Store(true)
