@@ -311,7 +311,9 @@ func restartAndOutage(t *testing.T, d string) {
 			// is down, and the callers' deadline (1 s) is shorter than the
 			// outage (4 s): such a commit is rightly ErrAmbiguousCommit.
 			res, _ := scenario(t, "restart/"+d+"/"+name+"~unknown-ok", admin, db, d, strategy,
-				workload.Config{Duration: 1*time.Second + outage + openTimeout*3/2 + 2*time.Second, Workers: 8, OpTimeout: time.Second}, chaos)
+				// After the server is back the run lasts long enough for two
+				// of the breaker's probes and the recovery bound below.
+				workload.Config{Duration: 1*time.Second + outage + openTimeout*5/2 + 2*time.Second, Workers: 8, OpTimeout: time.Second}, chaos)
 			dials := dialer.Between(down, up)
 			// Recovery: the first timeline tick with commits after the server
 			// is back (the chaos starts one second into the run).
