@@ -348,8 +348,10 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		}
 		if ctx.Err() != nil { // rule 3: the caller is gone
 			r.breaker.done(t, outcomeNeutral)
-			if m := c.manual.Load(); (m == 0 || m == 2 && !r.implicitTx) && cutInFlight(err) && !safeToRerun(ctx, r.dialect, query, isQuery) {
-				// The caller's context ended while a write was in flight: in
+			if m := c.manual.Load(); ctx.Err() == context.DeadlineExceeded && (m == 0 || m == 2 && !r.implicitTx) && cutInFlight(err) && !safeToRerun(ctx, r.dialect, query, isQuery) {
+				// The caller's deadline came while a write was in flight (a
+				// cancellation stops at once and returns the driver's error
+				// as it is, as database/sql's callers expect): in
 				// autocommit (or maybe: after a MySQL CALL, SET autocommit) it
 				// is its own COMMIT, and it may have run (a COMMIT waiting for
 				// a synchronous standby, a lock). Never a plain failure. In a
