@@ -2,7 +2,7 @@
 # Makes sure PostgreSQL (127.0.0.1:5432, trust auth, database test) and
 # MariaDB (127.0.0.1:3306, root with an empty password, database test) are
 # up: starts them, and installs them from Debian's packages when absent.
-# Installs the PgBouncer binary for the pooler tests. Idempotent; needs
+# Installs PgBouncer, Patroni, etcd and Galera for the cluster test beds. Idempotent; needs
 # root for a first install.
 set -euo pipefail
 
@@ -58,10 +58,19 @@ if ! mariadb-admin -h 127.0.0.1 -uroot ping >/dev/null 2>&1; then
   wait_for "mariadb-admin -h 127.0.0.1 -uroot ping" "mariadb on 127.0.0.1"
 fi
 mariadb -h 127.0.0.1 -uroot -e "CREATE DATABASE IF NOT EXISTS test"
-# --- PgBouncer: only the binary; the tests start their own on free loopback
-# ports in front of a private PostgreSQL.
-if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
-  log "installing pgbouncer"
-  apt_install pgbouncer
+# --- Cluster test beds: only the binaries; the tests start their own
+# PgBouncer, Patroni cluster (etcd + PostgreSQL nodes) and Galera cluster on
+# free loopback ports in temp directories.
+need=()
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
+command -v patroni >/dev/null 2>&1 || need+=(patroni python3-psycopg2)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+[ -e /usr/lib/galera/libgalera_smm.so ] || need+=(galera-4)
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  apt_install "${need[@]}"
 fi
-log "postgresql and mariadb are up; pgbouncer is installed"
+# A package's own etcd service is not ours: the tests start private ones.
+log "postgresql and mariadb are up; pgbouncer, patroni, etcd and galera are installed"
