@@ -6,8 +6,10 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -60,14 +62,19 @@ func TestOpenDBWithBadInputFailsEveryCall(t *testing.T) {
 	}
 }
 
+// registerRuns names each run's registration apart: database/sql keeps
+// drivers for the process's life, so -count=2 would find the name taken.
+var registerRuns atomic.Int32
+
 func TestRegisterAndDialectDetection(t *testing.T) {
-	if err := Register("pgx+sqlretry-test", stdlib.GetDefaultDriver(), WithMaxAttempts(3)); err != nil {
+	name := fmt.Sprintf("pgx+sqlretry-test-%d", registerRuns.Add(1))
+	if err := Register(name, stdlib.GetDefaultDriver(), WithMaxAttempts(3)); err != nil {
 		t.Fatal(err)
 	}
-	if err := Register("pgx+sqlretry-test", stdlib.GetDefaultDriver()); err == nil {
+	if err := Register(name, stdlib.GetDefaultDriver()); err == nil {
 		t.Fatal("second registration under one name succeeded")
 	}
-	db, err := sql.Open("pgx+sqlretry-test", "postgres://127.0.0.1:1/x")
+	db, err := sql.Open(name, "postgres://127.0.0.1:1/x")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +84,7 @@ func TestRegisterAndDialectDetection(t *testing.T) {
 		t.Fatalf("retrier = %+v", r)
 	}
 	// Open on a name registered through sqlretry does not wrap twice.
-	db2, err := Open("pgx+sqlretry-test", "postgres://127.0.0.1:1/x")
+	db2, err := Open(name, "postgres://127.0.0.1:1/x")
 	if err != nil {
 		t.Fatal(err)
 	}
