@@ -128,15 +128,15 @@ func (l *lexer) tokenPG(c byte) token {
 			switch c | 0x20 {
 			case 'e': // E'...': C-style backslash escapes, whatever the settings
 				if q[j] == '\'' {
-					return l.quotedPG(j, '\'', kString, true)
+					return l.quoted(j, '\'', kString, true)
 				}
 			case 'b', 'x': // bit strings: no escapes at all
 				if q[j] == '\'' {
-					return l.quotedPG(j, '\'', kString, false)
+					return l.quoted(j, '\'', kString, false)
 				}
 			case 'n':
 				if q[j] == '\'' {
-					return l.quotedPG(j, '\'', kString, l.flags&pgBackslashStrings != 0)
+					return l.quoted(j, '\'', kString, l.flags&pgBackslashStrings != 0)
 				}
 			case 'u': // U&'...' and U&"...": Unicode escapes, never escaping the quote
 				if q[j] == '&' && j+1 < len(q) && (q[j+1] == '\'' || q[j+1] == '"') {
@@ -144,7 +144,7 @@ func (l *lexer) tokenPG(c byte) token {
 					if q[j+1] == '"' {
 						k = kBad // a name written in escapes: could spell anything
 					}
-					t := l.quotedPG(j+1, q[j+1], k, false)
+					t := l.quoted(j+1, q[j+1], k, false)
 					if t.k != kBad {
 						t.k = k
 					}
@@ -155,13 +155,13 @@ func (l *lexer) tokenPG(c byte) token {
 		l.i = j
 		return token{k: kWord, s: q[start:j]}
 	case c == '"':
-		t := l.quotedPG(start, '"', kQuoted, false)
+		t := l.quoted(start, '"', kQuoted, false)
 		if t.k == kQuoted && t.s == "" {
 			t.k = kBad // zero-length delimited identifier
 		}
 		return t
 	case c == '\'':
-		return l.quotedPG(start, '\'', kString, l.flags&pgBackslashStrings != 0)
+		return l.quoted(start, '\'', kString, l.flags&pgBackslashStrings != 0)
 	case c == '$':
 		j := start + 1
 		if j < len(q) && isDigit(q[j]) {
@@ -222,10 +222,10 @@ func (l *lexer) tokenPG(c byte) token {
 	return token{k: kBad}
 }
 
-// quotedPG reads a literal or name that opens with the quote at q[open]:
-// the quote doubled stands for itself, and with backslash a backslash
-// escapes the next byte.
-func (l *lexer) quotedPG(open int, quote byte, k kind, backslash bool) token {
+// quoted reads a literal or name that opens with the quote at q[open], by
+// both dialects' rules: the quote doubled stands for itself, and with
+// backslash a backslash escapes the next byte; a NUL is refused.
+func (l *lexer) quoted(open int, quote byte, k kind, backslash bool) token {
 	q := l.q
 	for i := open + 1; i < len(q); i++ {
 		switch q[i] {
@@ -329,20 +329,20 @@ func (l *lexer) tokenMy(c byte) token {
 		if j-start == 1 && j < len(q) && q[j] == '\'' {
 			switch c | 0x20 {
 			case 'x', 'b': // X'..', B'..': no escapes
-				return l.quotedMy(j, '\'', kString, false)
+				return l.quoted(j, '\'', kString, false)
 			}
 		}
 		l.i = j
 		return token{k: kWord, s: q[start:j]}
 	case c == '\'':
-		return l.quotedMy(start, '\'', kString, l.flags&myNoBackslash == 0)
+		return l.quoted(start, '\'', kString, l.flags&myNoBackslash == 0)
 	case c == '"':
 		if l.flags&myANSIQuotes != 0 {
-			return l.quotedMy(start, '"', kQuoted, false)
+			return l.quoted(start, '"', kQuoted, false)
 		}
-		return l.quotedMy(start, '"', kString, l.flags&myNoBackslash == 0)
+		return l.quoted(start, '"', kString, l.flags&myNoBackslash == 0)
 	case c == '`':
-		return l.quotedMy(start, '`', kQuoted, false)
+		return l.quoted(start, '`', kQuoted, false)
 	case c == '?':
 		l.i++
 		return token{k: kParam, s: "?"}
@@ -359,30 +359,6 @@ func (l *lexer) tokenMy(c byte) token {
 		return token{k: kOther, s: q[start:l.i]}
 	}
 	l.i = start + 1 // a backslash (\N), NUL, control byte
-	return token{k: kBad}
-}
-
-func (l *lexer) quotedMy(open int, quote byte, k kind, backslash bool) token {
-	q := l.q
-	for i := open + 1; i < len(q); i++ {
-		switch q[i] {
-		case '\\':
-			if backslash {
-				i++
-			}
-		case quote:
-			if i+1 < len(q) && q[i+1] == quote {
-				i++
-				continue
-			}
-			l.i = i + 1
-			return token{k: k, s: q[open+1 : i]}
-		case 0:
-			l.i = len(q)
-			return token{k: kBad}
-		}
-	}
-	l.i = len(q)
 	return token{k: kBad}
 }
 
