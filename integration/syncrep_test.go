@@ -419,25 +419,7 @@ func TestPostgresSyncRepLostCommit(t *testing.T) {
 		defer db.Close()
 		tbl := fmt.Sprintf("syncrep_%d", time.Now().UnixNano())
 		mustExec(t, admin, "CREATE TABLE "+tbl+" (op text PRIMARY KEY)")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		calls := 0
-		err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
-			calls++
-			if calls == 1 {
-				b.armed.Store(true)
-			}
-			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('op-1')")
-			return err
-		})
-		var rows int
-		if qerr := admin.QueryRow("SELECT COUNT(*) FROM " + tbl).Scan(&rows); qerr != nil {
-			t.Fatal(qerr)
-		}
-		t.Logf("err=%v calls=%d rows=%d", err, calls, rows)
-		if b.fired.Load() == 0 {
-			t.Fatal("the COMMIT was never blackholed: the test proved nothing")
-		}
+		calls, rows, err := insertWithCommitBlackholed(t, db, admin, b, tbl)
 		if err != nil || calls != 2 || rows != 1 {
 			t.Fatalf("err=%v calls=%d rows=%d; want the idle backend ended and one replay", err, calls, rows)
 		}
@@ -683,25 +665,7 @@ func TestMariaDBSemiSyncLostCommit(t *testing.T) {
 		defer db.Close()
 		tbl := fmt.Sprintf("semisync_%d", time.Now().UnixNano())
 		mustExec(t, admin, "CREATE TABLE "+tbl+" (op varchar(40) PRIMARY KEY)")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		calls := 0
-		err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
-			calls++
-			if calls == 1 {
-				b.armed.Store(true)
-			}
-			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('op-1')")
-			return err
-		})
-		var rows int
-		if qerr := admin.QueryRow("SELECT COUNT(*) FROM " + tbl).Scan(&rows); qerr != nil {
-			t.Fatal(qerr)
-		}
-		t.Logf("err=%v calls=%d rows=%d", err, calls, rows)
-		if b.fired.Load() == 0 {
-			t.Fatal("the COMMIT was never blackholed: the test proved nothing")
-		}
+		calls, rows, err := insertWithCommitBlackholed(t, db, admin, b, tbl)
 		if err != nil || calls != 2 || rows != 1 {
 			t.Fatalf("err=%v calls=%d rows=%d; want the idle session KILLed and one replay", err, calls, rows)
 		}
@@ -716,4 +680,30 @@ func TestMariaDBSemiSyncLostCommit(t *testing.T) {
 			t.Fatalf("err=%v calls=%d rows=%d; want success after one replay, one row", err, calls, rows)
 		}
 	})
+}
+
+// insertWithCommitBlackholed runs one RunInTx inserting 'op-1' into tbl
+// through db, with b arming on the first attempt so that its COMMIT is
+// lost on the way, and returns the attempts, the rows admin then sees and
+// RunInTx's error. It fails the test when the COMMIT was never blackholed.
+func insertWithCommitBlackholed(t *testing.T, db, admin *sql.DB, b *blackhole, tbl string) (calls, rows int, err error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if calls == 1 {
+			b.armed.Store(true)
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('op-1')")
+		return err
+	})
+	if qerr := admin.QueryRow("SELECT COUNT(*) FROM " + tbl).Scan(&rows); qerr != nil {
+		t.Fatal(qerr)
+	}
+	t.Logf("err=%v calls=%d rows=%d", err, calls, rows)
+	if b.fired.Load() == 0 {
+		t.Fatal("the COMMIT was never blackholed: the test proved nothing")
+	}
+	return calls, rows, err
 }
