@@ -121,17 +121,18 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 			old, eventErr = event()
 			eventDone = time.Now()
 		}()
+		var werr error
 		if except {
 			// The old leader takes writes until it is demoted or killed:
 			// the cluster's time is when another node takes one.
-			newLeader, err = cluster.WaitWritableExcept(60*time.Second, leader)
+			newLeader, werr = cluster.WaitWritableExcept(60*time.Second, leader)
 		} else {
 			<-evDone // the postmaster is gone when the kill returns
-			newLeader, err = cluster.WaitWritable(60 * time.Second)
+			newLeader, werr = cluster.WaitWritable(60 * time.Second)
 		}
 		writable = time.Now()
-		if err != nil {
-			t.Errorf("the cluster took no write after the %s: %v", name, err)
+		if werr != nil {
+			t.Errorf("the cluster took no write after the %s: %v", name, werr)
 		}
 		<-evDone
 		if eventErr != nil {
