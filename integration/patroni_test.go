@@ -66,7 +66,7 @@ func TestPatroniFailover(t *testing.T) {
 func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, duration time.Duration,
 	event func() (*dbserver.PatroniNode, error), except bool) {
 	ctx := context.Background()
-	if err := cluster.WaitHealthy(60 * time.Second); err != nil {
+	if err := cluster.WaitHealthy(3 * time.Minute); err != nil {
 		t.Fatalf("cluster not healthy before the event: %v\n%s", err, cluster.Logs())
 	}
 	leader, err := cluster.Leader()
@@ -125,10 +125,10 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 		if except {
 			// The old leader takes writes until it is demoted or killed:
 			// the cluster's time is when another node takes one.
-			newLeader, werr = cluster.WaitWritableExcept(60*time.Second, leader)
+			newLeader, werr = cluster.WaitWritableExcept(2*time.Minute, leader)
 		} else {
 			<-evDone // the postmaster is gone when the kill returns
-			newLeader, werr = cluster.WaitWritable(60 * time.Second)
+			newLeader, werr = cluster.WaitWritable(2 * time.Minute)
 		}
 		writable = time.Now()
 		if werr != nil {
@@ -143,7 +143,29 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 		}
 	}()
 	tick := 10 * time.Millisecond
+	// The cluster's own writability over the run, by writing to the nodes
+	// directly every 20 ms: a stretch in which the cluster took writes but
+	// the workload committed nothing is sqlretry's, not the cluster's.
+	clusterTL := make([]bool, int(duration/(100*time.Millisecond))+1)
+	probeDone, probeStop := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(probeDone)
+		for {
+			select {
+			case <-probeStop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if _, err := cluster.WaitWritable(300 * time.Millisecond); err == nil {
+				if i := int(time.Since(start) / (100 * time.Millisecond)); i < len(clusterTL) {
+					clusterTL[i] = true
+				}
+			}
+		}
+	}()
 	res := workload.Run(ctx, workload.Config{Workers: workers, Duration: duration, OpTimeout: 30 * time.Second, Tick: tick}, bank, db, workload.RunInTx)
+	close(probeStop)
+	<-probeDone
 	<-chaos
 	if t.Failed() {
 		t.FailNow()
@@ -152,7 +174,7 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 		t.Errorf("%d connections still in use after the workload", st.InUse)
 	}
 	// The check goes to the leader of now, through a pool of its own.
-	if err := cluster.WaitHealthy(60 * time.Second); err != nil && !except {
+	if err := cluster.WaitHealthy(3 * time.Minute); err != nil && !except {
 		t.Logf("cluster not healthy after the event: %v", err)
 	}
 	check, err := sql.Open("pgx", cluster.DSN+" connect_timeout=2 application_name=bed-admin")
@@ -178,6 +200,30 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 		writable.Sub(down).Round(time.Millisecond), nl, leader.Name, eventDone.Sub(down).Round(time.Millisecond), longest,
 		back, dials.Between(down, writable), s.DialFailures, s.CircuitRejections, s.CircuitWaits, inv)
 	t.Logf("timeline (commits per 100 ms): %v", coarse(res.Timeline, 10))
+	var marks strings.Builder
+	stall, run := 0, 0
+	for i, ok := range clusterTL {
+		c := coarse(res.Timeline, 10)
+		committed := i < len(c) && c[i] > 0
+		switch {
+		case ok && !committed:
+			marks.WriteByte('!')
+			run++
+		case ok:
+			marks.WriteByte('+')
+			run = 0
+		default:
+			marks.WriteByte('.')
+			run = 0
+		}
+		if !start.Add(time.Duration(i) * 100 * time.Millisecond).Before(writable) {
+			stall = max(stall, run)
+		}
+	}
+	// +: the cluster took a write and the workload committed; !: the
+	// cluster took a write, the workload committed nothing; .: no write.
+	t.Logf("FIGURES patroni/%s: after the cluster took writes again, longest stretch in which it did and the workload committed nothing: %v; per 100 ms: %s",
+		name, time.Duration(stall)*100*time.Millisecond, marks.String())
 	if res.Unknown > 0 {
 		// Resolution of a COMMIT lost across a crash or a failover is
 		// another piece of work (issue 10, resolve.go): counted, not failed.

@@ -148,7 +148,7 @@ func StartPatroni(n int) (*Patroni, error) {
 			return nil, err
 		}
 	}
-	if err := c.waitStreaming(n-1, 60*time.Second); err != nil {
+	if err := c.waitStreaming(n-1, 3*time.Minute); err != nil {
 		return nil, fmt.Errorf("patroni: replicas not streaming: %v\n%s", err, c.Logs())
 	}
 	if _, err := c.WaitWritable(30 * time.Second); err != nil {
