@@ -334,13 +334,24 @@ func (node *PatroniNode) postmaster() int {
 	return pid
 }
 
-// killPostmaster kills the node's postmaster and its children (SIGKILL).
+// killPostmaster kills the node's postmaster alone (SIGKILL), as a crash of
+// it: its backends notice their postmaster is gone and exit, a COMMIT in
+// flight in one of them may still finish. It returns once the postmaster
+// is gone.
 func (node *PatroniNode) killPostmaster() error {
 	pid := node.postmaster()
 	if pid == 0 {
 		return fmt.Errorf("dbserver: %s has no running postmaster", node.Name)
 	}
-	killTree(pid)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(10 * time.Second); syscall.Kill(pid, 0) == nil && time.Now().Before(deadline); {
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil && strings.Contains(string(b), ") Z ") {
+			break // a zombie, its parent reaps it
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	return nil
 }
 
@@ -489,8 +500,7 @@ func (c *Patroni) SyncStandby() (*PatroniNode, error) {
 	return nil, errors.New("patroni: no sync standby")
 }
 
-// KillLeaderPostmaster kills the leader's postmaster and its backends
-// (SIGKILL); Patroni, still holding the leader key, restarts it (crash
+// KillLeaderPostmaster kills the leader's postmaster (SIGKILL); Patroni, still holding the leader key, restarts it (crash
 // recovery). It returns the leader.
 func (c *Patroni) KillLeaderPostmaster() (*PatroniNode, error) {
 	leader, err := c.Leader()
