@@ -255,6 +255,9 @@ func (c *Patroni) startEtcd(bin string, clientPort, peerPort int) error {
 		"--initial-cluster", "e0="+peer, "--initial-cluster-state", "new",
 		"--heartbeat-interval", "50", "--election-timeout", "500", "--unsafe-no-fsync")
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// Gone with the test binary even when it dies without cleaning up
+	// (a test timeout's panic).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		return err
@@ -265,7 +268,7 @@ func (c *Patroni) startEtcd(bin string, clientPort, peerPort int) error {
 	c.etcd, c.etcdEnd = cmd, done
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		resp, err := http.Get(client + "/health")
+		resp, err := restClient.Get(client + "/health")
 		if err == nil {
 			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
@@ -311,7 +314,12 @@ func (node *PatroniNode) start(bin string) error {
 		gid, _ := strconv.Atoi(u.Gid)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
 		cmd.Env = append(cmd.Env, "HOME="+node.dir)
+	} else {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
 	}
+	// Patroni goes with the test binary even when it dies without cleaning
+	// up (a test timeout's panic); the PostgreSQL it started does not.
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	if err := cmd.Start(); err != nil {
 		return err
 	}
@@ -422,6 +430,10 @@ func killTree(pid int) {
 	}
 }
 
+// restClient asks etcd and Patroni's REST API, keeping no connection
+// (and no goroutine) once an answer is read.
+var restClient = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
 // member is a node as Patroni's /cluster endpoint shows it.
 type member struct {
 	Name     string `json:"name"`
@@ -434,12 +446,11 @@ type member struct {
 // members asks the first node whose REST API answers for the cluster.
 func (c *Patroni) members() ([]member, error) {
 	var last error = errors.New("no node")
-	client := http.Client{Timeout: 2 * time.Second}
 	for _, node := range c.Nodes {
 		if !node.running() {
 			continue
 		}
-		resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/cluster", node.APIPort))
+		resp, err := restClient.Get(fmt.Sprintf("http://127.0.0.1:%d/cluster", node.APIPort))
 		if err != nil {
 			last = err
 			continue
@@ -536,7 +547,7 @@ func (c *Patroni) Switchover() (from, to *PatroniNode, err error) {
 		return nil, nil, err
 	}
 	body, _ := json.Marshal(map[string]string{"leader": leader.Name, "candidate": sync.Name})
-	client := http.Client{Timeout: 60 * time.Second}
+	client := http.Client{Timeout: 60 * time.Second, Transport: restClient.Transport}
 	resp, err := client.Post(fmt.Sprintf("http://127.0.0.1:%d/switchover", leader.APIPort), "application/json", bytes.NewReader(body))
 	if err != nil {
 		return nil, nil, err
