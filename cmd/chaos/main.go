@@ -37,7 +37,7 @@ import (
 
 var (
 	driversFlag    = flag.String("drivers", "pgx,mysql", "engines: pgx (PostgreSQL), mysql (MariaDB)")
-	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency", "scenarios to run")
+	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency,failover", "scenarios to run (failover: PostgreSQL only, on a Patroni cluster)")
 	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control)")
 	duration       = flag.Duration("duration", 5*time.Second, "run time per strategy (the restart scenario adds the outage and the breaker's open timeout)")
 	outDir         = flag.String("out", "docs/chaos", "directory for chaos.json, chaos.md and the restart plots")
@@ -57,6 +57,12 @@ func scenarios(d time.Duration) []chaos.Scenario {
 		{Name: "restart", Accounts: 100, Workers: 8, Duration: restartAt + outage + 7*time.Second, OpTimeout: 10 * time.Second,
 			RestartAt: restartAt, Outage: outage},
 		{Name: "latency", Accounts: 100, Workers: 8, Duration: d, OpTimeout: 10 * time.Second, Latency: 20 * time.Millisecond},
+		// A Patroni cluster of 3 (synchronous mode, TTL 8 s) loses its
+		// leader node 2 s in; the sync standby takes writes about a TTL
+		// later; the run goes on 8 s after that. 30 s deadlines: longer
+		// than the election.
+		{Name: "failover", Accounts: 100, Workers: 8, Duration: restartAt + (dbserver.PatroniTTL+10)*time.Second, OpTimeout: 30 * time.Second,
+			FailoverAt: restartAt},
 	}
 }
 
@@ -108,24 +114,49 @@ func run(ctx context.Context) error {
 		if !ok {
 			return fmt.Errorf("unknown driver %q (pgx or mysql)", d)
 		}
-		fmt.Printf("starting a private %s server...\n", kind)
-		srv, err := dbserver.Start(ctx, kind)
-		if err != nil {
-			return err
+		var own, failover []chaos.Scenario
+		for _, sc := range scs {
+			if sc.FailoverAt == 0 {
+				own = append(own, sc)
+			} else if d == "pgx" {
+				failover = append(failover, sc)
+			} else {
+				fmt.Printf("%s: no %s scenario (PostgreSQL on Patroni only)\n", d, sc.Name)
+			}
 		}
-		err = runDriver(ctx, &out, d, srv, scs, strategies)
-		srv.Stop()
-		if err != nil {
-			return err
+		if len(own) > 0 {
+			fmt.Printf("starting a private %s server...\n", kind)
+			srv, err := dbserver.Start(ctx, kind)
+			if err != nil {
+				return err
+			}
+			err = runDriver(ctx, &out, d, chaos.Target{Driver: d, DSN: srv.DSN, Server: srv}, srv.Source, own, strategies)
+			srv.Stop()
+			if err != nil {
+				return err
+			}
+		}
+		if len(failover) > 0 {
+			fmt.Printf("starting a Patroni cluster of 3 PostgreSQL nodes...\n")
+			cluster, err := dbserver.StartPatroni(3)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("  up in %v: %s\n", cluster.Startup.Round(time.Millisecond), cluster.Members())
+			err = runDriver(ctx, &out, d+"-patroni", chaos.Target{Driver: d, DSN: cluster.DSN, Cluster: cluster}, "Patroni 3 nodes, local binaries", failover, strategies)
+			cluster.Stop()
+			if err != nil {
+				return err
+			}
 		}
 	}
 	return write(&out)
 }
 
-func runDriver(ctx context.Context, out *output, d string, srv *dbserver.Server, scs []chaos.Scenario, strategies []chaos.Strategy) error {
-	out.Servers[d] = version(d, srv.DSN) + " (" + srv.Source + ")"
-	fmt.Printf("%s: %s\n", d, out.Servers[d])
-	tg := chaos.Target{Driver: d, DSN: srv.DSN, Server: srv}
+func runDriver(ctx context.Context, out *output, name string, tg chaos.Target, source string, scs []chaos.Scenario, strategies []chaos.Strategy) error {
+	d := tg.Driver
+	out.Servers[name] = version(d, tg.DSN) + " (" + source + ")"
+	fmt.Printf("%s: %s\n", name, out.Servers[name])
 	for _, sc := range scs {
 		var reports []*chaos.Report
 		for _, st := range strategies {
@@ -144,12 +175,12 @@ func runDriver(ctx context.Context, out *output, d string, srv *dbserver.Server,
 		}
 		out.Reports = append(out.Reports, reports...)
 		table(os.Stdout, reports)
-		if sc.RestartAt > 0 {
+		if sc.RestartAt > 0 || sc.FailoverAt > 0 {
 			if err := os.MkdirAll(*outDir, 0o755); err != nil {
 				return err
 			}
-			file := filepath.Join(*outDir, "restart-"+d+".svg")
-			if err := plotRestart(file, d, reports); err != nil {
+			file := filepath.Join(*outDir, sc.Name+"-"+d+".svg")
+			if err := plotRestart(file, d, sc.Name, reports); err != nil {
 				return err
 			}
 			fmt.Println("  plot:", file)
@@ -169,20 +200,22 @@ func redraw() error {
 		return err
 	}
 	for _, d := range []string{"pgx", "mysql"} {
-		var reports []*chaos.Report
-		for _, r := range out.Reports {
-			if r.Driver == d && r.OutageToS > 0 {
-				reports = append(reports, r)
+		for _, sc := range []string{"restart", "failover"} {
+			var reports []*chaos.Report
+			for _, r := range out.Reports {
+				if r.Driver == d && r.Scenario == sc && r.OutageToS > 0 {
+					reports = append(reports, r)
+				}
 			}
+			if len(reports) == 0 {
+				continue
+			}
+			file := filepath.Join(*outDir, sc+"-"+d+".svg")
+			if err := plotRestart(file, d, sc, reports); err != nil {
+				return err
+			}
+			fmt.Println("plot:", file)
 		}
-		if len(reports) == 0 {
-			continue
-		}
-		file := filepath.Join(*outDir, "restart-"+d+".svg")
-		if err := plotRestart(file, d, reports); err != nil {
-			return err
-		}
-		fmt.Println("plot:", file)
 	}
 	return nil
 }

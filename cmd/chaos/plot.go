@@ -18,10 +18,16 @@ var lineColors = map[string]color.RGBA{
 }
 
 // plotRestart draws committed transactions per second (500 ms windows) over
-// the restart scenario, one line per strategy, with the outage shaded.
-func plotRestart(file, driverName string, reports []*chaos.Report) error {
+// the restart or the failover scenario, one line per strategy, with the
+// outage shaded.
+func plotRestart(file, driverName, scenario string, reports []*chaos.Report) error {
 	p := plot.New()
 	p.Title.Text = "Committed transactions during a server crash and restart (" + map[string]string{"pgx": "PostgreSQL", "mysql": "MariaDB"}[driverName] + ")"
+	down := "server down"
+	if scenario == "failover" {
+		p.Title.Text = "Committed transactions through a failover (Patroni, 3 PostgreSQL nodes, leader node killed)"
+		down = "no node writable"
+	}
 	p.X.Label.Text = "seconds into the run"
 	p.Y.Label.Text = "committed tx/s (500 ms windows)"
 	p.Legend.Top = true
@@ -52,7 +58,7 @@ func plotRestart(file, driverName string, reports []*chaos.Report) error {
 		shade.Color = color.NRGBA{R: 0xd5, G: 0x5e, B: 0x00, A: 0x40}
 		shade.LineStyle.Width = 0
 		p.Add(shade)
-		p.Legend.Add("server down", shade)
+		p.Legend.Add(down, shade)
 	}
 	for k, r := range reports {
 		l, err := plotter.NewLine(series[k])

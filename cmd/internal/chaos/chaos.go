@@ -36,6 +36,9 @@ type Target struct {
 	Driver string           // "pgx" or "mysql"
 	DSN    string           // an administrator's DSN
 	Server *dbserver.Server // a private server (restarts and MySQL kills need one); nil for an existing one
+	// Cluster is a Patroni cluster (the failover scenario needs one); DSN
+	// is then its multi-host DSN.
+	Cluster *dbserver.Patroni
 }
 
 // Strategy is how the application retries.
@@ -95,6 +98,11 @@ type Scenario struct {
 	RestartAt time.Duration // crash the server this far into the run (0: never) ...
 	Outage    time.Duration // ... and start it again after this long
 	Latency   time.Duration // added each way by a proxy (0: no proxy)
+	// FailoverAt kills the Patroni cluster's leader node (Patroni and
+	// PostgreSQL) this far into the run (0: never): the cluster takes
+	// writes again on the sync standby after the DCS TTL. The killed node
+	// rejoins after the run.
+	FailoverAt time.Duration
 }
 
 // Report is one run's figures.
@@ -122,6 +130,16 @@ type Report struct {
 // Run runs one scenario with one strategy on fresh tables; progress, when
 // not nil, is called about once a second.
 func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func(elapsed time.Duration, committed, failed int64)) (*Report, error) {
+	if sc.FailoverAt > 0 {
+		if tg.Cluster == nil {
+			return nil, fmt.Errorf("scenario %s kills a cluster's leader: it needs a Patroni cluster", sc.Name)
+		}
+		// Every node back (the one killed by the last run rejoins), one
+		// of them the sync standby the failover needs.
+		if err := tg.Cluster.WaitHealthy(3 * time.Minute); err != nil {
+			return nil, fmt.Errorf("the cluster is not healthy: %w", err)
+		}
+	}
 	admin, err := sql.Open(tg.Driver, tg.DSN)
 	if err != nil {
 		return nil, err
@@ -132,7 +150,18 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 	if err != nil {
 		return nil, err
 	}
-	defer bank.Drop(context.Background(), admin)
+	defer func() {
+		drop := admin
+		if sc.FailoverAt > 0 {
+			// The admin's sessions were on the old leader.
+			var err error
+			if drop, err = sql.Open(tg.Driver, tg.DSN); err != nil {
+				return
+			}
+			defer drop.Close()
+		}
+		bank.Drop(context.Background(), drop)
+	}()
 
 	connector, dials, victims, stop, err := workConnector(ctx, tg, sc, admin, run)
 	if err != nil {
@@ -184,13 +213,46 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 			up = time.Now()
 		}()
 	}
+	var killed *dbserver.PatroniNode
+	if sc.FailoverAt > 0 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			select {
+			case <-chaosCtx.Done():
+				return
+			case <-time.After(sc.FailoverAt):
+			}
+			down = time.Now()
+			if killed, chaosErr = tg.Cluster.KillLeaderNode(); chaosErr != nil {
+				return
+			}
+			// When the cluster takes writes again, by writing to each
+			// node directly.
+			_, chaosErr = tg.Cluster.WaitWritableExcept(2*time.Minute, killed)
+			up = time.Now()
+		}()
+	}
 	res := workload.Run(ctx, workload.Config{Workers: sc.Workers, Duration: sc.Duration, OpTimeout: sc.OpTimeout, Progress: progress}, bank, db, st.Run)
 	stopChaos()
 	wg.Wait()
+	if killed != nil {
+		if err := tg.Cluster.StartNode(killed); err != nil {
+			return nil, fmt.Errorf("starting the killed node again: %w", err)
+		}
+	}
 	if chaosErr != nil {
 		return nil, fmt.Errorf("restarting the server: %w", chaosErr)
 	}
-	inv, err := bank.Check(context.Background(), admin, res)
+	check := admin
+	if sc.FailoverAt > 0 {
+		// The admin's sessions were on the old leader.
+		if check, err = sql.Open(tg.Driver, tg.DSN); err != nil {
+			return nil, err
+		}
+		defer check.Close()
+	}
+	inv, err := bank.Check(context.Background(), check, res)
 	if err != nil {
 		return nil, fmt.Errorf("checking the invariants: %w", err)
 	}
