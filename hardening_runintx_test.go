@@ -10,6 +10,7 @@ import (
 	"math"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -580,5 +581,104 @@ func TestOuterIsNotReplayedAfterANestedRunInTxCommitted(t *testing.T) {
 	}
 	if n := srv.ranCount("INSERT INTO inner_log"); n != 1 {
 		t.Errorf("the inner write committed %d times, want 1", n)
+	}
+}
+
+// The same with the nested RunInTx given a context of its own (a helper
+// that writes an audit row with context.Background(), say) on the
+// closure's goroutine: it cannot be seen through the context, but it is
+// on the outer attempt's stack, and it committed all the same.
+func TestOuterIsNotReplayedAfterANestedRunInTxWithItsOwnContextCommitted(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		other bool // the nested RunInTx runs on another sqlretry *sql.DB
+	}{{"same db", false}, {"another sqlretry db", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := newFakeServer()
+			srv.script("UPDATE outer", step{err: errDeadlockPG})
+			db, _ := testDB(t, srv, WithMaxAttempts(5))
+			innerDB := db
+			if tc.other {
+				innerDB, _ = testDB(t, srv, WithMaxAttempts(5))
+			}
+			var outer, inner int
+			err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				outer++
+				if err := RunInTx(context.Background(), innerDB, nil, func(ctx context.Context, tx *sql.Tx) error {
+					inner++
+					_, err := tx.ExecContext(ctx, "INSERT INTO inner_log VALUES (1)")
+					return err
+				}); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "UPDATE outer SET n = 1")
+				return err
+			})
+			if outer != 1 || inner != 1 {
+				t.Errorf("outer ran %d times, inner %d: the inner transaction had committed, a replay writes it again", outer, inner)
+			}
+			if !errors.Is(err, errDeadlockPG) {
+				t.Errorf("err = %v, want the deadlock", err)
+			}
+			if n := srv.ranCount("INSERT INTO inner_log"); n != 1 {
+				t.Errorf("the inner write committed %d times, want 1", n)
+			}
+		})
+	}
+}
+
+// A RunInTx on another goroutine with its own context that committed
+// before the outer attempt began (or on a goroutine unrelated to it) does
+// not stop the outer's replay.
+func TestOuterIsReplayedWhenAnUnrelatedRunInTxCommitted(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("UPDATE outer", step{err: errDeadlockPG})
+	db, _ := testDB(t, srv, WithMaxAttempts(5))
+	outer := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		outer++
+		if outer == 1 {
+			done := make(chan error)
+			go func() {
+				done <- RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "INSERT INTO other VALUES (1)")
+					return err
+				})
+			}()
+			if err := <-done; err != nil {
+				return err
+			}
+		}
+		_, err := tx.ExecContext(ctx, "UPDATE outer SET n = 1")
+		return err
+	})
+	if err != nil || outer != 2 {
+		t.Errorf("err = %v, outer ran %d times; want one replay and success", err, outer)
+	}
+}
+
+// The record of a nested commit is dropped once the outermost RunInTx on
+// its goroutine returns: the map does not grow with the goroutines.
+func TestNestedCommitRecordsAreDropped(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv)
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				return RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "INSERT INTO inner_log VALUES (1)")
+					return err
+				})
+			})
+		}()
+	}
+	wg.Wait()
+	n := 0
+	nestedCommitted.Range(func(any, any) bool { n++; return true })
+	if n != 0 {
+		t.Errorf("%d records of nested commits left", n)
 	}
 }

@@ -401,6 +401,8 @@ type txAttempt struct {
 	// replay.
 	answered error
 	nested   *nestedReplay
+	// seq: nestedSeq when the closure started (txnested.go)
+	seq uint64
 }
 
 // What a transaction's own Commit or Rollback did (txAttempt.ended).
@@ -547,6 +549,9 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		r = &rc
 	}
 	outer, _ := ctx.Value(keyRunInTx).(*txAttempt)
+	if outer == nil {
+		defer forgetNestedCommits(nestedSeq.Load())
+	}
 	lim := r.txLimit
 	if outer != nil {
 		lim = nil // the outer may hold a slot: waiting for another could deadlock
@@ -573,6 +578,8 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 				// This transaction committed on its own: replaying the outer
 				// closure would run it again.
 				outer.escaped = true
+			} else {
+				noteCommit() // nested with a context of its own?
 			}
 			return nil
 		}
@@ -721,7 +728,7 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 	case ConnectionLost, Ambiguous:
 		o.replay = true // before COMMIT the server rolls back on disconnect
 	}
-	if o.replay && att.escaped {
+	if o.replay && (att.escaped || nestedCommitSince(att.seq)) {
 		o.replay, o.escaped = false, true
 	}
 }
@@ -749,7 +756,12 @@ func runTxOnce(att *txAttempt, db *sql.DB, txOpts *sql.TxOptions, fn func(contex
 			_ = sqlTx.Rollback() // also when fn panics
 		}
 	}()
-	err = fn(att, sqlTx)
+	att.seq = nestedSeq.Load()
+	closuresRunning.Add(1)
+	func() {
+		defer closuresRunning.Add(-1) // also when fn panics
+		err = fn(att, sqlTx)
+	}()
 	att.byClosure = int8(att.ended.Load())
 	if err != nil {
 		return began, phaseBody, err
