@@ -682,3 +682,25 @@ func TestNestedCommitRecordsAreDropped(t *testing.T) {
 		t.Errorf("%d records of nested commits left", n)
 	}
 }
+
+// Inside a transaction every statement-level class becomes the
+// transaction's (ERRORS.md rule 1): a RunInTx give-up on a serialization
+// failure reports RetryTransaction, not RetryStatement.
+func TestRunInTxGiveUpReportsTheTransactionClass(t *testing.T) {
+	srv := newFakeServer()
+	for range 3 {
+		srv.script("UPDATE", step{err: errSerialization})
+	}
+	db, _ := testDB(t, srv, WithMaxAttempts(3))
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "UPDATE t SET n = 1")
+		return err
+	})
+	var e *Error
+	if !errors.As(err, &e) || e.Op != "tx" {
+		t.Fatalf("err = %v, want sqlretry's give-up", err)
+	}
+	if e.Class != RetryTransaction {
+		t.Errorf("Class = %v, want %v", e.Class, RetryTransaction)
+	}
+}

@@ -719,6 +719,9 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 		return
 	}
 	o.cls = r.classify(o.cause)
+	if o.cls == RetryStatement {
+		o.cls = RetryTransaction // the transaction aborts with it (ERRORS.md rule 1)
+	}
 	if o.cls != Permanent && att.answered != nil && errors.Is(o.cause, att.answered) {
 		o.cls = Permanent // tx.failed found the session alive: the statement's error
 	}
