@@ -53,9 +53,11 @@ const (
 )
 
 // EndpointCheck asks a freshly dialled server whether it may take the
-// connection. An error made with EndpointNotWritable passes the endpoint
-// over for now (the dial goes to the next one); any other error is the
-// dial's error.
+// connection. Any error passes the endpoint over (its breaker counts a
+// failure) and the dial goes on to the next one. When no endpoint takes
+// the connection, an EndpointNotWritable error counts as unavailability
+// (sqlretry dials again with backoff); any other error is classified like
+// a dial error of the driver.
 type EndpointCheck func(ctx context.Context, c driver.Conn) error
 
 // EndpointOption configures NewEndpointsConnector.
@@ -158,6 +160,11 @@ func WithEndpointClock(c Clock) EndpointOption {
 	}
 }
 
+// withEndpointRand gives the breakers sqlretry's random source (OpenEndpoints).
+func withEndpointRand(rnd func() float64) EndpointOption {
+	return func(cfg *endpointsConfig) error { cfg.rnd = rnd; return nil }
+}
+
 // EndpointsConnector is a driver.Connector over several endpoints. Give it
 // to OpenDB (or sql.OpenDB, without sqlretry's retries).
 type EndpointsConnector struct {
@@ -184,7 +191,7 @@ type EndpointHealth struct {
 	State    BreakerState // closed: in use; open: passed over until its next probe
 	Dials    int64        // connections handed out
 	Failures int64        // dials or checks that failed
-	LastErr  error        // the last failure, or nil
+	LastErr  error        // the last failure (kept after the endpoint recovered), or nil
 }
 
 // NewEndpointsConnector returns a connector that dials one of connectors,
@@ -283,18 +290,11 @@ func OpenEndpoints(driverName string, dsns []string, opts ...Option) (*sql.DB, e
 		}
 		implicitTx = implicitTx || strings.Contains(strings.ToLower(dsn), "autocommit")
 	}
-	ec, err := NewEndpointsConnector(conns, WithEndpointNames(names...), WithEndpointClock(cfg.clock))
+	ec, err := NewEndpointsConnector(conns, WithEndpointNames(names...), WithEndpointClock(cfg.clock), withEndpointRand(cfg.rnd))
 	if err != nil {
 		return nil, err
 	}
-	ec.setRand(cfg.rnd)
 	return sql.OpenDB(newConnector(ec, cfg, implicitTx)), nil
-}
-
-func (c *EndpointsConnector) setRand(rnd func() float64) {
-	for _, ep := range c.eps {
-		ep.br.rnd = rnd
-	}
 }
 
 // endpointName is the address part of a go-sql-driver/mysql DSN
