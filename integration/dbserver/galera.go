@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -19,8 +20,9 @@ const GaleraProvider = "/usr/lib/galera/libgalera_smm.so"
 // Galera is a private 3-node Galera 4 cluster of MariaDB servers on
 // loopback (issue 10, item 3): each node has its own client, group
 // communication (gcomm), IST and SST ports and its own data directory.
-// Node 0 bootstraps the cluster; the others join it by a state snapshot
-// (rsync). A node killed with KillNode rejoins with RestartNode.
+// Node 0 bootstraps the cluster; the others start from a copy of its data
+// and join by IST. A node killed with KillNode rejoins with RestartNode
+// (by a state snapshot, rsync, after the crash).
 type Galera struct {
 	Nodes   []*GaleraNode
 	Started time.Duration // from the first install to all nodes Synced
@@ -91,11 +93,11 @@ func StartGalera() (*Galera, error) {
 		addrs = append(addrs, fmt.Sprintf("127.0.0.1:%d", n.gport))
 	}
 	g.gcomm = "gcomm://" + strings.Join(addrs, ",")
-	// Only the bootstrapping node needs system tables: the joiners get
-	// node 0's data directory by a state snapshot (rsync). (A copy of
-	// node 0's initial data with the same Galera state does not spare the
-	// snapshot: a joiner whose server reports no position fails with
-	// "Application received wrong state".)
+	// Only the bootstrapping node needs system tables: the joiners get a
+	// copy of node 0's data once it has a Galera position (seedJoiners).
+	// (A copy of the freshly installed data with a hand-written
+	// grastate.dat does not do: a joiner whose server reports no position
+	// fails with "Application received wrong state".)
 	install := exec.Command("mariadb-install-db", "--no-defaults", "--datadir="+g.Nodes[0].data, "--auth-root-authentication-method=normal", "--skip-test-db")
 	if os.Geteuid() == 0 {
 		install.Args = append(install.Args, "--user=mysql")
@@ -122,8 +124,14 @@ func StartGalera() (*Galera, error) {
 		g.Stop()
 		return nil, err
 	}
-	// The joiners together: the second waits for the donor (Galera
-	// retries its request every second).
+	// Node 0, stopped cleanly, has a Galera position in InnoDB and in
+	// grastate.dat: copies of its data join it again by IST, or with no
+	// transfer at all, where an rsync snapshot per joiner takes 10-20 s.
+	if err := g.seedJoiners(); err != nil {
+		g.Stop()
+		return nil, err
+	}
+	// The joiners together.
 	errs := make(chan error, 2)
 	for _, n := range g.Nodes[1:] {
 		go func() {
@@ -145,6 +153,53 @@ func StartGalera() (*Galera, error) {
 	}
 	g.Started = time.Since(t0)
 	return g, nil
+}
+
+// seedJoiners stops node 0 cleanly, copies its data to the other nodes
+// and bootstraps the cluster from node 0 again.
+func (g *Galera) seedJoiners() error {
+	n0 := g.Nodes[0]
+	g.mu.Lock()
+	cmd, exited := n0.cmd, n0.exited
+	n0.cmd = nil
+	g.mu.Unlock()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	select {
+	case <-exited:
+	case <-time.After(60 * time.Second):
+		cmd.Process.Kill()
+		<-exited
+		return fmt.Errorf("galera node 0 did not shut down within 60 s\n%s", n0.logTail())
+	}
+	for _, n := range g.Nodes[1:] {
+		if err := os.Remove(n.data); err != nil {
+			return err
+		}
+		if out, err := exec.Command("cp", "-a", n0.data, n.data).CombinedOutput(); err != nil {
+			return fmt.Errorf("cp: %v: %s", err, out)
+		}
+		// Each node has its own ring buffer; only node 0 bootstraps.
+		os.Remove(filepath.Join(n.data, "galera.cache"))
+		state, err := os.ReadFile(filepath.Join(n.data, "grastate.dat"))
+		if err != nil {
+			return err
+		}
+		state = []byte(strings.Replace(string(state), "safe_to_bootstrap: 1", "safe_to_bootstrap: 0", 1))
+		if err := os.WriteFile(filepath.Join(n.data, "grastate.dat"), state, 0o660); err != nil {
+			return err
+		}
+	}
+	if os.Geteuid() == 0 {
+		if out, err := exec.Command("chown", "-R", "mysql:mysql", g.dir).CombinedOutput(); err != nil {
+			return fmt.Errorf("chown: %v: %s", err, out)
+		}
+	}
+	if err := g.start(n0, true); err != nil {
+		return err
+	}
+	return g.waitSynced(n0, 60*time.Second)
 }
 
 // DSNs are the nodes' go-sql-driver/mysql DSNs (root, database test).
