@@ -472,3 +472,74 @@ type dsnDriver struct{}
 func (dsnDriver) Open(dsn string) (driver.Conn, error) {
 	return nil, &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
 }
+
+// closeErrRows hands out its rows, then fails at Close: go-sql-driver/mysql
+// reads the rest of a result set at Close, where an error packet (a
+// Galera certification failure that aborted the query while it sent its
+// rows) comes out.
+type closeErrRows struct {
+	fakeRows
+	closeErr error
+}
+
+func (r *closeErrRows) Close() error { return r.closeErr }
+
+type closeErrConn struct {
+	*nodeConn
+	once *sync.Once
+}
+
+func (c *closeErrConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	if strings.HasPrefix(q, "SELECT balance") {
+		var rows driver.Rows
+		c.once.Do(func() {
+			rows = &closeErrRows{fakeRows: fakeRows{cols: []string{"balance"}, data: [][]driver.Value{{int64(10)}}},
+				closeErr: mysqlErr(1213, "Deadlock found when trying to get lock; try restarting transaction")}
+		})
+		if rows != nil {
+			return rows, nil
+		}
+		return &fakeRows{cols: []string{"balance"}, data: [][]driver.Value{{int64(10)}}}, nil
+	}
+	return c.nodeConn.QueryContext(ctx, q, args)
+}
+
+type closeErrConnector struct {
+	nodeConnector
+	once *sync.Once
+}
+
+func (c closeErrConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	dc, err := c.nodeConnector.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &closeErrConn{nodeConn: dc.(*nodeConn), once: c.once}, nil
+}
+
+// A transaction-aborting error that reaches the closure through
+// Rows.Close (Row.Scan returns it) is the database's and RunInTx replays
+// it: seen on Galera under multi-master conflicts, where RunInTx returned
+// such a 1213 unchanged.
+func TestRunInTxReplaysAbortAtRowsClose(t *testing.T) {
+	node := newFakeNodes(1)[0]
+	ec, err := NewEndpointsConnector([]driver.Connector{closeErrConnector{nodeConnector{node}, &sync.Once{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := OpenDB(ec, WithDialect(DialectMySQL), WithClock(newFakeClock()))
+	defer db.Close()
+	runs := 0
+	err = RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		var b int
+		if err := tx.QueryRowContext(ctx, "SELECT balance FROM a WHERE id = ? FOR UPDATE", 1).Scan(&b); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "UPDATE a SET balance = balance - 1 WHERE id = 1")
+		return err
+	})
+	if err != nil || runs != 2 || node.srv.committed != 1 {
+		t.Errorf("err %v, runs %d, commits %d; want the abort replayed: 2 runs, 1 commit", err, runs, node.srv.committed)
+	}
+}
