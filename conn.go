@@ -483,7 +483,18 @@ type txRows struct {
 }
 
 func (r *txRows) Columns() []string { return r.inner.Columns() }
-func (r *txRows) Close() error      { return r.inner.Close() }
+
+// Close reads what is left of the result set (go-sql-driver/mysql does),
+// and Row.Scan returns its error: one there, such as a Galera
+// certification failure that aborted the query while it sent its rows,
+// poisons the transaction like one from Next (issue 10).
+func (r *txRows) Close() error {
+	err := r.inner.Close()
+	if err != nil && err != io.EOF {
+		r.tx.failed(err, r.query)
+	}
+	return err
+}
 
 func (r *txRows) Next(dest []driver.Value) error {
 	err := r.inner.Next(dest)
