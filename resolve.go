@@ -475,7 +475,8 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			// as it replays; ask again later.
 			return CommitUnknown, nil
 		}
-		if restarted, proven, err = pgJudgeLife(m, start, now); err != nil {
+		restarted, proven, err = pgJudgeLife(m, start, now)
+		if err != nil {
 			return CommitUnknown, err
 		}
 	case start != 0:
