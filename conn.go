@@ -91,6 +91,7 @@ type conn struct {
 	serverID    int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
 	serverStart int64 // PostgreSQL server start time, µs, asked with serverID
 	serverSys   int64 // PostgreSQL system identifier, asked with serverID once the proof is on (resolve_failover.go)
+	serverTLI   int64 // PostgreSQL timeline, asked with serverSys; 0 while the server was in recovery
 
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.

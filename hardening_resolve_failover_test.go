@@ -92,9 +92,9 @@ func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
 	// A question with the proof: the message assigns the id and is logged.
 	l.asked = append(l.asked, q)
 	l.wal += 0x48
-	row := []driver.Value{assign(), lsnText(l.wal), fmt.Sprintf("%08X", l.tli)}
-	if strings.HasSuffix(q, pgSystemID) {
-		row = append(row, append(server, l.sys)...)
+	row := []driver.Value{assign(), int64(l.wal)}
+	if strings.HasSuffix(q, pgHistoryID) {
+		row = append(row, append(server, l.sys, fmt.Sprintf("%08X", l.tli))...)
 	}
 	return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
 }

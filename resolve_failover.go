@@ -59,10 +59,15 @@ const (
 // pgServerInfo asks once per connection for what identifies the server.
 const pgServerInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime + ", pg_catalog.current_setting('server_version_num')::int"
 
-// pgProofCols: the end of the logical message (the proof that the id is in
-// the WAL) and the timeline, NULL in recovery.
+// pgProofCols: the end of the logical message, the proof that the id is in
+// the WAL (as a number: no allocation in the driver), NULL in recovery.
 const pgProofCols = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-	"ELSE pg_catalog.pg_logical_emit_message(true, 'sqlretry', '')::text END, " +
+	"ELSE (pg_catalog.pg_logical_emit_message(true, 'sqlretry', '') - '0/0'::pg_catalog.pg_lsn)::bigint END"
+
+// pgHistoryID asks once per connection for the system identifier and the
+// timeline (NULL in recovery: asked again once the server takes writes; a
+// running primary never changes timeline).
+const pgHistoryID = ", (pg_catalog.pg_control_system()).system_identifier, " +
 	"CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 	"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END"
 
@@ -74,9 +79,8 @@ const (
 		"ELSE pg_catalog.pg_current_xact_id()::text::bigint END" + pgProofCols
 	pgAskXIDProof10 = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 		"ELSE pg_catalog.txid_current() END" + pgProofCols
-	pgSystemID               = ", (pg_catalog.pg_control_system()).system_identifier"
-	pgAskXIDProof13AndServer = pgAskXIDProof13 + pgServerInfo + pgSystemID
-	pgAskXIDProof10AndServer = pgAskXIDProof10 + pgServerInfo + pgSystemID
+	pgAskXIDProof13AndServer = pgAskXIDProof13 + pgServerInfo + pgHistoryID
+	pgAskXIDProof10AndServer = pgAskXIDProof10 + pgServerInfo + pgHistoryID
 )
 
 // pgServerNowQuery asks, after a lost COMMIT, which life of which server
@@ -107,12 +111,12 @@ func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
 			q = pgAskXIDAndServer
 		}
 	case v >= pgXid8Version:
-		q, ask = pgAskXIDProof13, c.serverID == 0 || c.serverSys == 0
+		q, ask = pgAskXIDProof13, c.serverID == 0 || c.serverSys == 0 || c.serverTLI == 0
 		if ask {
 			q = pgAskXIDProof13AndServer
 		}
 	default:
-		q, ask = pgAskXIDProof10, c.serverID == 0 || c.serverSys == 0
+		q, ask = pgAskXIDProof10, c.serverID == 0 || c.serverSys == 0 || c.serverTLI == 0
 		if ask {
 			q = pgAskXIDProof10AndServer
 		}
@@ -127,17 +131,12 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 		t.nothingDurable = true // in recovery: read-only, no id, nothing to commit
 	}
 	t.xid = asInt64(vals[0])
-	i := 1
+	i, lsn := 1, uint64(0)
 	if proof {
-		if len(vals) < 3 {
+		if len(vals) < 2 {
 			return
 		}
-		lsn, okL := parseLSN(vals[1])
-		tli, okT := parseHexInt(vals[2])
-		if okL && okT {
-			t.mark = pgMark{tli: tli, lsn: lsn}
-		}
-		i = 3
+		lsn, i = uint64(asInt64(vals[1])), 2
 	}
 	if ask && len(vals) >= i+2 {
 		c.serverID, c.serverStart = asInt64(vals[i]), asInt64(vals[i+1])
@@ -146,12 +145,13 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 				r.resolution.pgVersion.CompareAndSwap(0, v)
 			}
 		}
-		if proof && len(vals) > i+3 {
+		if proof && len(vals) > i+4 {
 			c.serverSys = asInt64(vals[i+3])
+			c.serverTLI, _ = parseHexInt(vals[i+4])
 		}
 	}
-	if t.mark.lsn != 0 && c.serverSys != 0 {
-		t.mark.sys = c.serverSys
+	if lsn != 0 && c.serverSys != 0 && c.serverTLI != 0 {
+		t.mark = pgMark{sys: c.serverSys, tli: c.serverTLI, lsn: lsn}
 	} else {
 		t.mark = pgMark{}
 	}
