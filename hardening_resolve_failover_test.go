@@ -94,7 +94,7 @@ func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
 	l.wal += 0x48
 	row := []driver.Value{assign(), int64(l.wal)}
 	if strings.HasSuffix(q, pgHistoryID) {
-		row = append(row, append(server, l.sys, fmt.Sprintf("%08X", l.tli))...)
+		row = append(row, append(server, l.sys, fmt.Sprintf("%08X", l.tli), l.start+600_000_000)...) // asked 10 min after the start
 	}
 	return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
 }
@@ -189,6 +189,14 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(promote(1, -0x10), setStatus(srv, "aborted"))
 			}, "replayed"},
+		{"promoted standby restarted since the transaction (its replay position is on the new timeline): ambiguous", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(promote(1, +0x3000), func(l *fakePGLife, _ int64) { l.start += 3_600_000_000 + 700_000_000 }, setStatus(srv, "committed"))
+			}, "ambiguous"},
+		{"promoted standby started less than the clock margin before the connection asked: ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(promote(1, +0x30), func(l *fakePGLife, _ int64) { l.start += 3_600_000_000 + 599_500_000 })
+			}, "ambiguous"},
 		{"a server two timelines on: committed is ambiguous", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return promote(2, +0x30) }, "ambiguous"},
 		{"a server without recovery on another timeline: ambiguous", 150000, true,

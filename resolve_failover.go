@@ -28,25 +28,29 @@ import (
 //   - the WAL it replayed at its start reaches L (pg_last_wal_replay_lsn, the
 //     end of the history it shares with the old server: crash recovery's end,
 //     or where a standby stopped replaying when promoted), on the same
-//     timeline (a crash restart) or the next one (a promotion), or it started
-//     without any recovery on the same timeline (a clean shutdown wrote every
-//     id it had handed out into its shutdown checkpoint).
+//     timeline (a crash restart), or on the next one (a promotion) when the
+//     promoted server has been running since before the connection asked
+//     (else its replay position may be the end of its own crash recovery
+//     on the new timeline), or it started without any recovery on the same
+//     timeline (a clean shutdown wrote every id it had handed out into its
+//     shutdown checkpoint).
 // Our commit record lies past L, so whenever our COMMIT took effect on
 // that history, the history reaches L: a commit on the surviving history is
-// always recognised. When the history does not reach L, "committed" may be
-// another transaction's and stays ErrAmbiguousCommit; any other answer
-// means ours is not on the history the server continues (its commit record
-// would lie past L), which is "not committed" as before. A server in
-// recovery (a standby, a server still electing) is asked again later; a
-// different cluster cannot answer.
+// recognised (but for a promoted server that restarted since, or started
+// within pgClockMargin of the connection). When the history does not reach
+// L, "committed" may be another transaction's and stays ErrAmbiguousCommit;
+// any other answer means ours is not on the history the server continues
+// (its commit record would lie past L), which is "not committed" as before.
+// A server in recovery (a standby, a server still electing) is asked again
+// later; a different cluster cannot answer.
 //
 // What this cannot see: two lives of the same timeline between the COMMIT
-// and the answer, e.g. a crash that loses L, a restart that hands ids out
-// again and writes past L, and a second crash, all before sqlretry reaches
-// the server; or a promoted standby that crashes and restarts before
-// sqlretry asks it. The WAL at L is then another life's. sqlretry asks
-// again every half second at most, so each of these needs two failures
-// within that window.
+// and the answer: a crash that loses L, a restart that hands ids out again
+// and writes past L, and a second crash (or a clean restart), all before
+// sqlretry reaches the server. The WAL at L is then another life's.
+// sqlretry asks again every half second at most, and any answer of the
+// middle life is final and right, so this takes two failures within that
+// window.
 
 // pgProofMinVersion is the first server_version_num with
 // pg_current_wal_insert_lsn and pg_last_wal_replay_lsn; pgXid8Version the
@@ -64,12 +68,14 @@ const pgServerInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime + ", pg_cat
 const pgProofCols = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 	"ELSE (pg_catalog.pg_logical_emit_message(true, 'sqlretry', '') - '0/0'::pg_catalog.pg_lsn)::bigint END"
 
-// pgHistoryID asks once per connection for the system identifier and the
+// pgHistoryID asks once per connection for the system identifier, the
 // timeline (NULL in recovery: asked again once the server takes writes; a
-// running primary never changes timeline).
+// running primary never changes timeline) and the server's clock (the
+// start of this transaction, before any id the connection will record).
 const pgHistoryID = ", (pg_catalog.pg_control_system()).system_identifier, " +
 	"CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-	"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END"
+	"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END, " +
+	"(extract(epoch FROM pg_catalog.now()) * 1000000)::bigint"
 
 // The questions before COMMIT with the proof, per server generation: the
 // xid8 functions from PostgreSQL 13 on, txid_current before. The message
@@ -95,10 +101,16 @@ const pgServerNowQuery = "SELECT " + pgStartTime + ", pg_catalog.pg_is_in_recove
 // lsn 0 when it recorded nothing (an older server, the first transactions
 // before the version was known, the proof turned off).
 type pgMark struct {
-	sys int64  // system identifier
-	tli int64  // timeline
-	lsn uint64 // end of the WAL record carrying the id
+	sys  int64  // system identifier
+	tli  int64  // timeline
+	seen int64  // the server's clock (µs) when the connection asked, before the id was taken
+	lsn  uint64 // end of the WAL record carrying the id
 }
+
+// pgClockMargin is how far two servers' clocks may be apart (µs) for
+// pgJudgeLife's start-time comparison; a larger gap only makes an answer
+// ambiguous.
+const pgClockMargin = 1_000_000
 
 // pgAskQuery picks the question before COMMIT for connection c.
 func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
@@ -111,12 +123,12 @@ func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
 			q = pgAskXIDAndServer
 		}
 	case v >= pgXid8Version:
-		q, ask = pgAskXIDProof13, c.serverID == 0 || c.serverSys == 0 || c.serverTLI == 0
+		q, ask = pgAskXIDProof13, c.serverID == 0 || c.pgHistory.tli == 0
 		if ask {
 			q = pgAskXIDProof13AndServer
 		}
 	default:
-		q, ask = pgAskXIDProof10, c.serverID == 0 || c.serverSys == 0 || c.serverTLI == 0
+		q, ask = pgAskXIDProof10, c.serverID == 0 || c.pgHistory.tli == 0
 		if ask {
 			q = pgAskXIDProof10AndServer
 		}
@@ -145,13 +157,15 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 				r.resolution.pgVersion.CompareAndSwap(0, v)
 			}
 		}
-		if proof && len(vals) > i+4 {
-			c.serverSys = asInt64(vals[i+3])
-			c.serverTLI, _ = parseHexInt(vals[i+4])
+		if proof && len(vals) > i+5 {
+			h := pgMark{sys: asInt64(vals[i+3]), seen: asInt64(vals[i+5])}
+			h.tli, _ = parseHexInt(vals[i+4])
+			c.pgHistory = h
 		}
 	}
-	if lsn != 0 && c.serverSys != 0 && c.serverTLI != 0 {
-		t.mark = pgMark{sys: c.serverSys, tli: c.serverTLI, lsn: lsn}
+	if h := c.pgHistory; lsn != 0 && h.sys != 0 && h.tli != 0 && h.seen != 0 {
+		t.mark = h
+		t.mark.lsn = lsn
 	} else {
 		t.mark = pgMark{}
 	}
@@ -220,8 +234,17 @@ func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven bool, err 
 		// wrote every id handed out. Only on the same timeline: a promoted
 		// standby always has a replay position.
 		proven = now.tli == m.tli
-	case now.replay >= m.lsn:
-		proven = now.tli == m.tli || now.tli == m.tli+1
+	case now.replay < m.lsn:
+	case now.tli == m.tli:
+		proven = true // crash recovery replayed past the record
+	case now.tli == m.tli+1:
+		// A promoted standby: its replay position is where it stopped
+		// replaying the old timeline only in the life it was promoted in.
+		// Restarted since (after a crash of its own) it is the end of
+		// crash recovery on the new timeline, past the switch point, and
+		// says nothing of the old one. Running since before the connection
+		// asked, it has not restarted since the id was taken.
+		proven = now.start < m.seen-pgClockMargin
 	}
 	return true, proven, nil
 }

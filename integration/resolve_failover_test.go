@@ -255,9 +255,13 @@ func TestPostgresLostCommitAcrossPromotionIsResolved(t *testing.T) {
 	db := openHooked(t, h, multi)
 	tbl := table(t, plain, "ledger")
 	mustExec(t, plain, "CREATE TABLE "+tbl+" (op text PRIMARY KEY)")
+	standby := openPlain(t, pair.StandbyDSN)
+	// sqlretry trusts a promoted server's replay position only when it has
+	// been running since (a clock margin of 1 s) before the connection
+	// asked: a standby that has run for a while, as in production.
+	waitRow(t, standby, 1, "SELECT (now() - pg_postmaster_start_time() > interval '1.5 s')::int")
 	warmUp(t, db, tbl)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
-	standby := openPlain(t, pair.StandbyDSN)
 	h.after = func() {
 		waitRow(t, standby, 1, "SELECT count(*) FROM "+tbl+" WHERE op = $1", op)
 		if err := pair.CrashPrimary(); err != nil {
