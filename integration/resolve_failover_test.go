@@ -207,6 +207,11 @@ func TestPostgresReusedIDAfterCrashIsNotTakenAsCommitted(t *testing.T) {
 			}
 		}
 	}
+	// Start the transaction's WAL near the start of a page: an asynchronous
+	// commit wakes the WAL writer when the WAL fills a page, and it would
+	// flush the filled page, with the id's records if they were on it. The
+	// padding is a non-transactional message: nothing flushes it.
+	mustExec(t, plain, "SELECT pg_logical_emit_message(false, 'pad', repeat('x', (8192 - (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint % 8192)::int))")
 	calls, err := ledgerRun(t, db, h, tbl, op, func(ctx context.Context, tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, "SET LOCAL synchronous_commit = off"); err != nil {
 			return err
