@@ -172,16 +172,21 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 }
 
 // pgProofRefused: the server refuses the question with the proof (the
-// role may not run pg_logical_emit_message, or the function is missing):
-// the failed statement aborted the transaction before COMMIT, so it is
-// replayed once and the question goes back to the one without the proof.
+// role may not run pg_logical_emit_message, or the function is missing or
+// unsupported, as on engines that speak PostgreSQL's protocol and report
+// a recent server_version_num): the failed statement aborted the
+// transaction before COMMIT, so it is replayed once and the question goes
+// back to the one without the proof. Turning the proof off never makes an
+// answer wrong: "committed" after a restart is then ambiguous.
 func (r *retrier) pgProofRefused(err error) bool {
 	var pg interface{ SQLState() string }
 	if !errors.As(err, &pg) {
 		return false
 	}
 	switch pg.SQLState() {
-	case "42501", "42883", "0A000":
+	case "42501", "42883", "0A000", // insufficient privilege, undefined function, feature not supported
+		"55000", "XX000": // object not in prerequisite state, internal error
+
 		r.resolution.pgVersion.Store(-1)
 		return true
 	}
