@@ -88,8 +88,9 @@ type conn struct {
 	lost            bool
 	readOnlyPending bool
 
-	serverID    int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
-	serverStart int64 // PostgreSQL server start time, µs, asked with serverID
+	serverID    int64  // PostgreSQL backend pid / MySQL connection id, 0 until asked
+	serverStart int64  // PostgreSQL server start time, µs, asked with serverID
+	pgHistory   pgMark // the PostgreSQL server's history, asked with serverID once the proof is on (resolve_failover.go)
 
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.

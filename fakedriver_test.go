@@ -86,6 +86,11 @@ type fakeServer struct {
 
 	inRecovery bool // a PostgreSQL standby: no transaction ids
 
+	// pgLife, when set, answers the questions of resolve_failover.go
+	// (hardening_resolve_failover_test.go): a PostgreSQL ≥ 10 server
+	// that may restart or be replaced by a promoted standby.
+	pgLife *fakePGLife
+
 	// Synchronous replication (PostgreSQL), for pgStatusQuery and the
 	// standby position checks.
 	syncNames     string                // synchronous_standby_names
@@ -277,6 +282,9 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 		}
 		return st.err
 	}
+	if c.srv.pgLife.owns(q) {
+		return nil
+	}
 	if q == pgAskXID || q == pgAskXIDAndServer || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" ||
 		q == pgStatusQuery || strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") || strings.Contains(q, "FROM pg_stat_replication") {
 		return nil
@@ -343,6 +351,9 @@ func (c *fakeConn) ExecContext(ctx context.Context, q string, _ []driver.NamedVa
 func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
 	if err := c.run(ctx, q); err != nil {
 		return nil, err
+	}
+	if rows, ok := c.srv.pgLife.answer(c, q); ok {
+		return rows, nil
 	}
 	switch q {
 	case pgAskXID, pgAskXIDAndServer:

@@ -25,8 +25,10 @@ import (
 // ends it (when the role may) and asks again until the answer is final or
 // the caller's deadline comes. After a crash the server hands out again the
 // ids whose WAL never reached the disk, so when it has restarted since,
-// "committed" may be another transaction's and is no answer (ambiguous);
-// anything else means ours never committed (a committed id is never reused).
+// "committed" may be another transaction's and is no answer (ambiguous)
+// unless the transaction proved where its id is in the WAL
+// (resolve_failover.go, PostgreSQL ≥ 10); anything else means ours never
+// committed (a committed id is never reused).
 //
 // MySQL/MariaDB, with WithMySQLCommitMarker: the transaction inserts a row
 // with a random token before COMMIT into the marker table, whose name is
@@ -50,9 +52,10 @@ import (
 const pgAskXID = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 	"ELSE COALESCE(pg_catalog.txid_current_if_assigned(), pg_catalog.txid_current()) END"
 
-// pgAskXIDAndServer also asks, once per connection, for the backend pid and
-// the server's start time.
-const pgAskXIDAndServer = pgAskXID + ", pg_catalog.pg_backend_pid(), " + pgStartTime
+// pgAskXIDAndServer also asks, once per connection, for the backend pid,
+// the server's start time and its version (which picks the question with
+// the proof of resolve_failover.go from then on).
+const pgAskXIDAndServer = pgAskXID + pgServerInfo
 
 // prepareResolution runs inside the transaction, just before COMMIT. Its
 // errors never replay the transaction for their own sake (issue 15): a
@@ -62,12 +65,14 @@ func (t *tx) prepareResolution() error {
 	c, r := t.c, t.c.r
 	switch {
 	case r.dialect == DialectPostgres && r.cfg.resolveCommits && !r.resolution.broken.Load():
-		q, ask := pgAskXID, c.serverID == 0
-		if ask {
-			q = pgAskXIDAndServer
-		}
+		q, ask, proof := r.pgAskQuery(c)
 		vals, err := queryRow(t.ctx, c.inner, q)
 		if err != nil {
+			if proof && r.pgProofRefused(err) {
+				// The failed statement aborted this transaction before
+				// COMMIT: replay it once, without the proof from now on.
+				return newError("commit", 1, RetryTransaction, nil, err)
+			}
 			if lacksFunction(err) {
 				// An engine without the functions (CockroachDB): the failed
 				// statement aborted this transaction before COMMIT, so replay
@@ -78,13 +83,7 @@ func (t *tx) prepareResolution() error {
 			}
 			return r.resolutionFailed(t.ctx, "asking for the transaction id", err)
 		}
-		if vals[0] == nil {
-			t.nothingDurable = true // in recovery: read-only, no id, nothing to commit
-		}
-		t.xid = asInt64(vals[0])
-		if ask {
-			c.serverID, c.serverStart = asInt64(vals[1]), asInt64(vals[2])
-		}
+		t.pgTakeAnswer(vals, ask, proof)
 	case r.dialect == DialectMySQL && r.cfg.mysqlMarker != "":
 		if t.readOnly {
 			// MySQL refuses table writes in a READ ONLY transaction, and what
@@ -380,7 +379,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	switch {
 	case r.dialect == DialectPostgres && t.xid != 0:
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart)
+			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark)
 		}
 	case r.dialect == DialectMySQL && t.token != nil:
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
@@ -421,7 +420,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 				outcome = o
 				break
 			}
-			if errors.Is(err, errUnresolvable) {
+			if errors.Is(err, errUnresolvable) || errors.Is(err, errOtherCluster) {
 				lastErr = err
 				break
 			}
@@ -457,11 +456,30 @@ var errUnresolvable = errors.New("sqlretry: the server restarted since the COMMI
 // synchronous replication, the synchronous standbys have the commit
 // (pgReplicated): until then the commit may be on the primary alone, and a
 // failover would lose it. When the server restarted since (start differs),
-// the id may have been handed out again: "committed" is then no answer,
-// anything else is.
-func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (CommitOutcome, error) {
-	restarted := false
-	if start != 0 {
+// or it is a promoted standby, the id may have been handed out again:
+// "committed" is then no answer unless the transaction's mark proves the
+// id's WAL record is in the history the server continues (pgJudgeLife);
+// anything else is an answer.
+func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark) (CommitOutcome, error) {
+	restarted, proven := false, false
+	switch {
+	case m.lsn != 0:
+		// The transaction recorded where its id is in the WAL
+		// (resolve_failover.go).
+		now, err := pgAskNow(ctx, dc)
+		if err != nil {
+			return CommitUnknown, err
+		}
+		if now.inRecovery {
+			// A standby, or a server still electing: its answer may change
+			// as it replays; ask again later.
+			return CommitUnknown, nil
+		}
+		restarted, proven, err = pgJudgeLife(m, start, now)
+		if err != nil {
+			return CommitUnknown, err
+		}
+	case start != 0:
 		vals, err := queryRow(ctx, dc, "SELECT "+pgStartTime)
 		if err != nil {
 			return CommitUnknown, err
@@ -477,7 +495,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64) (
 		return CommitUnknown, err
 	}
 	switch {
-	case st.status == "committed" && restarted:
+	case st.status == "committed" && restarted && !proven:
 		return CommitUnknown, errUnresolvable
 	case st.status == "committed" && st.holding:
 		// Committed locally, not yet visible: the old backend waits for a

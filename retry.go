@@ -31,6 +31,9 @@ type retrier struct {
 // resolveState is what the resolution of lost COMMITs learns as it goes.
 type resolveState struct {
 	broken atomic.Bool // the engine lacks txid_current (CockroachDB): stop asking
+	// pgVersion: server_version_num as a connection reported it, 0 until
+	// then, -1 when the proof of resolve_failover.go is refused.
+	pgVersion atomic.Int64
 
 	markerMu    sync.Mutex
 	markerName  string    // the marker table, fully qualified and checked; "" until then

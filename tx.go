@@ -26,10 +26,11 @@ type tx struct {
 	readOnly bool
 	attempt  *txAttempt // set when RunInTx began this transaction
 
-	poison   error // first retryable error
-	firstErr error // first error of any class (PostgreSQL aborts on any)
-	wrote    bool  // ran something other than a plain read
-	xid      int64 // PostgreSQL transaction id taken before COMMIT, 0 if none
+	poison   error  // first retryable error
+	firstErr error  // first error of any class (PostgreSQL aborts on any)
+	wrote    bool   // ran something other than a plain read
+	xid      int64  // PostgreSQL transaction id taken before COMMIT, 0 if none
+	mark     pgMark // where xid is in the WAL (resolve_failover.go)
 	token    []byte
 	marker   string // the MySQL marker table token went into
 	// nothingDurable: the server held the transaction read-only (a

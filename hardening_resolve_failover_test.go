@@ -1,0 +1,319 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// Lost COMMITs across a crash restart or a failover (resolve_failover.go),
+// against the fake driver: each decision of pgJudgeLife.
+
+// fakePGLife is a PostgreSQL ≥ 10 server as resolve_failover.go sees it.
+// onResolve runs once, at the first identity question after a lost COMMIT:
+// it is where a test crashes, restarts or replaces the server.
+type fakePGLife struct {
+	version    int64
+	start      int64
+	sys, tli   int64
+	wal        uint64 // insert position
+	replay     string // pg_last_wal_replay_lsn, "" for NULL
+	inRecovery int    // identity answers still to come from a server in recovery
+	onResolve  func(l *fakePGLife, xid int64)
+	resolved   bool
+	asked      []string // the questions before COMMIT, in order
+	lastXID    int64
+}
+
+func newFakePGLife(version int64) *fakePGLife {
+	return &fakePGLife{version: version, start: fakeStart, sys: 7313786064254129598, tli: 1, wal: 0x3000000}
+}
+
+func (l *fakePGLife) owns(q string) bool {
+	if l == nil {
+		return false
+	}
+	switch q {
+	case pgAskXIDAndServer, pgAskXIDProof13, pgAskXIDProof13AndServer, pgAskXIDProof10, pgAskXIDProof10AndServer,
+		pgServerNowQuery, "SELECT " + pgStartTime:
+		return true
+	}
+	return false
+}
+
+func lsnText(n uint64) string { return fmt.Sprintf("%X/%X", n>>32, n&0xffffffff) }
+
+func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
+	if !l.owns(q) {
+		return nil, false
+	}
+	s := c.srv
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	assign := func() int64 {
+		if c.xid == 0 {
+			s.nextXID++
+			c.xid = s.nextXID
+			s.xidStatus[c.xid] = "in progress"
+		}
+		l.lastXID = c.xid
+		return c.xid
+	}
+	server := []driver.Value{c.pid, l.start, l.version}
+	if (q == pgServerNowQuery || q == "SELECT "+pgStartTime) && !l.resolved && l.onResolve != nil {
+		l.resolved = true
+		l.onResolve(l, l.lastXID)
+	}
+	switch q {
+	case "SELECT " + pgStartTime:
+		return &fakeRows{cols: []string{"start"}, data: [][]driver.Value{{l.start}}}, true
+	case pgAskXIDAndServer:
+		l.asked = append(l.asked, q)
+		row := append([]driver.Value{assign()}, server...)
+		return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
+	case pgServerNowQuery:
+		rec := l.inRecovery > 0
+		var tli, replay driver.Value
+		if rec {
+			l.inRecovery--
+		} else {
+			tli = fmt.Sprintf("%08X", l.tli)
+		}
+		if l.replay != "" {
+			replay = l.replay
+		}
+		row := []driver.Value{l.start, rec, l.sys, tli, replay}
+		return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
+	}
+	// A question with the proof: the message assigns the id and is logged.
+	l.asked = append(l.asked, q)
+	l.wal += 0x48
+	row := []driver.Value{assign(), int64(l.wal)}
+	if strings.HasSuffix(q, pgHistoryID) {
+		row = append(row, append(server, l.sys, fmt.Sprintf("%08X", l.tli), l.start+600_000_000)...) // asked 10 min after the start
+	}
+	return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
+}
+
+// failoverRun runs transactions inserting op-1.. on db; the last one's
+// COMMIT is lost after the server committed it (ran) or before.
+func failoverRun(t *testing.T, srv *fakeServer, warmups int, committed bool) (calls int, err error) {
+	t.Helper()
+	db, _ := testDB(t, srv)
+	db.SetMaxOpenConns(1)
+	for i := 0; i < warmups; i++ {
+		if err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO warmup VALUES (1)")
+			return err
+		}); err != nil {
+			t.Fatalf("warm-up transaction: %v", err)
+		}
+	}
+	srv.script("COMMIT", step{err: errLost, ran: committed})
+	err = RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
+		return err
+	})
+	return calls, err
+}
+
+// crash makes the server restart: its start time changes and its recovery
+// ended replayDelta bytes after the end of the lost transaction's WAL
+// record (before it when negative); it writes on from there.
+func crash(replayDelta int64) func(l *fakePGLife, xid int64) {
+	return func(l *fakePGLife, xid int64) {
+		l.start += 42_000_000
+		l.replay = lsnText(uint64(int64(l.wal) + replayDelta))
+		l.wal += 0x1000
+	}
+}
+
+func setStatus(srv *fakeServer, status string) func(l *fakePGLife, xid int64) {
+	return func(l *fakePGLife, xid int64) { srv.xidStatus[xid] = status }
+}
+
+func both(fs ...func(l *fakePGLife, xid int64)) func(l *fakePGLife, xid int64) {
+	return func(l *fakePGLife, xid int64) {
+		for _, f := range fs {
+			f(l, xid)
+		}
+	}
+}
+
+func TestFailoverResolutionDecisions(t *testing.T) {
+	type tc struct {
+		name      string
+		version   int64
+		committed bool // the server committed the lost COMMIT
+		after     func(srv *fakeServer) func(l *fakePGLife, xid int64)
+		want      string // "committed", "replayed", "ambiguous"
+	}
+	promote := func(tliDelta int64, replayDelta int64) func(l *fakePGLife, xid int64) {
+		return func(l *fakePGLife, xid int64) {
+			l.start -= 3_600_000_000 // a standby running since before
+			l.tli += tliDelta
+			l.replay = lsnText(uint64(int64(l.wal) + replayDelta))
+		}
+	}
+	cases := []tc{
+		{"crash restart, recovery reached the id's record, committed: committed", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(+0x30) }, "committed"},
+		{"crash restart, recovery reached the id's record, not committed: replayed", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(0) }, "replayed"},
+		{"crash restart, the id's record lost and the id reused by a commit: ambiguous", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(-0x20), setStatus(srv, "committed"))
+			}, "ambiguous"},
+		{"crash restart, the id's record lost, id not reused: replayed", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(-0x20) }, "replayed"},
+		{"the same, PostgreSQL 12 (txid functions): committed", 120000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(+0x30) }, "committed"},
+		{"PostgreSQL 9.6 (no proof): a restart makes committed ambiguous", 90600, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(+0x30) }, "ambiguous"},
+		{"clean restart (no recovery), same timeline: committed", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return func(l *fakePGLife, _ int64) { l.start += 42_000_000 }
+			}, "committed"},
+		{"promoted standby (next timeline) that replayed past the record: committed", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return promote(1, +0x30) }, "committed"},
+		{"promoted standby that stopped before the record, the id reused: ambiguous", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(promote(1, -0x10), setStatus(srv, "committed"))
+			}, "ambiguous"},
+		{"promoted standby that stopped before the record, id aborted: replayed", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(promote(1, -0x10), setStatus(srv, "aborted"))
+			}, "replayed"},
+		{"promoted standby restarted since the transaction (its replay position is on the new timeline): ambiguous", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(promote(1, +0x3000), func(l *fakePGLife, _ int64) { l.start += 3_600_000_000 + 700_000_000 }, setStatus(srv, "committed"))
+			}, "ambiguous"},
+		{"promoted standby started less than the clock margin before the connection asked: ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(promote(1, +0x30), func(l *fakePGLife, _ int64) { l.start += 3_600_000_000 + 599_500_000 })
+			}, "ambiguous"},
+		{"a server two timelines on: committed is ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return promote(2, +0x30) }, "ambiguous"},
+		{"a server without recovery on another timeline: ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return func(l *fakePGLife, _ int64) { l.start += 1; l.tli++ }
+			}, "ambiguous"},
+		{"another cluster: even aborted is no answer", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(func(l *fakePGLife, _ int64) { l.sys++ }, setStatus(srv, "aborted"))
+			}, "ambiguous"},
+		{"a standby answers first, then the promoted one: committed", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(promote(1, +0x30), func(l *fakePGLife, _ int64) { l.inRecovery = 3 })
+			}, "committed"},
+		{"no restart: as before", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return nil }, "committed"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			srv := newFakeServer()
+			l := newFakePGLife(c.version)
+			l.onResolve = c.after(srv)
+			srv.pgLife = l
+			calls, err := failoverRun(t, srv, 1, c.committed)
+			var got string
+			switch {
+			case errors.Is(err, ErrAmbiguousCommit):
+				got = "ambiguous"
+			case err != nil:
+				t.Fatalf("err = %v", err)
+			case calls == 1:
+				got = "committed"
+			default:
+				got = "replayed"
+			}
+			if got != c.want {
+				t.Fatalf("outcome %s (calls=%d, err=%v), want %s; asked %q", got, calls, err, c.want, l.asked)
+			}
+			if n := srv.ranCount("INSERT INTO ledger"); got != "ambiguous" && n != 1 {
+				t.Errorf("the ledger row is there %d times, want 1", n)
+			}
+			if c.version >= pgProofMinVersion && !l.resolved && c.want != "committed" {
+				t.Error("the server's identity was never asked")
+			}
+		})
+	}
+}
+
+// The proof rides on the question sqlretry asked before: one statement
+// before COMMIT, as without it; the xid8 functions from PostgreSQL 13 on.
+func TestFailoverProofAddsNoRoundTrip(t *testing.T) {
+	for _, v := range []struct {
+		version int64
+		want    []string
+	}{
+		{150000, []string{pgAskXIDAndServer, pgAskXIDProof13AndServer, pgAskXIDProof13}},
+		{120000, []string{pgAskXIDAndServer, pgAskXIDProof10AndServer, pgAskXIDProof10}},
+		{90600, []string{pgAskXIDAndServer}}, // then pgAskXID, answered by the fake itself
+	} {
+		t.Run(fmt.Sprint(v.version), func(t *testing.T) {
+			srv := newFakeServer()
+			srv.pgLife = newFakePGLife(v.version)
+			db, _ := testDB(t, srv)
+			db.SetMaxOpenConns(1)
+			for i := 0; i < 3; i++ {
+				if err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "INSERT INTO t VALUES (1)")
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			asked := srv.pgLife.asked
+			for i, q := range v.want {
+				if len(asked) != len(v.want) || asked[i] != q {
+					t.Fatalf("questions before COMMIT = %q, want %q", asked, v.want)
+				}
+			}
+			if strings.Contains(pgAskXIDProof13, "txid_") {
+				t.Error("the PostgreSQL 13 question uses the txid functions")
+			}
+		})
+	}
+}
+
+// A role that may not write the message (REVOKE on pg_logical_emit_message):
+// the refused question aborted the transaction before COMMIT, so it is
+// replayed once and the question without the proof is asked from then on.
+func TestFailoverProofRefusedFallsBack(t *testing.T) {
+	srv := newFakeServer()
+	l := newFakePGLife(150000)
+	srv.pgLife = l
+	srv.pgAborts = true
+	db, _ := testDB(t, srv)
+	db.SetMaxOpenConns(1)
+	run := func() (int, error) {
+		calls := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			_, err := tx.ExecContext(ctx, "INSERT INTO t VALUES (1)")
+			return err
+		})
+		return calls, err
+	}
+	if _, err := run(); err != nil { // learns the version
+		t.Fatal(err)
+	}
+	srv.script(pgAskXIDProof13, step{err: &pgError{"42501", "permission denied for function pg_logical_emit_message"}})
+	calls, err := run()
+	if err != nil || calls != 2 {
+		t.Fatalf("calls=%d err=%v; want one replay, then success", calls, err)
+	}
+	if n := srv.ranCount("INSERT INTO t"); n != 2 {
+		t.Errorf("inserts committed = %d, want 2 (one per successful transaction)", n)
+	}
+	last := l.asked[len(l.asked)-1]
+	if strings.Contains(last, "pg_logical_emit_message") {
+		t.Errorf("still asks with the proof after the refusal: %q", last)
+	}
+}

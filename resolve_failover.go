@@ -1,0 +1,275 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"strconv"
+	"strings"
+)
+
+// Lost COMMITs across a crash restart or a failover (PostgreSQL ≥ 10).
+//
+// A transaction id is handed out again after a crash or a promotion when
+// no WAL record carrying it (nor a later id, nor a checkpoint past it)
+// reached the history the server now continues: recovery sets the next id
+// past the highest one it replayed. So "id X committed" on a server that
+// has restarted, or on a promoted standby, is about our transaction only
+// if that history holds a record with X. sqlretry makes sure there is one
+// at a known place: the question it asks before COMMIT (the same single
+// round trip as before) also writes a transactional logical decoding
+// message (pg_logical_emit_message, prefix "sqlretry"), which carries the
+// transaction's id, and reads where that record ends (L), the timeline,
+// and once per connection the cluster's system identifier. After a lost
+// COMMIT, when the server that answers is not the same life of the same
+// server (its start time or timeline differ), its answer is about our
+// transaction when
+//   - it is the same cluster (same system identifier), and
+//   - the WAL it replayed at its start reaches L (pg_last_wal_replay_lsn, the
+//     end of the history it shares with the old server: crash recovery's end,
+//     or where a standby stopped replaying when promoted), on the same
+//     timeline (a crash restart), or on the next one (a promotion) when the
+//     promoted server has been running since before the connection asked
+//     (else its replay position may be the end of its own crash recovery
+//     on the new timeline), or it started without any recovery on the same
+//     timeline (a clean shutdown wrote every id it had handed out into its
+//     shutdown checkpoint).
+// Our commit record lies past L, so whenever our COMMIT took effect on
+// that history, the history reaches L: a commit on the surviving history is
+// recognised (but for a promoted server that restarted since, or started
+// within pgClockMargin of the connection). When the history does not reach
+// L, "committed" may be another transaction's and stays ErrAmbiguousCommit;
+// any other answer means ours is not on the history the server continues
+// (its commit record would lie past L), which is "not committed" as before.
+// A server in recovery (a standby, a server still electing) is asked again
+// later; a different cluster cannot answer.
+//
+// What this cannot see: two lives of the same timeline between the COMMIT
+// and the answer: a crash that loses L, a restart that hands ids out again
+// and writes past L, and a second crash (or a clean restart), all before
+// sqlretry reaches the server. The WAL at L is then another life's.
+// sqlretry asks again every half second at most, and any answer of the
+// middle life is final and right, so this takes two failures within that
+// window.
+
+// pgProofMinVersion is the first server_version_num with
+// pg_current_wal_insert_lsn and pg_last_wal_replay_lsn; pgXid8Version the
+// first with the xid8 functions.
+const (
+	pgProofMinVersion = 100000
+	pgXid8Version     = 130000
+)
+
+// pgServerInfo asks once per connection for what identifies the server.
+const pgServerInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime + ", pg_catalog.current_setting('server_version_num')::int"
+
+// pgProofCols: the end of the logical message, the proof that the id is in
+// the WAL (as a number: no allocation in the driver), NULL in recovery.
+const pgProofCols = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+	"ELSE (pg_catalog.pg_logical_emit_message(true, 'sqlretry', '') - '0/0'::pg_catalog.pg_lsn)::bigint END"
+
+// pgHistoryID asks once per connection for the system identifier, the
+// timeline (NULL in recovery: asked again once the server takes writes; a
+// running primary never changes timeline) and the server's clock (the
+// start of this transaction, before any id the connection will record).
+const pgHistoryID = ", (pg_catalog.pg_control_system()).system_identifier, " +
+	"CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+	"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END, " +
+	"(extract(epoch FROM pg_catalog.now()) * 1000000)::bigint"
+
+// The questions before COMMIT with the proof, per server generation: the
+// xid8 functions from PostgreSQL 13 on, txid_current before. The message
+// assigns the id if the transaction has none (as txid_current did).
+const (
+	pgAskXIDProof13 = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+		"ELSE pg_catalog.pg_current_xact_id()::text::bigint END" + pgProofCols
+	pgAskXIDProof10 = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+		"ELSE pg_catalog.txid_current() END" + pgProofCols
+	pgAskXIDProof13AndServer = pgAskXIDProof13 + pgServerInfo + pgHistoryID
+	pgAskXIDProof10AndServer = pgAskXIDProof10 + pgServerInfo + pgHistoryID
+)
+
+// pgServerNowQuery asks, after a lost COMMIT, which life of which server
+// answers.
+const pgServerNowQuery = "SELECT " + pgStartTime + ", pg_catalog.pg_is_in_recovery(), " +
+	"(pg_catalog.pg_control_system()).system_identifier, " +
+	"CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+	"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END, " +
+	"pg_catalog.pg_last_wal_replay_lsn()::text"
+
+// pgMark is what a transaction recorded of the history its id belongs to;
+// lsn 0 when it recorded nothing (an older server, the first transactions
+// before the version was known, the proof turned off).
+type pgMark struct {
+	sys  int64  // system identifier
+	tli  int64  // timeline
+	seen int64  // the server's clock (µs) when the connection asked, before the id was taken
+	lsn  uint64 // end of the WAL record carrying the id
+}
+
+// pgClockMargin is how far two servers' clocks may be apart (µs) for
+// pgJudgeLife's start-time comparison; a larger gap only makes an answer
+// ambiguous.
+const pgClockMargin = 1_000_000
+
+// pgAskQuery picks the question before COMMIT for connection c.
+func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
+	v := r.resolution.pgVersion.Load()
+	proof = v >= pgProofMinVersion
+	switch {
+	case !proof:
+		q, ask = pgAskXID, c.serverID == 0
+		if ask {
+			q = pgAskXIDAndServer
+		}
+	case v >= pgXid8Version:
+		q, ask = pgAskXIDProof13, c.serverID == 0 || c.pgHistory.tli == 0
+		if ask {
+			q = pgAskXIDProof13AndServer
+		}
+	default:
+		q, ask = pgAskXIDProof10, c.serverID == 0 || c.pgHistory.tli == 0
+		if ask {
+			q = pgAskXIDProof10AndServer
+		}
+	}
+	return q, ask, proof
+}
+
+// pgTakeAnswer records the answer of pgAskQuery's question.
+func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
+	c, r := t.c, t.c.r
+	if vals[0] == nil {
+		t.nothingDurable = true // in recovery: read-only, no id, nothing to commit
+	}
+	t.xid = asInt64(vals[0])
+	i, lsn := 1, uint64(0)
+	if proof {
+		if len(vals) < 2 {
+			return
+		}
+		lsn, i = uint64(asInt64(vals[1])), 2
+	}
+	if ask && len(vals) >= i+2 {
+		c.serverID, c.serverStart = asInt64(vals[i]), asInt64(vals[i+1])
+		if len(vals) > i+2 {
+			if v := asInt64(vals[i+2]); v > 0 {
+				r.resolution.pgVersion.CompareAndSwap(0, v)
+			}
+		}
+		if proof && len(vals) > i+5 {
+			h := pgMark{sys: asInt64(vals[i+3]), seen: asInt64(vals[i+5])}
+			h.tli, _ = parseHexInt(vals[i+4])
+			c.pgHistory = h
+		}
+	}
+	if h := c.pgHistory; lsn != 0 && h.sys != 0 && h.tli != 0 && h.seen != 0 {
+		t.mark = h
+		t.mark.lsn = lsn
+	} else {
+		t.mark = pgMark{}
+	}
+}
+
+// pgProofRefused: the server refuses the question with the proof (the
+// role may not run pg_logical_emit_message, or the function is missing or
+// unsupported, as on engines that speak PostgreSQL's protocol and report
+// a recent server_version_num): the failed statement aborted the
+// transaction before COMMIT, so it is replayed once and the question goes
+// back to the one without the proof. Turning the proof off never makes an
+// answer wrong: "committed" after a restart is then ambiguous.
+func (r *retrier) pgProofRefused(err error) bool {
+	var pg interface{ SQLState() string }
+	if !errors.As(err, &pg) {
+		return false
+	}
+	switch pg.SQLState() {
+	case "42501", "42883", "0A000", // insufficient privilege, undefined function, feature not supported
+		"55000", "XX000": // object not in prerequisite state, internal error
+
+		r.resolution.pgVersion.Store(-1)
+		return true
+	}
+	return false
+}
+
+// pgNow is one answer of pgServerNowQuery.
+type pgNow struct {
+	start      int64
+	inRecovery bool
+	sys, tli   int64
+	replay     uint64 // 0: the server started without recovery
+}
+
+func pgAskNow(ctx context.Context, dc driver.Conn) (pgNow, error) {
+	vals, err := queryRow(ctx, dc, pgServerNowQuery)
+	if err != nil {
+		return pgNow{}, err
+	}
+	if len(vals) < 5 {
+		return pgNow{}, errors.New("sqlretry: the server's identity query returned too few columns")
+	}
+	n := pgNow{start: asInt64(vals[0]), sys: asInt64(vals[2])}
+	n.inRecovery, _ = vals[1].(bool)
+	n.tli, _ = parseHexInt(vals[3])
+	if vals[4] != nil {
+		n.replay, _ = parseLSN(vals[4])
+	}
+	return n, nil
+}
+
+// errOtherCluster: the server that answers is not of the cluster the
+// transaction ran on.
+var errOtherCluster = errors.New("sqlretry: the server that answers is another cluster (system identifier differs): it cannot say whether the COMMIT took effect")
+
+// pgJudgeLife compares the server that answers with the one the
+// transaction ran on: restarted says it is another life (a restart, a
+// promoted standby), proven that its history holds the record with the id,
+// so that its answer about the id is about our transaction.
+func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven bool, err error) {
+	if now.sys != m.sys {
+		return true, false, errOtherCluster
+	}
+	if now.start == start && now.tli == m.tli {
+		return false, true, nil
+	}
+	switch {
+	case now.replay == 0:
+		// Started without recovery: its previous shutdown was clean and
+		// wrote every id handed out. Only on the same timeline: a promoted
+		// standby always has a replay position.
+		proven = now.tli == m.tli
+	case now.replay < m.lsn:
+	case now.tli == m.tli:
+		proven = true // crash recovery replayed past the record
+	case now.tli == m.tli+1:
+		// A promoted standby: its replay position is where it stopped
+		// replaying the old timeline only in the life it was promoted in.
+		// Restarted since (after a crash of its own) it is the end of
+		// crash recovery on the new timeline, past the switch point, and
+		// says nothing of the old one. Running since before the connection
+		// asked, it has not restarted since the id was taken.
+		proven = now.start < m.seen-pgClockMargin
+	}
+	return true, proven, nil
+}
+
+// parseLSN parses PostgreSQL's pg_lsn text, "16/B374D848".
+func parseLSN(v driver.Value) (uint64, bool) {
+	s := textOf(v)
+	hi, lo, ok := strings.Cut(s, "/")
+	if !ok {
+		return 0, false
+	}
+	h, err1 := strconv.ParseUint(hi, 16, 32)
+	l, err2 := strconv.ParseUint(lo, 16, 32)
+	if err1 != nil || err2 != nil {
+		return 0, false
+	}
+	return h<<32 | l, true
+}
+
+func parseHexInt(v driver.Value) (int64, bool) {
+	n, err := strconv.ParseInt(textOf(v), 16, 64)
+	return n, err == nil && n > 0
+}
