@@ -37,8 +37,7 @@ var (
 )
 
 // Statement is what a Rule sees of a statement or a COMMIT about to be
-// sent. Only the application's own calls count, those that come through
-// database/sql: the queries sqlretry runs itself (the transaction id it
+// sent. Only the application's own calls count: the queries sqlretry runs itself (the transaction id it
 // asks for before COMMIT, the commit marker, the resolution of a lost
 // COMMIT) are neither counted nor failed. BEGIN and ROLLBACK are not
 // counted either.
@@ -209,38 +208,66 @@ func (i *Injector) Close() error {
 	return nil
 }
 
-// fromApplication reports a call that came through database/sql, that is
-// from the application, not one sqlretry made on the driver connection
-// itself.
+// fromApplication reports a statement of the application's, not one of
+// the queries sqlretry runs itself on a driver connection (the transaction
+// id before COMMIT, the commit marker, the resolution of a lost COMMIT,
+// the read-only check), which all go through three functions of its
+// (sqlretryOwnQueries). The stack is read because a COMMIT or a query of
+// sqlretry's may run inside database/sql's call, or on a goroutine of its
+// own (a MySQL COMMIT under a deadline).
 func fromApplication() bool {
-	var pcs [48]uintptr
+	var pcs [64]uintptr
 	n := runtime.Callers(3, pcs[:])
 	frames := runtime.CallersFrames(pcs[:n])
 	for {
 		f, more := frames.Next()
-		if strings.HasPrefix(f.Function, "database/sql.") {
-			return true
+		if fn, ok := strings.CutPrefix(f.Function, "github.com/sqlretry/sqlretry."); ok {
+			for _, own := range sqlretryOwnQueries {
+				if fn == own || strings.HasPrefix(fn, own+".") {
+					return false
+				}
+			}
 		}
 		if !more {
-			return false
+			return true
 		}
 	}
 }
 
+// sqlretryOwnQueries are the functions through which sqlretry runs its own
+// queries on a driver connection (resolve.go).
+var sqlretryOwnQueries = [...]string{"queryRow", "queryRows", "execConn"}
+
 type conn struct {
-	inj    *Injector
-	inner  driver.Conn
-	broken atomic.Bool // a fault closed the driver's connection
-	tx     int         // the open transaction's number, 0 in autocommit
-	pos    int         // statements of the open transaction so far
+	inj     *Injector
+	inner   driver.Conn
+	broken  atomic.Bool // a fault closed the driver's connection
+	tx      int         // the open transaction's number, 0 in autocommit
+	pos     int         // statements of the open transaction so far
+	skipped string      // the statement last answered with ErrSkip, to be run prepared
 }
 
-// decide numbers an application statement and asks the rule. The
-// numbering is undone (forget) when the driver answers ErrSkip and
-// database/sql runs the statement again through Prepare.
-func (c *conn) decide(query string, commit bool) (Fault, error, bool) {
+// decision is the fault a statement meets and the error it gets.
+type decision struct {
+	fault Fault
+	err   error
+}
+
+// decide numbers an application statement and asks the rule; counted is
+// false for sqlretry's own queries. A statement the driver answered with
+// ErrSkip (database/sql then prepares it and runs the prepared statement)
+// was numbered already: the prepared statement's run is not numbered
+// again.
+func (c *conn) decide(query string, commit bool) (d decision, counted bool) {
+	if c.skipped != "" {
+		skipped := c.skipped
+		c.skipped = ""
+		if skipped == query && !commit {
+			return decision{}, false
+		}
+	}
 	if !fromApplication() {
-		return NoFault, nil, false
+		return decision{}, false
 	}
 	i := c.inj
 	i.mu.Lock()
@@ -259,20 +286,11 @@ func (c *conn) decide(query string, commit bool) (Fault, error, bool) {
 		f = ConnectionLost
 	}
 	if f == NoFault {
-		return NoFault, nil, true
+		return decision{}, true
 	}
 	err := Err(i.dialect, f)
 	i.injected = append(i.injected, Injected{Statement: s, Fault: f, Err: err})
-	return f, err, true
-}
-
-func (c *conn) forget() {
-	c.inj.mu.Lock()
-	c.inj.seq--
-	if c.tx != 0 {
-		c.pos--
-	}
-	c.inj.mu.Unlock()
+	return decision{fault: f, err: err}, true
 }
 
 // breakConn closes the driver's connection as a network cut would: the
@@ -293,19 +311,18 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 	if c.broken.Load() {
 		return nil, driver.ErrBadConn
 	}
-	var (
-		s   driver.Stmt
-		err error
-	)
-	if pc, ok := c.inner.(driver.ConnPrepareContext); ok {
-		s, err = pc.PrepareContext(ctx, query)
-	} else {
-		s, err = c.inner.Prepare(query)
-	}
+	s, err := c.prepareInner(ctx, query)
 	if err != nil {
 		return nil, err
 	}
 	return &stmt{c: c, inner: s, query: query}, nil
+}
+
+func (c *conn) prepareInner(ctx context.Context, query string) (driver.Stmt, error) {
+	if pc, ok := c.inner.(driver.ConnPrepareContext); ok {
+		return pc.PrepareContext(ctx, query)
+	}
+	return c.inner.Prepare(query)
 }
 
 func (c *conn) Close() error {
@@ -354,20 +371,36 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 	if !ok {
 		return nil, driver.ErrSkip
 	}
-	f, ferr, counted := c.decide(query, false)
-	switch f {
+	d, counted := c.decide(query, false)
+	switch d.fault {
 	case SerializationFailure, Deadlock:
-		return nil, ferr
+		return nil, d.err
 	case ConnectionLost:
-		_, _ = ec.ExecContext(ctx, query, args)
+		_, _ = c.execAnyway(ctx, ec, query, args)
 		c.breakConn()
-		return nil, ferr
+		return nil, d.err
 	}
 	res, err := ec.ExecContext(ctx, query, args)
 	if err == driver.ErrSkip && counted {
-		c.forget()
+		c.skipped = query
 	}
 	return res, err
+}
+
+// execAnyway runs a statement that is to lose its reply, through a
+// prepared statement when the driver answers ErrSkip (go-sql-driver/mysql
+// does for arguments without interpolateParams), as database/sql would.
+func (c *conn) execAnyway(ctx context.Context, ec driver.ExecerContext, query string, args []driver.NamedValue) (driver.Result, error) {
+	res, err := ec.ExecContext(ctx, query, args)
+	if err != driver.ErrSkip {
+		return res, err
+	}
+	s, err := c.prepareInner(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	return (&stmt{inner: s}).exec(ctx, args)
 }
 
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
@@ -378,20 +411,28 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 	if !ok {
 		return nil, driver.ErrSkip
 	}
-	f, ferr, counted := c.decide(query, false)
-	switch f {
+	d, counted := c.decide(query, false)
+	switch d.fault {
 	case SerializationFailure, Deadlock:
-		return nil, ferr
+		return nil, d.err
 	case ConnectionLost:
-		if rows, err := qc.QueryContext(ctx, query, args); err == nil {
+		rows, err := qc.QueryContext(ctx, query, args)
+		if err == driver.ErrSkip {
+			var s driver.Stmt
+			if s, err = c.prepareInner(ctx, query); err == nil {
+				defer s.Close()
+				rows, err = (&stmt{inner: s}).runQuery(ctx, args)
+			}
+		}
+		if err == nil {
 			rows.Close()
 		}
 		c.breakConn()
-		return nil, ferr
+		return nil, d.err
 	}
 	rows, err := qc.QueryContext(ctx, query, args)
 	if err == driver.ErrSkip && counted {
-		c.forget()
+		c.skipped = query
 	}
 	return rows, err
 }
@@ -443,7 +484,8 @@ func (t *tx) Commit() error {
 	if c.broken.Load() {
 		return driver.ErrBadConn
 	}
-	f, ferr, _ := c.decide("COMMIT", true)
+	d, _ := c.decide("COMMIT", true)
+	f, ferr := d.fault, d.err
 	c.tx = 0
 	switch f {
 	case SerializationFailure, Deadlock:
@@ -501,7 +543,8 @@ func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (drive
 	if s.c.broken.Load() {
 		return nil, driver.ErrBadConn
 	}
-	f, ferr, _ := s.c.decide(s.query, false)
+	d, _ := s.c.decide(s.query, false)
+	f, ferr := d.fault, d.err
 	switch f {
 	case SerializationFailure, Deadlock:
 		return nil, ferr
@@ -529,7 +572,8 @@ func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driv
 	if s.c.broken.Load() {
 		return nil, driver.ErrBadConn
 	}
-	f, ferr, _ := s.c.decide(s.query, false)
+	d, _ := s.c.decide(s.query, false)
+	f, ferr := d.fault, d.err
 	switch f {
 	case SerializationFailure, Deadlock:
 		return nil, ferr
