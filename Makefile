@@ -3,7 +3,7 @@ GO ?= go
 GOBIN := $(shell $(GO) env GOPATH)/bin
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: test demo chaos lint bench databases fuzz
+.PHONY: test demo demo-build chaos lint bench databases fuzz oldest-go
 
 # Unit tests (fake driver, fake clock), then the integration and fault
 # suite (its own module, so that its dependencies stay out of users'
@@ -48,6 +48,14 @@ lint:
 	cd integration && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 	cd cmd && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 	cd sqlparsecheck && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
+
+# The root module on the oldest Go it supports (its go.mod's go line, set
+# by pgx v5.12's own): the toolchain comes from the Go module proxy once.
+OLDEST_GO ?= go1.25.0
+oldest-go:
+	GOTOOLCHAIN=$(OLDEST_GO) $(GO) version
+	GOTOOLCHAIN=$(OLDEST_GO) $(GO) vet ./...
+	GOTOOLCHAIN=$(OLDEST_GO) $(GO) test -count=1 -timeout 10m ./...
 
 # Happy-path overhead: raw driver vs sqlretry, side by side with benchstat.
 bench:
