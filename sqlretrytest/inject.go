@@ -120,6 +120,7 @@ type Injector struct {
 
 	mu       sync.Mutex
 	rule     Rule
+	errFunc  func(Fault) error
 	seq      int
 	txs      int
 	injected []Injected
@@ -161,6 +162,19 @@ func (i *Injector) Dialect() sqlretry.Dialect {
 func (i *Injector) SetDialect(d sqlretry.Dialect) {
 	i.mu.Lock()
 	i.dialect = d
+	i.mu.Unlock()
+}
+
+// SetErrorFunc makes the Injector return errFunc's error for a fault
+// instead of Err's (nil: Err's again). Err's errors have the drivers'
+// shapes but not their types: an application that matches
+// *pgconn.PgError or *mysql.MySQLError with errors.As can return the
+// driver's own type here, e.g. &pgconn.PgError{Severity: "ERROR",
+// Code: "40P01"} for Deadlock. What it returns is what sqlretry
+// classifies.
+func (i *Injector) SetErrorFunc(errFunc func(Fault) error) {
+	i.mu.Lock()
+	i.errFunc = errFunc
 	i.mu.Unlock()
 }
 
@@ -289,6 +303,9 @@ func (c *conn) decide(query string, commit bool) (d decision, counted bool) {
 		return decision{}, true
 	}
 	err := Err(i.dialect, f)
+	if i.errFunc != nil {
+		err = i.errFunc(f)
+	}
 	i.injected = append(i.injected, Injected{Statement: s, Fault: f, Err: err})
 	return decision{fault: f, err: err}, true
 }

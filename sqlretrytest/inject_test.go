@@ -162,4 +162,10 @@ func TestSetRuleAndDialect(t *testing.T) {
 	if _, err := db.Exec("INSERT INTO t VALUES (?)", "y"); err != nil {
 		t.Error(err)
 	}
+	own := errors.New("the application's own error type")
+	inj.SetErrorFunc(func(sqlretrytest.Fault) error { return own })
+	inj.SetRule(sqlretrytest.FailNth(3, sqlretrytest.Deadlock))
+	if _, err := db.Exec("INSERT INTO t VALUES (?)", "z"); !errors.Is(err, own) {
+		t.Errorf("SetErrorFunc: got %v", err)
+	}
 }
