@@ -37,6 +37,8 @@ const (
 	Ambiguous
 )
 
+// String names the class as docs/errors.md does: "permanent",
+// "retry-statement", ...
 func (c Class) String() string {
 	switch c {
 	case Permanent:
