@@ -38,6 +38,7 @@ const (
 	CommitReplyLost
 )
 
+// String names the fault.
 func (f Fault) String() string {
 	switch f {
 	case NoFault:
@@ -59,12 +60,13 @@ func (f Fault) String() string {
 // errors.As(err, &pgErr) with pgx's own type does not find it; code that
 // asks for interface{ SQLState() string }, as sqlretry does, does.
 type PgError struct {
-	Severity            string
-	SeverityUnlocalized string
-	Code                string
-	Message             string
+	Severity            string // "ERROR" or "FATAL" (FATAL: the server ended the session)
+	SeverityUnlocalized string // the same, never translated
+	Code                string // the SQLSTATE
+	Message             string // the server's message
 }
 
+// Error has pgconn.PgError's format.
 func (pe *PgError) Error() string {
 	return pe.Severity + ": " + pe.Message + " (SQLSTATE " + pe.Code + ")"
 }

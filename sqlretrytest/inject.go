@@ -98,9 +98,9 @@ func FailRandom(share float64, seed uint64, faults ...Fault) Rule {
 
 // Injected is one fault the Injector made a statement meet.
 type Injected struct {
-	Statement Statement
-	Fault     Fault
-	Err       error // what the application's driver call returned
+	Statement Statement // the statement or COMMIT that met it
+	Fault     Fault     // the fault
+	Err       error     // the error the driver call returned
 }
 
 // Injector is a driver.Connector for tests that wraps a real one (the

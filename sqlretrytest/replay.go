@@ -87,6 +87,7 @@ type Difference struct {
 	Replayed  string // what this run left
 }
 
+// String says where the first attempt was aborted and what differed.
 func (d Difference) String() string {
 	return fmt.Sprintf("aborted at %d (%s): %s: clean run %s, with a replay %s", d.Point, d.Statement, d.What, d.Clean, d.Replayed)
 }
@@ -94,6 +95,7 @@ func (d Difference) String() string {
 // OK reports a closure that left the same state after every replay.
 func (r *ReplayReport) OK() bool { return len(r.Differences) == 0 }
 
+// String is the verdict and every difference, one a line.
 func (r *ReplayReport) String() string {
 	if r.OK() {
 		return fmt.Sprintf("replay-safe: the same state after a replay from each of %d points", r.Points)

@@ -11,11 +11,12 @@ import "fmt"
 
 // MySQLError has the fields and the text of go-sql-driver/mysql's.
 type MySQLError struct {
-	Number   uint16
-	SQLState [5]byte
-	Message  string
+	Number   uint16  // the server's error number
+	SQLState [5]byte // the SQLSTATE, when the server sent one
+	Message  string  // the server's message
 }
 
+// Error has the driver's format.
 func (me *MySQLError) Error() string {
 	if me.SQLState != [5]byte{} {
 		return fmt.Sprintf("Error %d (%s): %s", me.Number, me.SQLState, me.Message)
