@@ -79,7 +79,9 @@ func TestSqlretrytestReplayCheck(t *testing.T) {
 				_, err := tx.ExecContext(ctx, update, "shipped")
 				return err
 			}
+			began := time.Now()
 			report, err := check.Run(ctx, unsafe)
+			t.Logf("unsafe closure: %v", time.Since(began).Round(time.Millisecond))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -104,7 +106,9 @@ func TestSqlretrytestReplayCheck(t *testing.T) {
 			}
 			for _, f := range []sqlretrytest.Fault{sqlretrytest.Deadlock, sqlretrytest.SerializationFailure, sqlretrytest.ConnectionLost} {
 				check.Fault = f
+				began := time.Now()
 				report, err := check.Run(ctx, safe)
+				t.Logf("safe closure, %v: %v", f, time.Since(began).Round(time.Millisecond))
 				if err != nil {
 					t.Fatal(err)
 				}
