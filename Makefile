@@ -40,7 +40,7 @@ demo:
 	"$$d/demo" $(ARGS)
 
 # The chaos benchmark: four strategies under four fault scenarios on both
-# engines (about 5 minutes); writes docs/chaos/{chaos.json,chaos.md,*.svg}.
+# engines (about 6 minutes); writes docs/chaos/{chaos.json,chaos.md,*.svg}.
 chaos: databases
 	cd cmd && $(GO) run ./chaos -out ../docs/chaos $(ARGS)
 
