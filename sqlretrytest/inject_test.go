@@ -169,3 +169,33 @@ func TestSetRuleAndDialect(t *testing.T) {
 		t.Errorf("SetErrorFunc: got %v", err)
 	}
 }
+
+// TestInjectorSkipsSqlretrysOwnQueries: on PostgreSQL sqlretry asks for the
+// transaction id before COMMIT on the same connection; that query is
+// neither counted nor failed, so the COMMIT is the third place of a
+// transaction of two statements. (Inject recognises sqlretry's queries by
+// the functions they run through: this fails if those are renamed.)
+func TestInjectorSkipsSqlretrysOwnQueries(t *testing.T) {
+	mem := newMemDB()
+	inj := sqlretrytest.NewInjector(mem.connector(), sqlretrytest.FailInTx(1, 3, sqlretrytest.Deadlock))
+	inj.SetDialect(sqlretry.DialectPostgres)
+	db := sqlretry.OpenDB(inj, sqlretry.WithDialect(sqlretry.DialectPostgres))
+	defer db.Close()
+	attempts := 0
+	if err := sqlretry.RunInTx(context.Background(), db, nil, twoInserts(&attempts)); err != nil {
+		t.Fatal(err)
+	}
+	mem.mu.Lock()
+	asked := mem.askedXID
+	mem.mu.Unlock()
+	if asked < 2 {
+		t.Fatalf("sqlretry asked for the transaction id %d times, want once per attempt: the test no longer covers it", asked)
+	}
+	got := inj.Injected()
+	if len(got) != 1 || !got[0].Statement.Commit || attempts != 2 {
+		t.Errorf("injected %+v after %d attempts, want the deadlock at the first COMMIT", got, attempts)
+	}
+	if n := inj.Statements(); n != 6 {
+		t.Errorf("%d statements counted, want 6 (two attempts of two statements and a COMMIT)", n)
+	}
+}

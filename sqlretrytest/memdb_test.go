@@ -19,9 +19,10 @@ import (
 //	SELECT msg FROM <table> ORDER BY msg
 //	DELETE FROM <table>
 type memDB struct {
-	mu     sync.Mutex
-	tables map[string][]string
-	closed int // connections closed
+	mu       sync.Mutex
+	tables   map[string][]string
+	closed   int // connections closed
+	askedXID int // sqlretry's transaction id queries
 }
 
 func newMemDB() *memDB { return &memDB{tables: map[string][]string{}} }
@@ -125,6 +126,19 @@ func (c *memConn) QueryContext(_ context.Context, query string, _ []driver.Named
 	if c.closed {
 		return nil, driver.ErrBadConn
 	}
+	if strings.HasPrefix(query, "SELECT CASE WHEN pg_catalog.pg_is_in_recovery()") {
+		// sqlretry asks a PostgreSQL connection for the transaction id
+		// before COMMIT (and the first time for the backend pid and the
+		// server's start): a db opened WithDialect(DialectPostgres).
+		c.m.mu.Lock()
+		c.m.askedXID++
+		c.m.mu.Unlock()
+		row := []driver.Value{int64(7)}
+		if strings.Contains(query, "pg_backend_pid") {
+			row = append(row, int64(4242), int64(1))
+		}
+		return &valueRows{row: row}, nil
+	}
 	f := strings.Fields(query)
 	if len(f) != 7 || f[0] != "SELECT" || f[2] != "FROM" {
 		return nil, fmt.Errorf("memdb: cannot run %q", query)
@@ -152,5 +166,18 @@ func (r *memRows) Next(dest []driver.Value) error {
 		return io.EOF
 	}
 	dest[0], r.vals = r.vals[0], r.vals[1:]
+	return nil
+}
+
+type valueRows struct{ row []driver.Value }
+
+func (r *valueRows) Columns() []string { return make([]string, len(r.row)) }
+func (r *valueRows) Close() error      { return nil }
+func (r *valueRows) Next(dest []driver.Value) error {
+	if r.row == nil {
+		return io.EOF
+	}
+	copy(dest, r.row)
+	r.row = nil
 	return nil
 }
