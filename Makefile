@@ -3,7 +3,7 @@ GO ?= go
 GOBIN := $(shell $(GO) env GOPATH)/bin
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: test demo chaos lint bench databases fuzz
+.PHONY: test demo chaos lint bench databases fuzz oldest-go
 
 # Unit tests (fake driver, fake clock), then the integration and fault
 # suite (its own module, so that its dependencies stay out of users'
@@ -27,16 +27,28 @@ test: databases
 # The main job: a private PostgreSQL server, a concurrent transfer workload
 # under conflicts, killed connections and a crash, through the plain driver
 # and through sqlretry, with a table of what each lost. `cmd/` is its own
-# module, so the programs' dependencies stay out of users' builds.
-demo: databases
-	cd cmd && $(GO) run ./demo $(ARGS)
+# module, so the programs' dependencies stay out of users' builds. It does
+# not depend on `databases`: it starts its own throwaway server in a temp
+# directory and installs, configures and starts nothing else. It is built
+# first, in a step of its own (the first build takes about half a minute),
+# into a temp directory that is removed afterwards.
+demo:
+	@d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && \
+	echo "building the demo (the first build takes about half a minute)..." && \
+	(cd cmd && $(GO) build -o "$$d/demo" ./demo) && \
+	echo "running the demo" && \
+	"$$d/demo" $(ARGS)
 
 # The chaos benchmark: four strategies under four fault scenarios on both
-# engines (about 5 minutes); writes docs/chaos/{chaos.json,chaos.md,*.svg}.
+# engines (about 6 minutes); writes docs/chaos/{chaos.json,chaos.md,*.svg}.
 chaos: databases
 	cd cmd && $(GO) run ./chaos -out ../docs/chaos $(ARGS)
 
-# Starts (or installs) the local databases when they are not up.
+# Sets up the shared test servers when they are not up: PostgreSQL on
+# 127.0.0.1:5432 with trust authentication and MariaDB on 127.0.0.1:3306
+# with a root user without password, installing them (and PgBouncer,
+# Patroni, etcd, Galera) from Debian's packages when absent. Changes the
+# machine: only `make test`, `make chaos` and CI run it.
 databases:
 	@bash scripts/ensure-databases.sh
 
@@ -48,6 +60,14 @@ lint:
 	cd integration && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 	cd cmd && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 	cd sqlparsecheck && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
+
+# The root module on the oldest Go it supports (its go.mod's go line, set
+# by pgx v5.12's own): the toolchain comes from the Go module proxy once.
+OLDEST_GO ?= go1.25.0
+oldest-go:
+	GOTOOLCHAIN=$(OLDEST_GO) $(GO) version
+	GOTOOLCHAIN=$(OLDEST_GO) $(GO) vet ./...
+	GOTOOLCHAIN=$(OLDEST_GO) $(GO) test -count=1 -timeout 10m ./...
 
 # Happy-path overhead: raw driver vs sqlretry, side by side with benchstat.
 bench:

@@ -16,6 +16,7 @@ const (
 	BreakerHalfOpen                     // a few probes test the database
 )
 
+// String names the state: "closed", "open" or "half-open".
 func (s BreakerState) String() string {
 	switch s {
 	case BreakerClosed:

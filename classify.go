@@ -11,7 +11,7 @@ import (
 	"syscall"
 )
 
-// Class is what an error means for a retry decision; shared/ERRORS.md is
+// Class is what an error means for a retry decision; docs/errors.md is
 // the catalogue the defaults follow.
 type Class uint8
 
@@ -37,6 +37,8 @@ const (
 	Ambiguous
 )
 
+// String names the class as docs/errors.md does: "permanent",
+// "retry-statement", ...
 func (c Class) String() string {
 	switch c {
 	case Permanent:

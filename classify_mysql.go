@@ -5,7 +5,7 @@ import (
 )
 
 // classifyMySQL maps go-sql-driver/mysql errors (MySQL, MariaDB, and the
-// MySQL-protocol engines) to a class; shared/ERRORS.md is the table. The
+// MySQL-protocol engines) to a class; docs/errors.md is the table. The
 // driver is recognised without importing it (mysqlerr.go).
 func classifyMySQL(err error) (Class, bool) {
 	if n, msg, ok := mysqlErrorOf(err); ok {

@@ -9,7 +9,7 @@ import (
 )
 
 // classifyPostgres maps a SQLSTATE (PostgreSQL, CockroachDB, YugabyteDB) to
-// a class; shared/ERRORS.md is the table.
+// a class; docs/errors.md is the table.
 func classifyPostgres(code, msg string) Class {
 	switch code {
 	case "40001": // serialization_failure, also hot-standby conflicts and Cockroach/Yugabyte restarts

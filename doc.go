@@ -7,6 +7,9 @@
 // Change one line:
 //
 //	db, err := sqlretry.Open("pgx", dsn) // was: sql.Open("pgx", dsn)
+//	if err != nil {
+//		return err
+//	}
 //
 // and run transactions through a closure that sqlretry may replay:
 //
@@ -24,5 +27,7 @@
 // COMMIT that lost its connection instead of guessing (PostgreSQL:
 // txid_status; MySQL: WithMySQLCommitMarker), or returns ErrAmbiguousCommit.
 // A circuit breaker (ErrCircuitOpen) and a retry budget (ErrBudgetExhausted)
-// protect a struggling database. The README has the full table.
+// protect a struggling database. The README has the full table;
+// docs/errors.md lists every error code and its class. Package
+// sqlretrytest tests an application's own closures for replay safety.
 package sqlretry

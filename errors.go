@@ -31,6 +31,8 @@ type Error struct {
 	Err      error  // the last error from the driver or the closure
 }
 
+// Error says what was given up on, after how many attempts, why, and the
+// last error.
 func (e *Error) Error() string {
 	var b strings.Builder
 	b.WriteString("sqlretry: ")

@@ -26,6 +26,7 @@ const (
 	EventCommitResolved
 )
 
+// String names the kind: "retry", "hand-off", ...
 func (k EventKind) String() string {
 	switch k {
 	case EventRetry:
@@ -51,6 +52,7 @@ const (
 	CommitNotCommitted                      // it did not: safe to replay
 )
 
+// String names the outcome.
 func (o CommitOutcome) String() string {
 	switch o {
 	case CommitCommitted:
@@ -64,7 +66,7 @@ func (o CommitOutcome) String() string {
 // Event describes one decision. Successful first attempts are not events
 // (they would cost on every call); Stats counts them.
 type Event struct {
-	Kind        EventKind
+	Kind        EventKind     // what was decided: EventRetry, EventHandOff, EventGiveUp, EventBreaker, EventCommitResolved
 	Op          string        // "exec", "query", "stmt.exec", "stmt.query", "begin", "dial", "commit", "tx"
 	Attempt     int           // the attempt that just ended, from 1
 	Class       Class         // class of Err
@@ -85,6 +87,7 @@ type Observer interface {
 // ObserverFunc adapts a function to Observer.
 type ObserverFunc func(ctx context.Context, e Event)
 
+// Observe calls f.
 func (f ObserverFunc) Observe(ctx context.Context, e Event) { f(ctx, e) }
 
 // SlogObserver logs every decision to l: retries and hand-offs at Debug,
@@ -129,25 +132,25 @@ func SlogObserver(l *slog.Logger) Observer {
 // Stats is a snapshot of what one wrapped connector has done, read like
 // db.Stats(). Counters only grow.
 type Stats struct {
-	Successes          int64 // calls that succeeded (statements, begins, commits, dials)
-	RetriesStatement   int64 // statements re-run on the same connection after the server rolled them back
-	RetriesTransaction int64 // RunInTx replays of a whole transaction
-	RetriesConnection  int64 // re-dials, and replays after connection loss or unavailability
-	HandOffs           int64 // calls handed back to database/sql to re-run on another connection (its ErrBadConn loop)
-	GiveUps            int64 // retryable errors returned to the caller after retrying
-	Dials              int64 // connections opened
-	DialFailures       int64 // dial attempts that failed
-	CircuitRejections  int64 // calls refused with ErrCircuitOpen
-	CircuitWaits       int64 // waits of calls whose deadline let them wait for an open breaker's probe
-	BudgetRejections   int64 // retries refused with ErrBudgetExhausted
-	CommitsResolved    int64 // lost COMMITs whose outcome was found out
-	CommitsAmbiguous   int64 // lost COMMITs returned as ErrAmbiguousCommit
-	Poisoned           int64 // transactions poisoned by a swallowed retryable error
-	ContentionWaits    int64 // RunInTx attempts that waited for contention control
-	ContentionCuts     int64 // times contention control cut the number of transactions at once
-	ContentionLetGo    int64 // times it let go because the db committed less with it than without
-	Breaker            BreakerState
-	BudgetTokens       float64 // retries the budget would allow now (before time refill)
+	Successes          int64        // calls that succeeded (statements, begins, commits, dials)
+	RetriesStatement   int64        // statements re-run on the same connection after the server rolled them back
+	RetriesTransaction int64        // RunInTx replays of a whole transaction
+	RetriesConnection  int64        // re-dials, and replays after connection loss or unavailability
+	HandOffs           int64        // calls handed back to database/sql to re-run on another connection (its ErrBadConn loop)
+	GiveUps            int64        // retryable errors returned to the caller after retrying
+	Dials              int64        // connections opened
+	DialFailures       int64        // dial attempts that failed
+	CircuitRejections  int64        // calls refused with ErrCircuitOpen
+	CircuitWaits       int64        // waits of calls whose deadline let them wait for an open breaker's probe
+	BudgetRejections   int64        // retries refused with ErrBudgetExhausted
+	CommitsResolved    int64        // lost COMMITs whose outcome was found out
+	CommitsAmbiguous   int64        // lost COMMITs returned as ErrAmbiguousCommit
+	Poisoned           int64        // transactions poisoned by a swallowed retryable error
+	ContentionWaits    int64        // RunInTx attempts that waited for contention control
+	ContentionCuts     int64        // times contention control cut the number of transactions at once
+	ContentionLetGo    int64        // times it let go because the db committed less with it than without
+	Breaker            BreakerState // the breaker's state now (BreakerClosed without a breaker)
+	BudgetTokens       float64      // retries the budget would allow now (before time refill)
 }
 
 type counters struct {

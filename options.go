@@ -24,6 +24,7 @@ const (
 	DialectMySQL                   // go-sql-driver/mysql: MySQL, MariaDB
 )
 
+// String names the dialect: "postgres", "mysql" or "unknown".
 func (d Dialect) String() string {
 	switch d {
 	case DialectPostgres:

@@ -6,7 +6,7 @@
 // sqlretry. It prints a table, writes the figures as JSON and a Markdown
 // table, and plots committed transactions over time in the restart scenario.
 //
-//	go run ./chaos                                    # both engines, every scenario (about 5 minutes)
+//	go run ./chaos                                    # both engines, every scenario (about 6 minutes)
 //	go run ./chaos -drivers pgx -scenarios hotspot    # one engine, one scenario
 package main
 

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"regexp"
 	"sort"
 	"strings"
 	"sync"
@@ -271,14 +272,14 @@ func Summarize(err error) string {
 	return trim(err.Error())
 }
 
+// loopbackPort matches a loopback address with its port: ports differ
+// per connection, the rest of the cause does not.
+var loopbackPort = regexp.MustCompile(`(127\.0\.0\.1|\[::1\]):[0-9]+`)
+
+// trim keeps the whole cause (issue 12: a cut one read "dial tcp
+// 127.0.0.1") and only replaces the ports, so that the same cause groups.
 func trim(s string) string {
-	if i := strings.Index(s, "127.0.0.1:"); i >= 0 { // ports differ per connection
-		s = s[:i] + "127.0.0.1"
-	}
-	if len(s) > 90 {
-		return s[:90] + "..."
-	}
-	return s
+	return loopbackPort.ReplaceAllString(s, "$1:<port>")
 }
 
 // Invariants are the checks after a run. An operation whose caller was
