@@ -173,7 +173,10 @@ func TestStuckCallerDoesNotEngageContentionControl(t *testing.T) {
 			db, clock := testDB(t, srv, WithDialect(tc.dialect), WithMaxAttempts(8))
 			db.SetMaxIdleConns(10)
 			worker := func() error {
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+				// A real deadline, far above a transaction's real time even on
+				// a loaded machine (20 ms failed there): a worker queued behind
+				// the stuck caller's slot would wait for it, and fail.
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 				defer cancel()
 				return RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
 					_, err := tx.ExecContext(ctx, "UPDATE own SET n = n + 1")
