@@ -37,11 +37,14 @@ import (
 
 var (
 	driversFlag    = flag.String("drivers", "pgx,mysql", "engines: pgx (PostgreSQL), mysql (MariaDB)")
-	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency", "scenarios to run")
+	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency,replicas", "scenarios to run")
 	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control)")
 	duration       = flag.Duration("duration", 5*time.Second, "run time per strategy (the restart scenario adds the outage and the breaker's open timeout)")
 	outDir         = flag.String("out", "docs/chaos", "directory for chaos.json, chaos.md and the restart plots")
 	replot         = flag.Bool("replot", false, "only draw the restart plots again from the chaos.json in -out")
+	deployments    = flag.String("replicas", "1,2,4,8", "replicas scenario: how many replicas share the 16 workers, one deployment after the other")
+	pgDSN          = flag.String("pg-dsn", "", "use this PostgreSQL server instead of a private one (scenarios that restart the server or kill MySQL sessions need a private one)")
+	mysqlDSN       = flag.String("mysql-dsn", "", "use this MariaDB server instead of a private one")
 )
 
 func scenarios(d time.Duration) []chaos.Scenario {
@@ -57,6 +60,10 @@ func scenarios(d time.Duration) []chaos.Scenario {
 		{Name: "restart", Accounts: 100, Workers: 8, Duration: restartAt + outage + 7*time.Second, OpTimeout: 10 * time.Second,
 			RestartAt: restartAt, Outage: outage},
 		{Name: "latency", Accounts: 100, Workers: 8, Duration: d, OpTimeout: 10 * time.Second, Latency: 20 * time.Millisecond},
+		// A deployment of several replicas of the application, each with
+		// its own *sql.DB, on one hot spot: 16 workers in all, split
+		// evenly (-replicas), 8 hot accounts, 20 s deadlines.
+		{Name: "replicas", Accounts: 8, Workers: 16, Duration: d, OpTimeout: 20 * time.Second},
 	}
 }
 
@@ -108,6 +115,12 @@ func run(ctx context.Context) error {
 		if !ok {
 			return fmt.Errorf("unknown driver %q (pgx or mysql)", d)
 		}
+		if dsn := map[string]string{"pgx": *pgDSN, "mysql": *mysqlDSN}[d]; dsn != "" {
+			if err := runDriver(ctx, &out, d, &dbserver.Server{DSN: dsn, Source: "existing server"}, scs, strategies); err != nil {
+				return err
+			}
+			continue
+		}
 		fmt.Printf("starting a private %s server...\n", kind)
 		srv, err := dbserver.Start(ctx, kind)
 		if err != nil {
@@ -126,7 +139,16 @@ func runDriver(ctx context.Context, out *output, d string, srv *dbserver.Server,
 	out.Servers[d] = version(d, srv.DSN) + " (" + srv.Source + ")"
 	fmt.Printf("%s: %s\n", d, out.Servers[d])
 	tg := chaos.Target{Driver: d, DSN: srv.DSN, Server: srv}
+	if srv.Source == "existing server" {
+		tg.Server = nil
+	}
 	for _, sc := range scs {
+		if sc.Name == "replicas" {
+			if err := runReplicas(ctx, out, tg, sc, strategies); err != nil {
+				return err
+			}
+			continue
+		}
 		var reports []*chaos.Report
 		for _, st := range strategies {
 			if ctx.Err() != nil {

@@ -95,6 +95,7 @@ type Scenario struct {
 	RestartAt time.Duration // crash the server this far into the run (0: never) ...
 	Outage    time.Duration // ... and start it again after this long
 	Latency   time.Duration // added each way by a proxy (0: no proxy)
+	Replicas  int           // RunReplicas: independent *sql.DBs sharing Workers (0: one)
 }
 
 // Report is one run's figures.
@@ -114,9 +115,12 @@ type Report struct {
 	Kills                      int
 	workload.Invariants
 	TickMs                 float64
-	Timeline               []int           // commits per tick
-	OutageFromS, OutageToS float64         // seconds into the run; 0, 0: no outage
-	Sqlretry               *sqlretry.Stats `json:",omitempty"`
+	Timeline               []int            // commits per tick
+	OutageFromS, OutageToS float64          // seconds into the run; 0, 0: no outage
+	Sqlretry               *sqlretry.Stats  `json:",omitempty"`
+	Replicas               int              `json:",omitempty"` // RunReplicas: how many
+	ReplicaCommitted       []int64          `json:",omitempty"` // ... and each one's commits
+	ReplicaStats           []sqlretry.Stats `json:",omitempty"`
 }
 
 // Run runs one scenario with one strategy on fresh tables; progress, when
