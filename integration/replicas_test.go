@@ -24,7 +24,18 @@ import (
 func TestPostgresReplicasHotSpot(t *testing.T) { replicasHotSpot(t, "pgx") }
 func TestMariaDBReplicasHotSpot(t *testing.T)  { replicasHotSpot(t, "mysql") }
 
-func replicasHotSpot(t *testing.T, driverName string) {
+// The same with WithContentionQueue(true): on PostgreSQL the replicas'
+// transactions queue in the server (advisory locks before BEGIN), and the
+// queue neither deadlocks with the row locks nor starves a replica; on
+// MariaDB the option does nothing.
+func TestPostgresReplicasHotSpotQueue(t *testing.T) {
+	replicasHotSpot(t, "pgx", sqlretry.WithContentionQueue(true))
+}
+func TestMariaDBReplicasHotSpotQueue(t *testing.T) {
+	replicasHotSpot(t, "mysql", sqlretry.WithContentionQueue(true))
+}
+
+func replicasHotSpot(t *testing.T, driverName string, opts ...sqlretry.Option) {
 	d := need(t, driverName)
 	admin, err := sql.Open(driverName, d)
 	if err != nil {
@@ -42,7 +53,7 @@ func replicasHotSpot(t *testing.T, driverName string) {
 	const duration, opTimeout = 4 * time.Second, 20 * time.Second
 	dbs := make([]*sql.DB, replicas)
 	for i := range dbs {
-		if dbs[i], err = sqlretry.Open(driverName, d); err != nil {
+		if dbs[i], err = sqlretry.Open(driverName, d, opts...); err != nil {
 			t.Fatal(err)
 		}
 		defer dbs[i].Close()

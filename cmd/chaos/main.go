@@ -38,7 +38,7 @@ import (
 var (
 	driversFlag    = flag.String("drivers", "pgx,mysql", "engines: pgx (PostgreSQL), mysql (MariaDB)")
 	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency,replicas", "scenarios to run")
-	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control)")
+	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control; sqlretry-queue, with WithContentionQueue)")
 	duration       = flag.Duration("duration", 5*time.Second, "run time per strategy (the restart scenario adds the outage and the breaker's open timeout)")
 	outDir         = flag.String("out", "docs/chaos", "directory for chaos.json, chaos.md and the restart plots")
 	replot         = flag.Bool("replot", false, "only draw the restart plots again from the chaos.json in -out")

@@ -16,6 +16,7 @@ var lineColors = map[string]color.RGBA{
 	"cenkalti-backoff": {R: 0x56, G: 0xb4, B: 0xe9, A: 0xff},
 	"sqlretry":         {R: 0x00, G: 0x9e, B: 0x73, A: 0xff},
 	"sqlretry-no-cc":   {R: 0xcc, G: 0x79, B: 0xa7, A: 0xff},
+	"sqlretry-queue":   {R: 0xd5, G: 0x5e, B: 0x00, A: 0xff},
 }
 
 // plotRestart draws committed transactions per second (500 ms windows) over

@@ -78,10 +78,15 @@ var (
 	SqlretryNoCC = Strategy{Name: "sqlretry-no-cc", Wrapped: true, Run: workload.RunInTx,
 		Options: []sqlretry.Option{sqlretry.WithContentionControl(false)}}
 
+	// SqlretryQueue is sqlretry with contention control's database-side
+	// queue (WithContentionQueue), for applications running as replicas.
+	SqlretryQueue = Strategy{Name: "sqlretry-queue", Wrapped: true, Run: workload.RunInTx,
+		Options: []sqlretry.Option{sqlretry.WithContentionQueue(true)}}
+
 	// Strategies are the strategies the chaos benchmark runs by default.
 	Strategies = []Strategy{Plain, Immediate, Backoff, Sqlretry}
 	// Extra are strategies to run by name only.
-	Extra = []Strategy{SqlretryNoCC}
+	Extra = []Strategy{SqlretryNoCC, SqlretryQueue}
 )
 
 // Scenario is a workload and the faults injected while it runs.
