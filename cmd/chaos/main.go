@@ -41,7 +41,7 @@ var (
 	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control; sqlretry-queue, with WithContentionQueue)")
 	duration       = flag.Duration("duration", 5*time.Second, "run time per strategy (the restart scenario adds the outage and the breaker's open timeout)")
 	outDir         = flag.String("out", "docs/chaos", "directory for chaos.json, chaos.md and the restart plots")
-	replot         = flag.Bool("replot", false, "only draw the restart plots again from the chaos.json in -out")
+	replot         = flag.Bool("replot", false, "only draw the plots and chaos.md again from the chaos.json in -out")
 	deployments    = flag.String("replicas", "1,2,4,8", "replicas scenario: how many replicas share the 16 workers, one deployment after the other")
 	pgDSN          = flag.String("pg-dsn", "", "use this PostgreSQL server instead of a private one (scenarios that restart the server or kill MySQL sessions need a private one)")
 	mysqlDSN       = flag.String("mysql-dsn", "", "use this MariaDB server instead of a private one")
@@ -180,7 +180,7 @@ func runDriver(ctx context.Context, out *output, d string, srv *dbserver.Server,
 	return nil
 }
 
-// redraw draws the restart plots from the figures of an earlier run.
+// redraw draws the plots and chaos.md from the figures of an earlier run.
 func redraw() error {
 	js, err := os.ReadFile(filepath.Join(*outDir, "chaos.json"))
 	if err != nil {
@@ -206,7 +206,23 @@ func redraw() error {
 		}
 		fmt.Println("plot:", file)
 	}
-	return nil
+	for _, d := range []string{"pgx", "mysql"} {
+		var reports []*chaos.Report
+		for _, r := range out.Reports {
+			if r.Driver == d && r.Replicas > 0 {
+				reports = append(reports, r)
+			}
+		}
+		if len(reports) == 0 {
+			continue
+		}
+		file := filepath.Join(*outDir, "replicas-"+d+".svg")
+		if err := plotReplicas(file, d, reports); err != nil {
+			return err
+		}
+		fmt.Println("plot:", file)
+	}
+	return writeMarkdown(&out)
 }
 
 func table(w io.Writer, reports []*chaos.Report) {
@@ -279,6 +295,11 @@ func write(out *output) error {
 	if err := os.WriteFile(filepath.Join(*outDir, "chaos.json"), js, 0o644); err != nil {
 		return err
 	}
+	return writeMarkdown(out)
+}
+
+// writeMarkdown writes chaos.md, the table of every report.
+func writeMarkdown(out *output) error {
 	var md strings.Builder
 	fmt.Fprintf(&md, "Made by `%s` on %s, %s; %s.\n\n", out.Command, out.Started.Format("2006-01-02"), out.Machine, serversLine(out.Servers))
 	fmt.Fprintln(&md, "| engine | scenario | strategy | tx/s | surfaced errors | attempts/commit | p50 ms | p99 ms | p99.9 ms | mean ms | dials/s in outage | recovery ms | money, lost, phantom |")
@@ -288,7 +309,11 @@ func write(out *output) error {
 		if !(r.MoneyConserved && r.LedgerMatches) || r.Lost != 0 || r.Phantom != 0 {
 			inv = fmt.Sprintf("**%v, %d, %d**", r.MoneyConserved && r.LedgerMatches, r.Lost, r.Phantom)
 		}
-		fmt.Fprintf(&md, "| %s | %s | %s | %.0f | %d | %.2f | %.1f | %.0f | %.0f | %.1f | %s | %s | %s |\n", r.Driver, r.Scenario, r.Strategy, r.TxPerSec,
+		scenario := r.Scenario
+		if r.Replicas > 0 {
+			scenario += " " + deployment(r)
+		}
+		fmt.Fprintf(&md, "| %s | %s | %s | %.0f | %d | %.2f | %.1f | %.0f | %.0f | %.1f | %s | %s | %s |\n", r.Driver, scenario, r.Strategy, r.TxPerSec,
 			r.Failed, r.AttemptsPerCommit, r.P50ms, r.P99ms, r.P999ms, r.MeanMs, outageDials(r), recovery(r), inv)
 	}
 	fmt.Fprintln(&md, "\nSurfaced errors by kind:")
@@ -301,7 +326,7 @@ func write(out *output) error {
 	if err := os.WriteFile(filepath.Join(*outDir, "chaos.md"), []byte(md.String()), 0o644); err != nil {
 		return err
 	}
-	fmt.Printf("wrote %s and %s\n", filepath.Join(*outDir, "chaos.json"), filepath.Join(*outDir, "chaos.md"))
+	fmt.Printf("wrote %s\n", filepath.Join(*outDir, "chaos.md"))
 	return nil
 }
 
