@@ -739,3 +739,27 @@ func TestContentionGateNotForALoneConflict(t *testing.T) {
 		t.Errorf("one lone conflict: gated %v, engaged %v", s.gated, l.engaged.Load())
 	}
 }
+
+// Conflicts that do not engage the limiter (here: soon after a failed
+// probation) do not start the queue either: a replica alone in the queue
+// while the others run freely gets less than its share.
+func TestContentionGateStartsOnlyWithTheLimiter(t *testing.T) {
+	l, clock := newTestLimiter()
+	warmUp(l, 16)
+	l.mu.Lock()
+	l.quietUntil = clock.Now().Add(time.Minute)
+	l.mu.Unlock()
+	ctx := context.Background()
+	a, _ := l.acquire(ctx)
+	b, _ := l.acquire(ctx)
+	l.release(a, true, false, time.Second)
+	l.release(b, true, false, time.Second)
+	s, _ := l.acquire(ctx)
+	l.release(s, false, true, time.Millisecond)
+	if l.engaged.Load() {
+		t.Fatal("engaged while quiet")
+	}
+	if s.gated {
+		t.Error("conflicts that did not engage the limiter started the queue")
+	}
+}
