@@ -45,6 +45,8 @@ var (
 	deployments    = flag.String("replicas", "1,2,4,8", "replicas scenario: how many replicas share the 16 workers, one deployment after the other")
 	pgDSN          = flag.String("pg-dsn", "", "use this PostgreSQL server instead of a private one (scenarios that restart the server or kill MySQL sessions need a private one)")
 	mysqlDSN       = flag.String("mysql-dsn", "", "use this MariaDB server instead of a private one")
+	processes      = flag.Bool("processes", false, "replicas scenario: run each replica as a process of its own instead of a *sql.DB of this one")
+	replicaChild   = flag.String(chaos.ReplicaChildFlag, "", "(internal) run one replica process")
 )
 
 func scenarios(d time.Duration) []chaos.Scenario {
@@ -70,6 +72,13 @@ func scenarios(d time.Duration) []chaos.Scenario {
 func main() {
 	flag.Parse()
 	chaos.QuietDriverLogs()
+	if *replicaChild != "" {
+		if err := chaos.RunReplicaChild(*replicaChild); err != nil {
+			fmt.Fprintln(os.Stderr, "chaos replica:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
 	if err := run(ctx); err != nil {

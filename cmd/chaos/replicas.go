@@ -23,7 +23,7 @@ func runReplicas(ctx context.Context, out *output, tg chaos.Target, sc chaos.Sce
 		if err != nil || n < 1 {
 			return fmt.Errorf("-replicas: %q is not a number of replicas", ns)
 		}
-		sc.Replicas = n
+		sc.Replicas, sc.Processes = n, *processes
 		for _, st := range strategies {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -55,6 +55,9 @@ func runReplicas(ctx context.Context, out *output, tg chaos.Target, sc chaos.Sce
 // deployment names a replicas report: replicas × workers each.
 func deployment(r *chaos.Report) string {
 	n := max(1, r.Replicas)
+	if r.Processes {
+		return fmt.Sprintf("%d×%d procs", n, 16/n)
+	}
 	return fmt.Sprintf("%d×%d", n, 16/n)
 }
 

@@ -55,6 +55,12 @@ func NewBank(ctx context.Context, admin *sql.DB, driver, prefix string, accounts
 	return b, nil
 }
 
+// OpenBank is the Bank NewBank made with the same prefix, for another
+// process to run on.
+func OpenBank(driver, prefix string, accounts int) *Bank {
+	return &Bank{Driver: driver, Accounts: accounts, acct: prefix + "_accounts", ledger: prefix + "_ledger"}
+}
+
 // Drop removes the tables.
 func (b *Bank) Drop(ctx context.Context, admin *sql.DB) {
 	admin.ExecContext(ctx, "DROP TABLE IF EXISTS "+b.ledger)

@@ -100,7 +100,8 @@ type Scenario struct {
 	RestartAt time.Duration // crash the server this far into the run (0: never) ...
 	Outage    time.Duration // ... and start it again after this long
 	Latency   time.Duration // added each way by a proxy (0: no proxy)
-	Replicas  int           // RunReplicas: independent *sql.DBs sharing Workers (0: one)
+	Replicas  int           // RunReplicas: independent *sql.DBs sharing Workers (0: one) ...
+	Processes bool          // ... each in a process of its own (the chaos command only)
 }
 
 // Report is one run's figures.
@@ -123,7 +124,8 @@ type Report struct {
 	Timeline               []int            // commits per tick
 	OutageFromS, OutageToS float64          // seconds into the run; 0, 0: no outage
 	Sqlretry               *sqlretry.Stats  `json:",omitempty"`
-	Replicas               int              `json:",omitempty"` // RunReplicas: how many
+	Replicas               int              `json:",omitempty"` // RunReplicas: how many ...
+	Processes              bool             `json:",omitempty"` // ... as processes
 	ReplicaCommitted       []int64          `json:",omitempty"` // ... and each one's commits
 	ReplicaStats           []sqlretry.Stats `json:",omitempty"`
 }

@@ -20,7 +20,8 @@ import (
 // and contention control, as separate processes would have) and runs
 // sc.Workers/sc.Replicas workers. Nothing is shared between the replicas
 // but the database. The report sums them; ReplicaCommitted has each one's
-// commits.
+// commits. With sc.Processes each replica is a process of the running
+// program (it must be the chaos command, which has RunReplicaChild).
 func RunReplicas(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func(elapsed time.Duration, committed, failed int64)) (*Report, error) {
 	n := max(1, sc.Replicas)
 	if sc.Workers%n != 0 {
@@ -38,12 +39,56 @@ func RunReplicas(ctx context.Context, tg Target, sc Scenario, st Strategy, progr
 	}
 	defer bank.Drop(context.Background(), admin)
 
+	var results []*workload.Result
+	var stats []sqlretry.Stats
+	dials := 0
+	if sc.Processes {
+		results, stats, err = runProcesses(ctx, tg, sc, st, run, n)
+	} else {
+		results, stats, dials, err = runInProcess(ctx, tg, sc, st, admin, bank, run, n, progress)
+	}
+	if err != nil {
+		return nil, err
+	}
+	res := mergeResults(results)
+	inv, err := bank.Check(context.Background(), admin, res)
+	if err != nil {
+		return nil, fmt.Errorf("checking the invariants: %w", err)
+	}
+	r := &Report{
+		Driver: tg.Driver, Scenario: sc.Name, Strategy: st.Name, Replicas: n, Processes: sc.Processes,
+		Committed: res.Committed, Failed: res.Failed, Unknown: res.Unknown,
+		TxPerSec: float64(res.Committed) / res.Elapsed.Seconds(),
+		Errors:   res.Errors, Attempts: res.Attempts,
+		P50ms: ms(res.Percentile(50)), P99ms: ms(res.Percentile(99)), P999ms: ms(res.Percentile(99.9)),
+		Invariants: inv, TickMs: 100, Timeline: res.Timeline, RecoveryMs: -1,
+	}
+	r.Dials, r.ReplicaStats = dials, stats
+	for i := range n {
+		r.ReplicaCommitted = append(r.ReplicaCommitted, results[i].Committed)
+	}
+	if len(res.Latencies) > 0 {
+		var sum time.Duration
+		for _, l := range res.Latencies {
+			sum += l
+		}
+		r.MeanMs = ms(sum / time.Duration(len(res.Latencies)))
+	}
+	if res.Committed > 0 {
+		r.AttemptsPerCommit = float64(res.Attempts) / float64(res.Committed)
+	}
+	return r, nil
+}
+
+// runInProcess runs the replicas as *sql.DBs of this process.
+func runInProcess(ctx context.Context, tg Target, sc Scenario, st Strategy, admin *sql.DB, bank *workload.Bank, run string, n int,
+	progress func(elapsed time.Duration, committed, failed int64)) ([]*workload.Result, []sqlretry.Stats, int, error) {
 	dbs := make([]*sql.DB, n)
 	dials := make([]*workload.DialLog, n)
 	for i := range n {
 		connector, dl, _, stop, err := workConnector(ctx, tg, sc, admin, fmt.Sprintf("%s_r%d", run, i))
 		if err != nil {
-			return nil, err
+			return nil, nil, 0, err
 		}
 		defer stop()
 		if st.Wrapped {
@@ -93,37 +138,15 @@ func RunReplicas(ctx context.Context, tg Target, sc Scenario, st Strategy, progr
 	}
 	wg.Wait()
 
-	res := mergeResults(results)
-	inv, err := bank.Check(context.Background(), admin, res)
-	if err != nil {
-		return nil, fmt.Errorf("checking the invariants: %w", err)
-	}
-	r := &Report{
-		Driver: tg.Driver, Scenario: sc.Name, Strategy: st.Name, Replicas: n,
-		Committed: res.Committed, Failed: res.Failed, Unknown: res.Unknown,
-		TxPerSec: float64(res.Committed) / res.Elapsed.Seconds(),
-		Errors:   res.Errors, Attempts: res.Attempts,
-		P50ms: ms(res.Percentile(50)), P99ms: ms(res.Percentile(99)), P999ms: ms(res.Percentile(99.9)),
-		Invariants: inv, TickMs: 100, Timeline: res.Timeline, RecoveryMs: -1,
-	}
+	var stats []sqlretry.Stats
+	total := 0
 	for i := range n {
-		r.Dials += dials[i].Between(time.Time{}, time.Now())
-		r.ReplicaCommitted = append(r.ReplicaCommitted, results[i].Committed)
+		total += dials[i].Between(time.Time{}, time.Now())
 		if s, ok := sqlretry.StatsOf(dbs[i]); ok {
-			r.ReplicaStats = append(r.ReplicaStats, s)
+			stats = append(stats, s)
 		}
 	}
-	if len(res.Latencies) > 0 {
-		var sum time.Duration
-		for _, l := range res.Latencies {
-			sum += l
-		}
-		r.MeanMs = ms(sum / time.Duration(len(res.Latencies)))
-	}
-	if res.Committed > 0 {
-		r.AttemptsPerCommit = float64(res.Attempts) / float64(res.Committed)
-	}
-	return r, nil
+	return results, stats, total, nil
 }
 
 // mergeResults sums the replicas' results into one, as if one caller had
