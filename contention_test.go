@@ -4,6 +4,8 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -530,5 +532,234 @@ func TestContentionKeepsLimitingWhileTransactionsComplete(t *testing.T) {
 	l.release(held, false, true, time.Millisecond)
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+const (
+	gateLock   = "SELECT pg_catalog.pg_advisory_lock($1)"
+	gateUnlock = "SELECT pg_catalog.pg_advisory_unlock($1)"
+)
+
+// transferOnce is one RunInTx of the same closure code each call (its
+// queue's name is the function's).
+func transferOnce(ctx context.Context, db *sql.DB) error {
+	return RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+		return err
+	})
+}
+
+// While the limiter is engaged, an attempt queues in the server before its
+// transaction (so that the replicas of an application, each with its own
+// limiter, queue on one lock): a session lock named after the closure,
+// taken before BEGIN on the connection the transaction then runs on, and
+// given back after COMMIT.
+func TestContentionGateQueuesInTheServerWhileEngaged(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv, WithContentionQueue(true))
+	db.SetMaxOpenConns(1) // one session: the lock, the transaction and the unlock share it
+	engage(t, db)
+	for range 2 {
+		if err := transferOnce(context.Background(), db); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.mu.Lock()
+	ran := append([]string(nil), srv.ran...)
+	srv.mu.Unlock()
+	var seq []string
+	for _, q := range ran {
+		switch {
+		case q == gateLock, q == gateUnlock:
+			seq = append(seq, q)
+		case strings.HasPrefix(q, "UPDATE accounts"):
+			seq = append(seq, "UPDATE")
+		}
+	}
+	want := []string{gateLock, "UPDATE", gateUnlock, gateLock, "UPDATE", gateUnlock}
+	if !slices.Equal(seq, want) {
+		t.Errorf("statements %q, want %q", seq, want)
+	}
+}
+
+// Not engaged, the queue costs nothing: no extra statement. Nor does it
+// without WithContentionQueue(true) (off by default), engaged or not.
+func TestContentionGateNotTakenWhileUnlimited(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv, WithContentionQueue(true))
+	if err := transferOnce(context.Background(), db); err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.ranCount("SELECT pg_catalog.pg_advisory"); n != 0 {
+		t.Errorf("%d advisory lock statements while the limiter was not engaged", n)
+	}
+	off, _ := testDB(t, srv)
+	engage(t, off)
+	if err := transferOnce(context.Background(), off); err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.ranCount("SELECT pg_catalog.pg_advisory"); n != 0 {
+		t.Errorf("%d advisory lock statements with the queue off", n)
+	}
+}
+
+// Every replica of one program names the same queue (the closure's
+// function, created at one place in the code), and different closures
+// different ones.
+func TestContentionGateNameIsTheClosures(t *testing.T) {
+	mk := func() func(context.Context, *sql.Tx) error {
+		return func(context.Context, *sql.Tx) error { return nil }
+	}
+	other := func(context.Context, *sql.Tx) error { return errors.New("x") }
+	var names []string
+	for range 2 { // one call site: an inlined mk has a name per site
+		names = append(names, gateName(mk()))
+	}
+	a, b := names[0], names[1]
+	if a == "" || a != b {
+		t.Errorf("two closures of one literal: %q and %q", a, b)
+	}
+	if c := gateName(other); c == a {
+		t.Errorf("two literals share the queue %q", c)
+	}
+	if gateKey(a) == gateKey(gateName(other)) {
+		t.Error("two names, one key")
+	}
+}
+
+// The queue never fails a transaction: when the lock cannot be taken (an
+// error, the holder's session hung past gateWait), the attempt runs
+// without it, and the connection whose lock state is in doubt is closed.
+func TestContentionGateFailsOpen(t *testing.T) {
+	srv := newFakeServer()
+	srv.script(gateLock, step{err: &pgError{"57014", "canceling statement due to user request"}})
+	db, _ := testDB(t, srv, WithContentionQueue(true))
+	engage(t, db)
+	if err := transferOnce(context.Background(), db); err != nil {
+		t.Fatalf("the queue's failure surfaced: %v", err)
+	}
+	if n := srv.ranCount("UPDATE accounts"); n != 1 {
+		t.Errorf("the transaction committed %d times, want 1", n)
+	}
+	if n := srv.ranCount(gateUnlock); n != 0 {
+		t.Errorf("%d unlocks of a lock not taken", n)
+	}
+	if n := srv.openConns.Load(); n != 1 {
+		t.Errorf("%d connections open, want 1 (the one whose lock failed is closed)", n)
+	}
+}
+
+// A session whose unlock failed may still hold the lock: it is closed (the
+// server then releases the lock), never put back in the pool, where it
+// would keep every replica's queue blocked.
+func TestContentionGateUnlockFailureClosesTheSession(t *testing.T) {
+	srv := newFakeServer()
+	srv.script(gateUnlock, step{err: &pgError{"57014", "canceling statement due to user request"}})
+	db, _ := testDB(t, srv, WithContentionQueue(true))
+	db.SetMaxIdleConns(4)
+	engage(t, db)
+	if err := transferOnce(context.Background(), db); err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.openConns.Load(); n != 0 {
+		t.Errorf("%d connections left open after a failed unlock, want 0", n)
+	}
+}
+
+// A RunInTx nested in an attempt that holds the lock does not queue again:
+// on another session it would wait for its own outer's lock.
+func TestContentionGateNotTakenWhenNested(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv, WithContentionQueue(true))
+	engage(t, db)
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		if err := transferOnce(ctx, db); err != nil { // the closure's context
+			return err
+		}
+		return transferOnce(context.Background(), db) // a context of its own
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.ranCount(gateLock); n != 1 {
+		t.Errorf("%d locks taken, want 1 (the outer's)", n)
+	}
+}
+
+// The queue in the server outlives the limiter's engagement: a replica
+// whose limiter let go (its probation failed because queueing behind the
+// other replicas lowered its own rate) keeps queueing for gateMemory after
+// the last costly conflict, instead of running past the replicas that
+// wait in the queue (TestPostgresReplicasHotSpot: the replica whose
+// limiter let go committed 395 transactions, the three others 30-41).
+func TestContentionGateOutlivesTheEngagement(t *testing.T) {
+	l, clock := newTestLimiter()
+	warmUp(l, 16)
+	ctx := context.Background()
+	var slots []txSlot
+	for range 4 {
+		s, _ := l.acquire(ctx)
+		slots = append(slots, s)
+	}
+	l.release(slots[0], true, false, time.Second) // a deadlock ...
+	l.release(slots[1], true, false, time.Second) // ... and its partner's: not one caller's alone
+	l.release(slots[2], false, true, time.Millisecond)
+	l.release(slots[3], false, true, time.Millisecond)
+	l.mu.Lock()
+	l.quietAfterLetGoLocked(clock.Now()) // the probation failed
+	l.mu.Unlock()
+	if l.engaged.Load() {
+		t.Fatal("still engaged")
+	}
+	s, _ := l.acquire(ctx)
+	l.release(s, false, true, time.Millisecond)
+	if !s.gated {
+		t.Error("an attempt right after a let-go skipped the queue")
+	}
+	clock.Advance(gateMemory + time.Millisecond)
+	s, _ = l.acquire(ctx)
+	l.release(s, false, true, time.Millisecond)
+	if s.gated {
+		t.Errorf("an attempt %v after the last costly conflict still queued", gateMemory)
+	}
+}
+
+// One caller's conflict alone (waiting on a lock held outside the db) does
+// not send the others to the queue.
+func TestContentionGateNotForALoneConflict(t *testing.T) {
+	l, clock := newTestLimiter()
+	warmUp(l, 16)
+	clock.Advance(3 * time.Second) // the warm-up's cheap conflicts are long past
+	ctx := context.Background()
+	s, _ := l.acquire(ctx)
+	l.release(s, true, false, time.Second)
+	s, _ = l.acquire(ctx)
+	l.release(s, false, true, time.Millisecond)
+	if s.gated || l.engaged.Load() {
+		t.Errorf("one lone conflict: gated %v, engaged %v", s.gated, l.engaged.Load())
+	}
+}
+
+// Conflicts that do not engage the limiter (here: soon after a failed
+// probation) do not start the queue either: a replica alone in the queue
+// while the others run freely gets less than its share.
+func TestContentionGateStartsOnlyWithTheLimiter(t *testing.T) {
+	l, clock := newTestLimiter()
+	warmUp(l, 16)
+	l.mu.Lock()
+	l.quietUntil = clock.Now().Add(time.Minute)
+	l.mu.Unlock()
+	ctx := context.Background()
+	a, _ := l.acquire(ctx)
+	b, _ := l.acquire(ctx)
+	l.release(a, true, false, time.Second)
+	l.release(b, true, false, time.Second)
+	s, _ := l.acquire(ctx)
+	l.release(s, false, true, time.Millisecond)
+	if l.engaged.Load() {
+		t.Fatal("engaged while quiet")
+	}
+	if s.gated {
+		t.Error("conflicts that did not engage the limiter started the queue")
 	}
 }

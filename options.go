@@ -51,6 +51,7 @@ type config struct {
 	mysqlMarker    string
 
 	contentionControl bool
+	contentionQueue   bool
 }
 
 func defaultConfig() config {
@@ -90,6 +91,23 @@ func (c *config) apply(opts []Option) error {
 func WithContentionControl(on bool) Option {
 	return func(c *config) error {
 		c.contentionControl = on
+		return nil
+	}
+}
+
+// WithContentionQueue (off by default) makes contention control queue in
+// the database as well, for applications running as several replicas on
+// PostgreSQL (each *sql.DB has its own contention control, which sees only
+// its own transactions): while it limits, and for 5 s after, each RunInTx
+// attempt first takes a session advisory lock named after fn's function
+// (pg_advisory_lock) before BEGIN and gives it back after the transaction,
+// so that fn's transactions of every replica queue in one line. It costs
+// two statements per transaction while in use; a wait longer than 2 s or
+// an error runs the transaction without it. It does nothing on MySQL.
+// See the README.
+func WithContentionQueue(on bool) Option {
+	return func(c *config) error {
+		c.contentionQueue = on
 		return nil
 	}
 }

@@ -680,8 +680,15 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
 		}()
 	}
+	var on txBeginner = db
+	if slot.gated && sees && r.cfg.contentionQueue {
+		if conn, leave := enterGate(ctx, db, r.dialect, gateName(fn)); conn != nil {
+			defer leave()
+			on = conn
+		}
+	}
 	att := &txAttempt{Context: ctx}
-	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock)
+	o.began, o.phase, o.err = runTxOnce(att, on, txOpts, fn, r.clock)
 	if o.err != nil {
 		r.decide(&o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && (o.cls == RetryTransaction || o.cls == RetryStatement)
@@ -737,6 +744,12 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 	}
 }
 
+// txBeginner is a *sql.DB, or the *sql.Conn of contention control's
+// database-side queue.
+type txBeginner interface {
+	BeginTx(ctx context.Context, opts *sql.TxOptions) (*sql.Tx, error)
+}
+
 type txPhase uint8
 
 const (
@@ -747,7 +760,7 @@ const (
 
 // runTxOnce runs one attempt of a RunInTx transaction; began is when
 // BeginTx returned. fn runs with att as its context.
-func runTxOnce(att *txAttempt, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock) (began time.Time, phase txPhase, err error) {
+func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock) (began time.Time, phase txPhase, err error) {
 	sqlTx, err := db.BeginTx(att, txOpts)
 	began = clock.Now()
 	if err != nil {

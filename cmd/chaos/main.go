@@ -37,11 +37,16 @@ import (
 
 var (
 	driversFlag    = flag.String("drivers", "pgx,mysql", "engines: pgx (PostgreSQL), mysql (MariaDB)")
-	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency,failover", "scenarios to run (failover: PostgreSQL only, on a Patroni cluster)")
-	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control)")
+	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency,replicas,failover", "scenarios to run (failover: PostgreSQL only, on a Patroni cluster)")
+	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control; sqlretry-queue, with WithContentionQueue)")
 	duration       = flag.Duration("duration", 5*time.Second, "run time per strategy (the restart scenario adds the outage and the breaker's open timeout)")
 	outDir         = flag.String("out", "docs/chaos", "directory for chaos.json, chaos.md and the restart plots")
-	replot         = flag.Bool("replot", false, "only draw the restart plots again from the chaos.json in -out")
+	replot         = flag.Bool("replot", false, "only draw the plots and chaos.md again from the chaos.json in -out")
+	deployments    = flag.String("replicas", "1,2,4,8", "replicas scenario: how many replicas share the 16 workers, one deployment after the other")
+	pgDSN          = flag.String("pg-dsn", "", "use this PostgreSQL server instead of a private one (scenarios that restart the server or kill MySQL sessions need a private one)")
+	mysqlDSN       = flag.String("mysql-dsn", "", "use this MariaDB server instead of a private one")
+	processes      = flag.Bool("processes", false, "replicas scenario: run each replica as a process of its own instead of a *sql.DB of this one")
+	replicaChild   = flag.String(chaos.ReplicaChildFlag, "", "(internal) run one replica process")
 )
 
 func scenarios(d time.Duration) []chaos.Scenario {
@@ -57,6 +62,10 @@ func scenarios(d time.Duration) []chaos.Scenario {
 		{Name: "restart", Accounts: 100, Workers: 8, Duration: restartAt + outage + 7*time.Second, OpTimeout: 10 * time.Second,
 			RestartAt: restartAt, Outage: outage},
 		{Name: "latency", Accounts: 100, Workers: 8, Duration: d, OpTimeout: 10 * time.Second, Latency: 20 * time.Millisecond},
+		// A deployment of several replicas of the application, each with
+		// its own *sql.DB, on one hot spot: 16 workers in all, split
+		// evenly (-replicas), 8 hot accounts, 20 s deadlines.
+		{Name: "replicas", Accounts: 8, Workers: 16, Duration: d, OpTimeout: 20 * time.Second},
 		// A Patroni cluster of 3 (synchronous mode, TTL 8 s) loses its
 		// leader node 2 s in; the sync standby takes writes about a TTL
 		// later; the run goes on 8 s after that. 30 s deadlines: longer
@@ -69,6 +78,13 @@ func scenarios(d time.Duration) []chaos.Scenario {
 func main() {
 	flag.Parse()
 	chaos.QuietDriverLogs()
+	if *replicaChild != "" {
+		if err := chaos.RunReplicaChild(*replicaChild); err != nil {
+			fmt.Fprintln(os.Stderr, "chaos replica:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
 	if err := run(ctx); err != nil {
@@ -124,6 +140,13 @@ func run(ctx context.Context) error {
 				fmt.Printf("%s: no %s scenario (PostgreSQL on Patroni only)\n", d, sc.Name)
 			}
 		}
+		if dsn := map[string]string{"pgx": *pgDSN, "mysql": *mysqlDSN}[d]; dsn != "" && len(own) > 0 {
+			// An existing server: no Server to restart or kill sessions on.
+			if err := runDriver(ctx, &out, d, chaos.Target{Driver: d, DSN: dsn}, "existing server", own, strategies); err != nil {
+				return err
+			}
+			own = nil
+		}
 		if len(own) > 0 {
 			fmt.Printf("starting a private %s server...\n", kind)
 			srv, err := dbserver.Start(ctx, kind)
@@ -158,6 +181,12 @@ func runDriver(ctx context.Context, out *output, name string, tg chaos.Target, s
 	out.Servers[name] = version(d, tg.DSN) + " (" + source + ")"
 	fmt.Printf("%s: %s\n", name, out.Servers[name])
 	for _, sc := range scs {
+		if sc.Name == "replicas" {
+			if err := runReplicas(ctx, out, tg, sc, strategies); err != nil {
+				return err
+			}
+			continue
+		}
 		var reports []*chaos.Report
 		for _, st := range strategies {
 			if ctx.Err() != nil {
@@ -189,7 +218,7 @@ func runDriver(ctx context.Context, out *output, name string, tg chaos.Target, s
 	return nil
 }
 
-// redraw draws the restart plots from the figures of an earlier run.
+// redraw draws the plots and chaos.md from the figures of an earlier run.
 func redraw() error {
 	js, err := os.ReadFile(filepath.Join(*outDir, "chaos.json"))
 	if err != nil {
@@ -217,7 +246,23 @@ func redraw() error {
 			fmt.Println("plot:", file)
 		}
 	}
-	return nil
+	for _, d := range []string{"pgx", "mysql"} {
+		var reports []*chaos.Report
+		for _, r := range out.Reports {
+			if r.Driver == d && r.Replicas > 0 {
+				reports = append(reports, r)
+			}
+		}
+		if len(reports) == 0 {
+			continue
+		}
+		file := filepath.Join(*outDir, "replicas-"+d+".svg")
+		if err := plotReplicas(file, d, reports); err != nil {
+			return err
+		}
+		fmt.Println("plot:", file)
+	}
+	return writeMarkdown(&out)
 }
 
 func table(w io.Writer, reports []*chaos.Report) {
@@ -290,6 +335,11 @@ func write(out *output) error {
 	if err := os.WriteFile(filepath.Join(*outDir, "chaos.json"), js, 0o644); err != nil {
 		return err
 	}
+	return writeMarkdown(out)
+}
+
+// writeMarkdown writes chaos.md, the table of every report.
+func writeMarkdown(out *output) error {
 	var md strings.Builder
 	fmt.Fprintf(&md, "Made by `%s` on %s, %s; %s.\n\n", out.Command, out.Started.Format("2006-01-02"), out.Machine, serversLine(out.Servers))
 	fmt.Fprintln(&md, "| engine | scenario | strategy | tx/s | surfaced errors | attempts/commit | p50 ms | p99 ms | p99.9 ms | mean ms | dials/s in outage | recovery ms | money, lost, phantom |")
@@ -299,7 +349,11 @@ func write(out *output) error {
 		if !(r.MoneyConserved && r.LedgerMatches) || r.Lost != 0 || r.Phantom != 0 {
 			inv = fmt.Sprintf("**%v, %d, %d**", r.MoneyConserved && r.LedgerMatches, r.Lost, r.Phantom)
 		}
-		fmt.Fprintf(&md, "| %s | %s | %s | %.0f | %d | %.2f | %.1f | %.0f | %.0f | %.1f | %s | %s | %s |\n", r.Driver, r.Scenario, r.Strategy, r.TxPerSec,
+		scenario := r.Scenario
+		if r.Replicas > 0 {
+			scenario += " " + deployment(r)
+		}
+		fmt.Fprintf(&md, "| %s | %s | %s | %.0f | %d | %.2f | %.1f | %.0f | %.0f | %.1f | %s | %s | %s |\n", r.Driver, scenario, r.Strategy, r.TxPerSec,
 			r.Failed, r.AttemptsPerCommit, r.P50ms, r.P99ms, r.P999ms, r.MeanMs, outageDials(r), recovery(r), inv)
 	}
 	fmt.Fprintln(&md, "\nSurfaced errors by kind:")
@@ -312,7 +366,7 @@ func write(out *output) error {
 	if err := os.WriteFile(filepath.Join(*outDir, "chaos.md"), []byte(md.String()), 0o644); err != nil {
 		return err
 	}
-	fmt.Printf("wrote %s and %s\n", filepath.Join(*outDir, "chaos.json"), filepath.Join(*outDir, "chaos.md"))
+	fmt.Printf("wrote %s\n", filepath.Join(*outDir, "chaos.md"))
 	return nil
 }
 

@@ -15,6 +15,8 @@ var lineColors = map[string]color.RGBA{
 	"immediate-loop":   {R: 0xe6, G: 0x9f, B: 0x00, A: 0xff},
 	"cenkalti-backoff": {R: 0x56, G: 0xb4, B: 0xe9, A: 0xff},
 	"sqlretry":         {R: 0x00, G: 0x9e, B: 0x73, A: 0xff},
+	"sqlretry-no-cc":   {R: 0xcc, G: 0x79, B: 0xa7, A: 0xff},
+	"sqlretry-queue":   {R: 0xd5, G: 0x5e, B: 0x00, A: 0xff},
 }
 
 // plotRestart draws committed transactions per second (500 ms windows) over
@@ -71,6 +73,41 @@ func plotRestart(file, driverName, scenario string, reports []*chaos.Report) err
 		p.Legend.Add(r.Strategy, l)
 	}
 	p.Y.Min, p.Y.Max = 0, ymax
+	p.Add(plotter.NewGrid())
+	return p.Save(9*vg.Inch, 4.5*vg.Inch, file)
+}
+
+// plotReplicas draws total committed transactions per second against the
+// number of replicas the 16 workers are split into, one line per strategy.
+func plotReplicas(file, driverName string, reports []*chaos.Report) error {
+	p := plot.New()
+	p.Title.Text = "Hot spot, 16 workers split into replicas, each with its own *sql.DB (" + map[string]string{"pgx": "PostgreSQL", "mysql": "MariaDB"}[driverName] + ")"
+	p.X.Label.Text = "replicas (×16/replicas workers each)"
+	p.Y.Label.Text = "committed tx/s, all replicas"
+	p.Legend.Top = true
+	series := map[string]plotter.XYs{}
+	var order []string
+	ymax := 1.0
+	for _, r := range reports {
+		if _, ok := series[r.Strategy]; !ok {
+			order = append(order, r.Strategy)
+		}
+		series[r.Strategy] = append(series[r.Strategy], plotter.XY{X: float64(max(1, r.Replicas)), Y: r.TxPerSec})
+		ymax = max(ymax, r.TxPerSec)
+	}
+	for _, name := range order {
+		l, pts, err := plotter.NewLinePoints(series[name])
+		if err != nil {
+			return err
+		}
+		l.Color, pts.Color = lineColors[name], lineColors[name]
+		l.Width = vg.Points(1.5)
+		p.Add(l, pts)
+		p.Legend.Add(name, l, pts)
+	}
+	p.X.Scale = plot.LogScale{}
+	p.X.Tick.Marker = plot.ConstantTicks([]plot.Tick{{Value: 1, Label: "1"}, {Value: 2, Label: "2"}, {Value: 4, Label: "4"}, {Value: 8, Label: "8"}})
+	p.Y.Min, p.Y.Max = 0, ymax*1.3
 	p.Add(plotter.NewGrid())
 	return p.Save(9*vg.Inch, 4.5*vg.Inch, file)
 }

@@ -56,6 +56,12 @@ func NewBank(ctx context.Context, admin *sql.DB, driver, prefix string, accounts
 	return b, nil
 }
 
+// OpenBank is the Bank NewBank made with the same prefix, for another
+// process to run on.
+func OpenBank(driver, prefix string, accounts int) *Bank {
+	return &Bank{Driver: driver, Accounts: accounts, acct: prefix + "_accounts", ledger: prefix + "_ledger"}
+}
+
 // Drop removes the tables.
 func (b *Bank) Drop(ctx context.Context, admin *sql.DB) {
 	admin.ExecContext(ctx, "DROP TABLE IF EXISTS "+b.ledger)
@@ -140,6 +146,7 @@ type Config struct {
 	OpTimeout time.Duration                                        // each logical operation's deadline
 	Progress  func(elapsed time.Duration, committed, failed int64) // called about once a second; may be nil
 	Tick      time.Duration                                        // timeline resolution; default 100ms
+	OpPrefix  string                                               // prefixes operation ids: runs sharing one bank need distinct ones
 }
 
 // Result is what the callers saw.
@@ -190,7 +197,7 @@ func Run(ctx context.Context, cfg Config, bank *Bank, db *sql.DB, strategy Strat
 			var lat []time.Duration
 			defer func() { mu.Lock(); res.Latencies = append(res.Latencies, lat...); mu.Unlock() }()
 			for n := 0; runCtx.Err() == nil; n++ {
-				op := fmt.Sprintf("w%d-%d", w, n)
+				op := fmt.Sprintf("%sw%d-%d", cfg.OpPrefix, w, n)
 				src := 1 + rand.IntN(bank.Accounts)
 				dst := 1 + (src+rand.IntN(bank.Accounts-1))%bank.Accounts
 				t0 := time.Now()

@@ -81,10 +81,15 @@ var (
 	SqlretryNoCC = Strategy{Name: "sqlretry-no-cc", Wrapped: true, Run: workload.RunInTx,
 		Options: []sqlretry.Option{sqlretry.WithContentionControl(false)}}
 
+	// SqlretryQueue is sqlretry with contention control's database-side
+	// queue (WithContentionQueue), for applications running as replicas.
+	SqlretryQueue = Strategy{Name: "sqlretry-queue", Wrapped: true, Run: workload.RunInTx,
+		Options: []sqlretry.Option{sqlretry.WithContentionQueue(true)}}
+
 	// Strategies are the strategies the chaos benchmark runs by default.
 	Strategies = []Strategy{Plain, Immediate, Backoff, Sqlretry}
 	// Extra are strategies to run by name only.
-	Extra = []Strategy{SqlretryNoCC}
+	Extra = []Strategy{SqlretryNoCC, SqlretryQueue}
 )
 
 // Scenario is a workload and the faults injected while it runs.
@@ -98,6 +103,8 @@ type Scenario struct {
 	RestartAt time.Duration // crash the server this far into the run (0: never) ...
 	Outage    time.Duration // ... and start it again after this long
 	Latency   time.Duration // added each way by a proxy (0: no proxy)
+	Replicas  int           // RunReplicas: independent *sql.DBs sharing Workers (0: one) ...
+	Processes bool          // ... each in a process of its own (the chaos command only)
 	// FailoverAt kills the Patroni cluster's leader node (Patroni and
 	// PostgreSQL) this far into the run (0: never): the cluster takes
 	// writes again on the sync standby after the DCS TTL. The killed node
@@ -122,9 +129,13 @@ type Report struct {
 	Kills                      int
 	workload.Invariants
 	TickMs                 float64
-	Timeline               []int           // commits per tick
-	OutageFromS, OutageToS float64         // seconds into the run; 0, 0: no outage
-	Sqlretry               *sqlretry.Stats `json:",omitempty"`
+	Timeline               []int            // commits per tick
+	OutageFromS, OutageToS float64          // seconds into the run; 0, 0: no outage
+	Sqlretry               *sqlretry.Stats  `json:",omitempty"`
+	Replicas               int              `json:",omitempty"` // RunReplicas: how many ...
+	Processes              bool             `json:",omitempty"` // ... as processes
+	ReplicaCommitted       []int64          `json:",omitempty"` // ... and each one's commits
+	ReplicaStats           []sqlretry.Stats `json:",omitempty"`
 }
 
 // Run runs one scenario with one strategy on fresh tables; progress, when

@@ -53,3 +53,32 @@ func TestEngine(t *testing.T) {
 		})
 	}
 }
+
+// The replicas scenario: two *sql.DBs on one bank, the report sums them.
+func TestReplicas(t *testing.T) {
+	for _, kind := range []dbserver.Kind{dbserver.Postgres, dbserver.MariaDB} {
+		t.Run(string(kind), func(t *testing.T) {
+			srv, err := dbserver.StartLocal(kind)
+			if err != nil {
+				if os.Getenv("CI") == "true" {
+					t.Fatal(err)
+				}
+				t.Skip(err)
+			}
+			defer srv.Stop()
+			tg := Target{Driver: kind.Driver(), DSN: srv.DSN}
+			sc := Scenario{Name: "replicas", Accounts: 8, Workers: 4, Replicas: 2, Duration: time.Second, OpTimeout: 10 * time.Second}
+			r, err := RunReplicas(context.Background(), tg, sc, SqlretryQueue, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("committed %d (%v) failed %d %v", r.Committed, r.ReplicaCommitted, r.Failed, r.Invariants)
+			if len(r.ReplicaCommitted) != 2 || r.ReplicaCommitted[0]+r.ReplicaCommitted[1] != r.Committed || r.Committed == 0 {
+				t.Errorf("per replica %v, in all %d", r.ReplicaCommitted, r.Committed)
+			}
+			if !r.OK() || r.Failed != 0 {
+				t.Errorf("failed %d, %v", r.Failed, r.Invariants)
+			}
+		})
+	}
+}
