@@ -3,7 +3,9 @@ package sqlretry
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"log/slog"
+	"strconv"
 	"sync/atomic"
 	"time"
 )
@@ -146,14 +148,19 @@ type Stats struct {
 	ContentionWaits    int64 // RunInTx attempts that waited for contention control
 	ContentionCuts     int64 // times contention control cut the number of transactions at once
 	ContentionLetGo    int64 // times it let go because the db committed less with it than without
+	BreakerTransitions int64 // changes of the breaker's state
 	Breaker            BreakerState
 	BudgetTokens       float64 // retries the budget would allow now (before time refill)
+	// ContentionLimit is how many RunInTx transactions contention control
+	// lets run at once now; 0 while it is not engaged (no limit) or off.
+	ContentionLimit float64
 }
 
 type counters struct {
 	successes, retriesStatement, retriesTransaction, retriesConnection atomic.Int64
 	handOffs, giveUps, dials, dialFailures, budgetRejections           atomic.Int64
 	commitsResolved, commitsAmbiguous, poisoned, circuitWaits          atomic.Int64
+	breakerTransitions                                                 atomic.Int64
 }
 
 // StatsOf returns the statistics of a *sql.DB opened through sqlretry, and
@@ -182,6 +189,7 @@ func (r *retrier) stats() Stats {
 		CommitsAmbiguous:   c.commitsAmbiguous.Load(),
 		Poisoned:           c.poisoned.Load(),
 		CircuitWaits:       c.circuitWaits.Load(),
+		BreakerTransitions: c.breakerTransitions.Load(),
 		Breaker:            r.breaker.State(),
 		BudgetTokens:       r.budget.tokens(),
 	}
@@ -190,12 +198,37 @@ func (r *retrier) stats() Stats {
 	}
 	if l := r.txLimit; l != nil {
 		s.ContentionWaits, s.ContentionCuts, s.ContentionLetGo = l.queued.Load(), l.decrease.Load(), l.letGo.Load()
+		if l.engaged.Load() {
+			l.mu.Lock()
+			s.ContentionLimit = l.limit
+			l.mu.Unlock()
+		}
 	}
 	return s
 }
 
 func (r *retrier) observe(ctx context.Context, e Event) {
+	if e.Kind == EventBreaker {
+		r.counters.breakerTransitions.Add(1)
+	}
 	if r.obs != nil {
 		r.obs.Observe(ctx, e)
 	}
+}
+
+// ErrorCode returns the database's code for err, for dashboards and the
+// OpenTelemetry attribute db.response.status_code: the SQLSTATE of a
+// PostgreSQL error (any error in the chain with a SQLState method, as
+// pgconn.PgError and lib/pq's have), or the error number of a MySQL or
+// MariaDB one (go-sql-driver/mysql's MySQLError), as a decimal string.
+// It returns "" when err carries no code.
+func ErrorCode(err error) string {
+	var pg interface{ SQLState() string }
+	if errors.As(err, &pg) {
+		return pg.SQLState()
+	}
+	if n, _, ok := mysqlErrorOf(err); ok {
+		return strconv.Itoa(int(n))
+	}
+	return ""
 }
