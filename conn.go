@@ -165,7 +165,16 @@ func (c *conn) noteTxControl(query string) {
 	}
 }
 
+// ExecContext reports the call to an OperationObserver when there is one.
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if o := c.r.operations(); o != nil {
+		op := Operation{Op: "exec", Query: query, InTx: c.tx != nil, Dialect: c.r.dialect}
+		return observed(ctx, o, op, func(ctx context.Context) (driver.Result, error) { return c.execContext(ctx, query, args) })
+	}
+	return c.execContext(ctx, query, args)
+}
+
+func (c *conn) execContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
 	if c.tx != nil {
 		return c.tx.exec(ctx, query, args)
 	}
@@ -189,7 +198,16 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 	})
 }
 
+// QueryContext reports the call to an OperationObserver when there is one.
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if o := c.r.operations(); o != nil {
+		op := Operation{Op: "query", Query: query, InTx: c.tx != nil, Dialect: c.r.dialect}
+		return observed(ctx, o, op, func(ctx context.Context) (driver.Rows, error) { return c.queryContext(ctx, query, args) })
+	}
+	return c.queryContext(ctx, query, args)
+}
+
+func (c *conn) queryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
 	if c.tx != nil {
 		return c.tx.query(ctx, query, args)
 	}
@@ -386,7 +404,16 @@ func (s *stmt) Query(args []driver.Value) (driver.Rows, error) {
 	return s.inner.Query(args)
 }
 
+// ExecContext reports the call to an OperationObserver when there is one.
 func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	if o := s.c.r.operations(); o != nil {
+		op := Operation{Op: "stmt.exec", Query: s.query, InTx: s.c.tx != nil, Dialect: s.c.r.dialect}
+		return observed(ctx, o, op, func(ctx context.Context) (driver.Result, error) { return s.execContext(ctx, args) })
+	}
+	return s.execContext(ctx, args)
+}
+
+func (s *stmt) execContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
 	c := s.c
 	if c.tx != nil {
 		return c.tx.stmtExec(ctx, s, args)
@@ -409,7 +436,16 @@ func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (drive
 	})
 }
 
+// QueryContext reports the call to an OperationObserver when there is one.
 func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	if o := s.c.r.operations(); o != nil {
+		op := Operation{Op: "stmt.query", Query: s.query, InTx: s.c.tx != nil, Dialect: s.c.r.dialect}
+		return observed(ctx, o, op, func(ctx context.Context) (driver.Rows, error) { return s.queryContext(ctx, args) })
+	}
+	return s.queryContext(ctx, args)
+}
+
+func (s *stmt) queryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
 	c := s.c
 	if c.tx != nil {
 		return c.tx.stmtQuery(ctx, s, args)

@@ -232,3 +232,49 @@ func ErrorCode(err error) string {
 	}
 	return ""
 }
+
+// Operation is one call into sqlretry, from the moment it enters to the
+// moment it returns, with all its attempts: the logical operation of the
+// OpenTelemetry database conventions.
+type Operation struct {
+	Op      string // "exec", "query", "stmt.exec", "stmt.query", "begin", or "tx" for RunInTx
+	Query   string // the statement's text; "" for begin and tx
+	InTx    bool   // a statement inside a transaction (sqlretry does not retry it on its own)
+	Dialect Dialect
+}
+
+// OperationObserver is an Observer that also sees each call start and end
+// (an OpenTelemetry span, a duration histogram). Give it to WithObserver;
+// sqlretry finds the two methods by a type assertion.
+type OperationObserver interface {
+	Observer
+	// StartOperation is called as a call enters sqlretry. The context it
+	// returns is the call's from then on: every attempt is made with it
+	// (so a driver wrapped in otelsql below sqlretry makes its spans
+	// children of the operation), and the call's events are observed with
+	// it.
+	StartOperation(ctx context.Context, op Operation) context.Context
+	// EndOperation is called with the context StartOperation returned
+	// when the call returns, with the error it returns (nil on success).
+	// A call handed off to database/sql (EventHandOff) ends here with an
+	// error that matches driver.ErrBadConn; database/sql's re-run on
+	// another connection is an operation of its own. An err that is
+	// driver.ErrSkip means the driver did not run the call (database/sql
+	// prepares the statement instead): no operation took place.
+	EndOperation(ctx context.Context, op Operation, err error)
+}
+
+// operations is the observer's OperationObserver, or nil: the hot path
+// pays one type assertion.
+func (r *retrier) operations() OperationObserver {
+	o, _ := r.obs.(OperationObserver)
+	return o
+}
+
+// observed runs call as op between StartOperation and EndOperation.
+func observed[T any](ctx context.Context, o OperationObserver, op Operation, call func(context.Context) (T, error)) (T, error) {
+	ctx = o.StartOperation(ctx, op)
+	v, err := call(ctx)
+	o.EndOperation(ctx, op, err)
+	return v, err
+}

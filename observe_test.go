@@ -2,8 +2,12 @@ package sqlretry
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/go-sql-driver/mysql"
@@ -56,5 +60,83 @@ func TestStatsBreakerTransitionsAndContentionLimit(t *testing.T) {
 	r.observe(context.Background(), Event{Kind: EventRetry})
 	if s := r.stats(); s.BreakerTransitions != 1 {
 		t.Errorf("a retry event counted as a transition: %d", s.BreakerTransitions)
+	}
+}
+
+// opRecorder is an OperationObserver that writes what it sees as lines,
+// and checks that each event comes with the context of its operation.
+type opRecorder struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+type opKey struct{}
+
+func (o *opRecorder) add(s string) { o.mu.Lock(); o.lines = append(o.lines, s); o.mu.Unlock() }
+
+func (o *opRecorder) StartOperation(ctx context.Context, op Operation) context.Context {
+	o.add(fmt.Sprintf("start %s %q inTx=%v", op.Op, op.Query, op.InTx))
+	return context.WithValue(ctx, opKey{}, op.Op)
+}
+
+func (o *opRecorder) EndOperation(ctx context.Context, op Operation, err error) {
+	o.add(fmt.Sprintf("end %s in=%v err=%v", op.Op, ctx.Value(opKey{}), err != nil))
+}
+
+func (o *opRecorder) Observe(ctx context.Context, e Event) {
+	o.add(fmt.Sprintf("event %s %s attempt=%d in=%v", e.Kind, e.Op, e.Attempt, ctx.Value(opKey{})))
+}
+
+func (o *opRecorder) transcript() string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return strings.Join(o.lines, "\n")
+}
+
+// An OperationObserver sees each call start and end once, with all its
+// attempts in between, and the call's events carry the context it gave:
+// that is what an OpenTelemetry span per logical operation needs.
+func TestOperationObserverSeesTheWholeCall(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("UPDATE", step{err: &pgError{"40001", "could not serialize access"}})
+	srv.script("INSERT", step{err: &pgError{"40P01", "deadlock detected"}})
+	rec := &opRecorder{}
+	db, _ := testDB(t, srv, WithObserver(rec))
+	ctx := context.Background()
+	if _, err := db.ExecContext(ctx, "UPDATE t SET v = 1"); err != nil {
+		t.Fatal(err)
+	}
+	err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO t VALUES (1)")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `start exec "UPDATE t SET v = 1" inTx=false
+event retry exec attempt=1 in=exec
+end exec in=exec err=false
+start tx "" inTx=false
+start exec "INSERT INTO t VALUES (1)" inTx=true
+end exec in=exec err=true
+event retry tx attempt=1 in=tx
+start exec "INSERT INTO t VALUES (1)" inTx=true
+end exec in=exec err=false
+end tx in=tx err=false`
+	if got := rec.transcript(); got != want {
+		t.Errorf("transcript:\n%s\nwant:\n%s", got, want)
+	}
+}
+
+// A plain Observer is not asked about operations.
+func TestPlainObserverSeesNoOperations(t *testing.T) {
+	srv := newFakeServer()
+	var n atomic.Int64
+	db, _ := testDB(t, srv, WithObserver(ObserverFunc(func(context.Context, Event) { n.Add(1) })))
+	if _, err := db.ExecContext(context.Background(), "UPDATE t SET v = 1"); err != nil {
+		t.Fatal(err)
+	}
+	if n.Load() != 0 {
+		t.Errorf("%d events for a call that succeeded at once", n.Load())
 	}
 }

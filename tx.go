@@ -521,7 +521,7 @@ const (
 // driver's calls there it judges by the error fn returned. opts may
 // override the backoff (WithBackoff, WithMaxAttempts), the observer and the
 // classifier rules for this call.
-func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, opts ...Option) error {
+func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, opts ...Option) (err error) {
 	if ctx == nil {
 		return errors.New("sqlretry: RunInTx: nil context")
 	}
@@ -545,6 +545,11 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		rc := *r // shares breaker, budget, counters and resolution state by pointer
 		rc.cfg, rc.obs = cfg, cfg.observer
 		r = &rc
+	}
+	if o := r.operations(); o != nil { // the whole call, its replays included, is one operation
+		op := Operation{Op: "tx", Dialect: r.dialect}
+		ctx = o.StartOperation(ctx, op)
+		defer func() { o.EndOperation(ctx, op, err) }()
 	}
 	outer, _ := ctx.Value(keyRunInTx).(*txAttempt)
 	lim := r.txLimit
