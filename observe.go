@@ -237,8 +237,8 @@ func ErrorCode(err error) string {
 // moment it returns, with all its attempts: the logical operation of the
 // OpenTelemetry database conventions.
 type Operation struct {
-	Op      string // "exec", "query", "stmt.exec", "stmt.query", "begin", or "tx" for RunInTx
-	Query   string // the statement's text; "" for begin and tx
+	Op      string // "exec", "query", "stmt.exec", "stmt.query", "dial", or "tx" for RunInTx
+	Query   string // the statement's text; "" for dial and tx
 	InTx    bool   // a statement inside a transaction (sqlretry does not retry it on its own)
 	Dialect Dialect
 }

@@ -113,7 +113,9 @@ func TestOperationObserverSeesTheWholeCall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `start exec "UPDATE t SET v = 1" inTx=false
+	want := `start dial "" inTx=false
+end dial in=dial err=false
+start exec "UPDATE t SET v = 1" inTx=false
 event retry exec attempt=1 in=exec
 end exec in=exec err=false
 start tx "" inTx=false
