@@ -87,6 +87,7 @@ type conn struct {
 	// answer, to be judged after its rollback (readonly.go).
 	lost            bool
 	readOnlyPending bool
+	shadowTx        bool // a transaction begun in shadow mode is open (shadow.go)
 
 	serverID    int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
 	serverStart int64 // PostgreSQL server start time, µs, asked with serverID
@@ -175,8 +176,14 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 }
 
 func (c *conn) execContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if c.shadowTx {
+		return c.execInner(ctx, query, args)
+	}
 	if c.tx != nil {
 		return c.tx.exec(ctx, query, args)
+	}
+	if c.r.shadow.Load() {
+		return shadowStatement(ctx, c, "exec", query, false, func(ctx context.Context) (driver.Result, error) { return c.execInner(ctx, query, args) })
 	}
 	t, err := c.enter(ctx, "exec", query)
 	if err != nil {
@@ -208,8 +215,14 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 }
 
 func (c *conn) queryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.shadowTx {
+		return c.queryInner(ctx, query, args)
+	}
 	if c.tx != nil {
 		return c.tx.query(ctx, query, args)
+	}
+	if c.r.shadow.Load() {
+		return shadowStatement(ctx, c, "query", query, true, func(ctx context.Context) (driver.Rows, error) { return c.queryInner(ctx, query, args) })
 	}
 	t, err := c.enter(ctx, "query", query)
 	if err != nil {
@@ -304,6 +317,9 @@ func namedValueToValue(named []driver.NamedValue) ([]driver.Value, error) {
 }
 
 func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	if c.r.shadow.Load() {
+		return c.shadowBeginTx(ctx, opts)
+	}
 	t, err := c.r.admit(ctx)
 	if err != nil {
 		return nil, c.r.refuse(ctx, "begin", 0, Unavailable, err, nil)
@@ -415,8 +431,14 @@ func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (drive
 
 func (s *stmt) execContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
 	c := s.c
+	if c.shadowTx {
+		return s.execInner(ctx, args)
+	}
 	if c.tx != nil {
 		return c.tx.stmtExec(ctx, s, args)
+	}
+	if c.r.shadow.Load() {
+		return shadowStatement(ctx, c, "stmt.exec", s.query, false, func(ctx context.Context) (driver.Result, error) { return s.execInner(ctx, args) })
 	}
 	t, err := c.enter(ctx, "stmt.exec", s.query)
 	if err != nil {
@@ -447,8 +469,14 @@ func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driv
 
 func (s *stmt) queryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
 	c := s.c
+	if c.shadowTx {
+		return s.queryInner(ctx, args)
+	}
 	if c.tx != nil {
 		return c.tx.stmtQuery(ctx, s, args)
+	}
+	if c.r.shadow.Load() {
+		return shadowStatement(ctx, c, "stmt.query", s.query, true, func(ctx context.Context) (driver.Rows, error) { return s.queryInner(ctx, args) })
 	}
 	t, err := c.enter(ctx, "stmt.query", s.query)
 	if err != nil {

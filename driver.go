@@ -241,6 +241,9 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 
 func (c *connector) connect(ctx context.Context) (driver.Conn, error) {
 	r := c.r
+	if r.shadow.Load() {
+		return c.shadowConnect(ctx)
+	}
 	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
 	var last error
 	for attempt := 1; ; attempt++ {

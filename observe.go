@@ -76,6 +76,10 @@ type Event struct {
 	BreakerFrom BreakerState  // EventBreaker
 	BreakerTo   BreakerState  // EventBreaker
 	Outcome     CommitOutcome // EventCommitResolved
+	// Shadow: the decision was not carried out (shadow mode, WithShadow):
+	// it says what enforcement would have done, and the caller got what
+	// the plain driver gave.
+	Shadow bool
 }
 
 // Observer sees every decision. Observe is called synchronously on the
@@ -121,6 +125,9 @@ func SlogObserver(l *slog.Logger) Observer {
 		if e.Reason != "" {
 			attrs = append(attrs, slog.String("reason", e.Reason))
 		}
+		if e.Shadow {
+			attrs = append(attrs, slog.Bool("shadow", true))
+		}
 		if e.Err != nil {
 			attrs = append(attrs, slog.String("error", e.Err.Error()))
 		}
@@ -149,6 +156,7 @@ type Stats struct {
 	ContentionCuts     int64 // times contention control cut the number of transactions at once
 	ContentionLetGo    int64 // times it let go because the db committed less with it than without
 	BreakerTransitions int64 // changes of the breaker's state
+	ShadowDecisions    int64 // decisions shadow mode reported and did not carry out (events with Shadow set)
 	Breaker            BreakerState
 	BudgetTokens       float64 // retries the budget would allow now (before time refill)
 	// ContentionLimit is how many RunInTx transactions contention control
@@ -160,7 +168,7 @@ type counters struct {
 	successes, retriesStatement, retriesTransaction, retriesConnection atomic.Int64
 	handOffs, giveUps, dials, dialFailures, budgetRejections           atomic.Int64
 	commitsResolved, commitsAmbiguous, poisoned, circuitWaits          atomic.Int64
-	breakerTransitions                                                 atomic.Int64
+	breakerTransitions, shadowDecisions                                atomic.Int64
 }
 
 // StatsOf returns the statistics of a *sql.DB opened through sqlretry, and
@@ -190,6 +198,7 @@ func (r *retrier) stats() Stats {
 		Poisoned:           c.poisoned.Load(),
 		CircuitWaits:       c.circuitWaits.Load(),
 		BreakerTransitions: c.breakerTransitions.Load(),
+		ShadowDecisions:    c.shadowDecisions.Load(),
 		Breaker:            r.breaker.State(),
 		BudgetTokens:       r.budget.tokens(),
 	}

@@ -50,6 +50,10 @@ type config struct {
 	mysqlMarker    string
 
 	contentionControl bool
+
+	shadow bool // WithShadow
+
+	fallback func(ctx context.Context, reason error) error // WithFallback
 }
 
 func defaultConfig() config {

@@ -25,7 +25,8 @@ type retrier struct {
 	implicitTx bool             // the DSN turns autocommit off: every statement is in a transaction
 	counters   *counters
 	resolution *resolveState
-	txLimit    *txLimiter // RunInTx's contention control; nil when off
+	txLimit    *txLimiter   // RunInTx's contention control; nil when off
+	shadow     *atomic.Bool // shadow mode (shadow.go): report, do as the plain driver; shared by RunInTx's copies
 }
 
 // resolveState is what the resolution of lost COMMITs learns as it goes.
@@ -63,6 +64,8 @@ func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 		r.budget = newRetryBudget(*cfg.budget, cfg.clock)
 	}
 	r.dials = newDialLimiter(cfg.dialParallel)
+	r.shadow = new(atomic.Bool)
+	r.shadow.Store(cfg.shadow)
 	return r
 }
 

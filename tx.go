@@ -551,6 +551,16 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		ctx = o.StartOperation(ctx, op)
 		defer func() { o.EndOperation(ctx, op, err) }()
 	}
+	if fb := r.cfg.fallback; fb != nil {
+		defer func() {
+			if errors.Is(err, ErrCircuitOpen) {
+				err = fb(ctx, err)
+			}
+		}()
+	}
+	if r.shadow.Load() {
+		return r.shadowRunInTx(ctx, db, txOpts, fn)
+	}
 	outer, _ := ctx.Value(keyRunInTx).(*txAttempt)
 	lim := r.txLimit
 	if outer != nil {
