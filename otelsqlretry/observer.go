@@ -55,6 +55,7 @@ const (
 	keyBreakerTo    = attribute.Key("sqlretry.breaker.to")
 	keyBreakerState = attribute.Key("sqlretry.breaker.state")
 	keyOutcome      = attribute.Key("sqlretry.commit.outcome")
+	keyShadow       = attribute.Key("sqlretry.shadow") // true: shadow mode reported the decision and did not carry it out
 )
 
 // durationBuckets are the explicit bucket boundaries the conventions
@@ -122,10 +123,10 @@ func NewObserver(opts ...Option) (*Observer, error) {
 		metric.WithExplicitBucketBoundaries(durationBuckets...))
 	err = errors.Join(err, e)
 	o.retries, e = o.meter.Int64Counter("sqlretry.retries", metric.WithUnit("{retry}"),
-		metric.WithDescription("Attempts that failed and were run again: by sqlretry after a pause (kind retry), or by database/sql on another connection (kind hand_off); by op, class and reason."))
+		metric.WithDescription("Attempts that failed and were run again: by sqlretry after a pause (kind retry), or by database/sql on another connection (kind hand_off); by op, class and reason. With sqlretry.shadow true: would have been run again (shadow mode)."))
 	err = errors.Join(err, e)
 	o.giveUps, e = o.meter.Int64Counter("sqlretry.give_ups", metric.WithUnit("{call}"),
-		metric.WithDescription("Calls sqlretry stopped retrying or refused (breaker open, budget spent, ambiguous write, attempts or time used up), by op, class and reason."))
+		metric.WithDescription("Calls sqlretry stopped retrying or refused (breaker open, budget spent, ambiguous write, attempts or time used up), by op, class and reason. With sqlretry.shadow true: would have refused or reported ambiguous (shadow mode)."))
 	err = errors.Join(err, e)
 	o.transitions, e = o.meter.Int64Counter("sqlretry.breaker.transitions", metric.WithUnit("{transition}"),
 		metric.WithDescription("Changes of the circuit breaker's state, by from and to state."))
@@ -284,7 +285,8 @@ func errorType(err error) string {
 // is a "sqlretry.give_up" event.
 func (o *Observer) Observe(ctx context.Context, e sqlretry.Event) {
 	st, _ := ctx.Value(operationKey{}).(*operation)
-	common := append([]attribute.KeyValue{keyOp.String(e.Op), keyClass.String(e.Class.String()), keyReason.String(e.Reason)}, o.cfg.attrs...)
+	common := append([]attribute.KeyValue{keyOp.String(e.Op), keyClass.String(e.Class.String()), keyReason.String(e.Reason),
+		keyShadow.Bool(e.Shadow)}, o.cfg.attrs...)
 	switch e.Kind {
 	case sqlretry.EventRetry, sqlretry.EventHandOff:
 		kind := "retry"
@@ -293,7 +295,9 @@ func (o *Observer) Observe(ctx context.Context, e sqlretry.Event) {
 		}
 		o.retries.Add(ctx, 1, metric.WithAttributes(append(common, keyRetryKind.String(kind))...))
 		if st != nil {
-			st.resends.Add(1)
+			if !e.Shadow { // in shadow mode nothing was sent again
+				st.resends.Add(1)
+			}
 			st.span.AddEvent("sqlretry."+kind, trace.WithAttributes(o.eventAttrs(e)...))
 		}
 	case sqlretry.EventGiveUp:
@@ -305,7 +309,7 @@ func (o *Observer) Observe(ctx context.Context, e sqlretry.Event) {
 		o.transitions.Add(ctx, 1, metric.WithAttributes(append([]attribute.KeyValue{
 			keyBreakerFrom.String(e.BreakerFrom.String()), keyBreakerTo.String(e.BreakerTo.String())}, o.cfg.attrs...)...))
 	case sqlretry.EventCommitResolved:
-		o.commits.Add(ctx, 1, metric.WithAttributes(append([]attribute.KeyValue{keyOutcome.String(e.Outcome.String())}, o.cfg.attrs...)...))
+		o.commits.Add(ctx, 1, metric.WithAttributes(append([]attribute.KeyValue{keyOutcome.String(e.Outcome.String()), keyShadow.Bool(e.Shadow)}, o.cfg.attrs...)...))
 		if st != nil {
 			st.span.AddEvent("sqlretry.commit_resolved", trace.WithAttributes(keyOutcome.String(e.Outcome.String())))
 		}
@@ -314,6 +318,9 @@ func (o *Observer) Observe(ctx context.Context, e sqlretry.Event) {
 
 func (o *Observer) eventAttrs(e sqlretry.Event) []attribute.KeyValue {
 	a := []attribute.KeyValue{keyOp.String(e.Op), keyAttempt.Int(e.Attempt), keyClass.String(e.Class.String()), keyReason.String(e.Reason)}
+	if e.Shadow {
+		a = append(a, keyShadow.Bool(true))
+	}
 	if e.Delay > 0 {
 		a = append(a, keyDelay.Float64(e.Delay.Seconds()))
 	}

@@ -245,3 +245,23 @@ func TestRegisterStatsRefusesAPlainDB(t *testing.T) {
 		t.Fatal("no error for a plain *sql.DB")
 	}
 }
+
+// In shadow mode the retry enforcement would have made is counted with
+// sqlretry.shadow true, and the span has no resend: nothing was sent again.
+func TestShadowDecisionsAreMarked(t *testing.T) {
+	tel := newTelemetry(t)
+	f := newFakeDB()
+	f.script("UPDATE", serializationFailure)
+	db := openFake(t, f, tel.observer(t), sqlretry.WithShadow(true))
+	if _, err := db.ExecContext(context.Background(), "UPDATE t SET v = 1"); !errors.Is(err, serializationFailure) {
+		t.Fatalf("shadow: %v, want the driver's error", err)
+	}
+	s := tel.span(t, "UPDATE")
+	wantAttrs(t, "span", s.Attributes(), map[string]any{"sqlretry.resend_count": nil, "error.type": "40001"})
+	if len(s.Events()) != 1 {
+		t.Fatalf("events %v", s.Events())
+	}
+	wantAttrs(t, "event", s.Events()[0].Attributes, map[string]any{"sqlretry.shadow": true})
+	r := tel.metric(t, "sqlretry.retries").(metricdata.Sum[int64])
+	wantAttrs(t, "retries", r.DataPoints[0].Attributes.ToSlice(), map[string]any{"sqlretry.shadow": true})
+}

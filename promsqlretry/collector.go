@@ -85,6 +85,7 @@ func NewCollector(db *sql.DB, constLabels prometheus.Labels) (*Collector, error)
 	counter("contention_waits_total", "RunInTx attempts that waited for contention control to let them run.", func(s sqlretry.Stats) int64 { return s.ContentionWaits })
 	counter("contention_cuts_total", "Times contention control cut the number of transactions allowed at once.", func(s sqlretry.Stats) int64 { return s.ContentionCuts })
 	counter("contention_let_go_total", "Times contention control let go because limiting did not pay or nothing completed.", func(s sqlretry.Stats) int64 { return s.ContentionLetGo })
+	counter("shadow_decisions_total", "Decisions shadow mode reported and did not carry out (retries, hand-offs, refusals, resolutions enforcement would have made).", func(s sqlretry.Stats) int64 { return s.ShadowDecisions })
 	counter("breaker_transitions_total", "Changes of the circuit breaker's state.", func(s sqlretry.Stats) int64 { return s.BreakerTransitions })
 	c.metrics = append(c.metrics,
 		metric{desc: prometheus.NewDesc("sqlretry_budget_tokens", "Retries the retry budget would allow now.", nil, constLabels),

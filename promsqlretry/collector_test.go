@@ -42,8 +42,8 @@ func TestCollectorLint(t *testing.T) {
 	for _, p := range problems {
 		t.Errorf("%s: %s", p.Metric, p.Text)
 	}
-	if n := testutil.CollectAndCount(c); n != 23 {
-		t.Errorf("%d series, want 23", n)
+	if n := testutil.CollectAndCount(c); n != 24 {
+		t.Errorf("%d series, want 24", n)
 	}
 }
 
