@@ -53,10 +53,12 @@ lint:
 	cd promsqlretry && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 	cd otelsqlretry && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 
-# Happy-path overhead: raw driver vs sqlretry, side by side with benchstat.
+# Happy-path overhead: raw driver vs sqlretry, side by side with benchstat;
+# then the OpenTelemetry observer (otelsqlretry) beside XSAM/otelsql.
 bench:
 	@test -x $(GOBIN)/benchstat || $(GO) install golang.org/x/perf/cmd/benchstat@latest
 	cd integration && $(GO) test -run '^$$' -bench . -benchmem -count 6 -timeout 30m . | tee ../bench.out
+	cd otelsqlretry && $(GO) test -run '^$$' -bench . -benchmem -count 6 -timeout 10m . | tee -a ../bench.out
 	$(GOBIN)/benchstat -col /wrap bench.out
 
 fuzz:
