@@ -244,7 +244,7 @@ func (c *connector) connect(ctx context.Context) (driver.Conn, error) {
 	if r.shadow.Load() {
 		return c.shadowConnect(ctx)
 	}
-	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
+	p := newPacer(r.backoff(), r.clock, r.rnd)
 	var last error
 	for attempt := 1; ; attempt++ {
 		t, err := r.admit(ctx)

@@ -13,20 +13,21 @@ import (
 // connection it opens, and RunInTx on its *sql.DB, use the same breaker,
 // budget, dial limiter and counters.
 type retrier struct {
-	cfg        config
-	dialect    Dialect
-	clock      Clock
-	rnd        func() float64
-	breaker    *breaker
-	budget     *retryBudget
-	dials      *dialLimiter
-	obs        Observer
-	inner      driver.Connector // the driver's connector, for side connections that resolve lost COMMITs
-	implicitTx bool             // the DSN turns autocommit off: every statement is in a transaction
-	counters   *counters
-	resolution *resolveState
-	txLimit    *txLimiter   // RunInTx's contention control; nil when off
-	shadow     *atomic.Bool // shadow mode (shadow.go): report, do as the plain driver; shared by RunInTx's copies
+	cfg         config
+	dialect     Dialect
+	clock       Clock
+	rnd         func() float64
+	breaker     *breaker
+	budget      *retryBudget
+	dials       *dialLimiter
+	obs         Observer
+	inner       driver.Connector // the driver's connector, for side connections that resolve lost COMMITs
+	implicitTx  bool             // the DSN turns autocommit off: every statement is in a transaction
+	counters    *counters
+	resolution  *resolveState
+	txLimit     *txLimiter               // RunInTx's contention control; nil when off
+	shadow      *atomic.Bool             // shadow mode (shadow.go): report, do as the plain driver; shared by RunInTx's copies
+	liveBackoff *atomic.Pointer[Backoff] // set by SetBackoff (runtime.go); nil in a RunInTx copy with its own options
 }
 
 // resolveState is what the resolution of lost COMMITs learns as it goes.
@@ -65,6 +66,7 @@ func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 	}
 	r.dials = newDialLimiter(cfg.dialParallel)
 	r.shadow = new(atomic.Bool)
+	r.liveBackoff = new(atomic.Pointer[Backoff])
 	r.shadow.Store(cfg.shadow)
 	return r
 }
@@ -147,7 +149,7 @@ func (r *retrier) waitForProbe(ctx context.Context) (ticket, error) {
 			d = time.Duration(float64(probeRecheck) * (0.5 + r.rnd()))
 		}
 		dl, ok := ctx.Deadline()
-		if !ok || !now.Add(d).Before(dl) || now.Add(d).Sub(start) > r.cfg.backoff.MaxElapsed {
+		if !ok || !now.Add(d).Before(dl) || now.Add(d).Sub(start) > r.backoff().MaxElapsed {
 			r.breaker.rejectCount.Add(1)
 			return ticket{}, err
 		}
@@ -325,7 +327,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 	run func(context.Context) (T, error)) (T, error) {
 	r := c.r
 	var zero T
-	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
+	p := newPacer(r.backoff(), r.clock, r.rnd)
 	err := firstErr
 	var prev error // the previous attempt's error, kept for a give-up at the deadline
 	for attempt := 1; ; attempt++ {

@@ -68,7 +68,7 @@ func (r *retrier) wouldDo(ctx context.Context, e Event) {
 
 // wouldPause is the pause enforcement would take before a second attempt.
 func (r *retrier) wouldPause(ctx context.Context) time.Duration {
-	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
+	p := newPacer(r.backoff(), r.clock, r.rnd)
 	d, _ := p.next(ctx, 1)
 	return d
 }

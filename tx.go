@@ -538,12 +538,14 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 	}
 	if len(opts) > 0 {
 		cfg := r.cfg
+		cfg.backoff = r.backoff() // the options change the backoff in force (SetBackoff)
 		cfg.rules = append([]Classifier(nil), cfg.rules...)
 		if err := cfg.apply(opts); err != nil {
 			return err
 		}
 		rc := *r // shares breaker, budget, counters and resolution state by pointer
 		rc.cfg, rc.obs = cfg, cfg.observer
+		rc.liveBackoff = nil // this call's backoff is cfg's
 		r = &rc
 	}
 	if o := r.operations(); o != nil { // the whole call, its replays included, is one operation
@@ -569,7 +571,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 	// The clock is read once BEGIN has returned (the wait for a connection
 	// is not the transaction's work, for contention control), and the first
 	// of those reads starts the pacer: one clock read per attempt.
-	p := pacer{b: r.cfg.backoff, clock: r.clock, rnd: r.rnd}
+	p := pacer{b: r.backoff(), clock: r.clock, rnd: r.rnd}
 	conflicted := false  // an attempt of this call was aborted by a conflict
 	var prev error       // the last attempt's error, for a give-up at the deadline
 	var lastTimeout uint // the last attempt's timeout, 0 if none
