@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 
@@ -90,5 +91,37 @@ func TestShadowModeLikeThePlainDriverOnASerializationFailure(t *testing.T) {
 	}
 	if s, _ := sqlretry.StatsOf(shadow); s.RetriesTransaction != 0 || s.ShadowDecisions != 1 {
 		t.Errorf("stats: transaction retries %d, shadow decisions %d; want 0, 1", s.RetriesTransaction, s.ShadowDecisions)
+	}
+}
+
+// The swap-in transparency transcript (transparency_test.go) through
+// sqlretry in shadow mode is the raw driver's: shadow mode changes nothing
+// the application can see.
+func TestSwapInTransparencyInShadowMode(t *testing.T) {
+	apps := map[string]func(*testing.T, *sql.DB, string) string{"pgx": pgApp, "mysql": mysqlApp}
+	for _, driver := range []string{"pgx", "mysql"} {
+		t.Run(driver, func(t *testing.T) {
+			d := need(t, driver)
+			var got [2]string
+			for i, shadowed := range []bool{false, true} {
+				open := sql.Open
+				if shadowed {
+					open = func(name, dsn string) (*sql.DB, error) { return sqlretry.Open(name, dsn, sqlretry.WithShadow(true)) }
+				}
+				db, err := open(driver, d)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tbl := table(t, db, "swapshadow")
+				got[i] = strings.ReplaceAll(apps[driver](t, db, tbl), tbl, "T")
+				db.Close()
+			}
+			if got[0] != got[1] {
+				t.Errorf("raw driver and sqlretry in shadow mode differ:\n%s", diffLines(got[0], got[1]))
+			}
+			if !strings.Contains(got[1], "duplicate key: ") {
+				t.Error("the transcript did not reach its errors")
+			}
+		})
 	}
 }
