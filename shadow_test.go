@@ -217,3 +217,36 @@ func TestRunInTxFallbackWhenTheBreakerIsOpen(t *testing.T) {
 		t.Error("WithFallback(nil) accepted")
 	}
 }
+
+// What the fault suite's kills do, in shadow mode: a read that lost its
+// connection and a COMMIT that lost its connection come back as the
+// driver's errors, and the hand-off and the resolution enforcement would
+// have made are reported.
+func TestShadowReportsLostConnectionsAndLostCommits(t *testing.T) {
+	srv := newFakeServer()
+	log := &eventLog{}
+	db, _ := testDB(t, srv, WithShadow(true), WithObserver(log))
+	srv.script("SELECT n", step{err: errLost, closes: true})
+	var n int
+	if err := db.QueryRow("SELECT n FROM t").Scan(&n); !errors.Is(err, errLost) {
+		t.Fatalf("lost read: %v, want the driver's error", err)
+	}
+	srv.script("COMMIT", step{err: errLost, ran: true})
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec("INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); !errors.Is(err, errLost) {
+		t.Fatalf("lost COMMIT: %v, want the driver's error", err)
+	}
+	var kinds []EventKind
+	for _, e := range log.shadow() {
+		kinds = append(kinds, e.Kind)
+	}
+	if len(kinds) != 2 || kinds[0] != EventHandOff || kinds[1] != EventCommitResolved {
+		t.Fatalf("shadow events %v, want a hand-off and a commit to resolve", kinds)
+	}
+}
