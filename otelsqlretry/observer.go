@@ -20,6 +20,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -101,6 +102,8 @@ type Observer struct {
 	giveUps     metric.Int64Counter
 	transitions metric.Int64Counter
 	commits     metric.Int64Counter
+
+	sets sync.Map // [2]string{system, operation name} -> attribute.Set of a success
 }
 
 // NewObserver builds the instruments.
@@ -145,6 +148,8 @@ type operation struct {
 	start   time.Time
 	span    trace.Span
 	resends atomic.Int64
+	system  string
+	name    string // db.operation.name, "" when not known
 }
 
 type operationKey struct{}
@@ -173,14 +178,19 @@ func operationName(op sqlretry.Operation) string {
 	if end < 0 {
 		end = len(q)
 	}
-	switch w := strings.ToUpper(q[:end]); w {
-	case "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "UPSERT", "REPLACE", "CALL", "WITH", "VALUES",
-		"CREATE", "ALTER", "DROP", "TRUNCATE", "BEGIN", "START", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE",
-		"SET", "SHOW", "EXPLAIN", "LOCK", "COPY", "DO":
-		return w
+	w := q[:end]
+	for _, name := range operationNames {
+		if strings.EqualFold(w, name) {
+			return name
+		}
 	}
 	return ""
 }
+
+// operationNames are the SQL commands db.operation.name takes.
+var operationNames = []string{"SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "UPSERT", "REPLACE", "CALL", "WITH", "VALUES",
+	"CREATE", "ALTER", "DROP", "TRUNCATE", "BEGIN", "START", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE",
+	"SET", "SHOW", "EXPLAIN", "LOCK", "COPY", "DO"}
 
 // StartOperation starts the operation's span (kind client, named after
 // db.operation.name, else "RunInTx" for a RunInTx call and "connect" for
@@ -202,7 +212,7 @@ func (o *Observer) StartOperation(ctx context.Context, op sqlretry.Operation) co
 	}
 	attrs = append(attrs, o.cfg.attrs...)
 	ctx, span := o.tracer.Start(ctx, spanName, trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(attrs...))
-	return context.WithValue(ctx, operationKey{}, &operation{start: time.Now(), span: span})
+	return context.WithValue(ctx, operationKey{}, &operation{start: time.Now(), span: span, system: system, name: name})
 }
 
 // EndOperation ends the span and records db.client.operation.duration
@@ -230,27 +240,49 @@ func (o *Observer) EndOperation(ctx context.Context, op sqlretry.Operation, err 
 		st.span.End()
 		return
 	}
+	if err == nil {
+		if n := st.resends.Load(); n > 0 {
+			st.span.SetAttributes(keyResendCount.Int64(n))
+		}
+		o.duration.Record(ctx, took, metric.WithAttributeSet(o.successSet(st.system, st.name)))
+		st.span.End()
+		return
+	}
 	attrs := make([]attribute.KeyValue, 0, 5+len(o.cfg.attrs))
-	attrs = append(attrs, keyDBSystem.String(systemName(o.cfg, op.Dialect)))
-	if name := operationName(op); name != "" {
-		attrs = append(attrs, keyDBOperation.String(name))
+	attrs = append(attrs, keyDBSystem.String(st.system))
+	if st.name != "" {
+		attrs = append(attrs, keyDBOperation.String(st.name))
 	}
 	attrs = append(attrs, o.cfg.attrs...)
-	if err != nil {
-		et := errorType(err)
-		attrs = append(attrs, keyErrorType.String(et))
-		st.span.SetAttributes(keyErrorType.String(et))
-		if code := sqlretry.ErrorCode(err); code != "" {
-			attrs = append(attrs, keyStatusCode.String(code))
-			st.span.SetAttributes(keyStatusCode.String(code))
-		}
-		st.span.SetStatus(codes.Error, err.Error())
+	et := errorType(err)
+	attrs = append(attrs, keyErrorType.String(et))
+	st.span.SetAttributes(keyErrorType.String(et))
+	if code := sqlretry.ErrorCode(err); code != "" {
+		attrs = append(attrs, keyStatusCode.String(code))
+		st.span.SetAttributes(keyStatusCode.String(code))
 	}
+	st.span.SetStatus(codes.Error, err.Error())
 	if n := st.resends.Load(); n > 0 {
 		st.span.SetAttributes(keyResendCount.Int64(n))
 	}
 	o.duration.Record(ctx, took, metric.WithAttributes(attrs...))
 	st.span.End()
+}
+
+// successSet is the attribute set of a successful operation, built once
+// per system and operation name: the hot path sorts nothing.
+func (o *Observer) successSet(system, name string) attribute.Set {
+	k := [2]string{system, name}
+	if v, ok := o.sets.Load(k); ok {
+		return v.(attribute.Set)
+	}
+	attrs := append([]attribute.KeyValue{keyDBSystem.String(system)}, o.cfg.attrs...)
+	if name != "" {
+		attrs = append(attrs, keyDBOperation.String(name))
+	}
+	set := attribute.NewSet(attrs...)
+	o.sets.Store(k, set)
+	return set
 }
 
 // errorType is error.type: the database's code when it gave one, else
