@@ -13,21 +13,23 @@ import (
 // connection it opens, and RunInTx on its *sql.DB, use the same breaker,
 // budget, dial limiter and counters.
 type retrier struct {
-	cfg         config
-	dialect     Dialect
-	clock       Clock
-	rnd         func() float64
-	breaker     *breaker
-	budget      *retryBudget
-	dials       *dialLimiter
-	obs         Observer
-	inner       driver.Connector // the driver's connector, for side connections that resolve lost COMMITs
-	implicitTx  bool             // the DSN turns autocommit off: every statement is in a transaction
-	counters    *counters
-	resolution  *resolveState
-	txLimit     *txLimiter               // RunInTx's contention control; nil when off
-	shadow      *atomic.Bool             // shadow mode (shadow.go): report, do as the plain driver; shared by RunInTx's copies
-	liveBackoff *atomic.Pointer[Backoff] // set by SetBackoff (runtime.go); nil in a RunInTx copy with its own options
+	cfg        config
+	dialect    Dialect
+	clock      Clock
+	rnd        func() float64
+	breaker    *breaker
+	budget     *retryBudget
+	dials      *dialLimiter
+	obs        Observer
+	inner      driver.Connector // the driver's connector, for side connections that resolve lost COMMITs
+	implicitTx bool             // the DSN turns autocommit off: every statement is in a transaction
+	counters   *counters
+	resolution *resolveState
+	txLimit    *txLimiter // RunInTx's contention control; nil when off
+
+	// Run-time policy (shadow.go, runtime.go), shared by RunInTx's copies.
+	shadow      *atomic.Bool             // shadow mode: report, do as the plain driver
+	liveBackoff *atomic.Pointer[Backoff] // set by SetBackoff; nil in a RunInTx copy with options of its own
 }
 
 // resolveState is what the resolution of lost COMMITs learns as it goes.
