@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -140,5 +141,17 @@ func TestPlainObserverSeesNoOperations(t *testing.T) {
 	}
 	if n.Load() != 0 {
 		t.Errorf("%d events for a call that succeeded at once", n.Load())
+	}
+}
+
+// SlogObserver says when a decision was shadow mode's and not carried out.
+func TestSlogObserverMarksShadowDecisions(t *testing.T) {
+	var buf strings.Builder
+	obs := SlogObserver(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	obs.Observe(context.Background(), Event{Kind: EventRetry, Op: "exec", Attempt: 1, Class: RetryStatement, Shadow: true})
+	obs.Observe(context.Background(), Event{Kind: EventRetry, Op: "exec", Attempt: 1, Class: RetryStatement})
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], "shadow=true") || strings.Contains(lines[1], "shadow") {
+		t.Errorf("log:\n%s\nwant shadow=true on the first line only", buf.String())
 	}
 }
