@@ -46,3 +46,21 @@ func TestWithOtelsqlEachAttemptIsAChildSpan(t *testing.T) {
 		t.Errorf("attempt statuses %v, want [Error Unset]", attempts)
 	}
 }
+
+// The other order hides sqlretry: with otelsql outside, db.Driver() is
+// otelsql's, and StatsOf (like RunInTx's policy and SetShadow) finds no
+// sqlretry behind it.
+func TestOtelsqlOutsideHidesSqlretry(t *testing.T) {
+	c, err := sqlretry.WrapConnector(newFakeDB(), sqlretry.WithDialect(sqlretry.DialectPostgres))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := otelsql.OpenDB(c)
+	defer db.Close()
+	if _, ok := sqlretry.StatsOf(db); ok {
+		t.Fatal("StatsOf found sqlretry behind otelsql")
+	}
+	if sqlretry.SetShadow(db, true) {
+		t.Fatal("SetShadow found sqlretry behind otelsql")
+	}
+}
