@@ -250,3 +250,30 @@ func TestShadowReportsLostConnectionsAndLostCommits(t *testing.T) {
 		t.Fatalf("shadow events %v, want a hand-off and a commit to resolve", kinds)
 	}
 }
+
+// A transaction follows the mode of its BEGIN to its end: a lost COMMIT of
+// one begun in shadow mode is the driver's error even after the switch to
+// enforcement, and one begun under enforcement is resolved even after the
+// switch to shadow mode.
+func TestTransactionKeepsTheModeOfItsBegin(t *testing.T) {
+	for _, begunInShadow := range []bool{true, false} {
+		srv := newFakeServer()
+		db, _ := testDB(t, srv, WithShadow(begunInShadow))
+		tx, err := db.Begin()
+		if err != nil {
+			t.Fatal(err)
+		}
+		SetShadow(db, !begunInShadow)
+		if _, err := tx.Exec("INSERT INTO t VALUES (1)"); err != nil {
+			t.Fatal(err)
+		}
+		srv.script("COMMIT", step{err: errLost, ran: true})
+		err = tx.Commit()
+		switch {
+		case begunInShadow && !errors.Is(err, errLost):
+			t.Errorf("begun in shadow mode: COMMIT %v, want the driver's error", err)
+		case !begunInShadow && err != nil:
+			t.Errorf("begun under enforcement: COMMIT %v, want it resolved as committed", err)
+		}
+	}
+}
