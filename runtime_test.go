@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // SetBackoff on a live db: MaxAttempts 1 turns retries off for the next
@@ -135,4 +136,45 @@ func TestPolicyChangesUnderConcurrentTraffic(t *testing.T) {
 		t.Error("no failure seen")
 	}
 	t.Logf("retried %d, returned unretried %d (shadow decisions %d)", s.RetriesStatement, unretried.Load(), s.ShadowDecisions)
+}
+
+// blockingClock's first Sleep waits until release is closed.
+type blockingClock struct {
+	*fakeClock
+	once    sync.Once
+	asleep  chan struct{}
+	release chan struct{}
+}
+
+func (c *blockingClock) Sleep(ctx context.Context, d time.Duration) error {
+	c.once.Do(func() { close(c.asleep); <-c.release })
+	return c.fakeClock.Sleep(ctx, d)
+}
+
+// A call keeps the backoff it started with: SetBackoff(MaxAttempts 1)
+// while a call waits between attempts does not stop its retries.
+func TestSetBackoffSparesCallsUnderWay(t *testing.T) {
+	srv := newFakeServer()
+	clock := &blockingClock{fakeClock: newFakeClock(), asleep: make(chan struct{}), release: make(chan struct{})}
+	wc, err := WrapConnector(&fakeConnector{srv: srv}, WithClock(clock), WithDialect(DialectPostgres))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sql.OpenDB(wc)
+	defer db.Close()
+	srv.script("UPDATE", step{err: errSerialization}, step{err: errSerialization})
+	done := make(chan error, 1)
+	go func() { _, err := db.Exec("UPDATE t SET v = 1"); done <- err }()
+	<-clock.asleep
+	if err := SetBackoff(db, Backoff{MaxAttempts: 1}); err != nil {
+		t.Fatal(err)
+	}
+	close(clock.release)
+	if err := <-done; err != nil {
+		t.Fatalf("the call under way: %v, want it retried to success under the backoff it started with", err)
+	}
+	srv.script("UPDATE", step{err: errSerialization})
+	if _, err := db.Exec("UPDATE t SET v = 1"); err != errSerialization {
+		t.Fatalf("the next call: %v, want no retry (MaxAttempts 1)", err)
+	}
 }
