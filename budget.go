@@ -68,10 +68,10 @@ const maxBudgetTokens = 1e9
 // retryBudget is the token bucket. Deposits on success are one atomic add;
 // withdrawals take the lock to add the time-based floor and clamp.
 type retryBudget struct {
-	b       Budget
+	b       Budget // guarded by mu (SetBudget changes it)
 	clock   Clock
-	deposit int64 // Ratio in milli-tokens
-	max     int64
+	deposit atomic.Int64 // Ratio in milli-tokens
+	max     atomic.Int64
 
 	balance atomic.Int64
 	mu      sync.Mutex
@@ -79,17 +79,33 @@ type retryBudget struct {
 }
 
 func newRetryBudget(b Budget, clock Clock) *retryBudget {
-	rb := &retryBudget{b: b, clock: clock, deposit: int64(b.Ratio * milli), max: int64(b.Max * milli), last: clock.Now()}
-	rb.balance.Store(rb.max)
+	rb := &retryBudget{b: b, clock: clock, last: clock.Now()}
+	rb.deposit.Store(int64(b.Ratio * milli))
+	rb.max.Store(int64(b.Max * milli))
+	rb.balance.Store(rb.max.Load())
 	return rb
+}
+
+// set replaces the settings (SetBudget); the tokens saved are kept, up to
+// the new Max.
+func (rb *retryBudget) set(b Budget) {
+	rb.mu.Lock()
+	defer rb.mu.Unlock()
+	rb.b = b
+	rb.deposit.Store(int64(b.Ratio * milli))
+	rb.max.Store(int64(b.Max * milli))
+	rb.balance.Store(min(rb.balance.Load(), rb.max.Load()))
 }
 
 func (rb *retryBudget) success() { rb.successes(1) }
 
 // successes deposits the tokens earned by n successful calls.
 func (rb *retryBudget) successes(n int64) {
-	if rb != nil && rb.deposit > 0 {
-		rb.balance.Add(rb.deposit * n)
+	if rb == nil {
+		return
+	}
+	if d := rb.deposit.Load(); d > 0 {
+		rb.balance.Add(d * n)
 	}
 }
 
@@ -105,7 +121,7 @@ func (rb *retryBudget) withdraw() bool {
 	if earned > 0 {
 		rb.last = now
 	}
-	bal := min(rb.balance.Load()+earned, rb.max)
+	bal := min(rb.balance.Load()+earned, rb.max.Load())
 	if bal < milli {
 		rb.balance.Store(bal)
 		return false
@@ -118,7 +134,7 @@ func (rb *retryBudget) tokens() float64 {
 	if rb == nil {
 		return 0
 	}
-	return float64(min(rb.balance.Load(), rb.max)) / milli
+	return float64(min(rb.balance.Load(), rb.max.Load())) / milli
 }
 
 // dialLimiter bounds the dials in flight so that a recovering database is

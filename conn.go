@@ -87,6 +87,7 @@ type conn struct {
 	// answer, to be judged after its rollback (readonly.go).
 	lost            bool
 	readOnlyPending bool
+	shadowTx        bool // a transaction begun in shadow mode is open (shadow.go)
 
 	serverID    int64  // PostgreSQL backend pid / MySQL connection id, 0 until asked
 	serverStart int64  // PostgreSQL server start time, µs, asked with serverID
@@ -166,9 +167,24 @@ func (c *conn) noteTxControl(query string) {
 	}
 }
 
+// ExecContext reports the call to an OperationObserver when there is one.
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if o := c.r.operations(); o != nil {
+		op := Operation{Op: "exec", Query: query, InTx: c.tx != nil, Dialect: c.r.dialect}
+		return observed(ctx, o, op, func(ctx context.Context) (driver.Result, error) { return c.execContext(ctx, query, args) })
+	}
+	return c.execContext(ctx, query, args)
+}
+
+func (c *conn) execContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if c.shadowTx {
+		return c.execInner(ctx, query, args)
+	}
 	if c.tx != nil {
 		return c.tx.exec(ctx, query, args)
+	}
+	if c.r.shadow.Load() {
+		return shadowStatement(ctx, c, "exec", query, false, func(ctx context.Context) (driver.Result, error) { return c.execInner(ctx, query, args) })
 	}
 	t, err := c.enter(ctx, "exec", query)
 	if err != nil {
@@ -190,9 +206,24 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 	})
 }
 
+// QueryContext reports the call to an OperationObserver when there is one.
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if o := c.r.operations(); o != nil {
+		op := Operation{Op: "query", Query: query, InTx: c.tx != nil, Dialect: c.r.dialect}
+		return observed(ctx, o, op, func(ctx context.Context) (driver.Rows, error) { return c.queryContext(ctx, query, args) })
+	}
+	return c.queryContext(ctx, query, args)
+}
+
+func (c *conn) queryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.shadowTx {
+		return c.queryInner(ctx, query, args)
+	}
 	if c.tx != nil {
 		return c.tx.query(ctx, query, args)
+	}
+	if c.r.shadow.Load() {
+		return shadowStatement(ctx, c, "query", query, true, func(ctx context.Context) (driver.Rows, error) { return c.queryInner(ctx, query, args) })
 	}
 	t, err := c.enter(ctx, "query", query)
 	if err != nil {
@@ -287,6 +318,9 @@ func namedValueToValue(named []driver.NamedValue) ([]driver.Value, error) {
 }
 
 func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	if c.r.shadow.Load() {
+		return c.shadowBeginTx(ctx, opts)
+	}
 	t, err := c.r.admit(ctx)
 	if err != nil {
 		return nil, c.r.refuse(ctx, "begin", 0, Unavailable, err, nil)
@@ -387,10 +421,25 @@ func (s *stmt) Query(args []driver.Value) (driver.Rows, error) {
 	return s.inner.Query(args)
 }
 
+// ExecContext reports the call to an OperationObserver when there is one.
 func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	if o := s.c.r.operations(); o != nil {
+		op := Operation{Op: "stmt.exec", Query: s.query, InTx: s.c.tx != nil, Dialect: s.c.r.dialect}
+		return observed(ctx, o, op, func(ctx context.Context) (driver.Result, error) { return s.execContext(ctx, args) })
+	}
+	return s.execContext(ctx, args)
+}
+
+func (s *stmt) execContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
 	c := s.c
+	if c.shadowTx {
+		return s.execInner(ctx, args)
+	}
 	if c.tx != nil {
 		return c.tx.stmtExec(ctx, s, args)
+	}
+	if c.r.shadow.Load() {
+		return shadowStatement(ctx, c, "stmt.exec", s.query, false, func(ctx context.Context) (driver.Result, error) { return s.execInner(ctx, args) })
 	}
 	t, err := c.enter(ctx, "stmt.exec", s.query)
 	if err != nil {
@@ -410,10 +459,25 @@ func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (drive
 	})
 }
 
+// QueryContext reports the call to an OperationObserver when there is one.
 func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	if o := s.c.r.operations(); o != nil {
+		op := Operation{Op: "stmt.query", Query: s.query, InTx: s.c.tx != nil, Dialect: s.c.r.dialect}
+		return observed(ctx, o, op, func(ctx context.Context) (driver.Rows, error) { return s.queryContext(ctx, args) })
+	}
+	return s.queryContext(ctx, args)
+}
+
+func (s *stmt) queryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
 	c := s.c
+	if c.shadowTx {
+		return s.queryInner(ctx, args)
+	}
 	if c.tx != nil {
 		return c.tx.stmtQuery(ctx, s, args)
+	}
+	if c.r.shadow.Load() {
+		return shadowStatement(ctx, c, "stmt.query", s.query, true, func(ctx context.Context) (driver.Rows, error) { return s.queryInner(ctx, args) })
 	}
 	t, err := c.enter(ctx, "stmt.query", s.query)
 	if err != nil {

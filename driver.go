@@ -233,8 +233,18 @@ func (c *connector) Close() error {
 // sent), paced by backoff, bounded by the dial limiter, the breaker, the
 // budget and the caller's deadline.
 func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
+	if o := c.r.operations(); o != nil {
+		return observed(ctx, o, Operation{Op: "dial", Dialect: c.r.dialect}, c.connect)
+	}
+	return c.connect(ctx)
+}
+
+func (c *connector) connect(ctx context.Context) (driver.Conn, error) {
 	r := c.r
-	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
+	if r.shadow.Load() {
+		return c.shadowConnect(ctx)
+	}
+	p := newPacer(r.backoff(), r.clock, r.rnd)
 	var last error
 	for attempt := 1; ; attempt++ {
 		t, err := r.admit(ctx)

@@ -165,6 +165,7 @@ type fakeConnector struct {
 func (c *fakeConnector) Connect(ctx context.Context) (driver.Conn, error) {
 	c.srv.mu.Lock()
 	c.srv.dials++
+	pid := int64(1000 + c.srv.dials) // read under the lock: dials may be concurrent
 	if len(c.srv.dialErrs) > 0 {
 		err := c.srv.dialErrs[0]
 		c.srv.dialErrs = c.srv.dialErrs[1:]
@@ -173,7 +174,7 @@ func (c *fakeConnector) Connect(ctx context.Context) (driver.Conn, error) {
 	}
 	c.srv.mu.Unlock()
 	c.srv.openConns.Add(1)
-	fc := &fakeConn{srv: c.srv, pid: int64(1000 + c.srv.dials)}
+	fc := &fakeConn{srv: c.srv, pid: pid}
 	if c.minimal {
 		return &minimalConn{fc}, nil
 	}

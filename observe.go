@@ -3,7 +3,9 @@ package sqlretry
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"log/slog"
+	"strconv"
 	"sync/atomic"
 	"time"
 )
@@ -76,6 +78,10 @@ type Event struct {
 	BreakerFrom BreakerState  // EventBreaker
 	BreakerTo   BreakerState  // EventBreaker
 	Outcome     CommitOutcome // EventCommitResolved
+	// Shadow: the decision was not carried out (shadow mode, WithShadow):
+	// it says what enforcement would have done, and the caller got what
+	// the plain driver gave.
+	Shadow bool
 }
 
 // Observer sees every decision. Observe is called synchronously on the
@@ -122,6 +128,9 @@ func SlogObserver(l *slog.Logger) Observer {
 		if e.Reason != "" {
 			attrs = append(attrs, slog.String("reason", e.Reason))
 		}
+		if e.Shadow {
+			attrs = append(attrs, slog.Bool("shadow", true))
+		}
 		if e.Err != nil {
 			attrs = append(attrs, slog.String("error", e.Err.Error()))
 		}
@@ -149,14 +158,20 @@ type Stats struct {
 	ContentionWaits    int64        // RunInTx attempts that waited for contention control
 	ContentionCuts     int64        // times contention control cut the number of transactions at once
 	ContentionLetGo    int64        // times it let go because the db committed less with it than without
+	BreakerTransitions int64        // changes of the breaker's state
+	ShadowDecisions    int64        // decisions shadow mode reported and did not carry out (events with Shadow set)
 	Breaker            BreakerState // the breaker's state now (BreakerClosed without a breaker)
 	BudgetTokens       float64      // retries the budget would allow now (before time refill)
+	// ContentionLimit is how many RunInTx transactions contention control
+	// lets run at once now; 0 while it is not engaged (no limit) or off.
+	ContentionLimit float64
 }
 
 type counters struct {
 	successes, retriesStatement, retriesTransaction, retriesConnection atomic.Int64
 	handOffs, giveUps, dials, dialFailures, budgetRejections           atomic.Int64
 	commitsResolved, commitsAmbiguous, poisoned, circuitWaits          atomic.Int64
+	breakerTransitions, shadowDecisions                                atomic.Int64
 }
 
 // StatsOf returns the statistics of a *sql.DB opened through sqlretry, and
@@ -185,6 +200,8 @@ func (r *retrier) stats() Stats {
 		CommitsAmbiguous:   c.commitsAmbiguous.Load(),
 		Poisoned:           c.poisoned.Load(),
 		CircuitWaits:       c.circuitWaits.Load(),
+		BreakerTransitions: c.breakerTransitions.Load(),
+		ShadowDecisions:    c.shadowDecisions.Load(),
 		Breaker:            r.breaker.State(),
 		BudgetTokens:       r.budget.tokens(),
 	}
@@ -193,12 +210,83 @@ func (r *retrier) stats() Stats {
 	}
 	if l := r.txLimit; l != nil {
 		s.ContentionWaits, s.ContentionCuts, s.ContentionLetGo = l.queued.Load(), l.decrease.Load(), l.letGo.Load()
+		if l.engaged.Load() {
+			l.mu.Lock()
+			s.ContentionLimit = l.limit
+			l.mu.Unlock()
+		}
 	}
 	return s
 }
 
 func (r *retrier) observe(ctx context.Context, e Event) {
+	if e.Kind == EventBreaker {
+		r.counters.breakerTransitions.Add(1)
+	}
 	if r.obs != nil {
 		r.obs.Observe(ctx, e)
 	}
+}
+
+// ErrorCode returns the database's code for err, for dashboards and the
+// OpenTelemetry attribute db.response.status_code: the SQLSTATE of a
+// PostgreSQL error (any error in the chain with a SQLState method, as
+// pgconn.PgError and lib/pq's have), or the error number of a MySQL or
+// MariaDB one (go-sql-driver/mysql's MySQLError), as a decimal string.
+// It returns "" when err carries no code.
+func ErrorCode(err error) string {
+	var pg interface{ SQLState() string }
+	if errors.As(err, &pg) {
+		return pg.SQLState()
+	}
+	if n, _, ok := mysqlErrorOf(err); ok {
+		return strconv.Itoa(int(n))
+	}
+	return ""
+}
+
+// Operation is one call into sqlretry, from the moment it enters to the
+// moment it returns, with all its attempts: the logical operation of the
+// OpenTelemetry database conventions.
+type Operation struct {
+	Op      string // "exec", "query", "stmt.exec", "stmt.query", "dial", or "tx" for RunInTx
+	Query   string // the statement's text; "" for dial and tx
+	InTx    bool   // a statement inside a transaction (sqlretry does not retry it on its own)
+	Dialect Dialect
+}
+
+// OperationObserver is an Observer that also sees each call start and end
+// (an OpenTelemetry span, a duration histogram). Give it to WithObserver;
+// sqlretry finds the two methods by a type assertion.
+type OperationObserver interface {
+	Observer
+	// StartOperation is called as a call enters sqlretry. The context it
+	// returns is the call's from then on: every attempt is made with it
+	// (so a driver wrapped in otelsql below sqlretry makes its spans
+	// children of the operation), and the call's events are observed with
+	// it.
+	StartOperation(ctx context.Context, op Operation) context.Context
+	// EndOperation is called with the context StartOperation returned
+	// when the call returns, with the error it returns (nil on success).
+	// A call handed off to database/sql (EventHandOff) ends here with an
+	// error that matches driver.ErrBadConn; database/sql's re-run on
+	// another connection is an operation of its own. An err that is
+	// driver.ErrSkip means the driver did not run the call (database/sql
+	// prepares the statement instead): no operation took place.
+	EndOperation(ctx context.Context, op Operation, err error)
+}
+
+// operations is the observer's OperationObserver, or nil: the hot path
+// pays one type assertion.
+func (r *retrier) operations() OperationObserver {
+	o, _ := r.obs.(OperationObserver)
+	return o
+}
+
+// observed runs call as op between StartOperation and EndOperation.
+func observed[T any](ctx context.Context, o OperationObserver, op Operation, call func(context.Context) (T, error)) (T, error) {
+	ctx = o.StartOperation(ctx, op)
+	v, err := call(ctx)
+	o.EndOperation(ctx, op, err)
+	return v, err
 }

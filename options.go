@@ -52,6 +52,10 @@ type config struct {
 
 	contentionControl bool
 	contentionQueue   bool
+
+	shadow bool // WithShadow
+
+	fallback func(ctx context.Context, reason error) error // WithFallback
 }
 
 func defaultConfig() config {

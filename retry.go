@@ -26,6 +26,10 @@ type retrier struct {
 	counters   *counters
 	resolution *resolveState
 	txLimit    *txLimiter // RunInTx's contention control; nil when off
+
+	// Run-time policy (shadow.go, runtime.go), shared by RunInTx's copies.
+	shadow      *atomic.Bool             // shadow mode: report, do as the plain driver
+	liveBackoff *atomic.Pointer[Backoff] // set by SetBackoff; nil in a RunInTx copy with options of its own
 }
 
 // resolveState is what the resolution of lost COMMITs learns as it goes.
@@ -66,6 +70,9 @@ func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 		r.budget = newRetryBudget(*cfg.budget, cfg.clock)
 	}
 	r.dials = newDialLimiter(cfg.dialParallel)
+	r.shadow = new(atomic.Bool)
+	r.liveBackoff = new(atomic.Pointer[Backoff])
+	r.shadow.Store(cfg.shadow)
 	return r
 }
 
@@ -147,7 +154,7 @@ func (r *retrier) waitForProbe(ctx context.Context) (ticket, error) {
 			d = time.Duration(float64(probeRecheck) * (0.5 + r.rnd()))
 		}
 		dl, ok := ctx.Deadline()
-		if !ok || !now.Add(d).Before(dl) || now.Add(d).Sub(start) > r.cfg.backoff.MaxElapsed {
+		if !ok || !now.Add(d).Before(dl) || now.Add(d).Sub(start) > r.backoff().MaxElapsed {
 			r.breaker.rejectCount.Add(1)
 			return ticket{}, err
 		}
@@ -325,7 +332,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 	run func(context.Context) (T, error)) (T, error) {
 	r := c.r
 	var zero T
-	p := newPacer(r.cfg.backoff, r.clock, r.rnd)
+	p := newPacer(r.backoff(), r.clock, r.rnd)
 	err := firstErr
 	var prev error // the previous attempt's error, kept for a give-up at the deadline
 	for attempt := 1; ; attempt++ {

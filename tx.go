@@ -524,7 +524,7 @@ const (
 // driver's calls there it judges by the error fn returned. opts may
 // override the backoff (WithBackoff, WithMaxAttempts), the observer and the
 // classifier rules for this call.
-func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, opts ...Option) error {
+func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, opts ...Option) (err error) {
 	if ctx == nil {
 		return errors.New("sqlretry: RunInTx: nil context")
 	}
@@ -541,13 +541,30 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 	}
 	if len(opts) > 0 {
 		cfg := r.cfg
+		cfg.backoff = r.backoff() // the options change the backoff in force (SetBackoff)
 		cfg.rules = append([]Classifier(nil), cfg.rules...)
 		if err := cfg.apply(opts); err != nil {
 			return err
 		}
 		rc := *r // shares breaker, budget, counters and resolution state by pointer
 		rc.cfg, rc.obs = cfg, cfg.observer
+		rc.liveBackoff = nil // this call's backoff is cfg's
 		r = &rc
+	}
+	if o := r.operations(); o != nil { // the whole call, its replays included, is one operation
+		op := Operation{Op: "tx", Dialect: r.dialect}
+		ctx = o.StartOperation(ctx, op)
+		defer func() { o.EndOperation(ctx, op, err) }()
+	}
+	if fb := r.cfg.fallback; fb != nil {
+		defer func() {
+			if errors.Is(err, ErrCircuitOpen) {
+				err = fb(ctx, err)
+			}
+		}()
+	}
+	if r.shadow.Load() {
+		return r.shadowRunInTx(ctx, db, txOpts, fn)
 	}
 	outer, _ := ctx.Value(keyRunInTx).(*txAttempt)
 	if outer == nil {
@@ -560,7 +577,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 	// The clock is read once BEGIN has returned (the wait for a connection
 	// is not the transaction's work, for contention control), and the first
 	// of those reads starts the pacer: one clock read per attempt.
-	p := pacer{b: r.cfg.backoff, clock: r.clock, rnd: r.rnd}
+	p := pacer{b: r.backoff(), clock: r.clock, rnd: r.rnd}
 	conflicted := false  // an attempt of this call was aborted by a conflict
 	var prev error       // the last attempt's error, for a give-up at the deadline
 	var lastTimeout uint // the last attempt's timeout, 0 if none

@@ -1,0 +1,58 @@
+package sqlretry
+
+import (
+	"database/sql"
+	"errors"
+)
+
+// Policy changes at run time (issue 11): a live *sql.DB opened through
+// sqlretry takes a new backoff or budget without reopening. A call reads
+// the backoff once, when it starts, and keeps it to its end; the budget is
+// one token bucket that every call shares, so a change applies to the
+// next withdrawal. Shadow mode switches with SetShadow (shadow.go).
+
+var errNotSqlretry = errors.New("sqlretry: the *sql.DB was not opened through sqlretry")
+
+// backoff is the pacing in force: SetBackoff's, else the options'.
+func (r *retrier) backoff() Backoff {
+	if r.liveBackoff != nil {
+		if b := r.liveBackoff.Load(); b != nil {
+			return *b
+		}
+	}
+	return r.cfg.backoff
+}
+
+// SetBackoff replaces the retry pacing of db (zero fields take
+// DefaultBackoff's values, as WithBackoff). Calls under way keep the
+// pacing they started with.
+func SetBackoff(db *sql.DB, b Backoff) error {
+	r := retrierOf(db)
+	if r == nil {
+		return errNotSqlretry
+	}
+	if err := b.validate(); err != nil {
+		return optionError("SetBackoff", err)
+	}
+	b = b.withDefaults()
+	r.liveBackoff.Store(&b)
+	return nil
+}
+
+// SetBudget replaces the retry budget's settings of db (zero fields take
+// DefaultBudget's values, as WithBudget); the tokens saved are kept, up to
+// the new Max. A db opened WithoutBudget has no budget to change.
+func SetBudget(db *sql.DB, b Budget) error {
+	r := retrierOf(db)
+	if r == nil {
+		return errNotSqlretry
+	}
+	if r.budget == nil {
+		return errors.New("sqlretry: SetBudget: the db was opened WithoutBudget")
+	}
+	if err := b.validate(); err != nil {
+		return optionError("SetBudget", err)
+	}
+	r.budget.set(b.withDefaults())
+	return nil
+}
