@@ -10,6 +10,7 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Compile-time checks: the decorators implement what database/sql looks for.
@@ -259,7 +260,7 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 		prev := last
 		last = err
 		r.counters.dialFailures.Add(1)
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || atDeadline(ctx) {
 			r.breaker.done(t, outcomeNeutral)
 			return nil, r.stop(ctx, "dial", attempt, err, prev, "caller's context is done")
 		}
@@ -307,6 +308,15 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 			return nil, r.stop(ctx, "dial", attempt, err, nil, "caller's context is done")
 		}
 	}
+}
+
+// atDeadline reports a context whose deadline has passed, even if its
+// timer has not yet marked it done: pgx's dial gives up at the deadline
+// ("i/o timeout") a little before ctx.Err() says so, and a burst of calls
+// with tiny deadlines counted as a dead server and opened the breaker.
+func atDeadline(ctx context.Context) bool {
+	dl, ok := ctx.Deadline()
+	return ok && !time.Now().Before(dl)
 }
 
 // retrierOf finds the retrier of a *sql.DB opened through sqlretry.

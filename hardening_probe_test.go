@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -251,5 +253,42 @@ func TestProbeIntervalDefaultsAndBounds(t *testing.T) {
 	}
 	if err := (Breaker{ProbeInterval: 25 * time.Hour}).validate(); err == nil {
 		t.Error("a ProbeInterval above 24h was accepted")
+	}
+}
+
+// deadlineOnly is a context whose deadline has passed while its timer has
+// not yet marked it done (the window in which pgx's dial returns "i/o
+// timeout" at the caller's deadline).
+type deadlineOnly struct {
+	context.Context
+	dl time.Time
+}
+
+func (c deadlineOnly) Deadline() (time.Time, bool) { return c.dl, true }
+
+// A dial cut by the caller's own deadline says nothing about the server,
+// even when the driver returns before the context says it is done: a burst
+// of calls with tiny deadlines opened the breaker (10 such dials in a row),
+// and the pool's connections were then discarded as stale.
+func TestDialAtTheCallersDeadlineIsNotAServerFailure(t *testing.T) {
+	clock := newFakeClock()
+	srv := newFakeServer()
+	errTimeout := &net.OpError{Op: "dial", Net: "tcp", Err: os.ErrDeadlineExceeded}
+	for range 30 {
+		srv.dialErrs = append(srv.dialErrs, errTimeout)
+	}
+	wc, err := WrapConnector(&fakeConnector{srv: srv}, WithClock(clock), WithDialect(DialectPostgres),
+		WithBreaker(Breaker{ConsecutiveDialFailures: 3}), WithoutBudget())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := deadlineOnly{Context: context.Background(), dl: time.Now().Add(-time.Millisecond)}
+	for range 10 {
+		if _, err := wc.Connect(ctx); err == nil {
+			t.Fatal("a dial that failed succeeded")
+		}
+	}
+	if s := wc.(*connector).r.breaker.State(); s != BreakerClosed {
+		t.Errorf("breaker = %v after dials cut by the callers' deadlines, want closed", s)
 	}
 }
