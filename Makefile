@@ -8,18 +8,15 @@ STATICCHECK_VERSION ?= v0.8.2
 # Unit tests (fake driver, fake clock), then the integration and fault
 # suite (its own module, so that its dependencies stay out of users'
 # builds) against the local PostgreSQL and MariaDB and private throwaway
-# servers, with the race detector; the restart scenario, which times the
-# recovery after a crash, runs first, alone and without it: under -race a
-# probe now and then still fails after the server is back (recovery 4.9 s
-# or none within the run, where the bound is 3.4 s), a cause not yet found;
-# without -race it recovered in 14 of 14 runs within 2.7 s. The drivers' own test suites raw and
+# servers, with the race detector (the restart scenario among them: it
+# checks that write service comes back within 0.5 s of the restarted server
+# taking writes). The drivers' own test suites raw and
 # through sqlretry (TestDriverSuites); the SQL reader against PostgreSQL's
 # and TiDB's parsers (sqlparsecheck, its own module: cgo, parsers).
 test: databases
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 5m ./...
-	cd integration && $(GO) vet ./... && $(GO) test -count=1 -timeout 5m -run '^TestFaultServerRestartAndOutage$$' .
-	cd integration && $(GO) test -race -count=1 -timeout 15m -skip '^(TestDriverSuites|TestFaultServerRestartAndOutage)$$' ./...
+	cd integration && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 15m -skip '^TestDriverSuites$$' ./...
 	cd integration && $(GO) test -count=1 -timeout 10m -run '^TestDriverSuites$$' .
 	cd sqlparsecheck && $(GO) vet ./... && $(GO) test -count=1 -timeout 10m .
 	cd cmd && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 5m ./...

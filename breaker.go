@@ -38,11 +38,18 @@ type Breaker struct {
 	Window       time.Duration // rolling window of outcomes; default 10s (in 10 buckets)
 	MinRequests  int           // outcomes in the window before it may open; default 20
 	FailureRatio float64       // failures/outcomes at which it opens, in (0, 1]; default 0.5
-	// OpenTimeout is how long it stays open before a probe, and again
-	// after each failed probe; default 1s. One probe (one dial) a second
-	// costs a struggling database nothing next to a pool that redials at
-	// once, and a database that comes back is seen within about this long.
-	OpenTimeout    time.Duration
+	// OpenTimeout is how long it stays open, once it opens, before the
+	// first probe; default 1s: a struggling database gets that long
+	// without new connections.
+	OpenTimeout time.Duration
+	// ProbeInterval is how long it stays open after a failed probe before
+	// the next one; default 200ms, and never longer than OpenTimeout. A
+	// probe is one dial (a refused one costs a down server nothing; one
+	// probe is in flight at a time, so a dial that hangs paces them too),
+	// and a database that comes back after an outage longer than
+	// OpenTimeout is seen within about this long, not within a whole
+	// OpenTimeout.
+	ProbeInterval  time.Duration
 	OpenJitter     float64 // the open time is stretched by up to this share, in [0, 1]; default 0.2
 	HalfOpenProbes int     // concurrent probes, and successes needed to close; default 1
 	// ConsecutiveDialFailures opens it when this many dials fail in a row
@@ -58,6 +65,7 @@ var DefaultBreaker = Breaker{
 	MinRequests:    20,
 	FailureRatio:   0.5,
 	OpenTimeout:    time.Second,
+	ProbeInterval:  200 * time.Millisecond,
 	OpenJitter:     0.2,
 	HalfOpenProbes: 1,
 
@@ -78,6 +86,10 @@ func (b Breaker) withDefaults() Breaker {
 	if b.OpenTimeout == 0 {
 		b.OpenTimeout = d.OpenTimeout
 	}
+	if b.ProbeInterval == 0 {
+		b.ProbeInterval = min(d.ProbeInterval, b.OpenTimeout)
+	}
+	b.ProbeInterval = min(b.ProbeInterval, b.OpenTimeout)
 	if b.OpenJitter == 0 {
 		b.OpenJitter = d.OpenJitter
 	}
@@ -92,9 +104,9 @@ func (b Breaker) withDefaults() Breaker {
 
 func (b Breaker) validate() error {
 	switch {
-	case b.Window < 0, b.OpenTimeout < 0:
+	case b.Window < 0, b.OpenTimeout < 0, b.ProbeInterval < 0:
 		return errors.New("durations must not be negative")
-	case b.Window > maxOptionDuration, b.OpenTimeout > maxOptionDuration:
+	case b.Window > maxOptionDuration, b.OpenTimeout > maxOptionDuration, b.ProbeInterval > maxOptionDuration:
 		return errDurationTooLong
 	case !finite(b.FailureRatio), !finite(b.OpenJitter):
 		return errors.New("the ratios must be finite numbers")
@@ -132,7 +144,12 @@ type breaker struct {
 	state      atomic.Int32
 	openUntil  atomic.Int64 // unix nanoseconds
 	generation atomic.Uint64
-	buckets    [breakerBuckets]breakerBucket
+	// opens counts the times it opened. A connection remembers it from
+	// its dial: one dialled before the last opening may have died in the
+	// outage, and while the breaker is not closed it is never used (see
+	// retrier.waitForProbe), so that only a fresh dial can be the probe.
+	opens   atomic.Uint64
+	buckets [breakerBuckets]breakerBucket
 
 	mu          sync.Mutex
 	probes      int // in flight, half-open only
@@ -349,8 +366,15 @@ func (b *breaker) setLocked(to BreakerState) {
 	b.dialRun = 0
 	switch to {
 	case BreakerOpen:
-		open := float64(b.s.OpenTimeout) * (1 + b.s.OpenJitter*b.rnd())
+		// From half-open a probe failed: the next one comes after
+		// ProbeInterval; from closed, after OpenTimeout.
+		d := b.s.OpenTimeout
+		if from == BreakerHalfOpen {
+			d = b.s.ProbeInterval
+		}
+		open := float64(d) * (1 + b.s.OpenJitter*b.rnd())
 		b.openUntil.Store(b.clock.Now().Add(time.Duration(open)).UnixNano())
+		b.opens.Add(1)
 	case BreakerClosed:
 		if b.successes != nil {
 			b.flushed = b.successes.Load()
@@ -365,6 +389,20 @@ func (b *breaker) setLocked(to BreakerState) {
 	if b.onChange != nil {
 		b.onChange(from, to)
 	}
+}
+
+// openCount is opens, 0 without a breaker.
+func (b *breaker) openCount() uint64 {
+	if b == nil {
+		return 0
+	}
+	return b.opens.Load()
+}
+
+// staleConn reports a connection dialled (at opens count dialOpens) before
+// the breaker last opened, while it is not closed.
+func (b *breaker) staleConn(dialOpens uint64) bool {
+	return b != nil && BreakerState(b.state.Load()) != BreakerClosed && b.opens.Load() != dialOpens
 }
 
 func (b *breaker) State() BreakerState {

@@ -89,6 +89,8 @@ type conn struct {
 	readOnlyPending bool
 	shadowTx        bool // a transaction begun in shadow mode is open (shadow.go)
 
+	opens uint64 // the breaker's open count when it was dialled (breaker.opens)
+
 	serverID    int64  // PostgreSQL backend pid / MySQL connection id, 0 until asked
 	serverStart int64  // PostgreSQL server start time, µs, asked with serverID
 	pgHistory   pgMark // the PostgreSQL server's history, asked with serverID once the proof is on (resolve_failover.go)
@@ -246,12 +248,32 @@ func (c *conn) queryContext(ctx context.Context, query string, args []driver.Nam
 // enter admits an autocommit statement: the breaker fails it fast when
 // open, and transactions opened by hand are noted.
 func (c *conn) enter(ctx context.Context, op, query string) (ticket, error) {
-	t, err := c.r.admit(ctx)
+	t, err := c.admit(ctx, op, 0, Unavailable, nil)
 	if err != nil {
-		return t, c.r.refuse(ctx, op, 0, Unavailable, err, nil)
+		return t, err
 	}
 	c.noteTxControl(query)
 	return t, nil
+}
+
+// admit asks the breaker to let a call on c through (retrier.admitOn) and
+// returns the caller's error when it does not: ErrCircuitOpen, or, for a
+// connection from before the breaker last opened, a hand-off (it matches
+// driver.ErrBadConn, and ErrCircuitOpen for a pinned *sql.Conn) that
+// discards the connection so that database/sql dials; nothing was sent.
+// attempts, cls and last describe the call so far.
+func (c *conn) admit(ctx context.Context, op string, attempts int, cls Class, last error) (ticket, error) {
+	t, err := c.r.admitOn(ctx, c)
+	switch {
+	case err == nil:
+		return t, nil
+	case err == errStaleConn:
+		c.bad.Store(true)
+		why := "the breaker is open and the connection was opened before it opened (it may have died in the outage)"
+		c.r.observe(ctx, Event{Kind: EventHandOff, Op: op, Attempt: attempts, Class: Unavailable, Err: last, Reason: why + "; database/sql dials anew"})
+		return t, handOffWith(newError(op, attempts, Unavailable, ErrCircuitOpen, last), why)
+	}
+	return t, c.r.refuse(ctx, op, attempts, cls, err, last)
 }
 
 // firstAttemptDone books a first attempt that needs no retry decision: a
@@ -321,9 +343,9 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 	if c.r.shadow.Load() {
 		return c.shadowBeginTx(ctx, opts)
 	}
-	t, err := c.r.admit(ctx)
+	t, err := c.admit(ctx, "begin", 0, Unavailable, nil)
 	if err != nil {
-		return nil, c.r.refuse(ctx, "begin", 0, Unavailable, err, nil)
+		return nil, err
 	}
 	var itx driver.Tx
 	if bt, ok := c.inner.(driver.ConnBeginTx); ok {
@@ -376,6 +398,13 @@ func (c *conn) Ping(ctx context.Context) error {
 // ResetSession discards a connection that sqlretry saw break.
 func (c *conn) ResetSession(ctx context.Context) error {
 	if c.bad.Load() {
+		return driver.ErrBadConn
+	}
+	if c.r.breaker.staleConn(c.opens) {
+		// From before the breaker's last opening, taken while it is not
+		// closed: admit would refuse it anyway; the driver's own check
+		// (pgx pings) could wait on a dead server.
+		c.bad.Store(true)
 		return driver.ErrBadConn
 	}
 	if sr, ok := c.inner.(driver.SessionResetter); ok {

@@ -10,6 +10,7 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Compile-time checks: the decorators implement what database/sql looks for.
@@ -246,6 +247,7 @@ func (c *connector) connect(ctx context.Context) (driver.Conn, error) {
 	}
 	p := newPacer(r.backoff(), r.clock, r.rnd)
 	var last error
+	paced := 0 // failed attempts after which the open breaker, not backoff, paced the next
 	for attempt := 1; ; attempt++ {
 		t, err := r.admit(ctx)
 		if err != nil {
@@ -255,17 +257,20 @@ func (c *connector) connect(ctx context.Context) (driver.Conn, error) {
 			r.breaker.done(t, outcomeNeutral)
 			return nil, r.stop(ctx, "dial", attempt, err, last, "caller's context is done")
 		}
+		opens := r.breaker.openCount() // before the dial: an opening during it makes the connection stale
 		ic, err, ownTimeout := attemptWithTimeout(ctx, r.cfg, c.inner.Connect)
 		r.dials.release()
 		if err == nil {
 			r.succeeded(t)
 			r.counters.dials.Add(1)
-			return newConn(ic, r), nil
+			nc := newConn(ic, r)
+			nc.opens = opens
+			return nc, nil
 		}
 		prev := last
 		last = err
 		r.counters.dialFailures.Add(1)
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || atDeadline(ctx) {
 			r.breaker.done(t, outcomeNeutral)
 			return nil, r.stop(ctx, "dial", attempt, err, prev, "caller's context is done")
 		}
@@ -289,7 +294,21 @@ func (c *connector) connect(ctx context.Context) (driver.Conn, error) {
 		if !r.budget.withdraw() {
 			return nil, r.refuse(ctx, "dial", attempt, cls, ErrBudgetExhausted, err)
 		}
-		d, stop := p.next(ctx, attempt)
+		if r.breaker != nil && BreakerState(r.breaker.state.Load()) == BreakerOpen {
+			// The breaker paces the next dial (its probe interval): no
+			// backoff on top, which after a failed probe kept this caller
+			// away past the next probes, and no attempt counted against
+			// MaxAttempts (a long outage is many probes); MaxElapsed and
+			// the caller's deadline still hold (admit checks the deadline).
+			paced++
+			if r.clock.Now().Sub(p.start) > r.cfg.backoff.MaxElapsed {
+				return nil, r.paceStop(ctx, "dial", attempt, cls, err, stopMaxElapsed)
+			}
+			r.counters.retriesConnection.Add(1)
+			r.observe(ctx, Event{Kind: EventRetry, Op: "dial", Attempt: attempt, Class: cls, Err: err, Reason: "dial failed; nothing was sent; the breaker is open"})
+			continue
+		}
+		d, stop := p.next(ctx, attempt-paced)
 		if stop != "" {
 			return nil, r.paceStop(ctx, "dial", attempt, cls, err, stop)
 		}
@@ -299,6 +318,15 @@ func (c *connector) connect(ctx context.Context) (driver.Conn, error) {
 			return nil, r.stop(ctx, "dial", attempt, err, nil, "caller's context is done")
 		}
 	}
+}
+
+// atDeadline reports a context whose deadline has passed, even if its
+// timer has not yet marked it done: pgx's dial gives up at the deadline
+// ("i/o timeout") a little before ctx.Err() says so, and a burst of calls
+// with tiny deadlines counted as a dead server and opened the breaker.
+func atDeadline(ctx context.Context) bool {
+	dl, ok := ctx.Deadline()
+	return ok && !time.Now().Before(dl)
 }
 
 // retrierOf finds the retrier of a *sql.DB opened through sqlretry.

@@ -9,8 +9,10 @@ import "time"
 // the default OpenTimeout of 1 s a probe every 125-150 ms. The hosts are up
 // and answering, so probing them eight times a second costs little, and
 // write service comes back within that of a promotion instead of within a
-// whole OpenTimeout. Callers still wait for the single probe (no dial
-// storm, no retry budget spent while they wait).
+// whole OpenTimeout (the first probe) or ProbeInterval (200 ms by default,
+// after a failed probe; it only ever brings a probe forward). Callers still
+// wait for the single probe (no dial storm, no retry budget spent while
+// they wait).
 const electionReprobeShare = 8
 
 // reprobeSoon brings an open breaker's next probe forward to within

@@ -231,18 +231,20 @@ func TestBreakerOpensOnConsecutiveDialFailures(t *testing.T) {
 }
 
 // A probe that fails just before the database comes back must not keep
-// the breaker open for long: with the defaults it probes again within
-// about a second (OpenTimeout 1s, stretched by up to 20 % of jitter),
-// and a set OpenTimeout is kept after each failed probe.
+// the breaker open for long: after OpenTimeout (1s by default, stretched by
+// up to 20 % of jitter) comes the first probe, and after a failed probe the
+// next within ProbeInterval (200ms by default, never above OpenTimeout).
 func TestBreakerReprobesAfterOpenTimeout(t *testing.T) {
 	for _, tc := range []struct {
 		name         string
 		b            Breaker
+		firstProbe   time.Duration // after opening
 		stillOpenAt  time.Duration // after the failed probe
 		probeAllowed time.Duration
 	}{
-		{"default", Breaker{}, 990 * time.Millisecond, 1201 * time.Millisecond},
-		{"set", Breaker{OpenTimeout: 300 * time.Millisecond}, 290 * time.Millisecond, 361 * time.Millisecond},
+		{"default", Breaker{}, 1201 * time.Millisecond, 190 * time.Millisecond, 241 * time.Millisecond},
+		{"set", Breaker{OpenTimeout: 300 * time.Millisecond, ProbeInterval: 100 * time.Millisecond}, 361 * time.Millisecond, 90 * time.Millisecond, 121 * time.Millisecond},
+		{"short OpenTimeout", Breaker{OpenTimeout: 150 * time.Millisecond}, 181 * time.Millisecond, 140 * time.Millisecond, 181 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			clock := newFakeClock()
@@ -257,10 +259,11 @@ func TestBreakerReprobesAfterOpenTimeout(t *testing.T) {
 			if _, err := b.allow(); err != ErrCircuitOpen {
 				t.Fatalf("after %d dial failures: err=%v, want ErrCircuitOpen", b.s.ConsecutiveDialFailures, err)
 			}
+			clock.Advance(tc.firstProbe)
 			clock.Advance(tc.probeAllowed)
 			tk, err := b.allow()
 			if err != nil || !tk.probe {
-				t.Fatalf("%v after opening: probe=%v err=%v, want a probe", tc.probeAllowed, tk.probe, err)
+				t.Fatalf("%v after opening: probe=%v err=%v, want a probe", tc.firstProbe, tk.probe, err)
 			}
 			b.done(tk, outcomeDialFailure)
 			clock.Advance(tc.stillOpenAt)

@@ -133,13 +133,36 @@ func (r *retrier) admit(ctx context.Context) (ticket, error) {
 	if b := r.breaker; b == nil || BreakerState(b.state.Load()) == BreakerClosed {
 		return b.closedTicket(), nil // what allow hands out when closed
 	}
-	return r.waitForProbe(ctx)
+	return r.waitForProbe(ctx, nil)
 }
 
-// waitForProbe is admit's path when the breaker is not closed.
-func (r *retrier) waitForProbe(ctx context.Context) (ticket, error) {
+// admitOn is admit for a call on the pooled connection c. While the
+// breaker is not closed, a connection dialled before it last opened is
+// refused at once with errStaleConn, whether it would wait or not: it may
+// have died in the outage (a server crash leaves every pooled connection
+// dead), and its failure, taken for the half-open breaker's probe, opened
+// the breaker again after every restart for as long as such connections
+// were left. The caller discards it and database/sql dials; only a fresh
+// dial is the probe.
+func (r *retrier) admitOn(ctx context.Context, c *conn) (ticket, error) {
+	if b := r.breaker; b == nil || BreakerState(b.state.Load()) == BreakerClosed {
+		return b.closedTicket(), nil
+	}
+	return r.waitForProbe(ctx, c)
+}
+
+// errStaleConn is admitOn's refusal of a connection from before the
+// breaker's last opening; conn.admit turns it into a hand-off.
+var errStaleConn = errors.New("sqlretry: the connection was opened before the breaker opened")
+
+// waitForProbe is admit's path when the breaker is not closed; c is the
+// connection of the call, nil for a dial.
+func (r *retrier) waitForProbe(ctx context.Context, c *conn) (ticket, error) {
 	var start time.Time
 	for {
+		if c != nil && r.breaker.staleConn(c.opens) {
+			return ticket{}, errStaleConn
+		}
 		t, err := r.breaker.allow()
 		if err == nil {
 			return t, nil
@@ -341,8 +364,8 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			prev = err
 			if attempt > 1 {
 				var gateErr error
-				if t, gateErr = r.admit(ctx); gateErr != nil {
-					return zero, r.refuse(ctx, op, attempt-1, r.classify(err), gateErr, err)
+				if t, gateErr = c.admit(ctx, op, attempt-1, r.classify(err), err); gateErr != nil {
+					return zero, gateErr
 				}
 			}
 			var v T
