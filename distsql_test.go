@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/go-sql-driver/mysql"
@@ -45,7 +46,7 @@ func (s distsqlShape) String() string {
 const (
 	srcERRORS   = "shared/ERRORS.md"
 	srcCRDBDocs = "CockroachDB docs: transaction retry error reference"
-	srcCRDBGo   = "cockroach-go crdb.ExecuteTx (retries CR000 and 40001)"
+	srcCRDBGo   = "cockroach-go crdb.ExecuteTx (retries CR000, a legacy code, and 40001)"
 	srcYBDocs   = "YugabyteDB docs: transaction error codes"
 	srcTiDBDocs = "TiDB docs: error codes and troubleshooting"
 	srcVitess   = "vitess v0.24.4 source: go/mysql/sqlerror/sql_error.go mapToSQLErrorFromErrorCode"
@@ -297,5 +298,24 @@ func TestDistSQLVitessPoolLimitOnALiveSession(t *testing.T) {
 	}
 	if srv.dials != 1 {
 		t.Errorf("dials = %d, want 1", srv.dials)
+	}
+
+	// The README's advice: a rule of the caller's own takes it as
+	// unavailable, and the statement runs again.
+	pool := func(err error) (Class, bool) {
+		var me *mysql.MySQLError
+		if errors.As(err, &me) && me.Number == 1203 && strings.Contains(me.Message, "transaction pool connection limit") {
+			return Unavailable, true
+		}
+		return 0, false
+	}
+	srv = newFakeServer()
+	srv.script("UPDATE", step{err: s.err()})
+	db, clock = testDB(t, srv, WithDialect(DialectMySQL), WithClassifier(pool))
+	if _, err := db.Exec("UPDATE t SET n = n + 1"); err != nil {
+		t.Fatalf("with the rule: %v", err)
+	}
+	if n := srv.ranCount("UPDATE"); n != 1 || len(clock.Sleeps()) != 1 {
+		t.Errorf("with the rule: UPDATE took effect %d times after %d sleeps, want 1 after 1", n, len(clock.Sleeps()))
 	}
 }
