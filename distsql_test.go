@@ -392,3 +392,39 @@ func TestDistSQLCapturedVitessShapes(t *testing.T) {
 		})
 	}
 }
+
+// vttablet ends a transaction that outlives its transaction timeout and
+// vtgate then answers the transaction's COMMIT with success, committing
+// nothing (seen on a live vtgate, README "Distributed SQL engines"). The
+// 1317 it sends for the next statement is the transaction's end, not a
+// statement's interruption: a closure that swallows it must not get a
+// success from RunInTx; the transaction is run again.
+func TestDistSQLVitessEndedTransactionIsReplayed(t *testing.T) {
+	var ended distsqlShape
+	for _, s := range capturedShapes(t, "vitess") {
+		if s.num == 1317 {
+			ended = s
+		}
+	}
+	srv := newFakeServer()
+	srv.script("UPDATE t SET n = n + 1 WHERE id = 1", step{err: ended.err()})
+	db, _ := testDB(t, srv, WithDialect(DialectMySQL))
+	calls := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "UPDATE t SET n = n + 100 WHERE id = 2"); err != nil {
+			return err
+		}
+		_, _ = tx.ExecContext(ctx, "UPDATE t SET n = n + 1 WHERE id = 1") // swallowed
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("RunInTx: %v", err)
+	}
+	if calls != 2 {
+		t.Errorf("closure ran %d times, want 2 (the ended transaction replayed)", calls)
+	}
+	if srv.committed != 1 {
+		t.Errorf("committed %d transactions, want 1 (the replay)", srv.committed)
+	}
+}

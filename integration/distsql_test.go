@@ -89,3 +89,54 @@ func TestVitessDeadlockIsReplayed(t *testing.T) {
 		t.Errorf("RetriesTransaction = %d, want a replay of the deadlocked transaction", s.RetriesTransaction)
 	}
 }
+
+// vttablet ends a transaction that outlives its transaction timeout (the
+// vttestserver above runs with --queryserver-config-transaction-timeout
+// 2s); vtgate answers the next statement with 1317 and the COMMIT with
+// success, committing nothing. A closure that swallows the 1317 must not
+// be told its work committed: RunInTx runs it again.
+func TestVitessEndedTransactionIsReplayed(t *testing.T) {
+	db, err := sqlretry.Open("mysql", vitessDSN(t), sqlretry.WithDialect(sqlretry.DialectMySQL))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	_, _ = db.ExecContext(ctx, "DROP TABLE IF EXISTS ended")
+	if _, err := db.ExecContext(ctx, "CREATE TABLE ended (id INT PRIMARY KEY, n INT)"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.ExecContext(ctx, "INSERT INTO ended VALUES (1, 0), (2, 0)"); err != nil {
+		t.Fatal(err)
+	}
+	calls := 0
+	var swallowed error
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "UPDATE ended SET n = n + 100 WHERE id = 2"); err != nil {
+			return err
+		}
+		if calls == 1 {
+			time.Sleep(4 * time.Second) // past the transaction timeout
+		}
+		if _, err := tx.ExecContext(ctx, "UPDATE ended SET n = n + 1 WHERE id = 1"); err != nil && swallowed == nil {
+			swallowed = err
+		}
+		return nil // the closure swallows it
+	})
+	if err != nil {
+		t.Fatalf("RunInTx: %v", err)
+	}
+	var me *mysql.MySQLError
+	if !errors.As(swallowed, &me) || me.Number != 1317 {
+		t.Fatalf("the first run got %v, want vtgate's 1317 (is the transaction timeout 2s?)", swallowed)
+	}
+	var n int
+	if err := db.QueryRowContext(ctx, "SELECT n FROM ended WHERE id = 2").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if calls != 2 || n != 100 {
+		t.Errorf("calls = %d, row = %d; want 2 runs and the work committed once (100)", calls, n)
+	}
+}
