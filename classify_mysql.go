@@ -44,6 +44,15 @@ func classifyMySQLNumber(n uint16, msg string) Class {
 		return Permanent
 	case 1053, 1080, 1152, 1158, 1159, 1160, 1161, 1927: // shutdown, connection killed or lost
 		return ConnectionLost
+	case 1317:
+		// Vitess: vttablet ended the transaction (its transaction timeout)
+		// and vtgate would answer its COMMIT with success, committing
+		// nothing (seen on a live vtgate). Elsewhere a statement was
+		// interrupted and the transaction goes on.
+		if strings.Contains(msg, "code = Aborted desc = transaction ") {
+			return RetryTransaction
+		}
+		return Permanent
 	case 1105:
 		// Vitess reports an unavailable primary or pool under this number.
 		for _, s := range []string{"primary is not serving", "no healthy tablet", "code = Unavailable", "transaction pool connection limit"} {

@@ -406,7 +406,10 @@ func TestMarkerCleanupIsOffTheCallersPath(t *testing.T) {
 			t.Fatalf("commit %d: %v", i, err)
 		}
 	}
-	if slowest > 200*time.Millisecond {
+	// A clean-up on the caller's path blocks that commit until its 1 s
+	// deadline (an error above); 800 ms leaves room for a loaded machine
+	// (200 ms was exceeded there: 329 ms).
+	if slowest > 800*time.Millisecond {
 		t.Errorf("slowest commit took %v: the clean-up is on the caller's path", slowest)
 	}
 	for i := 0; i < 100 && mc.cleanups.Load() == 0; i++ {
