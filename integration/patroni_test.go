@@ -88,7 +88,13 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 		t.Fatal(err)
 	}
 	cfg.DialFunc = dials.Dial
-	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+	// Every lost COMMIT's resolution, with the rule that decided, in the
+	// log: an ErrAmbiguousCommit then says why it could not be known.
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
+		if e.Kind == sqlretry.EventCommitResolved {
+			t.Logf("COMMIT resolution: outcome=%v reason=%q err=%v", e.Outcome, e.Reason, e.Err)
+		}
+	})))
 	defer db.Close()
 	const workers = 8
 	// The pool holds sessions on the leader, as an application's does.
