@@ -149,7 +149,9 @@ func mysqlNumber(err error) uint16 {
 // resolutionFailed is the error of a failed step of sqlretry's own
 // resolution machinery before COMMIT. A lost connection, or one the driver
 // says it never used, keeps its class: the server rolls the transaction
-// back, as for any connection lost before COMMIT. Any other failure is
+// back, as for any connection lost before COMMIT. So does a MySQL deadlock
+// (1213, also Galera's certification failure): the server rolled the
+// transaction back, and it is replayed as after one at COMMIT. Any other failure is
 // permanent: it is no reason to run the caller's transaction again.
 func (r *retrier) resolutionFailed(ctx context.Context, what string, err error) error {
 	cls := r.classify(err)
@@ -158,6 +160,10 @@ func (r *retrier) resolutionFailed(ctx context.Context, what string, err error) 
 		cls = Permanent
 	case cls == ConnectionLost:
 	case cls == Unavailable && !serverAnswered(err):
+	case cls == RetryTransaction && r.dialect == DialectMySQL:
+		// A deadlock or a Galera certification failure at sqlretry's own
+		// statement: the server rolled the transaction back, exactly as
+		// had it come at COMMIT, so the transaction is replayed.
 	default:
 		cls = Permanent
 	}
