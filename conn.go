@@ -89,9 +89,10 @@ type conn struct {
 	readOnlyPending bool
 	shadowTx        bool // a transaction begun in shadow mode is open (shadow.go)
 
-	serverID    int64  // PostgreSQL backend pid / MySQL connection id, 0 until asked
-	serverStart int64  // PostgreSQL server start time, µs, asked with serverID
-	pgHistory   pgMark // the PostgreSQL server's history, asked with serverID once the proof is on (resolve_failover.go)
+	serverID    int64       // PostgreSQL backend pid / MySQL connection id, 0 until asked
+	serverStart int64       // PostgreSQL server start time, µs, asked with serverID
+	pgHistory   pgMark      // the PostgreSQL server's history, asked with serverID once the proof is on (resolve_failover.go)
+	mysqlServer mysqlServer // the MySQL server the session runs on, asked with serverID (resolve.go)
 
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.
