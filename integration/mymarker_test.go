@@ -1,0 +1,217 @@
+package integration
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/go-sql-driver/mysql"
+
+	"github.com/sqlretry/sqlretry"
+	"github.com/sqlretry/sqlretry/integration/dbserver"
+	"github.com/sqlretry/sqlretry/internal/workload"
+)
+
+// A real InnoDB deadlock at sqlretry's own marker INSERT: another session
+// holds the whole (empty) marker table's range (SELECT ... FOR UPDATE) and
+// waits for a row the transaction updated. The marker INSERT closes the
+// cycle; InnoDB rolls back the lighter transaction, ours. RunInTx replays
+// it (it used to surface the 1213 as final).
+func TestMariaDBDeadlockAtTheMarkerInsertReplays(t *testing.T) {
+	d := need(t, "mysql")
+	ctx := context.Background()
+	admin, err := sql.Open("mysql", d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	suffix := rand.Uint32()
+	marker, tbl, heavy := fmt.Sprintf("mymarker_dl_%d", suffix), fmt.Sprintf("mymarker_t_%d", suffix), fmt.Sprintf("mymarker_h_%d", suffix)
+	for _, q := range []string{
+		"CREATE TABLE " + tbl + " (id int PRIMARY KEY, n int) ENGINE=InnoDB",
+		"INSERT INTO " + tbl + " VALUES (1, 0)",
+		"CREATE TABLE " + heavy + " (id int PRIMARY KEY) ENGINE=InnoDB",
+	} {
+		if _, err := admin.ExecContext(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, x := range []string{tbl, heavy, marker} {
+			_, _ = admin.Exec("DROP TABLE IF EXISTS " + x)
+		}
+	})
+	cfg, err := mysql.ParseDSN(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sqlretry.OpenDB(c, sqlretry.WithMySQLCommitMarker(marker))
+	defer db.Close()
+	// First use creates the marker table.
+	if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	other, err := admin.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	otherTx, err := other.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer otherTx.Rollback()
+	// Heavier than ours, so that InnoDB picks ours as the victim.
+	for i := range 200 {
+		if _, err := otherTx.ExecContext(ctx, fmt.Sprintf("INSERT INTO %s VALUES (%d)", heavy, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var id int
+	if err := otherTx.QueryRowContext(ctx, "SELECT COUNT(*) FROM `test`.`"+marker+"` FOR UPDATE").Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	otherDone := make(chan error, 1)
+	calls := 0
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1"); err != nil {
+			return err
+		}
+		if calls == 1 {
+			go func() {
+				_, err := otherTx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 10 WHERE id = 1")
+				if err == nil {
+					err = otherTx.Commit()
+				}
+				otherDone <- err
+			}()
+			// Until the other session waits for our row.
+			deadline := time.Now().Add(20 * time.Second)
+			for {
+				var n int
+				if err := admin.QueryRowContext(ctx, "SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'").Scan(&n); err != nil {
+					return err
+				}
+				if n > 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					return errors.New("the other session never waited")
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		return nil // sqlretry's marker INSERT now closes the cycle
+	})
+	if err != nil || calls != 2 {
+		t.Fatalf("err=%v calls=%d; want the deadlock at the marker replayed once", err, calls)
+	}
+	if err := <-otherDone; err != nil {
+		t.Fatalf("the other session: %v", err)
+	}
+	var n int
+	if err := admin.QueryRowContext(ctx, "SELECT n FROM "+tbl+" WHERE id = 1").Scan(&n); err != nil || n != 12 {
+		t.Fatalf("n=%d err=%v; want 12 (1 + 10 + our replay's 1)", n, err)
+	}
+}
+
+// The commit marker on a private 3-node Galera cluster through the
+// endpoints connector: transfers spread over the nodes (certification
+// failures at the marker INSERT must be replayed, never surfaced), then a
+// node killed with SIGKILL while COMMITs are in flight on it. Every lost
+// COMMIT is resolved or ambiguous; none is resolved wrongly (a lost ack,
+// a phantom write, a duplicate in the ledger).
+func TestGaleraCommitMarker(t *testing.T) {
+	g, err := dbserver.StartGalera()
+	if err != nil {
+		unavailable(t, err.Error())
+	}
+	t.Cleanup(g.Stop)
+	ctx := context.Background()
+	admin, err := sql.Open("mysql", g.Nodes[2].DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	const marker = "sqlretry_marker"
+	const workers = 8
+
+	t.Run("conflicts, no node killed", func(t *testing.T) {
+		bank, err := workload.NewBank(ctx, admin, "mysql", fmt.Sprintf("mc%d", rand.Uint32()), 4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer bank.Drop(ctx, admin)
+		galeraSync(t, g)
+		db := sqlretry.OpenDB(galeraEndpoints(t, g, nil, sqlretry.Spread), sqlretry.WithMySQLCommitMarker(marker))
+		defer db.Close()
+		db.SetMaxOpenConns(workers)
+		db.SetMaxIdleConns(workers)
+		res := workload.Run(ctx, workload.Config{Workers: workers, Duration: 4 * time.Second, OpTimeout: 20 * time.Second}, bank, db, workload.RunInTx)
+		inv, err := bank.Check(ctx, admin, res)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := sqlretry.StatsOf(db)
+		t.Logf("FIGURES galera/marker, conflicts: committed %d of %d, surfaced errors %d %v, replays %d; %v",
+			res.Committed, res.Committed+res.Failed, res.Failed, res.Errors, s.RetriesTransaction, inv)
+		if res.Failed != 0 || !inv.OK() {
+			t.Errorf("%d transfers failed (%v); invariants %v", res.Failed, res.Errors, inv)
+		}
+	})
+
+	t.Run("node killed during COMMIT", func(t *testing.T) {
+		bank, err := workload.NewBank(ctx, admin, "mysql", fmt.Sprintf("mk%d", rand.Uint32()), 32)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer bank.Drop(ctx, admin)
+		galeraSync(t, g)
+		db := sqlretry.OpenDB(galeraEndpoints(t, g, nil, sqlretry.Spread), sqlretry.WithMySQLCommitMarker(marker))
+		defer db.Close()
+		db.SetMaxOpenConns(workers)
+		db.SetMaxIdleConns(workers)
+		const victim = 0
+		killAt := 1500 * time.Millisecond
+		chaos := make(chan struct{})
+		go func() {
+			defer close(chaos)
+			time.Sleep(killAt)
+			if err := g.KillNode(victim); err != nil {
+				t.Error(err)
+			}
+		}()
+		res := workload.Run(ctx, workload.Config{Workers: workers, Duration: killAt + 8*time.Second, OpTimeout: 30 * time.Second, Tick: 10 * time.Millisecond}, bank, db, workload.RunInTx)
+		<-chaos
+		inv, err := bank.Check(ctx, admin, res)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := sqlretry.StatsOf(db)
+		wrong := inv.Lost + inv.Phantom
+		if !inv.LedgerMatches || !inv.MoneyConserved {
+			wrong++
+		}
+		t.Logf("FIGURES galera/marker, node %d killed at %v: ops=%d committed=%d surfaced=%d %v; lost COMMITs resolved=%d ambiguous=%d (of those committed: %d) wrong=%d; %v",
+			victim, killAt, res.Committed+res.Failed, res.Committed, res.Failed, res.Errors, s.CommitsResolved, s.CommitsAmbiguous, inv.UnknownCommitted, wrong, inv)
+		if wrong != 0 || !inv.OK() {
+			t.Errorf("wrong outcomes: %v", inv)
+		}
+		if res.Failed != res.Unknown {
+			t.Errorf("%d operations failed other than as ambiguous: %v", res.Failed-res.Unknown, res.Errors)
+		}
+	})
+}
