@@ -103,7 +103,11 @@ func (t *tx) prepareResolution() error {
 			if err != nil {
 				return r.resolutionFailed(t.ctx, "asking for the connection id", err)
 			}
-			c.serverID = asInt64(vals[0])
+			srv, err := mysqlAskServer(t.ctx, c.inner)
+			if err != nil {
+				return r.resolutionFailed(t.ctx, "asking which server the session runs on", err)
+			}
+			c.serverID, c.mysqlServer = asInt64(vals[0]), srv
 		}
 		token := make([]byte, 16)
 		_, _ = rand.Read(token)
@@ -149,7 +153,9 @@ func mysqlNumber(err error) uint16 {
 // resolutionFailed is the error of a failed step of sqlretry's own
 // resolution machinery before COMMIT. A lost connection, or one the driver
 // says it never used, keeps its class: the server rolls the transaction
-// back, as for any connection lost before COMMIT. Any other failure is
+// back, as for any connection lost before COMMIT. So does a MySQL deadlock
+// (1213, also Galera's certification failure): the server rolled the
+// transaction back, and it is replayed as after one at COMMIT. Any other failure is
 // permanent: it is no reason to run the caller's transaction again.
 func (r *retrier) resolutionFailed(ctx context.Context, what string, err error) error {
 	cls := r.classify(err)
@@ -158,6 +164,10 @@ func (r *retrier) resolutionFailed(ctx context.Context, what string, err error) 
 		cls = Permanent
 	case cls == ConnectionLost:
 	case cls == Unavailable && !serverAnswered(err):
+	case cls == RetryTransaction && r.dialect == DialectMySQL:
+		// A deadlock or a Galera certification failure at sqlretry's own
+		// statement: the server rolled the transaction back, exactly as
+		// had it come at COMMIT, so the transaction is replayed.
 	default:
 		cls = Permanent
 	}
@@ -383,7 +393,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 		}
 	case r.dialect == DialectMySQL && t.token != nil:
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return mysqlCheckCommit(ctx, dc, t.marker, t.token, t.c.serverID)
+			return mysqlCheckCommit(ctx, dc, t.marker, t.token, t.c.serverID, t.c.mysqlServer)
 		}
 	default:
 		return CommitUnknown
@@ -523,34 +533,117 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 	return CommitUnknown, errors.New("sqlretry: txid_status has no answer")
 }
 
-// mysqlCheckCommit asks once. While the old session is in the process list
-// it may still commit: KILL it and ask again later, unless semi-synchronous
-// replication is on and the session has begun to commit (it may be waiting
-// for a replica's ACK, and a KILL would publish a commit no replica has).
-// Once it is gone, the marker says whether it committed; under semi-sync
-// that counts only once a replica has it (mysqlReplicaHas).
-func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token []byte, connID int64) (CommitOutcome, error) {
-	// Not MAX(COMMAND): MariaDB 10.11 answers it with a mangled string.
-	session, err := queryRows(ctx, dc, "SELECT COMMAND, STATE FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
+// mysqlServer names the server a session runs on: the connection ids of
+// two servers are unrelated, so the old session is looked for (and
+// KILLed) only on the server it ran on. key is empty when the server does
+// not say (then every session looks alike, as before this was asked).
+type mysqlServer struct {
+	key    string // server_id/hostname:port
+	galera bool   // wsrep_on=ON
+	node   string // wsrep_node_name, on a Galera node
+}
+
+// mysqlServerQuery works on MySQL (no wsrep rows) and MariaDB alike.
+const mysqlServerQuery = "SHOW VARIABLES WHERE Variable_name IN ('server_id', 'hostname', 'port', 'wsrep_on', 'wsrep_node_name')"
+
+func mysqlAskServer(ctx context.Context, dc driver.Conn) (mysqlServer, error) {
+	rows, err := queryRows(ctx, dc, mysqlServerQuery)
+	if err != nil {
+		return mysqlServer{}, err
+	}
+	vars := map[string]string{}
+	for _, row := range rows {
+		if len(row) >= 2 {
+			vars[strings.ToLower(textOf(row[0]))] = textOf(row[1])
+		}
+	}
+	var s mysqlServer
+	if vars["server_id"] != "" || vars["hostname"] != "" || vars["port"] != "" {
+		s.key = vars["server_id"] + "/" + vars["hostname"] + ":" + vars["port"]
+	}
+	s.galera = strings.EqualFold(vars["wsrep_on"], "ON") || vars["wsrep_on"] == "1"
+	if s.galera {
+		s.node = vars["wsrep_node_name"]
+	}
+	return s, nil
+}
+
+// mysqlCheckCommit asks once, on a side connection that may have reached
+// another server than the transaction's (a Galera survivor, another
+// endpoint). On a Galera node the marker is read causally (wsrep_sync_wait):
+// the node first applies all the cluster has committed.
+//
+// On the transaction's own server: while the old session is in the
+// process list it may still commit: KILL it and ask again later, unless
+// semi-synchronous replication is on and the session has begun to commit
+// (it may be waiting for a replica's ACK, and a KILL would publish a
+// commit no replica has). Once it is gone, the marker says whether it
+// committed; under semi-sync that counts only once a replica has it
+// (mysqlReplicaHas).
+//
+// On another server the old session is neither looked for nor KILLed (the
+// same id there is another client's session). A marker found is an answer.
+// None found is one only on a Galera node that the old node is no longer
+// a member of: Galera certifies at COMMIT, so a write set the cluster did
+// not receive before the old node left is committed nowhere, and one it
+// did receive is applied before a causal read answers. Otherwise the old
+// session may still commit: ask again later.
+func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token []byte, connID int64, old mysqlServer) (CommitOutcome, error) {
+	side, err := mysqlAskServer(ctx, dc)
 	if err != nil {
 		return CommitUnknown, err
 	}
-	if len(session) > 0 {
-		semi, err := mysqlSemiSync(ctx, dc)
+	if side.galera {
+		if err := execConn(ctx, dc, "SET SESSION wsrep_sync_wait = 1"); err != nil {
+			return CommitUnknown, err
+		}
+	}
+	same := side.key == old.key
+	if same {
+		// Not MAX(COMMAND): MariaDB 10.11 answers it with a mangled string.
+		session, err := queryRows(ctx, dc, "SELECT COMMAND, STATE FROM information_schema.PROCESSLIST WHERE ID = ?", connID)
 		if err != nil {
 			return CommitUnknown, err
 		}
-		if mysqlMayKill(semi, textOf(session[0][0]), textOf(session[0][1])) {
-			_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
+		if len(session) > 0 {
+			semi, err := mysqlSemiSync(ctx, dc)
+			if err != nil {
+				return CommitUnknown, err
+			}
+			if mysqlMayKill(semi, textOf(session[0][0]), textOf(session[0][1])) {
+				_ = execConn(ctx, dc, fmt.Sprintf("KILL %d", connID))
+			}
+			return CommitUnknown, nil
 		}
-		return CommitUnknown, nil
 	}
 	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
 	if err != nil {
 		return CommitUnknown, err
 	}
 	if asInt64(vals[0]) == 0 {
-		return CommitNotCommitted, nil
+		if same {
+			return CommitNotCommitted, nil
+		}
+		if !side.galera || old.node == "" || old.node == side.node {
+			return CommitUnknown, nil
+		}
+		member, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM mysql.wsrep_cluster_members WHERE node_name = ?", old.node)
+		if err != nil {
+			return CommitUnknown, err
+		}
+		if asInt64(member[0]) != 0 {
+			return CommitUnknown, nil // the old node is still in the cluster: its session may still commit
+		}
+		// The view without the old node came after anything it sent; the
+		// causal read above waited for it. Read again to be sure the
+		// answer is from after that view.
+		vals, err = queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
+		if err != nil {
+			return CommitUnknown, err
+		}
+		if asInt64(vals[0]) == 0 {
+			return CommitNotCommitted, nil
+		}
 	}
 	semi, err := mysqlSemiSync(ctx, dc)
 	if err != nil {
