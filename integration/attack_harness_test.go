@@ -38,12 +38,6 @@ type atkCutter struct {
 	cuts   atomic.Int32
 }
 
-func (c *atkCutter) arm(needle string, wait time.Duration) {
-	c.mu.Lock()
-	c.needle, c.wait = []byte(needle), wait
-	c.mu.Unlock()
-}
-
 func (c *atkCutter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, network, addr)
@@ -160,16 +154,4 @@ func atkCount(t *testing.T, db *sql.DB, q string) int {
 		t.Fatalf("%s: %v", q, err)
 	}
 	return n
-}
-
-func mustPGCfg(t *testing.T) *pgx.ConnConfig {
-	cfg, err := pgx.ParseConfig(atkPG)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cfg
-}
-
-func runInTxMy(ctx context.Context, db *sql.DB, fn func(context.Context, *sql.Tx) error) error {
-	return sqlretry.RunInTx(ctx, db, nil, fn)
 }
