@@ -466,8 +466,10 @@ func (e *notWritableError) SafeToRetry() bool { return true }
 func EndpointNotWritable(why string) error { return &notWritableError{why: why} }
 
 // galeraStatusQuery leaves out what a server without Galera lacks: no
-// rows there.
-const galeraStatusQuery = "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_local_state', 'wsrep_local_state_comment', 'wsrep_cluster_status')"
+// rows on MySQL; on MariaDB without Galera the wsrep variables are there
+// (wsrep_ready OFF, wsrep_cluster_status Disconnected) with an empty
+// wsrep_provider_name, which tells it apart.
+const galeraStatusQuery = "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_local_state', 'wsrep_local_state_comment', 'wsrep_cluster_status', 'wsrep_provider_name')"
 
 // checkWritable is the default EndpointCheck.
 func checkWritable(ctx context.Context, dc driver.Conn, d Dialect) error {
@@ -490,6 +492,9 @@ func checkWritable(ctx context.Context, dc driver.Conn, d Dialect) error {
 		if len(r) >= 2 {
 			status[strings.ToLower(asString(r[0]))] = asString(r[1])
 		}
+	}
+	if status["wsrep_provider_name"] == "" {
+		clear(status) // not a Galera node: its wsrep state says nothing
 	}
 	if v, ok := status["wsrep_ready"]; ok && !asBool(v) {
 		return EndpointNotWritable("Galera node not ready (wsrep_ready " + v + ")")

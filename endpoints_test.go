@@ -27,8 +27,11 @@ type fakeNode struct {
 	down       bool
 	readOnly   bool
 	wsrepState string // "": no Galera; "4": Synced
-	conns      []*fakeConn
-	dials      int
+	// plainMariaDB: no Galera, answered as MariaDB does without it
+	// (wsrep_ready OFF, wsrep_cluster_status Disconnected, no provider).
+	plainMariaDB bool
+	conns        []*fakeConn
+	dials        int
 }
 
 func newFakeNodes(n int) []*fakeNode {
@@ -94,10 +97,14 @@ func (c *nodeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 			}
 			return &fakeRows{cols: cols, data: [][]driver.Value{{[]byte("read_only"), []byte(ro)}, {[]byte("tx_read_only"), []byte("OFF")}}, clobber: true}, nil
 		}
+		if c.n.plainMariaDB {
+			return &fakeRows{cols: cols, data: [][]driver.Value{{[]byte("wsrep_cluster_status"), []byte("Disconnected")},
+				{[]byte("wsrep_provider_name"), []byte("")}, {[]byte("wsrep_ready"), []byte("OFF")}}, clobber: true}, nil
+		}
 		if c.n.wsrepState == "" {
 			return &fakeRows{cols: cols}, nil
 		}
-		return &fakeRows{cols: cols, data: [][]driver.Value{{[]byte("wsrep_ready"), []byte("ON")},
+		return &fakeRows{cols: cols, data: [][]driver.Value{{[]byte("wsrep_ready"), []byte("ON")}, {[]byte("wsrep_provider_name"), []byte("Galera")},
 			{[]byte("wsrep_local_state"), []byte(c.n.wsrepState)}, {[]byte("wsrep_cluster_status"), []byte("Primary")}}, clobber: true}, nil
 	}
 	return c.fakeConn.QueryContext(ctx, q, args)
@@ -541,5 +548,26 @@ func TestRunInTxReplaysAbortAtRowsClose(t *testing.T) {
 	})
 	if err != nil || runs != 2 || node.srv.committed != 1 {
 		t.Errorf("err %v, runs %d, commits %d; want the abort replayed: 2 runs, 1 commit", err, runs, node.srv.committed)
+	}
+}
+
+// A MariaDB without Galera still has the wsrep status variables
+// (wsrep_ready OFF, wsrep_cluster_status Disconnected, an empty
+// wsrep_provider_name): it takes writes, and the default check must say
+// so (it refused every plain MariaDB before).
+func TestEndpointsPlainMariaDBIsWritable(t *testing.T) {
+	nodes := newFakeNodes(2)
+	for _, n := range nodes {
+		n.set(func(n *fakeNode) { n.plainMariaDB = true })
+	}
+	db, ec, _ := endpointsDB(t, nodes, PreferFirst)
+	if _, err := db.ExecContext(context.Background(), "INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	if got := ranOn(nodes, "INSERT"); len(got) != 1 || got[0] != 0 {
+		t.Errorf("ran on %v, want node 0", got)
+	}
+	if h := ec.Health(); h[0].State != BreakerClosed {
+		t.Errorf("node 0's health %+v, want closed", h[0])
 	}
 }
