@@ -149,10 +149,36 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 	if err != nil {
 		if c.tx != nil {
 			c.tx.failed(err, query)
+			return nil, err
 		}
-		return nil, err
+		return nil, c.prepareFailed(ctx, query, err)
 	}
 	return &stmt{inner: si, c: c, query: query}, nil
+}
+
+// prepareFailed judges a prepare that failed outside a transaction. A
+// prepare has no effect on the data, so one whose connection was lost
+// (go-sql-driver/mysql's "invalid connection" while the reply was awaited;
+// it prepares every statement with arguments) is handed to database/sql
+// to run on a new connection, like a statement that sent nothing; within
+// the retry budget, and not in shadow mode (the plain driver's error).
+func (c *conn) prepareFailed(ctx context.Context, query string, err error) error {
+	if ctx.Err() != nil || c.r.shadow.Load() {
+		return err
+	}
+	cls := c.r.classify(err)
+	if cls != ConnectionLost && !errors.Is(err, driver.ErrBadConn) {
+		return err
+	}
+	c.bad.Store(true)
+	if !c.r.budget.withdraw() {
+		return c.r.refuse(ctx, "prepare", 1, cls, ErrBudgetExhausted, err)
+	}
+	c.r.counters.handOffs.Add(1)
+	c.r.counters.retriesConnection.Add(1)
+	const why = "the connection was lost while the statement was prepared; nothing ran"
+	c.r.observe(ctx, Event{Kind: EventHandOff, Op: "prepare", Attempt: 1, Class: cls, Err: err, Reason: why + "; database/sql re-runs the call on another connection"})
+	return handOffWith(err, why)
 }
 
 // noteTxControl follows transactions opened by hand with Exec("BEGIN"),

@@ -211,6 +211,13 @@ func (c *fakeConn) noticeGone() error {
 
 func (c *fakeConn) Prepare(q string) (driver.Stmt, error) { return &fakeStmt{c: c, q: q}, nil }
 func (c *fakeConn) PrepareContext(_ context.Context, q string) (driver.Stmt, error) {
+	// A script under "PREPARE "+q fails the prepare itself (nothing runs).
+	if st, ok := c.srv.next("PREPARE " + q); ok && st.err != nil {
+		if st.closes {
+			c.broken = true
+		}
+		return nil, st.err
+	}
 	return c.Prepare(q)
 }
 func (c *fakeConn) Close() error {
