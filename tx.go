@@ -548,6 +548,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		}
 		rc := *r // shares breaker, budget, counters and resolution state by pointer
 		rc.cfg, rc.obs = cfg, cfg.observer
+		rc.ops, _ = rc.obs.(OperationObserver)
 		rc.liveBackoff = nil // this call's backoff is cfg's
 		r = &rc
 	}
