@@ -96,6 +96,64 @@ type conn struct {
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.
 	inflight atomic.Pointer[chan error]
+
+	facts queryFacts // what the SQL reader said of the last statement's text
+}
+
+// queryFacts remembers what the SQL reader (txControl, escapesTx,
+// isReadQuery: pure functions of the dialect and the text) said of the
+// last statement's text on this connection, each worked out on first
+// use. A program runs the same few texts again and again, mostly the same
+// string constant: comparing it with the last one costs a length and
+// pointer check, where reading it costs a scan. Calls on a connection are
+// serialised by database/sql, so no lock.
+type queryFacts struct {
+	q     string
+	known uint8 // factCtl, factEsc, factRead: which of the below are worked out
+	ctl   int   // txControl
+	esc   bool  // escapesTx
+	read  bool  // isReadQuery
+}
+
+const (
+	factCtl = 1 << iota
+	factEsc
+	factRead
+)
+
+// of returns f for query q, forgetting what it knew of another text.
+func (f *queryFacts) of(q string) *queryFacts {
+	if f.q != q || f.known == 0 {
+		*f = queryFacts{q: q}
+	}
+	return f
+}
+
+// txControl is txControl(c.r.dialect, q), remembered for the last text.
+func (c *conn) txControl(q string) int {
+	f := c.facts.of(q)
+	if f.known&factCtl == 0 {
+		f.ctl, f.known = txControl(c.r.dialect, q), f.known|factCtl
+	}
+	return f.ctl
+}
+
+// escapesTx is escapesTx(c.r.dialect, q), remembered for the last text.
+func (c *conn) escapesTx(q string) bool {
+	f := c.facts.of(q)
+	if f.known&factEsc == 0 {
+		f.esc, f.known = escapesTx(c.r.dialect, q), f.known|factEsc
+	}
+	return f.esc
+}
+
+// isReadQuery is isReadQuery(c.r.dialect, q), remembered for the last text.
+func (c *conn) isReadQuery(q string) bool {
+	f := c.facts.of(q)
+	if f.known&factRead == 0 {
+		f.read, f.known = isReadQuery(c.r.dialect, q), f.known|factRead
+	}
+	return f.read
 }
 
 func newConn(ic driver.Conn, r *retrier) *conn {
@@ -157,7 +215,7 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 // COMMIT AND CHAIN keeps it open (issue 9 item 3). A connection that is
 // manual for good (SET autocommit, XA) stays so.
 func (c *conn) noteTxControl(query string) {
-	switch txControl(c.r.dialect, query) {
+	switch c.txControl(query) {
 	case txOpens:
 		c.manual.CompareAndSwap(0, 1)
 	case txForGood:
