@@ -80,6 +80,12 @@ type conn struct {
 	manual  atomic.Int32 // >0: a transaction opened by hand (BEGIN via Exec); no statement retries
 	bad     atomic.Bool  // discard at the next reset: it broke or may be on a standby
 
+	// resetter and validator: asserted once (newConn), not each time the
+	// pool takes the connection back (ResetSession, IsValid); nil when the
+	// driver lacks them.
+	resetter  driver.SessionResetter
+	validator driver.Validator
+
 	// lost: the driver's connection was seen closed after a lost
 	// connection; from then on the driver refuses every call before sending
 	// anything (pgx checks IsClosed first), so its ErrBadConn is a proven
@@ -160,6 +166,8 @@ func newConn(ic driver.Conn, r *retrier) *conn {
 	c := &conn{inner: ic, r: r}
 	c.execer, _ = ic.(driver.ExecerContext)
 	c.queryer, _ = ic.(driver.QueryerContext)
+	c.resetter, _ = ic.(driver.SessionResetter)
+	c.validator, _ = ic.(driver.Validator)
 	if r.implicitTx {
 		c.manual.Store(2)
 	}
@@ -436,8 +444,8 @@ func (c *conn) ResetSession(ctx context.Context) error {
 	if c.bad.Load() {
 		return driver.ErrBadConn
 	}
-	if sr, ok := c.inner.(driver.SessionResetter); ok {
-		return sr.ResetSession(ctx)
+	if c.resetter != nil {
+		return c.resetter.ResetSession(ctx)
 	}
 	return nil
 }
@@ -446,8 +454,8 @@ func (c *conn) IsValid() bool {
 	if c.bad.Load() {
 		return false
 	}
-	if v, ok := c.inner.(driver.Validator); ok {
-		return v.IsValid()
+	if c.validator != nil {
+		return c.validator.IsValid()
 	}
 	return true
 }
