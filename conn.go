@@ -121,6 +121,10 @@ type queryFacts struct {
 	read  bool  // isReadQuery
 }
 
+// factsMaxLen: a longer text (a generated bulk INSERT) is read each time
+// rather than kept alive by the connection until its next statement.
+const factsMaxLen = 4096
+
 const (
 	factCtl = 1 << iota
 	factEsc
@@ -137,6 +141,9 @@ func (f *queryFacts) of(q string) *queryFacts {
 
 // txControl is txControl(c.r.dialect, q), remembered for the last text.
 func (c *conn) txControl(q string) int {
+	if len(q) > factsMaxLen {
+		return txControl(c.r.dialect, q)
+	}
 	f := c.facts.of(q)
 	if f.known&factCtl == 0 {
 		f.ctl, f.known = txControl(c.r.dialect, q), f.known|factCtl
@@ -146,6 +153,9 @@ func (c *conn) txControl(q string) int {
 
 // escapesTx is escapesTx(c.r.dialect, q), remembered for the last text.
 func (c *conn) escapesTx(q string) bool {
+	if len(q) > factsMaxLen {
+		return escapesTx(c.r.dialect, q)
+	}
 	f := c.facts.of(q)
 	if f.known&factEsc == 0 {
 		f.esc, f.known = escapesTx(c.r.dialect, q), f.known|factEsc
@@ -155,6 +165,9 @@ func (c *conn) escapesTx(q string) bool {
 
 // isReadQuery is isReadQuery(c.r.dialect, q), remembered for the last text.
 func (c *conn) isReadQuery(q string) bool {
+	if len(q) > factsMaxLen {
+		return isReadQuery(c.r.dialect, q)
+	}
 	f := c.facts.of(q)
 	if f.known&factRead == 0 {
 		f.read, f.known = isReadQuery(c.r.dialect, q), f.known|factRead

@@ -19,6 +19,8 @@ func TestQueryFactsAnswerAsTheReader(t *testing.T) {
 		"COMMIT AND CHAIN",
 		"",
 		"INSERT INTO t VALUES (1); COMMIT",
+		"INSERT INTO t VALUES " + strings.Repeat("(1), ", 1000) + "(1)", // longer than factsMaxLen
+		"BEGIN; " + strings.Repeat("SELECT 1; ", 500),
 	}
 	for _, d := range []Dialect{DialectPostgres, DialectMySQL, DialectUnknown} {
 		c := &conn{r: &retrier{dialect: d}}
