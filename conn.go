@@ -80,6 +80,12 @@ type conn struct {
 	manual  atomic.Int32 // >0: a transaction opened by hand (BEGIN via Exec); no statement retries
 	bad     atomic.Bool  // discard at the next reset: it broke or may be on a standby
 
+	// resetter and validator: asserted once (newConn), not each time the
+	// pool takes the connection back (ResetSession, IsValid); nil when the
+	// driver lacks them.
+	resetter  driver.SessionResetter
+	validator driver.Validator
+
 	// lost: the driver's connection was seen closed after a lost
 	// connection; from then on the driver refuses every call before sending
 	// anything (pgx checks IsClosed first), so its ErrBadConn is a proven
@@ -99,12 +105,85 @@ type conn struct {
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.
 	inflight atomic.Pointer[chan error]
+
+	facts queryFacts // what the SQL reader said of the last statement's text
+}
+
+// queryFacts remembers what the SQL reader (txControl, escapesTx,
+// isReadQuery: pure functions of the dialect and the text) said of the
+// last statement's text on this connection, each worked out on first
+// use. A program runs the same few texts again and again, mostly the same
+// string constant: comparing it with the last one costs a length and
+// pointer check, where reading it costs a scan. Calls on a connection are
+// serialised by database/sql, so no lock.
+type queryFacts struct {
+	q     string
+	known uint8 // factCtl, factEsc, factRead: which of the below are worked out
+	ctl   int   // txControl
+	esc   bool  // escapesTx
+	read  bool  // isReadQuery
+}
+
+// factsMaxLen: a longer text (a generated bulk INSERT) is read each time
+// rather than kept alive by the connection until its next statement.
+const factsMaxLen = 4096
+
+const (
+	factCtl = 1 << iota
+	factEsc
+	factRead
+)
+
+// of returns f for query q, forgetting what it knew of another text.
+func (f *queryFacts) of(q string) *queryFacts {
+	if f.q != q || f.known == 0 {
+		*f = queryFacts{q: q}
+	}
+	return f
+}
+
+// txControl is txControl(c.r.dialect, q), remembered for the last text.
+func (c *conn) txControl(q string) int {
+	if len(q) > factsMaxLen {
+		return txControl(c.r.dialect, q)
+	}
+	f := c.facts.of(q)
+	if f.known&factCtl == 0 {
+		f.ctl, f.known = txControl(c.r.dialect, q), f.known|factCtl
+	}
+	return f.ctl
+}
+
+// escapesTx is escapesTx(c.r.dialect, q), remembered for the last text.
+func (c *conn) escapesTx(q string) bool {
+	if len(q) > factsMaxLen {
+		return escapesTx(c.r.dialect, q)
+	}
+	f := c.facts.of(q)
+	if f.known&factEsc == 0 {
+		f.esc, f.known = escapesTx(c.r.dialect, q), f.known|factEsc
+	}
+	return f.esc
+}
+
+// isReadQuery is isReadQuery(c.r.dialect, q), remembered for the last text.
+func (c *conn) isReadQuery(q string) bool {
+	if len(q) > factsMaxLen {
+		return isReadQuery(c.r.dialect, q)
+	}
+	f := c.facts.of(q)
+	if f.known&factRead == 0 {
+		f.read, f.known = isReadQuery(c.r.dialect, q), f.known|factRead
+	}
+	return f.read
 }
 
 func newConn(ic driver.Conn, r *retrier) *conn {
 	c := &conn{inner: ic, r: r}
 	c.execer, _ = ic.(driver.ExecerContext)
 	c.queryer, _ = ic.(driver.QueryerContext)
+	c.resetter, _ = ic.(driver.SessionResetter)
+	c.validator, _ = ic.(driver.Validator)
 	if r.implicitTx {
 		c.manual.Store(2)
 	}
@@ -186,7 +265,7 @@ func (c *conn) prepareFailed(ctx context.Context, query string, err error) error
 // COMMIT AND CHAIN keeps it open (issue 9 item 3). A connection that is
 // manual for good (SET autocommit, XA) stays so.
 func (c *conn) noteTxControl(query string) {
-	switch txControl(c.r.dialect, query) {
+	switch c.txControl(query) {
 	case txOpens:
 		c.manual.CompareAndSwap(0, 1)
 	case txForGood:
@@ -434,8 +513,8 @@ func (c *conn) ResetSession(ctx context.Context) error {
 		c.bad.Store(true)
 		return driver.ErrBadConn
 	}
-	if sr, ok := c.inner.(driver.SessionResetter); ok {
-		return sr.ResetSession(ctx)
+	if c.resetter != nil {
+		return c.resetter.ResetSession(ctx)
 	}
 	return nil
 }
@@ -444,8 +523,8 @@ func (c *conn) IsValid() bool {
 	if c.bad.Load() {
 		return false
 	}
-	if v, ok := c.inner.(driver.Validator); ok {
-		return v.IsValid()
+	if c.validator != nil {
+		return c.validator.IsValid()
 	}
 	return true
 }

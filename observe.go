@@ -276,11 +276,11 @@ type OperationObserver interface {
 	EndOperation(ctx context.Context, op Operation, err error)
 }
 
-// operations is the observer's OperationObserver, or nil: the hot path
-// pays one type assertion.
+// operations is the observer's OperationObserver, or nil, asserted once
+// when the retrier is made (newRetrier, RunInTx's copy): the hot path pays
+// a field load, not a type assertion per call.
 func (r *retrier) operations() OperationObserver {
-	o, _ := r.obs.(OperationObserver)
-	return o
+	return r.ops
 }
 
 // observed runs call as op between StartOperation and EndOperation.

@@ -21,8 +21,9 @@ type retrier struct {
 	budget     *retryBudget
 	dials      *dialLimiter
 	obs        Observer
-	inner      driver.Connector // the driver's connector, for side connections that resolve lost COMMITs
-	implicitTx bool             // the DSN turns autocommit off: every statement is in a transaction
+	ops        OperationObserver // obs as an OperationObserver, nil if it is not one: asserted once, not per call
+	inner      driver.Connector  // the driver's connector, for side connections that resolve lost COMMITs
+	implicitTx bool              // the DSN turns autocommit off: every statement is in a transaction
 	counters   *counters
 	resolution *resolveState
 	txLimit    *txLimiter // RunInTx's contention control; nil when off
@@ -73,6 +74,7 @@ func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 	r.shadow = new(atomic.Bool)
 	r.liveBackoff = new(atomic.Pointer[Backoff])
 	r.shadow.Store(cfg.shadow)
+	r.ops, _ = r.obs.(OperationObserver)
 	return r
 }
 

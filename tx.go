@@ -61,12 +61,12 @@ func (t *tx) guard(query string) error {
 // with a NotIdempotent context counts as a write: the caller said it has
 // an effect (a function of the user's own called by a SELECT).
 func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
-	if escapesTx(t.c.r.dialect, query) {
+	if t.c.escapesTx(query) {
 		t.escape(query)
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
-		if !t.wrote && (!isQuery || !isReadQuery(t.c.r.dialect, query) || markedNotIdempotent(ctx)) {
+		if !t.wrote && (!isQuery || !t.c.isReadQuery(query) || markedNotIdempotent(ctx)) {
 			t.wrote = true
 		}
 		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
@@ -88,7 +88,7 @@ func (t *tx) escape(query string) {
 	if t.attempt != nil {
 		t.attempt.escaped = true
 	}
-	if txControl(t.c.r.dialect, query) == txForGood {
+	if t.c.txControl(query) == txForGood {
 		t.c.manual.Store(2)
 	}
 }
@@ -548,6 +548,7 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		}
 		rc := *r // shares breaker, budget, counters and resolution state by pointer
 		rc.cfg, rc.obs = cfg, cfg.observer
+		rc.ops, _ = rc.obs.(OperationObserver)
 		rc.liveBackoff = nil // this call's backoff is cfg's
 		r = &rc
 	}
