@@ -29,6 +29,11 @@ func TestOpenRejectsBadInput(t *testing.T) {
 		"bad timeout":    func() error { _, err := Open("pgx", "", WithAttemptTimeout(-time.Second)); return err },
 		"bad marker":     func() error { _, err := Open("mysql", "", WithMySQLCommitMarker("x; DROP TABLE y")); return err },
 		"nil observer":   func() error { _, err := Open("pgx", "", WithObserver(nil)); return err },
+		"typed nil observer": func() error {
+			var o *nilObserver // a constructor's result left nil after its error, say
+			_, err := Open("pgx", "", WithObserver(o))
+			return err
+		},
 		"nil driver":     func() error { return Register("sqlretry-nil", nil) },
 		"nil *driver":    func() error { return Register("sqlretry-nilptr", (*stdlib.Driver)(nil)) },
 		"empty name":     func() error { return Register("", stdlib.GetDefaultDriver()) },
@@ -253,3 +258,8 @@ func TestErrorMessages(t *testing.T) {
 		t.Error("withoutBadConn")
 	}
 }
+
+// nilObserver is an Observer whose methods need a non-nil receiver.
+type nilObserver struct{ n int }
+
+func (o *nilObserver) Observe(context.Context, Event) { o.n++ }

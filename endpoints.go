@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -310,11 +309,6 @@ func endpointName(dsn string, i int) string {
 		}
 	}
 	return fmt.Sprintf("endpoint %d", i+1)
-}
-
-func isNilPointer(c driver.Connector) bool {
-	v := reflect.ValueOf(c)
-	return v.Kind() == reflect.Pointer && v.IsNil()
 }
 
 // Driver is the first endpoint's driver (sqlretry detects the dialect

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"reflect"
 	"time"
 )
 
@@ -225,7 +226,7 @@ func WithAttemptTimeout(d time.Duration) Option {
 // WithObserver sends every decision to o (default: none).
 func WithObserver(o Observer) Option {
 	return func(c *config) error {
-		if o == nil {
+		if o == nil || isNilPointer(o) {
 			return optionError("WithObserver", errors.New("observer is nil"))
 		}
 		c.observer = o
@@ -343,4 +344,15 @@ func NotIdempotent(ctx context.Context) context.Context {
 // NoRetry turns every retry off for the calls made with ctx.
 func NoRetry(ctx context.Context) context.Context {
 	return context.WithValue(ctx, keyNoRetry, true)
+}
+
+// isNilPointer says whether v is a nil pointer (or map, func, chan)
+// inside a non-nil interface: a constructor's result left nil after its
+// error, say, which would panic at the first call.
+func isNilPointer(v any) bool {
+	switch rv := reflect.ValueOf(v); rv.Kind() {
+	case reflect.Pointer, reflect.Map, reflect.Func, reflect.Chan, reflect.Interface, reflect.Slice:
+		return rv.IsNil()
+	}
+	return false
 }
