@@ -84,8 +84,12 @@ func (c *Clock) Sleep(ctx context.Context, d time.Duration) error {
 }
 
 // Advance moves the clock forward by d, waking the sleepers and expiring
-// the contexts (WithTimeout) whose time has come, in order.
+// the contexts (WithTimeout) whose time has come, in order. A negative d
+// does nothing: the clock never goes back.
 func (c *Clock) Advance(d time.Duration) {
+	if d < 0 {
+		return
+	}
 	c.mu.Lock()
 	c.now = c.now.Add(d)
 	var due []*waiter

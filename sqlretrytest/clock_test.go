@@ -79,3 +79,14 @@ func TestClockAutoAdvanceAndWithTimeout(t *testing.T) {
 		t.Errorf("cancelled: %v", ctx2.Err())
 	}
 }
+
+// The clock only moves forward: a negative Advance does nothing (time
+// going backwards would make sqlretry's elapsed times negative).
+func TestClockAdvanceNeverGoesBack(t *testing.T) {
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	c := sqlretrytest.NewClock(start)
+	c.Advance(-time.Hour)
+	if got := c.Now(); !got.Equal(start) {
+		t.Errorf("Now = %v after Advance(-1h), want %v", got, start)
+	}
+}
