@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"errors"
 	"reflect"
 	"runtime"
 	"sync"
@@ -88,6 +89,30 @@ type txLimiter struct {
 	// transactions, the three others 197-215).
 	gateOn    atomic.Bool
 	gateUntil atomic.Int64 // unix ns
+}
+
+// isConflict says whether a replayed attempt was aborted by a conflict with
+// another transaction, the one thing contention control acts on: the
+// server's own verdict (serialization failure, deadlock, lock wait), by
+// cls. sqlretry's own verdicts count by the error they carry: a COMMIT
+// lost with its connection and found not committed is replayed as
+// RetryTransaction, but its cause is the lost connection (a crashed
+// server, a killed session), and its attempt's time is the outage's.
+// Counted as a conflict, that time engaged the limiter after every
+// PostgreSQL restart with a hold of 10 s (issue 13, goal 4).
+func (r *retrier) isConflict(cause error, cls Class) bool {
+	for cls == RetryTransaction || cls == RetryStatement {
+		var own *Error
+		if !errors.As(cause, &own) {
+			return true
+		}
+		if own.Err == nil {
+			return false
+		}
+		cause = own.Err
+		cls = r.classify(cause)
+	}
+	return false
 }
 
 // gateMemory is how long a costly conflict keeps the queue in use.
