@@ -806,3 +806,42 @@ func TestContentionIgnoresCommitsLostWithTheConnection(t *testing.T) {
 		t.Errorf("commits resolved %d, contention cuts %d: want lost COMMITs resolved and no cut", s.CommitsResolved, s.ContentionCuts)
 	}
 }
+
+// The conflicts of attempts that started before the last cut are one
+// signal with the conflict that made it (TCP does not cut again for the
+// losses of packets sent before its cut). A deadlock found after
+// deadlock_timeout ends, within milliseconds, the transactions queued on
+// its locks too (serialization failures after a second's wait): counted as
+// rounds of their own, they cut the limit from 4 to 1 and doubled the hold
+// twice, to 13 s, after a PostgreSQL restart (chaos pgx/restart). A
+// conflict of an attempt that started after the cut still cuts.
+func TestContentionOneCutForConflictsStartedBeforeIt(t *testing.T) {
+	l, clock := newTestLimiter()
+	warmUp(l, 16)
+	ctx := context.Background()
+	var slots []txSlot
+	for range 8 {
+		s, _ := l.acquire(ctx)
+		slots = append(slots, s)
+	}
+	clock.Advance(time.Second) // they all wait on the deadlock
+	for _, s := range slots {
+		l.release(s, true, false, time.Second)
+	}
+	if !l.engaged.Load() {
+		t.Fatal("a deadlock and the conflicts behind it did not engage the limiter")
+	}
+	if d := l.decrease.Load(); d != 1 || l.limit != 4 {
+		t.Fatalf("cuts %d, limit %v: want one cut, to half of the 8 in flight", d, l.limit)
+	}
+	// New attempts, started after the cut, conflict: that cuts again.
+	clock.Advance(time.Millisecond)
+	for range 4 {
+		s, _ := l.acquire(ctx)
+		clock.Advance(time.Millisecond)
+		l.release(s, true, false, time.Millisecond)
+	}
+	if d := l.decrease.Load(); d < 2 || l.limit >= 4 {
+		t.Errorf("cuts %d, limit %v: want more cuts for conflicts that began after the first", d, l.limit)
+	}
+}
