@@ -709,7 +709,7 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 	o.began, o.phase, o.err = runTxOnce(att, on, txOpts, fn, r.clock)
 	if o.err != nil {
 		r.decide(&o, att, sees)
-		o.conflict = ctx.Err() == nil && o.replay && (o.cls == RetryTransaction || o.cls == RetryStatement)
+		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
 	}
 	return o, nil
 }
