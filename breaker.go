@@ -124,8 +124,14 @@ func (b Breaker) validate() error {
 
 const breakerBuckets = 10
 
+// breakerBucket holds the outcomes of one tenth of the Window. Its start
+// is an instant (unix nanoseconds, a multiple of the bucket width), not a
+// bucket number: SetBreaker may change the Window, and so the width, while
+// buckets are counted, and instants stay comparable across widths (a
+// bucket number under the old width could lie in the future of the new
+// numbering and never be reset).
 type breakerBucket struct {
-	epoch      atomic.Int64
+	start      atomic.Int64
 	ok, failed atomic.Int64
 }
 
@@ -134,12 +140,14 @@ type breakerBucket struct {
 // the mutex guards transitions and bucket rotation. A generation counter
 // discards outcomes of calls that began before the last transition, as
 // sony/gobreaker does.
+//
+// The settings are one pointer that SetBreaker swaps (issue 11): each
+// decision loads it once, so it uses one consistent set.
 type breaker struct {
-	s        Breaker
+	settings atomic.Pointer[Breaker]
 	clock    Clock
 	rnd      func() float64
 	onChange func(from, to BreakerState)
-	width    int64 // bucket width in nanoseconds
 
 	state      atomic.Int32
 	openUntil  atomic.Int64 // unix nanoseconds
@@ -172,27 +180,42 @@ type breaker struct {
 const flushEvery = 64
 
 func newBreaker(s Breaker, clock Clock, rnd func() float64, onChange func(from, to BreakerState)) *breaker {
-	return &breaker{s: s, clock: clock, rnd: rnd, onChange: onChange, width: int64(s.Window) / breakerBuckets}
+	b := &breaker{clock: clock, rnd: rnd, onChange: onChange}
+	b.set(s)
+	return b
 }
+
+// set replaces the settings (validated, defaults applied). The state and
+// the outcomes counted are kept: an open breaker stays open until the
+// openUntil it was given, and a new OpenTimeout applies from the next
+// opening. A new Window applies to the next outcome: the buckets counted
+// so far are summed as long as they start within the new Window.
+func (b *breaker) set(s Breaker) {
+	b.settings.Store(&s)
+}
+
+// bucketWidth is one tenth of the Window, in nanoseconds.
+func bucketWidth(s *Breaker) int64 { return int64(s.Window) / breakerBuckets }
 
 // flush counts the successes that piled up since the last flush.
 func (b *breaker) flush() {
 	if b == nil || b.successes == nil {
 		return
 	}
+	s := b.settings.Load()
 	b.mu.Lock()
-	b.flushLocked()
+	b.flushLocked(s)
 	b.mu.Unlock()
 }
 
-func (b *breaker) flushLocked() {
+func (b *breaker) flushLocked(s *Breaker) {
 	if b.successes == nil {
 		return
 	}
 	n := b.successes.Load()
 	if d := n - b.flushed; d > 0 {
 		b.flushed = n
-		b.countN(true, d)
+		b.countN(s, true, d)
 	}
 }
 
@@ -225,6 +248,7 @@ func (b *breaker) allow() (ticket, error) {
 			return ticket{}, ErrCircuitOpen
 		}
 	}
+	s := b.settings.Load()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	switch BreakerState(b.state.Load()) {
@@ -234,9 +258,9 @@ func (b *breaker) allow() (ticket, error) {
 		if b.clock.Now().UnixNano() < b.openUntil.Load() {
 			return ticket{}, ErrCircuitOpen
 		}
-		b.setLocked(BreakerHalfOpen)
+		b.setLocked(BreakerHalfOpen, s)
 	}
-	if b.probes >= b.s.HalfOpenProbes {
+	if b.probes >= s.HalfOpenProbes {
 		return ticket{}, ErrCircuitOpen
 	}
 	b.probes++
@@ -259,9 +283,10 @@ func (b *breaker) done(t ticket, o outcome) {
 		return
 	}
 	if !t.probe && o == outcomeSuccess && BreakerState(b.state.Load()) == BreakerClosed {
-		b.countN(true, 1)
+		b.countN(b.settings.Load(), true, 1)
 		return
 	}
+	s := b.settings.Load()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if t.probe && t.gen == b.generation.Load() {
@@ -277,9 +302,9 @@ func (b *breaker) done(t ticket, o outcome) {
 	switch BreakerState(b.state.Load()) {
 	case BreakerClosed:
 		if o == outcomeFailure {
-			b.flushLocked()
+			b.flushLocked(s)
 		}
-		b.countN(o == outcomeSuccess, 1)
+		b.countN(s, o == outcomeSuccess, 1)
 		if dial {
 			// A run of dial failures: no success was counted since the last one.
 			if ok := b.okSeen.Load(); ok == b.okAtDialFailure {
@@ -287,34 +312,35 @@ func (b *breaker) done(t ticket, o outcome) {
 			} else {
 				b.dialRun, b.okAtDialFailure = 1, ok
 			}
-			if b.dialRun >= b.s.ConsecutiveDialFailures {
-				b.setLocked(BreakerOpen)
+			if b.dialRun >= s.ConsecutiveDialFailures {
+				b.setLocked(BreakerOpen, s)
 				return
 			}
 		}
 		if o == outcomeFailure {
-			b.tripIfNeededLocked()
+			b.tripIfNeededLocked(s)
 		}
 	case BreakerHalfOpen:
 		if !t.probe {
 			return
 		}
 		if o == outcomeFailure {
-			b.setLocked(BreakerOpen)
+			b.setLocked(BreakerOpen, s)
 			return
 		}
 		b.probeWins++
-		if b.probeWins >= b.s.HalfOpenProbes {
-			b.setLocked(BreakerClosed)
+		if b.probeWins >= s.HalfOpenProbes {
+			b.setLocked(BreakerClosed, s)
 		}
 	}
 }
 
-func (b *breaker) countN(success bool, n int64) {
-	epoch := b.clock.Now().UnixNano() / b.width
-	bk := &b.buckets[epoch%breakerBuckets]
-	if bk.epoch.Load() != epoch {
-		b.rotate(bk, epoch)
+func (b *breaker) countN(s *Breaker, success bool, n int64) {
+	w := bucketWidth(s)
+	i := b.clock.Now().UnixNano() / w
+	bk := &b.buckets[i%breakerBuckets]
+	if start := i * w; bk.start.Load() != start {
+		b.rotate(bk, start)
 	}
 	if success {
 		bk.ok.Add(n)
@@ -324,15 +350,17 @@ func (b *breaker) countN(success bool, n int64) {
 	}
 }
 
-// rotate resets a bucket that holds an older epoch. Counts added by a racing
-// goroutine during the reset may be lost; the window is an estimate.
-func (b *breaker) rotate(bk *breakerBucket, epoch int64) {
+// rotate resets a bucket that started before start. Counts added by a
+// racing goroutine during the reset may be lost; the window is an estimate.
+// A bucket that started later (under a narrower width from before a Window
+// change) is kept and counted into: it started within the window.
+func (b *breaker) rotate(bk *breakerBucket, start int64) {
 	for {
-		old := bk.epoch.Load()
-		if old >= epoch {
+		old := bk.start.Load()
+		if old >= start {
 			return
 		}
-		if bk.epoch.CompareAndSwap(old, epoch) {
+		if bk.start.CompareAndSwap(old, start) {
 			bk.ok.Store(0)
 			bk.failed.Store(0)
 			return
@@ -340,23 +368,25 @@ func (b *breaker) rotate(bk *breakerBucket, epoch int64) {
 	}
 }
 
-func (b *breaker) tripIfNeededLocked() {
-	now := b.clock.Now().UnixNano() / b.width
+func (b *breaker) tripIfNeededLocked(s *Breaker) {
+	now := b.clock.Now().UnixNano()
+	w := bucketWidth(s)
+	cur := now / w * w // the current bucket's start
 	var ok, failed int64
 	for i := range b.buckets {
 		bk := &b.buckets[i]
-		if e := bk.epoch.Load(); e > now-breakerBuckets && e <= now {
+		if st := bk.start.Load(); st > cur-int64(s.Window) && st <= now {
 			ok += bk.ok.Load()
 			failed += bk.failed.Load()
 		}
 	}
 	total := ok + failed
-	if total >= int64(b.s.MinRequests) && float64(failed) >= b.s.FailureRatio*float64(total) {
-		b.setLocked(BreakerOpen)
+	if total >= int64(s.MinRequests) && float64(failed) >= s.FailureRatio*float64(total) {
+		b.setLocked(BreakerOpen, s)
 	}
 }
 
-func (b *breaker) setLocked(to BreakerState) {
+func (b *breaker) setLocked(to BreakerState, s *Breaker) {
 	from := BreakerState(b.state.Load())
 	if from == to {
 		return
@@ -368,11 +398,11 @@ func (b *breaker) setLocked(to BreakerState) {
 	case BreakerOpen:
 		// From half-open a probe failed: the next one comes after
 		// ProbeInterval; from closed, after OpenTimeout.
-		d := b.s.OpenTimeout
+		d := s.OpenTimeout
 		if from == BreakerHalfOpen {
-			d = b.s.ProbeInterval
+			d = s.ProbeInterval
 		}
-		open := float64(d) * (1 + b.s.OpenJitter*b.rnd())
+		open := float64(d) * (1 + s.OpenJitter*b.rnd())
 		b.openUntil.Store(b.clock.Now().Add(time.Duration(open)).UnixNano())
 		b.opens.Add(1)
 	case BreakerClosed:
@@ -380,7 +410,7 @@ func (b *breaker) setLocked(to BreakerState) {
 			b.flushed = b.successes.Load()
 		}
 		for i := range b.buckets {
-			b.buckets[i].epoch.Store(0)
+			b.buckets[i].start.Store(0)
 			b.buckets[i].ok.Store(0)
 			b.buckets[i].failed.Store(0)
 		}

@@ -21,12 +21,13 @@ func (b *breaker) reprobeSoon() {
 	if b == nil {
 		return
 	}
+	s := b.settings.Load()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if BreakerState(b.state.Load()) != BreakerOpen {
 		return
 	}
-	d := float64(b.s.OpenTimeout) / electionReprobeShare * (1 + b.s.OpenJitter*b.rnd())
+	d := float64(s.OpenTimeout) / electionReprobeShare * (1 + s.OpenJitter*b.rnd())
 	if until := b.clock.Now().Add(time.Duration(d)).UnixNano(); until < b.openUntil.Load() {
 		b.openUntil.Store(until)
 	}

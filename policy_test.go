@@ -63,7 +63,9 @@ func TestBreakerStateMachine(t *testing.T) {
 	var changes []string
 	b := newBreaker(Breaker{Window: 10 * time.Second, MinRequests: 4, FailureRatio: 0.5, OpenTimeout: time.Second, OpenJitter: 0, HalfOpenProbes: 2}.withDefaults(),
 		clock, func() float64 { return 0 }, func(from, to BreakerState) { changes = append(changes, from.String()+">"+to.String()) })
-	b.s.OpenJitter = 0
+	s := *b.settings.Load()
+	s.OpenJitter = 0
+	b.set(s)
 	pass := func(o outcome) {
 		tk, err := b.allow()
 		if err != nil {
@@ -249,7 +251,7 @@ func TestBreakerReprobesAfterOpenTimeout(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			clock := newFakeClock()
 			b := newBreaker(tc.b.withDefaults(), clock, rand.Float64, nil)
-			for range b.s.ConsecutiveDialFailures {
+			for range b.settings.Load().ConsecutiveDialFailures {
 				tk, err := b.allow()
 				if err != nil {
 					t.Fatal(err)
@@ -257,7 +259,7 @@ func TestBreakerReprobesAfterOpenTimeout(t *testing.T) {
 				b.done(tk, outcomeDialFailure)
 			}
 			if _, err := b.allow(); err != ErrCircuitOpen {
-				t.Fatalf("after %d dial failures: err=%v, want ErrCircuitOpen", b.s.ConsecutiveDialFailures, err)
+				t.Fatalf("after %d dial failures: err=%v, want ErrCircuitOpen", b.settings.Load().ConsecutiveDialFailures, err)
 			}
 			clock.Advance(tc.firstProbe)
 			clock.Advance(tc.probeAllowed)

@@ -6,10 +6,12 @@ import (
 )
 
 // Policy changes at run time (issue 11): a live *sql.DB opened through
-// sqlretry takes a new backoff or budget without reopening. A call reads
-// the backoff once, when it starts, and keeps it to its end; the budget is
-// one token bucket that every call shares, so a change applies to the
-// next withdrawal. Shadow mode switches with SetShadow (shadow.go).
+// sqlretry takes a new backoff, budget or breaker settings without
+// reopening. A call reads the backoff once, when it starts, and keeps it
+// to its end; the budget is one token bucket and the breaker one state
+// machine that every call shares, so a change applies to the next
+// withdrawal or breaker decision. Shadow mode switches with SetShadow
+// (shadow.go).
 
 var errNotSqlretry = errors.New("sqlretry: the *sql.DB was not opened through sqlretry")
 
@@ -54,5 +56,29 @@ func SetBudget(db *sql.DB, b Budget) error {
 		return optionError("SetBudget", err)
 	}
 	r.budget.set(b.withDefaults())
+	return nil
+}
+
+// SetBreaker replaces the circuit breaker's settings of db (zero fields
+// take DefaultBreaker's values, as WithBreaker). The breaker keeps its
+// state and the outcomes it counted: the next decision uses the new
+// settings, an open breaker stays open until the time its opening was
+// given (a new OpenTimeout applies from the next opening; ProbeInterval
+// from the next failed probe), and a new Window sums the outcomes counted
+// so far that fall within it. It changes the db's breaker only, not the
+// per-endpoint breakers of NewEndpointsConnector. A db opened
+// WithoutBreaker has no breaker to change.
+func SetBreaker(db *sql.DB, b Breaker) error {
+	r := retrierOf(db)
+	if r == nil {
+		return errNotSqlretry
+	}
+	if r.breaker == nil {
+		return errors.New("sqlretry: SetBreaker: the db was opened WithoutBreaker")
+	}
+	if err := b.validate(); err != nil {
+		return optionError("SetBreaker", err)
+	}
+	r.breaker.set(b.withDefaults())
 	return nil
 }
