@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"testing"
 	"time"
 
@@ -88,7 +89,7 @@ func galeraEndpoints(t *testing.T, g *dbserver.Galera, dials *workload.DialLog, 
 // sqlretry's RunInTx every transfer commits.
 func galeraConflicts(t *testing.T, g *dbserver.Galera) {
 	ctx := context.Background()
-	admin, err := sql.Open("mysql", g.Nodes[0].DSN)
+	admin, err := sql.Open("mysql", causalRead(g.Nodes[0].DSN))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +144,7 @@ func galeraConflicts(t *testing.T, g *dbserver.Galera) {
 // rejoins; the endpoint's breaker takes it back.
 func galeraNodeKill(t *testing.T, g *dbserver.Galera) {
 	ctx := context.Background()
-	admin, err := sql.Open("mysql", g.Nodes[2].DSN)
+	admin, err := sql.Open("mysql", causalRead(g.Nodes[2].DSN))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,4 +253,15 @@ func galeraNodeKill(t *testing.T, g *dbserver.Galera) {
 	if ec.Health()[victim].Dials == h[victim].Dials {
 		t.Errorf("the restarted node got no connection: %+v", ec.Health()[victim])
 	}
+}
+
+// causalRead makes a Galera session's reads wait for the cluster's
+// writes to be applied on its node (wsrep_sync_wait=1): the invariant
+// check must not read a node that has not yet applied a write another
+// node acknowledged (seen as a "lost ack" that was not lost).
+func causalRead(dsn string) string {
+	if strings.Contains(dsn, "?") {
+		return dsn + "&wsrep_sync_wait=1"
+	}
+	return dsn + "?wsrep_sync_wait=1"
 }

@@ -225,7 +225,7 @@ func StartMariaDBSemiSyncPair() (*MariaDBSemiSyncPair, error) {
 		return nil, err
 	}
 	defer replica.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second) // generous: a loaded machine
 	defer cancel()
 	if _, err := replica.ExecContext(ctx, fmt.Sprintf("CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=%d, MASTER_USER='root', MASTER_USE_GTID=slave_pos", mariaDBPort(p.Primary.DSN))); err != nil {
 		return nil, fmt.Errorf("CHANGE MASTER: %v", err)
