@@ -425,3 +425,26 @@ func TestMarkerCleanupIsOffTheCallersPath(t *testing.T) {
 		t.Fatal("closing the db did not stop the clean-up")
 	}
 }
+
+// The resolution's event says how the outcome was found, so that a log
+// of an ErrAmbiguousCommit tells why it could not be known.
+func TestCommitResolutionEventSaysHow(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("COMMIT", step{err: errLost, ran: true})
+	var reasons []string
+	db, _ := testDB(t, srv, WithObserver(ObserverFunc(func(_ context.Context, e Event) {
+		if e.Kind == EventCommitResolved {
+			reasons = append(reasons, e.Reason)
+		}
+	})))
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(reasons) != 1 || !strings.Contains(reasons[0], "asked by the transaction id on a new connection (1 question(s))") {
+		t.Errorf("reasons = %q, want how the outcome was found", reasons)
+	}
+}

@@ -386,12 +386,17 @@ func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
 // resolveCommit finds out whether the COMMIT of t took effect, within ctx.
 func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	var check func(ctx context.Context, dc driver.Conn) (CommitOutcome, error)
+	by := "the transaction id"
 	switch {
 	case r.dialect == DialectPostgres && t.xid != 0:
+		if t.mark.lsn != 0 {
+			by = "the transaction id and its WAL position"
+		}
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
 			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark)
 		}
 	case r.dialect == DialectMySQL && t.token != nil:
+		by = "the commit marker"
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
 			return mysqlCheckCommit(ctx, dc, t.marker, t.token, t.c.serverID, t.c.mysqlServer)
 		}
@@ -410,6 +415,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	}()
 	outcome := CommitUnknown
 	var lastErr error
+	asked := 0
 	for attempt := 1; ; attempt++ {
 		if dc == nil {
 			// A side connection straight from the driver: the pool may be
@@ -425,6 +431,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 			lastErr = err
 		}
 		if dc != nil {
+			asked++
 			o, err := check(ctx, dc)
 			if err == nil && o != CommitUnknown {
 				outcome = o
@@ -448,7 +455,11 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	if outcome != CommitUnknown {
 		r.counters.commitsResolved.Add(1)
 	}
-	r.observe(ctx, Event{Kind: EventCommitResolved, Op: "commit", Attempt: 1, Class: ConnectionLost, Outcome: outcome, Err: lastErr})
+	why := fmt.Sprintf("asked by %s on a new connection (%d question(s))", by, asked)
+	if outcome == CommitUnknown && lastErr != nil {
+		why += "; the last answer: " + lastErr.Error()
+	}
+	r.observe(ctx, Event{Kind: EventCommitResolved, Op: "commit", Attempt: 1, Class: ConnectionLost, Outcome: outcome, Err: lastErr, Reason: why})
 	return outcome
 }
 
