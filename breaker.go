@@ -190,7 +190,20 @@ func newBreaker(s Breaker, clock Clock, rnd func() float64, onChange func(from, 
 // openUntil it was given, and a new OpenTimeout applies from the next
 // opening. A new Window applies to the next outcome: the buckets counted
 // so far are summed as long as they start within the new Window.
+// set swaps the settings. A new Window starts the count afresh: outcomes
+// bucketed under the old bucket width would land in ring slots that the
+// new width maps elsewhere, and some would be dropped and some kept by
+// chance (the start instant's remainder), so none are kept.
 func (b *breaker) set(s Breaker) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if old := b.settings.Load(); old != nil && old.Window != s.Window {
+		for i := range b.buckets {
+			b.buckets[i].start.Store(0)
+			b.buckets[i].ok.Store(0)
+			b.buckets[i].failed.Store(0)
+		}
+	}
 	b.settings.Store(&s)
 }
 

@@ -104,9 +104,10 @@ func TestSetBreakerRefuses(t *testing.T) {
 	}
 }
 
-// A Window change keeps the outcomes of the last new Window: bucket start
-// times are instants, so buckets counted under the old bucket width stay
-// comparable (none is stuck in the future, none outlives the window).
+// A Window change starts the count afresh, whatever the clock's instant:
+// kept outcomes depended on where the old buckets fell in the ring under
+// the new width (this test failed now and then with the clock's start).
+// Neither way does a bucket get stuck in the future or outlive the window.
 func TestBreakerWindowChange(t *testing.T) {
 	clock := newFakeClock()
 	b := newBreaker(Breaker{Window: 100 * time.Millisecond, MinRequests: 4, FailureRatio: 0.5}.withDefaults(), clock, func() float64 { return 0 }, nil)
@@ -119,9 +120,15 @@ func TestBreakerWindowChange(t *testing.T) {
 			b.done(tk, outcomeFailure)
 		}
 	}
-	// Growing: the two failures under the 100ms window count in the 10s one.
+	// Growing: the count starts afresh, then four failures in the 10s
+	// window open it.
 	fail(2)
 	b.set(Breaker{Window: 10 * time.Second, MinRequests: 4, FailureRatio: 0.5}.withDefaults())
+	clock.Advance(time.Second)
+	fail(2)
+	if s := b.State(); s != BreakerClosed {
+		t.Fatalf("grown window: %v, want closed (the count started afresh: 2 failures)", s)
+	}
 	clock.Advance(time.Second)
 	fail(2)
 	if s := b.State(); s != BreakerOpen {
