@@ -299,9 +299,12 @@ func (l *txLimiter) quietAfterLetGoLocked(now time.Time) {
 // when another call's conflict collided with one shortly before (see
 // pairAt): when the first round all deadlocks, no commit comes and no new
 // call, only the replays, and waiting for commits left the PostgreSQL hot
-// spot at 3 tx/s, every attempt a deadlock (issue 13). Otherwise it counts
-// as a completion that is no conflict: one call's conflicts again and
-// again are that call's trouble (a lock held outside, say).
+// spot at 3 tx/s, every attempt a deadlock (issue 13). While engaged it
+// is a conflict like any other (it may cut the limit, once per round):
+// when every call is a replay, none other comes, and a limit left at half
+// the first concurrency kept deadlocking. Otherwise it counts as a
+// completion that is no conflict: one call's conflicts again and again
+// are that call's trouble (a lock held outside, say).
 func (l *txLimiter) done(s txSlot, conflict, again, committed bool, took time.Duration) {
 	if conflict && again {
 		l.finish(s, true, true, false, took)
@@ -332,16 +335,13 @@ func (l *txLimiter) finish(s txSlot, conflict, again, committed bool, took time.
 	if s.limited && s.gen == l.gen {
 		l.running--
 	}
-	if again && l.engaged.Load() {
-		conflict = false // engaged: counted as before, a completion
-	}
 	var now time.Time // read once while engaged
 	if l.engaged.Load() {
 		now = l.clock.Now()
 		l.lastDone = now
 		l.slowest = max(l.slowest, took)
 	}
-	if conflict && again {
+	if conflict && again && !l.engaged.Load() {
 		// A replay's conflict, not engaged: an attempt completed, and a
 		// conflict that engages only as a collision's sequel.
 		l.conflicts++

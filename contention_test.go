@@ -915,3 +915,39 @@ func TestContentionOneCallsReplaysDoNotEngage(t *testing.T) {
 		t.Fatal("one call's replays engaged the limiter")
 	}
 }
+
+// Once engaged on such a hot spot, the replays that keep deadlocking cut
+// the limit (once per round): the calls are all replays, and a limit left
+// at half the first concurrency (8 on 4 accounts) kept deadlocking until
+// the limiter let go (a chaos run at 5 tx/s, one cut).
+func TestContentionReplaysThatKeepDeadlockingCutTheLimit(t *testing.T) {
+	l, clock := newTestLimiter()
+	const calls = 16
+	slots := make([]txSlot, calls)
+	for i := range slots {
+		slots[i], _ = l.acquire(context.Background())
+	}
+	again := make([]bool, calls)
+	holding := make([]bool, calls) // the call's attempt runs
+	for i := range holding {
+		holding[i] = true
+	}
+	for round := 1; round <= 8; round++ {
+		clock.Advance(time.Second)
+		for i := range slots {
+			if holding[i] {
+				l.done(slots[i], true, again[i], false, time.Second)
+				again[i] = true
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+			var err error
+			slots[i], err = l.acquire(ctx) // bounded: a caller left waiting tries again next round
+			cancel()
+			holding[i] = err == nil
+		}
+		if l.engaged.Load() && l.limit <= 2 {
+			return
+		}
+	}
+	t.Fatalf("eight rounds of deadlocking replays left the limit at %v (engaged %v, cuts %d)", l.limit, l.engaged.Load(), l.decrease.Load())
+}
