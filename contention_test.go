@@ -845,3 +845,109 @@ func TestContentionOneCutForConflictsStartedBeforeIt(t *testing.T) {
 		t.Errorf("cuts %d, limit %v: want more cuts for conflicts that began after the first", d, l.limit)
 	}
 }
+
+// The hot spot's collapse (issue 13): 16 transactions start at once and
+// every attempt deadlocks, each found after PostgreSQL's deadlock_timeout.
+// No commit comes, and no new call: the 16 calls replay. The limiter must
+// engage within a few rounds of those replays, not wait for commits that
+// cannot come (one chaos run in four went on at 3 tx/s, every attempt a
+// deadlock, the limiter engaging once, late, no caller ever waiting).
+func TestContentionEngagesWhenTheFirstRoundAllDeadlocks(t *testing.T) {
+	l, clock := newTestLimiter()
+	const calls = 16
+	slots := make([]txSlot, calls)
+	for i := range slots {
+		slots[i], _ = l.acquire(context.Background())
+	}
+	again := make([]bool, calls) // the call's earlier attempt conflicted
+	for round := 1; round <= 3; round++ {
+		clock.Advance(time.Second) // each attempt a deadlock found after 1 s
+		for i := range slots {
+			l.done(slots[i], true, again[i], false, time.Second)
+			again[i] = true
+			if l.engaged.Load() {
+				if l.limit > calls/2 {
+					t.Fatalf("engaged at limit %v, want at most %d", l.limit, calls/2)
+				}
+				return
+			}
+			// Not engaged: the replay does not wait.
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			var err error
+			slots[i], err = l.acquire(ctx)
+			cancel()
+			if err != nil {
+				t.Fatalf("replay waited for a slot while the limiter was not engaged: %v", err)
+			}
+		}
+	}
+	t.Fatalf("three rounds of 16 calls, every attempt a 1 s deadlock and no commit, did not engage the limiter (%d conflicts counted)", l.conflicts)
+}
+
+// One call whose attempts keep conflicting (a lock held outside for
+// seconds) while the others commit does not engage the limiter, however
+// many times it replays: its replays' conflicts are no collision.
+func TestContentionOneCallsReplaysDoNotEngage(t *testing.T) {
+	l, clock := newTestLimiter()
+	warmUp(l, 16)
+	clock.Advance(3 * time.Second)
+	var slots []txSlot
+	for range 8 {
+		s, _ := l.acquire(context.Background())
+		slots = append(slots, s)
+	}
+	l.done(slots[0], true, false, false, time.Second)
+	for i := range 200 {
+		clock.Advance(100 * time.Millisecond)
+		if i%10 == 9 { // the stuck call's replay conflicts again
+			l.done(slots[0], true, true, false, time.Second)
+			if l.engaged.Load() {
+				t.Fatalf("one call's replays engaged the limiter after %d replays", i/10+1)
+			}
+			slots[0], _ = l.acquire(context.Background())
+			continue
+		}
+		k := 1 + i%7
+		l.done(slots[k], false, false, true, time.Millisecond)
+		slots[k], _ = l.acquire(context.Background())
+	}
+	if l.engaged.Load() {
+		t.Fatal("one call's replays engaged the limiter")
+	}
+}
+
+// Once engaged on such a hot spot, the replays that keep deadlocking cut
+// the limit (once per round): the calls are all replays, and a limit left
+// at half the first concurrency (8 on 4 accounts) kept deadlocking until
+// the limiter let go (a chaos run at 5 tx/s, one cut).
+func TestContentionReplaysThatKeepDeadlockingCutTheLimit(t *testing.T) {
+	l, clock := newTestLimiter()
+	const calls = 16
+	slots := make([]txSlot, calls)
+	for i := range slots {
+		slots[i], _ = l.acquire(context.Background())
+	}
+	again := make([]bool, calls)
+	holding := make([]bool, calls) // the call's attempt runs
+	for i := range holding {
+		holding[i] = true
+	}
+	for round := 1; round <= 8; round++ {
+		clock.Advance(time.Second)
+		for i := range slots {
+			if holding[i] {
+				l.done(slots[i], true, again[i], false, time.Second)
+				again[i] = true
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+			var err error
+			slots[i], err = l.acquire(ctx) // bounded: a caller left waiting tries again next round
+			cancel()
+			holding[i] = err == nil
+		}
+		if l.engaged.Load() && l.limit <= 2 {
+			return
+		}
+	}
+	t.Fatalf("eight rounds of deadlocking replays left the limit at %v (engaged %v, cuts %d)", l.limit, l.engaged.Load(), l.decrease.Load())
+}
