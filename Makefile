@@ -38,8 +38,9 @@ demo:
 	echo "running the demo" && \
 	"$$d/demo" $(ARGS)
 
-# The chaos benchmark: four strategies under four fault scenarios on both
-# engines (about 6 minutes); writes docs/chaos/{chaos.json,chaos.md,*.svg}.
+# The chaos benchmark: four strategies under six fault scenarios (failover:
+# PostgreSQL on a Patroni cluster only) on both engines (about 13 minutes);
+# writes docs/chaos/{chaos.json,chaos.md,*.svg}.
 chaos: databases
 	cd cmd && $(GO) run ./chaos -out ../docs/chaos $(ARGS)
 
