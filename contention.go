@@ -48,7 +48,6 @@ type txLimiter struct {
 	lastCut   time.Time
 	conflicts int64        // attempts a conflict aborted, ever
 	lastAt    time.Time    // when the last conflict ended, while unlimited
-	pairAt    time.Time    // ... and the last that was not lone (a call's first conflict, another's shortly before)
 	aborts    int64        // ... of the counted history, halved with it
 	base      int64        // total at the start of the counted history
 	queued    atomic.Int64 // transactions that waited for a slot
@@ -290,38 +289,10 @@ func (l *txLimiter) quietAfterLetGoLocked(now time.Time) {
 	l.releaseAllLocked()
 }
 
-// done gives an attempt's slot back, as RunInTx does: conflict says a
-// conflict aborted it, again that one aborted an earlier attempt of the
-// same call too.
-//
-// A replay's conflict counts as an attempt completed (a round of them is a
-// round of work), and while the limiter is not engaged it may engage it,
-// when another call's conflict collided with one shortly before (see
-// pairAt): when the first round all deadlocks, no commit comes and no new
-// call, only the replays, and waiting for commits left the PostgreSQL hot
-// spot at 3 tx/s, every attempt a deadlock (issue 13). While engaged it
-// is a conflict like any other (it may cut the limit, once per round):
-// when every call is a replay, none other comes, and a limit left at half
-// the first concurrency kept deadlocking. Otherwise it counts as a
-// completion that is no conflict: one call's conflicts again and again
-// are that call's trouble (a lock held outside, say).
-func (l *txLimiter) done(s txSlot, conflict, again, committed bool, took time.Duration) {
-	if conflict && again {
-		l.finish(s, true, true, false, took)
-		return
-	}
-	l.release(s, conflict, committed, took)
-}
-
 // release returns a slot; conflict says the attempt was aborted by a
 // conflict with another transaction, committed that it committed; took is
 // how long the attempt ran.
 func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Duration) {
-	l.finish(s, conflict, false, committed, took)
-}
-
-// finish is release; again says the conflict is a replay's (see done).
-func (l *txLimiter) finish(s txSlot, conflict, again, committed bool, took time.Duration) {
 	n := l.inflight.Add(-1) + 1 // in flight when this attempt ended, itself included
 	if committed {
 		l.useful.Add(int64(took))
@@ -341,23 +312,7 @@ func (l *txLimiter) finish(s txSlot, conflict, again, committed bool, took time.
 		l.lastDone = now
 		l.slowest = max(l.slowest, took)
 	}
-	if conflict && again && !l.engaged.Load() {
-		// A replay's conflict, not engaged: an attempt completed, and a
-		// conflict that engages only as a collision's sequel.
-		l.conflicts++
-		now = l.clock.Now()
-		l.markRateLocked(now)
-		w, u := l.wasted.Load(), l.useful.Load()
-		total := l.total.Load()
-		a, c := l.aborts, total-l.base
-		sequel := !l.pairAt.IsZero() && now.Sub(l.pairAt) <= max(2*time.Second, 2*took)
-		if !sequel || 2*w < u || w < int64(50*time.Millisecond) || 3*a < c && w < 2*u ||
-			total+l.conflicts < 2*n || now.Before(l.quietUntil) {
-			l.since++
-			l.wakeLocked()
-			return
-		}
-	} else if conflict {
+	if conflict {
 		// Conflicts matter when they waste a third of the work or more:
 		// cheap ones (a serialization failure found at once) are better
 		// replayed than queued; a deadlock that took a second to find is not.
@@ -402,9 +357,6 @@ func (l *txLimiter) finish(s txSlot, conflict, again, committed bool, took time.
 			// victim has rolled back.)
 			lone = l.lastAt.IsZero() || now.Sub(l.lastAt) > max(2*time.Second, 2*took)
 			l.lastAt = now
-			if !lone {
-				l.pairAt = now
-			}
 		}
 		if (engaged || l.gateOn.Load()) && 2*w >= u && w >= int64(50*time.Millisecond) {
 			l.gateUntil.Store(now.Add(gateMemory).UnixNano())

@@ -681,8 +681,8 @@ type txOutcome struct {
 // its own value). werr is the caller's context ending while it waited for
 // a slot. conflicted says an earlier attempt of the same call was aborted
 // by a conflict: later ones are that caller's trouble (one transaction
-// waiting on a lock held outside, say) unless other calls collided too
-// (the contention control's done tells them apart).
+// waiting on a lock held outside, say), not transactions colliding with
+// each other, and are not reported to the contention control as conflicts.
 func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
 	fn func(context.Context, *sql.Tx) error, sees, conflicted bool) (o txOutcome, werr error) {
 	var slot txSlot
@@ -695,7 +695,7 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 			if !o.began.IsZero() {
 				took = r.clock.Now().Sub(o.began)
 			}
-			lim.done(slot, o.conflict, conflicted, o.err == nil && o.phase == phaseCommit, took)
+			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
 		}()
 	}
 	var on txBeginner = db
