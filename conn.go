@@ -142,40 +142,32 @@ func (f *queryFacts) of(q string) *queryFacts {
 	return f
 }
 
-// txControl is txControl(c.r.dialect, q), remembered for the last text.
+// remembered is read(c.r.dialect, q), kept in the fact that bit and field
+// name for the last text (queryFacts).
+func remembered[T any](c *conn, q string, bit uint8, field func(*queryFacts) *T, read func(Dialect, string) T) T {
+	if len(q) > factsMaxLen {
+		return read(c.r.dialect, q)
+	}
+	f := c.facts.of(q)
+	v := field(f)
+	if f.known&bit == 0 {
+		*v, f.known = read(c.r.dialect, q), f.known|bit
+	}
+	return *v
+}
+
+// txControl, escapesTx and isReadQuery are the SQL reader's verdicts on
+// q, remembered for the last text.
 func (c *conn) txControl(q string) int {
-	if len(q) > factsMaxLen {
-		return txControl(c.r.dialect, q)
-	}
-	f := c.facts.of(q)
-	if f.known&factCtl == 0 {
-		f.ctl, f.known = txControl(c.r.dialect, q), f.known|factCtl
-	}
-	return f.ctl
+	return remembered(c, q, factCtl, func(f *queryFacts) *int { return &f.ctl }, txControl)
 }
 
-// escapesTx is escapesTx(c.r.dialect, q), remembered for the last text.
 func (c *conn) escapesTx(q string) bool {
-	if len(q) > factsMaxLen {
-		return escapesTx(c.r.dialect, q)
-	}
-	f := c.facts.of(q)
-	if f.known&factEsc == 0 {
-		f.esc, f.known = escapesTx(c.r.dialect, q), f.known|factEsc
-	}
-	return f.esc
+	return remembered(c, q, factEsc, func(f *queryFacts) *bool { return &f.esc }, escapesTx)
 }
 
-// isReadQuery is isReadQuery(c.r.dialect, q), remembered for the last text.
 func (c *conn) isReadQuery(q string) bool {
-	if len(q) > factsMaxLen {
-		return isReadQuery(c.r.dialect, q)
-	}
-	f := c.facts.of(q)
-	if f.known&factRead == 0 {
-		f.read, f.known = isReadQuery(c.r.dialect, q), f.known|factRead
-	}
-	return f.read
+	return remembered(c, q, factRead, func(f *queryFacts) *bool { return &f.read }, isReadQuery)
 }
 
 func newConn(ic driver.Conn, r *retrier) *conn {
