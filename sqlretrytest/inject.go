@@ -557,20 +557,29 @@ func (s *stmt) Query(args []driver.Value) (driver.Rows, error) {
 }
 
 func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	return faultedStmt(s, func() (driver.Result, error) { return s.exec(ctx, args) }, func(driver.Result) {})
+}
+
+// faultedStmt runs a prepared statement's execution (run) unless the rule
+// fails it: a serialization failure or deadlock before it runs, or a lost
+// connection after it ran (its result dropped by discard).
+func faultedStmt[T any](s *stmt, run func() (T, error), discard func(T)) (T, error) {
+	var zero T
 	if s.c.broken.Load() {
-		return nil, driver.ErrBadConn
+		return zero, driver.ErrBadConn
 	}
 	d, _ := s.c.decide(s.query, false)
-	f, ferr := d.fault, d.err
-	switch f {
+	switch d.fault {
 	case SerializationFailure, Deadlock:
-		return nil, ferr
+		return zero, d.err
 	case ConnectionLost:
-		_, _ = s.exec(ctx, args)
+		if v, err := run(); err == nil {
+			discard(v)
+		}
 		s.c.breakConn()
-		return nil, ferr
+		return zero, d.err
 	}
-	return s.exec(ctx, args)
+	return run()
 }
 
 func (s *stmt) exec(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
@@ -586,22 +595,7 @@ func (s *stmt) exec(ctx context.Context, args []driver.NamedValue) (driver.Resul
 }
 
 func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
-	if s.c.broken.Load() {
-		return nil, driver.ErrBadConn
-	}
-	d, _ := s.c.decide(s.query, false)
-	f, ferr := d.fault, d.err
-	switch f {
-	case SerializationFailure, Deadlock:
-		return nil, ferr
-	case ConnectionLost:
-		if rows, err := s.runQuery(ctx, args); err == nil {
-			rows.Close()
-		}
-		s.c.breakConn()
-		return nil, ferr
-	}
-	return s.runQuery(ctx, args)
+	return faultedStmt(s, func() (driver.Rows, error) { return s.runQuery(ctx, args) }, func(r driver.Rows) { r.Close() })
 }
 
 func (s *stmt) runQuery(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
