@@ -232,9 +232,13 @@ func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, e
 // (go-sql-driver/mysql's "invalid connection" while the reply was awaited;
 // it prepares every statement with arguments) is handed to database/sql
 // to run on a new connection, like a statement that sent nothing; within
-// the retry budget, and not in shadow mode (the plain driver's error).
+// the retry budget, not in shadow mode (the plain driver's error), and
+// not while a transaction opened by hand is open.
 func (c *conn) prepareFailed(ctx context.Context, query string, err error) error {
-	if ctx.Err() != nil || c.r.shadow.Load() {
+	if ctx.Err() != nil || c.r.shadow.Load() || c.manual.Load() != 0 {
+		// manual: a transaction the driver does not see is open (BEGIN as
+		// a statement, autocommit=0); on a new connection the statement
+		// would run outside it.
 		return err
 	}
 	cls := c.r.classify(err)

@@ -43,3 +43,21 @@ func TestLostPrepareInATransactionIsReplayed(t *testing.T) {
 		t.Errorf("err = %v, calls = %d; want one replay", err, calls)
 	}
 }
+
+// On a session whose transactions the driver does not see (autocommit=0
+// in the DSN, or BEGIN run as a statement), a lost prepare is not handed
+// to database/sql: the earlier statements of the open transaction died
+// with the connection, and on a new one the statement would run alone in
+// a transaction the caller then commits. The caller gets the error.
+func TestLostPrepareInAHandOpenedTransactionIsReturned(t *testing.T) {
+	srv := newFakeServer()
+	srv.script("PREPARE ERRSKIP", step{err: mysql.ErrInvalidConn, closes: true})
+	db, _ := testDB(t, srv, WithDialect(DialectMySQL))
+	retrierOf(db).implicitTx = true // as Open does for autocommit=0 in the DSN
+	if _, err := db.ExecContext(context.Background(), "ERRSKIP", 1); err == nil {
+		t.Fatal("the statement ran on a new connection, outside the transaction the session had open")
+	}
+	if n := srv.ranCount("ERRSKIP"); n != 0 {
+		t.Errorf("ran %d times, want 0", n)
+	}
+}
