@@ -27,6 +27,8 @@ type fakePGLife struct {
 	resolved   bool
 	asked      []string // the questions before COMMIT, in order
 	lastXID    int64
+	history    string // the current timeline's history file; "" refuses it (no privilege)
+	historyAsk int    // how often it was read
 }
 
 func newFakePGLife(version int64) *fakePGLife {
@@ -39,7 +41,7 @@ func (l *fakePGLife) owns(q string) bool {
 	}
 	switch q {
 	case pgAskXIDAndServer, pgAskXIDProof13, pgAskXIDProof13AndServer, pgAskXIDProof10, pgAskXIDProof10AndServer,
-		pgServerNowQuery, "SELECT " + pgStartTime:
+		pgServerNowQuery, "SELECT " + pgStartTime, pgHistoryFileQuery:
 		return true
 	}
 	return false
@@ -71,6 +73,12 @@ func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
 	switch q {
 	case "SELECT " + pgStartTime:
 		return &fakeRows{cols: []string{"start"}, data: [][]driver.Value{{l.start}}}, true
+	case pgHistoryFileQuery:
+		l.historyAsk++
+		if l.history == "" {
+			return &fakeRows{cols: []string{"pg_read_file"}, nextErr: &pgError{"42501", "permission denied for function pg_read_file"}}, true
+		}
+		return &fakeRows{cols: []string{"pg_read_file"}, data: [][]driver.Value{{l.history}}}, true
 	case pgAskXIDAndServer:
 		l.asked = append(l.asked, q)
 		row := append([]driver.Value{assign()}, server...)
@@ -130,6 +138,23 @@ func crash(replayDelta int64) func(l *fakePGLife, xid int64) {
 		l.start += 42_000_000
 		l.replay = lsnText(uint64(int64(l.wal) + replayDelta))
 		l.wal += 0x1000
+	}
+}
+
+// forkAt promotes the server n timelines on, in a life that started after
+// the connection asked (so that its start time proves nothing); its
+// history leaves the transaction's timeline delta bytes after the end of
+// the id's record (a later fork each 0x100 bytes on).
+func forkAt(delta int64, n int64) func(l *fakePGLife, xid int64) {
+	return func(l *fakePGLife, xid int64) {
+		l.start += 700_000_000
+		at := uint64(int64(l.wal) - 0x1000 + delta) // crash() moved wal on by 0x1000
+		var b strings.Builder
+		for i := int64(0); i < n; i++ {
+			fmt.Fprintf(&b, "%d\t%s\tno recovery target specified\n", l.tli+i, lsnText(at+uint64(i)*0x100))
+		}
+		l.tli += n
+		l.history = b.String()
 	}
 }
 
@@ -211,6 +236,32 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(promote(1, +0x30), func(l *fakePGLife, _ int64) { l.inRecovery = 3 })
 			}, "committed"},
+		{"restarted as a standby after a crash and promoted (Patroni), its history forks past the record: committed", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), forkAt(+0x30, 1))
+			}, "committed"},
+		{"the same, the fork exactly at the end of the record: committed", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(0), forkAt(0, 1))
+			}, "committed"},
+		{"the same, the history file refused (no privilege): ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), forkAt(+0x30, 1), func(l *fakePGLife, _ int64) { l.history = "" })
+			}, "ambiguous"},
+		{"promoted before the record, restarted since (replay past the record on the new timeline), the id reused: ambiguous", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x3000), forkAt(-0x10, 1), setStatus(srv, "committed"))
+			}, "ambiguous"},
+		{"two timelines on, the first fork past the record: committed", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x3000), forkAt(+0x30, 2))
+			}, "committed"},
+		{"a history that does not hold our timeline: ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), forkAt(+0x30, 1), func(l *fakePGLife, _ int64) {
+					l.history = strings.ReplaceAll(l.history, "1\t", "7\t")
+				})
+			}, "ambiguous"},
 		{"no restart: as before", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return nil }, "committed"},
 	}

@@ -483,11 +483,13 @@ var errUnresolvable = errors.New("sqlretry: the server restarted since the COMMI
 // anything else is an answer.
 func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark) (CommitOutcome, error) {
 	restarted, proven := false, false
+	var now pgNow
 	switch {
 	case m.lsn != 0:
 		// The transaction recorded where its id is in the WAL
 		// (resolve_failover.go).
-		now, err := pgAskNow(ctx, dc)
+		var err error
+		now, err = pgAskNow(ctx, dc)
 		if err != nil {
 			return CommitUnknown, err
 		}
@@ -514,6 +516,11 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			return CommitNotCommitted, nil // "is in the future": the id was never logged
 		}
 		return CommitUnknown, err
+	}
+	if st.status == "committed" && restarted && !proven && m.lsn != 0 && now.tli > m.tli {
+		// A promoted server (restarted since, or started after the
+		// connection asked): where its timeline forked from ours says.
+		proven = pgForkedPast(ctx, dc, now.tli, m)
 	}
 	switch {
 	case st.status == "committed" && restarted && !proven:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql/driver"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 )
@@ -43,6 +44,15 @@ import (
 // (its commit record would lie past L), which is "not committed" as before.
 // A server in recovery (a standby, a server still electing) is asked again
 // later; a different cluster cannot answer.
+//
+// A promoted server whose start time proves nothing (Patroni restarts a
+// leader whose postmaster died as a standby and promotes it: a new
+// timeline, a start after the connection asked; or a promoted server that
+// crashed since) is asked where its timeline left ours: the history file
+// of its timeline (pg_read_file, superuser or pg_read_server_files) names
+// the switch point from each ancestor; at or past L, the record with the
+// id is in its history (pgForkedPast). Without the privilege the answer
+// stays ErrAmbiguousCommit.
 //
 // What this cannot see: two lives of the same timeline between the COMMIT
 // and the answer: a crash that loses L, a restart that hands ids out again
@@ -252,6 +262,49 @@ func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven bool, err 
 		proven = now.start < m.seen-pgClockMargin
 	}
 	return true, proven, nil
+}
+
+// pgHistoryFileQuery reads the history file of a timeline: one line per
+// ancestor, "parent-timeline<TAB>switch-point<TAB>reason". It needs a
+// superuser or pg_read_server_files (or EXECUTE on pg_read_file granted):
+// refused, the answer stays what pgJudgeLife said.
+const pgHistoryFileQuery = "SELECT pg_catalog.pg_read_file('pg_wal/' || $1 || '.history')"
+
+// pgForkedPast says whether the history of timeline tli (a server promoted
+// since the transaction asked: restarted as a standby after a crash and
+// promoted, as Patroni does, or a standby that restarted after its
+// promotion) left the transaction's timeline at or past the end of the
+// record with the id. Then every life of that history has replayed the
+// record, or a checkpoint past it, and has not handed the id out again:
+// "committed" is ours. It holds whatever happened to the server since the
+// fork (crashes, restarts, further promotions: the file of the current
+// timeline lists every ancestor), which start times and replay positions
+// cannot tell apart. The WAL up to the switch point was flushed before the
+// file was written. Any failure (no privilege, no file, a line that does
+// not parse, our timeline not among the ancestors) is "not proven".
+func pgForkedPast(ctx context.Context, dc driver.Conn, tli int64, m pgMark) bool {
+	vals, err := queryRow(ctx, dc, pgHistoryFileQuery, fmt.Sprintf("%08X", tli))
+	if err != nil || len(vals) == 0 {
+		return false
+	}
+	return historyForkedPast(textOf(vals[0]), m)
+}
+
+// historyForkedPast reads a timeline history file's text.
+func historyForkedPast(history string, m pgMark) bool {
+	for _, line := range strings.Split(history, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		parent, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil || parent != m.tli {
+			continue
+		}
+		switchPoint, ok := parseLSN(f[1])
+		return ok && m.lsn <= switchPoint
+	}
+	return false
 }
 
 // parseLSN parses PostgreSQL's pg_lsn text, "16/B374D848".

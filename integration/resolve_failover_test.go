@@ -283,6 +283,56 @@ func TestPostgresLostCommitAcrossPromotionIsResolved(t *testing.T) {
 	waitRow(t, standby, 1, "SELECT count(*) FROM "+tbl+" WHERE op = $1", op)
 }
 
+// The COMMIT took effect; the primary crashed before its reply and was
+// restarted as a standby, then promoted (a new timeline): what Patroni does
+// with a leader whose postmaster died while it kept the leader lock. The
+// promoted server started after the connection asked, so its start time
+// cannot prove its replay position is where it left the old timeline (a
+// promoted server that crashed since would look the same); the history
+// file of its timeline says where it forked, past the id's record, so
+// "committed" is ours: success, no replay.
+func TestPostgresLostCommitAcrossCrashRestartAsStandbyAndPromotionIsResolved(t *testing.T) {
+	t.Parallel() // private servers; runs beside the others
+	pair, err := dbserver.StartPostgresSyncPair()
+	if err != nil {
+		unavailable(t, err.Error())
+	}
+	t.Cleanup(pair.Stop)
+	plain := openPlain(t, pair.Primary.DSN)
+	h := &commitHook{}
+	db := openHooked(t, h, pair.Primary.DSN)
+	tbl := table(t, plain, "ledger")
+	mustExec(t, plain, "CREATE TABLE "+tbl+" (op text PRIMARY KEY)")
+	warmUp(t, db, tbl)
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	h.after = func() {
+		waitRow(t, plain, 1, "SELECT count(*) FROM "+tbl+" WHERE op = $1", op)
+		if err := pair.CrashPrimary(); err != nil {
+			t.Error(err)
+		}
+		if err := pair.RestartPrimaryAsStandby(); err != nil {
+			t.Error(err)
+		}
+		go func() {
+			// Promoted while sqlretry asks: until then the server is in
+			// recovery and is asked again.
+			time.Sleep(700 * time.Millisecond)
+			if err := pair.PromotePrimary(); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	calls, err := ledgerRun(t, db, h, tbl, op, nil)
+	if err != nil || calls != 1 {
+		t.Fatalf("err=%v calls=%d; want success after one run (the commit survived the crash)\n%s", err, calls, tail(pair.PrimaryLog(), 3000))
+	}
+	var tli string
+	if err := plain.QueryRow("SELECT substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8)").Scan(&tli); err != nil || tli == "00000001" {
+		t.Fatalf("timeline %q, %v: the primary was meant to be promoted to a new timeline", tli, err)
+	}
+	waitRow(t, plain, 1, "SELECT count(*) FROM "+tbl+" WHERE op = $1", op)
+}
+
 // multiHostDSN joins two pgx URLs into one with both hosts and
 // target_session_attrs=read-write.
 func multiHostDSN(t *testing.T, a, b string) string {

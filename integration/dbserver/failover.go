@@ -35,3 +35,10 @@ func (p *PostgresSyncPair) RestartPrimaryAsStandby() error {
 func (p *PostgresSyncPair) PromoteStandby() error {
 	return p.pgctl(p.standby, "-w", "promote")
 }
+
+// PromotePrimary promotes the pair's primary after RestartPrimaryAsStandby
+// (what Patroni does with a crashed leader that kept its lock: a new
+// timeline) and waits until it takes writes.
+func (p *PostgresSyncPair) PromotePrimary() error {
+	return p.pgctl(p.primary, "-w", "promote")
+}
