@@ -468,7 +468,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 const pgStartTime = "(extract(epoch FROM pg_catalog.pg_postmaster_start_time()) * 1000000)::bigint"
 
 // errUnresolvable is a final "cannot know".
-var errUnresolvable = errors.New("sqlretry: the server restarted since the COMMIT and has handed out its transaction id again")
+var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted since the COMMIT and may have handed out its transaction id again")
 
 // pgCheckCommit asks once. "in progress" means the old backend still holds
 // the transaction: end it if it is still that backend and has not begun to
@@ -517,14 +517,20 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		}
 		return CommitUnknown, err
 	}
+	fork := "not read"
 	if st.status == "committed" && restarted && !proven && m.lsn != 0 && now.tli > m.tli {
 		// A promoted server (restarted since, or started after the
 		// connection asked): where its timeline forked from ours says.
-		proven = pgForkedPast(ctx, dc, now.tli, m)
+		proven, fork = pgForkedPast(ctx, dc, now.tli, m)
 	}
 	switch {
 	case st.status == "committed" && restarted && !proven:
-		return CommitUnknown, errUnresolvable
+		if m.lsn == 0 {
+			return CommitUnknown, errUnresolvable
+		}
+		// What the rules saw, for the event's reason.
+		return CommitUnknown, fmt.Errorf("%w (the transaction: timeline %d, record end %s, asked at %d; the server: start %d, timeline %d, replay end %s; its timeline's fork: %s)",
+			errUnresolvable, m.tli, lsnString(m.lsn), m.seen, now.start, now.tli, lsnString(now.replay), fork)
 	case st.status == "committed" && st.holding:
 		// Committed locally, not yet visible: the old backend waits for a
 		// synchronous standby (SyncRep) or is about to let go. Ending it

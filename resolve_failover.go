@@ -282,16 +282,17 @@ const pgHistoryFileQuery = "SELECT pg_catalog.pg_read_file('pg_wal/' || $1 || '.
 // cannot tell apart. The WAL up to the switch point was flushed before the
 // file was written. Any failure (no privilege, no file, a line that does
 // not parse, our timeline not among the ancestors) is "not proven".
-func pgForkedPast(ctx context.Context, dc driver.Conn, tli int64, m pgMark) bool {
+// The second result says what was found, for the event's reason.
+func pgForkedPast(ctx context.Context, dc driver.Conn, tli int64, m pgMark) (bool, string) {
 	vals, err := queryRow(ctx, dc, pgHistoryFileQuery, fmt.Sprintf("%08X", tli))
 	if err != nil || len(vals) == 0 {
-		return false
+		return false, fmt.Sprintf("history file of timeline %d not read: %v", tli, err)
 	}
 	return historyForkedPast(textOf(vals[0]), m)
 }
 
 // historyForkedPast reads a timeline history file's text.
-func historyForkedPast(history string, m pgMark) bool {
+func historyForkedPast(history string, m pgMark) (bool, string) {
 	for _, line := range strings.Split(history, "\n") {
 		f := strings.Fields(line)
 		if len(f) < 2 || strings.HasPrefix(f[0], "#") {
@@ -302,9 +303,14 @@ func historyForkedPast(history string, m pgMark) bool {
 			continue
 		}
 		switchPoint, ok := parseLSN(f[1])
-		return ok && m.lsn <= switchPoint
+		return ok && m.lsn <= switchPoint, "left timeline " + f[0] + " at " + f[1]
 	}
-	return false
+	return false, fmt.Sprintf("timeline %d is not among its ancestors", m.tli)
+}
+
+// lsnString writes an LSN as PostgreSQL does.
+func lsnString(n uint64) string {
+	return strings.ToUpper(strconv.FormatUint(n>>32, 16) + "/" + strconv.FormatUint(n&0xffffffff, 16))
 }
 
 // parseLSN parses PostgreSQL's pg_lsn text, "16/B374D848".

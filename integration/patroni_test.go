@@ -25,9 +25,9 @@ import (
 // postmaster killed (Patroni restarts it: crash recovery), the whole
 // leader node killed (Patroni and PostgreSQL: the sync standby promoted
 // after the TTL). The transfer workload's 8 callers with 30 s deadlines
-// must see no error (an ErrAmbiguousCommit, whose resolution across a
-// failover is another piece of work, is logged as AMBIGUOUS n, not
-// failed), money conserved, no lost and no phantom write. One cluster for
+// must see no error (an ErrAmbiguousCommit included: every COMMIT lost
+// in these events can be resolved), money conserved, no lost and no
+// phantom write. One cluster for
 // the three, in that order (the node kill last: the killed node does not
 // come back).
 func TestPatroniFailover(t *testing.T) {
@@ -50,7 +50,9 @@ func TestPatroniFailover(t *testing.T) {
 			from, _, err := cluster.Switchover()
 			return from, err
 		}, true},
-		{"postmaster-kill", 9 * time.Second, cluster.KillLeaderPostmaster, false},
+		// Patroni's crash recovery took 3–5 s on a quiet machine, 7.5 s
+		// at load average 8: the workload runs well past it.
+		{"postmaster-kill", 15 * time.Second, cluster.KillLeaderPostmaster, false},
 		{"node-kill", (dbserver.PatroniTTL + 7) * time.Second, cluster.KillLeaderNode, true},
 	} {
 		t.Run(sc.name, func(t *testing.T) {
@@ -230,12 +232,7 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 	// cluster took a write, the workload committed nothing; .: no write.
 	t.Logf("FIGURES patroni/%s: after the cluster took writes again, longest stretch in which it did and the workload committed nothing: %v; per 100 ms: %s",
 		name, time.Duration(stall)*100*time.Millisecond, marks.String())
-	if res.Unknown > 0 {
-		// Resolution of a COMMIT lost across a crash or a failover is
-		// another piece of work (issue 10, resolve.go): counted, not failed.
-		t.Logf("AMBIGUOUS %d (%s)", res.Unknown, name)
-	}
-	if n := res.Failed - res.Unknown; n != 0 {
+	if n := res.Failed; n != 0 {
 		var kinds []string
 		for k, v := range res.Errors {
 			kinds = append(kinds, fmt.Sprintf("%d× %s", v, k))
