@@ -13,6 +13,7 @@ import (
 	"log"
 	"math/rand/v2"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -181,7 +182,16 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 	defer stop()
 	var db *sql.DB
 	if st.Wrapped {
-		db = sqlretry.OpenDB(connector, st.Options...)
+		opts := st.Options
+		if os.Getenv("CHAOS_LOG_RESOLUTIONS") != "" {
+			// Each lost COMMIT's resolution and the rule that decided.
+			opts = append(append([]sqlretry.Option(nil), opts...), sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
+				if e.Kind == sqlretry.EventCommitResolved {
+					log.Printf("%s/%s/%s: COMMIT resolution: outcome=%v reason=%q err=%v", tg.Driver, sc.Name, st.Name, e.Outcome, e.Reason, e.Err)
+				}
+			})))
+		}
+		db = sqlretry.OpenDB(connector, opts...)
 	} else {
 		db = sql.OpenDB(connector)
 	}
