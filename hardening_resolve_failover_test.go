@@ -190,10 +190,10 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(+0x30) }, "committed"},
 		{"crash restart, recovery reached the id's record, not committed: replayed", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(0) }, "replayed"},
-		{"crash restart, the id's record lost and the id reused by a commit: ambiguous", 150000, false,
+		{"crash restart, the id's record lost and the id reused by a commit: replayed (ours, past the record, was lost too)", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(crash(-0x20), setStatus(srv, "committed"))
-			}, "ambiguous"},
+			}, "replayed"},
 		{"crash restart, the id's record lost, id not reused: replayed", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(-0x20) }, "replayed"},
 		{"the same, PostgreSQL 12 (txid functions): committed", 120000, true,
@@ -206,10 +206,14 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			}, "committed"},
 		{"promoted standby (next timeline) that replayed past the record: committed", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return promote(1, +0x30) }, "committed"},
-		{"promoted standby that stopped before the record, the id reused: ambiguous", 150000, false,
+		{"promoted standby that stopped before the record, the id reused: replayed (ours is not in its history)", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(promote(1, -0x10), setStatus(srv, "committed"))
-			}, "ambiguous"},
+			}, "replayed"},
+		{"the same, restarted since (its replay position, before the record, is past its fork): replayed", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(promote(1, -0x10), func(l *fakePGLife, _ int64) { l.start += 3_600_000_000 + 700_000_000 }, setStatus(srv, "committed"))
+			}, "replayed"},
 		{"promoted standby that stopped before the record, id aborted: replayed", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(promote(1, -0x10), setStatus(srv, "aborted"))
@@ -248,9 +252,13 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(crash(+0x30), forkAt(+0x30, 1), func(l *fakePGLife, _ int64) { l.history = "" })
 			}, "ambiguous"},
-		{"promoted before the record, restarted since (replay past the record on the new timeline), the id reused: ambiguous", 150000, false,
+		{"promoted before the record, restarted since (replay past the record on the new timeline), the id reused: replayed (the history file says where it forked)", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(crash(+0x3000), forkAt(-0x10, 1), setStatus(srv, "committed"))
+			}, "replayed"},
+		{"the same, the history file refused: ambiguous", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x3000), forkAt(-0x10, 1), setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.history = "" })
 			}, "ambiguous"},
 		{"two timelines on, the first fork past the record: committed", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) {

@@ -482,7 +482,7 @@ var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted
 // id's WAL record is in the history the server continues (pgJudgeLife);
 // anything else is an answer.
 func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark) (CommitOutcome, error) {
-	restarted, proven := false, false
+	restarted, proven, beyond := false, false, false
 	var now pgNow
 	switch {
 	case m.lsn != 0:
@@ -498,7 +498,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			// as it replays; ask again later.
 			return CommitUnknown, nil
 		}
-		restarted, proven, err = pgJudgeLife(m, start, now)
+		restarted, proven, beyond, err = pgJudgeLife(m, start, now)
 		if err != nil {
 			return CommitUnknown, err
 		}
@@ -518,12 +518,18 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		return CommitUnknown, err
 	}
 	fork := "not read"
-	if st.status == "committed" && restarted && !proven && m.lsn != 0 && now.tli > m.tli {
+	if st.status == "committed" && restarted && !proven && !beyond && m.lsn != 0 && now.tli > m.tli {
 		// A promoted server (restarted since, or started after the
 		// connection asked): where its timeline forked from ours says.
-		proven, fork = pgForkedPast(ctx, dc, now.tli, m)
+		past, known, desc := pgHistoryFork(ctx, dc, now.tli, m)
+		proven, beyond, fork = known && past, known && !past, desc
 	}
 	switch {
+	case st.status == "committed" && restarted && beyond:
+		// The history the server continues does not hold the id's
+		// record, nor our commit record after it: the id was taken again
+		// by a transaction that committed. Ours did not.
+		return CommitNotCommitted, nil
 	case st.status == "committed" && restarted && !proven:
 		if m.lsn == 0 {
 			return CommitUnknown, errUnresolvable

@@ -235,13 +235,17 @@ var errOtherCluster = errors.New("sqlretry: the server that answers is another c
 // pgJudgeLife compares the server that answers with the one the
 // transaction ran on: restarted says it is another life (a restart, a
 // promoted standby), proven that its history holds the record with the id,
-// so that its answer about the id is about our transaction.
-func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven bool, err error) {
+// so that its answer about the id is about our transaction, beyond that
+// its history does not reach that record, so that our commit record,
+// which lies past it, is not in the history the server continues: not
+// committed, whatever it says of the id (a "committed" is another
+// transaction's that took the id again).
+func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven, beyond bool, err error) {
 	if now.sys != m.sys {
-		return true, false, errOtherCluster
+		return true, false, false, errOtherCluster
 	}
 	if now.start == start && now.tli == m.tli {
-		return false, true, nil
+		return false, true, false, nil
 	}
 	switch {
 	case now.replay == 0:
@@ -249,9 +253,17 @@ func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven bool, err 
 		// wrote every id handed out. Only on the same timeline: a promoted
 		// standby always has a replay position.
 		proven = now.tli == m.tli
-	case now.replay < m.lsn:
 	case now.tli == m.tli:
-		proven = true // crash recovery replayed past the record
+		// Crash recovery ended at the replay position: past the record,
+		// the id is in the history; before it, the WAL that held the
+		// record (and our commit record after it) was lost with the crash.
+		proven, beyond = now.replay >= m.lsn, now.replay < m.lsn
+	case now.tli == m.tli+1 && now.replay < m.lsn:
+		// The replay position of a promoted server is where it left the
+		// old timeline, or, if it crashed since, the end of a recovery on
+		// the new timeline, past that point: either way it left ours
+		// before the record.
+		beyond = true
 	case now.tli == m.tli+1:
 		// A promoted standby: its replay position is where it stopped
 		// replaying the old timeline only in the life it was promoted in.
@@ -261,7 +273,7 @@ func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven bool, err 
 		// asked, it has not restarted since the id was taken.
 		proven = now.start < m.seen-pgClockMargin
 	}
-	return true, proven, nil
+	return true, proven, beyond, nil
 }
 
 // pgHistoryFileQuery reads the history file of a timeline: one line per
@@ -270,29 +282,31 @@ func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven bool, err 
 // refused, the answer stays what pgJudgeLife said.
 const pgHistoryFileQuery = "SELECT pg_catalog.pg_read_file('pg_wal/' || $1 || '.history')"
 
-// pgForkedPast says whether the history of timeline tli (a server promoted
+// pgHistoryFork reads where the history of timeline tli (a server promoted
 // since the transaction asked: restarted as a standby after a crash and
 // promoted, as Patroni does, or a standby that restarted after its
-// promotion) left the transaction's timeline at or past the end of the
-// record with the id. Then every life of that history has replayed the
-// record, or a checkpoint past it, and has not handed the id out again:
-// "committed" is ours. It holds whatever happened to the server since the
-// fork (crashes, restarts, further promotions: the file of the current
-// timeline lists every ancestor), which start times and replay positions
-// cannot tell apart. The WAL up to the switch point was flushed before the
-// file was written. Any failure (no privilege, no file, a line that does
-// not parse, our timeline not among the ancestors) is "not proven".
-// The second result says what was found, for the event's reason.
-func pgForkedPast(ctx context.Context, dc driver.Conn, tli int64, m pgMark) (bool, string) {
+// promotion, or one several timelines on) left the transaction's timeline.
+// At or past the end of the record with the id (past): every life of that
+// history has replayed the record, or a checkpoint past it, and has not
+// handed the id out again, so "committed" is ours. Before it: our commit
+// record is not in that history. This holds whatever happened to the
+// server since the fork (crashes, restarts, further promotions: the file
+// of the current timeline lists every ancestor), which start times and
+// replay positions cannot tell apart. The WAL up to the switch point was
+// flushed before the file was written. known is false when the file could
+// not be read (no privilege), does not parse, or does not name our
+// timeline among the ancestors (another lineage: only a split brain makes
+// one); desc says what was found, for the event's reason.
+func pgHistoryFork(ctx context.Context, dc driver.Conn, tli int64, m pgMark) (past, known bool, desc string) {
 	vals, err := queryRow(ctx, dc, pgHistoryFileQuery, fmt.Sprintf("%08X", tli))
 	if err != nil || len(vals) == 0 {
-		return false, fmt.Sprintf("history file of timeline %d not read: %v", tli, err)
+		return false, false, fmt.Sprintf("history file of timeline %d not read: %v", tli, err)
 	}
-	return historyForkedPast(textOf(vals[0]), m)
+	return historyFork(textOf(vals[0]), m)
 }
 
-// historyForkedPast reads a timeline history file's text.
-func historyForkedPast(history string, m pgMark) (bool, string) {
+// historyFork reads a timeline history file's text.
+func historyFork(history string, m pgMark) (past, known bool, desc string) {
 	for _, line := range strings.Split(history, "\n") {
 		f := strings.Fields(line)
 		if len(f) < 2 || strings.HasPrefix(f[0], "#") {
@@ -303,9 +317,12 @@ func historyForkedPast(history string, m pgMark) (bool, string) {
 			continue
 		}
 		switchPoint, ok := parseLSN(f[1])
-		return ok && m.lsn <= switchPoint, "left timeline " + f[0] + " at " + f[1]
+		if !ok {
+			return false, false, "unreadable switch point " + f[1]
+		}
+		return m.lsn <= switchPoint, true, "left timeline " + f[0] + " at " + f[1]
 	}
-	return false, fmt.Sprintf("timeline %d is not among its ancestors", m.tli)
+	return false, false, fmt.Sprintf("timeline %d is not among its ancestors", m.tli)
 }
 
 // lsnString writes an LSN as PostgreSQL does.
