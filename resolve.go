@@ -386,14 +386,14 @@ func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
 // resolveCommit finds out whether the COMMIT of t took effect, within ctx.
 func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	var check func(ctx context.Context, dc driver.Conn) (CommitOutcome, error)
-	by := "the transaction id"
+	by, rule := "the transaction id", ""
 	switch {
 	case r.dialect == DialectPostgres && t.xid != 0:
 		if t.mark.lsn != 0 {
 			by = "the transaction id and its WAL position"
 		}
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark)
+			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule)
 		}
 	case r.dialect == DialectMySQL && t.token != nil:
 		by = "the commit marker"
@@ -456,6 +456,9 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 		r.counters.commitsResolved.Add(1)
 	}
 	why := fmt.Sprintf("asked by %s on a new connection (%d question(s))", by, asked)
+	if rule != "" && outcome != CommitUnknown {
+		why += "; " + rule
+	}
 	if outcome == CommitUnknown && lastErr != nil {
 		why += "; the last answer: " + lastErr.Error()
 	}
@@ -481,7 +484,9 @@ var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted
 // "committed" is then no answer unless the transaction's mark proves the
 // id's WAL record is in the history the server continues (pgJudgeLife);
 // anything else is an answer.
-func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark) (CommitOutcome, error) {
+//
+// After a restart or a promotion, rule says which history rule decided.
+func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string) (CommitOutcome, error) {
 	restarted, proven, beyond := false, false, false
 	var now pgNow
 	switch {
@@ -523,6 +528,18 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		// connection asked): where its timeline forked from ours says.
 		past, known, desc := pgHistoryFork(ctx, dc, now.tli, m)
 		proven, beyond, fork = known && past, known && !past, desc
+	}
+	if restarted && m.lsn != 0 {
+		*rule = fmt.Sprintf("the server restarted or was promoted since (timeline %d, replay end %s; the record ended at %s on timeline %d; its timeline's fork: %s): ",
+			now.tli, lsnString(now.replay), lsnString(m.lsn), m.tli, fork)
+		switch {
+		case beyond:
+			*rule += "its history does not reach the record"
+		case proven:
+			*rule += "its history holds the record"
+		default:
+			*rule += "not proven either way"
+		}
 	}
 	switch {
 	case st.status == "committed" && restarted && beyond:
