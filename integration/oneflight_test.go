@@ -43,7 +43,7 @@ func TestPostgresOneFlightSemantics(t *testing.T) {
 		}
 		return n
 	}
-	run := func(op, question string) (results int, tags []string, err error, status byte) {
+	run := func(op, question string) (results int, tags []string, status byte, err error) {
 		pc, err := pgconn.Connect(ctx, dsn)
 		if err != nil {
 			t.Fatal(err)
@@ -56,21 +56,21 @@ func TestPostgresOneFlightSemantics(t *testing.T) {
 		for _, r := range res {
 			tags = append(tags, r.CommandTag.String())
 		}
-		return len(res), tags, err, pc.TxStatus()
+		return len(res), tags, pc.TxStatus(), err
 	}
 
-	n, tags, err, st := run("ok", "SELECT 1")
+	n, tags, st, err := run("ok", "SELECT 1")
 	if err != nil || n != 2 || tags[1] != "COMMIT" || st != 'I' || count("ok") != 1 {
 		t.Errorf("question answered: %d results %v, err %v, status %c, rows %d; want 2 results ending in COMMIT, idle, committed", n, tags, err, st, count("ok"))
 	}
-	n, tags, err, st = run("refused", "SELECT 1/0")
+	n, tags, st, err = run("refused", "SELECT 1/0")
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) || pgErr.Code != "22012" || n != 0 || st != 'E' || count("refused") != 0 {
 		t.Errorf("question failed: %d results %v, err %v, status %c, rows %d; want 22012, no result, the transaction still open and aborted, nothing committed", n, tags, err, st, count("refused"))
 	}
 	// The FATAL comes after the question's RowDescription: one result, the
 	// question's, ended by the error.
-	n, tags, err, _ = run("fatal", "SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())")
+	n, tags, _, err = run("fatal", "SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())")
 	if !errors.As(err, &pgErr) || pgErr.Code != "57P01" || n > 1 || (n == 1 && tags[0] != "") || count("fatal") != 0 {
 		t.Errorf("session terminated during the question: %d results %v, err %v, rows %d; want 57P01, no COMMIT result, nothing committed", n, tags, err, count("fatal"))
 	}
