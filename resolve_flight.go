@@ -43,8 +43,9 @@ type CommitFlight interface {
 	//   - err: what the driver's Tx.Commit would have returned for the
 	//     COMMIT (pgx.ErrTxCommitRollback's text for a COMMIT that rolled
 	//     back), or, when row is nil and askErr is nil, the failure that
-	//     lost the question's answer: the COMMIT may have run. It must
-	//     never be driver.ErrBadConn once anything may have been sent.
+	//     lost the question's answer: the COMMIT may have run. It is
+	//     driver.ErrBadConn only when nothing was sent (then the
+	//     transaction is replayed: the server rolls it back).
 	// The driver's own Tx is not told: sqlretry does not call its Commit
 	// after a flight, and calls its Rollback after an askErr.
 	Commit(ctx context.Context, dc driver.Conn, question string) (row []driver.Value, askErr, err error)

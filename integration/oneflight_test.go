@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -447,5 +448,57 @@ func TestPgBouncerServerSessionsKilledOneFlight(t *testing.T) {
 	}
 	if res.Committed == 0 || kills == 0 {
 		t.Errorf("%d commits, %d sessions killed: the scenario did not run", res.Committed, kills)
+	}
+}
+
+// A pgx connection already closed when the flight would go (the session
+// died while the transaction was idle): nothing is sent, so the outcome is
+// known, not committed, never ErrAmbiguousCommit (the separate question
+// gets driver.ErrBadConn from stdlib there too).
+func TestPostgresOneFlightOnAClosedConnectionSendsNothing(t *testing.T) {
+	dsn := need(t, "pgx")
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), pgxsqlretry.CommitInOneFlight())
+	defer db.Close()
+	tbl := table(t, db, "oneflight")
+	mustExec(t, db, "CREATE TABLE "+tbl+" (id int)")
+	ctx := context.Background()
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Raw(func(dc any) error {
+		for {
+			if sc, ok := dc.(*stdlib.Conn); ok {
+				return sc.Conn().PgConn().Close(ctx)
+			}
+			u, ok := dc.(interface{ Unwrap() driver.Conn })
+			if !ok {
+				return fmt.Errorf("%T: no pgx connection under it", dc)
+			}
+			dc = u.Unwrap()
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	err = tx.Commit()
+	var n int
+	if qerr := db.QueryRow("SELECT count(*) FROM " + tbl).Scan(&n); qerr != nil {
+		t.Fatal(qerr)
+	}
+	var se *sqlretry.Error
+	if err == nil || errors.Is(err, sqlretry.ErrAmbiguousCommit) || !errors.As(err, &se) || se.Class != sqlretry.RetryTransaction || n != 0 {
+		t.Fatalf("err=%v rows=%d; want a replayable error (nothing sent), not ErrAmbiguousCommit, no row", err, n)
 	}
 }

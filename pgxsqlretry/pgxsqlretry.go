@@ -71,6 +71,12 @@ func (Flight) Commit(ctx context.Context, dc driver.Conn, question string) (row 
 	if pc == nil {
 		return nil, nil, errors.New("pgxsqlretry: not a pgx connection")
 	}
+	if pc.IsClosed() {
+		// pgconn refuses before it writes anything: proven "not sent", as
+		// stdlib reports a closed connection. (pgconn's SafeToRetry is not
+		// trusted beyond this: see sqlretry's commitOutcomeUnknown.)
+		return nil, nil, driver.ErrBadConn
+	}
 	mrr := pc.Exec(ctx, question+"; COMMIT")
 	// The question's result.
 	if mrr.NextResult() {
