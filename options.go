@@ -50,6 +50,7 @@ type config struct {
 	dialectSet     bool
 	resolveCommits bool
 	mysqlMarker    string
+	commitFlight   CommitFlight // WithCommitFlight; nil: the question before COMMIT has a round trip of its own
 
 	contentionControl bool
 	contentionQueue   bool

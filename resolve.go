@@ -68,20 +68,7 @@ func (t *tx) prepareResolution() error {
 		q, ask, proof := r.pgAskQuery(c)
 		vals, err := queryRow(t.ctx, c.inner, q)
 		if err != nil {
-			if proof && r.pgProofRefused(err) {
-				// The failed statement aborted this transaction before
-				// COMMIT: replay it once, without the proof from now on.
-				return newError("commit", 1, RetryTransaction, nil, err)
-			}
-			if lacksFunction(err) {
-				// An engine without the functions (CockroachDB): the failed
-				// statement aborted this transaction before COMMIT, so replay
-				// it once and stop asking. Nothing else turns this off: a
-				// caller's tiny deadline says nothing about the engine.
-				r.resolution.broken.Store(true)
-				return newError("commit", 1, RetryTransaction, nil, err)
-			}
-			return r.resolutionFailed(t.ctx, "asking for the transaction id", err)
+			return t.questionFailed(err, proof)
 		}
 		t.pgTakeAnswer(vals, ask, proof)
 	case r.dialect == DialectMySQL && r.cfg.mysqlMarker != "":

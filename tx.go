@@ -222,6 +222,9 @@ func (t *tx) commit() error {
 		return &poisonedError{cause: t.poison}
 	}
 	if t.wrote {
+		if f := t.oneFlight(); f != nil {
+			return t.commitInOneFlight(f) // resolve_flight.go
+		}
 		if err := t.prepareResolution(); err != nil {
 			_ = t.rollback()
 			return err
