@@ -94,7 +94,7 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 	// log: an ErrAmbiguousCommit then says why it could not be known.
 	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
 		if e.Kind == sqlretry.EventCommitResolved {
-			t.Logf("COMMIT resolution: outcome=%v reason=%q err=%v", e.Outcome, e.Reason, e.Err)
+			t.Logf("%s COMMIT resolution: outcome=%v reason=%q err=%v", time.Now().Format("15:04:05.000"), e.Outcome, e.Reason, e.Err)
 		}
 	})))
 	defer db.Close()

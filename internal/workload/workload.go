@@ -161,6 +161,7 @@ type Result struct {
 	Timeline          []int           // commits per Tick
 	Acked, FailedOps  map[string]bool
 	UnknownOps        map[string]bool
+	AckedAt           map[string]time.Time // when each acknowledged operation returned
 }
 
 // Percentile returns the p-th percentile latency (0 < p <= 100).
@@ -181,7 +182,8 @@ func Run(ctx context.Context, cfg Config, bank *Bank, db *sql.DB, strategy Strat
 	if cfg.OpTimeout == 0 {
 		cfg.OpTimeout = 10 * time.Second
 	}
-	res := &Result{Errors: map[string]int{}, Acked: map[string]bool{}, FailedOps: map[string]bool{}, UnknownOps: map[string]bool{}}
+	res := &Result{Errors: map[string]int{}, Acked: map[string]bool{}, FailedOps: map[string]bool{}, UnknownOps: map[string]bool{},
+		AckedAt: map[string]time.Time{}}
 	var mu sync.Mutex
 	var committed, failed atomic.Int64
 	var overshoot, attempts atomic.Int64
@@ -217,6 +219,7 @@ func Run(ctx context.Context, cfg Config, bank *Bank, db *sql.DB, strategy Strat
 				mu.Lock()
 				if err == nil {
 					res.Acked[op] = true
+					res.AckedAt[op] = t1
 					committed.Add(1)
 					if i := int(t1.Sub(start) / cfg.Tick); i < len(timeline) {
 						timeline[i].Add(1)
@@ -293,11 +296,12 @@ func trim(s string) string {
 // told the outcome is unknown (ErrAmbiguousCommit) is neither lost nor a
 // phantom; UnknownCommitted says how many of those did commit.
 type Invariants struct {
-	MoneyConserved   bool // the balances add up to what they started with
-	LedgerMatches    bool // every balance is explained by the ledger
-	Lost             int  // acknowledged operations missing from the ledger
-	Phantom          int  // failed operations present in the ledger
-	UnknownCommitted int  // operations with an unknown outcome that are in the ledger
+	MoneyConserved   bool     // the balances add up to what they started with
+	LedgerMatches    bool     // every balance is explained by the ledger
+	Lost             int      // acknowledged operations missing from the ledger
+	Phantom          int      // failed operations present in the ledger
+	UnknownCommitted int      // operations with an unknown outcome that are in the ledger
+	LostOps          []string // the lost ones, with when they were acknowledged
 }
 
 // OK reports whether every invariant holds.
@@ -306,8 +310,12 @@ func (i Invariants) OK() bool {
 }
 
 func (i Invariants) String() string {
-	return fmt.Sprintf("money conserved=%v ledger=balances=%v lost acks=%d phantom writes=%d unknown-but-committed=%d",
+	s := fmt.Sprintf("money conserved=%v ledger=balances=%v lost acks=%d phantom writes=%d unknown-but-committed=%d",
 		i.MoneyConserved, i.LedgerMatches, i.Lost, i.Phantom, i.UnknownCommitted)
+	if len(i.LostOps) > 0 {
+		s += fmt.Sprintf(" %v", i.LostOps)
+	}
+	return s
 }
 
 // Check verifies the invariants against what the callers were told.
@@ -351,6 +359,7 @@ func (b *Bank) Check(ctx context.Context, admin *sql.DB, res *Result) (Invariant
 	for op := range res.Acked {
 		if !inLedger[op] {
 			inv.Lost++
+			inv.LostOps = append(inv.LostOps, op+" acknowledged at "+res.AckedAt[op].Format("15:04:05.000"))
 		}
 	}
 	inv.LedgerMatches = true
