@@ -226,9 +226,9 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 		}
 		return t.withinDeadline("COMMIT", driver.Tx.Commit)
 	case n == 1064 || n == 1235:
-		// The server refused the block (another sql_mode's syntax, a
-		// MariaDB before 10.1.1): nothing ran. Separate INSERTs from now
-		// on; this transaction is replayed once.
+		// The server refused the block (a MariaDB before 10.1.1, a proxy
+		// that claims MariaDB's version): nothing ran. Separate INSERTs
+		// from now on; this transaction is replayed once.
 		r.resolution.markerNoBlock.Store(true)
 		t.token = nil
 		_ = t.rollback()
@@ -663,13 +663,13 @@ type mysqlServer struct {
 	key    string // server_id/hostname:port
 	galera bool   // wsrep_on=ON
 	node   string // wsrep_node_name, on a Galera node
-	// block: MariaDB outside sql_mode=ORACLE, whose anonymous blocks
-	// carry the marker with the COMMIT (commitWithMarker).
+	// block: MariaDB, whose anonymous blocks carry the marker with the
+	// COMMIT (commitWithMarker).
 	block bool
 }
 
 // mysqlServerQuery works on MySQL (no wsrep rows) and MariaDB alike.
-const mysqlServerQuery = "SHOW VARIABLES WHERE Variable_name IN ('server_id', 'hostname', 'port', 'wsrep_on', 'wsrep_node_name', 'version', 'sql_mode')"
+const mysqlServerQuery = "SHOW VARIABLES WHERE Variable_name IN ('server_id', 'hostname', 'port', 'wsrep_on', 'wsrep_node_name', 'version')"
 
 func mysqlAskServer(ctx context.Context, dc driver.Conn) (mysqlServer, error) {
 	rows, err := queryRows(ctx, dc, mysqlServerQuery)
@@ -690,7 +690,7 @@ func mysqlAskServer(ctx context.Context, dc driver.Conn) (mysqlServer, error) {
 	if s.galera {
 		s.node = vars["wsrep_node_name"]
 	}
-	s.block = strings.Contains(vars["version"], "MariaDB") && !strings.Contains(strings.ToUpper(vars["sql_mode"]), "ORACLE")
+	s.block = strings.Contains(vars["version"], "MariaDB")
 	return s, nil
 }
 

@@ -47,8 +47,8 @@ type resolveState struct {
 	markerCount atomic.Int64
 	// markerOff: the default marker turned itself off (markerTurnOff).
 	markerOff atomic.Bool
-	// markerNoBlock: the MariaDB server refused the marker's anonymous
-	// block (sql_mode=ORACLE has another syntax): separate INSERT from now on.
+	// markerNoBlock: the server refused the marker's anonymous block
+	// (commitWithMarker): separate INSERTs from now on.
 	markerNoBlock atomic.Bool
 
 	// The marker clean-up runs on a goroutine of its own, started on first
