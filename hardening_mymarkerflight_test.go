@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/go-sql-driver/mysql"
@@ -163,4 +164,58 @@ func TestMariaDBMarkerRefusedAtTheBlock(t *testing.T) {
 			t.Errorf("the write committed although the transaction failed")
 		}
 	})
+}
+
+// An engine that speaks MySQL's protocol but refuses what the marker's
+// check asks (here information_schema, with a syntax error): the default
+// marker turns itself off at the first writing transaction instead of
+// opening a side connection for every one after it.
+func TestDefaultMarkerOffOnAnEngineThatRefusesTheCheck(t *testing.T) {
+	srv := newFakeServer()
+	rc := &refusingCheckConnector{markerConnector: markerConnector{fakeConnector: fakeConnector{srv: srv}, database: "test"}}
+	offs := 0
+	wc, err := WrapConnector(rc, WithClock(newFakeClock()), WithDialect(DialectMySQL), WithObserver(ObserverFunc(func(_ context.Context, e Event) {
+		if e.Kind == EventResolutionOff {
+			offs++
+		}
+	})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sql.OpenDB(wc)
+	defer db.Close()
+	for range 5 {
+		if calls, err := insertOnce(db, nil, "INSERT INTO t VALUES (1)"); err != nil || calls != 1 {
+			t.Fatalf("err=%v calls=%d", err, calls)
+		}
+	}
+	if n := rc.checks.Load(); n != 1 || offs != 1 {
+		t.Fatalf("the check ran %d times, %d EventResolutionOff; want 1 and 1", n, offs)
+	}
+}
+
+type refusingCheckConnector struct {
+	markerConnector
+	checks atomic.Int32
+}
+
+func (c *refusingCheckConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	dc, err := c.markerConnector.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &refusingCheckConn{markerConn: dc.(*markerConn), rc: c}, nil
+}
+
+type refusingCheckConn struct {
+	*markerConn
+	rc *refusingCheckConnector
+}
+
+func (c *refusingCheckConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	if strings.HasPrefix(q, "SELECT COUNT(*) FROM information_schema.TABLES") {
+		c.rc.checks.Add(1)
+		return nil, &mysql.MySQLError{Number: 1064, Message: "You have an error in your SQL syntax"}
+	}
+	return c.markerConn.QueryContext(ctx, q, args)
 }

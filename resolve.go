@@ -325,7 +325,9 @@ const markerRecheck = 10 * time.Second
 // away from where the lookup looks (issue 15). The table is created only
 // when it is missing: a DBA may have created it and granted only SELECT,
 // INSERT and DELETE. A configuration error (no default database, a missing
-// privilege) is returned at once, permanent, with what to do. When the side
+// privilege) is returned at once, permanent, with what to do, for a table
+// the caller named; the default marker turns itself off instead, as it
+// does when the server refuses the check for good. When the side
 // connection fails otherwise the name is "" and no error: the caller's
 // transaction is not at fault, it commits without a marker (a lost COMMIT
 // is then ErrAmbiguousCommit) and the next one checks again.
@@ -336,6 +338,9 @@ func (r *retrier) markerTable(ctx context.Context) (string, error) {
 	if rs.markerName != "" {
 		return rs.markerName, nil
 	}
+	if rs.markerOff.Load() {
+		return "", nil // turned off while this transaction waited for the lock
+	}
 	if rs.markerErr != nil && r.clock.Now().Sub(rs.markerErrAt) < markerRecheck {
 		return "", rs.markerErr
 	}
@@ -345,6 +350,12 @@ func (r *retrier) markerTable(ctx context.Context) (string, error) {
 	}
 	defer dc.Close()
 	name, cerr, err := checkMarkerTable(ctx, dc, r.cfg.mysqlMarker)
+	if cerr == nil && err != nil && !r.cfg.mysqlMarkerSet && serverAnswered(err) && r.classify(err) == Permanent {
+		// An engine that speaks MySQL's protocol but refuses the check
+		// (no information_schema, no such syntax): asking again at every
+		// transaction would cost a side connection each time.
+		cerr = &configError{what: "checking the commit marker table", fix: "this server does not answer what the marker needs", err: err}
+	}
 	if cerr != nil && !r.cfg.mysqlMarkerSet {
 		r.markerTurnOff(ctx, cerr)
 		return "", nil
