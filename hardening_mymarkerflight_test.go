@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/go-sql-driver/mysql"
 )
@@ -218,4 +219,27 @@ func (c *refusingCheckConn) QueryContext(ctx context.Context, q string, args []d
 		return nil, &mysql.MySQLError{Number: 1064, Message: "You have an error in your SQL syntax"}
 	}
 	return c.markerConn.QueryContext(ctx, q, args)
+}
+
+// Old marker rows are still deleted when the marker travels with the
+// COMMIT: the clean-up is asked for every 256 marked commits.
+func TestMariaDBMarkerBlockStillCleansOldRows(t *testing.T) {
+	srv := newFakeServer()
+	mc := newMariaDB(t, srv)
+	db := mariaDB(t, mc)
+	for range 256 {
+		if _, err := insertOnce(db, nil, "INSERT INTO t VALUES (1)"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := srv.ranCount("BEGIN NOT ATOMIC INSERT INTO `test`.`sqlretry_commit_marker`"); n != 256 {
+		t.Fatalf("blocks into the default table: %d, want 256", n)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for mc.cleanups.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no clean-up of old marker rows after 256 commits")
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
