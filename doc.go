@@ -25,7 +25,8 @@
 // transaction replayed through RunInTx. It never retries a statement inside
 // a transaction, never re-runs a write that may have run, and resolves a
 // COMMIT that lost its connection instead of guessing (PostgreSQL:
-// txid_status; MySQL: WithMySQLCommitMarker), or returns ErrAmbiguousCommit.
+// txid_status; MySQL: a marker row, WithMySQLCommitMarker), or returns
+// ErrAmbiguousCommit.
 // A circuit breaker (ErrCircuitOpen) and a retry budget (ErrBudgetExhausted)
 // protect a struggling database. The README has the full table;
 // docs/errors.md lists every error code and its class. Package

@@ -433,7 +433,7 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		defer c.srv.mu.Unlock()
 		n := int64(0)
 		for _, r := range c.srv.ran {
-			if strings.HasPrefix(r, "INSERT INTO "+table+" ") {
+			if strings.HasPrefix(r, "INSERT INTO "+table+" ") || strings.HasPrefix(r, "BEGIN NOT ATOMIC INSERT INTO "+table+" ") {
 				n = 1
 			}
 		}

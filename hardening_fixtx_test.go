@@ -31,7 +31,7 @@ func TestNotIdempotentReadInsideATransactionCountsAsAWrite(t *testing.T) {
 			{"pg", nil, false, nil},
 			{"pg prepared", nil, true, nil},
 			{"mysql marker", []Option{WithDialect(DialectMySQL), WithMySQLCommitMarker("sqlretry_marker")}, false, nil},
-			{"mysql no marker", []Option{WithDialect(DialectMySQL)}, false, ErrAmbiguousCommit},
+			{"mysql no marker", []Option{WithDialect(DialectMySQL), WithMySQLCommitMarker("")}, false, ErrAmbiguousCommit},
 		} {
 			t.Run(name+"/"+tc.name, func(t *testing.T) {
 				srv := newFakeServer()
@@ -268,7 +268,7 @@ func TestEscapedTransactionIsNeverReplayed(t *testing.T) {
 		{"lost COMMIT unresolved", true, []Option{WithCommitResolution(false)}, ErrAmbiguousCommit},
 		{"lost COMMIT, mysql marker, committed", true, []Option{WithDialect(DialectMySQL), WithMySQLCommitMarker("sqlretry_marker")}, nil},
 		{"lost COMMIT, mysql marker, not committed", false, []Option{WithDialect(DialectMySQL), WithMySQLCommitMarker("sqlretry_marker")}, ErrAmbiguousCommit},
-		{"lost COMMIT, mysql no marker", true, []Option{WithDialect(DialectMySQL)}, ErrAmbiguousCommit},
+		{"lost COMMIT, mysql no marker", true, []Option{WithDialect(DialectMySQL), WithMySQLCommitMarker("")}, ErrAmbiguousCommit},
 		{"read only", false, nil, ErrAmbiguousCommit},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

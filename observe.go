@@ -26,6 +26,10 @@ const (
 	// EventCommitResolved: a COMMIT lost its connection and sqlretry found
 	// out whether it took effect (Outcome).
 	EventCommitResolved
+	// EventResolutionOff: the resolution of lost COMMITs turned itself off
+	// for this db (Reason says why and what to do); from now on a lost
+	// COMMIT is ErrAmbiguousCommit. At most once per db.
+	EventResolutionOff
 )
 
 // String names the kind: "retry", "hand-off", ...
@@ -41,6 +45,8 @@ func (k EventKind) String() string {
 		return "breaker"
 	case EventCommitResolved:
 		return "commit-resolved"
+	case EventResolutionOff:
+		return "resolution-off"
 	}
 	return "unknown"
 }
@@ -98,7 +104,8 @@ func (f ObserverFunc) Observe(ctx context.Context, e Event) { f(ctx, e) }
 
 // SlogObserver logs every decision to l: retries and hand-offs at Debug,
 // breaker changes and commit resolutions at Info (Warn when the breaker
-// opens or a commit stays unknown), give-ups at Warn.
+// opens or a commit stays unknown), give-ups and a resolution turned off at
+// Warn.
 func SlogObserver(l *slog.Logger) Observer {
 	return ObserverFunc(func(ctx context.Context, e Event) {
 		level := slog.LevelDebug
@@ -116,7 +123,7 @@ func SlogObserver(l *slog.Logger) Observer {
 				level = slog.LevelWarn
 			}
 			attrs = append(attrs, slog.String("outcome", e.Outcome.String()))
-		case EventGiveUp:
+		case EventGiveUp, EventResolutionOff:
 			level = slog.LevelWarn
 		}
 		if e.Kind != EventBreaker {

@@ -49,7 +49,11 @@ type config struct {
 	dialect        Dialect
 	dialectSet     bool
 	resolveCommits bool
-	mysqlMarker    string
+	mysqlMarker    string // "" when off
+	// mysqlMarkerSet: the caller named the marker table
+	// (WithMySQLCommitMarker), so a table it may not use is an error of
+	// each writing transaction; the default marker turns itself off.
+	mysqlMarkerSet bool
 	commitFlight   CommitFlight // WithCommitFlight; nil: the question before COMMIT has a round trip of its own
 
 	contentionControl bool
@@ -70,6 +74,7 @@ func defaultConfig() config {
 		clock:          realClock{},
 		rnd:            defaultRand,
 		resolveCommits: true,
+		mysqlMarker:    DefaultMySQLCommitMarker,
 
 		contentionControl: true,
 	}
@@ -279,23 +284,36 @@ func WithCommitResolution(on bool) Option {
 	return func(c *config) error { c.resolveCommits = on; return nil }
 }
 
-// WithMySQLCommitMarker turns on the MySQL/MariaDB resolution of lost
-// COMMITs (default off): a transaction that wrote also inserts a row with a
-// random token into table just before COMMIT; after a lost COMMIT sqlretry
-// waits for the old session to end and looks the token up. table is
-// "name" (in the DSN's database, fixed at first use: USE in a transaction
-// does not move it) or "db.name". It is created if missing; the user needs
-// SELECT, INSERT and DELETE on it (CREATE only to create it). Without a
-// database to put it in, or without those privileges, writing transactions
-// fail at once with an error that says what to do. READ ONLY transactions
-// write no marker. Rows older than an hour are deleted now and then, in the
-// background, until the db is closed.
+// DefaultMySQLCommitMarker is the table of the MySQL/MariaDB commit
+// marker when no WithMySQLCommitMarker option names one.
+const DefaultMySQLCommitMarker = "sqlretry_commit_marker"
+
+// WithMySQLCommitMarker names the table of the MySQL/MariaDB resolution of
+// lost COMMITs, or turns it off with "". It is on by default, in the table
+// DefaultMySQLCommitMarker of the DSN's database.
+//
+// A transaction that wrote also inserts a row with a random token into
+// table as it commits; after a lost COMMIT sqlretry waits for the old
+// session to end and looks the token up. On MariaDB the INSERT travels
+// with the COMMIT in one statement (an anonymous block), so it costs no
+// round trip; on MySQL it is one more round trip. table is "name" (in the
+// DSN's database, fixed at first use: USE in a transaction does not move
+// it) or "db.name". It is created if missing; the user needs SELECT,
+// INSERT and DELETE on it (CREATE only to create it). READ ONLY
+// transactions write no marker. Rows older than an hour are deleted now
+// and then, in the background, until the db is closed.
+//
+// The default marker turns itself off, with one EventResolutionOff for the
+// observer (or one warning on slog's default logger when there is none),
+// when there is no database to put it in or the user may not create or use
+// it: a lost COMMIT is then ErrAmbiguousCommit. A table named here does not:
+// writing transactions fail at once with an error that says what to do.
 func WithMySQLCommitMarker(table string) Option {
 	return func(c *config) error {
-		if !isPlainIdentifier(table) {
+		if table != "" && !isPlainIdentifier(table) {
 			return optionError("WithMySQLCommitMarker", fmt.Errorf("%q is not a plain table name ([A-Za-z0-9_], optionally schema.table)", table))
 		}
-		c.mysqlMarker = table
+		c.mysqlMarker, c.mysqlMarkerSet = table, table != ""
 		return nil
 	}
 }

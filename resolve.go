@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"database/sql/driver"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"strings"
 	"time"
 )
@@ -30,12 +32,15 @@ import (
 // (resolve_failover.go, PostgreSQL ≥ 10); anything else means ours never
 // committed (a committed id is never reused).
 //
-// MySQL/MariaDB, with WithMySQLCommitMarker: the transaction inserts a row
-// with a random token before COMMIT into the marker table, whose name is
-// fixed (qualified with the DSN's database) at first use; after a lost
-// COMMIT sqlretry waits for the old session to leave the process list
-// (KILLing it where it may) and then looks the token up. READ ONLY
-// transactions write no marker: MySQL refuses table writes in them.
+// MySQL/MariaDB, unless WithMySQLCommitMarker("") turns it off: the
+// transaction inserts a row with a random token into the marker table as
+// it commits (on MariaDB in the COMMIT's own statement, commitWithMarker;
+// on MySQL just before it); the table's name is fixed (qualified with the
+// DSN's database) and the table created at first use. After a lost COMMIT
+// sqlretry waits for the old session to leave the process list (KILLing it
+// where it may) and then looks the token up. READ ONLY transactions write
+// no marker: MySQL refuses table writes in them. The default marker turns
+// itself off when the user may not create or use it (markerTurnOff).
 //
 // Nothing that fails in this machinery is a reason to replay the caller's
 // transaction: see resolutionFailed and configError.
@@ -71,51 +76,153 @@ func (t *tx) prepareResolution() error {
 			return t.questionFailed(err, proof)
 		}
 		t.pgTakeAnswer(vals, ask, proof)
-	case r.dialect == DialectMySQL && r.cfg.mysqlMarker != "":
-		if t.readOnly {
-			// MySQL refuses table writes in a READ ONLY transaction, and what
-			// it allows (temporary tables, variables) dies with the session.
-			t.nothingDurable = true
-			return nil
-		}
-		marker, err := r.markerTable(t.ctx)
-		if err != nil {
-			return err
-		}
-		if marker == "" {
-			return nil // the table could not be checked just now: a lost COMMIT will be ambiguous
-		}
-		if c.serverID == 0 {
-			vals, err := queryRow(t.ctx, c.inner, "SELECT CONNECTION_ID()")
-			if err != nil {
-				return r.resolutionFailed(t.ctx, "asking for the connection id", err)
-			}
-			srv, err := mysqlAskServer(t.ctx, c.inner)
-			if err != nil {
-				return r.resolutionFailed(t.ctx, "asking which server the session runs on", err)
-			}
-			c.serverID, c.mysqlServer = asInt64(vals[0]), srv
-		}
-		token := make([]byte, 16)
-		_, _ = rand.Read(token)
-		if err := execConn(t.ctx, c.inner, "INSERT INTO "+marker+" (token) VALUES (?)", token); err != nil {
-			switch mysqlNumber(err) {
-			case 1792:
-				// The session made the transaction read-only (SET SESSION
-				// TRANSACTION READ ONLY): the failed INSERT left it open, and
-				// it can commit nothing durable.
-				t.nothingDurable = true
-				return nil
-			case 1142, 1143, 1044, 1046, 1146, 1049:
-				r.resolution.forgetMarker() // dropped or revoked since: look again next time
-				return newError("commit", 1, Permanent, nil, &configError{what: "writing the commit marker into " + marker,
-					fix: "the marker table needs SELECT, INSERT and DELETE for this user", err: err})
-			}
-			return r.resolutionFailed(t.ctx, "writing the commit marker", err)
-		}
-		t.token, t.marker = token, marker
+	case r.dialect == DialectMySQL && r.cfg.mysqlMarker != "" && !r.resolution.markerOff.Load():
+		return t.prepareMarker()
 	}
 	return nil
+}
+
+// prepareMarker readies the MySQL/MariaDB commit marker of a transaction
+// that wrote, just before COMMIT. On MariaDB the marker's INSERT goes with
+// the COMMIT (commitWithMarker); elsewhere it runs now, one round trip.
+func (t *tx) prepareMarker() error {
+	c, r := t.c, t.c.r
+	if t.readOnly {
+		// MySQL refuses table writes in a READ ONLY transaction, and what
+		// it allows (temporary tables, variables) dies with the session.
+		t.nothingDurable = true
+		return nil
+	}
+	marker, err := r.markerTable(t.ctx)
+	if err != nil {
+		return err
+	}
+	if marker == "" {
+		return nil // no marker table just now: a lost COMMIT will be ambiguous
+	}
+	if c.serverID == 0 {
+		vals, err := queryRow(t.ctx, c.inner, "SELECT CONNECTION_ID()")
+		if err != nil {
+			return r.resolutionFailed(t.ctx, "asking for the connection id", err)
+		}
+		srv, err := mysqlAskServer(t.ctx, c.inner)
+		if err != nil {
+			return r.resolutionFailed(t.ctx, "asking which server the session runs on", err)
+		}
+		c.serverID, c.mysqlServer = asInt64(vals[0]), srv
+	}
+	token := make([]byte, 16)
+	_, _ = rand.Read(token)
+	t.token, t.marker = token, marker
+	if c.mysqlServer.block && !r.resolution.markerNoBlock.Load() {
+		t.markerWithCommit = true
+		return nil
+	}
+	return t.insertMarker()
+}
+
+// markerInsert writes the token as a literal: with an argument
+// go-sql-driver/mysql would prepare the statement, two round trips.
+func markerInsert(table string, token []byte) string {
+	return "INSERT INTO " + table + " (token) VALUES (X'" + hex.EncodeToString(token) + "')"
+}
+
+// insertMarker runs the marker's INSERT on its own. A failure leaves the
+// transaction without a marker (t.token nil).
+func (t *tx) insertMarker() error {
+	r := t.c.r
+	err := execConn(t.ctx, t.c.inner, markerInsert(t.marker, t.token))
+	if err == nil {
+		return nil
+	}
+	t.token = nil
+	switch n := mysqlNumber(err); {
+	case n == 1792:
+		// The session made the transaction read-only (SET SESSION
+		// TRANSACTION READ ONLY): the failed INSERT left it open, and it
+		// can commit nothing durable.
+		t.nothingDurable = true
+		return nil
+	case isConfigNumber(n):
+		// Dropped or revoked since. The failed INSERT left the transaction
+		// open: the default marker turns itself off and it commits without.
+		return r.markerRefused(t.ctx, t.marker, err)
+	}
+	return r.resolutionFailed(t.ctx, "writing the commit marker", err)
+}
+
+// markerRefused handles a marker table the user may no longer use: a
+// named one is looked at again by the next transaction and this one fails
+// with what to do; the default one is turned off (nil).
+func (r *retrier) markerRefused(ctx context.Context, table string, err error) error {
+	r.resolution.forgetMarker()
+	cerr := &configError{what: "writing the commit marker into " + table,
+		fix: "the marker table needs SELECT, INSERT and DELETE for this user", err: err}
+	if !r.cfg.mysqlMarkerSet {
+		r.markerTurnOff(ctx, cerr)
+		return nil
+	}
+	return newError("commit", 1, Permanent, nil, cerr)
+}
+
+// markerTurnOff turns the default marker off for this db, and says so once:
+// to the observer, or on slog's default logger when there is none (a lost
+// COMMIT is ErrAmbiguousCommit from now on, which the operator must know).
+func (r *retrier) markerTurnOff(ctx context.Context, why error) {
+	if !r.resolution.markerOff.CompareAndSwap(false, true) {
+		return
+	}
+	reason := "the MySQL commit marker is off for this db: a lost COMMIT is ErrAmbiguousCommit; " +
+		"name a table the user may use with WithMySQLCommitMarker, or turn it off with WithMySQLCommitMarker(\"\")"
+	if r.obs == nil {
+		slog.Default().LogAttrs(ctx, slog.LevelWarn, "sqlretry "+EventResolutionOff.String(),
+			slog.String("reason", reason), slog.String("error", why.Error()))
+		return
+	}
+	r.observe(ctx, Event{Kind: EventResolutionOff, Op: "commit", Class: Permanent, Err: why, Reason: reason})
+}
+
+// commitWithMarker sends the marker's INSERT and the COMMIT as one
+// statement, a MariaDB anonymous block: one round trip, as COMMIT alone.
+// A failing statement ends a block with its error and the rest does not
+// run (MariaDB 10.11: TestMariaDBMarkerBlockStopsAtAFailedInsert), so a
+// failed INSERT never lets the COMMIT through: a transaction that
+// committed has its marker. Any error the server answered means the
+// transaction did not commit; it may still be open (a failed INSERT rolls
+// back only itself), so it is rolled back here.
+func (t *tx) commitWithMarker() (abandoned bool, err error) {
+	r, inner := t.c.r, t.c.inner
+	q := "BEGIN NOT ATOMIC " + markerInsert(t.marker, t.token) + "; COMMIT; END"
+	abandoned, err = t.withinDeadline("COMMIT", func(driver.Tx) error {
+		return execConn(context.Background(), inner, q)
+	})
+	if abandoned || err == nil || !serverAnswered(err) {
+		return abandoned, err // a lost reply is resolved by the token
+	}
+	switch n := mysqlNumber(err); {
+	case n == 1792:
+		// READ ONLY by the session: the INSERT failed, COMMIT did not
+		// run, and nothing durable can commit.
+		t.token, t.nothingDurable = nil, true
+		return t.withinDeadline("COMMIT", driver.Tx.Commit)
+	case isConfigNumber(n):
+		t.token = nil
+		if cerr := r.markerRefused(t.ctx, t.marker, err); cerr != nil {
+			_ = t.rollback()
+			return false, cerr
+		}
+		return t.withinDeadline("COMMIT", driver.Tx.Commit)
+	case n == 1064 || n == 1235:
+		// The server refused the block (a MariaDB before 10.1.1, a proxy
+		// that claims MariaDB's version): nothing ran. Separate INSERTs
+		// from now on; this transaction is replayed once.
+		r.resolution.markerNoBlock.Store(true)
+		t.token = nil
+		_ = t.rollback()
+		return false, newError("commit", 1, RetryTransaction, nil, fmt.Errorf("sqlretry: the commit marker's block was refused: %w", err))
+	}
+	_ = t.rollback()
+	return false, err
 }
 
 // lacksFunction reports the definite "this engine has no such function".
@@ -205,7 +312,9 @@ const markerRecheck = 10 * time.Second
 // away from where the lookup looks (issue 15). The table is created only
 // when it is missing: a DBA may have created it and granted only SELECT,
 // INSERT and DELETE. A configuration error (no default database, a missing
-// privilege) is returned at once, permanent, with what to do. When the side
+// privilege) is returned at once, permanent, with what to do, for a table
+// the caller named; the default marker turns itself off instead, as it
+// does when the server refuses the check for good. When the side
 // connection fails otherwise the name is "" and no error: the caller's
 // transaction is not at fault, it commits without a marker (a lost COMMIT
 // is then ErrAmbiguousCommit) and the next one checks again.
@@ -216,6 +325,9 @@ func (r *retrier) markerTable(ctx context.Context) (string, error) {
 	if rs.markerName != "" {
 		return rs.markerName, nil
 	}
+	if rs.markerOff.Load() {
+		return "", nil // turned off while this transaction waited for the lock
+	}
 	if rs.markerErr != nil && r.clock.Now().Sub(rs.markerErrAt) < markerRecheck {
 		return "", rs.markerErr
 	}
@@ -225,6 +337,16 @@ func (r *retrier) markerTable(ctx context.Context) (string, error) {
 	}
 	defer dc.Close()
 	name, cerr, err := checkMarkerTable(ctx, dc, r.cfg.mysqlMarker)
+	if cerr == nil && err != nil && !r.cfg.mysqlMarkerSet && serverAnswered(err) && r.classify(err) == Permanent {
+		// An engine that speaks MySQL's protocol but refuses the check
+		// (no information_schema, no such syntax): asking again at every
+		// transaction would cost a side connection each time.
+		cerr = &configError{what: "checking the commit marker table", fix: "this server does not answer what the marker needs", err: err}
+	}
+	if cerr != nil && !r.cfg.mysqlMarkerSet {
+		r.markerTurnOff(ctx, cerr)
+		return "", nil
+	}
 	if cerr != nil {
 		rs.markerErr, rs.markerErrAt = newError("commit", 1, Permanent, nil, cerr), r.clock.Now()
 		return "", rs.markerErr
@@ -575,10 +697,13 @@ type mysqlServer struct {
 	key    string // server_id/hostname:port
 	galera bool   // wsrep_on=ON
 	node   string // wsrep_node_name, on a Galera node
+	// block: MariaDB, whose anonymous blocks carry the marker with the
+	// COMMIT (commitWithMarker).
+	block bool
 }
 
 // mysqlServerQuery works on MySQL (no wsrep rows) and MariaDB alike.
-const mysqlServerQuery = "SHOW VARIABLES WHERE Variable_name IN ('server_id', 'hostname', 'port', 'wsrep_on', 'wsrep_node_name')"
+const mysqlServerQuery = "SHOW VARIABLES WHERE Variable_name IN ('server_id', 'hostname', 'port', 'wsrep_on', 'wsrep_node_name', 'version')"
 
 func mysqlAskServer(ctx context.Context, dc driver.Conn) (mysqlServer, error) {
 	rows, err := queryRows(ctx, dc, mysqlServerQuery)
@@ -599,6 +724,7 @@ func mysqlAskServer(ctx context.Context, dc driver.Conn) (mysqlServer, error) {
 	if s.galera {
 		s.node = vars["wsrep_node_name"]
 	}
+	s.block = strings.Contains(vars["version"], "MariaDB")
 	return s, nil
 }
 

@@ -45,6 +45,11 @@ type resolveState struct {
 	markerErr   error     // a configuration error of the marker table, answered until markerErrAt+markerRecheck
 	markerErrAt time.Time //
 	markerCount atomic.Int64
+	// markerOff: the default marker turned itself off (markerTurnOff).
+	markerOff atomic.Bool
+	// markerNoBlock: the server refused the marker's anonymous block
+	// (commitWithMarker): separate INSERTs from now on.
+	markerNoBlock atomic.Bool
 
 	// The marker clean-up runs on a goroutine of its own, started on first
 	// use and stopped when the db is closed.

@@ -33,6 +33,9 @@ type tx struct {
 	mark     pgMark // where xid is in the WAL (resolve_failover.go)
 	token    []byte
 	marker   string // the MySQL marker table token went into
+	// markerWithCommit: the marker's INSERT is sent with the COMMIT
+	// (commitWithMarker).
+	markerWithCommit bool
 	// nothingDurable: the server held the transaction read-only (a
 	// PostgreSQL standby, a MySQL READ ONLY transaction): its COMMIT can
 	// make nothing last, so a lost one needs no resolution.
@@ -254,6 +257,9 @@ func (t *tx) commit() error {
 // deadline; abandoned means the deadline came first and the outcome is
 // unknown (no time is left to ask).
 func (t *tx) commitWithinDeadline() (abandoned bool, err error) {
+	if t.markerWithCommit {
+		return t.commitWithMarker() // the MySQL marker travels with the COMMIT (resolve.go)
+	}
 	return t.withinDeadline("COMMIT", driver.Tx.Commit)
 }
 

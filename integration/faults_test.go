@@ -77,15 +77,9 @@ func scenario(t *testing.T, name string, admin, db *sql.DB, driver string, strat
 	return res, inv
 }
 
-// markerTable resolves lost COMMITs on MySQL in the fault scenarios.
-const markerTable = "sqlretry_marker"
-
 // retryOptions are the options the scenarios open sqlretry with: the
-// defaults, plus the commit marker on MySQL.
-func retryOptions(driver string, opts ...sqlretry.Option) []sqlretry.Option {
-	if driver == "mysql" {
-		opts = append(opts, sqlretry.WithMySQLCommitMarker(markerTable))
-	}
+// defaults (on MySQL the commit marker is one of them).
+func retryOptions(_ string, opts ...sqlretry.Option) []sqlretry.Option {
 	return opts
 }
 

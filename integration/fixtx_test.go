@@ -54,9 +54,9 @@ func TestFixtxLostCommitOfNotIdempotentSelect(t *testing.T) {
 	})
 	for _, marker := range []bool{true, false} {
 		t.Run(fmt.Sprintf("mysql marker=%v", marker), func(t *testing.T) {
-			var opts []sqlretry.Option
+			opts := []sqlretry.Option{sqlretry.WithMySQLCommitMarker("")}
 			if marker {
-				opts = append(opts, sqlretry.WithMySQLCommitMarker("fixtx_marker"))
+				opts = []sqlretry.Option{sqlretry.WithMySQLCommitMarker("fixtx_marker")}
 			}
 			db := openCutMariaDB(t, opts...)
 			t.Cleanup(func() { db.Close() })

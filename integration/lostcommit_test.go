@@ -71,7 +71,10 @@ func (cc *cutConn) Write(p []byte) (int, error) {
 
 func pgCommit(p []byte) bool { return bytes.Contains(bytes.ToLower(p), []byte("commit\x00")) }
 func mysqlCommit(p []byte) bool {
-	return bytes.HasSuffix(p, []byte{0x03, 'C', 'O', 'M', 'M', 'I', 'T'})
+	// COMMIT alone, or the MariaDB block that carries the commit marker
+	// with it (commitWithMarker).
+	return bytes.HasSuffix(p, []byte{0x03, 'C', 'O', 'M', 'M', 'I', 'T'}) ||
+		len(p) > 4 && p[4] == 0x03 && bytes.HasSuffix(p, []byte("; COMMIT; END"))
 }
 
 func openCutPostgres(t *testing.T, c *cutter) *sql.DB {
@@ -171,7 +174,12 @@ func TestPostgresLostCommitWithoutResolutionIsAmbiguous(t *testing.T) {
 }
 
 func TestMariaDBLostCommitIsResolvedWithTheMarker(t *testing.T) {
-	db := openCutMariaDB(t, sqlretry.WithMySQLCommitMarker("sqlretry_marker"))
+	t.Run("named marker", func(t *testing.T) { mariaDBLostCommitIsResolved(t, sqlretry.WithMySQLCommitMarker("sqlretry_marker")) })
+	t.Run("default marker", func(t *testing.T) { mariaDBLostCommitIsResolved(t) })
+}
+
+func mariaDBLostCommitIsResolved(t *testing.T, opts ...sqlretry.Option) {
+	db := openCutMariaDB(t, opts...)
 	defer db.Close()
 	t.Run("server committed", func(t *testing.T) {
 		calls, n, err := lostCommit(t, db, mysqlCutter, cutAfterSend, "?")
@@ -188,7 +196,7 @@ func TestMariaDBLostCommitIsResolvedWithTheMarker(t *testing.T) {
 }
 
 func TestMariaDBLostCommitWithoutMarkerIsAmbiguous(t *testing.T) {
-	db := openCutMariaDB(t)
+	db := openCutMariaDB(t, sqlretry.WithMySQLCommitMarker(""))
 	defer db.Close()
 	calls, _, err := lostCommit(t, db, mysqlCutter, cutAfterSend, "?")
 	if !errors.Is(err, sqlretry.ErrAmbiguousCommit) || calls != 1 {

@@ -32,7 +32,7 @@ const (
 	ConnectionLost
 	// CommitReplyLost: at COMMIT only, the transaction commits on the
 	// server and the connection breaks before the reply arrives. sqlretry
-	// then resolves the outcome (PostgreSQL; MySQL with
+	// then resolves the outcome (PostgreSQL; MySQL with the commit marker,
 	// WithMySQLCommitMarker) or returns ErrAmbiguousCommit. At a statement
 	// it acts as ConnectionLost.
 	CommitReplyLost

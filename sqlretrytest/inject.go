@@ -280,8 +280,8 @@ func (c *conn) decide(query string, commit bool) (d decision, counted bool) {
 			return decision{}, false
 		}
 	}
-	if !fromApplication() {
-		return decision{}, false
+	if !commit && !fromApplication() {
+		return decision{}, false // a COMMIT is the application's, whoever sends it
 	}
 	i := c.inj
 	i.mu.Lock()
@@ -388,6 +388,9 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 	if !ok {
 		return nil, driver.ErrSkip
 	}
+	if c.tx != 0 && isMarkerCommit(query) {
+		return c.commitWithMarker(ctx, ec, query, args)
+	}
 	d, counted := c.decide(query, false)
 	switch d.fault {
 	case SerializationFailure, Deadlock:
@@ -402,6 +405,35 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 		c.skipped = query
 	}
 	return res, err
+}
+
+// isMarkerCommit reports the statement in which sqlretry sends the
+// application's COMMIT on MariaDB, with its commit marker: an anonymous
+// block that inserts the marker and commits.
+func isMarkerCommit(query string) bool {
+	return strings.HasPrefix(query, "BEGIN NOT ATOMIC INSERT INTO ") && strings.HasSuffix(query, "; COMMIT; END")
+}
+
+// commitWithMarker is Commit for the COMMIT that travels in sqlretry's
+// marker block: the same point and the same faults.
+func (c *conn) commitWithMarker(ctx context.Context, ec driver.ExecerContext, query string, args []driver.NamedValue) (driver.Result, error) {
+	d, _ := c.decide("COMMIT", true)
+	c.tx = 0
+	switch d.fault {
+	case SerializationFailure, Deadlock:
+		_, _ = ec.ExecContext(ctx, "ROLLBACK", nil)
+		return nil, d.err
+	case ConnectionLost:
+		c.breakConn()
+		return nil, d.err
+	case CommitReplyLost:
+		if _, err := ec.ExecContext(ctx, query, args); err != nil {
+			return nil, err
+		}
+		c.breakConn()
+		return nil, d.err
+	}
+	return ec.ExecContext(ctx, query, args)
 }
 
 // execAnyway runs a statement that is to lose its reply, through a

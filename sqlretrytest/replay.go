@@ -48,7 +48,8 @@ type ReplayCheck struct {
 	// Fault aborts the first attempt at each statement in turn; the zero
 	// value means Deadlock. ConnectionLost also checks that the closure
 	// survives a cut; at the COMMIT that needs the commit resolution of
-	// the engine (on MySQL, WithMySQLCommitMarker), else RunInTx returns
+	// the engine (on MySQL the commit marker, on by default unless the user
+	// may not create its table: WithMySQLCommitMarker), else RunInTx returns
 	// ErrAmbiguousCommit, which is reported as a difference.
 	Fault Fault
 
