@@ -89,6 +89,9 @@ type txLimiter struct {
 	gateUntil  atomic.Int64 // unix ns
 	gateReason atomic.Int64 // unix ns: the last costly conflict, or another replica seen in the queue after a conflict
 	gates      sync.Map     // closure name → *serverGate
+	// lastConflict: unix ns of the last conflict of an attempt outside
+	// the queue, while WithContentionQueue is on (probeDue).
+	lastConflict atomic.Int64
 }
 
 // isConflict says whether a replayed attempt was aborted by a conflict with

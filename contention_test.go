@@ -1109,3 +1109,24 @@ func TestContentionGateHungHolderIsNotWaitedForAgain(t *testing.T) {
 	}
 	g.leave()
 }
+
+// Outside the queue, an attempt looks whether other replicas use it after
+// a conflict, and, for gateStick after the last one, after commits too
+// (the replica that wins every collision sees no conflict of its own).
+func TestContentionGateProbesAfterCommitsForAWhile(t *testing.T) {
+	l, clock := newTestLimiter()
+	if l.probeDue(false) {
+		t.Error("a probe before any conflict")
+	}
+	if !l.probeDue(true) {
+		t.Error("no probe after a conflict")
+	}
+	clock.Advance(gateStick - time.Second)
+	if !l.probeDue(false) {
+		t.Error("no probe after a commit soon after a conflict")
+	}
+	clock.Advance(time.Second)
+	if l.probeDue(false) {
+		t.Errorf("a probe after a commit %v after the last conflict", gateStick)
+	}
+}

@@ -699,8 +699,8 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 		}()
 	}
 	// The database-side queue (contention_gate.go): the attempt waits for
-	// its replica's turn while the queue is in use, and a conflict outside
-	// it looks whether other replicas use it.
+	// its replica's turn while the queue is in use; outside it, after a
+	// conflict, it looks whether other replicas use it.
 	queue := lim != nil && sees && r.cfg.contentionQueue
 	var g *serverGate
 	if queue && slot.gated {
@@ -715,13 +715,13 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 	if o.err != nil {
 		r.decide(&o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
-		if o.conflict && queue && !inGate {
-			if g == nil {
-				g = lim.gate(r.inner, r.dialect, gateName(fn))
-			}
-			if g != nil {
-				g.probe()
-			}
+	}
+	if queue && !inGate && lim.probeDue(o.conflict) {
+		if g == nil {
+			g = lim.gate(r.inner, r.dialect, gateName(fn))
+		}
+		if g != nil {
+			g.probe()
 		}
 	}
 	return o, nil
