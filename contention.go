@@ -2,8 +2,6 @@ package sqlretry
 
 import (
 	"context"
-	"database/sql"
-	"database/sql/driver"
 	"errors"
 	"reflect"
 	"runtime"
@@ -87,8 +85,13 @@ type txLimiter struct {
 	// a replica in the queue while the others run freely gets less than
 	// its share (MariaDB, 4 replicas: one queued and committed 54
 	// transactions, the three others 197-215).
-	gateOn    atomic.Bool
-	gateUntil atomic.Int64 // unix ns
+	gateOn     atomic.Bool
+	gateUntil  atomic.Int64 // unix ns
+	gateReason atomic.Int64 // unix ns: the last costly conflict, or another replica seen in the queue after a conflict
+	gates      sync.Map     // closure name → *serverGate
+	// lastConflict: unix ns of the last conflict of an attempt outside
+	// the queue, while WithContentionQueue is on (probeDue).
+	lastConflict atomic.Int64
 }
 
 // isConflict says whether a replayed attempt was aborted by a conflict with
@@ -117,6 +120,17 @@ func (r *retrier) isConflict(cause error, cls Class) bool {
 
 // gateMemory is how long a costly conflict keeps the queue in use.
 const gateMemory = 5 * time.Second
+
+// joinGate puts the db's attempts in the database-side queue for
+// gateMemory; conflict says that a conflict of this db's is the reason (see
+// serverGate.stay).
+func (l *txLimiter) joinGate(now time.Time, conflict bool) {
+	if conflict {
+		l.gateReason.Store(now.UnixNano())
+	}
+	l.gateUntil.Store(now.Add(gateMemory).UnixNano())
+	l.gateOn.Store(true)
+}
 
 // gating says whether an attempt outside the engaged limiter queues in the
 // server: a costly conflict was seen less than gateMemory ago.
@@ -359,8 +373,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 			l.lastAt = now
 		}
 		if (engaged || l.gateOn.Load()) && 2*w >= u && w >= int64(50*time.Millisecond) {
-			l.gateUntil.Store(now.Add(gateMemory).UnixNano())
-			l.gateOn.Store(true)
+			l.joinGate(now, true)
 		}
 		// Nor does a conflict before two rounds of the transactions in
 		// flight have completed (there is no measure of the work yet), nor
@@ -495,97 +508,3 @@ func (l *txLimiter) wakeLocked() {
 // limit by one. A conflict can cost a second (PostgreSQL's deadlock_timeout),
 // a round of commits a millisecond: the limit grows back slowly.
 const increaseRounds = 8
-
-// The database-side queue (WithContentionQueue, PostgreSQL). A limiter
-// sees only its own *sql.DB's transactions; several replicas of an
-// application, each with its own, conflict with each other however far
-// each one cuts (two transfers in opposite directions from two replicas
-// deadlock, found after deadlock_timeout, a second). The one thing the
-// replicas share is the database, and it has a lock manager: while the
-// limiter is engaged (and for gateMemory after), an attempt first takes a
-// session advisory lock named after the closure (the function's name, the
-// same in every replica of one program) on the connection it then runs
-// the transaction on, and gives it back after COMMIT or ROLLBACK. So the
-// transactions that conflict queue in the server across replicas, while
-// other closures run freely.
-//
-// The lock is taken before BEGIN, never inside the transaction: a
-// SERIALIZABLE or REPEATABLE READ transaction waiting for it would hold
-// the snapshot of its first statement and conflict again, and one holding
-// row locks while it waits could close a cycle with the holder. Before
-// BEGIN the waiter holds nothing, so no deadlock runs through the queue.
-// The wait is bounded (gateWait): past it, or on any error, the attempt
-// runs without the queue (it never fails because of it), and a connection
-// whose lock state is in doubt is closed, not pooled. A holder whose
-// session ends loses the lock with it.
-//
-// Not on MySQL: InnoDB finds deadlocks at once, so conflicts there are
-// cheap, and a queue that only some replicas use (those whose limiter
-// engaged) starves them: with GET_LOCK, one of four MariaDB replicas
-// committed 32 transactions where an even share was 133.
-
-// gateWait bounds the wait for the database-side lock; past it the attempt
-// runs without it: a closure that waits for a RunInTx it started on
-// another goroutine (which queues behind the closure's own lock) costs
-// this, once, and not a deadlock.
-const gateWait = 2 * time.Second
-
-// gateName is the name of fn's queue: its function's name, so that every
-// replica of one program finds the same one.
-func gateName(fn any) string {
-	f := runtime.FuncForPC(reflect.ValueOf(fn).Pointer())
-	if f == nil {
-		return ""
-	}
-	return f.Name()
-}
-
-// gateKey is PostgreSQL's advisory lock key for a queue name: FNV-1a, 64
-// bits.
-func gateKey(name string) int64 {
-	h := uint64(14695981039346656037)
-	for i := 0; i < len(name); i++ {
-		h ^= uint64(name[i])
-		h *= 1099511628211
-	}
-	return int64(h)
-}
-
-// enterGate takes the queue's lock on a connection of db and returns that
-// connection (the transaction runs on it) and what gives it back; a nil
-// connection: run without the queue.
-func enterGate(ctx context.Context, db *sql.DB, dialect Dialect, name string) (*sql.Conn, func()) {
-	if name == "" || dialect != DialectPostgres {
-		return nil, nil
-	}
-	key := gateKey(name)
-	conn, err := db.Conn(ctx)
-	if err != nil {
-		return nil, nil
-	}
-	// The wait is bounded by the context: the driver cancels the query,
-	// and the connection is closed (its lock state is unsure).
-	wctx, cancel := context.WithTimeout(ctx, gateWait)
-	_, err = conn.ExecContext(wctx, "SELECT pg_catalog.pg_advisory_lock($1)", key)
-	cancel()
-	if err != nil {
-		discard(conn)
-		return nil, nil
-	}
-	return conn, func() {
-		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), gateWait)
-		defer cancel()
-		var released sql.NullBool
-		if err := conn.QueryRowContext(uctx, "SELECT pg_catalog.pg_advisory_unlock($1)", key).Scan(&released); err != nil || !released.Valid || !released.Bool {
-			discard(conn) // a session still holding the lock must not go back to the pool
-			return
-		}
-		conn.Close()
-	}
-}
-
-// discard closes conn's session instead of pooling it.
-func discard(conn *sql.Conn) {
-	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
-	conn.Close()
-}

@@ -3,6 +3,7 @@ package sqlretry
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"slices"
 	"strings"
@@ -537,7 +538,7 @@ func TestContentionKeepsLimitingWhileTransactionsComplete(t *testing.T) {
 
 const (
 	gateLock   = "SELECT pg_catalog.pg_advisory_lock($1)"
-	gateUnlock = "SELECT pg_catalog.pg_advisory_unlock($1)"
+	gateUnlock = "SELECT pg_catalog.pg_advisory_unlock($1)" // and whether others wait
 )
 
 // transferOnce is one RunInTx of the same closure code each call (its
@@ -549,36 +550,152 @@ func transferOnce(ctx context.Context, db *sql.DB) error {
 	})
 }
 
-// While the limiter is engaged, an attempt queues in the server before its
-// transaction (so that the replicas of an application, each with its own
-// limiter, queue on one lock): a session lock named after the closure,
-// taken before BEGIN on the connection the transaction then runs on, and
-// given back after COMMIT.
+// gateWaiting is how many attempts wait for g's turn.
+func gateWaiting(g *serverGate) int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.waiters)
+}
+
+// waitRan waits until prefix has run n times (a turn's lock goes back on a
+// goroutine of its own, after the turn).
+func waitRan(t *testing.T, srv *fakeServer, prefix string, n int) {
+	t.Helper()
+	for end := time.Now().Add(5 * time.Second); srv.ranCount(prefix) < n; {
+		if time.Now().After(end) {
+			t.Fatalf("%q ran %d times, want %d", prefix, srv.ranCount(prefix), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// While the limiter is engaged, an attempt waits for its replica's turn in
+// the server before its transaction (so that the replicas of an
+// application, each with its own limiter, take turns at one lock): a
+// session lock named after the closure, taken once for a turn of several
+// transactions on a session outside the db's pool (with one pooled
+// connection the turn's transactions would otherwise wait for the
+// connection that holds the lock, forever), and given back after it.
 func TestContentionGateQueuesInTheServerWhileEngaged(t *testing.T) {
 	srv := newFakeServer()
 	db, _ := testDB(t, srv, WithContentionQueue(true))
-	db.SetMaxOpenConns(1) // one session: the lock, the transaction and the unlock share it
+	db.SetMaxOpenConns(1)
 	engage(t, db)
-	for range 2 {
-		if err := transferOnce(context.Background(), db); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	for range 3 {
+		if err := transferOnce(ctx, db); err != nil {
 			t.Fatal(err)
 		}
 	}
+	waitRan(t, srv, gateUnlock, 1)
 	srv.mu.Lock()
 	ran := append([]string(nil), srv.ran...)
 	srv.mu.Unlock()
 	var seq []string
 	for _, q := range ran {
 		switch {
-		case q == gateLock, q == gateUnlock:
+		case q == gateLock:
 			seq = append(seq, q)
+		case strings.HasPrefix(q, gateUnlock):
+			seq = append(seq, gateUnlock)
 		case strings.HasPrefix(q, "UPDATE accounts"):
 			seq = append(seq, "UPDATE")
 		}
 	}
-	want := []string{gateLock, "UPDATE", gateUnlock, gateLock, "UPDATE", gateUnlock}
+	want := []string{gateLock, "UPDATE", "UPDATE", "UPDATE", gateUnlock}
 	if !slices.Equal(seq, want) {
-		t.Errorf("statements %q, want %q", seq, want)
+		t.Errorf("statements %q, want %q (one turn)", seq, want)
+	}
+	if n := srv.openConns.Load(); n != 1 {
+		t.Errorf("%d sessions open after the turn, want 1 (the pool's; the idle queue's is closed)", n)
+	}
+}
+
+// In a turn, the closure's transactions run one at a time, however many
+// the limiter allows: the turn is the hot spot's, and within it they
+// would only collide with each other.
+func TestContentionGateOneTransactionAtATimeInATurn(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv, WithContentionQueue(true))
+	l := engage(t, db)
+	l.mu.Lock()
+	l.limit = 8
+	l.mu.Unlock()
+	var in, most atomic.Int64
+	fn := func(ctx context.Context, tx *sql.Tx) error {
+		n := in.Add(1)
+		defer in.Add(-1)
+		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+		}
+		time.Sleep(2 * time.Millisecond)
+		_, err := tx.ExecContext(ctx, "UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+		return err
+	}
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 5 {
+				if err := RunInTx(context.Background(), db, nil, fn); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if m := most.Load(); m != 1 {
+		t.Errorf("%d transactions of the closure ran at once in a turn, want 1", m)
+	}
+	if n := srv.ranCount(gateLock); n < 2 {
+		t.Errorf("%d turns for 40 transactions of 2 ms, want a new turn every %v", n, gateTurn)
+	}
+}
+
+// A turn that ends with nothing in it (the replica idle when its time was
+// up) goes back at once when the next attempt comes: that attempt does
+// not wait for gateWait. (The first version left it held: the attempt
+// waited 2 s and ran without the queue.)
+func TestContentionGateIdleTurnEnds(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv)
+	clock := newFakeClock()
+	g := &serverGate{connector: retrierOf(db).inner, dialect: DialectPostgres, key: 1, clock: clock}
+	ctx := context.Background()
+	if !g.enter(ctx) {
+		t.Fatal("no turn")
+	}
+	g.leave()
+	clock.Advance(gateTurn) // the turn's time is up; its timer has not fired yet
+	start := time.Now()
+	if !g.enter(ctx) {
+		t.Fatal("no second turn")
+	}
+	g.leave()
+	if el := time.Since(start); el > gateWait/2 {
+		t.Errorf("the next attempt waited %v for an idle turn to end", el)
+	}
+	waitRan(t, srv, gateLock, 2)
+}
+
+// A wait for a turn ends with the caller's context: a lock that hangs in
+// the server (a holder's session that never answers) costs the caller its
+// deadline, not gateWait.
+func TestContentionGateWaitEndsWithTheContext(t *testing.T) {
+	srv := newFakeServer()
+	srv.script(gateLock, step{block: true})
+	db, _ := testDB(t, srv, WithContentionQueue(true))
+	engage(t, db)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := transferOnce(ctx, db)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("err = %v, want the deadline", err)
+	}
+	if el := time.Since(start); el > gateWait/2 {
+		t.Errorf("RunInTx returned after %v, its deadline was 100ms", el)
 	}
 }
 
@@ -650,19 +767,37 @@ func TestContentionGateFailsOpen(t *testing.T) {
 }
 
 // A session whose unlock failed may still hold the lock: it is closed (the
-// server then releases the lock), never put back in the pool, where it
+// server then releases the lock), never kept for the next turn, where it
 // would keep every replica's queue blocked.
 func TestContentionGateUnlockFailureClosesTheSession(t *testing.T) {
 	srv := newFakeServer()
 	srv.script(gateUnlock, step{err: &pgError{"57014", "canceling statement due to user request"}})
 	db, _ := testDB(t, srv, WithContentionQueue(true))
-	db.SetMaxIdleConns(4)
-	engage(t, db)
-	if err := transferOnce(context.Background(), db); err != nil {
-		t.Fatal(err)
+	clock := newFakeClock()
+	g := &serverGate{connector: retrierOf(db).inner, dialect: DialectPostgres, key: 1, clock: clock}
+	ctx := context.Background()
+	if !g.enter(ctx) {
+		t.Fatal("no turn")
 	}
-	if n := srv.openConns.Load(); n != 0 {
-		t.Errorf("%d connections left open after a failed unlock, want 0", n)
+	clock.Advance(gateTurn)
+	done := make(chan bool)
+	go func() { done <- g.enter(ctx) }() // waits: the turn must go back first
+	for gateWaiting(g) == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	g.leave() // the unlock fails; the next turn needs a new session
+	if !<-done {
+		t.Fatal("no turn after the failed unlock")
+	}
+	g.leave()
+	if n := srv.ranCount(gateLock); n != 2 {
+		t.Fatalf("%d locks, want 2", n)
+	}
+	srv.mu.Lock()
+	dials := srv.dials
+	srv.mu.Unlock()
+	if dials != 2 {
+		t.Errorf("%d sessions opened, want 2 (the one whose unlock failed is not used again)", dials)
 	}
 }
 
@@ -843,5 +978,155 @@ func TestContentionOneCutForConflictsStartedBeforeIt(t *testing.T) {
 	}
 	if d := l.decrease.Load(); d < 2 || l.limit >= 4 {
 		t.Errorf("cuts %d, limit %v: want more cuts for conflicts that began after the first", d, l.limit)
+	}
+}
+
+// gateServer is a PostgreSQL that answers the queue's statements only:
+// the lock, and the unlock or probe, with whether another session holds
+// or waits for the lock (others).
+type gateServer struct {
+	others  atomic.Bool
+	queries atomic.Int64
+	unlocks atomic.Int64
+}
+
+func (s *gateServer) Connect(context.Context) (driver.Conn, error) { return gateConn{s}, nil }
+func (s *gateServer) Driver() driver.Driver                        { return nil }
+
+type gateConn struct{ s *gateServer }
+
+func (c gateConn) Prepare(string) (driver.Stmt, error) { return nil, errors.New("not supported") }
+func (c gateConn) Close() error                        { return nil }
+func (c gateConn) Begin() (driver.Tx, error)           { return nil, errors.New("not supported") }
+func (c gateConn) ExecContext(context.Context, string, []driver.NamedValue) (driver.Result, error) {
+	return driver.RowsAffected(0), nil // the lock
+}
+func (c gateConn) QueryContext(_ context.Context, q string, _ []driver.NamedValue) (driver.Rows, error) {
+	c.s.queries.Add(1)
+	if strings.HasPrefix(q, gateUnlock) {
+		c.s.unlocks.Add(1)
+	}
+	return &fakeRows{cols: []string{"a", "b"}, data: [][]driver.Value{{true, c.s.others.Load()}}}, nil
+}
+
+// waitFor polls cond for up to 5 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(5 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
+// A replica whose conflict came while it was outside the queue joins the
+// queue when another replica uses it (its own limiter may never engage:
+// its conflicts look rare or lone), and does not when none does. Probes
+// are spaced.
+func TestContentionGateJoinsWhenOthersQueue(t *testing.T) {
+	for _, others := range []bool{false, true} {
+		l, clock := newTestLimiter()
+		srv := &gateServer{}
+		srv.others.Store(others)
+		g := l.gate(srv, DialectPostgres, "app.transfer")
+		g.probe()
+		g.probe() // too soon after the first
+		waitFor(t, "the probe", func() bool { return srv.queries.Load() == 1 && !g.probing.Load() })
+		if got := l.gating(); got != others {
+			t.Errorf("others in the queue %v: gating %v", others, got)
+		}
+		clock.Advance(gateProbeEvery)
+		g.probe()
+		waitFor(t, "the second probe", func() bool { return srv.queries.Load() == 2 && !g.probing.Load() })
+	}
+}
+
+// While other replicas wait for the lock, a replica stays in the queue past
+// gateMemory (in the queue none of them conflicts, and one that left would
+// run past the others), but not longer than gateStick after its own last
+// conflict.
+func TestContentionGateStaysWhileOthersWait(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		others        bool
+		sinceConflict time.Duration
+		want          bool
+	}{
+		{"others wait", true, 4 * time.Second, true},
+		{"nobody waits", false, 4 * time.Second, false},
+		{"others wait, own conflict long past", true, gateStick, false},
+	} {
+		l, clock := newTestLimiter()
+		srv := &gateServer{}
+		srv.others.Store(tc.others)
+		l.joinGate(clock.Now(), true)
+		clock.Advance(tc.sinceConflict)
+		l.gateUntil.Store(clock.Now().Add(time.Second).UnixNano()) // in the queue for one more second
+		g := l.gate(srv, DialectPostgres, "app.transfer")
+		if !g.enter(context.Background()) {
+			t.Fatal("no turn")
+		}
+		clock.Advance(gateTurn)
+		g.leave() // the turn goes back
+		waitFor(t, "the unlock", func() bool { return srv.unlocks.Load() == 1 })
+		time.Sleep(10 * time.Millisecond) // stay runs after the unlock's answer
+		clock.Advance(2 * time.Second)
+		if got := l.gating(); got != tc.want {
+			t.Errorf("%s: gating %v 2 s later, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// A lock that cannot be taken (its holder's session hangs: a replica whose
+// host vanished keeps it until the server's keepalive notices) costs one
+// wait of gateWait; later attempts run without the queue at once, for
+// gateBroken.
+func TestContentionGateHungHolderIsNotWaitedForAgain(t *testing.T) {
+	srv := newFakeServer()
+	srv.script(gateLock, step{block: true})
+	db, _ := testDB(t, srv)
+	clock := newFakeClock()
+	g := &serverGate{connector: retrierOf(db).inner, dialect: DialectPostgres, key: 1, clock: clock}
+	ctx := context.Background()
+	if g.enter(ctx) {
+		t.Fatal("a turn from a lock that hangs")
+	}
+	waitFor(t, "the failed take", func() bool {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		return g.state == gateFree
+	})
+	start := time.Now()
+	if g.enter(ctx) {
+		t.Fatal("a turn")
+	}
+	if el := time.Since(start); el > gateWait/4 {
+		t.Errorf("the next attempt waited %v", el)
+	}
+	clock.Advance(gateBroken)
+	if !g.enter(ctx) {
+		t.Error("no turn once the lock can be taken again")
+	}
+	g.leave()
+}
+
+// Outside the queue, an attempt looks whether other replicas use it after
+// a conflict, and, for gateStick after the last one, after commits too
+// (the replica that wins every collision sees no conflict of its own).
+func TestContentionGateProbesAfterCommitsForAWhile(t *testing.T) {
+	l, clock := newTestLimiter()
+	if l.probeDue(false) {
+		t.Error("a probe before any conflict")
+	}
+	if !l.probeDue(true) {
+		t.Error("no probe after a conflict")
+	}
+	clock.Advance(gateStick - time.Second)
+	if !l.probeDue(false) {
+		t.Error("no probe after a commit soon after a conflict")
+	}
+	clock.Advance(time.Second)
+	if l.probeDue(false) {
+		t.Errorf("a probe after a commit %v after the last conflict", gateStick)
 	}
 }

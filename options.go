@@ -109,13 +109,14 @@ func WithContentionControl(on bool) Option {
 // WithContentionQueue (off by default) makes contention control queue in
 // the database as well, for applications running as several replicas on
 // PostgreSQL (each *sql.DB has its own contention control, which sees only
-// its own transactions): while it limits, and for 5 s after, each RunInTx
-// attempt first takes a session advisory lock named after fn's function
-// (pg_advisory_lock) before BEGIN and gives it back after the transaction,
-// so that fn's transactions of every replica queue in one line. It costs
-// two statements per transaction while in use; a wait longer than 2 s or
-// an error runs the transaction without it. It does nothing on MySQL.
-// See the README.
+// its own transactions): while it limits, for 5 s after, and while other
+// replicas use the queue, the replicas take turns of 20 ms at a session
+// advisory lock named after fn's function (pg_advisory_lock, on a session
+// of its own, outside the pool), and within its turn a replica runs fn's
+// transactions one at a time. A turn costs two statements on that
+// session; a wait longer than 2 s (or the caller's deadline) or an error
+// runs the transaction without it. It does nothing on MySQL. See the
+// README.
 func WithContentionQueue(on bool) Option {
 	return func(c *config) error {
 		c.contentionQueue = on

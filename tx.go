@@ -707,18 +707,31 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
 		}()
 	}
-	var on txBeginner = db
-	if slot.gated && sees && r.cfg.contentionQueue {
-		if conn, leave := enterGate(ctx, db, r.dialect, gateName(fn)); conn != nil {
-			defer leave()
-			on = conn
-		}
+	// The database-side queue (contention_gate.go): the attempt waits for
+	// its replica's turn while the queue is in use; outside it, after a
+	// conflict, it looks whether other replicas use it.
+	queue := lim != nil && sees && r.cfg.contentionQueue
+	var g *serverGate
+	if queue && slot.gated {
+		g = lim.gate(r.inner, r.dialect, gateName(fn))
+	}
+	inGate := g != nil && g.enter(ctx)
+	if inGate {
+		defer g.leave()
 	}
 	att := &txAttempt{Context: ctx}
-	o.began, o.phase, o.err = runTxOnce(att, on, txOpts, fn, r.clock)
+	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock)
 	if o.err != nil {
 		r.decide(&o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
+	}
+	if queue && !inGate && lim.probeDue(o.conflict) {
+		if g == nil {
+			g = lim.gate(r.inner, r.dialect, gateName(fn))
+		}
+		if g != nil {
+			g.probe()
+		}
 	}
 	return o, nil
 }
