@@ -1,6 +1,7 @@
 package sqlretry
 
 import (
+	"context"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -148,6 +149,13 @@ type breaker struct {
 	clock    Clock
 	rnd      func() float64
 	onChange func(from, to BreakerState)
+
+	// closing is done when the breaker next closes (nil until a caller
+	// asks for it, replaced at each closing; guarded by mu): callers
+	// waiting for a probe go as soon as one finds the server back (see
+	// nextClosing).
+	closing  context.Context
+	closeNow context.CancelFunc
 
 	state      atomic.Int32
 	openUntil  atomic.Int64 // unix nanoseconds
@@ -419,6 +427,10 @@ func (b *breaker) setLocked(to BreakerState, s *Breaker) {
 		b.openUntil.Store(b.clock.Now().Add(time.Duration(open)).UnixNano())
 		b.opens.Add(1)
 	case BreakerClosed:
+		if b.closeNow != nil {
+			b.closeNow()
+			b.closing, b.closeNow = nil, nil
+		}
 		if b.successes != nil {
 			b.flushed = b.successes.Load()
 		}
@@ -432,6 +444,21 @@ func (b *breaker) setLocked(to BreakerState, s *Breaker) {
 	if b.onChange != nil {
 		b.onChange(from, to)
 	}
+}
+
+// nextClosing returns a context that is done when the breaker next
+// closes. A caller waiting for the probe (retrier.waitForProbe) sleeps on
+// it as well as on the clock: it slept until its next look (25-75 ms while
+// the probe was out, until the next probe after a failed one), and after a
+// crash restart one connection did all the work meanwhile. Ask for it
+// before looking at the state, so that a closing in between is not missed.
+func (b *breaker) nextClosing() context.Context {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closing == nil {
+		b.closing, b.closeNow = context.WithCancel(context.Background())
+	}
+	return b.closing
 }
 
 // openCount is opens, 0 without a breaker.
