@@ -271,3 +271,71 @@ func TestWaitersGoWhenTheProbeClosesTheBreaker(t *testing.T) {
 		})
 	}
 }
+
+// A PostgreSQL server in crash recovery answers every dial with 57P03 ("not
+// yet accepting connections", "starting up", "in recovery mode"): it is up,
+// and takes connections any moment. In the chaos pgx/restart runs the last
+// failed probe was such an answer in 8 runs of 11, and the next probe came
+// a whole ProbeInterval (200-240 ms) later while the plain driver, dialling
+// in a loop, was back as soon as recovery ended. An open breaker probes a
+// recovering server again soon, as it does a standby during an election
+// (OpenTimeout/8); a server that is shutting down, or refuses, keeps the
+// ProbeInterval pacing.
+func TestProbeSoonWhileTheServerRecovers(t *testing.T) {
+	b := Breaker{MinRequests: 5, OpenTimeout: time.Second, OpenJitter: 0.01, ConsecutiveDialFailures: 3}
+	soon := b.OpenTimeout / electionReprobeShare
+	interval := b.withDefaults().ProbeInterval
+	for _, c := range []struct {
+		answer error
+		soon   bool
+	}{
+		{&pgError{"57P03", "the database system is not yet accepting connections"}, true},
+		{&pgError{"57P03", "the database system is starting up"}, true},
+		{&pgError{"57P03", "the database system is in recovery mode"}, true},
+		{&pgError{"57P03", "the database system is shutting down"}, false},
+		{errRefused, false},
+	} {
+		t.Run(c.answer.Error(), func(t *testing.T) {
+			clock := newFakeClock()
+			var mu sync.Mutex
+			var dialed []time.Time
+			// Refused until the breaker opens, then c.answer at the first
+			// probe, then up.
+			answers := []error{errRefused, errRefused, errRefused, c.answer}
+			srv := newFakeServer()
+			conn := connectorFunc(func(ctx context.Context) (driver.Conn, error) {
+				mu.Lock()
+				dialed = append(dialed, clock.Now())
+				n := len(dialed)
+				mu.Unlock()
+				if n <= len(answers) {
+					return nil, answers[n-1]
+				}
+				return (&fakeConnector{srv: srv}).Connect(ctx)
+			})
+			wc, err := WrapConnector(conn, WithClock(clock), WithDialect(DialectPostgres), WithoutBudget(), WithBreaker(b))
+			if err != nil {
+				t.Fatal(err)
+			}
+			db := sql.OpenDB(wc)
+			defer db.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if _, err := db.ExecContext(ctx, "UPDATE t SET v = 1"); err != nil {
+				t.Fatalf("the caller's deadline outlasts the outage, but: %v", err)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if len(dialed) != 5 {
+				t.Fatalf("%d dials, want 5 (3 refused, the probe answered %q, the next probe)", len(dialed), c.answer)
+			}
+			gap := dialed[4].Sub(dialed[3])
+			if c.soon && gap > soon*11/10 {
+				t.Errorf("next probe %v after a recovering server's answer, want within %v", gap, soon*11/10)
+			}
+			if !c.soon && gap < interval {
+				t.Errorf("next probe %v after %q, want the ProbeInterval (%v): the server is not coming up", gap, c.answer, interval)
+			}
+		})
+	}
+}
