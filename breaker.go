@@ -450,9 +450,15 @@ func (b *breaker) setLocked(to BreakerState, s *Breaker) {
 // closes. A caller waiting for the probe (retrier.waitForProbe) sleeps on
 // it as well as on the clock: it slept until its next look (25-75 ms while
 // the probe was out, until the next probe after a failed one), and after a
-// crash restart one connection did all the work meanwhile. Ask for it
+// crash restart one connection did all the work meanwhile. So does the
+// resolution of a lost COMMIT between its side dials (it slept up to
+// 500 ms past the server's return). Ask for it
 // before looking at the state, so that a closing in between is not missed.
+// Without a breaker it is never done.
 func (b *breaker) nextClosing() context.Context {
+	if b == nil {
+		return context.Background()
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closing == nil {

@@ -64,6 +64,24 @@ func (c *manualClock) Sleep(ctx context.Context, d time.Duration) error {
 
 func (c *manualClock) setAuto(on bool) { c.mu.Lock(); c.auto = on; c.mu.Unlock() }
 
+// nextWake is how long until the earliest sleeper wakes.
+func (c *manualClock) nextWake() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var d time.Duration = -1
+	for _, s := range c.sleepers {
+		if w := s.until.Sub(c.now); d < 0 || w < d {
+			d = w
+		}
+	}
+	return d
+}
+
+// withRand makes every random draw r (1: every jittered pause its longest).
+func withRand(r float64) Option {
+	return func(c *config) error { c.rnd = func() float64 { return r }; return nil }
+}
+
 func (c *manualClock) Advance(d time.Duration) {
 	c.mu.Lock()
 	c.now = c.now.Add(d)
@@ -337,5 +355,78 @@ func TestProbeSoonWhileTheServerRecovers(t *testing.T) {
 				t.Errorf("next probe %v after %q, want the ProbeInterval (%v): the server is not coming up", gap, c.answer, interval)
 			}
 		})
+	}
+}
+
+// A COMMIT lost in a crash is resolved on a side connection that the
+// resolution dials itself, backing off up to 500 ms between refused dials.
+// When the breaker's probe finds the server back, the resolution must ask
+// at once: it slept on for up to half a second (in the chaos pgx/restart
+// runs its caller came back 0.2-0.7 s after the others).
+func TestCommitResolutionGoesWhenTheProbeClosesTheBreaker(t *testing.T) {
+	clock := newManualClock()
+	srv := newFakeServer()
+	srv.script("COMMIT", step{err: errLost, ran: true})
+	gc := &gatedConnector{fakeConnector: &fakeConnector{srv: srv}, changed: make(chan struct{})}
+	wc, err := WrapConnector(gc, WithClock(clock), WithDialect(DialectPostgres), WithoutBudget(), withRand(1),
+		WithBreaker(Breaker{MinRequests: 5, OpenTimeout: 100 * time.Millisecond, OpenJitter: 0.01, ConsecutiveDialFailures: 1}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sql.OpenDB(wc)
+	defer db.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	resolved := make(chan error, 1)
+	go func() {
+		resolved <- RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			if _, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')"); err != nil {
+				return err
+			}
+			gc.set(true, nil) // the server crashes as COMMIT is sent
+			return nil
+		})
+	}()
+	// The resolution's side dials are refused; its pause grows to 500 ms.
+	for {
+		clock.waitSleepers(t, 1)
+		d := clock.nextWake()
+		if d >= 500*time.Millisecond {
+			break
+		}
+		clock.Advance(d)
+	}
+	// Another caller's dial opens the breaker; a caller with a deadline
+	// waits for its probe.
+	if c, err := db.Conn(context.Background()); err == nil {
+		c.Close()
+		t.Fatal("a dial to the down server succeeded")
+	}
+	if s := stats(t, db); s.Breaker != BreakerOpen {
+		t.Fatalf("breaker = %v, want open", s.Breaker)
+	}
+	waiter := make(chan error, 1)
+	go func() { _, err := db.ExecContext(ctx, "UPDATE t SET v = 1"); waiter <- err }()
+	clock.waitSleepers(t, 2)
+
+	// The server is back; the probe, 101 ms on, finds it.
+	gc.set(false, nil)
+	clock.Advance(102 * time.Millisecond)
+	if err := <-waiter; err != nil {
+		t.Fatalf("the waiting caller: %v", err)
+	}
+	select {
+	case err := <-resolved:
+		if err != nil {
+			t.Fatalf("RunInTx: %v, want success (the lost COMMIT committed)", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Errorf("the lost COMMIT's resolution still asleep after the probe closed the breaker (%v of its pause left)", clock.nextWake())
+		clock.Advance(time.Second)
+		<-resolved
+	}
+	if n := srv.ranCount("INSERT"); n != 1 {
+		t.Errorf("%d inserts, want 1 (resolved as committed, no replay)", n)
 	}
 }

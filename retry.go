@@ -195,6 +195,9 @@ func (r *retrier) waitForProbe(ctx context.Context, c *conn) (ticket, error) {
 // sleepUntilClosed sleeps for d, or until the breaker closes (closing is
 // done), or until ctx is done; it returns ctx.Err().
 func sleepUntilClosed(ctx context.Context, clock Clock, d time.Duration, closing context.Context) error {
+	if closing.Done() == nil { // no breaker
+		return clock.Sleep(ctx, d)
+	}
 	sctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(closing, cancel)
 	_ = clock.Sleep(sctx, d) // woken or not: ctx.Err() below says whether the caller is done
