@@ -49,7 +49,10 @@ type Breaker struct {
 	// probe is in flight at a time, so a dial that hangs paces them too),
 	// and a database that comes back after an outage longer than
 	// OpenTimeout is seen within about this long, not within a whole
-	// OpenTimeout.
+	// OpenTimeout. A host that answered the last probe, only not yet as
+	// wanted (a standby in an election, a PostgreSQL server in crash
+	// recovery: 57P03), is probed again within OpenTimeout/8. Callers
+	// waiting for the probe go as soon as it succeeds.
 	ProbeInterval  time.Duration
 	OpenJitter     float64 // the open time is stretched by up to this share, in [0, 1]; default 0.2
 	HalfOpenProbes int     // concurrent probes, and successes needed to close; default 1
