@@ -180,8 +180,13 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 	}
 	defer stop()
 	var db *sql.DB
+	tr := newTracer(st.Name + "-" + sc.Name) // nil unless CHAOS_TRACE is set
+	defer tr.dump()
 	if st.Wrapped {
-		db = sqlretry.OpenDB(connector, st.Options...)
+		db = sqlretry.OpenDB(connector, append(append([]sqlretry.Option(nil), st.Options...), tr.options()...)...)
+		stopWatch := make(chan struct{})
+		defer close(stopWatch)
+		go tr.watch(db, stopWatch)
 	} else {
 		db = sql.OpenDB(connector)
 	}
@@ -216,12 +221,15 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 			case <-time.After(sc.RestartAt):
 			}
 			down = time.Now()
+			tr.logf("CRASH")
 			if chaosErr = tg.Server.Crash(); chaosErr != nil {
 				return
 			}
 			time.Sleep(sc.Outage) // even when the run is interrupted: the server must come back
+			tr.logf("RESUME")
 			chaosErr = tg.Server.Resume()
 			up = time.Now()
+			tr.logf("UP")
 		}()
 	}
 	var killed *dbserver.PatroniNode
