@@ -1,6 +1,7 @@
 package sqlretry
 
 import (
+	"context"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -48,7 +49,10 @@ type Breaker struct {
 	// probe is in flight at a time, so a dial that hangs paces them too),
 	// and a database that comes back after an outage longer than
 	// OpenTimeout is seen within about this long, not within a whole
-	// OpenTimeout.
+	// OpenTimeout. A host that answered the last probe, only not yet as
+	// wanted (a standby in an election, a PostgreSQL server in crash
+	// recovery: 57P03), is probed again within OpenTimeout/8. Callers
+	// waiting for the probe go as soon as it succeeds.
 	ProbeInterval  time.Duration
 	OpenJitter     float64 // the open time is stretched by up to this share, in [0, 1]; default 0.2
 	HalfOpenProbes int     // concurrent probes, and successes needed to close; default 1
@@ -148,6 +152,13 @@ type breaker struct {
 	clock    Clock
 	rnd      func() float64
 	onChange func(from, to BreakerState)
+
+	// closing is done when the breaker next closes (nil until a caller
+	// asks for it, replaced at each closing; guarded by mu): callers
+	// waiting for a probe go as soon as one finds the server back (see
+	// nextClosing).
+	closing  context.Context
+	closeNow context.CancelFunc
 
 	state      atomic.Int32
 	openUntil  atomic.Int64 // unix nanoseconds
@@ -419,6 +430,10 @@ func (b *breaker) setLocked(to BreakerState, s *Breaker) {
 		b.openUntil.Store(b.clock.Now().Add(time.Duration(open)).UnixNano())
 		b.opens.Add(1)
 	case BreakerClosed:
+		if b.closeNow != nil {
+			b.closeNow()
+			b.closing, b.closeNow = nil, nil
+		}
 		if b.successes != nil {
 			b.flushed = b.successes.Load()
 		}
@@ -432,6 +447,27 @@ func (b *breaker) setLocked(to BreakerState, s *Breaker) {
 	if b.onChange != nil {
 		b.onChange(from, to)
 	}
+}
+
+// nextClosing returns a context that is done when the breaker next
+// closes. A caller waiting for the probe (retrier.waitForProbe) sleeps on
+// it as well as on the clock: it slept until its next look (25-75 ms while
+// the probe was out, until the next probe after a failed one), and after a
+// crash restart one connection did all the work meanwhile. So does the
+// resolution of a lost COMMIT between its side dials (it slept up to
+// 500 ms past the server's return). Ask for it
+// before looking at the state, so that a closing in between is not missed.
+// Without a breaker it is never done.
+func (b *breaker) nextClosing() context.Context {
+	if b == nil {
+		return context.Background()
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closing == nil {
+		b.closing, b.closeNow = context.WithCancel(context.Background())
+	}
+	return b.closing
 }
 
 // openCount is opens, 0 without a breaker.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"syscall"
 )
 
@@ -131,6 +132,41 @@ func wrongRoleAnswer(err error) bool {
 		}
 	}
 	return false
+}
+
+// recoveringAnswer reports a connect failure in which some PostgreSQL
+// host answered 57P03 because it is starting up or in crash recovery: it
+// is up and takes connections once recovery ends, so an open breaker
+// probes again soon (reprobeSoon), as for wrongRoleAnswer. 57P03 also says
+// "shutting down" (a server going away: the ProbeInterval pacing stays).
+// A standby with hot_standby off answers "not yet accepting connections"
+// for good; it is probed at that pace, like a standby in an election.
+func recoveringAnswer(err error) bool {
+	hosts := perHostErrors(err)
+	if hosts == nil {
+		hosts = []error{err}
+	}
+	for _, h := range hosts {
+		if pgCodeOf(h) != "57P03" {
+			continue
+		}
+		msg := h.Error()
+		for _, s := range recoveringAtConnect {
+			if strings.Contains(msg, s) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// recoveringAtConnect are PostgreSQL's 57P03 texts for a server on its way
+// up (postmaster.c, canAcceptConnections: CAC_STARTUP, CAC_NOTCONSISTENT
+// from PostgreSQL 14, CAC_RECOVERY before it).
+var recoveringAtConnect = [...]string{
+	"the database system is starting up",
+	"the database system is not yet accepting connections",
+	"the database system is in recovery mode",
 }
 
 // perHostErrors returns the per-host failures of a connect error that

@@ -286,9 +286,10 @@ func (c *connector) connect(ctx context.Context) (driver.Conn, error) {
 			return nil, r.giveUp(ctx, "dial", attempt, cls, err, "not retryable")
 		}
 		r.breaker.done(t, outcomeDialFailure)
-		if wrongRoleAnswer(err) {
-			// A host answered, only not writable yet (an election):
-			// probe again soon, not in a whole OpenTimeout.
+		if wrongRoleAnswer(err) || recoveringAnswer(err) {
+			// A host answered, only not writable yet (an election) or
+			// not yet taking connections (crash recovery): probe again
+			// soon, not in a whole OpenTimeout or ProbeInterval.
 			r.breaker.reprobeSoon()
 		}
 		if !r.budget.withdraw() {

@@ -526,6 +526,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	var lastErr error
 	asked := 0
 	for attempt := 1; ; attempt++ {
+		closing := r.breaker.nextClosing() // a probe that finds the server back ends the pause below
 		if dc == nil {
 			// A side connection straight from the driver: the pool may be
 			// full and the breaker open, and the question must be answered.
@@ -557,7 +558,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 			}
 		}
 		d, stop := p.next(ctx, attempt)
-		if stop != "" || r.clock.Sleep(ctx, d) != nil {
+		if stop != "" || sleepUntilClosed(ctx, r.clock, d, closing) != nil {
 			break
 		}
 	}

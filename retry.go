@@ -167,6 +167,7 @@ var errStaleConn = errors.New("sqlretry: the connection was opened before the br
 func (r *retrier) waitForProbe(ctx context.Context, c *conn) (ticket, error) {
 	var start time.Time
 	for {
+		closing := r.breaker.nextClosing()
 		if c != nil && r.breaker.staleConn(c.opens) {
 			return ticket{}, errStaleConn
 		}
@@ -189,11 +190,25 @@ func (r *retrier) waitForProbe(ctx context.Context, c *conn) (ticket, error) {
 			return ticket{}, err
 		}
 		r.counters.circuitWaits.Add(1)
-		if r.clock.Sleep(ctx, d) != nil {
+		if sleepUntilClosed(ctx, r.clock, d, closing) != nil {
 			r.breaker.rejectCount.Add(1)
 			return ticket{}, err
 		}
 	}
+}
+
+// sleepUntilClosed sleeps for d, or until the breaker closes (closing is
+// done), or until ctx is done; it returns ctx.Err().
+func sleepUntilClosed(ctx context.Context, clock Clock, d time.Duration, closing context.Context) error {
+	if closing.Done() == nil { // no breaker
+		return clock.Sleep(ctx, d)
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(closing, cancel)
+	_ = clock.Sleep(sctx, d) // woken or not: ctx.Err() below says whether the caller is done
+	stop()
+	cancel()
+	return ctx.Err()
 }
 
 // probeRecheck is how often, on average, a waiting call looks again while

@@ -394,9 +394,11 @@ func restartAndOutage(t *testing.T, d string) {
 				// (issue 10): one probe interval (200 ms, jittered), the
 				// probe's dial and the first transaction; plus twice what the
 				// server's own first write on a fresh connection took in this
-				// run, for a loaded machine.
-				if bound := 500*time.Millisecond + 2*acceptWrite; recovered < 0 || recovered > bound {
-					t.Errorf("recovered %v after the server took writes, want within %v", recovered, bound)
+				// run, for a loaded machine. A first commit before that write
+				// returned (negative) is the workload beating the poll, not a
+				// failure; no commit at all is.
+				if bound := 500*time.Millisecond + 2*acceptWrite; first.IsZero() || recovered > bound {
+					t.Errorf("recovered %v after the server took writes (-1: no commit), want within %v", recovered, bound)
 				}
 			}
 			restartDials[name] = dials

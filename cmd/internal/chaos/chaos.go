@@ -181,17 +181,23 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 	}
 	defer stop()
 	var db *sql.DB
+	tr := newTracer(st.Name + "-" + sc.Name) // nil unless CHAOS_TRACE is set
+	defer tr.dump()
 	if st.Wrapped {
-		opts := st.Options
+		opts := append([]sqlretry.Option(nil), st.Options...)
 		if os.Getenv("CHAOS_LOG_RESOLUTIONS") != "" {
-			// Each lost COMMIT's resolution and the rule that decided.
-			opts = append(append([]sqlretry.Option(nil), opts...), sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
+			// Each lost COMMIT's resolution and the rule that decided
+			// (CHAOS_TRACE's observer replaces this one when both are set).
+			opts = append(opts, sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
 				if e.Kind == sqlretry.EventCommitResolved {
 					log.Printf("%s/%s/%s: COMMIT resolution: outcome=%v reason=%q err=%v", tg.Driver, sc.Name, st.Name, e.Outcome, e.Reason, e.Err)
 				}
 			})))
 		}
-		db = sqlretry.OpenDB(connector, opts...)
+		db = sqlretry.OpenDB(connector, append(opts, tr.options()...)...)
+		stopWatch := make(chan struct{})
+		defer close(stopWatch)
+		go tr.watch(db, stopWatch)
 	} else {
 		db = sql.OpenDB(connector)
 	}
@@ -226,12 +232,15 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 			case <-time.After(sc.RestartAt):
 			}
 			down = time.Now()
+			tr.logf("CRASH")
 			if chaosErr = tg.Server.Crash(); chaosErr != nil {
 				return
 			}
 			time.Sleep(sc.Outage) // even when the run is interrupted: the server must come back
+			tr.logf("RESUME")
 			chaosErr = tg.Server.Resume()
 			up = time.Now()
+			tr.logf("UP")
 		}()
 	}
 	var killed *dbserver.PatroniNode
