@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -143,6 +144,13 @@ func xidStatus(t *testing.T, db *sql.DB, xid int64) string {
 // transaction) is promoted and hands our id out again to a committed
 // transaction. then runs last, before sqlretry may ask.
 func asyncPromotion(t *testing.T, role string, then func(pair *dbserver.PostgresSyncPair, standby *sql.DB)) {
+	asyncPromotionWith(t, role, false, then)
+}
+
+// asyncPromotionWith: with inside, the standby is cut off inside the
+// transaction, once it has received the transaction's first write; many
+// statements and savepoints follow before COMMIT.
+func asyncPromotionWith(t *testing.T, role string, inside bool, then func(pair *dbserver.PostgresSyncPair, standby *sql.DB)) {
 	pair, err := dbserver.StartPostgresSyncPair()
 	if err != nil {
 		unavailable(t, err.Error())
@@ -164,7 +172,9 @@ func asyncPromotion(t *testing.T, role string, then func(pair *dbserver.Postgres
 	// A standby that has run for a while, as in production.
 	waitRow(t, standby, 1, "SELECT (now() - pg_postmaster_start_time() > interval '1.5 s')::int")
 	warmUp(t, db, tbl)
-	detachStandby(t, primary, standby)
+	if !inside {
+		detachStandby(t, primary, standby)
+	}
 	warmUp2 := fmt.Sprintf("warm-%d", time.Now().UnixNano())
 	if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
 		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ($1)", warmUp2)
@@ -189,6 +199,27 @@ func asyncPromotion(t *testing.T, role string, then func(pair *dbserver.Postgres
 		}
 	}
 	calls, err := ledgerRun(t, db, h, tbl, op, func(ctx context.Context, tx *sql.Tx) error {
+		if inside {
+			var insert string
+			if err := primary.QueryRow("SELECT pg_current_wal_insert_lsn()::text").Scan(&insert); err != nil {
+				return err
+			}
+			waitRow(t, standby, 1, "SELECT (pg_last_wal_receive_lsn() >= $1::pg_lsn)::int", insert)
+			detachStandby(t, primary, standby)
+			for i := 0; i < 200; i++ {
+				if _, err := tx.ExecContext(ctx, fmt.Sprintf("SAVEPOINT s%d", i%3)); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+other+" VALUES ($1)", i); err != nil {
+					return err
+				}
+				if i%2 == 0 {
+					if _, err := tx.ExecContext(ctx, fmt.Sprintf("ROLLBACK TO SAVEPOINT s%d", i%3)); err != nil {
+						return err
+					}
+				}
+			}
+		}
 		return tx.QueryRowContext(ctx, "SELECT pg_current_xact_id()::text::bigint").Scan(&xid)
 	})
 	rows := countRows(t, standby, tbl, op)
@@ -363,4 +394,61 @@ func TestAttack3TwoLivesCrashCrash(t *testing.T) {
 func TestAttack3TwoLivesCrashCleanRestart(t *testing.T) {
 	t.Parallel()
 	twoLives(t, true)
+}
+
+// Attack 1 with the transaction's first write long before COMMIT: the
+// standby has it, then is cut off; 200 savepoints and inserts (half rolled
+// back to their savepoint, the last savepoint left open) follow before
+// COMMIT. Right: a replay with one row.
+func TestAttack3AsyncStandbyHasFirstWriteOnly(t *testing.T) {
+	t.Parallel()
+	asyncPromotionWith(t, "", true, nil)
+}
+
+// Attack 12 (attack3): one failure only. The COMMIT (asynchronous, as in
+// TestPostgresReusedIDAfterCrashIsNotTakenAsCommitted) takes effect in
+// memory and its reply is lost; then one backend of the server is killed
+// (SIGKILL, as the OOM killer does). The postmaster does not restart: it
+// ends every session and runs crash recovery, which loses the commit, and
+// pg_postmaster_start_time() stays the same. The id is then handed out
+// again and committed by another transaction. Right: replay (one row) or
+// ErrAmbiguousCommit. Wrong: success without the row.
+func TestAttack3BackendKillLosesCommitSameStartTime(t *testing.T) {
+	t.Parallel()
+	srv := ownServer(t, "pgx")
+	plain := openPlain(t, srv.DSN)
+	other := table(t, plain, "other")
+	mustExec(t, plain, "CREATE TABLE "+other+" (n int)")
+	var start0 time.Time
+	if err := plain.QueryRow("SELECT pg_postmaster_start_time()").Scan(&start0); err != nil {
+		t.Fatal(err)
+	}
+	calls, rows, err := lostInMemory(t, srv.DSN, plain, func() {
+		// A victim backend of its own, killed like the OOM killer does.
+		victim, verr := sql.Open("pgx", srv.DSN)
+		if verr != nil {
+			t.Error(verr)
+			return
+		}
+		defer victim.Close()
+		var pid int
+		if err := victim.QueryRow("SELECT pg_backend_pid()").Scan(&pid); err != nil {
+			t.Error(err)
+			return
+		}
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Error(err)
+		}
+		// Wait for the crash recovery to end and the server to accept.
+		time.Sleep(500 * time.Millisecond)
+		waitRow(t, plain, 1, "SELECT 1")
+	}, func(xid int64) {
+		burnXids(t, plain, other, xid)
+		var start1 time.Time
+		if err := plain.QueryRow("SELECT pg_postmaster_start_time()").Scan(&start1); err != nil {
+			t.Error(err)
+		}
+		t.Logf("after the kill: xid %d status %q; postmaster start time %v before, %v after", xid, xidStatus(t, plain, xid), start0, start1)
+	})
+	verdict(t, t.Name(), calls, err, rows)
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -28,16 +29,24 @@ import (
 // rows), or success with no row.
 func TestAttack3PoolerKeepsConnectionAcrossRestart(t *testing.T) {
 	t.Parallel()
-	poolerLostCommit(t, true)
+	poolerLostCommit(t, "crash")
+}
+
+// The same after one backend is killed (SIGKILL, as the OOM killer does):
+// the postmaster ends every session and runs crash recovery, without
+// restarting itself.
+func TestAttack3PoolerKeepsConnectionAcrossBackendKill(t *testing.T) {
+	t.Parallel()
+	poolerLostCommit(t, "backend")
 }
 
 // The control: the same without the restart (one run expected).
 func TestAttack3PoolerLostCommitNoRestart(t *testing.T) {
 	t.Parallel()
-	poolerLostCommit(t, false)
+	poolerLostCommit(t, "")
 }
 
-func poolerLostCommit(t *testing.T, restart bool) {
+func poolerLostCommit(t *testing.T, restart string) {
 	if dbserver.PgBouncerBinary() == "" {
 		unavailable(t, "no pgbouncer binary (Debian package pgbouncer)")
 	}
@@ -71,7 +80,23 @@ func poolerLostCommit(t *testing.T, restart bool) {
 
 	// The server crashes (its WAL on disk: nothing lost) and restarts;
 	// the pooler's client connection stays open.
-	if restart {
+	switch restart {
+	case "backend":
+		var pid int
+		var start0, start1 time.Time
+		mustExec(t, plain, "SELECT 1")
+		if err := plain.QueryRow("SELECT pg_backend_pid(), pg_postmaster_start_time()").Scan(&pid, &start0); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		waitRow(t, plain, 1, "SELECT 1")
+		if err := plain.QueryRow("SELECT pg_postmaster_start_time()").Scan(&start1); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("postmaster start time before the kill %v, after %v", start0, start1)
+	case "crash":
 		if err := srv.Crash(); err != nil {
 			t.Fatal(err)
 		}
