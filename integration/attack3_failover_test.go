@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+
 	"github.com/sqlretry/sqlretry"
 	"github.com/sqlretry/sqlretry/integration/dbserver"
 )
@@ -450,5 +453,87 @@ func TestAttack3BackendKillLosesCommitSameStartTime(t *testing.T) {
 		}
 		t.Logf("after the kill: xid %d status %q; postmaster start time %v before, %v after", xid, xidStatus(t, plain, xid), start0, start1)
 	})
+	verdict(t, t.Name(), calls, err, rows)
+}
+
+// Attack 13 (attack3): attack 12 with the default synchronous_commit (on).
+// The server reinitializes (one backend killed, as the OOM killer does)
+// while our COMMIT is on its way: our backend is stopped (SIGSTOP) from
+// just before the COMMIT is sent until the kill, so it dies without
+// committing, and the WAL of our transaction, never flushed, is gone with
+// the shared memory. The id is handed out again and committed by another
+// transaction; pg_postmaster_start_time() is the same. Right: replay or
+// ErrAmbiguousCommit. Wrong: success without the row.
+func TestAttack3BackendKillBeforeCommitSyncCommitOn(t *testing.T) {
+	t.Parallel()
+	srv := ownServer(t, "pgx")
+	plain := openPlain(t, srv.DSN)
+	// Default settings: the WAL writer writes only whole pages of a
+	// server that commits synchronously, so our transaction's records, on
+	// a page of their own, stay in shared memory until the COMMIT flushes
+	// them.
+	tbl := table(t, plain, "ledger")
+	other := table(t, plain, "other")
+	mustExec(t, plain, "CREATE TABLE "+tbl+" (op text PRIMARY KEY)", "CREATE TABLE "+other+" (n int)")
+	h := &beforeHook{}
+	cfg, err := pgx.ParseConfig(srv.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DialFunc = h.dial
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+	t.Cleanup(func() { db.Close() })
+	warmUp(t, db, tbl)
+	var backend int
+	var xid int64
+	h.before = func() {
+		if err := syscall.Kill(backend, syscall.SIGSTOP); err != nil {
+			t.Error(err)
+		}
+	}
+	h.after = func() {
+		victim, verr := sql.Open("pgx", srv.DSN)
+		if verr != nil {
+			t.Error(verr)
+			return
+		}
+		defer victim.Close()
+		var pid int
+		if err := victim.QueryRow("SELECT pg_backend_pid()").Scan(&pid); err != nil {
+			t.Error(err)
+			return
+		}
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Error(err)
+		}
+		time.Sleep(100 * time.Millisecond) // the postmaster sends SIGQUIT to every backend
+		syscall.Kill(backend, syscall.SIGCONT)
+		time.Sleep(500 * time.Millisecond)
+		waitRow(t, plain, 1, "SELECT 1")
+		burnXids(t, plain, other, xid)
+		t.Logf("after the kill: xid %d status %q", xid, xidStatus(t, plain, xid))
+	}
+	// Start near the start of a WAL page (see
+	// TestPostgresReusedIDAfterCrashIsNotTakenAsCommitted).
+	mustExec(t, plain, "SELECT pg_logical_emit_message(false, 'pad', repeat('x', (8192 - (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint % 8192)::int))")
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	calls := 0
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if calls == 1 {
+			h.armed.Store(true)
+		}
+		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ($1)", op); err != nil {
+			return err
+		}
+		return tx.QueryRowContext(ctx, "SELECT pg_backend_pid(), pg_current_xact_id()::text::bigint").Scan(&backend, &xid)
+	})
+	h.armed.Store(false)
+	if h.fired.Load() == 0 {
+		t.Fatal("the COMMIT was never cut")
+	}
+	rows := countRows(t, plain, tbl, op)
 	verdict(t, t.Name(), calls, err, rows)
 }

@@ -18,11 +18,13 @@ import (
 )
 
 // beforeHook runs before on the next COMMIT write (the COMMIT not sent
-// yet), then sends it whole and closes the socket.
+// yet), then sends it whole, closes the socket and runs after (if set)
+// before the driver sees anything.
 type beforeHook struct {
 	armed  atomic.Bool
 	fired  atomic.Int32
 	before func()
+	after  func()
 }
 
 func (h *beforeHook) dial(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -43,6 +45,9 @@ func (bc *beforeConn) Write(p []byte) (int, error) {
 		bc.h.before()
 		n, err := bc.Conn.Write(p)
 		bc.Conn.Close()
+		if bc.h.after != nil {
+			bc.h.after()
+		}
 		bc.h.fired.Add(1)
 		return n, err
 	}
