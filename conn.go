@@ -99,7 +99,6 @@ type conn struct {
 
 	serverID    int64       // PostgreSQL backend pid / MySQL connection id, 0 until asked
 	serverStart int64       // PostgreSQL server start time, µs, asked with serverID
-	pgHistory   pgMark      // the PostgreSQL server's history, asked with serverID once the proof is on (resolve_failover.go)
 	mysqlServer mysqlServer // the MySQL server the session runs on, asked with serverID (resolve.go)
 
 	// inflight is a COMMIT abandoned at the caller's deadline (see

@@ -102,7 +102,12 @@ func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
 	l.wal += 0x48
 	row := []driver.Value{assign(), int64(l.wal)}
 	if strings.HasSuffix(q, pgHistoryID) {
-		row = append(row, append(server, l.sys, fmt.Sprintf("%08X", l.tli), l.start+600_000_000)...) // asked 10 min after the start
+		var replay int64 // where the last recovery ended: 0 (NULL) when none
+		if l.replay != "" {
+			n, _ := parseLSN(l.replay)
+			replay = int64(n)
+		}
+		row = append(row, append(server, l.sys, fmt.Sprintf("%08X", l.tli), replay)...)
 	}
 	return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
 }
@@ -178,13 +183,22 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 		after     func(srv *fakeServer) func(l *fakePGLife, xid int64)
 		want      string // "committed", "replayed", "ambiguous"
 	}
+	// promote makes a standby running since before the answer; the
+	// history file of its timeline (read as a superuser) says it left the
+	// transaction's timeline where its replay ended.
 	promote := func(tliDelta int64, replayDelta int64) func(l *fakePGLife, xid int64) {
 		return func(l *fakePGLife, xid int64) {
 			l.start -= 3_600_000_000 // a standby running since before
-			l.tli += tliDelta
 			l.replay = lsnText(uint64(int64(l.wal) + replayDelta))
+			var b strings.Builder
+			for i := int64(0); i < tliDelta; i++ {
+				fmt.Fprintf(&b, "%d\t%s\tno recovery target specified\n", l.tli+i, l.replay)
+			}
+			l.history = b.String()
+			l.tli += tliDelta
 		}
 	}
+	refused := func(l *fakePGLife, _ int64) { l.history = "" } // a role that may not read it
 	cases := []tc{
 		{"crash restart, recovery reached the id's record, committed: committed", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(+0x30) }, "committed"},
@@ -218,16 +232,24 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(promote(1, -0x10), setStatus(srv, "aborted"))
 			}, "replayed"},
-		{"promoted standby restarted since the transaction (its replay position is on the new timeline): ambiguous", 150000, false,
+		{"the same, the history file refused (no privilege): ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return both(promote(1, +0x30), refused) }, "ambiguous"},
+		{"promoted standby restarted since (its replay position is on the new timeline), history refused, the id reused: ambiguous", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
-				return both(promote(1, +0x3000), func(l *fakePGLife, _ int64) { l.start += 3_600_000_000 + 700_000_000 }, setStatus(srv, "committed"))
+				return both(promote(1, +0x3000), refused, setStatus(srv, "committed"))
 			}, "ambiguous"},
-		{"promoted standby started less than the clock margin before the connection asked: ambiguous", 150000, true,
+		{"a server two timelines on: committed, by its history file", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return promote(2, +0x30) }, "committed"},
+		{"a server two timelines on, history refused: ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return both(promote(2, +0x30), refused) }, "ambiguous"},
+		{"a crash restart that kept the postmaster (a backend killed: same start time), recovery ended before the record, the id reused: replayed", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
-				return both(promote(1, +0x30), func(l *fakePGLife, _ int64) { l.start += 3_600_000_000 + 599_500_000 })
-			}, "ambiguous"},
-		{"a server two timelines on: committed is ambiguous", 150000, true,
-			func(srv *fakeServer) func(*fakePGLife, int64) { return promote(2, +0x30) }, "ambiguous"},
+				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal - 0x20); l.wal += 0x1000 }, setStatus(srv, "committed"))
+			}, "replayed"},
+		{"the same, recovery past the record, committed: committed", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal + 0x30); l.wal += 0x1000 }
+			}, "committed"},
 		{"a server without recovery on another timeline: ambiguous", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return func(l *fakePGLife, _ int64) { l.start += 1; l.tli++ }
@@ -311,8 +333,10 @@ func TestFailoverProofAddsNoRoundTrip(t *testing.T) {
 		version int64
 		want    []string
 	}{
-		{150000, []string{pgAskXIDAndServer, pgAskXIDProof13AndServer, pgAskXIDProof13}},
-		{120000, []string{pgAskXIDAndServer, pgAskXIDProof10AndServer, pgAskXIDProof10}},
+		// The server's life is asked with every question (pgHistoryID):
+		// behind a pooler one connection may reach several lives.
+		{150000, []string{pgAskXIDAndServer, pgAskXIDProof13AndServer, pgAskXIDProof13AndServer}},
+		{120000, []string{pgAskXIDAndServer, pgAskXIDProof10AndServer, pgAskXIDProof10AndServer}},
 		{90600, []string{pgAskXIDAndServer}}, // then pgAskXID, answered by the fake itself
 	} {
 		t.Run(fmt.Sprint(v.version), func(t *testing.T) {

@@ -613,7 +613,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			// as it replays; ask again later.
 			return CommitUnknown, nil
 		}
-		restarted, proven, beyond, err = pgJudgeLife(m, start, now)
+		restarted, proven, beyond, err = pgJudgeLife(m, now)
 		if err != nil {
 			return CommitUnknown, err
 		}
@@ -662,8 +662,8 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			return CommitUnknown, errUnresolvable
 		}
 		// What the rules saw, for the event's reason.
-		return CommitUnknown, fmt.Errorf("%w (the transaction: timeline %d, record end %s, asked at %d; the server: start %d, timeline %d, replay end %s; its timeline's fork: %s)",
-			errUnresolvable, m.tli, lsnString(m.lsn), m.seen, now.start, now.tli, lsnString(now.replay), fork)
+		return CommitUnknown, fmt.Errorf("%w (the transaction: timeline %d, record end %s, server start %d, replay end %s; the server now: start %d, timeline %d, replay end %s; its timeline's fork: %s)",
+			errUnresolvable, m.tli, lsnString(m.lsn), m.start, lsnString(m.replay), now.start, now.tli, lsnString(now.replay), fork)
 	case st.status == "committed" && st.holding:
 		// Committed locally, not yet visible: the old backend waits for a
 		// synchronous standby (SyncRep) or is about to let go. Ending it

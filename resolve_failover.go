@@ -20,47 +20,42 @@ import (
 // at a known place: the question it asks before COMMIT (the same single
 // round trip as before) also writes a transactional logical decoding
 // message (pg_logical_emit_message, prefix "sqlretry"), which carries the
-// transaction's id, and reads where that record ends (L), the timeline,
-// and once per connection the cluster's system identifier. After a lost
-// COMMIT, when the server that answers is not the same life of the same
-// server (its start time or timeline differ), its answer is about our
-// transaction when
-//   - it is the same cluster (same system identifier), and
-//   - the WAL it replayed at its start reaches L (pg_last_wal_replay_lsn, the
-//     end of the history it shares with the old server: crash recovery's end,
-//     or where a standby stopped replaying when promoted), on the same
-//     timeline (a crash restart), or on the next one (a promotion) when the
-//     promoted server has been running since before the connection asked
-//     (else its replay position may be the end of its own crash recovery
-//     on the new timeline), or it started without any recovery on the same
-//     timeline (a clean shutdown wrote every id it had handed out into its
-//     shutdown checkpoint).
-// Our commit record lies past L, so whenever our COMMIT took effect on
-// that history, the history reaches L: a commit on the surviving history is
-// recognised (but for a promoted server that restarted since, or started
-// within pgClockMargin of the connection). When the history does not reach
-// L, "committed" may be another transaction's and stays ErrAmbiguousCommit;
-// any other answer means ours is not on the history the server continues
-// (its commit record would lie past L), which is "not committed" as before.
-// A server in recovery (a standby, a server still electing) is asked again
-// later; a different cluster cannot answer.
-//
-// A promoted server whose start time proves nothing (Patroni restarts a
-// leader whose postmaster died as a standby and promotes it: a new
-// timeline, a start after the connection asked; or a promoted server that
-// crashed since) is asked where its timeline left ours: the history file
-// of its timeline (pg_read_file, superuser or pg_read_server_files) names
-// the switch point from each ancestor; at or past L, the record with the
-// id is in its history (pgForkedPast). Without the privilege the answer
-// stays ErrAmbiguousCommit.
+// transaction's id, and reads where that record ends (L) and what names
+// the server's life: system identifier, timeline, start time and where its
+// last recovery ended (asked with every transaction: a crash restart that
+// keeps the postmaster keeps its start time, and behind a pooler one
+// client connection outlives server restarts). After a lost COMMIT, when
+// the server that answers is another life (any of those differ):
+//   - another cluster (system identifier) cannot answer;
+//   - on the same timeline, the end of its last recovery
+//     (pg_last_wal_replay_lsn) at or past L means the history holds the
+//     record: its answer is about our transaction; before L, the crash
+//     lost the record and our commit record after it: not committed,
+//     whatever it says of the id; no recovery at all (a clean shutdown
+//     wrote every id it had handed out into its checkpoint): its answer
+//     is ours;
+//   - on a later timeline (a promotion), the history file of its timeline
+//     (pg_read_file: superuser, pg_read_server_files or EXECUTE granted)
+//     names where it left ours: at or past L, its answer is ours; before
+//     L, not committed. Without the file: a replay position before L on
+//     the next timeline is not committed too (the position is where it
+//     left ours or, had it crashed since, further on); any other
+//     "committed" stays ErrAmbiguousCommit, since a promoted server that
+//     crashed since (start time kept or not) shows the end of that crash's
+//     recovery, which says nothing of where it left ours.
+// Our commit record lies past L, so a COMMIT that took effect on the
+// history the server continues is always recognised where the rules can
+// see L. A server in recovery (a standby, a server still electing) is
+// asked again later.
 //
 // What this cannot see: two lives of the same timeline between the COMMIT
 // and the answer: a crash that loses L, a restart that hands ids out again
-// and writes past L, and a second crash (or a clean restart), all before
+// and writes past L, and a second crash or a clean restart, all before
 // sqlretry reaches the server. The WAL at L is then another life's.
 // sqlretry asks again every half second at most, and any answer of the
 // middle life is final and right, so this takes two failures within that
-// window.
+// window. Timelines are taken to be unique in the cluster (no split
+// brain).
 
 // pgProofMinVersion is the first server_version_num with
 // pg_current_wal_insert_lsn and pg_last_wal_replay_lsn; pgXid8Version the
@@ -78,14 +73,19 @@ const pgServerInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime + ", pg_cat
 const pgProofCols = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 	"ELSE (pg_catalog.pg_logical_emit_message(true, 'sqlretry', '') - '0/0'::pg_catalog.pg_lsn)::bigint END"
 
-// pgHistoryID asks once per connection for the system identifier, the
-// timeline (NULL in recovery: asked again once the server takes writes; a
-// running primary never changes timeline) and the server's clock (the
-// start of this transaction, before any id the connection will record).
+// pgHistoryID asks, with every question before COMMIT, for what names the
+// life of the server the transaction runs on: the system identifier, the
+// timeline (NULL in recovery) and where its last recovery ended (NULL when
+// it started without one). With pgServerInfo's start time they change
+// with every restart, and the replay position also with a crash restart
+// that keeps the postmaster (a backend killed: the postmaster ends every
+// session and runs crash recovery, and pg_postmaster_start_time stays).
+// Asked per transaction, not per connection: behind a pooler the same
+// client connection reaches a server that may have restarted since.
 const pgHistoryID = ", (pg_catalog.pg_control_system()).system_identifier, " +
 	"CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 	"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END, " +
-	"(extract(epoch FROM pg_catalog.now()) * 1000000)::bigint"
+	"(pg_catalog.pg_last_wal_replay_lsn() - '0/0'::pg_catalog.pg_lsn)::bigint"
 
 // The questions before COMMIT with the proof, per server generation: the
 // xid8 functions from PostgreSQL 13 on, txid_current before. The message
@@ -111,16 +111,12 @@ const pgServerNowQuery = "SELECT " + pgStartTime + ", pg_catalog.pg_is_in_recove
 // lsn 0 when it recorded nothing (an older server, the first transactions
 // before the version was known, the proof turned off).
 type pgMark struct {
-	sys  int64  // system identifier
-	tli  int64  // timeline
-	seen int64  // the server's clock (µs) when the connection asked, before the id was taken
-	lsn  uint64 // end of the WAL record carrying the id
+	sys    int64  // system identifier
+	tli    int64  // timeline
+	start  int64  // the server's start time (µs)
+	replay uint64 // where its last recovery ended; 0: it started without one
+	lsn    uint64 // end of the WAL record carrying the id
 }
-
-// pgClockMargin is how far two servers' clocks may be apart (µs) for
-// pgJudgeLife's start-time comparison; a larger gap only makes an answer
-// ambiguous.
-const pgClockMargin = 1_000_000
 
 // pgAskQuery picks the question before COMMIT for connection c.
 func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
@@ -133,15 +129,9 @@ func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
 			q = pgAskXIDAndServer
 		}
 	case v >= pgXid8Version:
-		q, ask = pgAskXIDProof13, c.serverID == 0 || c.pgHistory.tli == 0
-		if ask {
-			q = pgAskXIDProof13AndServer
-		}
+		q, ask = pgAskXIDProof13AndServer, true // the server's life, every time (pgHistoryID)
 	default:
-		q, ask = pgAskXIDProof10, c.serverID == 0 || c.pgHistory.tli == 0
-		if ask {
-			q = pgAskXIDProof10AndServer
-		}
+		q, ask = pgAskXIDProof10AndServer, true
 	}
 	return q, ask, proof
 }
@@ -167,17 +157,14 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 				r.resolution.pgVersion.CompareAndSwap(0, v)
 			}
 		}
-		if proof && len(vals) > i+5 {
-			h := pgMark{sys: asInt64(vals[i+3]), seen: asInt64(vals[i+5])}
-			h.tli, _ = parseHexInt(vals[i+4])
-			c.pgHistory = h
-		}
 	}
-	if h := c.pgHistory; lsn != 0 && h.sys != 0 && h.tli != 0 && h.seen != 0 {
-		t.mark = h
-		t.mark.lsn = lsn
-	} else {
-		t.mark = pgMark{}
+	t.mark = pgMark{}
+	if proof && ask && lsn != 0 && len(vals) > i+5 {
+		h := pgMark{sys: asInt64(vals[i+3]), start: asInt64(vals[i+1]), replay: uint64(asInt64(vals[i+5])), lsn: lsn}
+		h.tli, _ = parseHexInt(vals[i+4])
+		if h.sys != 0 && h.tli != 0 && h.start != 0 {
+			t.mark = h
+		}
 	}
 }
 
@@ -240,11 +227,11 @@ var errOtherCluster = errors.New("sqlretry: the server that answers is another c
 // which lies past it, is not in the history the server continues: not
 // committed, whatever it says of the id (a "committed" is another
 // transaction's that took the id again).
-func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven, beyond bool, err error) {
+func pgJudgeLife(m pgMark, now pgNow) (restarted, proven, beyond bool, err error) {
 	if now.sys != m.sys {
 		return true, false, false, errOtherCluster
 	}
-	if now.start == start && now.tli == m.tli {
+	if now.start == m.start && now.tli == m.tli && now.replay == m.replay {
 		return false, true, false, nil
 	}
 	switch {
@@ -264,15 +251,12 @@ func pgJudgeLife(m pgMark, start int64, now pgNow) (restarted, proven, beyond bo
 		// the new timeline, past that point: either way it left ours
 		// before the record.
 		beyond = true
-	case now.tli == m.tli+1:
-		// A promoted standby: its replay position is where it stopped
-		// replaying the old timeline only in the life it was promoted in.
-		// Restarted since (after a crash of its own) it is the end of
-		// crash recovery on the new timeline, past the switch point, and
-		// says nothing of the old one. Running since before the connection
-		// asked, it has not restarted since the id was taken.
-		proven = now.start < m.seen-pgClockMargin
 	}
+	// A promoted server whose replay position is past the record: that
+	// position is where it left our timeline only if it has not crashed
+	// since its promotion, which neither its start time (a crash restart
+	// may keep the postmaster) nor anything else it says unprivileged
+	// tells. Only its timeline's history file settles it (pgHistoryFork).
 	return true, proven, beyond, nil
 }
 
