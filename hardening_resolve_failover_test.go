@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"testing"
 )
@@ -28,6 +29,7 @@ type fakePGLife struct {
 	asked      []string // the questions before COMMIT, in order
 	lastXID    int64
 	history    string // the current timeline's history file; "" refuses it (no privilege)
+	nowFails   int    // identity questions still to be lost with their connection
 	historyAsk int    // how often it was read
 }
 
@@ -84,6 +86,10 @@ func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
 		row := append([]driver.Value{assign()}, server...)
 		return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
 	case pgServerNowQuery:
+		if l.nowFails > 0 {
+			l.nowFails--
+			return &fakeRows{cols: make([]string, 5), nextErr: io.ErrUnexpectedEOF}, true
+		}
 		rec := l.inRecovery > 0
 		var tli, replay driver.Value
 		if rec {
@@ -292,6 +298,14 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 					l.history = strings.ReplaceAll(l.history, "1\t", "7\t")
 				})
 			}, "ambiguous"},
+		{"crash restart, recovery past the record, committed, but an earlier question died with its server: ambiguous (that server may have been a life that lost the record and reused the id)", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), func(l *fakePGLife, _ int64) { l.nowFails = 1 })
+			}, "ambiguous"},
+		{"the same, recovery before the record: replayed", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(-0x20), setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.nowFails = 1 })
+			}, "replayed"},
 		{"no restart: as before", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return nil }, "committed"},
 	}

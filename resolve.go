@@ -496,13 +496,14 @@ func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
 func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	var check func(ctx context.Context, dc driver.Conn) (CommitOutcome, error)
 	by, rule := "the transaction id", ""
+	unseenLife := false // a question lost with its connection (pgCheckCommit)
 	switch {
 	case r.dialect == DialectPostgres && t.xid != 0:
 		if t.mark.lsn != 0 {
 			by = "the transaction id and its WAL position"
 		}
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule)
+			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule, unseenLife)
 		}
 	case r.dialect == DialectMySQL && t.token != nil:
 		by = "the commit marker"
@@ -553,6 +554,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 			}
 			if err != nil {
 				lastErr = err
+				unseenLife = true
 				dc.Close()
 				dc = nil
 			}
@@ -596,7 +598,10 @@ var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted
 // anything else is an answer.
 //
 // After a restart or a promotion, rule says which history rule decided.
-func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string) (CommitOutcome, error) {
+//
+// unseenLife: an earlier question of this resolution reached a server that
+// had finished recovery and lost the connection before it answered.
+func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string, unseenLife bool) (CommitOutcome, error) {
 	restarted, proven, beyond := false, false, false
 	var now pgNow
 	switch {
@@ -616,6 +621,22 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		restarted, proven, beyond, err = pgJudgeLife(m, now)
 		if err != nil {
 			return CommitUnknown, err
+		}
+		if restarted && beyond {
+			// Final whatever the id's status: a later life on this
+			// history continues it. Answered at once, so that a crash
+			// before the next question cannot hide this life.
+			*rule = fmt.Sprintf("the server restarted or was promoted since (timeline %d, replay end %s; the record ended at %s on timeline %d): its history does not reach the record",
+				now.tli, lsnString(now.replay), lsnString(m.lsn), m.tli)
+			return CommitNotCommitted, nil
+		}
+		if restarted && proven && now.tli == m.tli && now.replay != 0 && unseenLife {
+			// The end of this life's recovery reaches the record, but a
+			// server that had finished recovery (it took the connection)
+			// died under an earlier question: it may have been a life
+			// that lost the record, handed the id out again and wrote past
+			// it before crashing too. The replay position cannot tell.
+			proven = false
 		}
 	case start != 0:
 		vals, err := queryRow(ctx, dc, "SELECT "+pgStartTime)

@@ -33,7 +33,19 @@ func TestAttack3BackendKillChaos(t *testing.T) {
 	tbl := table(t, plain, "chaos")
 	mustExec(t, plain, "CREATE TABLE "+tbl+" (op text)")
 	res := &resolutionCount{}
-	db, err := sqlretry.Open("pgx", srv.DSN, sqlretry.WithObserver(sqlretry.SlogObserver(slog.New(slog.NewTextHandler(res, nil)))))
+	slogObs := sqlretry.SlogObserver(slog.New(slog.NewTextHandler(res, nil)))
+	var resolvedMu sync.Mutex
+	resolved := map[string]string{}
+	db, err := sqlretry.Open("pgx", srv.DSN, sqlretry.WithObserver(sqlretry.ObserverFunc(func(ctx context.Context, e sqlretry.Event) {
+		slogObs.Observe(ctx, e)
+		if e.Kind == sqlretry.EventCommitResolved {
+			if op, ok := ctx.Value(opKey{}).(string); ok {
+				resolvedMu.Lock()
+				resolved[op] = fmt.Sprintf("%v: %s", e.Outcome, e.Reason)
+				resolvedMu.Unlock()
+			}
+		}
+	})))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +68,7 @@ func TestAttack3BackendKillChaos(t *testing.T) {
 				default:
 				}
 				op := fmt.Sprintf("c%d-%d", c, i)
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				ctx, cancel := context.WithTimeout(context.WithValue(context.Background(), opKey{}, op), 20*time.Second)
 				calls := 0
 				err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
 					calls++
@@ -116,7 +128,7 @@ func TestAttack3BackendKillChaos(t *testing.T) {
 		switch n := counts[op]; {
 		case n == 0:
 			lost++
-			t.Errorf("LOST WRITE: %s succeeded after %d run(s), no row", op, calls)
+			t.Errorf("LOST WRITE: %s succeeded after %d run(s), no row; resolution: %q", op, calls, resolved[op])
 		case n > 1:
 			doubled++
 			t.Errorf("DOUBLED WRITE: %s, %d rows", op, n)
@@ -124,6 +136,8 @@ func TestAttack3BackendKillChaos(t *testing.T) {
 	}
 	t.Logf("FIGURES attack3/backend-kill-chaos: %d kills, %d transactions, %d succeeded, %d ErrAmbiguousCommit, %d other errors, %d lost, %d doubled; lost COMMITs resolved: %d committed, %d not committed, %d other", kills, total.Load(), len(done), ambiguous.Load(), failed.Load(), lost, doubled, res.committed.Load(), res.notCommitted.Load(), res.other.Load())
 }
+
+type opKey struct{}
 
 // resolutionCount counts sqlretry's commit-resolved decisions by outcome.
 type resolutionCount struct {
@@ -136,6 +150,9 @@ func (r *resolutionCount) Write(p []byte) (int, error) {
 		switch {
 		case strings.Contains(line, "outcome=committed"):
 			r.committed.Add(1)
+			if os.Getenv("SQLRETRY_ATTACK3_VERBOSE") != "" {
+				fmt.Print("RESOLVED ", line)
+			}
 		case strings.Contains(line, "outcome=not-committed"):
 			r.notCommitted.Add(1)
 		default:
