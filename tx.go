@@ -430,15 +430,20 @@ func (e *escapedError) Unwrap() error { return e.err }
 // outer attempt's.
 type nestedReplay struct{ err, cause error }
 
+// Value compares the key's type first: comparing an interface with each
+// constant goes through the runtime's generic equality, a measurable part
+// of a transaction's cost on the happy path (issue 13 goal 3).
 func (a *txAttempt) Value(key any) any {
-	switch key {
-	case keyAttempt:
-		if a.begun {
-			return nil
+	if k, ok := key.(ctxKey); ok {
+		switch k {
+		case keyAttempt:
+			if a.begun {
+				return nil
+			}
+			return a
+		case keyRunInTx:
+			return a
 		}
-		return a
-	case keyRunInTx:
-		return a
 	}
 	return a.Context.Value(key)
 }
@@ -577,8 +582,12 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 	}
 	// The clock is read once BEGIN has returned (the wait for a connection
 	// is not the transaction's work, for contention control), and the first
-	// of those reads starts the pacer: one clock read per attempt.
-	p := pacer{b: r.backoff(), clock: r.clock, rnd: r.rnd}
+	// of those reads starts the pacer: one clock read per attempt. The
+	// pacer is built only for a replay; the backoff in force is taken now
+	// (a call keeps the pacing it started with).
+	bo := r.backoffNow()
+	var p pacer
+	var start time.Time  // when the first attempt's BEGIN returned
 	conflicted := false  // an attempt of this call was aborted by a conflict
 	var prev error       // the last attempt's error, for a give-up at the deadline
 	var lastTimeout uint // the last attempt's timeout, 0 if none
@@ -587,8 +596,8 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		if werr != nil {
 			return r.stop(ctx, "tx", max(attempt-1, 1), werr, prev, "caller's context is done")
 		}
-		if p.start.IsZero() {
-			p.start = o.began
+		if start.IsZero() {
+			start = o.began
 		}
 		conflicted = conflicted || o.conflict
 		err := o.err
@@ -651,6 +660,9 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 			}
 			r.counters.retriesConnection.Add(1)
 		}
+		if p.clock == nil {
+			p = pacer{b: *bo, clock: r.clock, rnd: r.rnd, start: start}
+		}
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
 			return r.paceStop(ctx, "tx", max(attempt, 2), cls, err, stop)
@@ -693,7 +705,7 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 		defer func() {
 			var took time.Duration
 			if !o.began.IsZero() {
-				took = r.clock.Now().Sub(o.began)
+				took = since(r.clock, o.began)
 			}
 			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
 		}()
@@ -760,6 +772,27 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 	if o.replay && (att.escaped || nestedCommitSince(att.seq)) {
 		o.replay, o.escaped = false, true
 	}
+}
+
+// backoffNow is the backoff in force (retrier.backoff) without copying
+// it: what SetBackoff stores is never changed afterwards.
+func (r *retrier) backoffNow() *Backoff {
+	if r.liveBackoff != nil {
+		if b := r.liveBackoff.Load(); b != nil {
+			return b
+		}
+	}
+	return &r.cfg.backoff
+}
+
+// since is clock.Now().Sub(t). On the real clock it reads only the
+// monotonic clock (time.Since), where time.Now reads the wall clock too:
+// half the clock reads of a transaction's accounting.
+func since(clock Clock, t time.Time) time.Duration {
+	if _, ok := clock.(realClock); ok {
+		return time.Since(t)
+	}
+	return clock.Now().Sub(t)
 }
 
 // txBeginner is a *sql.DB, or the *sql.Conn of contention control's
