@@ -825,9 +825,9 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		}
 	}()
 	att.seq = nestedSeq.Load()
-	closuresRunning.Add(1)
+	slot := enterClosure()
 	func() {
-		defer closuresRunning.Add(-1) // also when fn panics
+		defer leaveClosure(slot) // also when fn panics
 		err = fn(att, sqlTx)
 	}()
 	att.byClosure = int8(att.ended.Load())
