@@ -557,6 +557,17 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		rc.liveBackoff = nil // this call's backoff is cfg's
 		r = &rc
 	}
+	if r.operations() != nil || r.cfg.fallback != nil {
+		return r.runInTxObserved(ctx, db, txOpts, fn, sees)
+	}
+	return r.runInTx(ctx, db, txOpts, fn, sees)
+}
+
+// runInTxObserved is RunInTx with an OperationObserver or a fallback. The
+// deferred calls live here, not in RunInTx: a function with several defers
+// and many returns goes through the runtime's defer machinery at every
+// return, a measurable part of RunInTx's cost (issue 13 goal 3).
+func (r *retrier) runInTxObserved(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) (err error) {
 	if o := r.operations(); o != nil { // the whole call, its replays included, is one operation
 		op := Operation{Op: "tx", Dialect: r.dialect}
 		ctx = o.StartOperation(ctx, op)
@@ -569,17 +580,34 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 			}
 		}()
 	}
+	return r.runInTx(ctx, db, txOpts, fn, sees)
+}
+
+// runInTx is RunInTx in shadow mode, nested in another's closure (seen
+// through ctx), or outermost.
+func (r *retrier) runInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) error {
 	if r.shadow.Load() {
 		return r.shadowRunInTx(ctx, db, txOpts, fn)
 	}
-	outer, _ := ctx.Value(keyRunInTx).(*txAttempt)
-	if outer == nil {
-		defer forgetNestedCommits(nestedSeq.Load())
+	if outer, _ := ctx.Value(keyRunInTx).(*txAttempt); outer != nil {
+		// No contention control: the outer may hold a slot, and waiting for
+		// another could deadlock.
+		return r.attempts(ctx, outer, nil, db, txOpts, fn, sees)
 	}
-	lim := r.txLimit
-	if outer != nil {
-		lim = nil // the outer may hold a slot: waiting for another could deadlock
-	}
+	return r.outermost(ctx, db, txOpts, fn, sees)
+}
+
+// outermost runs the attempts of a RunInTx found in no other's context,
+// and then forgets this goroutine's record of nested commits (txnested.go).
+func (r *retrier) outermost(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) error {
+	defer forgetNestedCommits(nestedSeq.Load())
+	return r.attempts(ctx, nil, r.txLimit, db, txOpts, fn, sees)
+}
+
+// attempts runs RunInTx's attempts until one commits or a rule says stop.
+// outer is the attempt whose closure this call runs in, seen through ctx;
+// lim is contention control, nil when off or nested.
+func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) error {
 	// The clock is read once BEGIN has returned (the wait for a connection
 	// is not the transaction's work, for contention control), and the first
 	// of those reads starts the pacer: one clock read per attempt. The
