@@ -614,13 +614,14 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 	// pacer is built only for a replay; the backoff in force is taken now
 	// (a call keeps the pacing it started with).
 	bo := r.backoffNow()
-	var p pacer
+	var p *pacer         // built for the first replay
 	var start time.Time  // when the first attempt's BEGIN returned
 	conflicted := false  // an attempt of this call was aborted by a conflict
 	var prev error       // the last attempt's error, for a give-up at the deadline
 	var lastTimeout uint // the last attempt's timeout, 0 if none
 	for attempt := 1; ; attempt++ {
-		o, werr := r.runAttempt(ctx, lim, db, txOpts, fn, sees, conflicted)
+		var o txOutcome
+		werr := r.runAttempt(ctx, &o, lim, db, txOpts, fn, sees, conflicted)
 		if werr != nil {
 			return r.stop(ctx, "tx", max(attempt-1, 1), werr, prev, "caller's context is done")
 		}
@@ -688,8 +689,8 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			}
 			r.counters.retriesConnection.Add(1)
 		}
-		if p.clock == nil {
-			p = pacer{b: *bo, clock: r.clock, rnd: r.rnd, start: start}
+		if p == nil {
+			p = &pacer{b: *bo, clock: r.clock, rnd: r.rnd, start: start}
 		}
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
@@ -723,12 +724,15 @@ type txOutcome struct {
 // by a conflict: later ones are that caller's trouble (one transaction
 // waiting on a lock held outside, say), not transactions colliding with
 // each other, and are not reported to the contention control as conflicts.
-func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
-	fn func(context.Context, *sql.Tx) error, sees, conflicted bool) (o txOutcome, werr error) {
+//
+// o is filled in place (not returned: the copy was a measurable part of
+// RunInTx's cost, issue 13 goal 3).
+func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
+	fn func(context.Context, *sql.Tx) error, sees, conflicted bool) (werr error) {
 	var slot txSlot
 	if lim != nil {
 		if slot, werr = lim.acquire(ctx); werr != nil {
-			return o, werr
+			return werr
 		}
 		defer func() {
 			var took time.Duration
@@ -748,10 +752,10 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 	att := &txAttempt{Context: ctx}
 	o.began, o.phase, o.err = runTxOnce(att, on, txOpts, fn, r.clock)
 	if o.err != nil {
-		r.decide(&o, att, sees)
+		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
 	}
-	return o, nil
+	return nil
 }
 
 // decide says whether a failed attempt is replayed, and for what cause.
