@@ -817,19 +817,6 @@ func (r *retrier) backoffNow() *Backoff {
 	return &r.cfg.backoff
 }
 
-// now is clock.Now(). On the real clock it reads only the monotonic
-// clock: the time is monoBase plus the monotonic time since, good for
-// durations (all RunInTx does with it), where time.Now reads the wall
-// clock too.
-func now(clock Clock) time.Time {
-	if _, ok := clock.(realClock); ok {
-		return monoBase.Add(time.Since(monoBase))
-	}
-	return clock.Now()
-}
-
-var monoBase = time.Now()
-
 // since is clock.Now().Sub(t). On the real clock it reads only the
 // monotonic clock (time.Since), where time.Now reads the wall clock too:
 // half the clock reads of a transaction's accounting.
@@ -858,7 +845,7 @@ const (
 // BeginTx returned. fn runs with att as its context.
 func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock) (began time.Time, phase txPhase, err error) {
 	sqlTx, err := db.BeginTx(att, txOpts)
-	began = now(clock)
+	began = clock.Now()
 	if err != nil {
 		return began, phaseBegin, err
 	}
