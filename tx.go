@@ -439,15 +439,20 @@ func (e *escapedError) Unwrap() error { return e.err }
 // outer attempt's.
 type nestedReplay struct{ err, cause error }
 
+// Value compares the key's type first: comparing an interface with each
+// constant goes through the runtime's generic equality, a measurable part
+// of a transaction's cost on the happy path (issue 13 goal 3).
 func (a *txAttempt) Value(key any) any {
-	switch key {
-	case keyAttempt:
-		if a.begun {
-			return nil
+	if k, ok := key.(ctxKey); ok {
+		switch k {
+		case keyAttempt:
+			if a.begun {
+				return nil
+			}
+			return a
+		case keyRunInTx:
+			return a
 		}
-		return a
-	case keyRunInTx:
-		return a
 	}
 	return a.Context.Value(key)
 }
@@ -561,6 +566,17 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		rc.liveBackoff = nil // this call's backoff is cfg's
 		r = &rc
 	}
+	if r.operations() != nil || r.cfg.fallback != nil {
+		return r.runInTxObserved(ctx, db, txOpts, fn, sees)
+	}
+	return r.runInTx(ctx, db, txOpts, fn, sees)
+}
+
+// runInTxObserved is RunInTx with an OperationObserver or a fallback. The
+// deferred calls live here, not in RunInTx: a function with several defers
+// and many returns goes through the runtime's defer machinery at every
+// return, a measurable part of RunInTx's cost (issue 13 goal 3).
+func (r *retrier) runInTxObserved(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) (err error) {
 	if o := r.operations(); o != nil { // the whole call, its replays included, is one operation
 		op := Operation{Op: "tx", Dialect: r.dialect}
 		ctx = o.StartOperation(ctx, op)
@@ -573,31 +589,53 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 			}
 		}()
 	}
+	return r.runInTx(ctx, db, txOpts, fn, sees)
+}
+
+// runInTx is RunInTx in shadow mode, nested in another's closure (seen
+// through ctx), or outermost.
+func (r *retrier) runInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) error {
 	if r.shadow.Load() {
 		return r.shadowRunInTx(ctx, db, txOpts, fn)
 	}
-	outer, _ := ctx.Value(keyRunInTx).(*txAttempt)
-	if outer == nil {
-		defer forgetNestedCommits(nestedSeq.Load())
+	if outer, _ := ctx.Value(keyRunInTx).(*txAttempt); outer != nil {
+		// No contention control: the outer may hold a slot, and waiting for
+		// another could deadlock.
+		return r.attempts(ctx, outer, nil, db, txOpts, fn, sees)
 	}
-	lim := r.txLimit
-	if outer != nil {
-		lim = nil // the outer may hold a slot: waiting for another could deadlock
-	}
+	return r.outermost(ctx, db, txOpts, fn, sees)
+}
+
+// outermost runs the attempts of a RunInTx found in no other's context,
+// and then forgets this goroutine's record of nested commits (txnested.go).
+func (r *retrier) outermost(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) error {
+	defer forgetNestedCommits(nestedSeq.Load())
+	return r.attempts(ctx, nil, r.txLimit, db, txOpts, fn, sees)
+}
+
+// attempts runs RunInTx's attempts until one commits or a rule says stop.
+// outer is the attempt whose closure this call runs in, seen through ctx;
+// lim is contention control, nil when off or nested.
+func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) error {
 	// The clock is read once BEGIN has returned (the wait for a connection
 	// is not the transaction's work, for contention control), and the first
-	// of those reads starts the pacer: one clock read per attempt.
-	p := pacer{b: r.backoff(), clock: r.clock, rnd: r.rnd}
+	// of those reads starts the pacer: one clock read per attempt. The
+	// pacer is built only for a replay; the backoff in force is taken now
+	// (a call keeps the pacing it started with).
+	bo := r.backoffNow()
+	var p *pacer         // built for the first replay
+	var start time.Time  // when the first attempt's BEGIN returned
 	conflicted := false  // an attempt of this call was aborted by a conflict
 	var prev error       // the last attempt's error, for a give-up at the deadline
 	var lastTimeout uint // the last attempt's timeout, 0 if none
 	for attempt := 1; ; attempt++ {
-		o, werr := r.runAttempt(ctx, lim, db, txOpts, fn, sees, conflicted)
+		var o txOutcome
+		werr := r.runAttempt(ctx, &o, lim, db, txOpts, fn, sees, conflicted)
 		if werr != nil {
 			return r.stop(ctx, "tx", max(attempt-1, 1), werr, prev, "caller's context is done")
 		}
-		if p.start.IsZero() {
-			p.start = o.began
+		if start.IsZero() {
+			start = o.began
 		}
 		conflicted = conflicted || o.conflict
 		err := o.err
@@ -660,6 +698,9 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 			}
 			r.counters.retriesConnection.Add(1)
 		}
+		if p == nil {
+			p = &pacer{b: *bo, clock: r.clock, rnd: r.rnd, start: start}
+		}
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
 			return r.paceStop(ctx, "tx", max(attempt, 2), cls, err, stop)
@@ -692,17 +733,20 @@ type txOutcome struct {
 // by a conflict: later ones are that caller's trouble (one transaction
 // waiting on a lock held outside, say), not transactions colliding with
 // each other, and are not reported to the contention control as conflicts.
-func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
-	fn func(context.Context, *sql.Tx) error, sees, conflicted bool) (o txOutcome, werr error) {
+//
+// o is filled in place (not returned: the copy was a measurable part of
+// RunInTx's cost, issue 13 goal 3).
+func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
+	fn func(context.Context, *sql.Tx) error, sees, conflicted bool) (werr error) {
 	var slot txSlot
 	if lim != nil {
 		if slot, werr = lim.acquire(ctx); werr != nil {
-			return o, werr
+			return werr
 		}
 		defer func() {
 			var took time.Duration
 			if !o.began.IsZero() {
-				took = r.clock.Now().Sub(o.began)
+				took = since(r.clock, o.began)
 			}
 			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
 		}()
@@ -722,7 +766,7 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 	att := &txAttempt{Context: ctx}
 	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock)
 	if o.err != nil {
-		r.decide(&o, att, sees)
+		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
 	}
 	if queue && !inGate && lim.probeDue(o.conflict) {
@@ -733,7 +777,7 @@ func (r *retrier) runAttempt(ctx context.Context, lim *txLimiter, db *sql.DB, tx
 			g.probe()
 		}
 	}
-	return o, nil
+	return nil
 }
 
 // decide says whether a failed attempt is replayed, and for what cause.
@@ -784,6 +828,27 @@ func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 	}
 }
 
+// backoffNow is the backoff in force (retrier.backoff) without copying
+// it: what SetBackoff stores is never changed afterwards.
+func (r *retrier) backoffNow() *Backoff {
+	if r.liveBackoff != nil {
+		if b := r.liveBackoff.Load(); b != nil {
+			return b
+		}
+	}
+	return &r.cfg.backoff
+}
+
+// since is clock.Now().Sub(t). On the real clock it reads only the
+// monotonic clock (time.Since), where time.Now reads the wall clock too:
+// half the clock reads of a transaction's accounting.
+func since(clock Clock, t time.Time) time.Duration {
+	if _, ok := clock.(realClock); ok {
+		return time.Since(t)
+	}
+	return clock.Now().Sub(t)
+}
+
 // txBeginner is a *sql.DB, or the *sql.Conn of contention control's
 // database-side queue.
 type txBeginner interface {
@@ -814,9 +879,9 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		}
 	}()
 	att.seq = nestedSeq.Load()
-	closuresRunning.Add(1)
+	slot := enterClosure()
 	func() {
-		defer closuresRunning.Add(-1) // also when fn panics
+		defer leaveClosure(slot) // also when fn panics
 		err = fn(att, sqlTx)
 	}()
 	att.byClosure = int8(att.ended.Load())

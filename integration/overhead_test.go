@@ -120,3 +120,24 @@ func BenchmarkNopParallelExec(b *testing.B) {
 		})
 	})
 }
+
+// RunInTx (by hand on raw and otelsql) from GOMAXPROCS goroutines at once:
+// what shared counters and the per-commit bookkeeping cost when other
+// transactions run at the same time (-cpu 1,2).
+func BenchmarkNopParallelRunInTx(b *testing.B) {
+	benchNop(b, func(b *testing.B, db *sql.DB) {
+		fn := func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "SELECT n FROM t WHERE id = 1")
+			return err
+		}
+		run := txStrategy(db)
+		b.RunParallel(func(pb *testing.PB) {
+			ctx := context.Background()
+			for pb.Next() {
+				if err := run(ctx, db, nil, fn); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	})
+}
