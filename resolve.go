@@ -18,8 +18,9 @@ import (
 // PostgreSQL: just before COMMIT a transaction that did not provably only
 // read asks for its transaction id, assigning one if it has none (NOTIFY
 // and writes through postgres_fdw take no local id), and its backend pid
-// (one round trip; the pid is asked once per connection, with the server's
-// start time). A transaction that provably only read is replayed after a
+// (one round trip; the pid is asked with the server's start time, once per
+// connection before PostgreSQL 10, with every transaction from 10 on:
+// resolve_failover.go). A transaction that provably only read is replayed after a
 // lost COMMIT without asking; so is one on a server in recovery, which can
 // commit nothing. After a lost COMMIT sqlretry
 // asks txid_status on a fresh connection. "in progress" is not an answer:
@@ -57,7 +58,8 @@ import (
 const pgAskXID = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 	"ELSE COALESCE(pg_catalog.txid_current_if_assigned(), pg_catalog.txid_current()) END"
 
-// pgAskXIDAndServer also asks, once per connection, for the backend pid,
+// pgAskXIDAndServer also asks (once per connection before the version is
+// known or below PostgreSQL 10) for the backend pid,
 // the server's start time and its version (which picks the question with
 // the proof of resolve_failover.go from then on).
 const pgAskXIDAndServer = pgAskXID + pgServerInfo

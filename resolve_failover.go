@@ -65,7 +65,8 @@ const (
 	pgXid8Version     = 130000
 )
 
-// pgServerInfo asks once per connection for what identifies the server.
+// pgServerInfo asks for what identifies the server and the session: with
+// every transaction's question from PostgreSQL 10 on (pgHistoryID).
 const pgServerInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime + ", pg_catalog.current_setting('server_version_num')::int"
 
 // pgProofCols: the end of the logical message, the proof that the id is in
