@@ -1130,3 +1130,44 @@ func TestContentionGateProbesAfterCommitsForAWhile(t *testing.T) {
 		t.Errorf("a probe after a commit %v after the last conflict", gateStick)
 	}
 }
+
+// At a limit of one, a conflict of a transaction that ran alone (none
+// other of this db in flight, started after the last cut) came from
+// outside the db: another replica of the application, another program.
+// Limiting cannot remove it, so the limiter lets go and stays out for a
+// while, rather than keep this replica at one transaction at a time while
+// the others run freely (one replica of four on a MariaDB hot spot
+// committed a quarter of the others' share: TestMariaDBReplicasHotSpot).
+func TestContentionLetsGoWhenAloneAndStillConflicting(t *testing.T) {
+	l, clock := newTestLimiter()
+	warmUp(l, 16)
+	ctx := context.Background()
+	a, _ := l.acquire(ctx)
+	b, _ := l.acquire(ctx)
+	l.release(a, true, false, time.Second) // a deadlock: engages at 1
+	if !l.engaged.Load() || l.limit != 1 {
+		t.Fatalf("engaged %v at limit %v, want engaged at 1", l.engaged.Load(), l.limit)
+	}
+	l.release(b, false, true, time.Millisecond)
+	clock.Advance(2 * time.Second)
+	s, err := l.acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.release(s, true, false, 500*time.Millisecond) // alone, started after the cut
+	if l.engaged.Load() {
+		t.Fatal("still limiting at one transaction while the conflicts come from outside")
+	}
+	if l.letGo.Load() != 1 {
+		t.Errorf("letGo = %d, want 1", l.letGo.Load())
+	}
+	// And it stays out for a while: the next costly conflict does not
+	// engage it again at once.
+	c1, _ := l.acquire(ctx)
+	c2, _ := l.acquire(ctx)
+	l.release(c1, true, false, time.Second)
+	l.release(c2, false, true, time.Millisecond)
+	if l.engaged.Load() {
+		t.Error("engaged again at once after letting go")
+	}
+}
