@@ -98,7 +98,8 @@ func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
 			tli = fmt.Sprintf("%08X", l.tli)
 		}
 		if l.replay != "" {
-			replay = l.replay
+			n, _ := parseLSN(l.replay)
+			replay = int64(n)
 		}
 		row := []driver.Value{l.start, rec, l.sys, tli, replay}
 		return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true

@@ -322,10 +322,13 @@ const markerRecheck = 10 * time.Second
 // is then ErrAmbiguousCommit) and the next one checks again.
 func (r *retrier) markerTable(ctx context.Context) (string, error) {
 	rs := r.resolution
+	if name := rs.markerName.Load(); name != nil {
+		return *name, nil // every writing transaction: no lock
+	}
 	rs.markerMu.Lock()
 	defer rs.markerMu.Unlock()
-	if rs.markerName != "" {
-		return rs.markerName, nil
+	if name := rs.markerName.Load(); name != nil {
+		return *name, nil
 	}
 	if rs.markerOff.Load() {
 		return "", nil // turned off while this transaction waited for the lock
@@ -356,7 +359,8 @@ func (r *retrier) markerTable(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", nil
 	}
-	rs.markerName, rs.markerErr = name, nil
+	rs.markerErr = nil
+	rs.markerName.Store(&name)
 	return name, nil
 }
 
@@ -422,9 +426,7 @@ func quoteMySQL(id string) string {
 
 // forgetMarker makes the next transaction check the marker table again.
 func (rs *resolveState) forgetMarker() {
-	rs.markerMu.Lock()
-	rs.markerName = ""
-	rs.markerMu.Unlock()
+	rs.markerName.Store(nil)
 }
 
 // requestCleanup wakes the clean-up goroutine of the marker table, starting
@@ -628,8 +630,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			// Final whatever the id's status: a later life on this
 			// history continues it. Answered at once, so that a crash
 			// before the next question cannot hide this life.
-			*rule = fmt.Sprintf("the server restarted or was promoted since (timeline %d, replay end %s; the record ended at %s on timeline %d): its history does not reach the record",
-				now.tli, lsnString(now.replay), lsnString(m.lsn), m.tli)
+			*rule = "the server restarted or was promoted since (" + pgLifeAccount(m, now, "not read") + "): its history does not reach the record"
 			return CommitNotCommitted, nil
 		}
 		if restarted && proven && now.tli == m.tli && now.replay != 0 && unseenLife {
@@ -663,8 +664,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		proven, beyond, fork = known && past, known && !past, desc
 	}
 	if restarted && m.lsn != 0 {
-		*rule = fmt.Sprintf("the server restarted or was promoted since (timeline %d, replay end %s; the record ended at %s on timeline %d; its timeline's fork: %s): ",
-			now.tli, lsnString(now.replay), lsnString(m.lsn), m.tli, fork)
+		*rule = "the server restarted or was promoted since (" + pgLifeAccount(m, now, fork) + "): "
 		switch {
 		case beyond:
 			*rule += "its history does not reach the record"
@@ -684,9 +684,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		if m.lsn == 0 {
 			return CommitUnknown, errUnresolvable
 		}
-		// What the rules saw, for the event's reason.
-		return CommitUnknown, fmt.Errorf("%w (the transaction: timeline %d, record end %s, server start %d, replay end %s; the server now: start %d, timeline %d, replay end %s; its timeline's fork: %s)",
-			errUnresolvable, m.tli, lsnString(m.lsn), m.start, lsnString(m.replay), now.start, now.tli, lsnString(now.replay), fork)
+		return CommitUnknown, fmt.Errorf("%w (%s)", errUnresolvable, pgLifeAccount(m, now, fork))
 	case st.status == "committed" && st.holding:
 		// Committed locally, not yet visible: the old backend waits for a
 		// synchronous standby (SyncRep) or is about to let go. Ending it
@@ -711,6 +709,13 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 	}
 	// NULL: too old to know (wraparound); cannot happen within a deadline.
 	return CommitUnknown, errors.New("sqlretry: txid_status has no answer")
+}
+
+// pgLifeAccount says what the history rules saw, for the event's reason
+// and the error.
+func pgLifeAccount(m pgMark, now pgNow, fork string) string {
+	return fmt.Sprintf("the transaction: timeline %d, record end %s, server start %d, replay end %s; the server now: start %d, timeline %d, replay end %s; its timeline's fork: %s",
+		m.tli, lsnString(m.lsn), m.start, lsnString(m.replay), now.start, now.tli, lsnString(now.replay), fork)
 }
 
 // mysqlServer names the server a session runs on: the connection ids of

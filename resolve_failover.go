@@ -83,10 +83,18 @@ const pgProofCols = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 // session and runs crash recovery, and pg_postmaster_start_time stays).
 // Asked per transaction, not per connection: behind a pooler the same
 // client connection reaches a server that may have restarted since.
-const pgHistoryID = ", (pg_catalog.pg_control_system()).system_identifier, " +
-	"CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-	"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END, " +
-	"(pg_catalog.pg_last_wal_replay_lsn() - '0/0'::pg_catalog.pg_lsn)::bigint"
+const pgHistoryID = ", " + pgSystemIDCol + ", " + pgTimelineCol + ", " + pgReplayCol
+
+// The columns that name a server's life, in the question before COMMIT
+// and in the one after a lost COMMIT (pgServerNowQuery) alike: the system
+// identifier, the timeline (hex, NULL in recovery) and where the last
+// recovery ended (as a number: NULL, read as 0, when there was none).
+const (
+	pgSystemIDCol = "(pg_catalog.pg_control_system()).system_identifier"
+	pgTimelineCol = "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+		"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END"
+	pgReplayCol = "(pg_catalog.pg_last_wal_replay_lsn() - '0/0'::pg_catalog.pg_lsn)::bigint"
+)
 
 // The questions before COMMIT with the proof, per server generation: the
 // xid8 functions from PostgreSQL 13 on, txid_current before. The message
@@ -103,10 +111,7 @@ const (
 // pgServerNowQuery asks, after a lost COMMIT, which life of which server
 // answers.
 const pgServerNowQuery = "SELECT " + pgStartTime + ", pg_catalog.pg_is_in_recovery(), " +
-	"(pg_catalog.pg_control_system()).system_identifier, " +
-	"CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-	"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END, " +
-	"pg_catalog.pg_last_wal_replay_lsn()::text"
+	pgSystemIDCol + ", " + pgTimelineCol + ", " + pgReplayCol
 
 // pgMark is what a transaction recorded of the history its id belongs to;
 // lsn 0 when it recorded nothing (an older server, the first transactions
@@ -210,9 +215,7 @@ func pgAskNow(ctx context.Context, dc driver.Conn) (pgNow, error) {
 	n := pgNow{start: asInt64(vals[0]), sys: asInt64(vals[2])}
 	n.inRecovery, _ = vals[1].(bool)
 	n.tli, _ = parseHexInt(vals[3])
-	if vals[4] != nil {
-		n.replay, _ = parseLSN(vals[4])
-	}
+	n.replay = uint64(asInt64(vals[4]))
 	return n, nil
 }
 

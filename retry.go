@@ -40,8 +40,10 @@ type resolveState struct {
 	// then, -1 when the proof of resolve_failover.go is refused.
 	pgVersion atomic.Int64
 
-	markerMu    sync.Mutex
-	markerName  string    // the marker table, fully qualified and checked; "" until then
+	markerMu sync.Mutex
+	// markerName: the marker table, fully qualified and checked; nil
+	// until then. Read without markerMu by every writing transaction.
+	markerName  atomic.Pointer[string]
 	markerErr   error     // a configuration error of the marker table, answered until markerErrAt+markerRecheck
 	markerErrAt time.Time //
 	markerCount atomic.Int64
