@@ -246,8 +246,13 @@ func TestAttack3AsyncStandbyPromotedReusesID(t *testing.T) {
 // (superuser here).
 func TestAttack3AsyncPromotedStandbyCrashRestarts(t *testing.T) {
 	t.Parallel()
-	asyncPromotion(t, "", func(pair *dbserver.PostgresSyncPair, standby *sql.DB) {
-		// Write past the old timeline's position of our record, then crash.
+	asyncPromotion(t, "", crashPromotedStandby(t))
+}
+
+// crashPromotedStandby writes past the old timeline's position of our
+// record on the promoted standby, then crashes and restarts it.
+func crashPromotedStandby(t *testing.T) func(pair *dbserver.PostgresSyncPair, standby *sql.DB) {
+	return func(pair *dbserver.PostgresSyncPair, standby *sql.DB) {
 		mustExec(t, standby, "SELECT pg_logical_emit_message(true, 'pad', repeat('x', 200000))", "CHECKPOINT")
 		n := nodeOf(t, standby, a3Port(t, pair.StandbyDSN))
 		if err := n.crash(); err != nil {
@@ -256,7 +261,7 @@ func TestAttack3AsyncPromotedStandbyCrashRestarts(t *testing.T) {
 		if err := n.start(); err != nil {
 			t.Error(err)
 		}
-	})
+	}
 }
 
 // Attack 1 and 2 as a role that is not a superuser: it may not read the
@@ -269,16 +274,7 @@ func TestAttack3AsyncStandbyPromotedReusesIDNonSuperuser(t *testing.T) {
 
 func TestAttack3AsyncPromotedStandbyCrashRestartsNonSuperuser(t *testing.T) {
 	t.Parallel()
-	asyncPromotion(t, "app3", func(pair *dbserver.PostgresSyncPair, standby *sql.DB) {
-		mustExec(t, standby, "SELECT pg_logical_emit_message(true, 'pad', repeat('x', 200000))", "CHECKPOINT")
-		n := nodeOf(t, standby, a3Port(t, pair.StandbyDSN))
-		if err := n.crash(); err != nil {
-			t.Error(err)
-		}
-		if err := n.start(); err != nil {
-			t.Error(err)
-		}
-	})
+	asyncPromotion(t, "app3", crashPromotedStandby(t))
 }
 
 // lostInMemory runs one RunInTx whose COMMIT is asynchronous
