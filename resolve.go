@@ -387,6 +387,13 @@ func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name 
 		return "", nil, err
 	}
 	ddl := fmt.Sprintf(markerDDL, name)
+	if asInt64(vals[0]) != 0 {
+		// A table that was there (a DBA's, another program's) must keep a
+		// token as it is written; see markerShapeOK.
+		if cerr, err := markerShapeOK(ctx, dc, schema, table, name, ddl); cerr != nil || err != nil {
+			return "", cerr, err
+		}
+	}
 	if asInt64(vals[0]) == 0 {
 		if err := execConn(ctx, dc, ddl); err != nil {
 			if isConfigNumber(mysqlNumber(err)) {
@@ -408,6 +415,56 @@ func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name 
 		}
 	}
 	return name, nil, nil
+}
+
+// markerShapeOK checks an existing marker table: a token column that cut
+// or converted the 16 bytes (VARBINARY(8), a character column under a lax
+// sql_mode, BINARY(32) padding it) or a trigger on the table (one may
+// rewrite the token) would make the lookup after a lost COMMIT find
+// nothing, and a COMMIT that took effect would be replayed. So the column
+// must be BINARY(16), or a VARBINARY or BLOB of 16 bytes or more, the
+// engine transactional, and no trigger may be on the table.
+func markerShapeOK(ctx context.Context, dc driver.Conn, schema, table, name, ddl string) (cerr, err error) {
+	bad := func(what string) error {
+		return &configError{what: "using the existing table " + name + " as the commit marker (" + what + ")",
+			fix: "the marker table needs a token column of BINARY(16) and no trigger: drop it and let sqlretry create it (" +
+				strings.Join(strings.Fields(ddl), " ") + "), or name another table with WithMySQLCommitMarker"}
+	}
+	cols, err := queryRows(ctx, dc, "SELECT DATA_TYPE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS "+
+		"WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND COLUMN_NAME = 'token'", schema, table)
+	if err != nil {
+		return nil, err
+	}
+	if len(cols) == 0 || len(cols[0]) < 2 {
+		return bad("it has no token column"), nil
+	}
+	typ, n := strings.ToLower(textOf(cols[0][0])), asInt64(cols[0][1])
+	switch {
+	case typ == "binary" && n == 16:
+	case (typ == "varbinary" || strings.HasSuffix(typ, "blob")) && n >= 16:
+	default:
+		return bad(fmt.Sprintf("its token column is %s(%d), which does not keep 16 bytes as written", typ, n)), nil
+	}
+	eng, err := queryRow(ctx, dc, "SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?", schema, table)
+	if err != nil {
+		return nil, err
+	}
+	switch strings.ToLower(textOf(eng[0])) {
+	case "innodb", "rocksdb", "tokudb":
+	default:
+		// A table that keeps a row its transaction rolled back (MyISAM,
+		// Aria, MEMORY) would answer "committed" for a COMMIT that never
+		// took effect.
+		return bad("its engine " + textOf(eng[0]) + " does not roll a marker back with its transaction"), nil
+	}
+	trg, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE EVENT_OBJECT_SCHEMA = ? AND EVENT_OBJECT_TABLE = ?", schema, table)
+	if err != nil {
+		return nil, err
+	}
+	if asInt64(trg[0]) != 0 {
+		return bad("a trigger is on it, which may change the token"), nil
+	}
+	return nil, nil
 }
 
 // isConfigNumber: access denied, no database, no such table or database,
