@@ -65,9 +65,18 @@ const (
 	pgXid8Version     = 130000
 )
 
-// pgServerInfo asks for what identifies the server and the session: with
-// every transaction's question from PostgreSQL 10 on (pgHistoryID).
-const pgServerInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime + ", pg_catalog.current_setting('server_version_num')::int"
+// pgServerInfo asks for what identifies the server and the session, and
+// for its version, in the question before the version is known (or below
+// PostgreSQL 10, where it is asked once per connection).
+const pgServerInfo = pgSessionInfo + ", pg_catalog.current_setting('server_version_num')::int"
+
+// pgSessionInfo is the backend pid and the server's start time: with every
+// transaction's question from PostgreSQL 10 on (with pgHistoryID). The
+// question with the proof does not ask for the version: it is asked only
+// once the version is known, and pgTakeAnswer never replaced a known
+// version (the column cost the server a GUC lookup and a cast per
+// transaction for nothing).
+const pgSessionInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime
 
 // pgProofCols: the end of the logical message, the proof that the id is in
 // the WAL (as a number: no allocation in the driver), NULL in recovery.
@@ -104,8 +113,8 @@ const (
 		"ELSE pg_catalog.pg_current_xact_id()::text::bigint END" + pgProofCols
 	pgAskXIDProof10 = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 		"ELSE pg_catalog.txid_current() END" + pgProofCols
-	pgAskXIDProof13AndServer = pgAskXIDProof13 + pgServerInfo + pgHistoryID
-	pgAskXIDProof10AndServer = pgAskXIDProof10 + pgServerInfo + pgHistoryID
+	pgAskXIDProof13AndServer = pgAskXIDProof13 + pgSessionInfo + pgHistoryID
+	pgAskXIDProof10AndServer = pgAskXIDProof10 + pgSessionInfo + pgHistoryID
 )
 
 // pgServerNowQuery asks, after a lost COMMIT, which life of which server
@@ -142,32 +151,39 @@ func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
 	return q, ask, proof
 }
 
-// pgTakeAnswer records the answer of pgAskQuery's question.
+// pgTakeAnswer records the answer of pgAskQuery's question: without the
+// proof the id, and when ask the backend pid, the start time and the
+// version; with it the id, the end of the message, the pid, the start
+// time and the life (pgHistoryID).
 func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 	c, r := t.c, t.c.r
 	if vals[0] == nil {
 		t.nothingDurable = true // in recovery: read-only, no id, nothing to commit
 	}
 	t.xid = asInt64(vals[0])
-	i, lsn := 1, uint64(0)
-	if proof {
-		if len(vals) < 2 {
-			return
-		}
-		lsn, i = uint64(asInt64(vals[1])), 2
-	}
-	if ask && len(vals) >= i+2 {
-		c.serverID, c.serverStart = asInt64(vals[i]), asInt64(vals[i+1])
-		if len(vals) > i+2 {
-			if v := asInt64(vals[i+2]); v > 0 {
-				r.resolution.pgVersion.CompareAndSwap(0, v)
+	t.mark = pgMark{}
+	if !proof {
+		if ask && len(vals) >= 3 {
+			c.serverID, c.serverStart = asInt64(vals[1]), asInt64(vals[2])
+			if len(vals) > 3 {
+				if v := asInt64(vals[3]); v > 0 {
+					r.resolution.pgVersion.CompareAndSwap(0, v)
+				}
 			}
 		}
+		return
 	}
-	t.mark = pgMark{}
-	if proof && ask && lsn != 0 && len(vals) > i+5 {
-		h := pgMark{sys: asInt64(vals[i+3]), start: asInt64(vals[i+1]), replay: uint64(asInt64(vals[i+5])), lsn: lsn}
-		h.tli, _ = parseHexInt(vals[i+4])
+	if len(vals) < 2 {
+		return
+	}
+	lsn := uint64(asInt64(vals[1]))
+	if !ask || len(vals) < 4 {
+		return
+	}
+	c.serverID, c.serverStart = asInt64(vals[2]), asInt64(vals[3])
+	if lsn != 0 && len(vals) >= 7 {
+		h := pgMark{sys: asInt64(vals[4]), start: asInt64(vals[3]), replay: uint64(asInt64(vals[6])), lsn: lsn}
+		h.tli, _ = parseHexInt(vals[5])
 		if h.sys != 0 && h.tli != 0 && h.start != 0 {
 			t.mark = h
 		}
