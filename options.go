@@ -135,7 +135,8 @@ func WithContentionQueue(on bool) Option {
 // such attempt of one call and never as long as deadlock_timeout: a
 // deadlock then breaks after that bound, as a lock timeout that RunInTx
 // replays. A lower lock_timeout of the user's is kept, and a SET LOCAL in
-// the closure wins. It does nothing on MySQL. See the README.
+// the closure wins. It does nothing on MySQL. Given to one RunInTx call,
+// false turns them off for that call. See the README.
 func WithShortLockWait(on bool) Option {
 	return func(c *config) error {
 		c.shortLockWait = on

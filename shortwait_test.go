@@ -320,6 +320,28 @@ func TestShortWaitOff(t *testing.T) {
 	}
 }
 
+// WithShortLockWait(false) given to one call turns it off for that call.
+func TestShortWaitOffForOneCall(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx, WithShortLockWait(false)); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.got(); len(got) != 0 {
+		t.Fatalf("bounds asked: %v", got)
+	}
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx, WithMaxAttempts(5)); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.got(); len(got) != 1 {
+		t.Fatalf("bounds %v, want one: the replay (the first deadlock was seen by a call without short waits)", got)
+	}
+}
+
 // A lock wait that ran out under a bound keeps the db bounded (the cycle
 // it broke would otherwise have been a deadlock); one that ran out under
 // the user's own lock_timeout (no bound of ours) does not.

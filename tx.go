@@ -564,6 +564,9 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		rc.cfg, rc.obs = cfg, cfg.observer
 		rc.ops, _ = rc.obs.(OperationObserver)
 		rc.liveBackoff = nil // this call's backoff is cfg's
+		if !cfg.shortLockWait {
+			rc.shortWait = nil // WithShortLockWait(false) for this call
+		}
 		r = &rc
 	}
 	if r.operations() != nil || r.cfg.fallback != nil {
