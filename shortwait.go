@@ -139,6 +139,30 @@ func (s *shortWait) failed(cause error, bounded bool, clock Clock) {
 	s.hot.Store(true)
 }
 
+// conflictCost is what an attempt that a conflict aborted cost, for
+// contention control: took, or for a lock wait that ran out under this
+// attempt's bound, at least the server's deadlock_timeout. Such a wait
+// most often broke a cycle that PostgreSQL would have found after
+// deadlock_timeout, and contention control judges conflicts by what they
+// waste: counted at 20 ms they looked cheap, it limited less, and the
+// single-process hot spot committed less than without short waits in 4
+// of 7 runs (0.33-0.78).
+func (s *shortWait) conflictCost(took time.Duration, bounded bool, cause error) time.Duration {
+	if s == nil || !bounded || !isSQLState(cause, "55P03") {
+		return took
+	}
+	dt := defaultDeadlockTimeout
+	if ms := s.deadlock.Load(); ms > 0 {
+		dt = time.Duration(ms) * time.Millisecond
+	}
+	return max(took, dt)
+}
+
+func isSQLState(err error, code string) bool {
+	var pg interface{ SQLState() string }
+	return errors.As(err, &pg) && pg.SQLState() == code
+}
+
 // shortWaitError is the failure of the statement that sets the bound.
 type shortWaitError struct{ err error }
 

@@ -380,3 +380,60 @@ func TestShortWaitLockTimeoutKeepsItHotOnlyUnderABound(t *testing.T) {
 		t.Fatalf("bounds %v: not bounded after a bounded lock wait ran out", w.got())
 	}
 }
+
+// A lock wait that ran out under a bound counts for contention control as
+// the deadlock it most often replaced (deadlock_timeout), not as the few
+// ms it took; other conflicts, and lock timeouts of the user's own, at
+// what they took.
+func TestShortWaitConflictCost(t *testing.T) {
+	s := &shortWait{}
+	if got := s.conflictCost(20*time.Millisecond, true, errLockTimeout); got != time.Second {
+		t.Errorf("bounded lock timeout: %v, want deadlock_timeout (1s, not read yet)", got)
+	}
+	s.deadlock.Store(300)
+	if got := s.conflictCost(20*time.Millisecond, true, errLockTimeout); got != 300*time.Millisecond {
+		t.Errorf("bounded lock timeout: %v, want the server's deadlock_timeout", got)
+	}
+	if got := s.conflictCost(20*time.Millisecond, false, errLockTimeout); got != 20*time.Millisecond {
+		t.Errorf("the user's lock timeout: %v, want what it took", got)
+	}
+	if got := s.conflictCost(20*time.Millisecond, true, errSerialize); got != 20*time.Millisecond {
+		t.Errorf("serialization failure: %v, want what it took", got)
+	}
+	var off *shortWait
+	if got := off.conflictCost(20*time.Millisecond, true, errLockTimeout); got != 20*time.Millisecond {
+		t.Errorf("off: %v", got)
+	}
+}
+
+// End to end: on a db that met a deadlock (its attempts bounded), bounded
+// lock waits that run out engage contention control as the deadlocks
+// they replace would; without the rule (the attempts timed on a clock
+// that does not move: they cost nothing) it would never engage.
+func TestShortWaitLockTimeoutsEngageContentionControl(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("UPDATE", step{err: errDeadlock})
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 40 {
+				if (i+g)%3 == 0 {
+					srv.script("UPDATE", step{err: errLockTimeout})
+				}
+				if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if s := stats(t, db); s.ContentionCuts == 0 {
+		t.Fatalf("bounded lock timeouts did not engage contention control: %+v", s)
+	}
+}

@@ -774,6 +774,9 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 			if !o.began.IsZero() {
 				took = since(r.clock, o.began)
 			}
+			if lockWait > 0 && o.conflict {
+				took = r.shortWait.conflictCost(took, true, o.cause) // shortwait.go
+			}
 			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
 		}()
 	}
