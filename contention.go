@@ -313,6 +313,16 @@ func (l *txLimiter) quietAfterLetGoLocked(now time.Time) {
 // conflict with another transaction, committed that it committed; took is
 // how long the attempt ran.
 func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Duration) {
+	l.releaseCost(s, conflict, committed, took, took)
+}
+
+// releaseCost is release for an attempt whose conflict is counted at cost,
+// not at what it took: a lock wait that ran out under a short bound
+// (shortwait.go) is counted as the deadlock it most often replaced for
+// what conflicts waste and how long a cut holds, while the rules that time
+// attempts (the stall rule's longest attempt, when the attempt started,
+// one event of conflicts) take what it took.
+func (l *txLimiter) releaseCost(s txSlot, conflict, committed bool, took, cost time.Duration) {
 	n := l.inflight.Add(-1) + 1 // in flight when this attempt ended, itself included
 	if committed {
 		l.useful.Add(int64(took))
@@ -336,7 +346,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		// Conflicts matter when they waste a third of the work or more:
 		// cheap ones (a serialization failure found at once) are better
 		// replayed than queued; a deadlock that took a second to find is not.
-		w, u := l.wasted.Add(int64(took)), l.useful.Load()
+		w, u := l.wasted.Add(int64(cost)), l.useful.Load()
 		if w+u > int64(4*time.Second) { // forget slowly
 			l.wasted.Store(w / 2)
 			l.useful.Store(u / 2)
@@ -377,7 +387,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 			// (Whether another transaction of ours was still in flight
 			// says nothing: a deadlock's winner often commits before the
 			// victim has rolled back.)
-			lone = l.lastAt.IsZero() || now.Sub(l.lastAt) > max(2*time.Second, 2*took)
+			lone = l.lastAt.IsZero() || now.Sub(l.lastAt) > max(2*time.Second, 2*cost)
 			l.lastAt = now
 		}
 		if (engaged || l.gateOn.Load()) && 2*w >= u && w >= int64(50*time.Millisecond) {
@@ -403,7 +413,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		l.gen++
 		l.engaged.Store(true)
 		l.decrease.Add(1)
-		l.holdAfterCut(took)
+		l.holdAfterCut(cost)
 		l.startProbationLocked()
 		l.lastDone, l.slowest = now, took
 	case conflict && l.limit <= 1 && s.limited && s.gen == l.gen && n-1-int64(len(l.waiters)) <= 0 && !now.Add(-took).Before(l.lastCut):
@@ -431,7 +441,7 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 			l.limit = max(1, l.limit/2)
 			l.since = 0
 			l.decrease.Add(1)
-			l.holdAfterCut(took)
+			l.holdAfterCut(cost)
 		}
 		l.since++
 	case committed:

@@ -103,3 +103,28 @@ func TestContentionRecurringDeadlocksEngage(t *testing.T) {
 		t.Fatal("a second deadlock a second after the first did not engage the limiter")
 	}
 }
+
+// A lock wait that ran out under a short bound is counted at
+// deadlock_timeout for what it wasted (shortwait.go: conflictCost), but
+// the stall rule waits three times what the attempts took: with the
+// counted cost it waited 2 s, and a RunInTx that a closure started on
+// another goroutine with a 2 s context ran out of time before the
+// limiter let go (TestPostgresNestedOnAnotherGoroutineDoesNotStallContentionControl
+// failed 2 of 8 runs with short lock waits, 0 of 8 without).
+func TestContentionStallRuleUsesWhatAttemptsTook(t *testing.T) {
+	l, _ := newTestLimiter()
+	warmUp(l, 12)
+	for i := 0; i < 64 && !l.engaged.Load(); i++ {
+		s, _ := l.acquire(context.Background())
+		l.releaseCost(s, true, false, 20*time.Millisecond, time.Second)
+	}
+	if !l.engaged.Load() {
+		t.Fatal("bounded lock waits counted at deadlock_timeout never engaged the limiter")
+	}
+	l.mu.Lock()
+	got := l.stallAfterLocked()
+	l.mu.Unlock()
+	if got != 1200*time.Millisecond {
+		t.Errorf("stall rule waits %v after attempts of 20 ms, want 1.2 s (its floor)", got)
+	}
+}

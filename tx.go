@@ -774,10 +774,11 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 			if !o.began.IsZero() {
 				took = since(r.clock, o.began)
 			}
+			cost := took
 			if lockWait > 0 && o.conflict {
-				took = r.shortWait.conflictCost(took, true, o.cause) // shortwait.go
+				cost = r.shortWait.conflictCost(took, true, o.cause) // shortwait.go
 			}
-			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
+			lim.releaseCost(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took, cost)
 		}()
 	}
 	// The database-side queue (contention_gate.go): the attempt waits for
