@@ -111,6 +111,12 @@ type Scenario struct {
 	// writes again on the sync standby after the DCS TTL. The killed node
 	// rejoins after the run.
 	FailoverAt time.Duration
+	// NoContention, when not 0, runs the same workload again on this
+	// many accounts (no contention), right after each strategy's run on
+	// Accounts, and reports the ratio of the two (RunPair): how close a
+	// strategy comes to the rate the hot spot would have without its
+	// conflicts.
+	NoContention int
 }
 
 // Report is one run's figures.
@@ -137,6 +143,32 @@ type Report struct {
 	Processes              bool             `json:",omitempty"` // ... as processes
 	ReplicaCommitted       []int64          `json:",omitempty"` // ... and each one's commits
 	ReplicaStats           []sqlretry.Stats `json:",omitempty"`
+	// RunPair: the same strategy's run on Scenario.NoContention accounts,
+	// and TxPerSec's ratio to it.
+	NoContention        *Report `json:",omitempty"`
+	RatioToNoContention float64 `json:",omitempty"`
+}
+
+// RunPair runs sc with st on sc.Accounts and then on sc.NoContention
+// accounts, and returns the first run's report with the second's as its
+// reference.
+func RunPair(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func(elapsed time.Duration, committed, failed int64)) (*Report, error) {
+	hot, err := Run(ctx, tg, sc, st, progress)
+	if err != nil || sc.NoContention == 0 {
+		return hot, err
+	}
+	cold := sc
+	cold.Accounts, cold.NoContention = sc.NoContention, 0
+	ref, err := Run(ctx, tg, cold, st, progress)
+	if err != nil {
+		return nil, err
+	}
+	ref.Scenario = sc.Name + "-nocontention"
+	hot.NoContention = ref
+	if ref.TxPerSec > 0 {
+		hot.RatioToNoContention = hot.TxPerSec / ref.TxPerSec
+	}
+	return hot, nil
 }
 
 // Run runs one scenario with one strategy on fresh tables; progress, when
