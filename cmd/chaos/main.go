@@ -298,10 +298,10 @@ func ratioTable(w io.Writer, reports []*chaos.Report) {
 	}
 	fmt.Fprintf(w, "%s / %s against %s\n", reports[0].Driver, reports[0].Scenario, reports[0].NoContention.Scenario)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "strategy\thot tx/s\tno-contention tx/s\tratio\thot surfaced\thot p99.9 ms\tno-contention surfaced\t")
+	fmt.Fprintln(tw, "strategy\thot tx/s\tno-contention tx/s\tratio\thot surfaced\thot p99.9 ms\thot max ms\tno-contention surfaced\t")
 	for _, r := range reports {
 		if ref := r.NoContention; ref != nil {
-			fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.2f\t%d\t%.0f\t%d\t\n", r.Strategy, r.TxPerSec, ref.TxPerSec, r.RatioToNoContention, r.Failed, r.P999ms, ref.Failed)
+			fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.2f\t%d\t%.0f\t%.0f\t%d\t\n", r.Strategy, r.TxPerSec, ref.TxPerSec, r.RatioToNoContention, r.Failed, r.P999ms, r.MaxMs, ref.Failed)
 		}
 	}
 	tw.Flush()

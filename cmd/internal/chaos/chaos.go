@@ -129,6 +129,7 @@ type Report struct {
 	AttemptsPerCommit          float64
 	P50ms, P99ms, P999ms       float64 // latency of a logical operation
 	MeanMs                     float64 // workers / throughput, by Little's law
+	MaxMs                      float64 // the slowest logical operation (a starved caller shows here)
 	Dials                      int     // connection attempts in the whole run
 	DialsInOutage              int     // connection attempts while the server was down
 	DialsPerSecInOutage        float64
@@ -158,12 +159,11 @@ func RunPair(ctx context.Context, tg Target, sc Scenario, st Strategy, progress 
 		return hot, err
 	}
 	cold := sc
-	cold.Accounts, cold.NoContention = sc.NoContention, 0
+	cold.Name, cold.Accounts, cold.NoContention = sc.Name+"-nocontention", sc.NoContention, 0
 	ref, err := Run(ctx, tg, cold, st, progress)
 	if err != nil {
 		return nil, err
 	}
-	ref.Scenario = sc.Name + "-nocontention"
 	hot.NoContention = ref
 	if ref.TxPerSec > 0 {
 		hot.RatioToNoContention = hot.TxPerSec / ref.TxPerSec
@@ -328,6 +328,7 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 		Invariants: inv, TickMs: 100, Timeline: res.Timeline, RecoveryMs: -1,
 	}
 	if n := len(res.Latencies); n > 0 {
+		r.MaxMs = ms(res.Latencies[n-1])
 		var sum time.Duration
 		for _, l := range res.Latencies {
 			sum += l
