@@ -92,6 +92,10 @@ type txLimiter struct {
 	// lastConflict: unix ns of the last conflict of an attempt outside
 	// the queue, while WithContentionQueue is on (probeDue).
 	lastConflict atomic.Int64
+
+	// keys: the keys of the attempts in flight, for a while after a
+	// conflict (contention_keys.go).
+	keys keyRegistry
 }
 
 // isConflict says whether a replayed attempt was aborted by a conflict with

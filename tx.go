@@ -154,7 +154,17 @@ func (t *tx) exec(ctx context.Context, query string, args []driver.NamedValue) (
 	if err := t.guard(query); err != nil {
 		return nil, err
 	}
+	k := t.keyed()
+	if k != nil {
+		if err := k.before(t.c.isReadQuery(query), query, args); err != nil {
+			t.done(ctx, err, query, false)
+			return nil, err
+		}
+	}
 	res, err := t.c.execInner(ctx, query, args)
+	if k != nil {
+		k.after()
+	}
 	t.done(ctx, err, query, false)
 	return res, err
 }
@@ -163,7 +173,17 @@ func (t *tx) query(ctx context.Context, query string, args []driver.NamedValue) 
 	if err := t.guard(query); err != nil {
 		return nil, err
 	}
+	k := t.keyed()
+	if k != nil {
+		if err := k.before(t.c.isReadQuery(query), query, args); err != nil {
+			t.done(ctx, err, query, true)
+			return nil, err
+		}
+	}
 	rows, err := t.c.queryInner(ctx, query, args)
+	if k != nil {
+		k.after()
+	}
 	t.done(ctx, err, query, true)
 	if err != nil {
 		return nil, err
@@ -175,7 +195,17 @@ func (t *tx) stmtExec(ctx context.Context, s *stmt, args []driver.NamedValue) (d
 	if err := t.guard(s.query); err != nil {
 		return nil, err
 	}
+	k := t.keyed()
+	if k != nil {
+		if err := k.before(t.c.isReadQuery(s.query), s.query, args); err != nil {
+			t.done(ctx, err, s.query, false)
+			return nil, err
+		}
+	}
 	res, err := s.execInner(ctx, args)
+	if k != nil {
+		k.after()
+	}
 	t.done(ctx, err, s.query, false)
 	return res, err
 }
@@ -184,7 +214,17 @@ func (t *tx) stmtQuery(ctx context.Context, s *stmt, args []driver.NamedValue) (
 	if err := t.guard(s.query); err != nil {
 		return nil, err
 	}
+	k := t.keyed()
+	if k != nil {
+		if err := k.before(t.c.isReadQuery(s.query), s.query, args); err != nil {
+			t.done(ctx, err, s.query, true)
+			return nil, err
+		}
+	}
 	rows, err := s.queryInner(ctx, args)
+	if k != nil {
+		k.after()
+	}
 	t.done(ctx, err, s.query, true)
 	if err != nil {
 		return nil, err
@@ -628,9 +668,10 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 	conflicted := false  // an attempt of this call was aborted by a conflict
 	var prev error       // the last attempt's error, for a give-up at the deadline
 	var lastTimeout uint // the last attempt's timeout, 0 if none
+	var prevKeys *txKeys // the last attempt's keys, when a conflict ended it (contention_keys.go)
 	for attempt := 1; ; attempt++ {
 		var o txOutcome
-		werr := r.runAttempt(ctx, &o, lim, db, txOpts, fn, sees, conflicted)
+		werr := r.runAttempt(ctx, &o, lim, db, txOpts, fn, sees, conflicted, prevKeys)
 		if werr != nil {
 			return r.stop(ctx, "tx", max(attempt-1, 1), werr, prev, "caller's context is done")
 		}
@@ -638,6 +679,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			start = o.began
 		}
 		conflicted = conflicted || o.conflict
+		prevKeys = o.keys
 		err := o.err
 		if err == nil {
 			if outer != nil {
@@ -722,8 +764,9 @@ type txOutcome struct {
 	cause    error // what decides about a replay; nil: err is final
 	cls      Class // cause's class
 	replay   bool
-	conflict bool // aborted by a conflict with another transaction (for contention control)
-	escaped  bool // it would have been replayed, but the closure committed part of its work itself
+	conflict bool    // aborted by a conflict with another transaction (for contention control)
+	escaped  bool    // it would have been replayed, but the closure committed part of its work itself
+	keys     *txKeys // the keys it named, when a conflict ended it and it recorded them
 }
 
 // runAttempt runs one attempt within the contention control: the slot is
@@ -737,7 +780,12 @@ type txOutcome struct {
 // o is filled in place (not returned: the copy was a measurable part of
 // RunInTx's cost, issue 13 goal 3).
 func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
-	fn func(context.Context, *sql.Tx) error, sees, conflicted bool) (werr error) {
+	fn func(context.Context, *sql.Tx) error, sees, conflicted bool, prevKeys *txKeys) (werr error) {
+	if lim != nil && (prevKeys != nil || lim.keys.on.Load()) {
+		// After a conflict: the same, with the attempt's keys recorded
+		// (contention_keys.go).
+		return r.runAttemptKeyed(ctx, o, lim, db, txOpts, fn, sees, conflicted, prevKeys)
+	}
 	var slot txSlot
 	if lim != nil {
 		if slot, werr = lim.acquire(ctx); werr != nil {
@@ -768,6 +816,9 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
+		if o.conflict && lim != nil {
+			r.endKeys(lim, nil, o)
+		}
 	}
 	if queue && !inGate && lim.probeDue(o.conflict) {
 		if g == nil {
