@@ -381,7 +381,7 @@ func (k *txKeys) before(read bool, query string, args []driver.NamedValue) error
 			k.refused = keys
 			return &errForeseen{"another transaction of this process in flight wrote the same key; this one would fail when it commits"}
 		}
-		if g.waitsForLocked(o, k, len(g.running)) {
+		if g.waitsForLocked(o, k, map[*txKeys]bool{}) {
 			g.refused.Add(1)
 			k.refused = keys
 			return &errForeseen{"it would close a deadlock with other transactions of this process"}
@@ -404,16 +404,18 @@ func (k *txKeys) after() {
 
 // waitsForLocked says whether from waits, through the writes in flight,
 // for to: from's write in flight names a key held by an attempt that is
-// to or waits for it (depth bounds the search).
-func (g *keyRegistry) waitsForLocked(from, to *txKeys, depth int) bool {
-	if depth <= 0 || len(from.inflight) == 0 {
+// to or waits for it. Each attempt is looked at once (seen), so the search
+// costs at most the square of the attempts in flight.
+func (g *keyRegistry) waitsForLocked(from, to *txKeys, seen map[*txKeys]bool) bool {
+	if len(from.inflight) == 0 || seen[from] {
 		return false
 	}
+	seen[from] = true
 	for o := range g.running {
 		if o == from || !overlaps(o.held, from.inflight) {
 			continue
 		}
-		if o == to || g.waitsForLocked(o, to, depth-1) {
+		if o == to || g.waitsForLocked(o, to, seen) {
 			return true
 		}
 	}

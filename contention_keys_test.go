@@ -324,3 +324,56 @@ func TestKeysNotOnMySQL(t *testing.T) {
 		t.Error("keys recorded on MySQL")
 	}
 }
+
+// A cycle through three transactions is foreseen too, and a search among
+// attempts that wait for each other without reaching the writer ends.
+func TestKeysForeseenDeadlockOfThree(t *testing.T) {
+	var g keyRegistry
+	key := func(id int64) []uint64 { return statementKeys(debit, args(int64(1), id)) }
+	t1 := running(&g, false, key(1)...)
+	t2 := running(&g, false, key(2)...)
+	t3 := running(&g, false, key(3)...)
+	t1.inflight = key(2) // t1 waits for t2
+	t2.inflight = key(3) // t2 waits for t3
+	if err := t3.before(false, debit, args(int64(1), int64(1))); err == nil {
+		t.Error("t3's write to t1's row closes t3→t1→t2→t3 and was let go")
+	}
+	t4 := running(&g, false, key(4)...)
+	t3.inflight = key(1) // t3 waits for t1: a cycle without t4
+	if err := t4.before(false, debit, args(int64(1), int64(1))); err != nil {
+		t.Errorf("t4 waits for t1, whose waits never reach t4: %v", err)
+	}
+}
+
+// A closure that swallows the refusal does not commit a part of its work:
+// the transaction is poisoned as by the server's deadlock, and replayed.
+func TestKeysSwallowedRefusalDoesNotCommit(t *testing.T) {
+	srv := newFakeServer()
+	db, clock := testDB(t, srv)
+	l := retrierOf(db).txLimit
+	l.keys.conflicted(clock.Now())
+	other := running(&l.keys, true, statementKeys(debit, args(int64(1), int64(1)))...)
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		l.keys.end(other)
+	}()
+	ser := &sql.TxOptions{Isolation: sql.LevelSerializable}
+	runs := 0
+	err := RunInTx(context.Background(), db, ser, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if _, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ($1)", int64(runs)); err != nil {
+			return err
+		}
+		tx.ExecContext(ctx, debit, int64(1), int64(1)) // error swallowed
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 2 {
+		t.Errorf("closure ran %d times, want 2", runs)
+	}
+	if n := srv.ranCount("INSERT INTO ledger"); n != 1 {
+		t.Errorf("%d INSERTs committed, want 1 (the replay's)", n)
+	}
+}
