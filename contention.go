@@ -96,6 +96,12 @@ type txLimiter struct {
 	// keys: the keys of the attempts in flight, for a while after a
 	// conflict (contention_keys.go).
 	keys keyRegistry
+
+	// The last event of costly conflicts that would have engaged it while
+	// unlimited (see oneEventLocked): when it began, when its last
+	// conflict ended, and wasted and useful then.
+	eventAt, eventLast time.Time
+	eventW, eventU     int64
 }
 
 // isConflict says whether a replayed attempt was aborted by a conflict with
@@ -338,6 +344,8 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		if w+u > int64(4*time.Second) { // forget slowly
 			l.wasted.Store(w / 2)
 			l.useful.Store(u / 2)
+			l.eventW /= 2
+			l.eventU /= 2
 		}
 		// Nor do rare ones (fewer than one per three commits) engage it
 		// unless they waste two thirds of the time or more: queueing costs
@@ -381,8 +389,9 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		}
 		// Nor does a conflict before two rounds of the transactions in
 		// flight have completed (there is no measure of the work yet), nor
-		// one soon after a failed probation.
-		if 2*w < u || w < int64(50*time.Millisecond) || !engaged && (lone || 3*a < c && w < 2*u || seen < 2*n || now.Before(l.quietUntil)) {
+		// one soon after a failed probation, nor, while conflicts are rare,
+		// the first event of costly ones (oneEventLocked).
+		if 2*w < u || w < int64(50*time.Millisecond) || !engaged && (lone || 3*a < c && w < 2*u || seen < 2*n || now.Before(l.quietUntil) || 3*a < c && l.oneEventLocked(now, took)) {
 			l.since++
 			l.wakeLocked()
 			return
@@ -452,6 +461,40 @@ func (l *txLimiter) release(s txSlot, conflict, committed bool, took time.Durati
 		l.since++
 	}
 	l.wakeLocked()
+}
+
+// oneEventLocked says whether a costly conflict that would engage the
+// limiter while conflicts are rare is the only event that wasted that
+// time: the first such event, or part of it. Conflicts that end together
+// (within a sixteenth of their length of the last one, and already running
+// when it ended) are one event: a deadlock, found after PostgreSQL's deadlock_timeout, and the
+// transactions queued on its locks, which fail to serialize within
+// milliseconds as it breaks; or a lock holder the machine stalled and its
+// waiters. On 100 accounts with 8 workers (chaos pgx/restart) one deadlock
+// every few seconds stalls every worker for a second, and its burst alone
+// wasted two thirds of the time: it engaged the limiter, a cheap conflict
+// cut it to 1.5 within milliseconds, and the rest of the run went one
+// transaction at a time at half the rate. Limiting pays when such events
+// recur: it engages at a second event within max(2 s, twice the
+// conflict's time) of the first, whose own conflicts (since the first
+// event's last one) waste a third of the time or more and 50 ms or more.
+// A deadlock-prone hot spot meets one each deadlock_timeout.
+func (l *txLimiter) oneEventLocked(now time.Time, took time.Duration) bool {
+	w, u := l.wasted.Load(), l.useful.Load()
+	dw, du := w-l.eventW, u-l.eventU
+	switch {
+	case l.eventAt.IsZero() || now.Sub(l.eventAt) > max(2*time.Second, 2*took):
+		l.eventAt = now // the first event
+	case now.Add(-took).Before(l.eventLast) && now.Sub(l.eventLast) <= took/16:
+		// the same event: it was waiting when the last of it ended
+	case 2*dw >= du && dw >= int64(50*time.Millisecond):
+		l.eventAt = time.Time{}
+		return false // a second event, as costly
+	default:
+		return true // not costly on its own: the first event's waste
+	}
+	l.eventLast, l.eventW, l.eventU = now, w, u
+	return true
 }
 
 // releaseAllLocked lets go: the waiters run unlimited.

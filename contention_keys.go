@@ -57,7 +57,7 @@ const keyWait = time.Second
 // apart so that runAttempt's way, when nothing conflicts, costs nothing
 // more.
 func (r *retrier) runAttemptKeyed(ctx context.Context, o *txOutcome, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
-	fn func(context.Context, *sql.Tx) error, sees, conflicted bool, prevKeys *txKeys) (werr error) {
+	fn func(context.Context, *sql.Tx) error, sees, conflicted bool, lockWait time.Duration, prevKeys *txKeys) (werr error) {
 	slot, werr := lim.acquire(ctx)
 	if werr != nil {
 		return werr
@@ -77,6 +77,9 @@ func (r *retrier) runAttemptKeyed(ctx context.Context, o *txOutcome, lim *txLimi
 		if !o.began.IsZero() {
 			took = since(r.clock, o.began)
 		}
+		if lockWait > 0 && o.conflict {
+			took = r.shortWait.conflictCost(took, true, o.cause) // shortwait.go
+		}
 		lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
 	}()
 	queue := sees && r.cfg.contentionQueue
@@ -88,11 +91,19 @@ func (r *retrier) runAttemptKeyed(ctx context.Context, o *txOutcome, lim *txLimi
 	if inGate {
 		defer g.leave()
 	}
-	att := &txAttempt{Context: ctx}
+	attCtx := ctx
 	if keys != nil {
-		att.Context = &keyedCtx{Context: ctx, keys: keys}
+		attCtx = &keyedCtx{Context: ctx, keys: keys}
 	}
-	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock)
+	att := &txAttempt{Context: attCtx}
+	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, r.shortWait, lockWait)
+	if lockWait > 0 && o.err != nil && ctx.Err() == nil && r.shortWaitRefused(o.err) {
+		// The server does not know the settings (shortwait.go): off for
+		// good, and the attempt again without it (its closure did not run).
+		r.shortWait.off.Store(true)
+		att = &txAttempt{Context: attCtx}
+		o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
+	}
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)

@@ -49,10 +49,11 @@ func TestContentionEngagesOnRareDeadlocks(t *testing.T) {
 
 // rareConflicts runs 8 transactions at once, one attempt in seven a
 // conflict that took cost, commits 1 ms each, and checks whether the
-// limiter engaged.
+// limiter engaged. The clock moves by an eighth of each attempt's time as
+// it ends (8 at once): conflicts at one instant would be one event.
 func rareConflicts(t *testing.T, cost time.Duration, wantEngaged bool) {
 	t.Helper()
-	l, _ := newTestLimiter()
+	l, clock := newTestLimiter()
 	var slots []txSlot
 	for range 8 {
 		s, _ := l.acquire(context.Background())
@@ -64,6 +65,7 @@ func rareConflicts(t *testing.T, cost time.Duration, wantEngaged bool) {
 		if conflict {
 			took = cost
 		}
+		clock.Advance(took / 8)
 		l.release(slots[i%8], conflict, !conflict, took)
 		if l.engaged.Load() {
 			if !wantEngaged {

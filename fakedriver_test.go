@@ -109,6 +109,10 @@ type fakeServer struct {
 	oldSession       *fakeBackend // the old session in the process list (any ID) until KILLed: state is its Command, waitEvent its State
 	mysqlKills       []string     // KILL statements run
 
+	// onQuery, when set, answers a query before the defaults (after its
+	// script): ok false lets the defaults answer.
+	onQuery func(c *fakeConn, q string, args []driver.NamedValue) (rows driver.Rows, ok bool)
+
 	// handCommits: statements (by prefix) that, run inside a transaction,
 	// commit its work so far (a COMMIT by hand, MySQL's implicit commits);
 	// the transaction goes on as a new one. Empty: none do.
@@ -362,6 +366,11 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 	}
 	if rows, ok := c.srv.pgLife.answer(c, q); ok {
 		return rows, nil
+	}
+	if c.srv.onQuery != nil {
+		if rows, ok := c.srv.onQuery(c, q, args); ok {
+			return rows, nil
+		}
 	}
 	switch q {
 	case pgAskXID, pgAskXIDAndServer:

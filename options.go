@@ -58,6 +58,7 @@ type config struct {
 
 	contentionControl bool
 	contentionQueue   bool
+	shortLockWait     bool // WithShortLockWait
 
 	shadow bool // WithShadow
 
@@ -77,6 +78,7 @@ func defaultConfig() config {
 		mysqlMarker:    DefaultMySQLCommitMarker,
 
 		contentionControl: true,
+		shortLockWait:     true,
 	}
 }
 
@@ -120,6 +122,24 @@ func WithContentionControl(on bool) Option {
 func WithContentionQueue(on bool) Option {
 	return func(c *config) error {
 		c.contentionQueue = on
+		return nil
+	}
+}
+
+// WithShortLockWait turns RunInTx's short lock waits on (the default) or
+// off. On PostgreSQL, which looks for a deadlock only after
+// deadlock_timeout (1 s by default), an attempt that replays a conflict,
+// and any attempt while the db met deadlocks in the last 2 s, sets its
+// transaction's lock_timeout (SET LOCAL, one statement after BEGIN) to a
+// few times a recent commit's duration, at least 20 ms, doubling at each
+// such attempt of one call and never as long as deadlock_timeout: a
+// deadlock then breaks after that bound, as a lock timeout that RunInTx
+// replays. A lower lock_timeout of the user's is kept, and a SET LOCAL in
+// the closure wins. It does nothing on MySQL. Given to one RunInTx call,
+// false turns them off for that call. See the README.
+func WithShortLockWait(on bool) Option {
+	return func(c *config) error {
+		c.shortLockWait = on
 		return nil
 	}
 }

@@ -65,14 +65,27 @@ const (
 	pgXid8Version     = 130000
 )
 
-// pgServerInfo asks for what identifies the server and the session: with
-// every transaction's question from PostgreSQL 10 on (pgHistoryID).
-const pgServerInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime + ", pg_catalog.current_setting('server_version_num')::int"
+// pgServerInfo asks for what identifies the server and the session, and
+// for its version, in the question before the version is known (or below
+// PostgreSQL 10, where it is asked once per connection).
+const pgServerInfo = pgSessionInfo + ", pg_catalog.current_setting('server_version_num')::int"
+
+// pgSessionInfo is the backend pid and the server's start time: with every
+// transaction's question from PostgreSQL 10 on (with pgHistoryID). The
+// question with the proof does not ask for the version: it is asked only
+// once the version is known, and pgTakeAnswer never replaced a known
+// version (the column cost the server a GUC lookup and a cast per
+// transaction for nothing).
+const pgSessionInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime
 
 // pgProofCols: the end of the logical message, the proof that the id is in
-// the WAL (as a number: no allocation in the driver), NULL in recovery.
+// the WAL, NULL in recovery. The positions (here and in pgReplayCol) and
+// the xid8 come as the server writes them and are read by the client
+// (lsnValue, asInt64): turning them into bigint on the server (pg_lsn
+// subtraction into numeric, then a cast; xid8 through text) cost it more
+// than the string the driver allocates (BenchmarkPgQuestionColumnCost).
 const pgProofCols = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-	"ELSE (pg_catalog.pg_logical_emit_message(true, 'sqlretry', '') - '0/0'::pg_catalog.pg_lsn)::bigint END"
+	"ELSE pg_catalog.pg_logical_emit_message(true, 'sqlretry', '') END"
 
 // pgHistoryID asks, with every question before COMMIT, for what names the
 // life of the server the transaction runs on: the system identifier, the
@@ -88,12 +101,12 @@ const pgHistoryID = ", " + pgSystemIDCol + ", " + pgTimelineCol + ", " + pgRepla
 // The columns that name a server's life, in the question before COMMIT
 // and in the one after a lost COMMIT (pgServerNowQuery) alike: the system
 // identifier, the timeline (hex, NULL in recovery) and where the last
-// recovery ended (as a number: NULL, read as 0, when there was none).
+// recovery ended (NULL, read as 0, when there was none).
 const (
 	pgSystemIDCol = "(pg_catalog.pg_control_system()).system_identifier"
 	pgTimelineCol = "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 		"ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), 1, 8) END"
-	pgReplayCol = "(pg_catalog.pg_last_wal_replay_lsn() - '0/0'::pg_catalog.pg_lsn)::bigint"
+	pgReplayCol = "pg_catalog.pg_last_wal_replay_lsn()"
 )
 
 // The questions before COMMIT with the proof, per server generation: the
@@ -101,11 +114,11 @@ const (
 // assigns the id if the transaction has none (as txid_current did).
 const (
 	pgAskXIDProof13 = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-		"ELSE pg_catalog.pg_current_xact_id()::text::bigint END" + pgProofCols
+		"ELSE pg_catalog.pg_current_xact_id() END" + pgProofCols
 	pgAskXIDProof10 = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 		"ELSE pg_catalog.txid_current() END" + pgProofCols
-	pgAskXIDProof13AndServer = pgAskXIDProof13 + pgServerInfo + pgHistoryID
-	pgAskXIDProof10AndServer = pgAskXIDProof10 + pgServerInfo + pgHistoryID
+	pgAskXIDProof13AndServer = pgAskXIDProof13 + pgSessionInfo + pgHistoryID
+	pgAskXIDProof10AndServer = pgAskXIDProof10 + pgSessionInfo + pgHistoryID
 )
 
 // pgServerNowQuery asks, after a lost COMMIT, which life of which server
@@ -142,32 +155,39 @@ func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
 	return q, ask, proof
 }
 
-// pgTakeAnswer records the answer of pgAskQuery's question.
+// pgTakeAnswer records the answer of pgAskQuery's question: without the
+// proof the id, and when ask the backend pid, the start time and the
+// version; with it the id, the end of the message, the pid, the start
+// time and the life (pgHistoryID).
 func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 	c, r := t.c, t.c.r
 	if vals[0] == nil {
 		t.nothingDurable = true // in recovery: read-only, no id, nothing to commit
 	}
 	t.xid = asInt64(vals[0])
-	i, lsn := 1, uint64(0)
-	if proof {
-		if len(vals) < 2 {
-			return
-		}
-		lsn, i = uint64(asInt64(vals[1])), 2
-	}
-	if ask && len(vals) >= i+2 {
-		c.serverID, c.serverStart = asInt64(vals[i]), asInt64(vals[i+1])
-		if len(vals) > i+2 {
-			if v := asInt64(vals[i+2]); v > 0 {
-				r.resolution.pgVersion.CompareAndSwap(0, v)
+	t.mark = pgMark{}
+	if !proof {
+		if ask && len(vals) >= 3 {
+			c.serverID, c.serverStart = asInt64(vals[1]), asInt64(vals[2])
+			if len(vals) > 3 {
+				if v := asInt64(vals[3]); v > 0 {
+					r.resolution.pgVersion.CompareAndSwap(0, v)
+				}
 			}
 		}
+		return
 	}
-	t.mark = pgMark{}
-	if proof && ask && lsn != 0 && len(vals) > i+5 {
-		h := pgMark{sys: asInt64(vals[i+3]), start: asInt64(vals[i+1]), replay: uint64(asInt64(vals[i+5])), lsn: lsn}
-		h.tli, _ = parseHexInt(vals[i+4])
+	if len(vals) < 2 {
+		return
+	}
+	lsn := lsnValue(vals[1])
+	if !ask || len(vals) < 4 {
+		return
+	}
+	c.serverID, c.serverStart = asInt64(vals[2]), asInt64(vals[3])
+	if lsn != 0 && len(vals) >= 7 {
+		h := pgMark{sys: asInt64(vals[4]), start: asInt64(vals[3]), replay: lsnValue(vals[6]), lsn: lsn}
+		h.tli, _ = parseHexInt(vals[5])
 		if h.sys != 0 && h.tli != 0 && h.start != 0 {
 			t.mark = h
 		}
@@ -215,7 +235,7 @@ func pgAskNow(ctx context.Context, dc driver.Conn) (pgNow, error) {
 	n := pgNow{start: asInt64(vals[0]), sys: asInt64(vals[2])}
 	n.inRecovery, _ = vals[1].(bool)
 	n.tli, _ = parseHexInt(vals[3])
-	n.replay = uint64(asInt64(vals[4]))
+	n.replay = lsnValue(vals[4])
 	return n, nil
 }
 
@@ -316,6 +336,19 @@ func historyFork(history string, m pgMark) (past, known bool, desc string) {
 // lsnString writes an LSN as PostgreSQL does.
 func lsnString(n uint64) string {
 	return strings.ToUpper(strconv.FormatUint(n>>32, 16) + "/" + strconv.FormatUint(n&0xffffffff, 16))
+}
+
+// lsnValue reads a WAL position as the driver gives it: pg_lsn's text (a
+// string or bytes), or a number; 0 for NULL or what does not parse.
+func lsnValue(v driver.Value) uint64 {
+	switch x := v.(type) {
+	case int64:
+		return uint64(x)
+	case uint64:
+		return x
+	}
+	n, _ := parseLSN(v)
+	return n
 }
 
 // parseLSN parses PostgreSQL's pg_lsn text, "16/B374D848".

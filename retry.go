@@ -27,6 +27,7 @@ type retrier struct {
 	counters   *counters
 	resolution *resolveState
 	txLimit    *txLimiter // RunInTx's contention control; nil when off
+	shortWait  *shortWait // RunInTx's short lock waits (shortwait.go); nil when off
 
 	// Run-time policy (shadow.go, runtime.go), shared by RunInTx's copies.
 	shadow      *atomic.Bool             // shadow mode: report, do as the plain driver
@@ -64,7 +65,7 @@ type resolveState struct {
 
 func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 	r := &retrier{cfg: cfg, dialect: dialect, clock: cfg.clock, rnd: cfg.rnd, obs: cfg.observer, inner: inner,
-		counters: &counters{}, resolution: &resolveState{}}
+		counters: &counters{}, resolution: &resolveState{}, shortWait: newShortWait(cfg, dialect)}
 	if cfg.contentionControl && inner != nil {
 		r.txLimit = &txLimiter{clock: cfg.clock}
 	}

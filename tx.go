@@ -69,8 +69,8 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
-		if !t.wrote && (!isQuery || !t.c.isReadQuery(query) || markedNotIdempotent(ctx)) {
-			t.wrote = true
+		if !t.wrote && (!isQuery || !t.c.isReadQuery(query) || markedNotIdempotent(ctx)) && query != shortWaitQuery {
+			t.wrote = true // (the short lock wait's set_config writes nothing: shortwait.go)
 		}
 		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
 			t.poison, t.firstErr = nil, nil // the server accepted it: the transaction lives on
@@ -604,6 +604,9 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		rc.cfg, rc.obs = cfg, cfg.observer
 		rc.ops, _ = rc.obs.(OperationObserver)
 		rc.liveBackoff = nil // this call's backoff is cfg's
+		if !cfg.shortLockWait {
+			rc.shortWait = nil // WithShortLockWait(false) for this call
+		}
 		r = &rc
 	}
 	if r.operations() != nil || r.cfg.fallback != nil {
@@ -668,10 +671,27 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 	conflicted := false  // an attempt of this call was aborted by a conflict
 	var prev error       // the last attempt's error, for a give-up at the deadline
 	var lastTimeout uint // the last attempt's timeout, 0 if none
+	// Short lock waits (shortwait.go): after a conflict, or while the db
+	// meets deadlocks, an attempt bounds its lock waits; bounded counts
+	// this call's attempts that did, and the bound stops for the call once
+	// it reached deadlock_timeout.
+	sw := r.shortWait
+	if outer != nil || !sees {
+		sw = nil
+	}
+	bounded, unbounded := 0, false
 	var prevKeys *txKeys // the last attempt's keys, when a conflict ended it (contention_keys.go)
 	for attempt := 1; ; attempt++ {
 		var o txOutcome
-		werr := r.runAttempt(ctx, &o, lim, db, txOpts, fn, sees, conflicted, prevKeys)
+		var lockWait time.Duration
+		if sw != nil && !unbounded && (conflicted || sw.isHot(r.clock)) {
+			if lockWait = sw.bound(bounded); lockWait == 0 {
+				unbounded = true
+			} else {
+				bounded++
+			}
+		}
+		werr := r.runAttempt(ctx, &o, lim, db, txOpts, fn, sees, conflicted, lockWait, prevKeys)
 		if werr != nil {
 			return r.stop(ctx, "tx", max(attempt-1, 1), werr, prev, "caller's context is done")
 		}
@@ -681,7 +701,13 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		conflicted = conflicted || o.conflict
 		prevKeys = o.keys
 		err := o.err
+		if sw != nil && o.cause != nil {
+			sw.failed(o.cause, lockWait > 0, r.clock)
+		}
 		if err == nil {
+			if lockWait > 0 {
+				sw.committed(since(r.clock, o.began))
+			}
 			if outer != nil {
 				// This transaction committed on its own: replaying the outer
 				// closure would run it again.
@@ -780,11 +806,11 @@ type txOutcome struct {
 // o is filled in place (not returned: the copy was a measurable part of
 // RunInTx's cost, issue 13 goal 3).
 func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
-	fn func(context.Context, *sql.Tx) error, sees, conflicted bool, prevKeys *txKeys) (werr error) {
+	fn func(context.Context, *sql.Tx) error, sees, conflicted bool, lockWait time.Duration, prevKeys *txKeys) (werr error) {
 	if lim != nil && (prevKeys != nil || lim.keys.on.Load()) {
 		// After a conflict: the same, with the attempt's keys recorded
 		// (contention_keys.go).
-		return r.runAttemptKeyed(ctx, o, lim, db, txOpts, fn, sees, conflicted, prevKeys)
+		return r.runAttemptKeyed(ctx, o, lim, db, txOpts, fn, sees, conflicted, lockWait, prevKeys)
 	}
 	var slot txSlot
 	if lim != nil {
@@ -795,6 +821,9 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 			var took time.Duration
 			if !o.began.IsZero() {
 				took = since(r.clock, o.began)
+			}
+			if lockWait > 0 && o.conflict {
+				took = r.shortWait.conflictCost(took, true, o.cause) // shortwait.go
 			}
 			lim.release(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took)
 		}()
@@ -812,7 +841,14 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 		defer g.leave()
 	}
 	att := &txAttempt{Context: ctx}
-	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock)
+	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, r.shortWait, lockWait)
+	if lockWait > 0 && o.err != nil && ctx.Err() == nil && r.shortWaitRefused(o.err) {
+		// The server does not know the settings (shortwait.go): off for
+		// good, and the attempt again without it (its closure did not run).
+		r.shortWait.off.Store(true)
+		att = &txAttempt{Context: ctx}
+		o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
+	}
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
@@ -916,7 +952,8 @@ const (
 
 // runTxOnce runs one attempt of a RunInTx transaction; began is when
 // BeginTx returned. fn runs with att as its context.
-func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock) (began time.Time, phase txPhase, err error) {
+func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock,
+	sw *shortWait, lockWait time.Duration) (began time.Time, phase txPhase, err error) {
 	sqlTx, err := db.BeginTx(att, txOpts)
 	began = clock.Now()
 	if err != nil {
@@ -929,6 +966,13 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 			_ = sqlTx.Rollback() // also when fn panics
 		}
 	}()
+	if lockWait > 0 {
+		// Before the closure's statements, so that a SET LOCAL of its own
+		// wins; a failure is the attempt's, before its closure ran.
+		if err := sw.set(att, sqlTx, lockWait); err != nil {
+			return began, phaseBegin, err
+		}
+	}
 	att.seq = nestedSeq.Load()
 	slot := enterClosure()
 	func() {

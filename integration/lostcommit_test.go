@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -179,18 +180,35 @@ func TestMariaDBLostCommitIsResolvedWithTheMarker(t *testing.T) {
 }
 
 func mariaDBLostCommitIsResolved(t *testing.T, opts ...sqlretry.Option) {
+	// What sqlretry decided, for the failure message: a closure run twice
+	// says which attempt failed and why.
+	var mu sync.Mutex
+	var events []string
+	opts = append(opts, sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		events = append(events, fmt.Sprintf("%v %s attempt %d class %v: %v (%s)", e.Kind, e.Op, e.Attempt, e.Class, e.Err, e.Reason))
+	})))
+	seen := func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		s := strings.Join(events, "\n\t")
+		events = events[:0]
+		return s
+	}
 	db := openCutMariaDB(t, opts...)
 	defer db.Close()
 	t.Run("server committed", func(t *testing.T) {
 		calls, n, err := lostCommit(t, db, mysqlCutter, cutAfterSend, "?")
 		if err != nil || calls != 1 || n != 1 {
-			t.Fatalf("err=%v calls=%d rows=%d; want success, 1 run, 1 row", err, calls, n)
+			t.Fatalf("err=%v calls=%d rows=%d; want success, 1 run, 1 row; sqlretry's events:\n\t%s", err, calls, n, seen())
 		}
+		seen()
 	})
 	t.Run("server never got COMMIT", func(t *testing.T) {
 		calls, n, err := lostCommit(t, db, mysqlCutter, cutMidMessage, "?")
 		if err != nil || calls != 2 || n != 1 {
-			t.Fatalf("err=%v calls=%d rows=%d; want success after 1 replay, 1 row", err, calls, n)
+			t.Fatalf("err=%v calls=%d rows=%d; want success after 1 replay, 1 row; sqlretry's events:\n\t%s", err, calls, n, seen())
 		}
 	})
 }

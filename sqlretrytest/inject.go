@@ -249,8 +249,9 @@ func fromApplication() bool {
 }
 
 // sqlretryOwnQueries are the functions through which sqlretry runs its own
-// queries on a driver connection (resolve.go).
-var sqlretryOwnQueries = [...]string{"queryRow", "queryRows", "execConn"}
+// queries on a driver connection (resolve.go), and the short lock wait's
+// statement in a replay's transaction (shortwait.go).
+var sqlretryOwnQueries = [...]string{"queryRow", "queryRows", "execConn", "(*shortWait).set"}
 
 type conn struct {
 	inj     *Injector

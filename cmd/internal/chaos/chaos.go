@@ -87,10 +87,15 @@ var (
 	SqlretryQueue = Strategy{Name: "sqlretry-queue", Wrapped: true, Run: workload.RunInTx,
 		Options: []sqlretry.Option{sqlretry.WithContentionQueue(true)}}
 
+	// SqlretryNoShortWait is sqlretry without short lock waits for replays
+	// (WithShortLockWait(false)), to measure them.
+	SqlretryNoShortWait = Strategy{Name: "sqlretry-no-shortwait", Wrapped: true, Run: workload.RunInTx,
+		Options: []sqlretry.Option{sqlretry.WithShortLockWait(false)}}
+
 	// Strategies are the strategies the chaos benchmark runs by default.
 	Strategies = []Strategy{Plain, Immediate, Backoff, Sqlretry}
 	// Extra are strategies to run by name only.
-	Extra = []Strategy{SqlretryNoCC, SqlretryQueue}
+	Extra = []Strategy{SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait}
 )
 
 // Scenario is a workload and the faults injected while it runs.

@@ -1,0 +1,439 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"io"
+	"sync"
+	"testing"
+	"time"
+)
+
+// lockWaits records the bounds the short-wait statement asked for (ms)
+// and answers it as a server whose deadlock_timeout is deadlockMS; refuse
+// makes it fail as an engine without the setting.
+type lockWaits struct {
+	mu         sync.Mutex
+	asked      []int64
+	deadlockMS int64
+	refuse     error
+	xidAsked   int // the lost-COMMIT question of writing transactions
+}
+
+func (w *lockWaits) install(srv *fakeServer) {
+	srv.onQuery = func(_ *fakeConn, q string, args []driver.NamedValue) (driver.Rows, bool) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if q == pgAskXID || q == pgAskXIDAndServer {
+			w.xidAsked++
+		}
+		if q != shortWaitQuery {
+			return nil, false
+		}
+		w.asked = append(w.asked, args[0].Value.(int64))
+		return &fakeRows{cols: []string{"set_config", "dt"}, data: [][]driver.Value{{"x", w.deadlockMS}}}, true
+	}
+	if w.refuse != nil {
+		srv.script(shortWaitQuery, step{err: w.refuse})
+	}
+}
+
+func (w *lockWaits) got() []int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([]int64(nil), w.asked...)
+}
+
+func sameInts(a, b []int64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+var (
+	errDeadlock    = &pgError{"40P01", "deadlock detected"}
+	errSerialize   = &pgError{"40001", "could not serialize access due to concurrent update"}
+	errLockTimeout = &pgError{"55P03", "canceling statement due to lock timeout"}
+)
+
+func updateTx(ctx context.Context, tx *sql.Tx) error {
+	_, err := tx.ExecContext(ctx, "UPDATE t SET v = v + 1")
+	return err
+}
+
+// The happy path sends nothing more: a first attempt on a db that met no
+// deadlock, and an attempt after an error that is not a conflict.
+func TestShortWaitNotOnTheHappyPath(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	for range 3 {
+		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.script("UPDATE", step{err: io.ErrUnexpectedEOF})
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.got(); len(got) != 0 {
+		t.Fatalf("short waits asked on the happy path: %v", got)
+	}
+}
+
+// A replay after a conflict bounds its lock waits: the floor with no
+// commit measured yet, doubling per replay of the same call, and none
+// once the bound reaches the server's deadlock_timeout.
+func TestShortWaitReplaysDoubleUntilDeadlockTimeout(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	for range 8 {
+		srv.script("UPDATE", step{err: errLockTimeout})
+	}
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		return updateTx(ctx, tx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 9 {
+		t.Fatalf("closure ran %d times, want 9", runs)
+	}
+	// 8 failed attempts; the replays 2..9: 20 40 80 160 320 640, then
+	// none (1280 >= 1000 ms).
+	if want := []int64{20, 40, 80, 160, 320, 640}; !sameInts(w.got(), want) {
+		t.Fatalf("bounds %v, want %v", w.got(), want)
+	}
+}
+
+// A lower deadlock_timeout, read from the server, stops the bounds sooner.
+func TestShortWaitStopsAtTheServersDeadlockTimeout(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 100}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	for range 5 {
+		srv.script("UPDATE", step{err: errSerialize})
+	}
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	// The first bound is asked before the server's value is known.
+	if want := []int64{20, 40, 80}; !sameInts(w.got(), want) {
+		t.Fatalf("bounds %v, want %v", w.got(), want)
+	}
+}
+
+// A deadlock makes every attempt of the db bounded for a while, first
+// attempts of other calls included; then the happy path is back.
+func TestShortWaitAfterADeadlockForAWhile(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, clock := testDB(t, srv)
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(w.got()); n != 1 {
+		t.Fatalf("bounds %v, want one (the replay)", w.got())
+	}
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(w.got()); n != 2 {
+		t.Fatalf("bounds %v: a first attempt right after a deadlock was not bounded", w.got())
+	}
+	clock.Advance(shortWaitMemory + time.Millisecond)
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(w.got()); n != 2 {
+		t.Fatalf("bounds %v: still bounded %v after the deadlock", w.got(), shortWaitMemory)
+	}
+}
+
+// A serialization failure alone does not make the db's first attempts
+// bounded (it is not a lock-wait cycle); its replay is.
+func TestShortWaitSerializationFailureBoundsOnlyItsReplay(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("UPDATE", step{err: errSerialize})
+	for range 2 {
+		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(w.got()); n != 1 {
+		t.Fatalf("bounds %v, want one", w.got())
+	}
+}
+
+// The bound follows what committed attempts take: four times a recent
+// commit's duration, above the floor.
+func TestShortWaitLearnsFromCommits(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 10000}
+	w.install(srv)
+	db, clock := testDB(t, srv)
+	slow := func(ctx context.Context, tx *sql.Tx) error {
+		clock.Advance(50 * time.Millisecond)
+		return updateTx(ctx, tx)
+	}
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+		t.Fatal(err)
+	}
+	// The replay (bound 20) committed in 50 ms: the next bound is 200.
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+		t.Fatal(err)
+	}
+	got := w.got()
+	if len(got) < 2 || got[0] != 20 || got[1] != 200 {
+		t.Fatalf("bounds %v, want 20 then 200", got)
+	}
+}
+
+// An engine that refuses the statement (no lock_timeout or
+// deadlock_timeout setting) turns the short waits off; the attempt runs
+// again without it, and the caller sees nothing.
+func TestShortWaitRefusedTurnsItselfOff(t *testing.T) {
+	srv := newFakeServer()
+	srv.pgAborts = true
+	w := &lockWaits{deadlockMS: 1000, refuse: &pgError{"42704", `unrecognized configuration parameter "deadlock_timeout"`}}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("UPDATE", step{err: errDeadlock})
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		return updateTx(ctx, tx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 2 {
+		t.Fatalf("closure ran %d times, want 2", runs)
+	}
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.ranCount(shortWaitQuery); n != 0 {
+		t.Fatalf("the refused statement was committed %d times", n)
+	}
+	if got := w.got(); len(got) != 0 {
+		t.Fatalf("asked again after the refusal: %v", got)
+	}
+}
+
+// The statement's own failure for a retryable reason (the connection
+// lost) is the attempt's: replayed as any other.
+func TestShortWaitConnectionLostIsReplayed(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("UPDATE", step{err: errDeadlock})
+	srv.script(shortWaitQuery, step{err: io.ErrUnexpectedEOF, closes: true})
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		return updateTx(ctx, tx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 2 {
+		t.Fatalf("closure ran %d times, want 2 (the attempt whose statement failed did not run it)", runs)
+	}
+	if got := w.got(); len(got) != 1 {
+		t.Fatalf("bounds %v, want one answered", got)
+	}
+}
+
+// The statement writes nothing: a read-only closure replayed with a bound
+// is not asked the lost-COMMIT question of writing transactions.
+func TestShortWaitDoesNotMakeTheTransactionWriting(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("SELECT v FROM t", step{err: errDeadlock})
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		rows, err := tx.QueryContext(ctx, "SELECT v FROM t")
+		if err != nil {
+			return err
+		}
+		return rows.Close()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(w.got()) != 1 {
+		t.Fatalf("bounds %v, want one", w.got())
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.xidAsked != 0 {
+		t.Fatalf("the read-only transaction was asked its id %d times", w.xidAsked)
+	}
+}
+
+// WithShortLockWait(false), MySQL, and a RunInTx on a *sql.DB sqlretry did
+// not open send nothing.
+func TestShortWaitOff(t *testing.T) {
+	for name, opts := range map[string][]Option{
+		"option": {WithShortLockWait(false)},
+		"mysql":  {WithDialect(DialectMySQL), WithMySQLCommitMarker("")},
+	} {
+		t.Run(name, func(t *testing.T) {
+			srv := newFakeServer()
+			w := &lockWaits{deadlockMS: 1000}
+			w.install(srv)
+			db, _ := testDB(t, srv, opts...)
+			srv.script("UPDATE", step{err: errDeadlock}, step{err: errDeadlock})
+			for range 2 {
+				if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := w.got(); len(got) != 0 {
+				t.Fatalf("bounds asked: %v", got)
+			}
+		})
+	}
+}
+
+// WithShortLockWait(false) given to one call turns it off for that call.
+func TestShortWaitOffForOneCall(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx, WithShortLockWait(false)); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.got(); len(got) != 0 {
+		t.Fatalf("bounds asked: %v", got)
+	}
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx, WithMaxAttempts(5)); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.got(); len(got) != 1 {
+		t.Fatalf("bounds %v, want one: the replay (the first deadlock was seen by a call without short waits)", got)
+	}
+}
+
+// A lock wait that ran out under a bound keeps the db bounded (the cycle
+// it broke would otherwise have been a deadlock); one that ran out under
+// the user's own lock_timeout (no bound of ours) does not.
+func TestShortWaitLockTimeoutKeepsItHotOnlyUnderABound(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, clock := testDB(t, srv)
+	srv.script("UPDATE", step{err: errLockTimeout}) // the user's: no bound of ours
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(w.got()); n != 1 {
+		t.Fatalf("bounds %v, want only the replay's", w.got())
+	}
+	// A deadlock, then a bounded first attempt that ran out: still hot
+	// shortWaitMemory after the deadlock.
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(shortWaitMemory - 100*time.Millisecond)
+	srv.script("UPDATE", step{err: errLockTimeout})
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(shortWaitMemory - 100*time.Millisecond)
+	before := len(w.got())
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if len(w.got()) != before+1 {
+		t.Fatalf("bounds %v: not bounded after a bounded lock wait ran out", w.got())
+	}
+}
+
+// A lock wait that ran out under a bound counts for contention control as
+// the deadlock it most often replaced (deadlock_timeout), not as the few
+// ms it took; other conflicts, and lock timeouts of the user's own, at
+// what they took.
+func TestShortWaitConflictCost(t *testing.T) {
+	s := &shortWait{}
+	if got := s.conflictCost(20*time.Millisecond, true, errLockTimeout); got != time.Second {
+		t.Errorf("bounded lock timeout: %v, want deadlock_timeout (1s, not read yet)", got)
+	}
+	s.deadlock.Store(300)
+	if got := s.conflictCost(20*time.Millisecond, true, errLockTimeout); got != 300*time.Millisecond {
+		t.Errorf("bounded lock timeout: %v, want the server's deadlock_timeout", got)
+	}
+	if got := s.conflictCost(20*time.Millisecond, false, errLockTimeout); got != 20*time.Millisecond {
+		t.Errorf("the user's lock timeout: %v, want what it took", got)
+	}
+	if got := s.conflictCost(20*time.Millisecond, true, errSerialize); got != 20*time.Millisecond {
+		t.Errorf("serialization failure: %v, want what it took", got)
+	}
+	var off *shortWait
+	if got := off.conflictCost(20*time.Millisecond, true, errLockTimeout); got != 20*time.Millisecond {
+		t.Errorf("off: %v", got)
+	}
+}
+
+// End to end: on a db that met a deadlock (its attempts bounded), bounded
+// lock waits that run out engage contention control as the deadlocks
+// they replace would; without the rule (the attempts timed on a clock
+// that does not move: they cost nothing) it would never engage.
+func TestShortWaitLockTimeoutsEngageContentionControl(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("UPDATE", step{err: errDeadlock})
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 40 {
+				if (i+g)%3 == 0 {
+					srv.script("UPDATE", step{err: errLockTimeout})
+				}
+				if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if s := stats(t, db); s.ContentionCuts == 0 {
+		t.Fatalf("bounded lock timeouts did not engage contention control: %+v", s)
+	}
+}
