@@ -93,10 +93,6 @@ type txLimiter struct {
 	// the queue, while WithContentionQueue is on (probeDue).
 	lastConflict atomic.Int64
 
-	// keys: the keys of the attempts in flight, for a while after a
-	// conflict (contention_keys.go).
-	keys keyRegistry
-
 	// The last event of costly conflicts that would have engaged it while
 	// unlimited (see oneEventLocked): when it began, when its last
 	// conflict ended, and wasted and useful then.

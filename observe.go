@@ -165,8 +165,6 @@ type Stats struct {
 	ContentionWaits    int64        // RunInTx attempts that waited for contention control
 	ContentionCuts     int64        // times contention control cut the number of transactions at once
 	ContentionLetGo    int64        // times it let go because the db committed less with it than without
-	ContentionRefused  int64        // writes refused before they were sent: foreseen to deadlock or fail (PostgreSQL)
-	ContentionKeyed    int64        // replays let in because no transaction in flight held their keys (PostgreSQL)
 	BreakerTransitions int64        // changes of the breaker's state
 	ShadowDecisions    int64        // decisions shadow mode reported and did not carry out (events with Shadow set)
 	Breaker            BreakerState // the breaker's state now (BreakerClosed without a breaker)
@@ -219,7 +217,6 @@ func (r *retrier) stats() Stats {
 	}
 	if l := r.txLimit; l != nil {
 		s.ContentionWaits, s.ContentionCuts, s.ContentionLetGo = l.queued.Load(), l.decrease.Load(), l.letGo.Load()
-		s.ContentionRefused, s.ContentionKeyed = l.keys.refused.Load(), l.keys.keyed.Load()
 		if l.engaged.Load() {
 			l.mu.Lock()
 			s.ContentionLimit = l.limit

@@ -154,17 +154,7 @@ func (t *tx) exec(ctx context.Context, query string, args []driver.NamedValue) (
 	if err := t.guard(query); err != nil {
 		return nil, err
 	}
-	k := t.keyed()
-	if k != nil {
-		if err := k.before(t.c.isReadQuery(query), query, args); err != nil {
-			t.done(ctx, err, query, false)
-			return nil, err
-		}
-	}
 	res, err := t.c.execInner(ctx, query, args)
-	if k != nil {
-		k.after()
-	}
 	t.done(ctx, err, query, false)
 	return res, err
 }
@@ -173,17 +163,7 @@ func (t *tx) query(ctx context.Context, query string, args []driver.NamedValue) 
 	if err := t.guard(query); err != nil {
 		return nil, err
 	}
-	k := t.keyed()
-	if k != nil {
-		if err := k.before(t.c.isReadQuery(query), query, args); err != nil {
-			t.done(ctx, err, query, true)
-			return nil, err
-		}
-	}
 	rows, err := t.c.queryInner(ctx, query, args)
-	if k != nil {
-		k.after()
-	}
 	t.done(ctx, err, query, true)
 	if err != nil {
 		return nil, err
@@ -195,17 +175,7 @@ func (t *tx) stmtExec(ctx context.Context, s *stmt, args []driver.NamedValue) (d
 	if err := t.guard(s.query); err != nil {
 		return nil, err
 	}
-	k := t.keyed()
-	if k != nil {
-		if err := k.before(t.c.isReadQuery(s.query), s.query, args); err != nil {
-			t.done(ctx, err, s.query, false)
-			return nil, err
-		}
-	}
 	res, err := s.execInner(ctx, args)
-	if k != nil {
-		k.after()
-	}
 	t.done(ctx, err, s.query, false)
 	return res, err
 }
@@ -214,17 +184,7 @@ func (t *tx) stmtQuery(ctx context.Context, s *stmt, args []driver.NamedValue) (
 	if err := t.guard(s.query); err != nil {
 		return nil, err
 	}
-	k := t.keyed()
-	if k != nil {
-		if err := k.before(t.c.isReadQuery(s.query), s.query, args); err != nil {
-			t.done(ctx, err, s.query, true)
-			return nil, err
-		}
-	}
 	rows, err := s.queryInner(ctx, args)
-	if k != nil {
-		k.after()
-	}
 	t.done(ctx, err, s.query, true)
 	if err != nil {
 		return nil, err
@@ -680,7 +640,6 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		sw = nil
 	}
 	bounded, unbounded := 0, false
-	var prevKeys *txKeys // the last attempt's keys, when a conflict ended it (contention_keys.go)
 	for attempt := 1; ; attempt++ {
 		var o txOutcome
 		var lockWait time.Duration
@@ -691,7 +650,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 				bounded++
 			}
 		}
-		werr := r.runAttempt(ctx, &o, lim, db, txOpts, fn, sees, conflicted, lockWait, prevKeys)
+		werr := r.runAttempt(ctx, &o, lim, db, txOpts, fn, sees, conflicted, lockWait)
 		if werr != nil {
 			return r.stop(ctx, "tx", max(attempt-1, 1), werr, prev, "caller's context is done")
 		}
@@ -699,7 +658,6 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			start = o.began
 		}
 		conflicted = conflicted || o.conflict
-		prevKeys = o.keys
 		err := o.err
 		if sw != nil && o.cause != nil {
 			sw.failed(o.cause, lockWait > 0, r.clock)
@@ -790,9 +748,8 @@ type txOutcome struct {
 	cause    error // what decides about a replay; nil: err is final
 	cls      Class // cause's class
 	replay   bool
-	conflict bool    // aborted by a conflict with another transaction (for contention control)
-	escaped  bool    // it would have been replayed, but the closure committed part of its work itself
-	keys     *txKeys // the keys it named, when a conflict ended it and it recorded them
+	conflict bool // aborted by a conflict with another transaction (for contention control)
+	escaped  bool // it would have been replayed, but the closure committed part of its work itself
 }
 
 // runAttempt runs one attempt within the contention control: the slot is
@@ -806,12 +763,7 @@ type txOutcome struct {
 // o is filled in place (not returned: the copy was a measurable part of
 // RunInTx's cost, issue 13 goal 3).
 func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, db *sql.DB, txOpts *sql.TxOptions,
-	fn func(context.Context, *sql.Tx) error, sees, conflicted bool, lockWait time.Duration, prevKeys *txKeys) (werr error) {
-	if lim != nil && (prevKeys != nil || lim.keys.on.Load()) {
-		// After a conflict: the same, with the attempt's keys recorded
-		// (contention_keys.go).
-		return r.runAttemptKeyed(ctx, o, lim, db, txOpts, fn, sees, conflicted, lockWait, prevKeys)
-	}
+	fn func(context.Context, *sql.Tx) error, sees, conflicted bool, lockWait time.Duration) (werr error) {
 	var slot txSlot
 	if lim != nil {
 		if slot, werr = lim.acquire(ctx); werr != nil {
@@ -852,9 +804,6 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
-		if o.conflict && lim != nil {
-			r.endKeys(lim, nil, o)
-		}
 	}
 	if queue && !inGate && lim.probeDue(o.conflict) {
 		if g == nil {
