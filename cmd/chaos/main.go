@@ -37,7 +37,7 @@ import (
 
 var (
 	driversFlag    = flag.String("drivers", "pgx,mysql", "engines: pgx (PostgreSQL), mysql (MariaDB)")
-	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency,replicas,failover", "scenarios to run (failover: PostgreSQL only, on a Patroni cluster)")
+	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency,replicas,failover", "scenarios to run (failover: PostgreSQL only, on a Patroni cluster; also: hotratio, 8 hot accounts against 100,000)")
 	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control; sqlretry-queue, with WithContentionQueue)")
 	duration       = flag.Duration("duration", 5*time.Second, "run time per strategy (the restart scenario adds the outage and the breaker's open timeout)")
 	outDir         = flag.String("out", "docs/chaos", "directory for chaos.json, chaos.md and the restart plots")
@@ -55,6 +55,10 @@ func scenarios(d time.Duration) []chaos.Scenario {
 		// Few accounts, many workers: SERIALIZABLE on PostgreSQL, locking
 		// reads in random order on MariaDB.
 		{Name: "hotspot", Accounts: 4, Workers: 16, Duration: d, OpTimeout: 10 * time.Second},
+		// The hot spot of 8 accounts and, right after each strategy's
+		// run, the same workload on 100,000 accounts (no contention): the
+		// ratio says how much of the hot spot's rate conflicts cost.
+		{Name: "hotratio", Accounts: 8, Workers: 16, Duration: d, OpTimeout: 10 * time.Second, NoContention: 100000},
 		{Name: "kills", Accounts: 100, Workers: 8, Duration: d, OpTimeout: 10 * time.Second, KillEvery: 200 * time.Millisecond},
 		// The server crashes 2 s in and is back 5 s later; the run goes on
 		// 7 s after that, so that the recovery shows (the default breaker
@@ -193,7 +197,7 @@ func runDriver(ctx context.Context, out *output, name string, tg chaos.Target, s
 				return ctx.Err()
 			}
 			fmt.Printf("  %s/%s/%s (%v)\n", d, sc.Name, st.Name, sc.Duration)
-			r, err := chaos.Run(ctx, tg, sc, st, func(el time.Duration, c, f int64) {
+			r, err := chaos.RunPair(ctx, tg, sc, st, func(el time.Duration, c, f int64) {
 				fmt.Printf("\r    %3.0fs committed %7d  failed %7d", el.Seconds(), c, f)
 			})
 			fmt.Print("\r\033[K")
@@ -283,6 +287,25 @@ func table(w io.Writer, reports []*chaos.Report) {
 		}
 	}
 	fmt.Fprintln(w)
+	ratioTable(w, reports)
+}
+
+// ratioTable prints, for a scenario run against its no-contention
+// reference (hotratio), each strategy's two rates and their ratio.
+func ratioTable(w io.Writer, reports []*chaos.Report) {
+	if len(reports) == 0 || reports[0].NoContention == nil {
+		return
+	}
+	fmt.Fprintf(w, "%s / %s against %s\n", reports[0].Driver, reports[0].Scenario, reports[0].NoContention.Scenario)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "strategy\thot tx/s\tno-contention tx/s\tratio\thot surfaced\thot p99.9 ms\thot max ms\tno-contention surfaced\t")
+	for _, r := range reports {
+		if ref := r.NoContention; ref != nil {
+			fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.2f\t%d\t%.0f\t%.0f\t%d\t\n", r.Strategy, r.TxPerSec, ref.TxPerSec, r.RatioToNoContention, r.Failed, r.P999ms, r.MaxMs, ref.Failed)
+		}
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
 }
 
 func outageDials(r *chaos.Report) string {
@@ -344,7 +367,14 @@ func writeMarkdown(out *output) error {
 	fmt.Fprintf(&md, "Made by `%s` on %s, %s; %s.\n\n", out.Command, out.Started.Format("2006-01-02"), out.Machine, serversLine(out.Servers))
 	fmt.Fprintln(&md, "| engine | scenario | strategy | tx/s | surfaced errors | attempts/commit | p50 ms | p99 ms | p99.9 ms | mean ms | dials/s in outage | recovery ms | money, lost, phantom |")
 	fmt.Fprintln(&md, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+	var rows []*chaos.Report
 	for _, r := range out.Reports {
+		rows = append(rows, r)
+		if r.NoContention != nil {
+			rows = append(rows, r.NoContention)
+		}
+	}
+	for _, r := range rows {
 		inv := "ok, 0, 0"
 		if !(r.MoneyConserved && r.LedgerMatches) || r.Lost != 0 || r.Phantom != 0 {
 			inv = fmt.Sprintf("**%v, %d, %d**", r.MoneyConserved && r.LedgerMatches, r.Lost, r.Phantom)
@@ -355,6 +385,11 @@ func writeMarkdown(out *output) error {
 		}
 		fmt.Fprintf(&md, "| %s | %s | %s | %.0f | %d | %.2f | %.1f | %.0f | %.0f | %.1f | %s | %s | %s |\n", r.Driver, scenario, r.Strategy, r.TxPerSec,
 			r.Failed, r.AttemptsPerCommit, r.P50ms, r.P99ms, r.P999ms, r.MeanMs, outageDials(r), recovery(r), inv)
+	}
+	for _, r := range out.Reports {
+		if r.NoContention != nil {
+			fmt.Fprintf(&md, "\n%s/%s/%s: %.0f tx/s against %.0f on %s, ratio %.2f\n", r.Driver, r.Scenario, r.Strategy, r.TxPerSec, r.NoContention.TxPerSec, r.NoContention.Scenario, r.RatioToNoContention)
+		}
 	}
 	fmt.Fprintln(&md, "\nSurfaced errors by kind:")
 	fmt.Fprintln(&md)

@@ -116,6 +116,12 @@ type Scenario struct {
 	// writes again on the sync standby after the DCS TTL. The killed node
 	// rejoins after the run.
 	FailoverAt time.Duration
+	// NoContention, when not 0, runs the same workload again on this
+	// many accounts (no contention), right after each strategy's run on
+	// Accounts, and reports the ratio of the two (RunPair): how close a
+	// strategy comes to the rate the hot spot would have without its
+	// conflicts.
+	NoContention int
 }
 
 // Report is one run's figures.
@@ -128,6 +134,7 @@ type Report struct {
 	AttemptsPerCommit          float64
 	P50ms, P99ms, P999ms       float64 // latency of a logical operation
 	MeanMs                     float64 // workers / throughput, by Little's law
+	MaxMs                      float64 // the slowest logical operation (a starved caller shows here)
 	Dials                      int     // connection attempts in the whole run
 	DialsInOutage              int     // connection attempts while the server was down
 	DialsPerSecInOutage        float64
@@ -142,6 +149,31 @@ type Report struct {
 	Processes              bool             `json:",omitempty"` // ... as processes
 	ReplicaCommitted       []int64          `json:",omitempty"` // ... and each one's commits
 	ReplicaStats           []sqlretry.Stats `json:",omitempty"`
+	// RunPair: the same strategy's run on Scenario.NoContention accounts,
+	// and TxPerSec's ratio to it.
+	NoContention        *Report `json:",omitempty"`
+	RatioToNoContention float64 `json:",omitempty"`
+}
+
+// RunPair runs sc with st on sc.Accounts and then on sc.NoContention
+// accounts, and returns the first run's report with the second's as its
+// reference.
+func RunPair(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func(elapsed time.Duration, committed, failed int64)) (*Report, error) {
+	hot, err := Run(ctx, tg, sc, st, progress)
+	if err != nil || sc.NoContention == 0 {
+		return hot, err
+	}
+	cold := sc
+	cold.Name, cold.Accounts, cold.NoContention = sc.Name+"-nocontention", sc.NoContention, 0
+	ref, err := Run(ctx, tg, cold, st, progress)
+	if err != nil {
+		return nil, err
+	}
+	hot.NoContention = ref
+	if ref.TxPerSec > 0 {
+		hot.RatioToNoContention = hot.TxPerSec / ref.TxPerSec
+	}
+	return hot, nil
 }
 
 // Run runs one scenario with one strategy on fresh tables; progress, when
@@ -301,6 +333,7 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 		Invariants: inv, TickMs: 100, Timeline: res.Timeline, RecoveryMs: -1,
 	}
 	if n := len(res.Latencies); n > 0 {
+		r.MaxMs = ms(res.Latencies[n-1])
 		var sum time.Duration
 		for _, l := range res.Latencies {
 			sum += l
