@@ -707,3 +707,32 @@ func TestRunInTxGiveUpReportsTheTransactionClass(t *testing.T) {
 		t.Errorf("Class = %v, want %v", e.Class, RetryTransaction)
 	}
 }
+
+// A give-up says how many attempts ran: with WithMaxAttempts(1) the
+// closure ran once and the error said "gave up after 2 attempts" (found
+// by a hostile tester, attack5).
+func TestRunInTxGiveUpCountsTheAttemptsThatRan(t *testing.T) {
+	for _, n := range []int{1, 2, 3} {
+		srv := newFakeServer()
+		for range n {
+			srv.script("UPDATE", step{err: errSerialization})
+		}
+		db, _ := testDB(t, srv, WithMaxAttempts(n))
+		runs := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			_, err := tx.ExecContext(ctx, "UPDATE t SET n = 1")
+			return err
+		})
+		var e *Error
+		switch {
+		case runs != n:
+			t.Errorf("MaxAttempts(%d): ran %d times", n, runs)
+		case n == 1 && (errors.As(err, &e) || !strings.Contains(fmt.Sprint(err), "40001")):
+			// One attempt, no retry: the driver's error as it came.
+			t.Errorf("MaxAttempts(1): err = %v, want the driver's error unchanged", err)
+		case n > 1 && (!errors.As(err, &e) || e.Attempts != n):
+			t.Errorf("MaxAttempts(%d): err = %v, want a give-up after %d attempts", n, err, n)
+		}
+	}
+}

@@ -729,7 +729,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		}
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
-			return r.paceStop(ctx, "tx", max(attempt, 2), cls, err, stop)
+			return r.paceStop(ctx, "tx", attempt, cls, err, stop)
 		}
 		r.counters.retriesTransaction.Add(1)
 		r.observe(ctx, Event{Kind: EventRetry, Op: "tx", Attempt: attempt, Class: cls, Err: err, Delay: d, Reason: "transaction aborted; replaying it"})
