@@ -53,10 +53,16 @@ const (
 )
 
 // shortWaitQuery sets the transaction's lock_timeout to $1 ms unless one of
-// the user's is already lower and not zero, and returns the server's
-// deadlock_timeout in ms.
-const shortWaitQuery = "SELECT set_config('lock_timeout', CASE WHEN c.lt > 0 AND c.lt <= $1::int THEN current_setting('lock_timeout') ELSE $1::int || 'ms' END, true), c.dt::bigint " +
-	"FROM (SELECT extract(epoch FROM current_setting('lock_timeout')::interval) * 1000 AS lt, extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000 AS dt) c"
+// the user's is already lower and not zero, or the server's
+// deadlock_timeout is not longer (the first bound of a db is asked before
+// sqlretry knows it), and returns deadlock_timeout in ms. Every function
+// and operator is pg_catalog's: a search_path that puts a schema of
+// look-alikes first (a DSN's, a role's) must not run them.
+const shortWaitQuery = "SELECT pg_catalog.set_config('lock_timeout', CASE WHEN " +
+	"(c.lt OPERATOR(pg_catalog.>) 0 AND c.lt OPERATOR(pg_catalog.<=) $1::int) OR c.dt OPERATOR(pg_catalog.<=) $1::int " +
+	"THEN pg_catalog.current_setting('lock_timeout') ELSE $1::int OPERATOR(pg_catalog.||) 'ms' END, true), c.dt::bigint " +
+	"FROM (SELECT EXTRACT(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS lt, " +
+	"EXTRACT(epoch FROM pg_catalog.current_setting('deadlock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS dt) c"
 
 // newShortWait is the db's short-wait state, nil when off: PostgreSQL only
 // (MySQL finds deadlocks at once, and its lock wait timeout counts whole
