@@ -437,3 +437,69 @@ func TestShortWaitLockTimeoutsEngageContentionControl(t *testing.T) {
 		t.Fatalf("bounded lock timeouts did not engage contention control: %+v", s)
 	}
 }
+
+// An attempt after which no replay may follow (the last that MaxAttempts
+// allows, one that would end past MaxElapsed, a call marked NoRetry) is
+// not bounded: its bounded lock wait would end in a lock timeout that
+// nothing replays, where plain PostgreSQL would have waited and committed
+// (found by a hostile tester, attack5: WithMaxAttempts(2), a
+// serialization failure, then a row held 2 s by a batch job gave the
+// caller 55P03).
+func TestShortWaitNotOnAnAttemptThatCannotBeReplayed(t *testing.T) {
+	t.Run("MaxAttempts", func(t *testing.T) {
+		for _, n := range []int{2, 3} {
+			srv := newFakeServer()
+			w := &lockWaits{deadlockMS: 1000}
+			w.install(srv)
+			db, _ := testDB(t, srv, WithMaxAttempts(n))
+			for range n - 1 {
+				srv.script("UPDATE", step{err: errSerialize})
+			}
+			if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+				t.Fatal(err)
+			}
+			// Attempts 2..n-1 bounded; the last, n, not.
+			if got := len(w.got()); got != n-2 {
+				t.Errorf("MaxAttempts(%d): bounds %v, want %d (none on the last attempt)", n, w.got(), n-2)
+			}
+		}
+	})
+	t.Run("MaxElapsed", func(t *testing.T) {
+		srv := newFakeServer()
+		w := &lockWaits{deadlockMS: 1000}
+		w.install(srv)
+		db, clock := testDB(t, srv, WithBackoff(Backoff{Initial: time.Millisecond, Max: time.Millisecond, Multiplier: 1, MaxAttempts: 100, MaxElapsed: 300 * time.Millisecond}))
+		srv.script("UPDATE", step{err: errSerialize})
+		runs := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			if runs == 1 {
+				clock.Advance(290 * time.Millisecond) // the first attempt took most of MaxElapsed
+			}
+			return updateTx(ctx, tx)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(w.got()) != 0 {
+			t.Errorf("bounds %v: a replay whose bound would end past MaxElapsed was bounded", w.got())
+		}
+	})
+	t.Run("NoRetry", func(t *testing.T) {
+		srv := newFakeServer()
+		w := &lockWaits{deadlockMS: 1000}
+		w.install(srv)
+		db, _ := testDB(t, srv)
+		srv.script("UPDATE", step{err: errDeadlock})
+		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+		before := len(w.got())
+		if err := RunInTx(NoRetry(context.Background()), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+		if got := len(w.got()); got != before {
+			t.Errorf("bounds %v: a NoRetry call right after a deadlock was bounded", w.got())
+		}
+	})
+}

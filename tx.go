@@ -646,6 +646,8 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		if sw != nil && !unbounded && (conflicted || sw.isHot(r.clock)) {
 			if lockWait = sw.bound(bounded); lockWait == 0 {
 				unbounded = true
+			} else if !r.replayable(ctx, bo, attempt, start, lockWait) {
+				lockWait = 0 // the last attempt: its lock waits as plain PostgreSQL's
 			} else {
 				bounded++
 			}
@@ -738,6 +740,24 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		}
 		prev = err
 	}
+}
+
+// replayable says whether a replay could follow an attempt whose lock
+// waits are bounded by lockWait: not on the last attempt MaxAttempts
+// allows, nor on one whose bound would end past MaxElapsed (from start,
+// when the first attempt's BEGIN returned; zero before it), nor in a call
+// marked NoRetry. Such an attempt is not bounded (shortwait.go): its lock
+// timeout would end the call where plain PostgreSQL would have waited and
+// committed.
+func (r *retrier) replayable(ctx context.Context, bo *Backoff, attempt int, start time.Time, lockWait time.Duration) bool {
+	if attempt >= bo.MaxAttempts || ctx.Value(keyNoRetry) != nil {
+		return false
+	}
+	elapsed := time.Duration(0)
+	if !start.IsZero() {
+		elapsed = since(r.clock, start)
+	}
+	return elapsed+lockWait <= bo.MaxElapsed
 }
 
 // txOutcome is what one RunInTx attempt came to.
