@@ -164,7 +164,11 @@ func TestAttack5NoLeakOnAnyEnding(t *testing.T) {
 					if k == 1 {
 						return a5FakeConflict(ctx, tx, "40001")
 					}
-					bounded, _ = a5Setting(ctx, tx, "lock_timeout")
+					if k == 2 {
+						// The first replay; the last attempt MaxAttempts
+						// allows is not bounded (nothing would replay it).
+						bounded, _ = a5Setting(ctx, tx, "lock_timeout")
+					}
 					return end(ctx, tx, k, cancel)
 				}, sqlretry.WithMaxAttempts(3))
 			}()
