@@ -52,8 +52,12 @@ func TestPostgresLostAutocommitWriteRunsOnce(t *testing.T) {
 		if !wrapped && rows == 2 && err == nil {
 			t.Log("plain pgx + database/sql: the write ran twice and reported success")
 		}
-		if wrapped && (rows != 1 || !errors.Is(err, sqlretry.ErrAmbiguousCommit)) {
-			t.Errorf("sqlretry: rows=%d err=%v; want exactly one row and ErrAmbiguousCommit", rows, err)
+		// At most one row: the INSERT is not run again. Usually exactly
+		// one; none when the close reached the server as a reset before it
+		// read the INSERT (a CI rehearsal at load 5-10 saw that once), which
+		// is why the outcome is unknown to the client either way.
+		if wrapped && (rows > 1 || !errors.Is(err, sqlretry.ErrAmbiguousCommit)) {
+			t.Errorf("sqlretry: rows=%d err=%v; want at most one row and ErrAmbiguousCommit", rows, err)
 		}
 		db.Close()
 		db0.Close()
