@@ -778,7 +778,8 @@ type txOutcome struct {
 // a slot. conflicted says an earlier attempt of the same call was aborted
 // by a conflict: later ones are that caller's trouble (one transaction
 // waiting on a lock held outside, say), not transactions colliding with
-// each other, and are not reported to the contention control as conflicts.
+// each other, and the contention control counts them only while they held
+// a slot of its engagement (txSlot.replay).
 //
 // o is filled in place (not returned: the copy was a measurable part of
 // RunInTx's cost, issue 13 goal 3).
@@ -789,6 +790,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 		if slot, werr = lim.acquire(ctx); werr != nil {
 			return werr
 		}
+		slot.replay = conflicted
 		defer func() {
 			var took time.Duration
 			if !o.began.IsZero() {
@@ -798,7 +800,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 			if lockWait > 0 && o.conflict {
 				cost = r.shortWait.conflictCost(took, true, o.cause) // shortwait.go
 			}
-			lim.releaseCost(slot, o.conflict && !conflicted, o.err == nil && o.phase == phaseCommit, took, cost)
+			lim.releaseCost(slot, o.conflict, o.err == nil && o.phase == phaseCommit, took, cost)
 		}()
 	}
 	// The database-side queue (contention_gate.go): the attempt waits for
