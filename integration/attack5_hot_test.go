@@ -229,19 +229,36 @@ func TestAttack5QueueUnderBoundedMode(t *testing.T) {
 }
 
 // The same hot spot in READ COMMITTED (PostgreSQL's default): 16 callers
-// lock 2 of 4 accounts in random order, 10 s. Short waits exist to break
-// such deadlock cycles in milliseconds; a4-style correctness is checked by
-// a5Transfers (no surfaced error, money, ledger) and the rate must not
-// collapse (the SERIALIZABLE hot spot commits hundreds per second here).
+// lock 2 of 4 accounts in random order, 5 s per side. In READ COMMITTED a
+// waiter goes on when the holder commits: deadlocks are the only
+// conflicts, each found after deadlock_timeout (1 s). Contention control
+// must engage on them and queue the callers; correctness is checked by
+// a5Transfers (no surfaced error, money, ledger), and the rate must not
+// collapse: it committed 1.5-4 tx/s (p50 5-18 s) while the SERIALIZABLE
+// hot spot committed hundreds, because the limiter engaged late or never
+// (it waited for two rounds of the 16 callers, 3-8 s there), let go on a
+// probation judged on one or two commits, and could not cut (a replay's
+// conflict did not count, and calls replayed for seconds). The
+// SERIALIZABLE side runs in the same test for the ratio.
+//
+// Gated (SQLRETRY_ATTACK5_GAPS=1): with the three fixes it passed 2 of 5
+// runs in a row (4.0-156.8 tx/s); the runs that fail spend the whole 5 s
+// draining the tangle of the 16 first attempts, which started unbounded
+// before any conflict was seen and wait on each other (pg_stat_activity:
+// 11-16 sessions in lock waits for 1-3 s), one deadlock victim a second.
 func TestAttack5HotSpotReadCommitted(t *testing.T) {
 	if os.Getenv("SQLRETRY_ATTACK5_GAPS") == "" {
-		t.Skip("a gap the README names (the READ COMMITTED deadlock hot spot on PostgreSQL commits a few per second, with or without short waits); set SQLRETRY_ATTACK5_GAPS=1 to run")
+		t.Skip("a gap the README names (the READ COMMITTED deadlock hot spot on PostgreSQL: the cold start of 16 unbounded first attempts); set SQLRETRY_ATTACK5_GAPS=1 to run")
 	}
-	on := a5Transfers(t, true, sql.LevelReadCommitted, 16, 10*time.Second)
-	off := a5Transfers(t, false, sql.LevelReadCommitted, 16, 10*time.Second)
-	t.Logf("READ COMMITTED, 10 s:\n with short waits %v\n without %v", on, off)
-	if rate := float64(on.commits) / 10; rate < 50 {
-		t.Errorf("DEFECT: READ COMMITTED 4-account hot spot with short waits committed %.1f tx/s (without: %.1f tx/s), p50 %v p99 %v: deadlock cycles are not broken in milliseconds; %d of %d attempts ran with no bound (lock_timeout 0)",
-			rate, float64(off.commits)/10, on.p50.Round(time.Millisecond), on.p99.Round(time.Millisecond), on.bounds["0"], on.attempts)
+	const d = 5 * time.Second
+	on := a5Transfers(t, true, sql.LevelReadCommitted, 16, d)
+	off := a5Transfers(t, false, sql.LevelReadCommitted, 16, d)
+	ser := a5Transfers(t, true, sql.LevelSerializable, 16, d)
+	rate := func(r a5HotResult) float64 { return float64(r.commits) / d.Seconds() }
+	t.Logf("READ COMMITTED, %v:\n with short waits %.1f tx/s: %v\n without %.1f tx/s: %v\nSERIALIZABLE with short waits %.1f tx/s: %v\nREAD COMMITTED / SERIALIZABLE: %.2f",
+		d, rate(on), on, rate(off), off, rate(ser), ser, rate(on)/max(rate(ser), 1))
+	if rate(on) < 50 {
+		t.Errorf("DEFECT: READ COMMITTED 4-account hot spot with short waits committed %.1f tx/s (without: %.1f tx/s; SERIALIZABLE %.1f), p50 %v p99 %v; %d of %d attempts ran with no bound (lock_timeout 0)",
+			rate(on), rate(off), rate(ser), on.p50.Round(time.Millisecond), on.p99.Round(time.Millisecond), on.bounds["0"], on.attempts)
 	}
 }
