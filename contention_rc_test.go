@@ -111,3 +111,32 @@ func TestContentionReplayConflictsCutWhileEngaged(t *testing.T) {
 		t.Errorf("slot holders' replays kept conflicting and the limit stayed at %v (engaged at %v)", l.limit, limit)
 	}
 }
+
+// While contention control is engaged, a call's bound stops climbing below
+// deadlock_timeout instead of ending: an attempt with no bound joins the
+// tangle of lock waits that only PostgreSQL's deadlock detection unwinds,
+// one victim a second, and holds its slot meanwhile. On the READ COMMITTED
+// hot spot 34-65 % of the attempts ran unbounded, most of them replays
+// past 640 ms, and the runs that failed spent their 5 s in that tangle.
+// Unlimited, the bounds end as before (a caller behind a batch session's
+// row waits as long as it takes).
+func TestShortWaitKeepsItsBoundWhileContentionControlIsEngaged(t *testing.T) {
+	srv := newFakeServer()
+	w := &lockWaits{deadlockMS: 1000}
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	l := retrierOf(db).txLimit
+	l.mu.Lock()
+	l.limit, l.ceiling = 100, 1000
+	l.engaged.Store(true)
+	l.mu.Unlock()
+	for range 8 {
+		srv.script("UPDATE", step{err: errLockTimeout})
+	}
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if want := []int64{20, 40, 80, 160, 320, 640, 640, 640}; !sameInts(w.got(), want) {
+		t.Fatalf("bounds while engaged %v, want %v", w.got(), want)
+	}
+}

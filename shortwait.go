@@ -111,6 +111,23 @@ func (s *shortWait) bound(n int) time.Duration {
 	return b
 }
 
+// top is the longest bound below deadlock_timeout: where a call's bounds
+// stop climbing while contention control is engaged (tx.go). There an
+// attempt with no bound joins the tangle of lock waits that only the
+// server's deadlock detection unwinds, one victim a second, while it holds
+// a slot: on the READ COMMITTED hot spot (attack5) most unbounded
+// attempts were such replays. 0: none (off, or no bound below it).
+func (s *shortWait) top() time.Duration {
+	var b time.Duration
+	for n := 0; ; n++ {
+		next := s.bound(n)
+		if next == 0 {
+			return b
+		}
+		b = next
+	}
+}
+
 // committed takes an attempt that had a bound and committed, took long
 // after its BEGIN returned, into the recent commit duration (weight 1/8).
 func (s *shortWait) committed(took time.Duration) {

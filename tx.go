@@ -644,7 +644,11 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		var o txOutcome
 		var lockWait time.Duration
 		if sw != nil && !unbounded && (conflicted || sw.isHot(r.clock)) {
-			if lockWait = sw.bound(bounded); lockWait == 0 {
+			lockWait = sw.bound(bounded)
+			if lockWait == 0 && lim != nil && lim.engaged.Load() {
+				lockWait = sw.top() // shortwait.go
+			}
+			if lockWait == 0 {
 				unbounded = true
 			} else if !r.replayable(ctx, bo, attempt, start, lockWait) {
 				lockWait = 0 // the last attempt: its lock waits as plain PostgreSQL's
