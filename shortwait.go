@@ -94,15 +94,8 @@ func (s *shortWait) bound(n int) time.Duration {
 	if s.off.Load() {
 		return 0
 	}
-	b := max(shortWaitFloor, shortWaitFactor*time.Duration(s.commit.Load()))
-	dt := defaultDeadlockTimeout
-	if ms := s.deadlock.Load(); ms > 0 {
-		dt = time.Duration(ms) * time.Millisecond
-	}
-	for range n {
-		if b >= dt {
-			break
-		}
+	b, dt := s.first(), s.deadlockTimeout()
+	for ; n > 0 && b < dt; n-- {
 		b *= 2
 	}
 	if b >= dt {
@@ -118,14 +111,32 @@ func (s *shortWait) bound(n int) time.Duration {
 // a slot: on the READ COMMITTED hot spot (attack5) most unbounded
 // attempts were such replays. 0: none (off, or no bound below it).
 func (s *shortWait) top() time.Duration {
-	var b time.Duration
-	for n := 0; ; n++ {
-		next := s.bound(n)
-		if next == 0 {
-			return b
-		}
-		b = next
+	if s.off.Load() {
+		return 0
 	}
+	b, dt := s.first(), s.deadlockTimeout()
+	if b >= dt {
+		return 0
+	}
+	for 2*b < dt {
+		b *= 2
+	}
+	return b
+}
+
+// first is a call's first bound: shortWaitFactor times a recent commit's
+// duration, at least shortWaitFloor.
+func (s *shortWait) first() time.Duration {
+	return max(shortWaitFloor, shortWaitFactor*time.Duration(s.commit.Load()))
+}
+
+// deadlockTimeout is the server's deadlock_timeout, as the last bounded
+// attempt read it, or PostgreSQL's default until one did.
+func (s *shortWait) deadlockTimeout() time.Duration {
+	if ms := s.deadlock.Load(); ms > 0 {
+		return time.Duration(ms) * time.Millisecond
+	}
+	return defaultDeadlockTimeout
 }
 
 // committed takes an attempt that had a bound and committed, took long
@@ -145,11 +156,7 @@ func (s *shortWait) committed(took time.Duration) {
 // failed takes an attempt's cause: a deadlock, or a lock wait that ran out
 // under this bound (bounded), makes the db hot for shortWaitMemory.
 func (s *shortWait) failed(cause error, bounded bool, clock Clock) {
-	var pg interface{ SQLState() string }
-	if !errors.As(cause, &pg) {
-		return
-	}
-	switch pg.SQLState() {
+	switch ErrorCode(cause) {
 	case "40P01":
 	case "55P03":
 		if !bounded {
@@ -171,19 +178,10 @@ func (s *shortWait) failed(cause error, bounded bool, clock Clock) {
 // single-process hot spot committed less than without short waits in 4
 // of 7 runs (0.33-0.78).
 func (s *shortWait) conflictCost(took time.Duration, bounded bool, cause error) time.Duration {
-	if s == nil || !bounded || !isSQLState(cause, "55P03") {
+	if s == nil || !bounded || ErrorCode(cause) != "55P03" {
 		return took
 	}
-	dt := defaultDeadlockTimeout
-	if ms := s.deadlock.Load(); ms > 0 {
-		dt = time.Duration(ms) * time.Millisecond
-	}
-	return max(took, dt)
-}
-
-func isSQLState(err error, code string) bool {
-	var pg interface{ SQLState() string }
-	return errors.As(err, &pg) && pg.SQLState() == code
+	return max(took, s.deadlockTimeout())
 }
 
 // shortWaitError is the failure of the statement that sets the bound.
