@@ -337,11 +337,13 @@ func (l *txLimiter) releaseCost(s txSlot, conflict, committed bool, took, cost t
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if conflict && s.replay && (s.gen != l.gen || !l.engaged.Load()) {
+	if conflict && s.replay && s.gen != l.gen {
 		// A replay's conflict is its caller's trouble (one transaction
 		// waiting on a lock held outside, say) and does not engage the
 		// limiter; but one met while it held a slot of this engagement
-		// is a conflict among the slot holders, and may cut the limit.
+		// (s.limited, checked above, and s.gen, which every engagement
+		// and every let-go moves on) is a conflict among the slot
+		// holders, and may cut the limit.
 		// Counted only at a call's first conflict, the READ COMMITTED hot
 		// spot (calls that replay for seconds) starved the cut rule: the
 		// limit stayed at 8 of 16 callers on 4 rows (attack5).
