@@ -393,15 +393,12 @@ func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name 
 		if cerr, err := markerShapeOK(ctx, dc, schema, table, name, ddl); cerr != nil || err != nil {
 			return "", cerr, err
 		}
-	}
-	if asInt64(vals[0]) == 0 {
-		if err := execConn(ctx, dc, ddl); err != nil {
-			if isConfigNumber(mysqlNumber(err)) {
-				return "", &configError{what: "creating the commit marker table " + name,
-					fix: "create it once as an administrator (" + strings.Join(strings.Fields(ddl), " ") + ") and grant this user SELECT, INSERT and DELETE on it", err: err}, nil
-			}
-			return "", nil, err
+	} else if err := execConn(ctx, dc, ddl); err != nil {
+		if isConfigNumber(mysqlNumber(err)) {
+			return "", &configError{what: "creating the commit marker table " + name,
+				fix: "create it once as an administrator (" + oneLine(ddl) + ") and grant this user SELECT, INSERT and DELETE on it", err: err}, nil
 		}
+		return "", nil, err
 	}
 	// The lookup reads the table, the clean-up deletes from it. WHERE 1=0
 	// checks the privilege and touches no row.
@@ -428,7 +425,7 @@ func markerShapeOK(ctx context.Context, dc driver.Conn, schema, table, name, ddl
 	bad := func(what string) error {
 		return &configError{what: "using the existing table " + name + " as the commit marker (" + what + ")",
 			fix: "the marker table needs a token column of BINARY(16) and no trigger: drop it and let sqlretry create it (" +
-				strings.Join(strings.Fields(ddl), " ") + "), or name another table with WithMySQLCommitMarker"}
+				oneLine(ddl) + "), or name another table with WithMySQLCommitMarker"}
 	}
 	cols, err := queryRows(ctx, dc, "SELECT DATA_TYPE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS "+
 		"WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND COLUMN_NAME = 'token'", schema, table)
@@ -466,6 +463,9 @@ func markerShapeOK(ctx context.Context, dc driver.Conn, schema, table, name, ddl
 	}
 	return nil, nil
 }
+
+// oneLine is a statement's text on one line, for a message.
+func oneLine(q string) string { return strings.Join(strings.Fields(q), " ") }
 
 // isConfigNumber: access denied, no database, no such table or database,
 // or a table of another shape under the marker's name (no such column,
