@@ -121,10 +121,8 @@ func TestContentionReplayConflictsCutWhileEngaged(t *testing.T) {
 // Unlimited, the bounds end as before (a caller behind a batch session's
 // row waits as long as it takes).
 func TestShortWaitKeepsItsBoundWhileContentionControlIsEngaged(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	l := retrierOf(db).txLimit
 	l.mu.Lock()
 	l.limit, l.ceiling = 100, 1000

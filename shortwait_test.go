@@ -39,6 +39,16 @@ func (w *lockWaits) install(srv *fakeServer) {
 	}
 }
 
+// shortWaitDB is a fake PostgreSQL whose short-wait statement w answers,
+// and a db on it.
+func shortWaitDB(t *testing.T, w *lockWaits, opts ...Option) (*fakeServer, *sql.DB, *fakeClock) {
+	t.Helper()
+	srv := newFakeServer()
+	w.install(srv)
+	db, clock := testDB(t, srv, opts...)
+	return srv, db, clock
+}
+
 func (w *lockWaits) got() []int64 {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -71,10 +81,8 @@ func updateTx(ctx context.Context, tx *sql.Tx) error {
 // The happy path sends nothing more: a first attempt on a db that met no
 // deadlock, and an attempt after an error that is not a conflict.
 func TestShortWaitNotOnTheHappyPath(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	for range 3 {
 		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
 			t.Fatal(err)
@@ -93,10 +101,8 @@ func TestShortWaitNotOnTheHappyPath(t *testing.T) {
 // commit measured yet, doubling per replay of the same call, and none
 // once the bound reaches the server's deadlock_timeout.
 func TestShortWaitReplaysDoubleUntilDeadlockTimeout(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	for range 8 {
 		srv.script("UPDATE", step{err: errLockTimeout})
 	}
@@ -120,10 +126,8 @@ func TestShortWaitReplaysDoubleUntilDeadlockTimeout(t *testing.T) {
 
 // A lower deadlock_timeout, read from the server, stops the bounds sooner.
 func TestShortWaitStopsAtTheServersDeadlockTimeout(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 100}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	for range 5 {
 		srv.script("UPDATE", step{err: errSerialize})
 	}
@@ -139,10 +143,8 @@ func TestShortWaitStopsAtTheServersDeadlockTimeout(t *testing.T) {
 // A deadlock makes every attempt of the db bounded for a while, first
 // attempts of other calls included; then the happy path is back.
 func TestShortWaitAfterADeadlockForAWhile(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, clock := testDB(t, srv)
+	srv, db, clock := shortWaitDB(t, w)
 	srv.script("UPDATE", step{err: errDeadlock})
 	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
 		t.Fatal(err)
@@ -168,10 +170,8 @@ func TestShortWaitAfterADeadlockForAWhile(t *testing.T) {
 // A serialization failure alone does not make the db's first attempts
 // bounded (it is not a lock-wait cycle); its replay is.
 func TestShortWaitSerializationFailureBoundsOnlyItsReplay(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	srv.script("UPDATE", step{err: errSerialize})
 	for range 2 {
 		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
@@ -186,10 +186,8 @@ func TestShortWaitSerializationFailureBoundsOnlyItsReplay(t *testing.T) {
 // The bound follows what committed attempts take: four times a recent
 // commit's duration, above the floor.
 func TestShortWaitLearnsFromCommits(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 10000}
-	w.install(srv)
-	db, clock := testDB(t, srv)
+	srv, db, clock := shortWaitDB(t, w)
 	slow := func(ctx context.Context, tx *sql.Tx) error {
 		clock.Advance(50 * time.Millisecond)
 		return updateTx(ctx, tx)
@@ -245,10 +243,8 @@ func TestShortWaitRefusedTurnsItselfOff(t *testing.T) {
 // The statement's own failure for a retryable reason (the connection
 // lost) is the attempt's: replayed as any other.
 func TestShortWaitConnectionLostIsReplayed(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	srv.script("UPDATE", step{err: errDeadlock})
 	srv.script(shortWaitQuery, step{err: io.ErrUnexpectedEOF, closes: true})
 	runs := 0
@@ -270,10 +266,8 @@ func TestShortWaitConnectionLostIsReplayed(t *testing.T) {
 // The statement writes nothing: a read-only closure replayed with a bound
 // is not asked the lost-COMMIT question of writing transactions.
 func TestShortWaitDoesNotMakeTheTransactionWriting(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	srv.script("SELECT v FROM t", step{err: errDeadlock})
 	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
 		rows, err := tx.QueryContext(ctx, "SELECT v FROM t")
@@ -303,10 +297,8 @@ func TestShortWaitOff(t *testing.T) {
 		"mysql":  {WithDialect(DialectMySQL), WithMySQLCommitMarker("")},
 	} {
 		t.Run(name, func(t *testing.T) {
-			srv := newFakeServer()
 			w := &lockWaits{deadlockMS: 1000}
-			w.install(srv)
-			db, _ := testDB(t, srv, opts...)
+			srv, db, _ := shortWaitDB(t, w, opts...)
 			srv.script("UPDATE", step{err: errDeadlock}, step{err: errDeadlock})
 			for range 2 {
 				if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
@@ -322,10 +314,8 @@ func TestShortWaitOff(t *testing.T) {
 
 // WithShortLockWait(false) given to one call turns it off for that call.
 func TestShortWaitOffForOneCall(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	srv.script("UPDATE", step{err: errDeadlock})
 	if err := RunInTx(context.Background(), db, nil, updateTx, WithShortLockWait(false)); err != nil {
 		t.Fatal(err)
@@ -346,10 +336,8 @@ func TestShortWaitOffForOneCall(t *testing.T) {
 // it broke would otherwise have been a deadlock); one that ran out under
 // the user's own lock_timeout (no bound of ours) does not.
 func TestShortWaitLockTimeoutKeepsItHotOnlyUnderABound(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, clock := testDB(t, srv)
+	srv, db, clock := shortWaitDB(t, w)
 	srv.script("UPDATE", step{err: errLockTimeout}) // the user's: no bound of ours
 	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
 		t.Fatal(err)
@@ -411,10 +399,8 @@ func TestShortWaitConflictCost(t *testing.T) {
 // they replace would; without the rule (the attempts timed on a clock
 // that does not move: they cost nothing) it would never engage.
 func TestShortWaitLockTimeoutsEngageContentionControl(t *testing.T) {
-	srv := newFakeServer()
 	w := &lockWaits{deadlockMS: 1000}
-	w.install(srv)
-	db, _ := testDB(t, srv)
+	srv, db, _ := shortWaitDB(t, w)
 	srv.script("UPDATE", step{err: errDeadlock})
 	var wg sync.WaitGroup
 	for g := range 8 {
@@ -448,10 +434,8 @@ func TestShortWaitLockTimeoutsEngageContentionControl(t *testing.T) {
 func TestShortWaitNotOnAnAttemptThatCannotBeReplayed(t *testing.T) {
 	t.Run("MaxAttempts", func(t *testing.T) {
 		for _, n := range []int{2, 3} {
-			srv := newFakeServer()
 			w := &lockWaits{deadlockMS: 1000}
-			w.install(srv)
-			db, _ := testDB(t, srv, WithMaxAttempts(n))
+			srv, db, _ := shortWaitDB(t, w, WithMaxAttempts(n))
 			for range n - 1 {
 				srv.script("UPDATE", step{err: errSerialize})
 			}
@@ -465,10 +449,8 @@ func TestShortWaitNotOnAnAttemptThatCannotBeReplayed(t *testing.T) {
 		}
 	})
 	t.Run("MaxElapsed", func(t *testing.T) {
-		srv := newFakeServer()
 		w := &lockWaits{deadlockMS: 1000}
-		w.install(srv)
-		db, clock := testDB(t, srv, WithBackoff(Backoff{Initial: time.Millisecond, Max: time.Millisecond, Multiplier: 1, MaxAttempts: 100, MaxElapsed: 300 * time.Millisecond}))
+		srv, db, clock := shortWaitDB(t, w, WithBackoff(Backoff{Initial: time.Millisecond, Max: time.Millisecond, Multiplier: 1, MaxAttempts: 100, MaxElapsed: 300 * time.Millisecond}))
 		srv.script("UPDATE", step{err: errSerialize})
 		runs := 0
 		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
@@ -486,10 +468,8 @@ func TestShortWaitNotOnAnAttemptThatCannotBeReplayed(t *testing.T) {
 		}
 	})
 	t.Run("NoRetry", func(t *testing.T) {
-		srv := newFakeServer()
 		w := &lockWaits{deadlockMS: 1000}
-		w.install(srv)
-		db, _ := testDB(t, srv)
+		srv, db, _ := shortWaitDB(t, w)
 		srv.script("UPDATE", step{err: errDeadlock})
 		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
 			t.Fatal(err)
