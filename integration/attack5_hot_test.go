@@ -33,6 +33,28 @@ func (r a5HotResult) String() string {
 		r.codes, r.delay.Round(time.Millisecond), r.stats.ContentionWaits, r.stats.ContentionCuts, r.stats.ContentionLetGo) + fmt.Sprintf("; lock_timeout of the attempts %v", r.bounds)
 }
 
+// record counts a call's outcome: its error, or a commit and its latency.
+func (r *a5HotResult) record(mu *sync.Mutex, lat *[]time.Duration, err error, start time.Time) {
+	if err != nil {
+		if atomic.AddInt64(&r.errs, 1) == 1 {
+			r.firstErr = err.Error()
+		}
+		return
+	}
+	atomic.AddInt64(&r.commits, 1)
+	mu.Lock()
+	*lat = append(*lat, time.Since(start))
+	mu.Unlock()
+}
+
+// percentiles sets p50 and p99 from the commits' latencies.
+func (r *a5HotResult) percentiles(lat []time.Duration) {
+	slices.Sort(lat)
+	if len(lat) > 0 {
+		r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
+	}
+}
+
 // a5Obs counts the SQLSTATEs of retried attempts and their backoff.
 type a5Obs struct {
 	mu    sync.Mutex
@@ -105,16 +127,7 @@ func a5Transfers(t *testing.T, on bool, iso sql.IsolationLevel, callers int, d t
 					_, err = tx.ExecContext(ctx, "INSERT INTO "+led+" VALUES ($1, $2, $3)", c, k, amt)
 					return err
 				})
-				if err != nil {
-					if atomic.AddInt64(&res.errs, 1) == 1 {
-						res.firstErr = err.Error()
-					}
-					continue
-				}
-				atomic.AddInt64(&res.commits, 1)
-				mu.Lock()
-				lat = append(lat, time.Since(start))
-				mu.Unlock()
+				res.record(&mu, &lat, err, start)
 			}
 		}()
 	}
@@ -130,10 +143,7 @@ func a5Transfers(t *testing.T, on bool, iso sql.IsolationLevel, callers int, d t
 	if res.errs != 0 && on { // errors without short waits are the caller's to log
 		t.Errorf("DEFECT (short waits on): %d surfaced errors, first: %s", res.errs, res.firstErr)
 	}
-	slices.Sort(lat)
-	if len(lat) > 0 {
-		res.p50, res.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
-	}
+	res.percentiles(lat)
 	return res
 }
 
@@ -193,16 +203,7 @@ func a5Queue(t *testing.T, on bool, callers int, d time.Duration) a5HotResult {
 					_, err := tx.ExecContext(ctx, "SELECT pg_sleep(0.003)")
 					return err
 				})
-				if err != nil {
-					if atomic.AddInt64(&res.errs, 1) == 1 {
-						res.firstErr = err.Error()
-					}
-					continue
-				}
-				atomic.AddInt64(&res.commits, 1)
-				mu.Lock()
-				lat = append(lat, time.Since(start))
-				mu.Unlock()
+				res.record(&mu, &lat, err, start)
 			}
 		}()
 	}
@@ -213,10 +214,7 @@ func a5Queue(t *testing.T, on bool, callers int, d time.Duration) a5HotResult {
 	if res.errs != 0 {
 		t.Errorf("DEFECT (short waits %v): %d surfaced errors, first: %s", on, res.errs, res.firstErr)
 	}
-	slices.Sort(lat)
-	if len(lat) > 0 {
-		res.p50, res.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
-	}
+	res.percentiles(lat)
 	return res
 }
 
