@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-sql-driver/mysql"
-
 	"github.com/sqlretry/sqlretry"
 )
 
@@ -35,12 +33,7 @@ func TestAttack4MyMarkerGrants(t *testing.T) {
 			}
 			c := cfg.Clone()
 			c.User, c.Passwd = user, ""
-			conn, err := mysql.NewConnector(c)
-			if err != nil {
-				t.Fatal(err)
-			}
-			log := &eventLog{}
-			db := sqlretry.OpenDB(conn, sqlretry.WithObserver(log))
+			db, log := openLogged(t, c)
 			defer db.Close()
 			ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
 			defer cancel()

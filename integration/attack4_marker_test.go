@@ -230,12 +230,7 @@ func TestAttack4MyMarkerOddEnvironments(t *testing.T) {
 	root, cfg, name := privateMariaDB(t)
 	mustExec(t, root, "CREATE TABLE t (id int PRIMARY KEY, n int)", "INSERT INTO t VALUES (1, 0)")
 	run := func(t *testing.T, c *mysql.Config, k int, want int) {
-		conn, err := mysql.NewConnector(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		log := &eventLog{}
-		db := sqlretry.OpenDB(conn, sqlretry.WithObserver(log))
+		db, log := openLogged(t, c)
 		defer db.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()

@@ -45,12 +45,7 @@ func TestAttack4MyMarkerShapeThenLostCommit(t *testing.T) {
 				if mode == "nonstrict" {
 					c.Params = map[string]string{"sql_mode": "''"}
 				}
-				conn, err := mysql.NewConnector(c)
-				if err != nil {
-					t.Fatal(err)
-				}
-				log := &eventLog{}
-				db := sqlretry.OpenDB(conn, sqlretry.WithObserver(log))
+				db, log := openLogged(t, c)
 				defer db.Close()
 				ctx, cancel := context.WithTimeout(context.Background(), 6*time.Second)
 				defer cancel()

@@ -453,6 +453,18 @@ type eventLog struct {
 	events []sqlretry.Event
 }
 
+// openLogged opens cfg through sqlretry with an eventLog that sees every
+// decision.
+func openLogged(t *testing.T, cfg *mysql.Config) (*sql.DB, *eventLog) {
+	t.Helper()
+	conn, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := &eventLog{}
+	return sqlretry.OpenDB(conn, sqlretry.WithObserver(log)), log
+}
+
 func (l *eventLog) Observe(_ context.Context, e sqlretry.Event) {
 	l.mu.Lock()
 	l.events = append(l.events, e)
@@ -485,12 +497,7 @@ func TestMariaDBDefaultMarkerIsCreatedOnFirstUse(t *testing.T) {
 	ctx := context.Background()
 	mustExec(t, root, "CREATE TABLE t (id int PRIMARY KEY, n int)")
 	mustExec(t, root, "INSERT INTO t VALUES (1, 0)")
-	conn, err := mysql.NewConnector(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := &eventLog{}
-	db := sqlretry.OpenDB(conn, sqlretry.WithObserver(log))
+	db, log := openLogged(t, cfg)
 	defer db.Close()
 	markers := func() int {
 		var n int
@@ -594,12 +601,7 @@ func TestMariaDBDefaultMarkerTurnsItselfOff(t *testing.T) {
 
 	t.Run("created by an administrator, granted", func(t *testing.T) {
 		mustExec(t, root, "CREATE TABLE "+sqlretry.DefaultMySQLCommitMarker+" (token BINARY(16) NOT NULL PRIMARY KEY, created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), KEY (created_at)) ENGINE=InnoDB")
-		conn, err := mysql.NewConnector(userCfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		log := &eventLog{}
-		db := sqlretry.OpenDB(conn, sqlretry.WithObserver(log))
+		db, log := openLogged(t, userCfg)
 		defer db.Close()
 		if err := writeTx(ctx, db, nil, "t"); err != nil {
 			t.Fatal(err)
