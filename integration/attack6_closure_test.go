@@ -107,7 +107,7 @@ func TestAttack6ClosureSwallowsConflict(t *testing.T) {
 				return nil
 			})
 			var rows []int
-			r, qerr := db.Query("SELECT attempt FROM "+tbl+" WHERE op = 'sw' ORDER BY attempt")
+			r, qerr := db.Query("SELECT attempt FROM " + tbl + " WHERE op = 'sw' ORDER BY attempt")
 			if qerr != nil {
 				t.Fatal(qerr)
 			}
