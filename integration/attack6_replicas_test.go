@@ -121,7 +121,10 @@ func a6MixedReplicas(t *testing.T, iso sql.IsolationLevel, run time.Duration, re
 			p50, p99 = lat[i][n/2], lat[i][n*99/100]
 		}
 		var why []string
-		codes[i].Range(func(k, v any) bool { why = append(why, fmt.Sprintf("%s×%d", k, v.(*atomic.Int64).Load())); return true })
+		codes[i].Range(func(k, v any) bool {
+			why = append(why, fmt.Sprintf("%s×%d", k, v.(*atomic.Int64).Load()))
+			return true
+		})
 		t.Logf("%-20s p50=%v p99=%v replays by cause: %v", r.name, p50.Round(time.Millisecond), p99.Round(time.Millisecond), why)
 		t.Logf("%-20s ok=%d ledger=%d replays=%d waits=%d cuts=%d letgo=%d limit=%.1f", r.name, ok[i].Load(), led, s.RetriesTransaction, s.ContentionWaits, s.ContentionCuts, s.ContentionLetGo, s.ContentionLimit)
 		if led != ok[i].Load() {
