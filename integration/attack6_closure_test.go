@@ -240,3 +240,88 @@ func TestAttack6ClosureLockTimeoutSettings(t *testing.T) {
 	// connection to bound an unrelated later transaction with no conflict.
 	mustExec(t, db, "RESET ALL")
 }
+
+// A DSN with options=-c lock_timeout=1ms: every attempt of a caller behind
+// a row held for 1.5 s ends in the user's own 55P03. It is a lock timeout,
+// not one of the timeouts that stop when repeated: the call must commit
+// after the holder lets go.
+func TestAttack6DSNOptionsLockTimeout1msStuckCaller(t *testing.T) {
+	db := a5Open(t, a5WithParam(atkPG, "options=-c%20lock_timeout%3D1ms"), 2)
+	plain := a5Plain(t, atkPG)
+	ctx := a5Ctx(t, 15*time.Second)
+	if s, err := a5Setting(ctx, db, "lock_timeout"); err != nil || s != "1ms" {
+		t.Fatalf("the DSN's options did not apply: %q %v", s, err)
+	}
+	tbl := a6Ledger(t, plain)
+	mustExec(t, plain, "INSERT INTO "+tbl+" VALUES ('row', 0)")
+	hold, err := plain.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hold.Exec("UPDATE " + tbl + " SET attempt = attempt WHERE op = 'row'"); err != nil {
+		t.Fatal(err)
+	}
+	rel := make(chan time.Time, 1)
+	time.AfterFunc(1500*time.Millisecond, func() { hold.Rollback(); rel <- time.Now() })
+	calls := 0
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET attempt = attempt + 1 WHERE op = 'row'")
+		return err
+	})
+	end := time.Now()
+	released := <-rel
+	var n int
+	plain.QueryRow("SELECT attempt FROM " + tbl + " WHERE op = 'row'").Scan(&n)
+	t.Logf("err=%v attempts=%d n=%d, ended %v after the holder let go", err, calls, n, end.Sub(released))
+	if err != nil || n != 1 {
+		t.Errorf("user's own lock_timeout=1ms behind a 1.5 s hold: err=%v attempts=%d n=%d; want success, n=1", err, calls, n)
+	}
+}
+
+// The same swallow without a savepoint: the replay's own bound ends the
+// UPDATE with 55P03, the closure ignores it and returns nil. The aborted
+// transaction must not commit; RunInTx replays, and only the attempt that
+// really finished has its row.
+func TestAttack6ClosureSwallowsOwnBoundNoSavepoint(t *testing.T) {
+	db := a5Open(t, atkPG, 2)
+	plain := a5Plain(t, atkPG)
+	tbl := a6Ledger(t, db)
+	mustExec(t, db, "INSERT INTO "+tbl+" VALUES ('held', 0)")
+	hold, err := plain.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hold.Exec("UPDATE " + tbl + " SET attempt = attempt WHERE op = 'held'"); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(400*time.Millisecond, func() { hold.Rollback() })
+	calls := 0
+	swallowed := 0
+	err = sqlretry.RunInTx(a5Ctx(t, 10*time.Second), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('ns', $1)", calls); err != nil {
+			return err
+		}
+		if calls == 1 {
+			return a5FakeConflict(ctx, tx, "40001")
+		}
+		_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET attempt = attempt + 1 WHERE op = 'held'")
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) && pe.Code == "55P03" {
+			swallowed++
+			return nil
+		}
+		return err
+	})
+	var rows, held int
+	db.QueryRow("SELECT COUNT(*) FROM " + tbl + " WHERE op = 'ns'").Scan(&rows)
+	db.QueryRow("SELECT attempt FROM " + tbl + " WHERE op = 'held'").Scan(&held)
+	t.Logf("err=%v calls=%d swallowed 55P03 %d times, rows=%d held=%d", err, calls, swallowed, rows, held)
+	if swallowed == 0 {
+		t.Skip("no bound ran out: nothing swallowed")
+	}
+	if err != nil || rows != 1 || held != 1 || calls != swallowed+2 {
+		t.Errorf("swallowed own-bound 55P03 without savepoint: err=%v calls=%d swallowed=%d rows=%d held=%d; want success, exactly one attempt's row and update", err, calls, swallowed, rows, held)
+	}
+}
