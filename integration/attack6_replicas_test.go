@@ -11,6 +11,7 @@ import (
 	"database/sql"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -33,12 +34,16 @@ var a6Mix = []a6Replica{
 }
 
 func a6MixedReplicas(t *testing.T, iso sql.IsolationLevel, run time.Duration, reps []a6Replica) {
+	a6Replicas(t, iso, run, reps, 4)
+}
+
+func a6Replicas(t *testing.T, iso sql.IsolationLevel, run time.Duration, reps []a6Replica, accounts int) {
 	plain := a5Plain(t, atkPG)
 	acct := table(t, plain, "a6acct")
 	ledger := table(t, plain, "a6led")
 	mustExec(t, plain,
 		"CREATE TABLE "+acct+" (id int PRIMARY KEY, bal bigint NOT NULL)",
-		"INSERT INTO "+acct+" SELECT g, 1000 FROM generate_series(1, 4) g",
+		fmt.Sprintf("INSERT INTO %s SELECT g, 1000 FROM generate_series(1, %d) g", acct, accounts),
 		"CREATE TABLE "+ledger+" (replica int, k bigint)")
 	codes := make([]sync.Map, len(reps))
 	lat := make([][]time.Duration, len(reps))
@@ -69,8 +74,8 @@ func a6MixedReplicas(t *testing.T, iso sql.IsolationLevel, run time.Duration, re
 			go func() {
 				defer wg.Done()
 				for time.Now().Before(stop) {
-					a := rand.IntN(4) + 1
-					b := rand.IntN(3) + 1
+					a := rand.IntN(accounts) + 1
+					b := rand.IntN(accounts-1) + 1
 					if b >= a {
 						b++
 					}
@@ -135,8 +140,8 @@ func a6MixedReplicas(t *testing.T, iso sql.IsolationLevel, run time.Duration, re
 		}
 	}
 	t.Logf("iso %v: %d commits in %v (%.0f tx/s), %d errors", iso, total, run, float64(total)/run.Seconds(), nerr.Load())
-	if sum != 4000 {
-		t.Errorf("money not conserved: %d, want 4000", sum)
+	if sum != int64(1000*accounts) {
+		t.Errorf("money not conserved: %d, want %d", sum, 1000*accounts)
 	}
 	if rows != total || dups != 0 {
 		t.Errorf("ledger rows %d (dups %d) != commits %d", rows, dups, total)
@@ -163,4 +168,13 @@ func TestAttack6SameReplicasSerializable(t *testing.T) {
 func TestAttack6ShortWaitVersusPlainWaitersSerializable(t *testing.T) {
 	off := []sqlretry.Option{sqlretry.WithShortLockWait(false)}
 	a6MixedReplicas(t, sql.LevelSerializable, 6*time.Second, []a6Replica{{"defaults-1", nil}, {"no-shortwait-1", off}, {"defaults-2", nil}, {"no-shortwait-2", off}})
+}
+
+// The same four default replicas on 8 accounts (TestPostgresReplicasHotSpot's
+// number): gated, for comparison only (SQLRETRY_ATTACK6_COMPARE=1).
+func TestAttack6SameReplicasSerializable8Accounts(t *testing.T) {
+	if os.Getenv("SQLRETRY_ATTACK6_COMPARE") == "" {
+		t.Skip("SQLRETRY_ATTACK6_COMPARE=1 to run")
+	}
+	a6Replicas(t, sql.LevelSerializable, 6*time.Second, []a6Replica{{"defaults-1", nil}, {"defaults-2", nil}, {"defaults-3", nil}, {"defaults-4", nil}}, 8)
 }
