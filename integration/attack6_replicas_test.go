@@ -1,0 +1,180 @@
+package integration
+
+// Hostile test (attack6): several *sql.DB (replicas of one application) on
+// one hot spot, some with short lock waits off and some with contention
+// control off, at READ COMMITTED and SERIALIZABLE. Invariants: money
+// conserved, ledger = commits, no surfaced error within a generous deadline,
+// nobody starved (each replica at least a third of an even share).
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sqlretry/sqlretry"
+)
+
+type a6Replica struct {
+	name string
+	opts []sqlretry.Option
+}
+
+var a6Mix = []a6Replica{
+	{"defaults", nil},
+	{"no-shortwait", []sqlretry.Option{sqlretry.WithShortLockWait(false)}},
+	{"no-cc", []sqlretry.Option{sqlretry.WithContentionControl(false)}},
+	{"no-cc-no-shortwait", []sqlretry.Option{sqlretry.WithContentionControl(false), sqlretry.WithShortLockWait(false)}},
+}
+
+func a6MixedReplicas(t *testing.T, iso sql.IsolationLevel, run time.Duration, reps []a6Replica) {
+	a6Replicas(t, iso, run, reps, 4)
+}
+
+func a6Replicas(t *testing.T, iso sql.IsolationLevel, run time.Duration, reps []a6Replica, accounts int) {
+	plain := a5Plain(t, atkPG)
+	acct := table(t, plain, "a6acct")
+	ledger := table(t, plain, "a6led")
+	mustExec(t, plain,
+		"CREATE TABLE "+acct+" (id int PRIMARY KEY, bal bigint NOT NULL)",
+		fmt.Sprintf("INSERT INTO %s SELECT g, 1000 FROM generate_series(1, %d) g", acct, accounts),
+		"CREATE TABLE "+ledger+" (replica int, k bigint)")
+	codes := make([]sync.Map, len(reps))
+	lat := make([][]time.Duration, len(reps))
+	var latMu sync.Mutex
+	const callers = 4
+	dbs := make([]*sql.DB, len(reps))
+	for i, r := range reps {
+		cm := &codes[i]
+		obs := sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
+			if e.Kind == sqlretry.EventRetry && e.Op == "tx" {
+				v, _ := cm.LoadOrStore(sqlretry.ErrorCode(e.Err)+" "+e.Reason, new(atomic.Int64))
+				v.(*atomic.Int64).Add(1)
+			}
+		}))
+		dbs[i] = a5Open(t, atkPG, callers+2, append(append([]sqlretry.Option{}, r.opts...), obs)...)
+	}
+	stop := time.Now().Add(run)
+	ctx, cancel := context.WithTimeout(context.Background(), run+15*time.Second)
+	defer cancel()
+	ok := make([]atomic.Int64, len(reps))
+	var errs sync.Map
+	var nerr atomic.Int64
+	var seq atomic.Int64
+	var wg sync.WaitGroup
+	for ri := range reps {
+		for range callers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for time.Now().Before(stop) {
+					a := rand.IntN(accounts) + 1
+					b := rand.IntN(accounts-1) + 1
+					if b >= a {
+						b++
+					}
+					k := seq.Add(1)
+					t0 := time.Now()
+					err := sqlretry.RunInTx(ctx, dbs[ri], &sql.TxOptions{Isolation: iso}, func(ctx context.Context, tx *sql.Tx) error {
+						if _, err := tx.ExecContext(ctx, "UPDATE "+acct+" SET bal = bal - 1 WHERE id = $1", a); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, "UPDATE "+acct+" SET bal = bal + 1 WHERE id = $1", b); err != nil {
+							return err
+						}
+						_, err := tx.ExecContext(ctx, "INSERT INTO "+ledger+" VALUES ($1, $2)", ri, k)
+						return err
+					})
+					if err != nil {
+						nerr.Add(1)
+						errs.LoadOrStore(fmt.Sprintf("%v", err), reps[ri].name)
+						if ctx.Err() != nil {
+							return
+						}
+						continue
+					}
+					ok[ri].Add(1)
+					latMu.Lock()
+					lat[ri] = append(lat[ri], time.Since(t0))
+					latMu.Unlock()
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	var total int64
+	for i := range reps {
+		total += ok[i].Load()
+	}
+	var sum, rows, dups int64
+	plain.QueryRow("SELECT SUM(bal) FROM " + acct).Scan(&sum)
+	plain.QueryRow("SELECT COUNT(*) FROM " + ledger).Scan(&rows)
+	plain.QueryRow("SELECT COUNT(*) - COUNT(DISTINCT k) FROM " + ledger).Scan(&dups)
+	for i, r := range reps {
+		s, _ := sqlretry.StatsOf(dbs[i])
+		var led int64
+		plain.QueryRow("SELECT COUNT(*) FROM "+ledger+" WHERE replica = $1", i).Scan(&led)
+		sort.Slice(lat[i], func(a, b int) bool { return lat[i][a] < lat[i][b] })
+		var p50, p99 time.Duration
+		if n := len(lat[i]); n > 0 {
+			p50, p99 = lat[i][n/2], lat[i][n*99/100]
+		}
+		var why []string
+		codes[i].Range(func(k, v any) bool {
+			why = append(why, fmt.Sprintf("%s×%d", k, v.(*atomic.Int64).Load()))
+			return true
+		})
+		t.Logf("%-20s p50=%v p99=%v replays by cause: %v", r.name, p50.Round(time.Millisecond), p99.Round(time.Millisecond), why)
+		t.Logf("%-20s ok=%d ledger=%d replays=%d waits=%d cuts=%d letgo=%d limit=%.1f", r.name, ok[i].Load(), led, s.RetriesTransaction, s.ContentionWaits, s.ContentionCuts, s.ContentionLetGo, s.ContentionLimit)
+		if led != ok[i].Load() {
+			t.Errorf("%s: ledger %d != commits %d", r.name, led, ok[i].Load())
+		}
+		if share := float64(total) / float64(len(reps)); float64(ok[i].Load()) < share/3 {
+			t.Errorf("%s starved: %d commits, an even share is %.0f (want at least a third)", r.name, ok[i].Load(), share)
+		}
+	}
+	t.Logf("iso %v: %d commits in %v (%.0f tx/s), %d errors", iso, total, run, float64(total)/run.Seconds(), nerr.Load())
+	if sum != int64(1000*accounts) {
+		t.Errorf("money not conserved: %d, want %d", sum, 1000*accounts)
+	}
+	if rows != total || dups != 0 {
+		t.Errorf("ledger rows %d (dups %d) != commits %d", rows, dups, total)
+	}
+	errs.Range(func(k, v any) bool { t.Errorf("surfaced error on %v: %v", v, k); return true })
+}
+
+func TestAttack6MixedReplicasReadCommitted(t *testing.T) {
+	a6MixedReplicas(t, sql.LevelReadCommitted, 6*time.Second, a6Mix)
+}
+
+func TestAttack6MixedReplicasSerializable(t *testing.T) {
+	a6MixedReplicas(t, sql.LevelSerializable, 6*time.Second, a6Mix)
+}
+
+// Control: four replicas with the same defaults, SERIALIZABLE.
+func TestAttack6SameReplicasSerializable(t *testing.T) {
+	a6MixedReplicas(t, sql.LevelSerializable, 6*time.Second, []a6Replica{{"defaults-1", nil}, {"defaults-2", nil}, {"defaults-3", nil}, {"defaults-4", nil}})
+}
+
+// Short lock waits on (the default) in two replicas, off in two others
+// (an older release in a rolling upgrade, or any client that waits for
+// locks as plain PostgreSQL does), everything else the same.
+func TestAttack6ShortWaitVersusPlainWaitersSerializable(t *testing.T) {
+	off := []sqlretry.Option{sqlretry.WithShortLockWait(false)}
+	a6MixedReplicas(t, sql.LevelSerializable, 6*time.Second, []a6Replica{{"defaults-1", nil}, {"no-shortwait-1", off}, {"defaults-2", nil}, {"no-shortwait-2", off}})
+}
+
+// The same four default replicas on 8 accounts (TestPostgresReplicasHotSpot's
+// number): gated, for comparison only (SQLRETRY_ATTACK6_COMPARE=1).
+func TestAttack6SameReplicasSerializable8Accounts(t *testing.T) {
+	if os.Getenv("SQLRETRY_ATTACK6_COMPARE") == "" {
+		t.Skip("SQLRETRY_ATTACK6_COMPARE=1 to run")
+	}
+	a6Replicas(t, sql.LevelSerializable, 6*time.Second, []a6Replica{{"defaults-1", nil}, {"defaults-2", nil}, {"defaults-3", nil}, {"defaults-4", nil}}, 8)
+}
