@@ -148,6 +148,21 @@ func TestSyncRepLostCommitResolution(t *testing.T) {
 			t.Errorf("a backend that had begun to commit was ended under synchronous replication (%v): its commit would skip the standbys", srv.killed)
 		}
 	})
+	t.Run("in progress, committing without synchronous replication: not ended", func(t *testing.T) {
+		// The old backend has begun its COMMIT: a pre-commit step with an
+		// effect outside this server (postgres_fdw's remote COMMIT, a
+		// deferred trigger's dblink call) may already have gone through,
+		// and ending the backend now would abort only the local part, so
+		// that the replay repeats the rest. Wait for it.
+		srv := newFakeServer()
+		srv.inflight[xid] = 1
+		srv.oldBackend[xid] = fakeBackend{state: "active", waitEvent: "PostgresFdwGetResult"}
+		calls, _, err := run(t, srv, 300*time.Millisecond)
+		wantAmbiguous(t, srv, calls, err)
+		if len(srv.killed) != 0 {
+			t.Errorf("a backend that had begun to commit was ended (%v): a remote part of its COMMIT may have gone through", srv.killed)
+		}
+	})
 	t.Run("in progress, idle in transaction under synchronous replication: ended, replayed", func(t *testing.T) {
 		srv := newFakeServer()
 		srv.script("COMMIT", step{err: errLost}) // the COMMIT never arrived

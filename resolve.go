@@ -24,9 +24,10 @@ import (
 // lost COMMIT without asking; so is one on a server in recovery, which can
 // commit nothing. After a lost COMMIT sqlretry
 // asks txid_status on a fresh connection. "in progress" is not an answer:
-// after a network cut the old backend may still be committing, so sqlretry
-// ends it (when the role may) and asks again until the answer is final or
-// the caller's deadline comes. After a crash the server hands out again the
+// after a network cut the old backend may not have read the COMMIT or may
+// still be committing, so sqlretry ends it (when the role may) if it is
+// still idle in its transaction, waits for it if it has begun to commit,
+// and asks again until the answer is final or the caller's deadline comes. After a crash the server hands out again the
 // ids whose WAL never reached the disk, so when it has restarted since,
 // "committed" may be another transaction's and is no answer (ambiguous)
 // unless the transaction proved where its id is in the WAL
@@ -761,10 +762,10 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 	case st.status == "aborted", st.status == "in progress" && restarted: // the old backend died with the server
 		return CommitNotCommitted, nil
 	case st.status == "in progress":
-		if st.holding && st.mayEnd() {
-			// backend_xid guards against a reused pid; the wait_event and
-			// state are read again at the moment it is ended.
-			_, _ = queryRow(ctx, dc, pgTerminateQuery, pid, xid, !st.syncRequired())
+		if st.mayEnd() {
+			// backend_xid guards against a reused pid; the state is read
+			// again at the moment it is ended.
+			_, _ = queryRow(ctx, dc, pgTerminateQuery, pid, xid)
 		}
 		return CommitUnknown, nil
 	}

@@ -22,9 +22,9 @@ import (
 // cancel request when a connection breaks) publishes a commit that no
 // standby may have: a failover then loses it. So after a lost COMMIT
 // sqlretry:
-//   - never ends a backend that waits in SyncRep, nor, under synchronous
-//     replication, one that has begun to commit (only one that is idle in
-//     its transaction, which never got the COMMIT);
+//   - never ends a backend that waits in SyncRep, nor one that has begun
+//     to commit (only one that is idle in its transaction, which never got
+//     the COMMIT): see pgTerminateQuery;
 //   - counts "committed" only once the old backend has let go of the id,
 //     and, under synchronous replication, once enough synchronous standbys
 //     report a position at or past the primary's flush position read after
@@ -43,17 +43,22 @@ const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.wait_event, 
 	FROM (SELECT 1) AS one LEFT JOIN pg_stat_activity AS a
 	ON a.pid = $2 AND a.backend_xid = ($1::bigint % 4294967296)::text::xid`
 
-// pgTerminateQuery ends the old backend ($1) if it still holds the id ($2),
-// does not wait in SyncRep, and, unless $3 (no synchronous replication),
-// is idle in its transaction: all read again as it is ended. A backend
-// idle in its transaction for less than pgIdleGrace may not have read the
-// COMMIT waiting in its socket yet: ending it then would abort a commit
-// that was about to happen (and replay it); it is ended at a later attempt
-// if it stays idle, as behind a silent network.
+// pgTerminateQuery ends the old backend ($1) if it still holds the id ($2)
+// and has been idle in its transaction for pgIdleGrace: read again as it
+// is ended. A backend that has begun its COMMIT is never ended, with or
+// without synchronous replication: its COMMIT may already have done
+// something outside this server that ending it would not undo (postgres_fdw
+// sends the remote COMMIT before the local commit record, a deferred
+// trigger may call dblink), so that the local abort and the replay would
+// do it twice; it ends by itself, and the caller's deadline bounds the
+// wait (ErrAmbiguousCommit). A backend idle in its transaction for less
+// than pgIdleGrace may not have read the COMMIT waiting in its socket yet:
+// ending it then would abort a commit that was about to happen (and replay
+// it); it is ended at a later attempt if it stays idle, as behind a silent
+// network.
 const pgTerminateQuery = `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 	WHERE pid = $1 AND backend_xid = ($2::bigint % 4294967296)::text::xid
-	AND wait_event IS DISTINCT FROM 'SyncRep' AND ($3::boolean OR state = 'idle in transaction')
-	AND (state IS DISTINCT FROM 'idle in transaction' OR state_change < clock_timestamp() - interval '` + pgIdleGrace + `')`
+	AND state = 'idle in transaction' AND state_change < clock_timestamp() - interval '` + pgIdleGrace + `'`
 
 // pgIdleGrace: see pgTerminateQuery.
 const pgIdleGrace = "200 milliseconds"
@@ -120,10 +125,11 @@ func (st pgStatus) syncRequired() bool {
 	return true
 }
 
-// mayEnd says whether the old backend, still holding the id, may be ended
-// without risking a commit published before the standbys have it.
+// mayEnd says whether the old backend, still holding the id, may be
+// ended: only while idle in its transaction, before its COMMIT began
+// (pgTerminateQuery).
 func (st pgStatus) mayEnd() bool {
-	return st.holding && st.waitEvent != "SyncRep" && (!st.syncRequired() || st.state == "idle in transaction")
+	return st.holding && st.state == "idle in transaction"
 }
 
 // pgProbeQuery is a transaction that writes WAL without touching a table

@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -33,6 +34,15 @@ type settledCutter struct {
 	armed atomic.Bool
 	fired atomic.Int32
 	delay time.Duration // instead of cutting, deliver the reply this late
+	// dropCancels loses pgx's cancel requests (it sends one when a
+	// connection breaks) as a real network cut would: the old backend's
+	// COMMIT then runs to its end instead of being cancelled midway.
+	dropCancels bool
+}
+
+// pgCancelRequest: a CancelRequest message (length 16, code 80877102).
+func pgCancelRequest(p []byte) bool {
+	return len(p) == 16 && binary.BigEndian.Uint32(p) == 16 && binary.BigEndian.Uint32(p[4:]) == 80877102
 }
 
 func (c *settledCutter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -52,6 +62,9 @@ type settledConn struct {
 }
 
 func (sc *settledConn) Write(p []byte) (int, error) {
+	if sc.c.dropCancels && pgCancelRequest(p) {
+		return len(p), nil
+	}
 	if sc.c.delay > 0 && pgCommit(p) && sc.c.armed.Swap(false) {
 		sc.c.fired.Add(1)
 		sc.delayed.Store(true)
@@ -122,7 +135,20 @@ func pgRemote(t *testing.T, dsn string) (connstr string) {
 			return
 		}
 		defer remote.Close(context.Background())
-		_, setupErr = remote.Exec(context.Background(), "CREATE TABLE rt (op text)")
+		// A row whose op starts with "slow-" makes the remote COMMIT
+		// take 1.5 s (a deferred trigger): the local backend is then
+		// busy in its own COMMIT, waiting for the remote one, when
+		// sqlretry asks about it.
+		for _, q := range []string{
+			"CREATE TABLE rt (op text)",
+			`CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+				$$BEGIN IF NEW.op LIKE 'slow-%' THEN PERFORM pg_sleep(1.5); END IF; RETURN NULL; END$$`,
+			"CREATE CONSTRAINT TRIGGER rt_slow AFTER INSERT ON rt DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+		} {
+			if _, setupErr = remote.Exec(context.Background(), q); setupErr != nil {
+				return
+			}
+		}
 	})
 	if setupErr != nil {
 		unavailable(t, "postgres_fdw/dblink (Debian's postgresql-15 contrib): "+setupErr.Error())
@@ -137,13 +163,25 @@ func pgRemote(t *testing.T, dsn string) (connstr string) {
 func TestPostgresLostCommitOfWritesWithoutALocalIDIsResolved(t *testing.T) {
 	dsn := needPrivate(t, "pgx")
 	remoteConn := pgRemote(t, dsn)
-	c := &settledCutter{}
+	// pgx's cancel request on the broken connection is lost too: arriving,
+	// it would cancel a COMMIT still running (under load, or with a slow
+	// remote) after postgres_fdw sent the remote COMMIT, and the local
+	// abort would leave the remote row committed: a replay then writes it
+	// twice, whatever anyone asks afterwards (README, "Writes outside the
+	// transaction").
+	c := &settledCutter{dropCancels: true}
 	pcfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pcfg.DialFunc = c.dial
-	db := sqlretry.OpenDB(stdlib.GetConnector(*pcfg))
+	var events []string
+	var evMu sync.Mutex
+	db := sqlretry.OpenDB(stdlib.GetConnector(*pcfg), sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
+		evMu.Lock()
+		events = append(events, fmt.Sprintf("%v %s outcome=%v reason=%q err=%v", e.Kind, e.Op, e.Outcome, e.Reason, e.Err))
+		evMu.Unlock()
+	})))
 	defer db.Close()
 	ctx := context.Background()
 	remoteCount := func(op string) (n int) {
@@ -186,6 +224,13 @@ func TestPostgresLostCommitOfWritesWithoutALocalIDIsResolved(t *testing.T) {
 		count func(op string) int // how often op took effect, -1: not countable
 	}{
 		{"postgres_fdw", func(op string) []string { return []string{"INSERT INTO ft VALUES ('" + op + "')"} }, remoteCount},
+		// The old backend is still in its COMMIT (waiting 1.5 s for the
+		// remote one) when sqlretry asks: ending it then would abort the
+		// local transaction after postgres_fdw sent the remote COMMIT,
+		// which goes through, and the replay would write the row twice.
+		{"postgres_fdw, the old backend still in its COMMIT", func(op string) []string {
+			return []string{"INSERT INTO ft VALUES ('slow-" + op + "')"}
+		}, func(op string) int { return remoteCount("slow-" + op) }},
 		{"NOTIFY", func(op string) []string { return []string{"NOTIFY resolve_ch, '" + op + "'"} }, notifications},
 		{"pg_notify", func(op string) []string { return []string{"SELECT pg_notify('resolve_ch', '" + op + "')"} }, notifications},
 		{"dblink_exec", func(op string) []string {
@@ -207,6 +252,9 @@ func TestPostgresLostCommitOfWritesWithoutALocalIDIsResolved(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			op := fmt.Sprintf("op-%d", rand.Uint64())
+			evMu.Lock()
+			events = events[:0]
+			evMu.Unlock()
 			calls := 0
 			rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 			defer cancel()
@@ -231,7 +279,9 @@ func TestPostgresLostCommitOfWritesWithoutALocalIDIsResolved(t *testing.T) {
 				n = tc.count(op)
 			}
 			if err != nil || calls != 1 || n > 1 {
-				t.Fatalf("err=%v calls=%d effects=%d; want success, one run, one effect (it committed)", err, calls, n)
+				evMu.Lock()
+				defer evMu.Unlock()
+				t.Fatalf("err=%v calls=%d effects=%d; want success, one run, one effect (it committed); sqlretry's events:\n%s", err, calls, n, strings.Join(events, "\n"))
 			}
 		})
 	}
