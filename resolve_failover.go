@@ -434,7 +434,9 @@ const (
 // and our commit record after it, are not in this history). Neither when
 // the segment cannot be read (no privilege, removed) or a message with
 // another id ends there (a message written in a subtransaction carries
-// the subtransaction's id).
+// the subtransaction's id). What it cannot tell: a later life that took
+// writes unseen (the two lives above) and whose own message with our id,
+// handed out again, ends exactly at L.
 func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid int64) (ours, other bool, desc string) {
 	vals, err := queryRow(ctx, dc, pgWALSizesQuery)
 	if err != nil || len(vals) < 2 {
