@@ -364,7 +364,7 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 	if err := c.run(ctx, q); err != nil {
 		return nil, err
 	}
-	if rows, ok := c.srv.pgLife.answer(c, q); ok {
+	if rows, ok := c.srv.pgLife.answer(c, q, args); ok {
 		return rows, nil
 	}
 	if c.srv.onQuery != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -31,10 +32,21 @@ type fakePGLife struct {
 	history    string // the current timeline's history file; "" refuses it (no privilege)
 	nowFails   int    // identity questions still to be lost with their connection
 	historyAsk int    // how often it was read
+	// The WAL segment of the transaction's timeline as the answering
+	// server holds it (pgRecordAt): the record ending at the position the
+	// last question returned is that question's message, unless walLost
+	// (the crash lost it and a later life wrote over its place) or
+	// walRefused (the file cannot be read).
+	walLost, walRefused bool
+	recordEnd           uint64
+	walAsk              int
+	firstTLI            int64 // the timeline the transactions ran on
 }
 
+func (l *fakePGLife) tli0() int64 { return l.firstTLI }
+
 func newFakePGLife(version int64) *fakePGLife {
-	return &fakePGLife{version: version, start: fakeStart, sys: 7313786064254129598, tli: 1, wal: 0x3000000}
+	return &fakePGLife{version: version, start: fakeStart, sys: 7313786064254129598, tli: 1, wal: 0x3001000}
 }
 
 func (l *fakePGLife) owns(q string) bool {
@@ -43,7 +55,7 @@ func (l *fakePGLife) owns(q string) bool {
 	}
 	switch q {
 	case pgAskXIDAndServer, pgAskXIDProof13, pgAskXIDProof13AndServer, pgAskXIDProof10, pgAskXIDProof10AndServer,
-		pgServerNowQuery, "SELECT " + pgStartTime, pgHistoryFileQuery:
+		pgServerNowQuery, "SELECT " + pgStartTime, pgHistoryFileQuery, pgWALSizesQuery, pgWALReadQuery:
 		return true
 	}
 	return false
@@ -62,7 +74,7 @@ func (l *fakePGLife) lsnAnswer(q, lsn string) driver.Value {
 
 func lsnText(n uint64) string { return fmt.Sprintf("%X/%X", n>>32, n&0xffffffff) }
 
-func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
+func (l *fakePGLife) answer(c *fakeConn, q string, args []driver.NamedValue) (driver.Rows, bool) {
 	if !l.owns(q) {
 		return nil, false
 	}
@@ -92,6 +104,28 @@ func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
 			return &fakeRows{cols: []string{"pg_read_file"}, nextErr: &pgError{"42501", "permission denied for function pg_read_file"}}, true
 		}
 		return &fakeRows{cols: []string{"pg_read_file"}, data: [][]driver.Value{{l.history}}}, true
+	case pgWALSizesQuery:
+		return &fakeRows{cols: []string{"bytes_per_wal_segment", "wal_block_size"}, data: [][]driver.Value{{int64(16 << 20), int64(8192)}}}, true
+	case pgWALReadQuery:
+		l.walAsk++
+		if l.walRefused {
+			return &fakeRows{cols: []string{"pg_read_binary_file"}, data: [][]driver.Value{{nil}}}, true
+		}
+		// The window asked ends at the record's end: the message (59
+		// bytes, 64 with its padding) with the id, as PostgreSQL writes
+		// it, or the zeros a WAL switch left there.
+		name, off, n := args[0].Value.(string), args[1].Value.(int64), args[2].Value.(int64)
+		buf := make([]byte, n)
+		seg := uint64(16 << 20)
+		want := fmt.Sprintf("%08X%08X%08X", l.tli0(), (l.recordEnd-1)/seg/0x100, (l.recordEnd-1)/seg%0x100)
+		if !l.walLost && name == want && uint64(off)+uint64(n) == (l.recordEnd-1)%seg+1 && n >= 64 {
+			rec := buf[n-64:]
+			binary.LittleEndian.PutUint32(rec[0:], 59)
+			binary.LittleEndian.PutUint32(rec[4:], uint32(l.lastXID))
+			rec[17] = 21 // RM_LOGICALMSG_ID
+			copy(rec[59-9:], "sqlretry\x00")
+		}
+		return &fakeRows{cols: []string{"pg_read_binary_file"}, data: [][]driver.Value{{buf}}}, true
 	case pgAskXIDAndServer:
 		l.asked = append(l.asked, q)
 		row := append([]driver.Value{assign()}, server...)
@@ -120,6 +154,10 @@ func (l *fakePGLife) answer(c *fakeConn, q string) (driver.Rows, bool) {
 	var xid driver.Value = assign()
 	if strings.Contains(q, "pg_current_xact_id() END") {
 		xid = fmt.Sprint(xid) // xid8: pgx's stdlib gives its text
+	}
+	l.recordEnd = l.wal
+	if l.firstTLI == 0 {
+		l.firstTLI = l.tli
 	}
 	row := []driver.Value{xid, l.lsnAnswer(q, lsnText(l.wal))}
 	if strings.HasSuffix(q, pgHistoryID) {
@@ -167,6 +205,7 @@ func crash(replayDelta int64) func(l *fakePGLife, xid int64) {
 	return func(l *fakePGLife, xid int64) {
 		l.start += 42_000_000
 		l.replay = lsnText(uint64(int64(l.wal) + replayDelta))
+		l.walLost = replayDelta < 0 // the next life writes over its place
 		l.wal += 0x1000
 	}
 }
@@ -186,6 +225,14 @@ func forkAt(delta int64, n int64) func(l *fakePGLife, xid int64) {
 		l.tli += n
 		l.history = b.String()
 	}
+}
+
+// replayToFork: the promoted life started in recovery from the previous
+// one's clean shutdown and replayed up to the switch point (Patroni starts
+// a crashed primary read-only, then promotes it).
+func replayToFork(l *fakePGLife, _ int64) {
+	f := strings.Fields(l.history)
+	l.replay = f[1]
 }
 
 func setStatus(srv *fakeServer, status string) func(l *fakePGLife, xid int64) {
@@ -215,6 +262,7 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 		return func(l *fakePGLife, xid int64) {
 			l.start -= 3_600_000_000 // a standby running since before
 			l.replay = lsnText(uint64(int64(l.wal) + replayDelta))
+			l.walLost = replayDelta < 0 // the standby never received it
 			var b strings.Builder
 			for i := int64(0); i < tliDelta; i++ {
 				fmt.Fprintf(&b, "%d\t%s\tno recovery target specified\n", l.tli+i, l.replay)
@@ -291,6 +339,22 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(crash(+0x30), forkAt(+0x30, 1))
 			}, "committed"},
+		{"restarted after a crash that lost the record, the later life wrote past its end on the same timeline (single-user crash recovery, a WAL switch), then promoted (Patroni): the fork lies past the record, the id reused and committed on the new timeline: replayed (the WAL at the record is another life's)", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(-0x20), forkAt(+0x30, 1), replayToFork, setStatus(srv, "committed"))
+			}, "replayed"},
+		{"the same, the WAL segment unreadable: ambiguous", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(-0x20), forkAt(+0x30, 1), replayToFork, setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.walRefused = true })
+			}, "ambiguous"},
+		{"crash recovery past the record, promoted, the WAL segment unreadable: ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), forkAt(+0x30, 1), func(l *fakePGLife, _ int64) { l.walRefused = true })
+			}, "ambiguous"},
+		{"a crash that lost the record, a single-user crash recovery that wrote past it and shut down cleanly, then started as it was (no recovery, same timeline), the id reused and committed: replayed (the WAL at the record is another life's)", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(-0x20), func(l *fakePGLife, _ int64) { l.replay = ""; l.start += 1_000_000 }, setStatus(srv, "committed"))
+			}, "replayed"},
 		{"the same, the fork exactly at the end of the record: committed", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(crash(0), forkAt(0, 1))

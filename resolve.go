@@ -722,8 +722,25 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 	if st.status == "committed" && restarted && !proven && !beyond && m.lsn != 0 && now.tli > m.tli {
 		// A promoted server (restarted since, or started after the
 		// connection asked): where its timeline forked from ours says.
-		past, known, desc := pgHistoryFork(ctx, dc, now.tli, m)
+		past, known, desc, child := pgHistoryFork(ctx, dc, now.tli, m)
 		proven, beyond, fork = known && past, known && !past, desc
+		if proven {
+			// Past L on our timeline, but is the WAL at L ours? A crash
+			// may have lost the record and a later life of our timeline
+			// written past it before the promotion (pgRecordAt).
+			ours, other, what := pgRecordAt(ctx, dc, []int64{m.tli, child}, m, xid)
+			proven, beyond, fork = ours, other, desc+"; "+what
+		}
+	}
+	if st.status == "committed" && restarted && proven && now.replay == 0 && now.tli == m.tli && m.lsn != 0 {
+		// Started without recovery on our timeline: its previous life
+		// shut down cleanly, but that life may not be ours: a crash that
+		// lost the record, then a crash recovery that no client reached
+		// (single-user mode) writing past it and shutting down, hands
+		// the id out again. The WAL at L tells, where it can be read;
+		// where it cannot, the answer stays (resolve_failover.go).
+		_, other, what := pgRecordAt(ctx, dc, []int64{m.tli}, m, xid)
+		proven, beyond, fork = !other, other, "none (same timeline); "+what
 	}
 	if restarted && m.lsn != 0 {
 		*rule = "the server restarted or was promoted since (" + pgLifeAccount(m, now, fork) + "): "

@@ -3,6 +3,7 @@ package sqlretry
 import (
 	"context"
 	"database/sql/driver"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"strconv"
@@ -33,11 +34,22 @@ import (
 //     lost the record and our commit record after it: not committed,
 //     whatever it says of the id; no recovery at all (a clean shutdown
 //     wrote every id it had handed out into its checkpoint): its answer
-//     is ours;
+//     is ours, unless the WAL at L, where it can be read (pgRecordAt),
+//     ends no message of ours: the clean shutdown was then a later
+//     life's that no client reached (a crash recovery in single-user
+//     mode), the record lost before it: not committed;
 //   - on a later timeline (a promotion), the history file of its timeline
 //     (pg_read_file: superuser, pg_read_server_files or EXECUTE granted)
-//     names where it left ours: at or past L, its answer is ours; before
-//     L, not committed. Without the file: a replay position before L on
+//     names where it left ours: before L, not committed; at or past L, its
+//     answer is ours only if the WAL of our timeline it holds ends a
+//     record at L that is our message (read with pg_read_binary_file,
+//     pgRecordAt): the message is not flushed before the COMMIT, so a
+//     crash can lose it, and the next life on our timeline writes over
+//     its place before the promotion (Patroni's single-user crash
+//     recovery, whose shutdown hands the next id, ours, to the promoted
+//     timeline, and switches the WAL segment, forking past L). No
+//     message of ours ends there: not committed; the segment unreadable:
+//     ErrAmbiguousCommit. Without the file: a replay position before L on
 //     the next timeline is not committed too (the position is where it
 //     left ours or, had it crashed since, further on); any other
 //     "committed" stays ErrAmbiguousCommit, since a promoted server that
@@ -51,10 +63,11 @@ import (
 // What this cannot see: two lives of the same timeline between the COMMIT
 // and the answer: a crash that loses L, a restart that hands ids out again
 // and writes past L, and a second crash or a clean restart, all before
-// sqlretry reaches the server. The WAL at L is then another life's.
-// sqlretry asks again every half second at most, and any answer of the
-// middle life is final and right, so this takes two failures within that
-// window. Timelines are taken to be unique in the cluster (no split
+// sqlretry reaches the server, which then answers on that same timeline
+// (a promoted one reads the WAL at L, above). The WAL at L is then
+// another life's. sqlretry asks again every half second at most, and any
+// answer of the middle life is final and right, so this takes two
+// failures within that window. Timelines are taken to be unique in the cluster (no split
 // brain).
 
 // pgProofMinVersion is the first server_version_num with
@@ -294,10 +307,13 @@ const pgHistoryFileQuery = "SELECT pg_catalog.pg_read_file('pg_wal/' || $1 || '.
 // since the transaction asked: restarted as a standby after a crash and
 // promoted, as Patroni does, or a standby that restarted after its
 // promotion, or one several timelines on) left the transaction's timeline.
-// At or past the end of the record with the id (past): every life of that
-// history has replayed the record, or a checkpoint past it, and has not
-// handed the id out again, so "committed" is ours. Before it: our commit
-// record is not in that history. This holds whatever happened to the
+// At or past the end of the record with the id (past): that history holds
+// our timeline's WAL up to L, and if the record ending at L is ours
+// (pgRecordAt: a crash may have lost it and a later life of our timeline
+// written over its place before the fork), every life of that history has
+// replayed it, or a checkpoint past it, and has not handed the id out
+// again, so "committed" is ours. Before it: our commit record is not in
+// that history. This holds whatever happened to the
 // server since the fork (crashes, restarts, further promotions: the file
 // of the current timeline lists every ancestor), which start times and
 // replay positions cannot tell apart. The WAL up to the switch point was
@@ -305,12 +321,34 @@ const pgHistoryFileQuery = "SELECT pg_catalog.pg_read_file('pg_wal/' || $1 || '.
 // not be read (no privilege), does not parse, or does not name our
 // timeline among the ancestors (another lineage: only a split brain makes
 // one); desc says what was found, for the event's reason.
-func pgHistoryFork(ctx context.Context, dc driver.Conn, tli int64, m pgMark) (past, known bool, desc string) {
+//
+// child is the timeline that forked from ours (tli itself when ours is its
+// parent): the segment holding the switch point was copied into it.
+func pgHistoryFork(ctx context.Context, dc driver.Conn, tli int64, m pgMark) (past, known bool, desc string, child int64) {
 	vals, err := queryRow(ctx, dc, pgHistoryFileQuery, fmt.Sprintf("%08X", tli))
 	if err != nil || len(vals) == 0 {
-		return false, false, fmt.Sprintf("history file of timeline %d not read: %v", tli, err)
+		return false, false, fmt.Sprintf("history file of timeline %d not read: %v", tli, err), 0
 	}
-	return historyFork(textOf(vals[0]), m)
+	text := textOf(vals[0])
+	past, known, desc = historyFork(text, m)
+	child = tli
+	seen := false
+	for _, line := range strings.Split(text, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		parent, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			continue
+		}
+		if seen {
+			child = parent
+			break
+		}
+		seen = parent == m.tli
+	}
+	return past, known, desc, child
 }
 
 // historyFork reads a timeline history file's text.
@@ -370,3 +408,125 @@ func parseHexInt(v driver.Value) (int64, bool) {
 	n, err := strconv.ParseInt(textOf(v), 16, 64)
 	return n, err == nil && n > 0
 }
+
+// pgWALSizesQuery and pgWALReadQuery read the WAL of the transaction's
+// timeline just before the end of its record, on a promoted server
+// (pgRecordAt).
+const (
+	pgWALSizesQuery = "SELECT bytes_per_wal_segment::bigint, wal_block_size::bigint FROM pg_catalog.pg_control_init()"
+	pgWALReadQuery  = "SELECT pg_catalog.pg_read_binary_file('pg_wal/' || $1, $2::bigint, $3::bigint, true)"
+)
+
+// pgRecordAt reads, on a promoted server whose history leaves the
+// transaction's timeline at or past L, the WAL of that timeline just
+// before L, and says whether the record ending there is the transaction's
+// message. The switch point alone does not prove it: the message is
+// written without a flush (the COMMIT flushes it), so a crash of our
+// server before any flush past it loses it, and the next life on the same
+// timeline writes over its place before a promotion. Patroni does exactly
+// that with a crashed primary: crash recovery in single-user mode ends
+// before L, its shutdown writes a checkpoint (with the next id: ours, to
+// be handed out again) and a WAL switch padding the segment with zeros,
+// and the read-only start and the promotion then fork past L.
+//
+// ours: a sqlretry message with the transaction's id ends at L. other: no
+// sqlretry message ends at L (the WAL there is another life's: our record,
+// and our commit record after it, are not in this history). Neither when
+// the segment cannot be read (no privilege, removed) or a message with
+// another id ends there (a message written in a subtransaction carries
+// the subtransaction's id). What it cannot tell: a later life that took
+// writes unseen (the two lives above) and whose own message with our id,
+// handed out again, ends exactly at L.
+func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid int64) (ours, other bool, desc string) {
+	vals, err := queryRow(ctx, dc, pgWALSizesQuery)
+	if err != nil || len(vals) < 2 {
+		return false, false, fmt.Sprintf("WAL sizes not read: %v", err)
+	}
+	segSize, blk := uint64(asInt64(vals[0])), uint64(asInt64(vals[1]))
+	if segSize == 0 || blk == 0 || segSize%blk != 0 || m.lsn == 0 {
+		return false, false, "WAL sizes unusable"
+	}
+	segno := (m.lsn - 1) / segSize
+	end := (m.lsn-1)%segSize + 1 // L's offset in its segment
+	from := uint64(0)
+	if end > pgWALWindow {
+		from = end - pgWALWindow
+	}
+	perID := 0x100000000 / segSize
+	for _, tli := range tlis {
+		for _, suffix := range []string{"", ".partial"} {
+			name := fmt.Sprintf("%08X%08X%08X", tli, segno/perID, segno%perID) + suffix
+			vals, err := queryRow(ctx, dc, pgWALReadQuery, name, int64(from), int64(end-from))
+			if err != nil {
+				return false, false, fmt.Sprintf("WAL segment %s not read: %v", name, err)
+			}
+			raw, ok := vals[0].([]byte)
+			if !ok || uint64(len(raw)) != end-from {
+				continue // missing (NULL) or short
+			}
+			ours, other, what := walRecordEndingAt(raw, from, blk, xid)
+			return ours, other, "WAL segment " + name + ": " + what
+		}
+	}
+	return false, false, "no WAL segment of the timeline holding the record"
+}
+
+// pgWALWindow is how many bytes before L pgRecordAt reads: the record
+// (64 bytes) and the page headers that may lie within it.
+const pgWALWindow = 512
+
+// walRecordEndingAt looks at the bytes raw, read from offset from of a WAL
+// segment up to L: it drops the page headers (long on a segment's first
+// page, short on the others) and looks for the transaction's message
+// ending at L: its data ends with the prefix "sqlretry" and its NUL (the
+// payload is empty), within the alignment padding before L.
+func walRecordEndingAt(raw []byte, from, blk uint64, xid int64) (ours, other bool, what string) {
+	var usable []byte
+	for i := 0; i < len(raw); {
+		pos := from + uint64(i)
+		hdr := uint64(24)
+		if pos < blk {
+			hdr = 40
+		}
+		if in := pos % blk; in < hdr {
+			i += int(hdr - in)
+			continue
+		}
+		usable = append(usable, raw[i])
+		i++
+	}
+	const prefix = "sqlretry\x00"
+	n := len(usable)
+	if n < len(prefix)+8 {
+		return false, false, "too close to the segment's start"
+	}
+	found := -1
+	for pad := 0; pad < 8; pad++ {
+		if string(usable[n-pad-len(prefix):n-pad]) == prefix {
+			found = n - pad
+			break
+		}
+	}
+	if found < 0 {
+		return false, true, "no sqlretry message ends at the record's end: the WAL there is another life's"
+	}
+	for start := n - 8; start >= 0; start -= 8 {
+		h := usable[start:]
+		if len(h) < 24 {
+			continue
+		}
+		for _, order := range []binary.ByteOrder{binary.LittleEndian, binary.BigEndian} {
+			if int(order.Uint32(h)) == found-start && h[17] == pgRmLogicalMsg {
+				if order.Uint32(h[4:]) == uint32(xid) {
+					return true, false, "the record is the transaction's message"
+				}
+				return false, false, fmt.Sprintf("a sqlretry message of id %d ends there", order.Uint32(h[4:]))
+			}
+		}
+	}
+	return false, false, "a sqlretry message ends there, its header not found"
+}
+
+// pgRmLogicalMsg is RM_LOGICALMSG_ID, the resource manager of logical
+// decoding messages (PostgreSQL 9.6 on).
+const pgRmLogicalMsg = 21

@@ -5,6 +5,10 @@ import (
 	"database/sql"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -55,14 +59,92 @@ func TestPatroniFailover(t *testing.T) {
 		{"postmaster-kill", 15 * time.Second, cluster.KillLeaderPostmaster, false},
 		{"node-kill", (dbserver.PatroniTTL + 7) * time.Second, cluster.KillLeaderNode, true},
 	} {
-		t.Run(sc.name, func(t *testing.T) {
-			patroniScenario(t, cluster, sc.name, sc.duration, sc.event, sc.except)
-		})
-		if t.Failed() {
-			t.Logf("cluster: %s\n%s", cluster.Members(), cluster.Logs())
-			return
+		// SQLRETRY_PATRONI_ONLY names the one scenario to run and
+		// SQLRETRY_PATRONI_REPEAT how many times in a row (on the same
+		// cluster), to hunt a rare failure.
+		if only := os.Getenv("SQLRETRY_PATRONI_ONLY"); only != "" && only != sc.name {
+			continue
+		}
+		repeat, _ := strconv.Atoi(os.Getenv("SQLRETRY_PATRONI_REPEAT"))
+		for i := range max(repeat, 1) {
+			name := sc.name
+			if repeat > 1 {
+				name = fmt.Sprintf("%s#%d", sc.name, i)
+			}
+			t.Run(name, func(t *testing.T) {
+				patroniScenario(t, cluster, sc.name, sc.duration, sc.event, sc.except)
+			})
+			if t.Failed() {
+				t.Logf("cluster: %s\n%s", cluster.Members(), cluster.Logs())
+				return
+			}
 		}
 	}
+}
+
+// patroniDiag, with SQLRETRY_PATRONI_DIAG set, records for every operation
+// the transaction id, server and timeline of each attempt and the
+// decisions sqlretry made for it, so that a lost acknowledgement can be
+// traced to the server that answered and the WAL of every node.
+type patroniDiag struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (d *patroniDiag) add(format string, args ...any) {
+	d.mu.Lock()
+	d.lines = append(d.lines, time.Now().Format("15:04:05.000")+" "+fmt.Sprintf(format, args...))
+	d.mu.Unlock()
+}
+
+func (d *patroniDiag) String() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return strings.Join(d.lines, "\n    ")
+}
+
+type patroniDiagKey struct{}
+
+// patroniWALDump is every node's timeline history files and the WAL records
+// of the given transaction ids (pg_waldump over each node's pg_wal).
+func patroniWALDump(cluster *dbserver.Patroni, xids []string) string {
+	var b strings.Builder
+	bin := ""
+	if dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin/pg_waldump"); len(dirs) > 0 {
+		bin = dirs[len(dirs)-1]
+	}
+	for _, node := range cluster.Nodes {
+		wal := filepath.Join(node.DataDir(), "pg_wal")
+		fmt.Fprintf(&b, "--- %s %s\n", node.Name, wal)
+		hist, _ := filepath.Glob(filepath.Join(wal, "*.history"))
+		for _, h := range hist {
+			body, _ := os.ReadFile(h)
+			fmt.Fprintf(&b, "%s: %s\n", filepath.Base(h), strings.TrimSpace(string(body)))
+		}
+		segs, _ := filepath.Glob(filepath.Join(wal, "0000*"))
+		var names []string
+		for _, s := range segs {
+			names = append(names, filepath.Base(s))
+		}
+		fmt.Fprintf(&b, "files: %s\n", strings.Join(names, " "))
+		if bin == "" {
+			continue
+		}
+		for _, s := range segs {
+			if strings.HasSuffix(s, ".history") {
+				continue
+			}
+			for _, x := range xids {
+				out, _ := exec.Command(bin, "-x", x, s).CombinedOutput()
+				for _, l := range strings.Split(string(out), "\n") {
+					if strings.Contains(l, "rmgr:") {
+						fmt.Fprintf(&b, "%s: %s\n", filepath.Base(s), l)
+					}
+				}
+			}
+		}
+	}
+	return b.String()
 }
 
 func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, duration time.Duration,
@@ -92,9 +174,13 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 	cfg.DialFunc = dials.Dial
 	// Every lost COMMIT's resolution, with the rule that decided, in the
 	// log: an ErrAmbiguousCommit then says why it could not be known.
-	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, e sqlretry.Event) {
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithObserver(sqlretry.ObserverFunc(func(ctx context.Context, e sqlretry.Event) {
+		d, _ := ctx.Value(patroniDiagKey{}).(*patroniDiag)
 		if e.Kind == sqlretry.EventCommitResolved {
 			t.Logf("%s COMMIT resolution: outcome=%v reason=%q err=%v", time.Now().Format("15:04:05.000"), e.Outcome, e.Reason, e.Err)
+		}
+		if d != nil && e.Kind != sqlretry.EventBreaker {
+			d.add("event %v op=%s attempt=%d class=%v outcome=%v reason=%q err=%v", e.Kind, e.Op, e.Attempt, e.Class, e.Outcome, e.Reason, e.Err)
 		}
 	})))
 	defer db.Close()
@@ -171,7 +257,34 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 			}
 		}
 	}()
-	res := workload.Run(ctx, workload.Config{Workers: workers, Duration: duration, OpTimeout: 30 * time.Second, Tick: tick}, bank, db, workload.RunInTx)
+	strategy := workload.Strategy(workload.RunInTx)
+	var diags sync.Map // op -> *patroniDiag
+	if os.Getenv("SQLRETRY_PATRONI_DIAG") != "" {
+		ledger := bank.LedgerTable()
+		strategy = func(ctx context.Context, db *sql.DB, opts *sql.TxOptions, body func(context.Context, *sql.Tx) error) error {
+			d := &patroniDiag{}
+			var op string
+			err := sqlretry.RunInTx(context.WithValue(ctx, patroniDiagKey{}, d), db, opts, func(ctx context.Context, tx *sql.Tx) error {
+				if err := body(ctx, tx); err != nil {
+					d.add("attempt: body: %v", err)
+					return err
+				}
+				var xid, tl, lsn string
+				var port int
+				err := tx.QueryRowContext(ctx, "SELECT op, pg_current_xact_id()::text, inet_server_port(), "+
+					"substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8), pg_current_wal_insert_lsn()::text FROM "+ledger+
+					" WHERE xmin::text = (pg_current_xact_id()::text::bigint % 4294967296)::text").Scan(&op, &xid, &port, &tl, &lsn)
+				d.add("attempt: op %s xid %s on :%d timeline %s insert lsn %s err=%v", op, xid, port, tl, lsn, err)
+				return err
+			})
+			d.add("returned err=%v", err)
+			if op != "" {
+				diags.Store(op, d)
+			}
+			return err
+		}
+	}
+	res := workload.Run(ctx, workload.Config{Workers: workers, Duration: duration, OpTimeout: 30 * time.Second, Tick: tick}, bank, db, strategy)
 	close(probeStop)
 	<-probeDone
 	<-chaos
@@ -193,6 +306,29 @@ func patroniScenario(t *testing.T, cluster *dbserver.Patroni, name string, durat
 	inv, err := bank.Check(ctx, check, res)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if inv.Lost > 0 {
+		var xids []string
+		for _, lost := range inv.LostOps {
+			op, _, _ := strings.Cut(lost, " ")
+			if v, ok := diags.Load(op); ok {
+				d := v.(*patroniDiag)
+				t.Logf("LOST %s:\n    %s", op, d)
+				for _, l := range d.lines {
+					if _, rest, ok := strings.Cut(l, " xid "); ok {
+						x, _, _ := strings.Cut(rest, " ")
+						xids = append(xids, x)
+					}
+				}
+			} else {
+				t.Logf("LOST %s: no diagnostics (SQLRETRY_PATRONI_DIAG unset)", lost)
+			}
+		}
+		var server string
+		_ = check.QueryRowContext(ctx, "SELECT inet_server_port()::text || ' timeline ' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) || ' insert ' || pg_current_wal_insert_lsn()::text").Scan(&server)
+		t.Logf("check read from :%s; cluster: %s; dir %s", server, cluster.Members(), cluster.Dir())
+		t.Logf("WAL of the lost ids %v:\n%s", xids, patroniWALDump(cluster, xids))
+		t.Logf("Patroni logs:\n%s", cluster.FullLogs())
 	}
 	bank.Drop(ctx, check)
 	longest, back := stretches(res, start, writable, tick)

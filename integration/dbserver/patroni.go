@@ -736,3 +736,20 @@ func (c *Patroni) StartNode(node *PatroniNode) error {
 	}
 	return node.start(bin)
 }
+
+// Dir is the directory holding etcd's and every node's files (node<i>/data,
+// node<i>/patroni.log); kept after Stop with SQLRETRY_PATRONI_KEEP set.
+func (c *Patroni) Dir() string { return c.dir }
+
+// DataDir is the node's PostgreSQL data directory.
+func (node *PatroniNode) DataDir() string { return filepath.Join(node.dir, "data") }
+
+// FullLogs are the nodes' whole Patroni logs, for a post-mortem.
+func (c *Patroni) FullLogs() string {
+	var b strings.Builder
+	for _, node := range c.Nodes {
+		out, _ := os.ReadFile(filepath.Join(node.dir, "patroni.log"))
+		fmt.Fprintf(&b, "--- %s patroni.log\n%s\n", node.Name, out)
+	}
+	return b.String()
+}

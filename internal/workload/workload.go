@@ -385,3 +385,7 @@ func (b *Bank) Check(ctx context.Context, admin *sql.DB, res *Result) (Invariant
 	}
 	return inv, nil
 }
+
+// LedgerTable is the name of the ledger table (op, src, dst, amount), for
+// diagnostics that look rows up.
+func (b *Bank) LedgerTable() string { return b.ledger }
