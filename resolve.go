@@ -922,7 +922,13 @@ func namedArgs(args []any) []driver.NamedValue {
 	return nv
 }
 
-// queryRow runs a one-row query on a driver connection.
+// queryRow runs a one-row query on a driver connection. The query has
+// succeeded only once the whole result has: a server may send the row and
+// then an error where the end of the result should be, which
+// go-sql-driver/mysql reports at Close (a Galera node that BF-aborts the
+// transaction while the answer is on its way: the transaction was rolled
+// back, and the session is in autocommit from then on). So the result is
+// closed here, and its error is the query's.
 func queryRow(ctx context.Context, dc driver.Conn, query string, args ...any) ([]driver.Value, error) {
 	var (
 		rows driver.Rows
@@ -946,12 +952,22 @@ func queryRow(ctx context.Context, dc driver.Conn, query string, args ...any) ([
 	if err != nil {
 		return nil, err
 	}
-	defer rows.Close()
 	vals := make([]driver.Value, len(rows.Columns()))
 	if err := rows.Next(vals); err != nil {
+		rows.Close()
 		if err == io.EOF {
 			return nil, errors.New("sqlretry: no row")
 		}
+		return nil, err
+	}
+	// A driver's []byte may point into its read buffer, which Close reads
+	// the rest of the result into.
+	for i, v := range vals {
+		if b, ok := v.([]byte); ok {
+			vals[i] = append([]byte(nil), b...)
+		}
+	}
+	if err := rows.Close(); err != nil {
 		return nil, err
 	}
 	return vals, nil
