@@ -145,6 +145,11 @@ func (t *tx) insertMarker() error {
 		// can commit nothing durable.
 		t.nothingDurable = true
 		return nil
+	case n == 1146:
+		// Not there on this server (markerMissing): the failed INSERT
+		// left the transaction open; it commits without a marker.
+		r.markerMissing()
+		return nil
 	case isConfigNumber(n):
 		// Dropped or revoked since. The failed INSERT left the transaction
 		// open: the default marker turns itself off and it commits without.
@@ -165,6 +170,18 @@ func (r *retrier) markerRefused(ctx context.Context, table string, err error) er
 		return nil
 	}
 	return newError("commit", 1, Permanent, nil, cerr)
+}
+
+// markerMissing handles a marker table the check found or created that
+// this server says does not exist (1146). That refuses nothing: on Galera
+// the check's side connection may have reached another node than the
+// transaction's, and DDL is applied on the other nodes asynchronously, so
+// a table just created there may not be here yet; or it was dropped
+// since. The next transaction checks it again (creating it if it is
+// gone), and the marker stays on; what the user may not do, the check
+// says.
+func (r *retrier) markerMissing() {
+	r.resolution.forgetMarker()
 }
 
 // markerTurnOff turns the default marker off for this db, and says so once:
@@ -206,6 +223,13 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 		// READ ONLY by the session: the INSERT failed, COMMIT did not
 		// run, and nothing durable can commit.
 		t.token, t.nothingDurable = nil, true
+		return t.withinDeadline("COMMIT", driver.Tx.Commit)
+	case n == 1146:
+		// Not there on this server (markerMissing): the block stopped
+		// at the INSERT, the transaction is open; it commits without a
+		// marker.
+		t.token = nil
+		r.markerMissing()
 		return t.withinDeadline("COMMIT", driver.Tx.Commit)
 	case isConfigNumber(n):
 		t.token = nil
