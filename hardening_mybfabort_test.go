@@ -19,7 +19,7 @@ import (
 // way: the row arrives, then 1213 where the end of the result should be;
 // go-sql-driver/mysql reports that error at rows.Close. The server has
 // rolled the transaction back, and the session is in autocommit from then
-// on (integration TestGaleraLostAckProbe, "BF abort while a result
+// on (integration TestGaleraFirstOperations, "BF abort while a result
 // streams", shows the real server doing both).
 type bfAbortConnector struct {
 	*mariaDBConnector
