@@ -146,6 +146,11 @@ func (t *tx) insertMarker() error {
 		// can commit nothing durable.
 		t.nothingDurable = true
 		return nil
+	case n == 1146:
+		// Not there on this server (markerMissing): the failed INSERT
+		// left the transaction open; it commits without a marker.
+		r.markerMissing()
+		return nil
 	case isConfigNumber(n):
 		// Dropped or revoked since. The failed INSERT left the transaction
 		// open: the default marker turns itself off and it commits without.
@@ -166,6 +171,18 @@ func (r *retrier) markerRefused(ctx context.Context, table string, err error) er
 		return nil
 	}
 	return newError("commit", 1, Permanent, nil, cerr)
+}
+
+// markerMissing handles a marker table the check found or created that
+// this server says does not exist (1146). That refuses nothing: on Galera
+// the check's side connection may have reached another node than the
+// transaction's, and DDL is applied on the other nodes asynchronously, so
+// a table just created there may not be here yet; or it was dropped
+// since. The next transaction checks it again (creating it if it is
+// gone), and the marker stays on; what the user may not do, the check
+// says.
+func (r *retrier) markerMissing() {
+	r.resolution.forgetMarker()
 }
 
 // markerTurnOff turns the default marker off for this db, and says so once:
@@ -207,6 +224,13 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 		// READ ONLY by the session: the INSERT failed, COMMIT did not
 		// run, and nothing durable can commit.
 		t.token, t.nothingDurable = nil, true
+		return t.withinDeadline("COMMIT", driver.Tx.Commit)
+	case n == 1146:
+		// Not there on this server (markerMissing): the block stopped
+		// at the INSERT, the transaction is open; it commits without a
+		// marker.
+		t.token = nil
+		r.markerMissing()
 		return t.withinDeadline("COMMIT", driver.Tx.Commit)
 	case isConfigNumber(n):
 		t.token = nil
@@ -940,7 +964,13 @@ func namedArgs(args []any) []driver.NamedValue {
 	return nv
 }
 
-// queryRow runs a one-row query on a driver connection.
+// queryRow runs a one-row query on a driver connection. The query has
+// succeeded only once the whole result has: a server may send the row and
+// then an error where the end of the result should be, which
+// go-sql-driver/mysql reports at Close (a Galera node that BF-aborts the
+// transaction while the answer is on its way: the transaction was rolled
+// back, and the session is in autocommit from then on). So the result is
+// closed here, and its error is the query's.
 func queryRow(ctx context.Context, dc driver.Conn, query string, args ...any) ([]driver.Value, error) {
 	var (
 		rows driver.Rows
@@ -964,12 +994,22 @@ func queryRow(ctx context.Context, dc driver.Conn, query string, args ...any) ([
 	if err != nil {
 		return nil, err
 	}
-	defer rows.Close()
 	vals := make([]driver.Value, len(rows.Columns()))
 	if err := rows.Next(vals); err != nil {
+		rows.Close()
 		if err == io.EOF {
 			return nil, errors.New("sqlretry: no row")
 		}
+		return nil, err
+	}
+	// A driver's []byte may point into its read buffer, which Close reads
+	// the rest of the result into.
+	for i, v := range vals {
+		if b, ok := v.([]byte); ok {
+			vals[i] = append([]byte(nil), b...)
+		}
+	}
+	if err := rows.Close(); err != nil {
 		return nil, err
 	}
 	return vals, nil

@@ -235,7 +235,11 @@ func galeraNodeKill(t *testing.T, g *dbserver.Galera) {
 
 	// Back: the node rejoins, and its endpoint's breaker takes it again.
 	t0 := time.Now()
-	if err := g.RestartNode(victim); err != nil {
+	err = g.RestartNode(victim)
+	for _, n := range g.RestartNotes() {
+		t.Logf("RestartNode: %s", n)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	rejoined := time.Since(t0)

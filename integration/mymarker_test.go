@@ -227,6 +227,9 @@ func TestGaleraCommitMarker(t *testing.T) {
 		}()
 		res := workload.Run(ctx, workload.Config{Workers: workers, Duration: runFor, OpTimeout: 30 * time.Second, Tick: 10 * time.Millisecond}, bank, db, workload.RunInTx)
 		<-chaos
+		for _, n := range g.RestartNotes() {
+			t.Logf("RestartNode: %s", n)
+		}
 		var members string
 		if err := causal.QueryRowContext(ctx, "SELECT GROUP_CONCAT(node_name ORDER BY node_name) FROM mysql.wsrep_cluster_members").Scan(&members); err != nil {
 			t.Errorf("the view the resolver reads: %v", err)
