@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
-	"errors"
 	"fmt"
 	"io"
 	"sync/atomic"
@@ -109,22 +108,7 @@ func TestMarkerConnectionIDAbortedAfterItsRow(t *testing.T) {
 	})
 	t.Run("BeginTx", func(t *testing.T) {
 		srv := newFakeServer()
-		db := bfAbortDB(t, srv)
-		tx, err := db.BeginTx(context.Background(), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tx.Exec("INSERT INTO t VALUES (1)"); err != nil {
-			t.Fatal(err)
-		}
-		err = tx.Commit()
-		var se *Error
-		if !errors.As(err, &se) || se.Class != RetryTransaction || !errors.Is(err, errCertification) {
-			t.Fatalf("Commit: %v (ran %q); want the retryable class with the server's 1213", err, srv.ran)
-		}
-		if n := srv.ranCount("INSERT INTO t "); n != 0 {
-			t.Fatalf("committed %d times; want none", n)
-		}
+		commitIsRetryableCertification(t, bfAbortDB(t, srv), srv)
 	})
 }
 

@@ -41,22 +41,30 @@ func TestMarkerInsertDeadlockReplays(t *testing.T) {
 		srv := newFakeServer()
 		srv.script("INSERT INTO `test`.`m`", step{err: errCertification})
 		db := markerDB(t, &markerConnector{fakeConnector: fakeConnector{srv: srv}, database: "test", tableExists: true}, WithMySQLCommitMarker("m"))
-		tx, err := db.BeginTx(context.Background(), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tx.Exec("INSERT INTO t VALUES (1)"); err != nil {
-			t.Fatal(err)
-		}
-		err = tx.Commit()
-		var se *Error
-		if !errors.As(err, &se) || se.Class != RetryTransaction || !errors.Is(err, errCertification) {
-			t.Fatalf("Commit: %v; want the retryable class RetryTransaction with the server's 1213", err)
-		}
-		if n := srv.ranCount("INSERT INTO t "); n != 0 {
-			t.Fatalf("committed %d times; want none", n)
-		}
+		commitIsRetryableCertification(t, db, srv)
 	})
+}
+
+// commitIsRetryableCertification runs one INSERT in a transaction of db's
+// by hand and wants its Commit to fail with the retryable class and the
+// server's 1213, and the write never to commit.
+func commitIsRetryableCertification(t *testing.T, db *sql.DB, srv *fakeServer) {
+	t.Helper()
+	tx, err := db.BeginTx(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec("INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	err = tx.Commit()
+	var se *Error
+	if !errors.As(err, &se) || se.Class != RetryTransaction || !errors.Is(err, errCertification) {
+		t.Fatalf("Commit: %v (ran %q); want the retryable class RetryTransaction with the server's 1213", err, srv.ran)
+	}
+	if n := srv.ranCount("INSERT INTO t "); n != 0 {
+		t.Fatalf("committed %d times; want none", n)
+	}
 }
 
 // myNodesConnector is a fake cluster: the first connection reaches node 0
