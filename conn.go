@@ -524,6 +524,7 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 	c.readOnlyPending = false
 	if a, ok := ctx.Value(keyAttempt).(*txAttempt); ok {
 		c.txBuf.attempt = a
+		a.tracked = true
 	}
 	c.tx = &c.txBuf
 	return c.tx, nil

@@ -483,3 +483,53 @@ func TestShortWaitNotOnAnAttemptThatCannotBeReplayed(t *testing.T) {
 		}
 	})
 }
+
+// connectHookConnector runs before ahead of every connect.
+type connectHookConnector struct {
+	fakeConnector
+	before func()
+}
+
+func (c *connectHookConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	c.before()
+	return c.fakeConnector.Connect(ctx)
+}
+
+// Shadow mode turned on while a call runs (SetShadow on a live db): the
+// attempt whose transaction began in shadow mode is the plain driver's,
+// whose errors RunInTx does not judge, so it must not bound its lock
+// waits: its own 55P03 would reach the caller as an error the plain driver
+// never gives (TestAttack2PolicyFlipsUnderTraffic, in a CI rehearsal).
+func TestShortWaitNotInAShadowTransaction(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv := newFakeServer()
+	w.install(srv)
+	var db *sql.DB
+	flip := false
+	wc, err := WrapConnector(&connectHookConnector{fakeConnector: fakeConnector{srv: srv}, before: func() {
+		if flip {
+			_ = SetShadow(db, true)
+		}
+	}}, WithClock(newFakeClock()), WithDialect(DialectPostgres))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db = sql.OpenDB(wc)
+	defer db.Close()
+	db.SetMaxIdleConns(0) // every attempt connects: the flip comes between the call's start and its BEGIN
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	before := len(w.got())
+	if before != 1 {
+		t.Fatalf("bounds %v, want one (the replay)", w.got())
+	}
+	flip = true
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.got(); len(got) != before {
+		t.Fatalf("bounds %v: a transaction begun in shadow mode bounded its lock waits", got)
+	}
+}

@@ -391,6 +391,10 @@ func serverAnswered(err error) bool {
 type txAttempt struct {
 	context.Context
 	begun bool // BeginTx has returned: a BeginTx inside the closure is not this attempt's
+	// tracked: sqlretry's Tx began for this attempt (not a shadow-mode
+	// one, whose errors go unjudged: SetShadow may have turned it on since
+	// the call started).
+	tracked bool
 	// escaped: a statement of the attempt's transaction ended or started a
 	// transaction by itself (tx.done): no replay.
 	escaped bool
@@ -942,9 +946,11 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 			_ = sqlTx.Rollback() // also when fn panics
 		}
 	}()
-	if lockWait > 0 {
+	if lockWait > 0 && att.tracked {
 		// Before the closure's statements, so that a SET LOCAL of its own
-		// wins; a failure is the attempt's, before its closure ran.
+		// wins; a failure is the attempt's, before its closure ran. Not in
+		// a shadow-mode transaction: the plain driver's, whose 55P03
+		// nothing would replay.
 		if err := sw.set(att, sqlTx, lockWait); err != nil {
 			return began, phaseBegin, err
 		}
