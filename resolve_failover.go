@@ -434,7 +434,9 @@ const (
 // and our commit record after it, are not in this history). Neither when
 // the segment cannot be read (no privilege, removed) or a message with
 // another id ends there (a message written in a subtransaction carries
-// the subtransaction's id). What it cannot tell: a later life that took
+// the subtransaction's id). A record that begins in one segment and ends
+// in the next (L within the first bytes of its segment) is read from both.
+// What it cannot tell: a later life that took
 // writes unseen (the two lives above) and whose own message with our id,
 // handed out again, ends exactly at L.
 func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid int64) (ours, other bool, desc string) {
@@ -453,22 +455,44 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 		from = end - pgWALWindow
 	}
 	perID := 0x100000000 / segSize
-	for _, tli := range tlis {
-		for _, suffix := range []string{"", ".partial"} {
-			name := fmt.Sprintf("%08X%08X%08X", tli, segno/perID, segno%perID) + suffix
-			vals, err := queryRow(ctx, dc, pgWALReadQuery, name, int64(from), int64(end-from))
-			if err != nil {
-				return false, false, fmt.Sprintf("WAL segment %s not read: %v", name, err)
+	// read reads bytes [from, to) of segment segno of the first of the
+	// timelines that holds it whole.
+	read := func(segno, from, to uint64) (raw []byte, name string, err error) {
+		for _, tli := range tlis {
+			for _, suffix := range []string{"", ".partial"} {
+				name = fmt.Sprintf("%08X%08X%08X", tli, segno/perID, segno%perID) + suffix
+				vals, err := queryRow(ctx, dc, pgWALReadQuery, name, int64(from), int64(to-from))
+				if err != nil {
+					return nil, name, err
+				}
+				if raw, ok := vals[0].([]byte); ok && uint64(len(raw)) == to-from {
+					return raw, name, nil
+				}
+				// missing (NULL) or short
 			}
-			raw, ok := vals[0].([]byte)
-			if !ok || uint64(len(raw)) != end-from {
-				continue // missing (NULL) or short
-			}
-			ours, other, what := walRecordEndingAt(raw, from, blk, xid)
-			return ours, other, "WAL segment " + name + ": " + what
+		}
+		return nil, "", nil
+	}
+	raw, name, err := read(segno, from, end)
+	if err != nil {
+		return false, false, fmt.Sprintf("WAL segment %s not read: %v", name, err)
+	}
+	if raw == nil {
+		return false, false, "no WAL segment of the timeline holding the record"
+	}
+	var prev []byte
+	if from == 0 && segno > 0 && segSize > pgWALWindow {
+		// L within the window of its segment's start: the record may
+		// begin in the previous segment (it continues on this one's first
+		// page, after the long header). Unreadable, the record is judged
+		// on this segment's bytes alone (it is then not recognised).
+		p, _, err := read(segno-1, segSize-pgWALWindow, segSize)
+		if err == nil && p != nil {
+			prev = walUsable(p, segSize-pgWALWindow, blk)
 		}
 	}
-	return false, false, "no WAL segment of the timeline holding the record"
+	ours, other, what := walRecordEndingAt(prev, raw, from, blk, xid)
+	return ours, other, "WAL segment " + name + ": " + what
 }
 
 // pgWALWindow is how many bytes before L pgRecordAt reads: the record
@@ -479,21 +503,14 @@ const pgWALWindow = 512
 // segment up to L: it drops the page headers (long on a segment's first
 // page, short on the others) and looks for the transaction's message
 // ending at L: its data ends with the prefix "sqlretry" and its NUL (the
-// payload is empty), within the alignment padding before L.
-func walRecordEndingAt(raw []byte, from, blk uint64, xid int64) (ours, other bool, what string) {
-	var usable []byte
-	for i := 0; i < len(raw); {
-		pos := from + uint64(i)
-		hdr := uint64(24)
-		if pos < blk {
-			hdr = 40
-		}
-		if in := pos % blk; in < hdr {
-			i += int(hdr - in)
-			continue
-		}
-		usable = append(usable, raw[i])
-		i++
+// payload is empty), within the alignment padding before L. prev is the
+// record bytes (page headers dropped) of the end of the previous segment
+// when raw starts at its segment's start, or nil: a record may begin in
+// one segment and end in the next.
+func walRecordEndingAt(prev, raw []byte, from, blk uint64, xid int64) (ours, other bool, what string) {
+	usable := walUsable(raw, from, blk)
+	if from == 0 && len(prev) > 0 {
+		usable = append(append([]byte(nil), prev...), usable...)
 	}
 	const prefix = "sqlretry\x00"
 	n := len(usable)
@@ -525,6 +542,27 @@ func walRecordEndingAt(raw []byte, from, blk uint64, xid int64) (ours, other boo
 		}
 	}
 	return false, false, "a sqlretry message ends there, its header not found"
+}
+
+// walUsable drops the page headers from raw, read from offset from of a
+// WAL segment: the long header on the segment's first page, the short one
+// on the others.
+func walUsable(raw []byte, from, blk uint64) []byte {
+	var usable []byte
+	for i := 0; i < len(raw); {
+		pos := from + uint64(i)
+		hdr := uint64(24)
+		if pos < blk {
+			hdr = 40
+		}
+		if in := pos % blk; in < hdr {
+			i += int(hdr - in)
+			continue
+		}
+		usable = append(usable, raw[i])
+		i++
+	}
+	return usable
 }
 
 // pgRmLogicalMsg is RM_LOGICALMSG_ID, the resource manager of logical
