@@ -429,9 +429,11 @@ const (
 // be handed out again) and a WAL switch padding the segment with zeros,
 // and the read-only start and the promotion then fork past L.
 //
-// ours: a sqlretry message with the transaction's id ends at L. other: no
-// sqlretry message ends at L (the WAL there is another life's: our record,
-// and our commit record after it, are not in this history). Neither when
+// ours: a sqlretry message with the transaction's id ends at L in one of
+// the files that hold the segment (the timelines' in tlis, and .partial).
+// other: in none of them does a sqlretry message end at L (the WAL there
+// is another life's: our record, and our commit record after it, are not
+// in this history). Neither when
 // the segment cannot be read (no privilege, removed) or a message with
 // another id ends there (a message written in a subtransaction carries
 // the subtransaction's id). A record that begins in one segment and ends
@@ -455,44 +457,72 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 		from = end - pgWALWindow
 	}
 	perID := 0x100000000 / segSize
-	// read reads bytes [from, to) of segment segno of the first of the
-	// timelines that holds it whole.
-	read := func(segno, from, to uint64) (raw []byte, name string, err error) {
+	// read reads bytes [from, to) of segment segno from each file of the
+	// timelines that holds them whole.
+	read := func(segno, from, to uint64) (raws [][]byte, names []string, err error) {
 		for _, tli := range tlis {
 			for _, suffix := range []string{"", ".partial"} {
-				name = fmt.Sprintf("%08X%08X%08X", tli, segno/perID, segno%perID) + suffix
+				name := fmt.Sprintf("%08X%08X%08X", tli, segno/perID, segno%perID) + suffix
 				vals, err := queryRow(ctx, dc, pgWALReadQuery, name, int64(from), int64(to-from))
 				if err != nil {
-					return nil, name, err
+					return nil, []string{name}, err
 				}
 				if raw, ok := vals[0].([]byte); ok && uint64(len(raw)) == to-from {
-					return raw, name, nil
+					raws, names = append(raws, raw), append(names, name)
 				}
-				// missing (NULL) or short
+				// else missing (NULL) or short
 			}
 		}
-		return nil, "", nil
+		return raws, names, nil
 	}
-	raw, name, err := read(segno, from, end)
+	raws, names, err := read(segno, from, end)
 	if err != nil {
-		return false, false, fmt.Sprintf("WAL segment %s not read: %v", name, err)
+		return false, false, fmt.Sprintf("WAL segment %s not read: %v", names[0], err)
 	}
-	if raw == nil {
+	if len(raws) == 0 {
 		return false, false, "no WAL segment of the timeline holding the record"
 	}
-	var prev []byte
+	var prev [][]byte
 	if from == 0 && segno > 0 && segSize > pgWALWindow {
 		// L within the window of its segment's start: the record may
 		// begin in the previous segment (it continues on this one's first
-		// page, after the long header). Unreadable, the record is judged
-		// on this segment's bytes alone (it is then not recognised).
-		p, _, err := read(segno-1, segSize-pgWALWindow, segSize)
-		if err == nil && p != nil {
-			prev = walUsable(p, segSize-pgWALWindow, blk)
+		// page, after the long header). Those bytes may only make the
+		// record ours: a file not written there whole would hide our
+		// message's start.
+		if p, _, err := read(segno-1, segSize-pgWALWindow, segSize); err == nil {
+			for _, raw := range p {
+				prev = append(prev, walUsable(raw, segSize-pgWALWindow, blk))
+			}
 		}
 	}
-	ours, other, what := walRecordEndingAt(prev, raw, from, blk, xid)
-	return ours, other, "WAL segment " + name + ": " + what
+	// Every file that holds the segment is read: our message in one of
+	// them is ours; "other" only when each says so. A file can hold a
+	// segment this server did not write whole: a standby that received
+	// the start of the parent timeline's last segment and replayed the
+	// rest from the child timeline's copy (restored from an archive)
+	// keeps the parent's file, zeros or a recycled segment's old bytes
+	// past what it received, and the child's copy holds the WAL.
+	other = true
+	for i, raw := range raws {
+		o, oth, what := walRecordEndingAt(nil, raw, from, blk, xid)
+		for _, p := range prev {
+			if o {
+				break
+			}
+			if po, _, pwhat := walRecordEndingAt(p, raw, from, blk, xid); po {
+				o, oth, what = true, false, pwhat
+			}
+		}
+		if o {
+			return true, false, "WAL segment " + names[i] + ": " + what
+		}
+		if desc != "" {
+			desc += "; "
+		}
+		desc += "WAL segment " + names[i] + ": " + what
+		other = other && oth
+	}
+	return false, other, desc
 }
 
 // pgWALWindow is how many bytes before L pgRecordAt reads: the record

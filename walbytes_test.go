@@ -403,8 +403,12 @@ func walBlk(d driver.Conn, ctx context.Context) uint64 {
 // startWALStandby makes a streaming standby of s (pg_basebackup) and
 // starts it with the extra settings.
 func startWALStandby(t testing.TB, s *walServer, settings ...string) *walServer {
+	return startWALStandbyIn(t, s, "standby", settings...)
+}
+
+func startWALStandbyIn(t testing.TB, s *walServer, name string, settings ...string) *walServer {
 	t.Helper()
-	st := &walServer{t: t, bin: s.bin, dir: s.dir, data: filepath.Join(s.dir, "standby")}
+	st := &walServer{t: t, bin: s.bin, dir: s.dir, data: filepath.Join(s.dir, name)}
 	if out, err := walRun(filepath.Join(s.bin, "pg_basebackup"), "-h", "127.0.0.1", "-p", fmt.Sprint(s.port), "-U", "postgres",
 		"-D", st.data, "-R", "-X", "stream", "--no-sync").CombinedOutput(); err != nil {
 		t.Fatalf("pg_basebackup: %v: %s", err, out)
@@ -455,8 +459,8 @@ func TestPgRecordAtRealWAL(t *testing.T) {
 		more     int
 	}{
 		{"1MB logical epoch", []string{"--wal-segsize=1"}, walReset("-e", "2", "-l", "000000010000000100000FFD"),
-			[]string{"wal_level=logical", "wal_compression=pglz"}, 9, 24, 100},
-		{"16MB replica", []string{"--wal-segsize=16"}, nil, []string{"wal_level=replica"}, 9, 12, 100},
+			[]string{"wal_level=logical", "wal_compression=pglz"}, 9, 24, 80},
+		{"16MB replica", []string{"--wal-segsize=16"}, nil, []string{"wal_level=replica"}, 9, 8, 80},
 		{"64MB", []string{"--wal-segsize=64"}, walReset("-l", "00000001000000030000003F"), nil, 2, 0, 10},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -550,6 +554,132 @@ func TestPgRecordAtPromotedStandby(t *testing.T) {
 			}
 		}
 		t.Logf("%s; the switch segment: %s", walPlace(g, msgs), desc)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (s *walServer) pgctl(t testing.TB, args ...string) {
+	t.Helper()
+	if out, err := walRun(filepath.Join(s.bin, "pg_ctl"), append([]string{"-D", s.data}, args...)...).CombinedOutput(); err != nil {
+		t.Fatalf("pg_ctl %v: %v: %s", args, err, out)
+	}
+}
+
+func (s *walServer) lsn(ctx context.Context, t testing.TB, q string) uint64 {
+	t.Helper()
+	var v sql.NullString
+	if err := s.db.QueryRowContext(ctx, "SELECT ("+q+")::text").Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	n, _ := parseLSN(v.String)
+	return n
+}
+
+func (s *walServer) waitReplay(ctx context.Context, t testing.TB, at uint64) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if s.lsn(ctx, t, "pg_catalog.pg_last_wal_replay_lsn()") >= at {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: replay not at %s", s.data, lsnString(at))
+		}
+	}
+}
+
+// TestPgRecordAtPartialParentSegment: a standby that had received only
+// the start of the parent timeline's switch segment and replayed the rest
+// from the child timeline's copy (restored from the archive) keeps the
+// parent's file, zeros past what it received. Promoted, it must not read
+// "another life's WAL" there for a message its history holds.
+func TestPgRecordAtPartialParentSegment(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var archive string
+	a := startWALServer(t, []string{"--wal-segsize=1"}, func(bin, data string) error {
+		archive = filepath.Join(filepath.Dir(data), "archive")
+		if out, err := walRun("mkdir", archive).CombinedOutput(); err != nil {
+			return fmt.Errorf("mkdir: %v: %s", err, out)
+		}
+		conf := fmt.Sprintf("\narchive_mode = on\narchive_command = 'test ! -f %[1]s/%%f && cp %%p %[1]s/%%f'\nrestore_command = 'cp %[1]s/%%f %%p'\n", archive)
+		f, err := os.OpenFile(filepath.Join(data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		_, err = f.WriteString(conf)
+		return err
+	}, "wal_level=replica", "max_wal_senders=5")
+	walTable(ctx, t, a.db)
+	b := startWALStandbyIn(t, a, "b")
+	c := startWALStandbyIn(t, a, "c")
+	g := walGeometryOf(ctx, t, a.db)
+	if _, err := a.db.ExecContext(ctx, "SELECT pg_catalog.pg_switch_wal()"); err != nil {
+		t.Fatal(err)
+	}
+	var msgs []walMessage
+	for i := 0; i < 3; i++ {
+		msgs = append(msgs, walTx(ctx, t, a.db, g, 0, walWrites(i), "received by c"))
+	}
+	c.waitReplay(ctx, t, msgs[len(msgs)-1].lsn)
+	c.pgctl(t, "-m", "fast", "stop")
+	for i := 0; i < 12; i++ {
+		msgs = append(msgs, walTx(ctx, t, a.db, g, 0, walWrites(i), "not received by c"))
+	}
+	last := msgs[len(msgs)-1].lsn
+	if last/g.seg != msgs[0].lsn/g.seg {
+		t.Fatalf("the messages are not in one segment: %s to %s", lsnString(msgs[0].lsn), lsnString(last))
+	}
+	b.waitReplay(ctx, t, last)
+	a.pgctl(t, "-m", "immediate", "stop")
+	b.pgctl(t, "-w", "promote")
+	if _, err := b.db.ExecContext(ctx, "CREATE TABLE after (k int); SELECT pg_catalog.pg_switch_wal()"); err != nil {
+		t.Fatal(err)
+	}
+	segno := last / g.seg
+	name := fmt.Sprintf("%08X%08X%08X", 2, segno/(0x100000000/g.seg), segno%(0x100000000/g.seg))
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(filepath.Join(archive, name)); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not archived", name)
+		}
+	}
+	c.start(t, c.data)
+	var hist string
+	_ = b.db.QueryRowContext(ctx, "SELECT pg_catalog.pg_read_file('pg_wal/00000002.history')").Scan(&hist)
+	x, _ := parseLSN(strings.Fields(hist)[1])
+	c.waitReplay(ctx, t, x)
+	c.pgctl(t, "-w", "promote")
+	ls, _ := exec.Command("ls", "-l", filepath.Join(c.data, "pg_wal")).CombinedOutput()
+	t.Logf("history of timeline 2: %q; c's pg_wal:\n%s", hist, ls)
+	conn, err := c.db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	err = conn.Raw(func(dc any) error {
+		d := dc.(driver.Conn)
+		now, err := pgAskNow(ctx, d)
+		if err != nil {
+			return err
+		}
+		for _, m := range msgs {
+			mark := pgMark{tli: 1, lsn: m.lsn}
+			past, known, desc, child := pgHistoryFork(ctx, d, now.tli, mark)
+			if !past || !known {
+				t.Errorf("timeline %d: L %s: past %v known %v: %s", now.tli, lsnString(m.lsn), past, known, desc)
+				continue
+			}
+			o, other, what := pgRecordAt(ctx, d, []int64{1, child}, mark, m.xid)
+			if !o || other {
+				t.Errorf("%s: L %s, in the history of timeline %d (%s): ours %v other %v: %s", m.what, lsnString(m.lsn), now.tli, desc, o, other, what)
+			}
+		}
 		return nil
 	})
 	if err != nil {
