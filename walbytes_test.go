@@ -686,3 +686,77 @@ func TestPgRecordAtPartialParentSegment(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestPgRecordAtLostMessage: a message the crash lost (not flushed: no
+// COMMIT, the WAL writer asleep), its place then written by the next life
+// on the same timeline (other transactions; a WAL switch's zeros): other.
+func TestPgRecordAtLostMessage(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	settings := []string{"wal_writer_delay=10000", "wal_writer_flush_after=0", "autovacuum=off"}
+	s := startWALServer(t, []string{"--wal-segsize=1"}, nil, settings...)
+	walTable(ctx, t, s.db)
+	g := walGeometryOf(ctx, t, s.db)
+	for _, over := range []string{"transactions", "a WAL switch"} {
+		if _, err := s.db.ExecContext(ctx, "CHECKPOINT"); err != nil {
+			t.Fatal(err)
+		}
+		// The transaction asks its question and never commits: the crash
+		// comes first.
+		c, err := s.db.Conn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m walMessage
+		err = c.Raw(func(dc any) error {
+			d := dc.(driver.Conn)
+			for _, q := range []string{"BEGIN", "INSERT INTO w VALUES (1, 'lost')"} {
+				if _, err := queryRows(ctx, d, q); err != nil {
+					return err
+				}
+			}
+			vals, err := queryRow(ctx, d, pgAskXIDProof13AndServer)
+			if err != nil {
+				return err
+			}
+			m = walMessage{xid: asInt64(vals[0]), lsn: lsnValue(vals[1]), what: "lost, then " + over}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.pgctl(t, "-m", "immediate", "stop")
+		c.Close()
+		s.db.Close()
+		s.start(t, s.data, settings...)
+		if replay := s.lsn(ctx, t, "pg_catalog.pg_last_wal_replay_lsn()"); replay >= m.lsn {
+			t.Fatalf("the crash kept the message: recovery ended at %s, L %s", lsnString(replay), lsnString(m.lsn))
+		}
+		if over == "transactions" {
+			for i := 0; i < 5; i++ {
+				walTx(ctx, t, s.db, g, 0, walWrites(i), "next life")
+			}
+		} else if _, err := s.db.ExecContext(ctx, "SELECT pg_catalog.pg_switch_wal()"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.db.ExecContext(ctx, "CHECKPOINT"); err != nil {
+			t.Fatal(err)
+		}
+		conn, err := s.db.Conn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = conn.Raw(func(dc any) error {
+			o, other, what := pgRecordAt(ctx, dc.(driver.Conn), []int64{1}, pgMark{tli: 1, lsn: m.lsn}, m.xid)
+			t.Logf("%s: L %s: ours %v other %v: %s", m.what, lsnString(m.lsn), o, other, what)
+			if o || !other {
+				t.Errorf("%s: L %s: ours %v other %v: %s", m.what, lsnString(m.lsn), o, other, what)
+			}
+			return nil
+		})
+		conn.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
