@@ -429,12 +429,16 @@ const (
 // be handed out again) and a WAL switch padding the segment with zeros,
 // and the read-only start and the promotion then fork past L.
 //
-// ours: a sqlretry message with the transaction's id ends at L. other: no
-// sqlretry message ends at L (the WAL there is another life's: our record,
-// and our commit record after it, are not in this history). Neither when
+// ours: a sqlretry message with the transaction's id ends at L in one of
+// the files that hold the segment (the timelines' in tlis, and .partial).
+// other: in none of them does a sqlretry message end at L (the WAL there
+// is another life's: our record, and our commit record after it, are not
+// in this history). Neither when
 // the segment cannot be read (no privilege, removed) or a message with
 // another id ends there (a message written in a subtransaction carries
-// the subtransaction's id). What it cannot tell: a later life that took
+// the subtransaction's id). A record that begins in one segment and ends
+// in the next (L within the first bytes of its segment) is read from both.
+// What it cannot tell: a later life that took
 // writes unseen (the two lives above) and whose own message with our id,
 // handed out again, ends exactly at L.
 func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid int64) (ours, other bool, desc string) {
@@ -453,22 +457,72 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 		from = end - pgWALWindow
 	}
 	perID := 0x100000000 / segSize
-	for _, tli := range tlis {
-		for _, suffix := range []string{"", ".partial"} {
-			name := fmt.Sprintf("%08X%08X%08X", tli, segno/perID, segno%perID) + suffix
-			vals, err := queryRow(ctx, dc, pgWALReadQuery, name, int64(from), int64(end-from))
-			if err != nil {
-				return false, false, fmt.Sprintf("WAL segment %s not read: %v", name, err)
+	// read reads bytes [from, to) of segment segno from each file of the
+	// timelines that holds them whole.
+	read := func(segno, from, to uint64) (raws [][]byte, names []string, err error) {
+		for _, tli := range tlis {
+			for _, suffix := range []string{"", ".partial"} {
+				name := fmt.Sprintf("%08X%08X%08X", tli, segno/perID, segno%perID) + suffix
+				vals, err := queryRow(ctx, dc, pgWALReadQuery, name, int64(from), int64(to-from))
+				if err != nil {
+					return nil, []string{name}, err
+				}
+				if raw, ok := vals[0].([]byte); ok && uint64(len(raw)) == to-from {
+					raws, names = append(raws, raw), append(names, name)
+				}
+				// else missing (NULL) or short
 			}
-			raw, ok := vals[0].([]byte)
-			if !ok || uint64(len(raw)) != end-from {
-				continue // missing (NULL) or short
+		}
+		return raws, names, nil
+	}
+	raws, names, err := read(segno, from, end)
+	if err != nil {
+		return false, false, fmt.Sprintf("WAL segment %s not read: %v", names[0], err)
+	}
+	if len(raws) == 0 {
+		return false, false, "no WAL segment of the timeline holding the record"
+	}
+	var prev [][]byte
+	if from == 0 && segno > 0 && segSize > pgWALWindow {
+		// L within the window of its segment's start: the record may
+		// begin in the previous segment (it continues on this one's first
+		// page, after the long header). Those bytes may only make the
+		// record ours: a file not written there whole would hide our
+		// message's start.
+		if p, _, err := read(segno-1, segSize-pgWALWindow, segSize); err == nil {
+			for _, raw := range p {
+				prev = append(prev, walUsable(raw, segSize-pgWALWindow, blk))
 			}
-			ours, other, what := walRecordEndingAt(raw, from, blk, xid)
-			return ours, other, "WAL segment " + name + ": " + what
 		}
 	}
-	return false, false, "no WAL segment of the timeline holding the record"
+	// Every file that holds the segment is read: our message in one of
+	// them is ours; "other" only when each says so. A file can hold a
+	// segment this server did not write whole: a standby that received
+	// the start of the parent timeline's last segment and replayed the
+	// rest from the child timeline's copy (restored from an archive)
+	// keeps the parent's file, zeros or a recycled segment's old bytes
+	// past what it received, and the child's copy holds the WAL.
+	other = true
+	for i, raw := range raws {
+		o, oth, what := walRecordEndingAt(nil, raw, from, blk, xid)
+		for _, p := range prev {
+			if o {
+				break
+			}
+			if po, _, pwhat := walRecordEndingAt(p, raw, from, blk, xid); po {
+				o, oth, what = true, false, pwhat
+			}
+		}
+		if o {
+			return true, false, "WAL segment " + names[i] + ": " + what
+		}
+		if desc != "" {
+			desc += "; "
+		}
+		desc += "WAL segment " + names[i] + ": " + what
+		other = other && oth
+	}
+	return false, other, desc
 }
 
 // pgWALWindow is how many bytes before L pgRecordAt reads: the record
@@ -479,21 +533,14 @@ const pgWALWindow = 512
 // segment up to L: it drops the page headers (long on a segment's first
 // page, short on the others) and looks for the transaction's message
 // ending at L: its data ends with the prefix "sqlretry" and its NUL (the
-// payload is empty), within the alignment padding before L.
-func walRecordEndingAt(raw []byte, from, blk uint64, xid int64) (ours, other bool, what string) {
-	var usable []byte
-	for i := 0; i < len(raw); {
-		pos := from + uint64(i)
-		hdr := uint64(24)
-		if pos < blk {
-			hdr = 40
-		}
-		if in := pos % blk; in < hdr {
-			i += int(hdr - in)
-			continue
-		}
-		usable = append(usable, raw[i])
-		i++
+// payload is empty), within the alignment padding before L. prev is the
+// record bytes (page headers dropped) of the end of the previous segment
+// when raw starts at its segment's start, or nil: a record may begin in
+// one segment and end in the next.
+func walRecordEndingAt(prev, raw []byte, from, blk uint64, xid int64) (ours, other bool, what string) {
+	usable := walUsable(raw, from, blk)
+	if from == 0 && len(prev) > 0 {
+		usable = append(append([]byte(nil), prev...), usable...)
 	}
 	const prefix = "sqlretry\x00"
 	n := len(usable)
@@ -525,6 +572,27 @@ func walRecordEndingAt(raw []byte, from, blk uint64, xid int64) (ours, other boo
 		}
 	}
 	return false, false, "a sqlretry message ends there, its header not found"
+}
+
+// walUsable drops the page headers from raw, read from offset from of a
+// WAL segment: the long header on the segment's first page, the short one
+// on the others.
+func walUsable(raw []byte, from, blk uint64) []byte {
+	var usable []byte
+	for i := 0; i < len(raw); {
+		pos := from + uint64(i)
+		hdr := uint64(24)
+		if pos < blk {
+			hdr = 40
+		}
+		if in := pos % blk; in < hdr {
+			i += int(hdr - in)
+			continue
+		}
+		usable = append(usable, raw[i])
+		i++
+	}
+	return usable
 }
 
 // pgRmLogicalMsg is RM_LOGICALMSG_ID, the resource manager of logical
