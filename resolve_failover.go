@@ -447,8 +447,8 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 		return false, false, fmt.Sprintf("WAL sizes not read: %v", err)
 	}
 	segSize, blk := uint64(asInt64(vals[0])), uint64(asInt64(vals[1]))
-	if segSize == 0 || blk == 0 || segSize%blk != 0 || m.lsn == 0 {
-		return false, false, "WAL sizes unusable"
+	if !walSizesPostgres(segSize, blk) || m.lsn == 0 {
+		return false, false, fmt.Sprintf("WAL sizes unusable (segment %d, block %d)", segSize, blk)
 	}
 	segno := (m.lsn - 1) / segSize
 	end := (m.lsn-1)%segSize + 1 // L's offset in its segment
@@ -466,6 +466,9 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 				vals, err := queryRow(ctx, dc, pgWALReadQuery, name, int64(from), int64(to-from))
 				if err != nil {
 					return nil, []string{name}, err
+				}
+				if len(vals) == 0 {
+					continue
 				}
 				if raw, ok := vals[0].([]byte); ok && uint64(len(raw)) == to-from {
 					raws, names = append(raws, raw), append(names, name)
@@ -523,6 +526,16 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 		other = other && oth
 	}
 	return false, other, desc
+}
+
+// walSizesPostgres says whether the sizes are PostgreSQL's own: a segment of a
+// power of two from 1 MiB to 1 GiB, a block of a power of two from 1 KiB
+// to 64 KiB. Other answers (an engine or a proxy that speaks PostgreSQL's
+// protocol) are not read: the arithmetic below assumes them.
+func walSizesPostgres(segSize, blk uint64) bool {
+	pow2 := func(n uint64) bool { return n&(n-1) == 0 }
+	return pow2(segSize) && segSize >= 1<<20 && segSize <= 1<<30 &&
+		pow2(blk) && blk >= 1<<10 && blk <= 1<<16
 }
 
 // pgWALWindow is how many bytes before L pgRecordAt reads: the record
