@@ -676,8 +676,10 @@ const pgStartTime = "(extract(epoch FROM pg_catalog.pg_postmaster_start_time()) 
 var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted since the COMMIT and may have handed out its transaction id again")
 
 // pgCheckCommit asks once. "in progress" means the old backend still holds
-// the transaction: end it if it is still that backend and has not begun to
-// commit under synchronous replication, and ask again later. "committed"
+// the transaction: end it if it is still that backend and has sat idle in
+// its transaction for pgIdleGrace (never once seen to have begun its
+// COMMIT, with or without synchronous replication: pgTerminateQuery), and
+// ask again later. "committed"
 // counts only once the old backend has let go of the id and, under
 // synchronous replication, the synchronous standbys have the commit
 // (pgReplicated): until then the commit may be on the primary alone, and a

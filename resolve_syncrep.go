@@ -22,9 +22,9 @@ import (
 // cancel request when a connection breaks) publishes a commit that no
 // standby may have: a failover then loses it. So after a lost COMMIT
 // sqlretry:
-//   - never ends a backend that waits in SyncRep, nor one that has begun
-//     to commit (only one that is idle in its transaction, which never got
-//     the COMMIT): see pgTerminateQuery;
+//   - does not end a backend that waits in SyncRep, nor one seen to have
+//     begun to commit (only one idle in its transaction, which has not
+//     read the COMMIT): see pgTerminateQuery;
 //   - counts "committed" only once the old backend has let go of the id,
 //     and, under synchronous replication, once enough synchronous standbys
 //     report a position at or past the primary's flush position read after
@@ -45,7 +45,7 @@ const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.wait_event, 
 
 // pgTerminateQuery ends the old backend ($1) if it still holds the id ($2)
 // and has been idle in its transaction for pgIdleGrace: read again as it
-// is ended. A backend that has begun its COMMIT is never ended, with or
+// is ended. A backend seen to have begun its COMMIT is not ended, with or
 // without synchronous replication: its COMMIT may already have done
 // something outside this server that ending it would not undo (postgres_fdw
 // sends the remote COMMIT before the local commit record, a deferred
@@ -55,7 +55,13 @@ const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.wait_event, 
 // than pgIdleGrace may not have read the COMMIT waiting in its socket yet:
 // ending it then would abort a commit that was about to happen (and replay
 // it); it is ended at a later attempt if it stays idle, as behind a silent
-// network.
+// network. What this cannot close: the state is read and the signal sent
+// in two steps, and a backend shows "idle in transaction" until it starts
+// running the message it read; a COMMIT that reaches the server more than
+// pgIdleGrace after it was sent (TCP retransmissions, a starved backend)
+// can begin in that gap. With track_activities off the state reads
+// "disabled" and no backend is ended: a COMMIT lost behind a silent
+// network is then ErrAmbiguousCommit at the caller's deadline.
 const pgTerminateQuery = `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 	WHERE pid = $1 AND backend_xid = ($2::bigint % 4294967296)::text::xid
 	AND state = 'idle in transaction' AND state_change < clock_timestamp() - interval '` + pgIdleGrace + `'`
