@@ -158,3 +158,52 @@ func TestMarkerTableNotYetOnThisNode(t *testing.T) {
 		})
 	}
 }
+
+// A marker table that the transactions' server never has (their side
+// connection always reaches another that has it: a proxy, a table created
+// with wsrep_on=OFF): each 1146 made the next transaction check the table
+// again on a new side connection, silently. The first miss re-checks; the
+// misses within markerRecheck of it keep the name and are said once; one
+// past it re-checks again. (A reviewer's case.)
+func TestMarkerPersistentlyMissingIsCheckedOncePerWindow(t *testing.T) {
+	noTable := &mysql.MySQLError{Number: 1146, Message: "Table 'test.sqlretry_commit_marker' doesn't exist"}
+	const n = 20
+	srv := newFakeServer()
+	steps := make([]step, n+1)
+	for i := range steps {
+		steps[i] = step{err: noTable}
+	}
+	srv.script("BEGIN NOT ATOMIC", steps...)
+	var events []Event
+	clock := newFakeClock()
+	db := mariaDB(t, newMariaDB(t, srv), WithClock(clock), WithObserver(ObserverFunc(func(_ context.Context, e Event) {
+		if e.Kind == EventResolutionOff {
+			events = append(events, e)
+		}
+	})))
+	for i := range n {
+		if _, err := insertOnce(db, nil, fmt.Sprintf("INSERT INTO t VALUES (%d)", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const check = "SELECT COUNT(*) FROM `test`.`sqlretry_commit_marker` WHERE 1=0"
+	if c := srv.ranCount(check); c != 2 {
+		t.Errorf("%d marker checks for %d transactions; want 2 (the first use, and once after the first miss)", c, n)
+	}
+	if len(events) != 1 {
+		t.Errorf("%d events; want one saying the table is missing there: %v", len(events), events)
+	}
+	if n := srv.ranCount("INSERT INTO t "); n != 20 {
+		t.Errorf("%d writes committed, want 20", n)
+	}
+	clock.Advance(markerRecheck)
+	if _, err := insertOnce(db, nil, "INSERT INTO t VALUES (99)"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := insertOnce(db, nil, "INSERT INTO t VALUES (100)"); err != nil {
+		t.Fatal(err)
+	}
+	if c := srv.ranCount(check); c != 3 {
+		t.Errorf("%d marker checks after %v; want one more", c, markerRecheck)
+	}
+}

@@ -149,7 +149,7 @@ func (t *tx) insertMarker() error {
 	case n == 1146:
 		// Not there on this server (markerMissing): the failed INSERT
 		// left the transaction open; it commits without a marker.
-		r.markerMissing()
+		r.markerMissing(t.ctx, err)
 		return nil
 	case isConfigNumber(n):
 		// Dropped or revoked since. The failed INSERT left the transaction
@@ -180,9 +180,34 @@ func (r *retrier) markerRefused(ctx context.Context, table string, err error) er
 // a table just created there may not be here yet; or it was dropped
 // since. The next transaction checks it again (creating it if it is
 // gone), and the marker stays on; what the user may not do, the check
-// says.
-func (r *retrier) markerMissing() {
-	r.resolution.forgetMarker()
+// says. A miss within markerRecheck of that check keeps the name: the
+// table stays missing where the transactions commit (their side
+// connection reaches another server that has it: a proxy, a table created
+// with wsrep_on=OFF), and checking it on a side connection at every
+// transaction would cost more than the failed INSERT. That is said once
+// per window; the transactions commit without a marker (a lost COMMIT is
+// ErrAmbiguousCommit) until the table is there.
+func (r *retrier) markerMissing(ctx context.Context, err error) {
+	rs := r.resolution
+	now := r.clock.Now().UnixNano()
+	at := rs.markerMissAt.Load()
+	if at == 0 || now-at >= int64(markerRecheck) {
+		if rs.markerMissAt.CompareAndSwap(at, now) {
+			rs.forgetMarker()
+		}
+		return
+	}
+	if said := rs.markerMissSaid.Load(); said == at || !rs.markerMissSaid.CompareAndSwap(said, at) {
+		return
+	}
+	reason := "the MySQL commit marker table is missing on the server the transactions commit on, though a side connection found it: " +
+		"they commit without a marker (a lost COMMIT is ErrAmbiguousCommit) until it is there; checked again every " + markerRecheck.String()
+	if r.obs == nil {
+		slog.Default().LogAttrs(ctx, slog.LevelWarn, "sqlretry "+EventResolutionOff.String(),
+			slog.String("reason", reason), slog.String("error", err.Error()))
+		return
+	}
+	r.observe(ctx, Event{Kind: EventResolutionOff, Op: "commit", Class: Permanent, Err: err, Reason: reason})
 }
 
 // markerTurnOff turns the default marker off for this db, and says so once:
@@ -230,7 +255,7 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 		// at the INSERT, the transaction is open; it commits without a
 		// marker.
 		t.token = nil
-		r.markerMissing()
+		r.markerMissing(t.ctx, err)
 		return t.withinDeadline("COMMIT", driver.Tx.Commit)
 	case isConfigNumber(n):
 		t.token = nil

@@ -50,6 +50,11 @@ type resolveState struct {
 	markerCount atomic.Int64
 	// markerOff: the default marker turned itself off (markerTurnOff).
 	markerOff atomic.Bool
+	// markerMissAt: when a 1146 last made the table be checked again
+	// (UnixNano; markerMissing); markerMissSaid: the markerMissAt of the
+	// last one said.
+	markerMissAt   atomic.Int64
+	markerMissSaid atomic.Int64
 	// markerNoBlock: the server refused the marker's anonymous block
 	// (commitWithMarker): separate INSERTs from now on.
 	markerNoBlock atomic.Bool
