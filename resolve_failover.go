@@ -329,11 +329,15 @@ func pgHistoryFork(ctx context.Context, dc driver.Conn, tli int64, m pgMark) (pa
 	if err != nil || len(vals) == 0 {
 		return false, false, fmt.Sprintf("history file of timeline %d not read: %v", tli, err), 0
 	}
-	text := textOf(vals[0])
-	past, known, desc = historyFork(text, m)
-	child = tli
-	seen := false
-	for _, line := range strings.Split(text, "\n") {
+	return historyFork(textOf(vals[0]), tli, m)
+}
+
+// historyFork reads the history file's text of timeline tli: where it
+// left ours, and child, the timeline that forked from ours (the parent on
+// the next line, or tli itself when ours is the last ancestor).
+func historyFork(history string, tli int64, m pgMark) (past, known bool, desc string, child int64) {
+	found := false
+	for _, line := range strings.Split(history, "\n") {
 		f := strings.Fields(line)
 		if len(f) < 2 || strings.HasPrefix(f[0], "#") {
 			continue
@@ -342,33 +346,22 @@ func pgHistoryFork(ctx context.Context, dc driver.Conn, tli int64, m pgMark) (pa
 		if err != nil {
 			continue
 		}
-		if seen {
-			child = parent
-			break
+		if found {
+			return past, known, desc, parent
 		}
-		seen = parent == m.tli
-	}
-	return past, known, desc, child
-}
-
-// historyFork reads a timeline history file's text.
-func historyFork(history string, m pgMark) (past, known bool, desc string) {
-	for _, line := range strings.Split(history, "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 || strings.HasPrefix(f[0], "#") {
-			continue
-		}
-		parent, err := strconv.ParseInt(f[0], 10, 64)
-		if err != nil || parent != m.tli {
+		if parent != m.tli {
 			continue
 		}
 		switchPoint, ok := parseLSN(f[1])
 		if !ok {
-			return false, false, "unreadable switch point " + f[1]
+			return false, false, "unreadable switch point " + f[1], tli
 		}
-		return m.lsn <= switchPoint, true, "left timeline " + f[0] + " at " + f[1]
+		past, known, desc, found = m.lsn <= switchPoint, true, "left timeline "+f[0]+" at "+f[1], true
 	}
-	return false, false, fmt.Sprintf("timeline %d is not among its ancestors", m.tli)
+	if found {
+		return past, known, desc, tli
+	}
+	return false, false, fmt.Sprintf("timeline %d is not among its ancestors", m.tli), tli
 }
 
 // lsnString writes an LSN as PostgreSQL does.
