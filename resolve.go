@@ -27,8 +27,9 @@ import (
 // after a network cut the old backend may not have read the COMMIT or may
 // still be committing, so sqlretry ends it (when the role may) if it is
 // still idle in its transaction, waits for it if it has begun to commit,
-// and asks again until the answer is final or the caller's deadline comes. After a crash the server hands out again the
-// ids whose WAL never reached the disk, so when it has restarted since,
+// and asks again until the answer is final or the caller's deadline
+// comes. After a crash the server hands out again the ids whose WAL never
+// reached the disk, so when it has restarted since,
 // "committed" may be another transaction's and is no answer (ambiguous)
 // unless the transaction proved where its id is in the WAL
 // (resolve_failover.go, PostgreSQL ≥ 10); anything else means ours never
@@ -200,14 +201,20 @@ func (r *retrier) markerMissing(ctx context.Context, err error) {
 	if said := rs.markerMissSaid.Load(); said == at || !rs.markerMissSaid.CompareAndSwap(said, at) {
 		return
 	}
-	reason := "the MySQL commit marker table is missing on the server the transactions commit on, though a side connection found it: " +
-		"they commit without a marker (a lost COMMIT is ErrAmbiguousCommit) until it is there; checked again every " + markerRecheck.String()
+	r.sayResolutionOff(ctx, err, "the MySQL commit marker table is missing on the server the transactions commit on, though a side connection found it: "+
+		"they commit without a marker (a lost COMMIT is ErrAmbiguousCommit) until it is there; checked again every "+markerRecheck.String())
+}
+
+// sayResolutionOff tells that lost COMMITs are (for now) ErrAmbiguousCommit:
+// to the observer, or on slog's default logger when there is none, which
+// the operator must know.
+func (r *retrier) sayResolutionOff(ctx context.Context, why error, reason string) {
 	if r.obs == nil {
 		slog.Default().LogAttrs(ctx, slog.LevelWarn, "sqlretry "+EventResolutionOff.String(),
-			slog.String("reason", reason), slog.String("error", err.Error()))
+			slog.String("reason", reason), slog.String("error", why.Error()))
 		return
 	}
-	r.observe(ctx, Event{Kind: EventResolutionOff, Op: "commit", Class: Permanent, Err: err, Reason: reason})
+	r.observe(ctx, Event{Kind: EventResolutionOff, Op: "commit", Class: Permanent, Err: why, Reason: reason})
 }
 
 // markerTurnOff turns the default marker off for this db, and says so once:
@@ -217,14 +224,8 @@ func (r *retrier) markerTurnOff(ctx context.Context, why error) {
 	if !r.resolution.markerOff.CompareAndSwap(false, true) {
 		return
 	}
-	reason := "the MySQL commit marker is off for this db: a lost COMMIT is ErrAmbiguousCommit; " +
-		"name a table the user may use with WithMySQLCommitMarker, or turn it off with WithMySQLCommitMarker(\"\")"
-	if r.obs == nil {
-		slog.Default().LogAttrs(ctx, slog.LevelWarn, "sqlretry "+EventResolutionOff.String(),
-			slog.String("reason", reason), slog.String("error", why.Error()))
-		return
-	}
-	r.observe(ctx, Event{Kind: EventResolutionOff, Op: "commit", Class: Permanent, Err: why, Reason: reason})
+	r.sayResolutionOff(ctx, why, "the MySQL commit marker is off for this db: a lost COMMIT is ErrAmbiguousCommit; "+
+		"name a table the user may use with WithMySQLCommitMarker, or turn it off with WithMySQLCommitMarker(\"\")")
 }
 
 // commitWithMarker sends the marker's INSERT and the COMMIT as one
