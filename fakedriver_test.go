@@ -466,15 +466,12 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		if commit == "" {
 			commit = "on"
 		}
-		var wait, state driver.Value
+		var state driver.Value
 		if holding {
 			state = b.state
-			if b.waitEvent != "" {
-				wait = b.waitEvent
-			}
 		}
-		return &fakeRows{cols: []string{"txid_status", "holding", "wait_event", "state", "names", "commit"},
-			data: [][]driver.Value{{c.srv.xidStatus[xid], holding, wait, state, c.srv.syncNames, commit}}}, nil
+		return &fakeRows{cols: []string{"txid_status", "holding", "state", "names", "commit"},
+			data: [][]driver.Value{{c.srv.xidStatus[xid], holding, state, c.srv.syncNames, commit}}}, nil
 	}
 	if q == pgProbeQuery && c.srv.standbyHidden {
 		c.srv.mu.Lock()

@@ -38,7 +38,7 @@ import (
 
 // pgStatusQuery asks the id's status and what the old backend is doing, in
 // one round trip. The LEFT JOIN keeps one row when the backend is gone.
-const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.wait_event, a.state,
+const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.state,
 	current_setting('synchronous_standby_names'), current_setting('synchronous_commit')
 	FROM (SELECT 1) AS one LEFT JOIN pg_stat_activity AS a
 	ON a.pid = $2 AND a.backend_xid = ($1::bigint % 4294967296)::text::xid`
@@ -71,12 +71,11 @@ const pgIdleGrace = "200 milliseconds"
 
 // pgStatus is one answer of pgStatusQuery.
 type pgStatus struct {
-	status    string // txid_status
-	holding   bool   // the old backend still holds the id
-	waitEvent string
-	state     string
-	names     string // synchronous_standby_names
-	commit    string // synchronous_commit of the side connection
+	status  string // txid_status
+	holding bool   // the old backend still holds the id
+	state   string
+	names   string // synchronous_standby_names
+	commit  string // synchronous_commit of the side connection
 }
 
 // pgAskStatus asks pgStatusQuery; an engine that speaks PostgreSQL's
@@ -111,7 +110,7 @@ func pgStatusOf(vals []driver.Value) pgStatus {
 		}
 		return ""
 	}
-	st := pgStatus{status: str(0), waitEvent: str(2), state: str(3), names: str(4), commit: str(5)}
+	st := pgStatus{status: str(0), state: str(2), names: str(3), commit: str(4)}
 	if len(vals) > 1 {
 		st.holding, _ = vals[1].(bool)
 	}
