@@ -395,6 +395,7 @@ type txAttempt struct {
 	// one, whose errors go unjudged: SetShadow may have turned it on since
 	// the call started).
 	tracked bool
+	bounded bool // the short-wait statement was sent in its transaction (runTxOnce)
 	// escaped: a statement of the attempt's transaction ended or started a
 	// transaction by itself (tx.done): no replay.
 	escaped bool
@@ -670,10 +671,10 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		conflicted = conflicted || o.conflict
 		err := o.err
 		if sw != nil && o.cause != nil {
-			sw.failed(o.cause, lockWait > 0, r.clock)
+			sw.failed(o.cause, o.bounded, r.clock)
 		}
 		if err == nil {
-			if lockWait > 0 {
+			if o.bounded {
 				sw.committed(since(r.clock, o.began))
 			}
 			if outer != nil {
@@ -778,6 +779,7 @@ type txOutcome struct {
 	replay   bool
 	conflict bool // aborted by a conflict with another transaction (for contention control)
 	escaped  bool // it would have been replayed, but the closure committed part of its work itself
+	bounded  bool // its lock waits were bounded (shortwait.go): the statement ran in its transaction
 }
 
 // runAttempt runs one attempt within the contention control: the slot is
@@ -805,7 +807,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 				took = since(r.clock, o.began)
 			}
 			cost := took
-			if lockWait > 0 && o.conflict {
+			if o.bounded && o.conflict {
 				cost = r.shortWait.conflictCost(took, true, o.cause) // shortwait.go
 			}
 			lim.releaseCost(slot, o.conflict, o.err == nil && o.phase == phaseCommit, took, cost)
@@ -832,6 +834,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 		att = &txAttempt{Context: ctx}
 		o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
 	}
+	o.bounded = att.bounded
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
@@ -947,6 +950,7 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		}
 	}()
 	if lockWait > 0 && att.tracked {
+		att.bounded = true
 		// Before the closure's statements, so that a SET LOCAL of its own
 		// wins; a failure is the attempt's, before its closure ran. Not in
 		// a shadow-mode transaction: the plain driver's, whose 55P03
