@@ -133,19 +133,12 @@ func TestAttack6ClosureSwallowsOwnBoundWithSavepoint(t *testing.T) {
 	db := a5Open(t, atkPG, 2)
 	plain := a5Plain(t, atkPG)
 	tbl := a6Ledger(t, db)
-	mustExec(t, db, "INSERT INTO "+tbl+" VALUES ('held', 0)")
-	hold, err := plain.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
+	hold := a6HoldRow(t, db, plain, tbl)
 	defer hold.Rollback()
-	if _, err := hold.Exec("UPDATE " + tbl + " SET attempt = attempt WHERE op = 'held'"); err != nil {
-		t.Fatal(err)
-	}
 	calls := 0
 	var sawTimeout atomic.Bool
 	ctx := a5Ctx(t, 10*time.Second)
-	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
 		calls++
 		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('sp', $1)", calls); err != nil {
 			return err
@@ -287,18 +280,11 @@ func TestAttack6ClosureSwallowsOwnBoundNoSavepoint(t *testing.T) {
 	db := a5Open(t, atkPG, 2)
 	plain := a5Plain(t, atkPG)
 	tbl := a6Ledger(t, db)
-	mustExec(t, db, "INSERT INTO "+tbl+" VALUES ('held', 0)")
-	hold, err := plain.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := hold.Exec("UPDATE " + tbl + " SET attempt = attempt WHERE op = 'held'"); err != nil {
-		t.Fatal(err)
-	}
+	hold := a6HoldRow(t, db, plain, tbl)
 	time.AfterFunc(400*time.Millisecond, func() { hold.Rollback() })
 	calls := 0
 	swallowed := 0
-	err = sqlretry.RunInTx(a5Ctx(t, 10*time.Second), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+	err := sqlretry.RunInTx(a5Ctx(t, 10*time.Second), db, nil, func(ctx context.Context, tx *sql.Tx) error {
 		calls++
 		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('ns', $1)", calls); err != nil {
 			return err
@@ -324,4 +310,19 @@ func TestAttack6ClosureSwallowsOwnBoundNoSavepoint(t *testing.T) {
 	if err != nil || rows != 1 || held != 1 || calls != swallowed+2 {
 		t.Errorf("swallowed own-bound 55P03 without savepoint: err=%v calls=%d swallowed=%d rows=%d held=%d; want success, exactly one attempt's row and update", err, calls, swallowed, rows, held)
 	}
+}
+
+// a6HoldRow adds the row 'held' to tbl and holds it locked in a
+// transaction of plain's, which the caller ends.
+func a6HoldRow(t *testing.T, db, plain *sql.DB, tbl string) *sql.Tx {
+	t.Helper()
+	mustExec(t, db, "INSERT INTO "+tbl+" VALUES ('held', 0)")
+	hold, err := plain.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hold.Exec("UPDATE " + tbl + " SET attempt = attempt WHERE op = 'held'"); err != nil {
+		t.Fatal(err)
+	}
+	return hold
 }
