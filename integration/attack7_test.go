@@ -1,0 +1,541 @@
+package integration
+
+// Hostile tests (attack7), from the README and the public API only:
+// a lost COMMIT while the old backend is still running a deferred trigger
+// in its COMMIT; shadow mode flipped while deadlock-prone transfers run
+// with short lock waits engaged; the MariaDB commit marker dropped and
+// recreated while writing transactions run.
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/go-sql-driver/mysql"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/stdlib"
+	"github.com/sqlretry/sqlretry"
+)
+
+// The COMMIT's reply is lost while the old backend is still in its COMMIT,
+// running a deferred constraint trigger that sleeps and writes a side row.
+// sqlretry must wait for it (not end it, not replay): success, one row,
+// one trigger side effect.
+func TestAttack7LostCommitDuringDeferredTrigger(t *testing.T) {
+	c := &cutter{isCommit: pgCommit}
+	db := openCutPostgresAt(t, c, atkPG)
+	defer db.Close()
+	tbl := table(t, db, "a7dt")
+	side := table(t, db, "a7side")
+	fn := tbl + "_f"
+	t.Cleanup(func() { db.Exec("DROP FUNCTION IF EXISTS " + fn + "() CASCADE") })
+	mustExec(t, db,
+		"CREATE TABLE "+tbl+" (op text)",
+		"CREATE TABLE "+side+" (op text)",
+		"CREATE FUNCTION "+fn+"() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN PERFORM pg_sleep(1.5); INSERT INTO "+side+" VALUES (NEW.op); RETURN NULL; END$$",
+		"CREATE CONSTRAINT TRIGGER "+tbl+"_t AFTER INSERT ON "+tbl+" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "+fn+"()",
+	)
+	for _, cut := range []int32{cutAfterSend, cutMidMessage} {
+		t.Run(fmt.Sprintf("cut%d", cut), func(t *testing.T) {
+			op := fmt.Sprintf("op%d", cut)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			calls := 0
+			start := time.Now()
+			err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ($1)", op); err != nil {
+					return err
+				}
+				if calls == 1 {
+					c.mode.Store(cut)
+				}
+				return nil
+			})
+			c.mode.Store(0)
+			rows := a7Count(t, db, "SELECT COUNT(*) FROM "+tbl+" WHERE op = $1", op)
+			sides := a7Count(t, db, "SELECT COUNT(*) FROM "+side+" WHERE op = $1", op)
+			t.Logf("err=%v calls=%d rows=%d side=%d fired=%d in %v", err, calls, rows, sides, c.fired.Load(), time.Since(start))
+			if c.fired.Load() == 0 {
+				t.Fatal("COMMIT not cut")
+			}
+			if err != nil {
+				if errors.Is(err, sqlretry.ErrAmbiguousCommit) && rows <= 1 && sides == rows {
+					return // honest, if weak
+				}
+				t.Fatalf("err=%v rows=%d side=%d", err, rows, sides)
+			}
+			if rows != 1 || sides != 1 {
+				t.Errorf("acknowledged: rows=%d side effects=%d calls=%d; want exactly 1 and 1", rows, sides, calls)
+			}
+		})
+	}
+}
+
+// A NOTIFY-only transaction whose COMMIT reply is lost: resolved (success or
+// ErrAmbiguousCommit), never a second NOTIFY delivered from a replay of a
+// committed one.
+func TestAttack7LostCommitNotifyOnly(t *testing.T) {
+	c := &cutter{isCommit: pgCommit}
+	db := openCutPostgresAt(t, c, atkPG)
+	defer db.Close()
+	ch := fmt.Sprintf("a7ch_%d", rand.Uint32())
+	lctx, lcancel := context.WithTimeout(context.Background(), 25*time.Second)
+	defer lcancel()
+	lconn, err := pgx.Connect(lctx, atkPG)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lconn.Close(context.Background())
+	if _, err := lconn.Exec(lctx, "LISTEN "+ch); err != nil {
+		t.Fatal(err)
+	}
+	for _, cut := range []int32{cutAfterSend, cutMidMessage} {
+		payload := fmt.Sprintf("p%d", cut)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		calls := 0
+		err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			if _, err := tx.ExecContext(ctx, "SELECT pg_notify($1, $2)", ch, payload); err != nil {
+				return err
+			}
+			if calls == 1 {
+				c.mode.Store(cut)
+			}
+			return nil
+		})
+		cancel()
+		c.mode.Store(0)
+		got := 0
+		for {
+			wctx, wcancel := context.WithTimeout(lctx, 700*time.Millisecond)
+			n, werr := lconn.WaitForNotification(wctx)
+			wcancel()
+			if werr != nil {
+				break
+			}
+			if n.Payload == payload {
+				got++
+			}
+		}
+		t.Logf("cut%d: err=%v calls=%d notifications=%d fired=%d", cut, err, calls, got, c.fired.Load())
+		if c.fired.Load() == 0 {
+			t.Fatal("COMMIT not cut")
+		}
+		switch {
+		case err == nil && got != 1:
+			t.Errorf("cut%d: acknowledged, %d notifications delivered; want 1", cut, got)
+		case err != nil && !errors.Is(err, sqlretry.ErrAmbiguousCommit):
+			t.Errorf("cut%d: %v (not ambiguous), %d notifications", cut, err, got)
+		case got > 1:
+			t.Errorf("cut%d: %d notifications: the committed NOTIFY was replayed", cut, got)
+		}
+	}
+}
+
+func a7Count(t *testing.T, db *sql.DB, q string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := db.QueryRow(q, args...).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// Transfers in opposite orders (deadlocks, so short lock waits engage for
+// the db) while another goroutine flips shadow mode every 15 ms. The plain
+// driver would never give 55P03 here (no lock_timeout set by anyone), so a
+// 55P03 reaching the caller is sqlretry's. Every acknowledged transfer is
+// in the ledger exactly once; balances match the ledger.
+func TestAttack7ShadowFlipsDuringShortLockWaits(t *testing.T) {
+	db := a5Open(t, atkPG, 8)
+	plain := a5Plain(t, atkPG)
+	acct := table(t, plain, "a7acct")
+	ledger := table(t, plain, "a7ledger")
+	mustExec(t, plain,
+		"CREATE TABLE "+acct+" (id int PRIMARY KEY, bal bigint NOT NULL)",
+		"INSERT INTO "+acct+" SELECT g, 0 FROM generate_series(1, 4) g",
+		"CREATE TABLE "+ledger+" (tok text PRIMARY KEY, src int)")
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Second)
+	defer cancel()
+	var flips atomic.Int32
+	go func() {
+		on := false
+		for ctx.Err() == nil {
+			on = !on
+			sqlretry.SetShadow(db, on)
+			flips.Add(1)
+			time.Sleep(15 * time.Millisecond)
+		}
+		sqlretry.SetShadow(db, false)
+	}()
+	var mu sync.Mutex
+	okToks := map[string]bool{}
+	errs := map[string]int{}
+	var wg sync.WaitGroup
+	for g := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ctx.Err() == nil; i++ {
+				a, b := rand.IntN(4)+1, rand.IntN(3)+1
+				if b >= a {
+					b++
+				}
+				tok := fmt.Sprintf("g%d-%d", g, i)
+				cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
+				err := sqlretry.RunInTx(cctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "UPDATE "+acct+" SET bal = bal - 1 WHERE id = $1", a); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SELECT pg_sleep(0.002)"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "UPDATE "+acct+" SET bal = bal + 1 WHERE id = $1", b); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+ledger+" VALUES ($1, $2)", tok, a)
+					return err
+				})
+				ccancel()
+				mu.Lock()
+				if err == nil {
+					okToks[tok] = true
+				} else {
+					k := err.Error()
+					var pe *pgconn.PgError
+					if errors.As(err, &pe) {
+						k = pe.Code
+					}
+					errs[k]++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	var inLedger, bal1, bal2 int
+	plain.QueryRow("SELECT COUNT(*) FROM " + ledger).Scan(&inLedger)
+	if err := plain.QueryRow("SELECT COALESCE(SUM(bal), 0)::bigint, COALESCE(SUM(abs(bal)), 0)::bigint FROM "+acct).Scan(&bal1, &bal2); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := sqlretry.StatsOf(db)
+	t.Logf("flips=%d ok=%d ledger=%d balance sum=%d sum|bal|=%d errors=%v stats=%+v", flips.Load(), len(okToks), inLedger, bal1, bal2, errs, st)
+	rows, err := plain.Query("SELECT tok FROM " + ledger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inDB := map[string]bool{}
+	for rows.Next() {
+		var tok string
+		rows.Scan(&tok)
+		inDB[tok] = true
+	}
+	rows.Close()
+	for tok := range okToks {
+		if !inDB[tok] {
+			t.Errorf("acknowledged transfer %s not in the ledger", tok)
+		}
+	}
+	if bal1 != 0 {
+		t.Errorf("balances sum to %d, not 0", bal1)
+	}
+	if inLedger != len(okToks) {
+		t.Errorf("%d transfers in the ledger, %d acknowledged (shadow-mode errors are the driver's: none of them may have committed)", inLedger, len(okToks))
+	}
+	if n := errs["55P03"]; n > 0 {
+		t.Errorf("%d calls got 55P03 (lock_timeout), which the plain driver never gives here", n)
+	}
+	for k, n := range errs {
+		if k != "40P01" && k != "55P03" {
+			t.Errorf("%d calls got %q", n, k)
+		}
+	}
+}
+
+// The MariaDB default commit marker table is dropped and recreated (by an
+// administrator, say) while writing transactions run. Every acknowledged
+// write is there exactly once; no error the plain driver would not give.
+func TestAttack7MyMarkerDroppedAndRecreatedUnderTraffic(t *testing.T) {
+	plain := atkPlain(t, "mysql")
+	dbName := atkName("a7mk")
+	atkMust(t, plain, "CREATE DATABASE "+dbName)
+	t.Cleanup(func() { plain.Exec("DROP DATABASE IF EXISTS " + dbName) })
+	cfg, err := mysql.ParseDSN("root@tcp(127.0.0.1:3306)/" + dbName + "?parseTime=true&multiStatements=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sqlretry.OpenDB(conn)
+	defer db.Close()
+	db.SetMaxOpenConns(6)
+	tbl := dbName + ".w"
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (tok varchar(40) PRIMARY KEY) ENGINE=InnoDB")
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Second)
+	defer cancel()
+	marker := dbName + ".sqlretry_commit_marker"
+	var drops atomic.Int32
+	var ddlErr atomic.Value
+	go func() {
+		for ctx.Err() == nil {
+			time.Sleep(time.Duration(50+rand.IntN(100)) * time.Millisecond)
+			var create string
+			if err := plain.QueryRow("SHOW CREATE TABLE "+marker).Scan(new(string), &create); err != nil {
+				continue // not there yet
+			}
+			if _, err := plain.Exec("DROP TABLE " + marker); err != nil {
+				ddlErr.Store(err)
+				continue
+			}
+			drops.Add(1)
+			time.Sleep(time.Duration(rand.IntN(80)) * time.Millisecond)
+			create = strings.Replace(create, "CREATE TABLE `sqlretry_commit_marker`", "CREATE TABLE IF NOT EXISTS "+marker, 1)
+			if _, err := plain.Exec(create); err != nil {
+				ddlErr.Store(err)
+			}
+		}
+	}()
+	var mu sync.Mutex
+	ok := map[string]bool{}
+	errs := map[string]int{}
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ctx.Err() == nil; i++ {
+				tok := fmt.Sprintf("g%d-%d", g, i)
+				cctx, ccancel := context.WithTimeout(context.Background(), 8*time.Second)
+				err := sqlretry.RunInTx(cctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?)", tok)
+					return err
+				})
+				ccancel()
+				mu.Lock()
+				if err == nil {
+					ok[tok] = true
+				} else {
+					errs[err.Error()]++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	inDB := map[string]bool{}
+	rows, err := plain.Query("SELECT tok FROM " + tbl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var tok string
+		rows.Scan(&tok)
+		inDB[tok] = true
+	}
+	rows.Close()
+	st, _ := sqlretry.StatsOf(db)
+	t.Logf("drops=%d ok=%d inDB=%d errors=%v ddlErr=%v stats=%+v", drops.Load(), len(ok), len(inDB), errs, ddlErr.Load(), st)
+	if drops.Load() == 0 {
+		t.Fatal("marker never dropped: nothing tested")
+	}
+	for tok := range ok {
+		if !inDB[tok] {
+			t.Errorf("acknowledged %s not committed", tok)
+		}
+	}
+	for k, n := range errs {
+		t.Errorf("%d calls failed: %s", n, k)
+	}
+	// after the storm, a writing transaction still works
+	if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('after')")
+		return err
+	}); err != nil {
+		t.Errorf("after the storm: %v", err)
+	}
+}
+
+// A COMMIT (with its marker) whose reply is lost; before sqlretry looks for
+// the marker, an administrator empties the marker table (drop and
+// recreate, or TRUNCATE). The write committed: it must not be run again.
+func TestAttack7MyMarkerEmptiedBetweenLostCommitAndLookup(t *testing.T) {
+	if os.Getenv("ATTACK7_DEFECTS") == "" {
+		t.Skip("DEFECT (attack7): a lost COMMIT whose marker row is removed before the lookup (marker table dropped and recreated, TRUNCATEd, or its rows DELETEd by an administrator) is taken as not committed and replayed: the committed write runs twice and RunInTx returns nil (err=<nil> calls=2 rows=2 in all three cases); set ATTACK7_DEFECTS=1 to run")
+	}
+	for _, how := range []string{"recreate", "truncate", "delete"} {
+		t.Run(how, func(t *testing.T) {
+			plain := atkPlain(t, "mysql")
+			dbName := atkName("a7ml")
+			atkMust(t, plain, "CREATE DATABASE "+dbName)
+			t.Cleanup(func() { plain.Exec("DROP DATABASE IF EXISTS " + dbName) })
+			tbl := dbName + ".w"
+			marker := dbName + ".sqlretry_commit_marker"
+			atkMust(t, plain, "CREATE TABLE "+tbl+" (op varchar(40)) ENGINE=InnoDB")
+			c := &cutter{isCommit: mysqlCommit}
+			var armed atomic.Bool
+			var hookErr atomic.Value
+			op := "op-" + how
+			dial := afterCommitSentBy(mysqlCommit, c.dial, func() {
+				if !armed.Swap(false) {
+					return
+				}
+				for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+					var n int
+					if plain.QueryRow("SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op).Scan(&n); n > 0 {
+						break
+					}
+				}
+				var create string
+				if err := plain.QueryRow("SHOW CREATE TABLE "+marker).Scan(new(string), &create); err != nil {
+					hookErr.Store(err)
+					return
+				}
+				var qs []string
+				switch how {
+				case "recreate":
+					qs = []string{"DROP TABLE " + marker, strings.Replace(create, "CREATE TABLE `sqlretry_commit_marker`", "CREATE TABLE "+marker, 1)}
+				case "truncate":
+					qs = []string{"TRUNCATE TABLE " + marker}
+				case "delete":
+					qs = []string{"DELETE FROM " + marker}
+				}
+				for _, q := range qs {
+					if _, err := plain.Exec(q); err != nil {
+						hookErr.Store(fmt.Errorf("%s: %w", q, err))
+					}
+				}
+			})
+			netName := atkName("a7mlnet")
+			mysql.RegisterDialContext(netName, func(ctx context.Context, addr string) (net.Conn, error) { return dial(ctx, "tcp", addr) })
+			defer mysql.DeregisterDialContext(netName)
+			cfg, err := mysql.ParseDSN("root@" + netName + "(127.0.0.1:3306)/" + dbName + "?parseTime=true&multiStatements=true")
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn, err := mysql.NewConnector(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			db := sqlretry.OpenDB(conn)
+			defer db.Close()
+			// warm up: the marker table is created
+			if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('warm')")
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			calls := 0
+			err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?)", op); err != nil {
+					return err
+				}
+				if calls == 1 {
+					armed.Store(true)
+					c.mode.Store(cutAfterSend)
+				}
+				return nil
+			})
+			c.mode.Store(0)
+			armed.Store(false)
+			rows := a7Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("%s: err=%v calls=%d rows=%d fired=%d hookErr=%v", how, err, calls, rows, c.fired.Load(), hookErr.Load())
+			if c.fired.Load() == 0 {
+				t.Fatal("COMMIT not cut")
+			}
+			if hookErr.Load() != nil {
+				t.Fatalf("could not empty the marker: %v", hookErr.Load())
+			}
+			if rows > 1 {
+				t.Errorf("%s: the committed write ran %d times (calls=%d, err=%v)", how, rows, calls, err)
+			}
+			if err == nil && rows != 1 {
+				t.Errorf("%s: acknowledged with %d rows", how, rows)
+			}
+		})
+	}
+}
+
+// As TestAttack7LostCommitDuringDeferredTrigger, but every dial fails for
+// 400 ms after the COMMIT went out (a short partition), so pgx's cancel
+// request never reaches the server and the old backend is still in its
+// COMMIT (the deferred trigger sleeps 1.5 s) when sqlretry first looks.
+func TestAttack7LostCommitDuringDeferredTriggerPartitioned(t *testing.T) {
+	c := &cutter{isCommit: pgCommit}
+	var blockUntil atomic.Int64
+	var refused atomic.Int32
+	dial := afterCommitSentBy(pgCommit, c.dial, func() {
+		if c.fired.Load() > 0 && blockUntil.Load() == 0 {
+			blockUntil.Store(time.Now().Add(400 * time.Millisecond).UnixNano())
+		}
+	})
+	cfg, err := pgx.ParseConfig(atkPG)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if time.Now().UnixNano() < blockUntil.Load() {
+			refused.Add(1)
+			return nil, &net.OpError{Op: "dial", Net: network, Err: errors.New("attack7 partition")}
+		}
+		return dial(ctx, network, addr)
+	}
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+	defer db.Close()
+	tbl := table(t, db, "a7dp")
+	side := table(t, db, "a7dps")
+	fn := tbl + "_f"
+	t.Cleanup(func() { db.Exec("DROP FUNCTION IF EXISTS " + fn + "() CASCADE") })
+	mustExec(t, db,
+		"CREATE TABLE "+tbl+" (op text)",
+		"CREATE TABLE "+side+" (op text)",
+		"CREATE FUNCTION "+fn+"() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN PERFORM pg_sleep(1.5); INSERT INTO "+side+" VALUES (NEW.op); RETURN NULL; END$$",
+		"CREATE CONSTRAINT TRIGGER "+tbl+"_t AFTER INSERT ON "+tbl+" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "+fn+"()",
+	)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	calls := 0
+	start := time.Now()
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('x')"); err != nil {
+			return err
+		}
+		if calls == 1 {
+			c.mode.Store(cutAfterSend)
+		}
+		return nil
+	})
+	c.mode.Store(0)
+	rows := a7Count(t, db, "SELECT COUNT(*) FROM "+tbl)
+	sides := a7Count(t, db, "SELECT COUNT(*) FROM "+side)
+	t.Logf("err=%v calls=%d rows=%d side=%d fired=%d refused dials=%d in %v", err, calls, rows, sides, c.fired.Load(), refused.Load(), time.Since(start))
+	if c.fired.Load() == 0 {
+		t.Fatal("COMMIT not cut")
+	}
+	if rows > 1 || sides != rows {
+		t.Errorf("rows=%d side effects=%d calls=%d err=%v", rows, sides, calls, err)
+	}
+	if err == nil && rows != 1 {
+		t.Errorf("acknowledged with %d rows", rows)
+	}
+	if err != nil && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+		t.Errorf("err=%v: neither success nor ErrAmbiguousCommit", err)
+	}
+}
