@@ -9,6 +9,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -537,5 +538,66 @@ func TestAttack7LostCommitDuringDeferredTriggerPartitioned(t *testing.T) {
 	}
 	if err != nil && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
 		t.Errorf("err=%v: neither success nor ErrAmbiguousCommit", err)
+	}
+}
+
+// Errors the closure makes itself, or gets from outside the transaction,
+// that look like replay causes (ErrBadConn, a connection-lost error, a
+// 40001/40P01/1213 raised by another session, a deadline error while the
+// caller's context is fine): README says they come back unchanged after
+// one run, the write rolled back.
+func TestAttack7ClosureOwnLookalikeErrors(t *testing.T) {
+	plainPG := a5Plain(t, atkPG)
+	var pgRaised error
+	_, pgRaised = plainPG.Exec(`DO $$BEGIN RAISE EXCEPTION 'elsewhere' USING ERRCODE = '40001'; END$$`)
+	var pgDeadlock error
+	_, pgDeadlock = plainPG.Exec(`DO $$BEGIN RAISE EXCEPTION 'elsewhere' USING ERRCODE = '40P01'; END$$`)
+	if pgRaised == nil || pgDeadlock == nil {
+		t.Fatal("no error raised elsewhere")
+	}
+	own := map[string]error{
+		"ErrBadConn":          driver.ErrBadConn,
+		"ErrConnDone":         sql.ErrConnDone,
+		"mysqlErrInvalidConn": mysql.ErrInvalidConn,
+		"DeadlineExceeded":    context.DeadlineExceeded,
+		"fabricated40001":     &pgconn.PgError{Code: "40001", Message: "made up"},
+		"fabricated1213":      &mysql.MySQLError{Number: 1213, Message: "made up"},
+		"elsewhere40001":      pgRaised,
+		"elsewhere40P01":      fmt.Errorf("wrapped: %w", pgDeadlock),
+		"netOpError":          &net.OpError{Op: "read", Net: "tcp", Err: errors.New("connection reset by peer")},
+	}
+	for _, driverName := range []string{"pgx", "mysql"} {
+		var db *sql.DB
+		ph := "?"
+		if driverName == "pgx" {
+			db = a5Open(t, atkPG, 2)
+			ph = "$1"
+		} else {
+			db = atkOpenMy(t)
+		}
+		ins := "INSERT INTO %s VALUES (" + ph + ")"
+		tbl := table(t, db, "a7own")
+		mustExec(t, db, "CREATE TABLE "+tbl+" (op varchar(40))")
+		for name, e := range own {
+			t.Run(driverName+"/"+name, func(t *testing.T) {
+				calls := 0
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					calls++
+					if _, err := tx.ExecContext(ctx, fmt.Sprintf(ins, tbl), name); err != nil {
+						return err
+					}
+					return e
+				})
+				var n int
+				if err := db.QueryRow(fmt.Sprintf("SELECT COUNT(*) FROM %s WHERE op = %s", tbl, ph), name).Scan(&n); err != nil {
+					t.Fatal(err)
+				}
+				if calls != 1 || !errors.Is(err, e) || n != 0 {
+					t.Errorf("closure returned %v: calls=%d err=%v rows=%d; want 1 run, the same error, nothing committed", e, calls, err, n)
+				}
+			})
+		}
 	}
 }
