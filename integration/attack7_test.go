@@ -601,3 +601,56 @@ func TestAttack7ClosureOwnLookalikeErrors(t *testing.T) {
 		}
 	}
 }
+
+// SetShadow flipped inside the closure, then the COMMIT's reply is lost.
+// "A transaction [follows] the mode of its BEGIN": begun enforcing, the
+// lost COMMIT is resolved (success, one row); begun in shadow, the plain
+// driver's error comes back after one run, and never a second row.
+func TestAttack7ShadowFlippedInsideALostCommit(t *testing.T) {
+	for _, startShadow := range []bool{false, true} {
+		for _, cut := range []int32{cutAfterSend, cutMidMessage} {
+			t.Run(fmt.Sprintf("startShadow=%v/cut%d", startShadow, cut), func(t *testing.T) {
+				c := &cutter{isCommit: pgCommit}
+				db := openCutPostgresAt(t, c, atkPG)
+				defer db.Close()
+				tbl := table(t, db, "a7sf")
+				mustExec(t, db, "CREATE TABLE "+tbl+" (op text)")
+				sqlretry.SetShadow(db, startShadow)
+				ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+				defer cancel()
+				calls := 0
+				err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					calls++
+					if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('x')"); err != nil {
+						return err
+					}
+					if calls == 1 {
+						sqlretry.SetShadow(db, !startShadow)
+						c.mode.Store(cut)
+					}
+					return nil
+				})
+				c.mode.Store(0)
+				sqlretry.SetShadow(db, false)
+				time.Sleep(300 * time.Millisecond) // let a shadow-mode COMMIT land
+				rows := a7Count(t, db, "SELECT COUNT(*) FROM "+tbl)
+				t.Logf("err=%v calls=%d rows=%d fired=%d", err, calls, rows, c.fired.Load())
+				if c.fired.Load() == 0 {
+					t.Fatal("COMMIT not cut")
+				}
+				if rows > 1 {
+					t.Fatalf("committed twice (calls=%d)", calls)
+				}
+				if err == nil && rows != 1 {
+					t.Errorf("acknowledged with %d rows", rows)
+				}
+				if startShadow && calls != 1 {
+					t.Errorf("begun in shadow mode: %d runs, want 1 (the plain driver's transaction)", calls)
+				}
+				if !startShadow && err != nil {
+					t.Errorf("begun enforcing: %v, want the lost COMMIT resolved", err)
+				}
+			})
+		}
+	}
+}
