@@ -743,3 +743,99 @@ func TestAttack7MyMarkerAlteredAfterTheCheck(t *testing.T) {
 		}
 	})
 }
+
+// Three replicas (three *sql.DB on one PostgreSQL, one of them in shadow
+// mode) write into one ledger while every third COMMIT of each has its reply
+// lost (after send or mid-message, alternately). Each op is in the ledger
+// at most once; every acknowledged op exactly once; errors only ambiguous
+// commits (enforcing replicas) or the driver's own (the shadow one).
+func TestAttack7ReplicasLostCommitsAtOnce(t *testing.T) {
+	plain := a5Plain(t, atkPG)
+	tbl := table(t, plain, "a7rep")
+	mustExec(t, plain, "CREATE TABLE "+tbl+" (op text)")
+	type rep struct {
+		c      *cutter
+		db     *sql.DB
+		shadow bool
+	}
+	var reps []rep
+	for i := range 3 {
+		c := &cutter{isCommit: pgCommit}
+		db := openCutPostgresAt(t, c, atkPG)
+		t.Cleanup(func() { db.Close() })
+		db.SetMaxOpenConns(3)
+		if i == 2 {
+			sqlretry.SetShadow(db, true)
+		}
+		reps = append(reps, rep{c, db, i == 2})
+	}
+	var mu sync.Mutex
+	ok := map[string]bool{}
+	var bad []string
+	var wg sync.WaitGroup
+	for ri, r := range reps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 12 {
+				op := fmt.Sprintf("r%d-%d", ri, i)
+				ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+				calls := 0
+				err := sqlretry.RunInTx(ctx, r.db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					calls++
+					if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ($1)", op); err != nil {
+						return err
+					}
+					if calls == 1 && i%3 == 0 {
+						r.c.mode.Store(int32(1 + (i/3)%2))
+					}
+					return nil
+				})
+				cancel()
+				r.c.mode.Store(0)
+				mu.Lock()
+				if err == nil {
+					ok[op] = true
+				} else if !r.shadow && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+					bad = append(bad, fmt.Sprintf("%s: %v", op, err))
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	time.Sleep(300 * time.Millisecond)
+	counts := map[string]int{}
+	rows, err := plain.Query("SELECT op, COUNT(*) FROM " + tbl + " GROUP BY op")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var op string
+		var n int
+		rows.Scan(&op, &n)
+		counts[op] = n
+	}
+	rows.Close()
+	fired := 0
+	for _, r := range reps {
+		fired += int(r.c.fired.Load())
+	}
+	t.Logf("acknowledged=%d distinct in ledger=%d cuts=%d other errors=%v", len(ok), len(counts), fired, bad)
+	for op, n := range counts {
+		if n > 1 {
+			t.Errorf("%s committed %d times", op, n)
+		}
+	}
+	for op := range ok {
+		if counts[op] != 1 {
+			t.Errorf("%s acknowledged, %d in the ledger", op, counts[op])
+		}
+	}
+	for _, b := range bad {
+		t.Errorf("unexpected error on an enforcing replica: %s", b)
+	}
+	if fired == 0 {
+		t.Fatal("no COMMIT cut")
+	}
+}
