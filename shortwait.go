@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strconv"
 	"sync/atomic"
 	"time"
 )
@@ -193,16 +194,37 @@ func (e *shortWaitError) Error() string {
 func (e *shortWaitError) Unwrap() error { return e.err }
 
 // set runs the statement in the attempt's transaction, right after BEGIN.
-func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration) error {
+func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration) (own bool, err error) {
 	var setting string
 	var dt int64
-	if err := sqlTx.QueryRowContext(ctx, shortWaitQuery, int64(d/time.Millisecond)).Scan(&setting, &dt); err != nil {
-		return &shortWaitError{err: err}
+	ms := int64(d / time.Millisecond)
+	if err := sqlTx.QueryRowContext(ctx, shortWaitQuery, ms).Scan(&setting, &dt); err != nil {
+		return false, &shortWaitError{err: err}
 	}
 	if dt > 0 && dt != s.deadlock.Load() {
 		s.deadlock.Store(dt)
 	}
-	return nil
+	return setting == pgMillis(ms), nil
+}
+
+// pgMillis is ms as PostgreSQL shows a setting in milliseconds (what
+// set_config returns): in the largest unit that divides it, "37ms", "1s",
+// "2min". own says the lock_timeout in force is sqlretry's bound, not a
+// lower one of the user's that the statement kept.
+func pgMillis(ms int64) string {
+	switch {
+	case ms == 0:
+		return "0"
+	case ms%1000 != 0:
+		return strconv.FormatInt(ms, 10) + "ms"
+	case ms%60000 != 0:
+		return strconv.FormatInt(ms/1000, 10) + "s"
+	case ms%3600000 != 0:
+		return strconv.FormatInt(ms/60000, 10) + "min"
+	case ms%86400000 != 0:
+		return strconv.FormatInt(ms/3600000, 10) + "h"
+	}
+	return strconv.FormatInt(ms/86400000, 10) + "d"
 }
 
 // refused says whether the statement's failure is the server's refusal

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"errors"
 	"io"
 	"sync"
 	"testing"
@@ -18,7 +19,8 @@ type lockWaits struct {
 	asked      []int64
 	deadlockMS int64
 	refuse     error
-	xidAsked   int // the lost-COMMIT question of writing transactions
+	xidAsked   int   // the lost-COMMIT question of writing transactions
+	userMS     int64 // the user's own lock_timeout, kept when it is lower
 }
 
 func (w *lockWaits) install(srv *fakeServer) {
@@ -31,8 +33,12 @@ func (w *lockWaits) install(srv *fakeServer) {
 		if q != shortWaitQuery {
 			return nil, false
 		}
-		w.asked = append(w.asked, args[0].Value.(int64))
-		return &fakeRows{cols: []string{"set_config", "dt"}, data: [][]driver.Value{{"x", w.deadlockMS}}}, true
+		ms := args[0].Value.(int64)
+		w.asked = append(w.asked, ms)
+		if w.userMS > 0 && w.userMS <= ms {
+			ms = w.userMS // the user's lower lock_timeout is kept
+		}
+		return &fakeRows{cols: []string{"set_config", "dt"}, data: [][]driver.Value{{pgMillis(ms), w.deadlockMS}}}, true
 	}
 	if w.refuse != nil {
 		srv.script(shortWaitQuery, step{err: w.refuse})
@@ -531,5 +537,84 @@ func TestShortWaitNotInAShadowTransaction(t *testing.T) {
 	}
 	if got := w.got(); len(got) != before {
 		t.Fatalf("bounds %v: a transaction begun in shadow mode bounded its lock waits", got)
+	}
+}
+
+// sqlretry's own lock timeout (the 55P03 of a bound it set) never reaches
+// the caller, where the plain driver would have gone on waiting for the
+// lock (attack7, in a CI run: "context deadline exceeded (while retrying:
+// 55P03)" under shadow flips and a 5 s deadline).
+func TestShortWaitOwnLockTimeoutNeverSurfaces(t *testing.T) {
+	// The bounded replay's lock timeout came near MaxElapsed: the pacing
+	// would stop the call. One more attempt, unbounded, commits.
+	t.Run("pacing stop", func(t *testing.T) {
+		w := &lockWaits{deadlockMS: 1000}
+		srv, db, clock := shortWaitDB(t, w, WithBackoff(Backoff{Initial: time.Millisecond, Max: time.Millisecond, Multiplier: 1, MaxAttempts: 100, MaxElapsed: 300 * time.Millisecond}))
+		srv.script("UPDATE", step{err: errSerialize}, step{err: errLockTimeout})
+		runs := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			if runs == 2 {
+				clock.Advance(300 * time.Millisecond) // the bounded attempt ran out near MaxElapsed
+			}
+			return updateTx(ctx, tx)
+		})
+		if err != nil {
+			t.Fatalf("got %v, want the unbounded attempt's commit", err)
+		}
+		if runs != 3 || len(w.got()) != 1 {
+			t.Fatalf("runs %d, bounds %v: want 3 runs, the second alone bounded", runs, w.got())
+		}
+	})
+	// The caller's context ends right after the bounded attempt's lock
+	// timeout: the error is the context's, beside the conflict before,
+	// never 55P03.
+	t.Run("context ends", func(t *testing.T) {
+		w := &lockWaits{deadlockMS: 1000}
+		srv, db, _ := shortWaitDB(t, w)
+		srv.script("UPDATE", step{err: errDeadlock}, step{err: errLockTimeout})
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		runs := 0
+		err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			err := updateTx(ctx, tx)
+			if runs == 2 {
+				cancel()
+			}
+			return err
+		})
+		if !errors.Is(err, context.Canceled) || ErrorCode(err) == "55P03" || ErrorCode(err) != "40P01" {
+			t.Fatalf("got %v (code %q), want the context's error beside the 40P01", err, ErrorCode(err))
+		}
+	})
+	// A user's lower lock_timeout is kept by the bound's statement: its
+	// 55P03 is the user's, what the plain driver gives, and stays.
+	t.Run("user's own", func(t *testing.T) {
+		w := &lockWaits{deadlockMS: 1000, userMS: 10}
+		srv, db, _ := shortWaitDB(t, w)
+		srv.script("UPDATE", step{err: errDeadlock}, step{err: errLockTimeout})
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		runs := 0
+		err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			err := updateTx(ctx, tx)
+			if runs == 2 {
+				cancel()
+			}
+			return err
+		})
+		if !errors.Is(err, context.Canceled) || ErrorCode(err) != "55P03" {
+			t.Fatalf("got %v (code %q), want the context's error beside the user's 55P03", err, ErrorCode(err))
+		}
+	})
+}
+
+func TestPgMillis(t *testing.T) {
+	for ms, want := range map[int64]string{0: "0", 20: "20ms", 1000: "1s", 1500: "1500ms", 60000: "1min", 90000: "90s", 3600000: "1h", 86400000: "1d"} {
+		if got := pgMillis(ms); got != want {
+			t.Errorf("pgMillis(%d) = %q, want %q", ms, got, want)
+		}
 	}
 }

@@ -396,6 +396,10 @@ type txAttempt struct {
 	// the call started).
 	tracked bool
 	bounded bool // the short-wait statement was sent in its transaction (runTxOnce)
+	// ownBound: the lock_timeout in force is sqlretry's bound (not a
+	// lower one of the user's, which the statement kept): a 55P03 is
+	// sqlretry's own, one the plain driver would not have given.
+	ownBound bool
 	// escaped: a statement of the attempt's transaction ended or started a
 	// transaction by itself (tx.done): no replay.
 	escaped bool
@@ -686,8 +690,17 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			}
 			return nil
 		}
+		if o.ownTimeout {
+			// sqlretry's own lock timeout is never what the caller gets:
+			// the plain driver would still be waiting for the lock. Its
+			// error is not the one a stop keeps beside the context's.
+			err = nil
+		}
 		if ctx.Err() != nil {
 			return r.stop(ctx, "tx", attempt, err, prev, "caller's context is done")
+		}
+		if o.ownTimeout {
+			err = o.err
 		}
 		if errors.Is(err, ErrCircuitOpen) || errors.Is(err, ErrBudgetExhausted) || errors.Is(err, ErrAmbiguousCommit) {
 			return err
@@ -740,12 +753,24 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		}
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
-			return r.paceStop(ctx, "tx", attempt, cls, err, stop)
+			if !o.ownTimeout {
+				return r.paceStop(ctx, "tx", attempt, cls, err, stop)
+			}
+			// The pacing would end the call on sqlretry's own lock
+			// timeout (a replayable attempt's bound ended near MaxElapsed
+			// or the caller's deadline): the plain driver would have gone
+			// on waiting. One more attempt at once, its waits unbounded,
+			// as plain PostgreSQL's (attack7, in a CI run: the caller got
+			// "context deadline exceeded (while retrying: 55P03)").
+			d, unbounded = 0, true
 		}
 		r.counters.retriesTransaction.Add(1)
 		r.observe(ctx, Event{Kind: EventRetry, Op: "tx", Attempt: attempt, Class: cls, Err: err, Delay: d, Reason: "transaction aborted; replaying it"})
+		if o.ownTimeout {
+			err = prev // not the cause a later stop keeps
+		}
 		if serr := r.clock.Sleep(ctx, d); serr != nil {
-			return r.stop(ctx, "tx", attempt, err, nil, "caller's context is done")
+			return r.stop(ctx, "tx", attempt, err, prev, "caller's context is done")
 		}
 		prev = err
 	}
@@ -780,6 +805,9 @@ type txOutcome struct {
 	conflict bool // aborted by a conflict with another transaction (for contention control)
 	escaped  bool // it would have been replayed, but the closure committed part of its work itself
 	bounded  bool // its lock waits were bounded (shortwait.go): the statement ran in its transaction
+	// ownTimeout: the attempt ended in the lock timeout of sqlretry's own
+	// bound (55P03), where the plain driver would have gone on waiting.
+	ownTimeout bool
 }
 
 // runAttempt runs one attempt within the contention control: the slot is
@@ -838,6 +866,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
+		o.ownTimeout = att.ownBound && o.cause != nil && ErrorCode(o.cause) == "55P03"
 	}
 	if queue && !inGate && lim.probeDue(o.conflict) {
 		if g == nil {
@@ -955,9 +984,11 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		// wins; a failure is the attempt's, before its closure ran. Not in
 		// a shadow-mode transaction: the plain driver's, whose 55P03
 		// nothing would replay.
-		if err := sw.set(att, sqlTx, lockWait); err != nil {
+		own, err := sw.set(att, sqlTx, lockWait)
+		if err != nil {
 			return began, phaseBegin, err
 		}
+		att.ownBound = own
 	}
 	att.seq = nestedSeq.Load()
 	slot := enterClosure()
