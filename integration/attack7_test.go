@@ -183,6 +183,7 @@ func TestAttack7ShadowFlipsDuringShortLockWaits(t *testing.T) {
 	var mu sync.Mutex
 	okToks := map[string]bool{}
 	errs := map[string]int{}
+	var msgs []string // the 55P03 ones, in full
 	var wg sync.WaitGroup
 	for g := range 6 {
 		wg.Add(1)
@@ -217,6 +218,9 @@ func TestAttack7ShadowFlipsDuringShortLockWaits(t *testing.T) {
 					var pe *pgconn.PgError
 					if errors.As(err, &pe) {
 						k = pe.Code
+					}
+					if k == "55P03" {
+						msgs = append(msgs, err.Error())
 					}
 					errs[k]++
 				}
@@ -255,10 +259,14 @@ func TestAttack7ShadowFlipsDuringShortLockWaits(t *testing.T) {
 		t.Errorf("%d transfers in the ledger, %d acknowledged (shadow-mode errors are the driver's: none of them may have committed)", inLedger, len(okToks))
 	}
 	if n := errs["55P03"]; n > 0 {
-		t.Errorf("%d calls got 55P03 (lock_timeout), which the plain driver never gives here", n)
+		t.Errorf("%d calls got 55P03 (lock_timeout), which the plain driver never gives here: %v", n, msgs)
 	}
 	for k, n := range errs {
-		if k != "40P01" && k != "55P03" {
+		// A deadlock, or the caller's deadline (a first attempt that
+		// waited 5 s behind a queue of cycles, each found only after
+		// deadlock_timeout, as the plain driver's would): both the plain
+		// driver gives too.
+		if k != "40P01" && k != "55P03" && !strings.HasSuffix(k, context.DeadlineExceeded.Error()) {
 			t.Errorf("%d calls got %q", n, k)
 		}
 	}
