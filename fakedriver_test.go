@@ -4,9 +4,11 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -103,6 +105,8 @@ type fakeServer struct {
 	// Semi-synchronous replication (MySQL/MariaDB), for the marker's
 	// resolution.
 	semiSync         bool         // rpl_semi_sync_master_enabled
+	markerEmptied    bool         // the marker table was emptied since the check: neither tokens nor the sentinel are found
+	markerTriggers   int64        // triggers on the marker table
 	semiSyncOff      bool         // Rpl_semi_sync_master_status OFF (a wait timed out)
 	semiSyncTimesOut bool         // the next autocommit INSERT's wait times out: semiSyncOff from then on
 	replicaFrozen    bool         // an autocommit INSERT or DELETE waits for the ACK until its context ends
@@ -408,7 +412,9 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 	case strings.HasPrefix(q, "SELECT ENGINE FROM information_schema.TABLES"):
 		return &fakeRows{cols: []string{"e"}, data: [][]driver.Value{{"InnoDB"}}}, nil
 	case strings.HasPrefix(q, "SELECT COUNT(*) FROM information_schema.TRIGGERS"):
-		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{int64(0)}}}, nil
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{c.srv.markerTriggers}}}, nil
 	}
 	if q == "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?" {
 		c.srv.mu.Lock()
@@ -441,18 +447,40 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		}
 		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{[]byte("Rpl_semi_sync_master_status"), []byte(v)}}, clobber: true}, nil
 	}
-	if strings.HasPrefix(q, "SELECT COUNT(*) FROM ") && strings.HasSuffix(q, " WHERE token = ?") {
-		// The marker: there once a transaction that inserted it committed.
-		table := strings.TrimSuffix(strings.TrimPrefix(q, "SELECT COUNT(*) FROM "), " WHERE token = ?")
+	if strings.HasPrefix(q, "SELECT COUNT(*) FROM ") && strings.HasSuffix(q, " WHERE token = '"+markerSentinel+"'") {
+		table := strings.TrimSuffix(strings.TrimPrefix(q, "SELECT COUNT(*) FROM "), " WHERE token = '"+markerSentinel+"'")
 		c.srv.mu.Lock()
 		defer c.srv.mu.Unlock()
 		n := int64(0)
-		for _, r := range c.srv.ran {
-			if strings.HasPrefix(r, "INSERT INTO "+table+" ") || strings.HasPrefix(r, "BEGIN NOT ATOMIC INSERT INTO "+table+" ") {
-				n = 1
-			}
+		if slices.Contains(c.srv.ran, markerSentinelInsert(table)) && !c.srv.markerEmptied {
+			n = 1
 		}
 		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{n}}}, nil
+	}
+	if strings.HasPrefix(q, "SELECT COUNT(*), (SELECT COUNT(*) FROM ") && strings.HasSuffix(q, " WHERE token = ?") {
+		// The marker: there once a transaction that inserted it committed;
+		// the sentinel once the check put it in, unless the table was
+		// emptied since.
+		table, _, _ := strings.Cut(strings.TrimPrefix(q, "SELECT COUNT(*), (SELECT COUNT(*) FROM "), " ")
+		if q != markerLookup(table) {
+			return nil, fmt.Errorf("fake: unexpected marker lookup %q", q)
+		}
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+		n, sentinel := int64(0), int64(0)
+		for _, r := range c.srv.ran {
+			if (strings.HasPrefix(r, "INSERT INTO "+table+" ") || strings.HasPrefix(r, "BEGIN NOT ATOMIC INSERT INTO "+table+" ")) &&
+				(len(args) == 0 || !isBytes(args[0].Value) || strings.Contains(r, hex.EncodeToString(args[0].Value.([]byte)))) {
+				n = 1
+			}
+			if r == markerSentinelInsert(table) {
+				sentinel = 1
+			}
+		}
+		if c.srv.markerEmptied {
+			n, sentinel = 0, 0
+		}
+		return &fakeRows{cols: []string{"n", "sentinel"}, data: [][]driver.Value{{n, sentinel}}}, nil
 	}
 	if q == pgStatusQuery {
 		xid := args[0].Value.(int64)
@@ -719,3 +747,5 @@ func stats(t *testing.T, db *sql.DB) Stats {
 	}
 	return s
 }
+
+func isBytes(v any) bool { _, ok := v.([]byte); return ok }

@@ -243,3 +243,52 @@ func TestMariaDBMarkerBlockStillCleansOldRows(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// A lost COMMIT whose token the lookup does not find is "not committed"
+// only while the table is the one that was checked: emptied since (dropped
+// and created again, TRUNCATEd, its rows deleted: the sentinel is gone
+// too) or given a trigger since (one may rewrite the token), "no token"
+// says nothing, and a COMMIT that took effect would run twice (attack7:
+// err=<nil> calls=2 rows=2). Ambiguous, never replayed; the next
+// transaction checks the table again.
+func TestMarkerChangedSinceTheCheckIsNeverTakenAsNotCommitted(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		set  func(*fakeServer)
+	}{
+		{"emptied", func(s *fakeServer) { s.markerEmptied = true }},
+		{"trigger added", func(s *fakeServer) { s.markerTriggers = 1 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := newFakeServer()
+			db := mariaDB(t, newMariaDB(t, srv), WithMySQLCommitMarker("m"))
+			if _, err := insertOnce(db, nil, "INSERT INTO t VALUES (0)"); err != nil {
+				t.Fatal(err)
+			}
+			srv.script("BEGIN NOT ATOMIC", step{err: io.ErrUnexpectedEOF, ran: tc.name == "emptied"})
+			srv.mu.Lock()
+			tc.set(srv)
+			srv.mu.Unlock()
+			calls, err := insertOnce(db, nil, "INSERT INTO t VALUES (1)")
+			if calls != 1 || !errors.Is(err, ErrAmbiguousCommit) {
+				t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit, one call (ran %q)", err, calls, srv.ran)
+			}
+			if n := srv.ranCount(markerSentinelInsert("`test`.`m`")); n != 1 {
+				t.Fatalf("the check ran %d times before the next transaction, want 1", n)
+			}
+			_, _ = insertOnce(db, nil, "INSERT INTO t VALUES (2)")
+			if n := srv.ranCount(markerSentinelInsert("`test`.`m`")); n != 2 && tc.name == "emptied" {
+				t.Errorf("the table was checked %d times, want 2: the next transaction checks it again", n)
+			}
+			// The check, the lookup (when the sentinel is there), the check
+			// again (which turns the default marker off on a trigger).
+			want := 3
+			if tc.name == "emptied" {
+				want = 2
+			}
+			if n := srv.ranCount("SELECT COUNT(*) FROM information_schema.TRIGGERS"); n != want {
+				t.Errorf("triggers looked at %d times, want %d", n, want)
+			}
+		})
+	}
+}

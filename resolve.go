@@ -462,7 +462,71 @@ func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name 
 			return "", nil, err
 		}
 	}
+	// The sentinel row (markerSentinel), which the lookup after a lost
+	// COMMIT reads beside the token, goes in when it is not there: no
+	// write once it is (under semi-synchronous replication a write waits
+	// for a replica).
+	vals, err = queryRow(ctx, dc, markerSentinelCount(name))
+	if err != nil {
+		return "", nil, err
+	}
+	if asInt64(vals[0]) == 0 {
+		if err := execConn(ctx, dc, markerSentinelInsert(name)); err != nil {
+			if isConfigNumber(mysqlNumber(err)) {
+				return "", &configError{what: "writing to the commit marker table " + name,
+					fix: "grant this user SELECT, INSERT and DELETE on it", err: err}, nil
+			}
+			return "", nil, err
+		}
+	}
 	return name, nil, nil
+}
+
+// markerSentinel is a row the marker check puts in the table and the
+// clean-up leaves: a lookup after a lost COMMIT that finds neither the
+// token nor the sentinel looks at a table that was emptied since (dropped
+// and created again, TRUNCATEd, all its rows deleted), where "no token"
+// says nothing about the COMMIT (attack7: the committed write ran twice).
+// Sixteen bytes, like a token; tokens are random.
+const markerSentinel = "sqlretry:marker!"
+
+func markerSentinelCount(name string) string {
+	return "SELECT COUNT(*) FROM " + name + " WHERE token = '" + markerSentinel + "'"
+}
+
+func markerSentinelInsert(name string) string {
+	return "INSERT IGNORE INTO " + name + " (token) VALUES ('" + markerSentinel + "')"
+}
+
+// markerLookup counts the token and the sentinel in one statement.
+func markerLookup(table string) string {
+	return "SELECT COUNT(*), (SELECT COUNT(*) FROM " + table + " WHERE token = '" + markerSentinel + "') FROM " + table + " WHERE token = ?"
+}
+
+// markerTriggers counts the triggers on the marker table, by its quoted
+// name.
+const markerTriggers = "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE " +
+	"CONCAT('`', REPLACE(EVENT_OBJECT_SCHEMA, '`', '``'), '`.`', REPLACE(EVENT_OBJECT_TABLE, '`', '``'), '`') = ?"
+
+// errMarkerChanged is a final "cannot know": the marker table is not the
+// one whose shape was checked.
+var errMarkerChanged = errors.New("sqlretry: the commit marker table changed since it was checked (emptied, created again, or given a trigger): a missing token says nothing about the COMMIT; leave the table to sqlretry")
+
+// markerNotFound says whether a token not found is an answer: the table
+// still holds the sentinel (it was not emptied since the check) and no
+// trigger is on it (one that rewrites the token was added since).
+func markerNotFound(ctx context.Context, dc driver.Conn, table string, sentinel int64) error {
+	if sentinel == 0 {
+		return errMarkerChanged
+	}
+	trg, err := queryRow(ctx, dc, markerTriggers, table)
+	if err != nil {
+		return err
+	}
+	if asInt64(trg[0]) != 0 {
+		return errMarkerChanged
+	}
+	return nil
 }
 
 // markerShapeOK checks an existing marker table: a token column that cut
@@ -605,7 +669,7 @@ func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
 	if execConn(ctx, dc, "SET SESSION innodb_lock_wait_timeout = 1, lock_wait_timeout = 1") != nil {
 		return
 	}
-	_ = execConn(ctx, dc, fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR LIMIT %d", table, cleanBatch))
+	_ = execConn(ctx, dc, fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR AND token <> '%s' LIMIT %d", table, markerSentinel, cleanBatch))
 }
 
 // resolveCommit finds out whether the COMMIT of t took effect, within ctx.
@@ -664,8 +728,11 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 				outcome = o
 				break
 			}
-			if errors.Is(err, errUnresolvable) || errors.Is(err, errOtherCluster) {
+			if errors.Is(err, errUnresolvable) || errors.Is(err, errOtherCluster) || errors.Is(err, errMarkerChanged) {
 				lastErr = err
+				if errors.Is(err, errMarkerChanged) {
+					r.resolution.forgetMarker() // the next transaction checks the table again
+				}
 				break
 			}
 			if err != nil {
@@ -936,11 +1003,14 @@ func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token [
 			return CommitUnknown, nil
 		}
 	}
-	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
+	vals, err := queryRow(ctx, dc, markerLookup(table), token)
 	if err != nil {
 		return CommitUnknown, err
 	}
 	if asInt64(vals[0]) == 0 {
+		if err := markerNotFound(ctx, dc, table, asInt64(vals[1])); err != nil {
+			return CommitUnknown, err
+		}
 		if same {
 			return CommitNotCommitted, nil
 		}
@@ -957,11 +1027,14 @@ func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token [
 		// The view without the old node came after anything it sent; the
 		// causal read above waited for it. Read again to be sure the
 		// answer is from after that view.
-		vals, err = queryRow(ctx, dc, "SELECT COUNT(*) FROM "+table+" WHERE token = ?", token)
+		vals, err = queryRow(ctx, dc, markerLookup(table), token)
 		if err != nil {
 			return CommitUnknown, err
 		}
 		if asInt64(vals[0]) == 0 {
+			if err := markerNotFound(ctx, dc, table, asInt64(vals[1])); err != nil {
+				return CommitUnknown, err
+			}
 			return CommitNotCommitted, nil
 		}
 	}
