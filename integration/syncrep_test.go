@@ -497,6 +497,14 @@ func semiSyncLostCommit(t *testing.T, p *dbserver.MariaDBSemiSyncPair, admin *sq
 	// The marker table exists (created by an earlier case, or now) before
 	// the replica is frozen: its DDL would wait for the ACK too.
 	mustExec(t, admin, "CREATE TABLE IF NOT EXISTS sqlretry_marker (token BINARY(16) NOT NULL PRIMARY KEY, created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), KEY (created_at)) ENGINE=InnoDB")
+	// The db checks the table (and puts its sentinel row in, a write that
+	// would wait for the ACK too) before the replica is frozen.
+	if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('warm')")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
 	op = "op-1"
 	if sc.freeze {
 		if err := p.FreezeReplica(); err != nil {
