@@ -512,21 +512,22 @@ const markerTriggers = "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE "
 // one whose shape was checked.
 var errMarkerChanged = errors.New("sqlretry: the commit marker table changed since it was checked (emptied, created again, or given a trigger): a missing token says nothing about the COMMIT; leave the table to sqlretry")
 
-// markerNotFound says whether a token not found is an answer: the table
-// still holds the sentinel (it was not emptied since the check) and no
-// trigger is on it (one that rewrites the token was added since).
-func markerNotFound(ctx context.Context, dc driver.Conn, table string, sentinel int64) error {
+// markerNotFound is the answer when the token is not found where that
+// would say "not committed": it says so only while the table still holds
+// the sentinel (it was not emptied since the check) and no trigger is on
+// it (one that rewrites the token was added since).
+func markerNotFound(ctx context.Context, dc driver.Conn, table string, sentinel int64) (CommitOutcome, error) {
 	if sentinel == 0 {
-		return errMarkerChanged
+		return CommitUnknown, errMarkerChanged
 	}
 	trg, err := queryRow(ctx, dc, markerTriggers, table)
 	if err != nil {
-		return err
+		return CommitUnknown, err
 	}
 	if asInt64(trg[0]) != 0 {
-		return errMarkerChanged
+		return CommitUnknown, errMarkerChanged
 	}
-	return nil
+	return CommitNotCommitted, nil
 }
 
 // markerShapeOK checks an existing marker table: a token column that cut
@@ -1008,11 +1009,8 @@ func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token [
 		return CommitUnknown, err
 	}
 	if asInt64(vals[0]) == 0 {
-		if err := markerNotFound(ctx, dc, table, asInt64(vals[1])); err != nil {
-			return CommitUnknown, err
-		}
 		if same {
-			return CommitNotCommitted, nil
+			return markerNotFound(ctx, dc, table, asInt64(vals[1]))
 		}
 		if !side.galera || old.node == "" || old.node == side.node {
 			return CommitUnknown, nil
@@ -1032,10 +1030,7 @@ func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token [
 			return CommitUnknown, err
 		}
 		if asInt64(vals[0]) == 0 {
-			if err := markerNotFound(ctx, dc, table, asInt64(vals[1])); err != nil {
-				return CommitUnknown, err
-			}
-			return CommitNotCommitted, nil
+			return markerNotFound(ctx, dc, table, asInt64(vals[1]))
 		}
 	}
 	semi, err := mysqlSemiSync(ctx, dc)

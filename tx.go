@@ -753,7 +753,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		}
 		d, stop := p.next(ctx, attempt)
 		if stop != "" {
-			if !o.ownTimeout {
+			if !o.ownTimeout || stop == stopMaxAttempts {
 				return r.paceStop(ctx, "tx", attempt, cls, err, stop)
 			}
 			// The pacing would end the call on sqlretry's own lock
