@@ -618,3 +618,165 @@ func TestPgMillis(t *testing.T) {
 		}
 	}
 }
+
+// A statement that must come first in its transaction (SET TRANSACTION
+// ISOLATION LEVEL, SET TRANSACTION SNAPSHOT, SET TRANSACTION READ WRITE on
+// a read-only session) fails after the bound's statement with 25001; the
+// attempt runs again at once without the bound, and the call stays
+// unbounded (attack8: "SET TRANSACTION ISOLATION LEVEL must be called
+// before any query (SQLSTATE 25001)" surfaced where the plain driver
+// commits).
+func TestShortWaitStatementThatMustComeFirst(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv, db, _ := shortWaitDB(t, w)
+	mustFirst := &pgError{"25001", "SET TRANSACTION ISOLATION LEVEL must be called before any query"}
+	srv.script("UPDATE", step{err: errDeadlock})
+	srv.script("SET TRANSACTION", step{}, step{err: mustFirst})
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if _, err := tx.ExecContext(ctx, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"); err != nil {
+			return err
+		}
+		return updateTx(ctx, tx)
+	})
+	if err != nil {
+		t.Fatalf("got %v, want the unbounded attempt's commit", err)
+	}
+	if runs != 3 || len(w.got()) != 1 {
+		t.Fatalf("runs %d, bounds %v: want 3 runs (deadlock, 25001 after the bound, commit), one bound", runs, w.got())
+	}
+}
+
+// The closure met sqlretry's own lock timeout and handled it: rolled back
+// to a savepoint and went on (a "busy" branch), rolled the transaction
+// back itself, or returned an error of its own. The plain driver would
+// have waited for the lock: the attempt is never committed nor final, it
+// is replayed with its lock waits unbounded (attack8: a savepoint handler
+// committed its "busy" branch; the closure's own tx.Rollback handed the
+// caller 55P03).
+func TestShortWaitOwnLockTimeoutHandledByTheClosure(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		fn   func(ctx context.Context, tx *sql.Tx) (busy bool, err error)
+	}{
+		{"savepoint handler commits its busy branch", func(ctx context.Context, tx *sql.Tx) (bool, error) {
+			if _, err := tx.ExecContext(ctx, "SAVEPOINT s"); err != nil {
+				return false, err
+			}
+			if err := updateTx(ctx, tx); err != nil {
+				if ErrorCode(err) != "55P03" {
+					return false, err // handlers for the user's own lock timeouts
+				}
+				if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT s"); err != nil {
+					return false, err
+				}
+				_, err := tx.ExecContext(ctx, "INSERT INTO busy VALUES (1)")
+				return true, err
+			}
+			return false, nil
+		}},
+		{"closure rolls back itself", func(ctx context.Context, tx *sql.Tx) (bool, error) {
+			if err := updateTx(ctx, tx); err != nil {
+				if ErrorCode(err) != "55P03" {
+					return false, err // handlers for the user's own lock timeouts
+				}
+				_ = tx.Rollback()
+				return true, err
+			}
+			return false, nil
+		}},
+		{"closure rolls back and swallows", func(ctx context.Context, tx *sql.Tx) (bool, error) {
+			if err := updateTx(ctx, tx); err != nil {
+				if ErrorCode(err) != "55P03" {
+					return false, err // handlers for the user's own lock timeouts
+				}
+				_ = tx.Rollback()
+				return true, nil
+			}
+			return false, nil
+		}},
+		{"closure returns its own error", func(ctx context.Context, tx *sql.Tx) (bool, error) {
+			if err := updateTx(ctx, tx); err != nil {
+				if ErrorCode(err) != "55P03" {
+					return false, err // handlers for the user's own lock timeouts
+				}
+				return true, errors.New("busy, try later")
+			}
+			return false, nil
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := &lockWaits{deadlockMS: 1000}
+			srv, db, _ := shortWaitDB(t, w)
+			srv.script("UPDATE", step{err: errDeadlock}, step{err: errLockTimeout})
+			runs, busy := 0, 0
+			err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				runs++
+				b, err := tc.fn(ctx, tx)
+				if b {
+					busy++
+				}
+				return err
+			})
+			if err != nil || runs != 3 {
+				t.Fatalf("err %v, runs %d: want the third, unbounded attempt's commit", err, runs)
+			}
+			// After a handler, the next attempt is unbounded; an error of
+			// the closure's own is replayed as the 55P03 before it, whose
+			// bound doubles.
+			if got := len(w.got()); got != 1 && (tc.name != "closure returns its own error" || got != 2) {
+				t.Fatalf("bounds %v: want one (the first replay), the next unbounded", w.got())
+			}
+			if n := srv.ranCount("INSERT INTO busy"); n != 0 {
+				t.Fatalf("the busy branch committed %d times", n)
+			}
+		})
+	}
+}
+
+// A classifier rule that makes 55P03 permanent is about the user's own
+// lock timeouts: sqlretry's is never final (attack8).
+func TestShortWaitOwnLockTimeoutNotFinalByAClassifierRule(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv, db, _ := shortWaitDB(t, w, WithClassifier(func(err error) (Class, bool) {
+		if ErrorCode(err) == "55P03" {
+			return Permanent, true
+		}
+		return 0, false
+	}))
+	srv.script("UPDATE", step{err: errDeadlock}, step{err: errLockTimeout})
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		return updateTx(ctx, tx)
+	})
+	if err != nil || runs != 3 {
+		t.Fatalf("err %v, runs %d: want the unbounded attempt's commit", err, runs)
+	}
+}
+
+// A closure that sets lock_timeout itself makes the 55P03 of that attempt
+// its own: reported, not hidden behind the conflict before (attack8).
+func TestShortWaitClosuresOwnLockTimeoutIsReported(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv, db, _ := shortWaitDB(t, w)
+	srv.script("UPDATE", step{err: errDeadlock}, step{err: errLockTimeout})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	runs := 0
+	err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if _, err := tx.ExecContext(ctx, "SET LOCAL lock_timeout = '150ms'"); err != nil {
+			return err
+		}
+		err := updateTx(ctx, tx)
+		if runs == 2 {
+			cancel()
+		}
+		return err
+	})
+	if ErrorCode(err) != "55P03" || !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v (code %q), want the context's error beside the closure's own 55P03", err, ErrorCode(err))
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,6 +67,9 @@ func (t *tx) guard(query string) error {
 func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if t.c.escapesTx(query) {
 		t.escape(query)
+	}
+	if a := t.attempt; a != nil && a.ownBound && query != shortWaitQuery && strings.Contains(strings.ToLower(query), "lock_timeout") {
+		a.ownBound = false // the closure sets its own: a 55P03 from now on may be the user's
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
@@ -400,6 +404,12 @@ type txAttempt struct {
 	// lower one of the user's, which the statement kept): a 55P03 is
 	// sqlretry's own, one the plain driver would not have given.
 	ownBound bool
+	// ownHit: the first 55P03 the attempt met under its own bound, kept
+	// past a ROLLBACK TO SAVEPOINT: whatever the closure then did (went on
+	// after a savepoint, rolled back, returned an error of its own), the
+	// plain driver would have waited for the lock, so the attempt is
+	// neither committed nor final (decide).
+	ownHit error
 	// escaped: a statement of the attempt's transaction ended or started a
 	// transaction by itself (tx.done): no replay.
 	escaped bool
@@ -476,6 +486,9 @@ func (a *txAttempt) raised(err error) {
 		a.first = err
 	}
 	a.last = err
+	if a.ownBound && a.ownHit == nil && ErrorCode(err) == "55P03" {
+		a.ownHit = err
+	}
 }
 
 // revived forgets the errors before a ROLLBACK TO SAVEPOINT the server
@@ -673,6 +686,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			start = o.began
 		}
 		conflicted = conflicted || o.conflict
+		unbounded = unbounded || o.unbound
 		err := o.err
 		if sw != nil && o.cause != nil {
 			sw.failed(o.cause, o.bounded, r.clock)
@@ -808,6 +822,7 @@ type txOutcome struct {
 	// ownTimeout: the attempt ended in the lock timeout of sqlretry's own
 	// bound (55P03), where the plain driver would have gone on waiting.
 	ownTimeout bool
+	unbound    bool // the call's later attempts go unbounded
 }
 
 // runAttempt runs one attempt within the contention control: the slot is
@@ -862,11 +877,24 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 		att = &txAttempt{Context: ctx}
 		o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
 	}
+	mustFirst := false
+	if att.bounded && o.err != nil && ctx.Err() == nil && att.byClosure == 0 && !att.escaped && att.first != nil && ErrorCode(att.first) == "25001" {
+		// A statement that must come first in its transaction (SET
+		// TRANSACTION ISOLATION LEVEL, SET TRANSACTION SNAPSHOT, SET
+		// TRANSACTION READ WRITE) came after the bound's statement: the
+		// attempt again at once without it, and the call's later attempts
+		// unbounded. (A 25001 of another kind, VACUUM in a transaction,
+		// fails the same way unbounded.)
+		mustFirst = true
+		att = &txAttempt{Context: ctx}
+		o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
+	}
 	o.bounded = att.bounded
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
-		o.ownTimeout = att.ownBound && o.cause != nil && ErrorCode(o.cause) == "55P03"
+		o.ownTimeout = att.ownHit != nil && o.cause == att.ownHit
+		o.unbound = o.unbound || mustFirst
 	}
 	if queue && !inGate && lim.probeDue(o.conflict) {
 		if g == nil {
@@ -881,6 +909,17 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 
 // decide says whether a failed attempt is replayed, and for what cause.
 func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
+	r.decideOn(o, att, sees)
+	if h := att.ownHit; h != nil && !(o.replay && o.cause == h) && att.byClosure != endCommitted && !att.escaped && !nestedCommitSince(att.seq) {
+		// The closure met sqlretry's own lock timeout and handled it (a
+		// savepoint, its own rollback, an error of its own, a classifier
+		// rule that makes 55P03 final): the plain driver would have waited
+		// for the lock. Replayed, its lock waits unbounded.
+		o.cause, o.cls, o.replay, o.escaped, o.unbound = h, RetryTransaction, true, false, true
+	}
+}
+
+func (r *retrier) decideOn(o *txOutcome, att *txAttempt, sees bool) {
 	err := o.err
 	if att.byClosure != 0 {
 		return // the closure ended the transaction itself: its outcome is final
@@ -999,6 +1038,9 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 	att.byClosure = int8(att.ended.Load())
 	if err != nil {
 		return began, phaseBody, err
+	}
+	if att.ownHit != nil && att.byClosure == 0 {
+		return began, phaseBody, att.ownHit // not committed: decide
 	}
 	committed = true
 	if err := sqlTx.Commit(); err != nil {
