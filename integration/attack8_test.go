@@ -9,7 +9,9 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -253,6 +255,206 @@ func TestAttack8UsersOwn55P03Reported(t *testing.T) {
 			t.Logf("attempts %d ErrorCode %q err %v", k, sqlretry.ErrorCode(err), err)
 			if a8Code(err) != "55P03" || sqlretry.ErrorCode(err) != "55P03" {
 				t.Errorf("the user's own DSN lock_timeout's 55P03 not reported: %v", err)
+			}
+		})
+	}
+}
+
+// A deadlock storm (6 callers of one db moving money between 4 accounts in
+// random order) where every call has a tight deadline (50 ms to 2 s) and
+// some a small MaxAttempts or MaxElapsed. Nobody set lock_timeout, so a
+// 55P03 reaching a caller is sqlretry's own; every acknowledged transfer
+// is in the ledger exactly once, nothing unacknowledged is (but an
+// ErrAmbiguousCommit), and the money adds up.
+func TestAttack8TightDeadlinesInADeadlockStorm(t *testing.T) {
+	db := a5Open(t, atkPG, 8)
+	plain := a5Plain(t, atkPG)
+	acct := table(t, plain, "a8acct")
+	ledger := table(t, plain, "a8ledger")
+	mustExec(t, plain,
+		"CREATE TABLE "+acct+" (id int PRIMARY KEY, bal bigint NOT NULL)",
+		"INSERT INTO "+acct+" SELECT g, 0 FROM generate_series(1, 4) g",
+		"CREATE TABLE "+ledger+" (tok text, src int)")
+	stop := time.Now().Add(6 * time.Second)
+	var mu sync.Mutex
+	okToks := map[string]bool{}
+	ambiguous := map[string]bool{}
+	errs := map[string]int{}
+	var bad []string
+	var wg sync.WaitGroup
+	for g := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; time.Now().Before(stop); i++ {
+				a, b := rand.IntN(4)+1, rand.IntN(3)+1
+				if b >= a {
+					b++
+				}
+				tok := fmt.Sprintf("g%d-%d", g, i)
+				d := time.Duration(50+rand.IntN(1950)) * time.Millisecond
+				var opts []sqlretry.Option
+				switch rand.IntN(4) {
+				case 1:
+					opts = append(opts, sqlretry.WithMaxAttempts(2+rand.IntN(3)))
+				case 2:
+					opts = append(opts, sqlretry.WithBackoff(sqlretry.Backoff{MaxElapsed: time.Duration(20+rand.IntN(300)) * time.Millisecond}))
+				}
+				cctx, ccancel := context.WithTimeout(context.Background(), d)
+				err := sqlretry.RunInTx(cctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "UPDATE "+acct+" SET bal = bal - 1 WHERE id = $1", a); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SELECT pg_sleep(0.002)"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "UPDATE "+acct+" SET bal = bal + 1 WHERE id = $1", b); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+ledger+" VALUES ($1, $2)", tok, a)
+					return err
+				}, opts...)
+				ccancel()
+				mu.Lock()
+				switch {
+				case err == nil:
+					okToks[tok] = true
+				case errors.Is(err, sqlretry.ErrAmbiguousCommit):
+					ambiguous[tok] = true
+					errs["ambiguous"]++
+				default:
+					k := a8Code(err)
+					if k == "" && errors.Is(err, context.DeadlineExceeded) {
+						k = "deadline"
+					}
+					if k == "" {
+						k = err.Error()
+					}
+					if k == "55P03" || sqlretry.ErrorCode(err) == "55P03" {
+						bad = append(bad, fmt.Sprintf("deadline %v opts %d: %v", d, len(opts), err))
+					}
+					errs[k]++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	var sum int64
+	if err := plain.QueryRow("SELECT COALESCE(SUM(bal), 0)::bigint FROM " + acct).Scan(&sum); err != nil {
+		t.Fatal(err)
+	}
+	inDB := map[string]int{}
+	rows, err := plain.Query("SELECT tok FROM " + ledger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var tok string
+		rows.Scan(&tok)
+		inDB[tok]++
+	}
+	rows.Close()
+	st, _ := sqlretry.StatsOf(db)
+	t.Logf("ok=%d ledger=%d errors=%v stats=%+v", len(okToks), len(inDB), errs, st)
+	if sum != 0 {
+		t.Errorf("balances sum to %d", sum)
+	}
+	for tok, n := range inDB {
+		if n > 1 {
+			t.Errorf("transfer %s in the ledger %d times", tok, n)
+		}
+		if !okToks[tok] && !ambiguous[tok] {
+			t.Errorf("transfer %s committed but its caller got an error", tok)
+		}
+	}
+	for tok := range okToks {
+		if inDB[tok] == 0 {
+			t.Errorf("acknowledged transfer %s lost", tok)
+		}
+	}
+	if len(bad) > 0 {
+		t.Errorf("%d calls got a 55P03 nobody configured: %v", len(bad), bad)
+	}
+	for k, n := range errs {
+		if k != "deadline" && k != "40P01" && k != "57014" && k != "ambiguous" {
+			t.Errorf("%d calls got %q", n, k)
+		}
+	}
+}
+
+// a8Role makes a login role (superuser, so it may use the test's tables)
+// whose own lock_timeout is lt (ALTER ROLE ... SET), and returns its DSN.
+func a8Role(t *testing.T, plain *sql.DB, lt string) string {
+	t.Helper()
+	role := atkName("a8role")
+	atkMust(t, plain, "CREATE ROLE "+role+" LOGIN SUPERUSER", "ALTER ROLE "+role+" SET lock_timeout = '"+lt+"'")
+	t.Cleanup(func() { plain.Exec("DROP ROLE IF EXISTS " + role) })
+	return "postgres://" + role + "@127.0.0.1:5432/test?sslmode=disable"
+}
+
+// The user bounds lock waits with their own lock_timeout of 2 s (the
+// role's setting, or the DSN's) and handles its 55P03 in the closure the
+// way PostgreSQL's docs suggest for NOWAIT-style work: a savepoint, and on
+// a lock timeout "the row is busy, record that instead". A 400 ms row lock
+// is well within their 2 s: the plain driver (and sqlretry without short
+// waits) waits and updates the row. With short waits the replay's bound
+// (20 ms, below the user's 2 s, so it replaces it) ends the wait, the
+// closure takes its "busy" branch, and that outcome commits: a result the
+// user's own settings never produce.
+func TestAttack8UsersHigherLockTimeoutSavepointHandlerCommitsBusy(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	dsns := map[string]string{
+		"role": a8Role(t, plain, "2s"),
+		"dsn":  a5WithParam(atkPG, "options=-c%20lock_timeout%3D2s"),
+	}
+	for name, dsn := range dsns {
+		t.Run(name, func(t *testing.T) {
+			got := map[bool]string{}
+			for _, on := range []bool{false, true} {
+				tbl := a5Table(t, plain, 2)
+				busy := table(t, plain, "a8busy")
+				mustExec(t, plain, "CREATE TABLE "+busy+" (attempt int)")
+				db := a5Open(t, dsn, 4, sqlretry.WithShortLockWait(on))
+				ctx := a5Ctx(t, 15*time.Second)
+				if s, err := a5Setting(ctx, db, "lock_timeout"); err != nil || s != "2s" {
+					t.Fatalf("the user's lock_timeout did not apply: %q %v", s, err)
+				}
+				released := a5Holder(t, plain, tbl, 1, 400*time.Millisecond)
+				k := 0
+				var seen []string
+				err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					k++
+					s, _ := a5Setting(ctx, tx, "lock_timeout")
+					seen = append(seen, s)
+					if k == 1 {
+						return a5FakeConflict(ctx, tx, "40001")
+					}
+					if _, err := tx.ExecContext(ctx, "SAVEPOINT upd"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+					if a8Code(err) == "55P03" {
+						if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT upd"); err != nil {
+							return err
+						}
+						_, err = tx.ExecContext(ctx, "INSERT INTO "+busy+" VALUES ($1)", k)
+						return err
+					}
+					return err
+				})
+				<-released
+				row := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+				nb := atkCount(t, plain, "SELECT COUNT(*) FROM "+busy)
+				got[on] = fmt.Sprintf("err=%v row=%d busy=%d attempts=%d lock_timeout seen %v", err, row, nb, k, seen)
+				t.Logf("short waits %v: %s", on, got[on])
+				if !on && (err != nil || row != 1001 || nb != 0) {
+					t.Fatalf("without short waits: %s", got[on])
+				}
+				if on && (err != nil || row != 1001 || nb != 0) {
+					a8Defects(t)
+					t.Errorf("DEFECT: the user's own lock_timeout of 2s (%s) was replaced by sqlretry's bound, and the closure's lock-timeout handler committed the 'busy' outcome: %s; without short waits: %s", name, got[on], got[false])
+				}
 			}
 		})
 	}
