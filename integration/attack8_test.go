@@ -459,3 +459,100 @@ func TestAttack8UsersHigherLockTimeoutSavepointHandlerCommitsBusy(t *testing.T) 
 		})
 	}
 }
+
+// Right after a deadlock (the db bounds every attempt for 2 s), callers
+// with tight deadlines (50 ms to 1 s) wait behind a row a batch job holds
+// for 2 s. Nobody set lock_timeout: each must end with the deadline, as
+// with the plain driver, and no 55P03 anywhere in the error. Holds.
+func TestAttack8TightDeadlineBehindHolderAfterDeadlock(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	tbl := a5Table(t, plain, 2)
+	db := a5Open(t, atkPG, 4)
+	for _, d := range []time.Duration{50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond, 400 * time.Millisecond, time.Second} {
+		for _, max := range []int{0, 2} {
+			t.Run(fmt.Sprintf("%v/max%d", d, max), func(t *testing.T) {
+				a8Engage(t, a5Ctx(t, 5*time.Second), db)
+				released := a5Holder(t, plain, tbl, 1, 1500*time.Millisecond)
+				defer func() { <-released }()
+				var opts []sqlretry.Option
+				if max > 0 {
+					opts = append(opts, sqlretry.WithMaxAttempts(max))
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), d)
+				defer cancel()
+				k := 0
+				start := time.Now()
+				err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					k++
+					_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+					return err
+				}, opts...)
+				took := time.Since(start)
+				t.Logf("attempts %d took %v ErrorCode %q err %v", k, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
+				if !errors.Is(err, context.DeadlineExceeded) || a8Code(err) == "55P03" || sqlretry.ErrorCode(err) == "55P03" {
+					t.Errorf("want the deadline and no 55P03: %v", err)
+				}
+				if took > d+300*time.Millisecond {
+					t.Errorf("returned %v after a %v deadline", took, d)
+				}
+			})
+		}
+	}
+	if n := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1"); n != 10000 {
+		t.Logf("row %d", n)
+	}
+}
+
+// The same on the server side: a PL/pgSQL function the closure calls
+// catches the lock timeout and records "busy" (and the error's text).
+// sqlretry sees no error at all: its bound made the function take a
+// branch the user's settings never take here. "lock_not_available": the
+// user's own lock_timeout is 2 s (DSN). "others": nobody set lock_timeout
+// at all, and the function has the common catch-all "EXCEPTION WHEN
+// OTHERS THEN log it": it commits a lock timeout in its log.
+func TestAttack8PlpgsqlHandlerCommitsBusy(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	for _, c := range []struct{ name, cond, dsn string }{
+		{"lock_not_available", "lock_not_available", a5WithParam(atkPG, "options=-c%20lock_timeout%3D2s")},
+		{"others", "OTHERS", atkPG},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got := map[bool]string{}
+			for _, on := range []bool{false, true} {
+				tbl := a5Table(t, plain, 2)
+				busy := tbl + "_busy"
+				fn := tbl + "_f"
+				atkMust(t, plain, "CREATE TABLE "+busy+" (id int, msg text)",
+					"CREATE FUNCTION "+fn+"(k int) RETURNS text LANGUAGE plpgsql AS $$BEGIN UPDATE "+tbl+" SET n = n + 1 WHERE id = k; RETURN 'done'; EXCEPTION WHEN "+c.cond+" THEN INSERT INTO "+busy+" VALUES (k, SQLSTATE || ' ' || SQLERRM); RETURN 'busy'; END$$")
+				t.Cleanup(func() {
+					plain.Exec("DROP FUNCTION IF EXISTS " + fn + "(int)")
+					plain.Exec("DROP TABLE IF EXISTS " + busy)
+				})
+				db := a5Open(t, c.dsn, 4, sqlretry.WithShortLockWait(on))
+				ctx := a5Ctx(t, 15*time.Second)
+				released := a5Holder(t, plain, tbl, 1, 400*time.Millisecond)
+				k := 0
+				var res string
+				err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					if k++; k == 1 {
+						return a5FakeConflict(ctx, tx, "40P01")
+					}
+					return tx.QueryRowContext(ctx, "SELECT "+fn+"(1)").Scan(&res)
+				})
+				<-released
+				row := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+				var msg string
+				plain.QueryRow("SELECT COALESCE(string_agg(msg, '; '), '') FROM " + busy).Scan(&msg)
+				got[on] = fmt.Sprintf("err=%v function said %q row=%d logged %q attempts=%d", err, res, row, msg, k)
+				t.Logf("short waits %v: %s", on, got[on])
+				if !on && (err != nil || row != 1001 || msg != "") {
+					t.Fatalf("without short waits: %s", got[on])
+				}
+				if on && (err != nil || row != 1001 || msg != "") {
+					a8Defects(t)
+					t.Errorf("DEFECT: sqlretry's bound made the function's EXCEPTION WHEN %s handler commit its 'busy' branch: %s; without short waits: %s", c.cond, got[on], got[false])
+				}
+			}
+		})
+	}
+}
