@@ -571,3 +571,208 @@ func TestAttack8PlpgsqlHandlerCommitsBusy(t *testing.T) {
 		})
 	}
 }
+
+// A nested RunInTx (its own connection) inside an outer attempt that
+// nothing would replay (NoRetry, MaxAttempts 1, the last of 2), right
+// after another caller's deadlock: the inner must not be bounded, since
+// its replay would be the outer's and the outer has none left. It waits
+// 400 ms behind a batch job and commits, as with the plain driver. Holds.
+func TestAttack8NestedInAnUnreplayableOuterAfterDeadlock(t *testing.T) {
+	for _, mode := range []string{"noretry", "maxatt1", "maxatt2last"} {
+		t.Run(mode, func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			tbl := a5Table(t, plain, 2)
+			db := a5Open(t, atkPG, 4)
+			ctx := a5Ctx(t, 15*time.Second)
+			a8Engage(t, ctx, db)
+			released := a5Holder(t, plain, tbl, 1, 400*time.Millisecond)
+			cctx := ctx
+			var opts []sqlretry.Option
+			switch mode {
+			case "noretry":
+				cctx = sqlretry.NoRetry(ctx)
+			case "maxatt1":
+				opts = append(opts, sqlretry.WithMaxAttempts(1))
+			case "maxatt2last":
+				opts = append(opts, sqlretry.WithMaxAttempts(2))
+			}
+			var outer, inner atomic.Int32
+			var lt string
+			err := sqlretry.RunInTx(cctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				if outer.Add(1) == 1 && mode == "maxatt2last" {
+					return a5FakeConflict(ctx, tx, "40001")
+				}
+				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 2"); err != nil {
+					return err
+				}
+				return sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx2 *sql.Tx) error {
+					inner.Add(1)
+					lt, _ = a5Setting(ctx, tx2, "lock_timeout")
+					_, err := tx2.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+					return err
+				})
+			}, opts...)
+			<-released
+			r1 := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+			r2 := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 2")
+			t.Logf("outer %d inner %d (lock_timeout %s) rows %d %d err %v", outer.Load(), inner.Load(), lt, r1, r2, err)
+			if err != nil || r1 != 1001 || r2 != 1 {
+				t.Errorf("err %v rows %d %d; want success, 1001 and 1", err, r1, r2)
+			}
+		})
+	}
+}
+
+// The user's statement_timeout (100 ms, DSN) ends a wait behind a 2 s
+// batch job: the caller gets 57014 as from the plain driver, never a
+// 55P03 of sqlretry's bounds that ran out before it. Holds.
+func TestAttack8UsersStatementTimeoutReported(t *testing.T) {
+	dsn := a5WithParam(atkPG, "options=-c%20statement_timeout%3D100ms")
+	for _, on := range []bool{false, true} {
+		plain := atkPlain(t, "pgx")
+		tbl := a5Table(t, plain, 2)
+		db := a5Open(t, dsn, 4, sqlretry.WithShortLockWait(on))
+		ctx := a5Ctx(t, 15*time.Second)
+		released := a5Holder(t, plain, tbl, 1, 2*time.Second)
+		k := 0
+		err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			if k++; k == 1 {
+				return a5FakeConflict(ctx, tx, "40001")
+			}
+			_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+			return err
+		})
+		<-released
+		t.Logf("short waits %v: attempts %d ErrorCode %q err %v", on, k, sqlretry.ErrorCode(err), err)
+		if a8Code(err) != "57014" || sqlretry.ErrorCode(err) != "57014" {
+			t.Errorf("short waits %v: want the user's statement timeout (57014): %v", on, err)
+		}
+	}
+}
+
+// Within 2 s of a deadlock, work that is not a RunInTx attempt (db.BeginTx,
+// an autocommit statement, BEGIN on a *sql.Conn, RunInTx on a plain db)
+// waits behind a 400 ms row lock unbounded and commits. Holds.
+func TestAttack8NonRunInTxWorkAfterDeadlockUnbounded(t *testing.T) {
+	for _, mode := range []string{"begintx", "autocommit", "conn-begin", "runintx-on-plain"} {
+		t.Run(mode, func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			tbl := a5Table(t, plain, 2)
+			db := a5Open(t, atkPG, 4)
+			ctx := a5Ctx(t, 15*time.Second)
+			a8Engage(t, ctx, db)
+			released := a5Holder(t, plain, tbl, 1, 400*time.Millisecond)
+			upd := "UPDATE " + tbl + " SET n = n + 1 WHERE id = 1"
+			var err error
+			switch mode {
+			case "begintx":
+				var tx *sql.Tx
+				if tx, err = db.BeginTx(ctx, nil); err == nil {
+					if _, err = tx.ExecContext(ctx, upd); err == nil {
+						err = tx.Commit()
+					} else {
+						tx.Rollback()
+					}
+				}
+			case "autocommit":
+				_, err = db.ExecContext(ctx, upd)
+			case "conn-begin":
+				var c *sql.Conn
+				if c, err = db.Conn(ctx); err == nil {
+					if _, err = c.ExecContext(ctx, "BEGIN"); err == nil {
+						if _, err = c.ExecContext(ctx, upd); err == nil {
+							_, err = c.ExecContext(ctx, "COMMIT")
+						} else {
+							c.ExecContext(ctx, "ROLLBACK")
+						}
+					}
+					c.Close()
+				}
+			case "runintx-on-plain":
+				err = sqlretry.RunInTx(ctx, plain, nil, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, upd)
+					return err
+				})
+			}
+			<-released
+			row := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+			t.Logf("row %d err %v", row, err)
+			if err != nil || row != 1001 {
+				t.Errorf("err %v row %d; want success, 1001", err, row)
+			}
+		})
+	}
+}
+
+// Shadow mode turned on inside a bounded replay (before its statement, or
+// when its statement got sqlretry's 55P03): the transaction began
+// enforcing, so the 55P03 is sqlretry's to replay; the call commits once.
+// Holds.
+func TestAttack8ShadowTurnedOnInsideABoundedReplay(t *testing.T) {
+	for _, when := range []string{"before-update", "on-error"} {
+		t.Run(when, func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			tbl := a5Table(t, plain, 2)
+			db := a5Open(t, atkPG, 4)
+			ctx := a5Ctx(t, 15*time.Second)
+			released := a5Holder(t, plain, tbl, 1, 500*time.Millisecond)
+			k := 0
+			err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				if k++; k == 1 {
+					return a5FakeConflict(ctx, tx, "40001")
+				}
+				if when == "before-update" {
+					sqlretry.SetShadow(db, true)
+				}
+				_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+				if err != nil && when == "on-error" {
+					sqlretry.SetShadow(db, true)
+				}
+				return err
+			})
+			sqlretry.SetShadow(db, false)
+			<-released
+			row := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+			t.Logf("attempts %d row %d err %v", k, row, err)
+			if err != nil || row != 1001 {
+				t.Errorf("err %v row %d; want success, 1001", err, row)
+			}
+		})
+	}
+}
+
+// WithContentionQueue(true), a caller behind a 1 s batch job after a
+// deadlock: with 300 ms it ends at its deadline without a 55P03; with 3 s
+// it commits once. Holds.
+func TestAttack8ContentionQueueStuckCaller(t *testing.T) {
+	for _, d := range []time.Duration{300 * time.Millisecond, 3 * time.Second} {
+		t.Run(d.String(), func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			tbl := a5Table(t, plain, 2)
+			db := a5Open(t, atkPG, 4, sqlretry.WithContentionQueue(true))
+			released := a5Holder(t, plain, tbl, 1, time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), d)
+			defer cancel()
+			k := 0
+			err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				if k++; k == 1 {
+					return a5FakeConflict(ctx, tx, "40P01")
+				}
+				_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+				return err
+			})
+			<-released
+			row := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+			t.Logf("attempts %d row %d ErrorCode %q err %v", k, row, sqlretry.ErrorCode(err), err)
+			if a8Code(err) == "55P03" {
+				t.Errorf("55P03 reached the caller: %v", err)
+			}
+			if d > time.Second && (err != nil || row != 1001) {
+				t.Errorf("err %v row %d; want success, 1001", err, row)
+			}
+			if d < time.Second && !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("want the deadline: %v", err)
+			}
+		})
+	}
+}
