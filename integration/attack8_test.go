@@ -776,3 +776,62 @@ func TestAttack8ContentionQueueStuckCaller(t *testing.T) {
 		})
 	}
 }
+
+// An autocommit SELECT of the user's function that takes a session-level
+// advisory lock (not undone by a rollback) and then waits on a
+// transaction-level one past the user's own lock_timeout (100 ms, DSN).
+// The plain driver returns the 55P03 after one run: the session lock is
+// held once. sqlretry retries the statement (the server rolled it back)
+// and the session lock ends up held once per run: a caller that unlocks
+// once leaves it held on the pooled connection. NotIdempotent(ctx), the
+// README's mark for "a SELECT of a function of your own with side
+// effects", does not stop it (its go doc says rolled-back statements are
+// still retried); only NoRetry(ctx) does.
+func TestAttack8AutocommitFunctionSessionLockRetried(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	dsn := a5WithParam(atkPG, "options=-c%20lock_timeout%3D100ms")
+	fn := atkName("a8fn")
+	atkMust(t, plain, "CREATE FUNCTION "+fn+"(a bigint, b bigint) RETURNS int LANGUAGE plpgsql AS $$BEGIN PERFORM pg_advisory_lock(a); PERFORM pg_advisory_xact_lock(b); RETURN 1; END$$")
+	t.Cleanup(func() { plain.Exec("DROP FUNCTION IF EXISTS " + fn + "(bigint, bigint)") })
+	for _, mode := range []string{"plain", "sqlretry", "notidempotent", "noretry"} {
+		t.Run(mode, func(t *testing.T) {
+			var db *sql.DB
+			if mode == "plain" {
+				db = a5Plain(t, dsn)
+			} else {
+				db = a5Open(t, dsn, 1)
+			}
+			db.SetMaxOpenConns(1)
+			k1 := 880000 + rand.Int64N(100000)
+			k2 := k1 + 200000
+			released := a5Holder(t, plain, "", int(k2), 600*time.Millisecond)
+			ctx := a5Ctx(t, 10*time.Second)
+			cctx := ctx
+			switch mode {
+			case "notidempotent":
+				cctx = sqlretry.NotIdempotent(ctx)
+			case "noretry":
+				cctx = sqlretry.NoRetry(ctx)
+			}
+			var x int
+			err := db.QueryRowContext(cctx, "SELECT "+fn+"($1, $2)", k1, k2).Scan(&x)
+			<-released
+			held := 0
+			for held < 100 {
+				var ok bool
+				if err := db.QueryRowContext(ctx, "SELECT pg_advisory_unlock($1)", k1).Scan(&ok); err != nil || !ok {
+					break
+				}
+				held++
+			}
+			t.Logf("%s: err %v; the function's session lock was held %d times", mode, err, held)
+			if held != 1 {
+				if mode == "plain" || mode == "noretry" {
+					t.Fatalf("%s: held %d", mode, held)
+				}
+				a8Defects(t)
+				t.Errorf("DEFECT (%s): the function ran %d times, its session-level advisory lock is held %d times on the pooled connection; the plain driver ran it once and returned the user's 55P03 (err here: %v)", mode, held, held, err)
+			}
+		})
+	}
+}
