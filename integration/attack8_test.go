@@ -165,29 +165,43 @@ func TestAttack8ClosureOpaqueErrorOnOwnBound(t *testing.T) {
 // waits). It reports the serialization failure of attempt 1 instead: the
 // user's lock timeouts were taken for sqlretry's own and dropped.
 func TestAttack8ClosureSetLocalLockTimeoutHiddenAtDeadline(t *testing.T) {
-	body := func(ctx context.Context, tx *sql.Tx, tbl string) error {
+	setLocal := func(ctx context.Context, tx *sql.Tx, tbl string) error {
 		if _, err := tx.ExecContext(ctx, "SET LOCAL lock_timeout = '150ms'"); err != nil {
 			return err
 		}
 		_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
 		return err
 	}
-	a0, _, err0, _ := a8Stuck(t, false, 3*time.Second, time.Second, body)
-	t.Logf("without short waits: attempts %d ErrorCode %q err %v", a0, sqlretry.ErrorCode(err0), err0)
-	if a8Code(err0) != "55P03" {
-		t.Fatalf("without short waits the user's 55P03 was not reported: %v", err0)
+	// The same bound declared on a function (CREATE FUNCTION ... SET
+	// lock_timeout), which the closure calls.
+	fnSet := func(ctx context.Context, tx *sql.Tx, tbl string) error {
+		fn := tbl + "_upd"
+		if _, err := tx.ExecContext(ctx, "CREATE OR REPLACE FUNCTION "+fn+"() RETURNS void LANGUAGE sql SET lock_timeout = '150ms' AS 'UPDATE "+tbl+" SET n = n + 1 WHERE id = 1'"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "SELECT "+fn+"()")
+		return err
 	}
-	a, n, err, took := a8Stuck(t, true, 3*time.Second, time.Second, body)
-	t.Logf("with short waits: attempts %d row %d took %v ErrorCode %q err %v", a, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
-	if n != 1000 {
-		t.Errorf("row %d: a write went through a held lock?", n)
-	}
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("not the deadline: %v", err)
-	}
-	if a8Code(err) != "55P03" || sqlretry.ErrorCode(err) != "55P03" {
-		a8Defects(t)
-		t.Errorf("DEFECT: the closure's own SET LOCAL lock_timeout=150ms ended %d attempts in 55P03, but the give-up reports errors.As code %q / ErrorCode %q: %v", a-1, a8Code(err), sqlretry.ErrorCode(err), err)
+	for name, body := range map[string]func(context.Context, *sql.Tx, string) error{"set-local": setLocal, "function-set-clause": fnSet} {
+		t.Run(name, func(t *testing.T) {
+			a0, _, err0, _ := a8Stuck(t, false, 1500*time.Millisecond, time.Second, body)
+			t.Logf("without short waits: attempts %d ErrorCode %q err %v", a0, sqlretry.ErrorCode(err0), err0)
+			if a8Code(err0) != "55P03" {
+				t.Fatalf("without short waits the user's 55P03 was not reported: %v", err0)
+			}
+			a, n, err, took := a8Stuck(t, true, 1500*time.Millisecond, time.Second, body)
+			t.Logf("with short waits: attempts %d row %d took %v ErrorCode %q err %v", a, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
+			if n != 1000 {
+				t.Errorf("row %d: a write went through a held lock?", n)
+			}
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("not the deadline: %v", err)
+			}
+			if a8Code(err) != "55P03" || sqlretry.ErrorCode(err) != "55P03" {
+				a8Defects(t)
+				t.Errorf("DEFECT: the user's own lock_timeout=150ms (%s) ended %d attempts in 55P03, but the give-up reports errors.As code %q / ErrorCode %q: %v", name, a-1, a8Code(err), sqlretry.ErrorCode(err), err)
+			}
+		})
 	}
 }
 
