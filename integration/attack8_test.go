@@ -849,3 +849,55 @@ func TestAttack8AutocommitFunctionSessionLockRetried(t *testing.T) {
 		})
 	}
 }
+
+// The everyday Go idiom in the closure: on an error, tx.Rollback() and
+// return it. README: after the closure's own Rollback RunInTx returns that
+// outcome and never replays. So sqlretry's own bound's 55P03 goes straight
+// to the caller: on a replay after a serialization failure ("replay"), and
+// on the first attempt of a call with no conflict of its own, made within
+// 2 s of another caller's deadlock ("engaged"). Nobody set lock_timeout;
+// the plain driver (and sqlretry without short waits) waits 500 ms and
+// commits.
+func TestAttack8ClosureRollbackIdiomGetsOwnBound(t *testing.T) {
+	body := func(ctx context.Context, tx *sql.Tx, tbl string) error {
+		if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1"); err != nil {
+			tx.Rollback()
+			return err
+		}
+		return nil
+	}
+	t.Run("replay", func(t *testing.T) {
+		a0, n0, err0, _ := a8Stuck(t, false, 500*time.Millisecond, 10*time.Second, body)
+		if err0 != nil || n0 != 1001 {
+			t.Fatalf("without short waits: attempts %d row %d err %v", a0, n0, err0)
+		}
+		a, n, err, took := a8Stuck(t, true, 500*time.Millisecond, 10*time.Second, body)
+		t.Logf("attempts %d row %d took %v ErrorCode %q err %v", a, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
+		if err != nil || n != 1001 {
+			a8Defects(t)
+			t.Errorf("DEFECT: closure with the Rollback-and-return idiom: got %v after %v (ErrorCode %q), row %d; without short waits it waited and committed", err, took.Round(time.Millisecond), sqlretry.ErrorCode(err), n)
+		}
+	})
+	t.Run("engaged", func(t *testing.T) {
+		plain := atkPlain(t, "pgx")
+		tbl := a5Table(t, plain, 2)
+		db := a5Open(t, atkPG, 4)
+		ctx := a5Ctx(t, 10*time.Second)
+		a8Engage(t, ctx, db)
+		released := a5Holder(t, plain, tbl, 1, 500*time.Millisecond)
+		k := 0
+		start := time.Now()
+		err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			k++
+			return body(ctx, tx, tbl)
+		})
+		took := time.Since(start)
+		<-released
+		n := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+		t.Logf("attempts %d row %d took %v ErrorCode %q err %v", k, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
+		if err != nil || n != 1001 {
+			a8Defects(t)
+			t.Errorf("DEFECT: a call with no conflict of its own, 2 s after another caller's deadlock, Rollback-and-return idiom: got %v after %v, row %d; the plain driver waits 500 ms and commits", err, took.Round(time.Millisecond), n)
+		}
+	})
+}
