@@ -901,3 +901,46 @@ func TestAttack8ClosureRollbackIdiomGetsOwnBound(t *testing.T) {
 		}
 	})
 }
+
+// MariaDB: short waits do nothing there (README). A replay after a
+// deadlock sees the session's innodb_lock_wait_timeout unchanged, and a
+// caller behind a 1.5 s row lock (innodb's default wait is 50 s) waits and
+// commits. Holds.
+func TestAttack8MariaDBNoShortWait(t *testing.T) {
+	db := atkOpenMy(t)
+	plain := atkPlain(t, "mysql")
+	tbl := atkName("a8my")
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (id int PRIMARY KEY, n int NOT NULL) ENGINE=InnoDB", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)")
+	t.Cleanup(func() { plain.Exec("DROP TABLE IF EXISTS " + tbl) })
+	hold, err := plain.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hold.Exec("UPDATE " + tbl + " SET n = n + 1000 WHERE id = 1"); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(1500*time.Millisecond, func() { hold.Commit() })
+	ctx := a5Ctx(t, 15*time.Second)
+	k := 0
+	var seen []string
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		k++
+		var s string
+		if err := tx.QueryRowContext(ctx, "SELECT @@innodb_lock_wait_timeout").Scan(&s); err != nil {
+			return err
+		}
+		seen = append(seen, s)
+		if k == 1 {
+			_, err := tx.ExecContext(ctx, "SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'attack8 fake deadlock'")
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+		return err
+	})
+	time.Sleep(100 * time.Millisecond)
+	n := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+	t.Logf("attempts %d innodb_lock_wait_timeout seen %v row %d err %v", k, seen, n, err)
+	if err != nil || n != 1001 || k != 2 || len(seen) != 2 || seen[0] != seen[1] {
+		t.Errorf("err %v row %d attempts %d seen %v; want success on attempt 2, row 1001, the same lock wait timeout", err, n, k, seen)
+	}
+}
