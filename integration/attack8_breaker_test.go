@@ -32,7 +32,6 @@ func (c *a8Flaky) Connect(ctx context.Context) (driver.Conn, error) {
 
 func (c *a8Flaky) Driver() driver.Driver { return c.inner.Driver() }
 
-
 // While a bounded replay waits behind a batch job's row lock (700 ms),
 // new dials start failing (a server refusing new connections, "too many
 // clients", say) and the breaker opens. Without short waits the attempt
