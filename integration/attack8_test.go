@@ -944,3 +944,73 @@ func TestAttack8MariaDBNoShortWait(t *testing.T) {
 		t.Errorf("err %v row %d attempts %d seen %v; want success on attempt 2, row 1001, the same lock wait timeout", err, n, k, seen)
 	}
 }
+
+// A closure that sets its transaction's characteristics itself, as its
+// first statement (PostgreSQL requires that: "must be called before any
+// query"): SET TRANSACTION ISOLATION LEVEL ..., SET TRANSACTION SNAPSHOT
+// (an exported snapshot, for consistent parallel reads). On a bounded
+// attempt sqlretry's own set_config statement ran first, so the closure's
+// statement fails with 25001, an error the plain driver never gives, and
+// RunInTx returns it as permanent: on a replay after a serialization
+// failure ("replay"), and on the first attempt of any call within 2 s of
+// another caller's deadlock ("engaged").
+func TestAttack8ClosureSetTransactionFirstFailsOnBoundedAttempt(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	snapTx, err := plain.BeginTx(context.Background(), &sql.TxOptions{Isolation: sql.LevelRepeatableRead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snapTx.Rollback()
+	var snap string
+	if err := snapTx.QueryRow("SELECT pg_export_snapshot()").Scan(&snap); err != nil {
+		t.Fatal(err)
+	}
+	type c struct {
+		opts *sql.TxOptions
+		ss   []string
+	}
+	stmts := map[string]c{
+		"serializable":               {nil, []string{"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"}},
+		"repeatable-read":            {nil, []string{"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"}},
+		"serializable-ro-deferrable": {nil, []string{"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE"}},
+		// The isolation from txOpts; the closure only imports the snapshot.
+		"snapshot": {&sql.TxOptions{Isolation: sql.LevelRepeatableRead}, []string{"SET TRANSACTION SNAPSHOT '" + snap + "'"}},
+	}
+	for name, cc := range stmts {
+		ss := cc.ss
+		for _, mode := range []string{"replay", "engaged"} {
+			t.Run(name+"/"+mode, func(t *testing.T) {
+				res := map[bool]string{}
+				for _, on := range []bool{false, true} {
+					db := a5Open(t, atkPG, 2, sqlretry.WithShortLockWait(on))
+					ctx := a5Ctx(t, 10*time.Second)
+					if mode == "engaged" {
+						a8Engage(t, ctx, db)
+					}
+					k := 0
+					err := sqlretry.RunInTx(ctx, db, cc.opts, func(ctx context.Context, tx *sql.Tx) error {
+						k++
+						for _, s := range ss {
+							if _, err := tx.ExecContext(ctx, s); err != nil {
+								return err
+							}
+						}
+						if k == 1 && mode == "replay" {
+							return a5FakeConflict(ctx, tx, "40001")
+						}
+						return nil
+					})
+					res[on] = fmt.Sprintf("attempts %d ErrorCode %q err %v", k, sqlretry.ErrorCode(err), err)
+					t.Logf("short waits %v: %s", on, res[on])
+					if !on && err != nil {
+						t.Fatalf("without short waits: %s", res[on])
+					}
+					if on && err != nil {
+						a8Defects(t)
+						t.Errorf("DEFECT: the closure's first statement %q failed on a bounded attempt: %s; without short waits: %s", ss[len(ss)-1], res[on], res[false])
+					}
+				}
+			})
+		}
+	}
+}
