@@ -948,7 +948,8 @@ func TestAttack8MariaDBNoShortWait(t *testing.T) {
 // A closure that sets its transaction's characteristics itself, as its
 // first statement (PostgreSQL requires that: "must be called before any
 // query"): SET TRANSACTION ISOLATION LEVEL ..., SET TRANSACTION SNAPSHOT
-// (an exported snapshot, for consistent parallel reads). On a bounded
+// (an exported snapshot, for consistent parallel reads), SET TRANSACTION
+// READ WRITE on a session read-only by default. On a bounded
 // attempt sqlretry's own set_config statement ran first, so the closure's
 // statement fails with 25001, an error the plain driver never gives, and
 // RunInTx returns it as permanent: on a replay after a serialization
@@ -968,13 +969,17 @@ func TestAttack8ClosureSetTransactionFirstFailsOnBoundedAttempt(t *testing.T) {
 	type c struct {
 		opts *sql.TxOptions
 		ss   []string
+		dsn  string
 	}
 	stmts := map[string]c{
-		"serializable":               {nil, []string{"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"}},
-		"repeatable-read":            {nil, []string{"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"}},
-		"serializable-ro-deferrable": {nil, []string{"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE"}},
+		"serializable":               {nil, []string{"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"}, ""},
+		"repeatable-read":            {nil, []string{"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"}, ""},
+		"serializable-ro-deferrable": {nil, []string{"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE"}, ""},
 		// The isolation from txOpts; the closure only imports the snapshot.
-		"snapshot": {&sql.TxOptions{Isolation: sql.LevelRepeatableRead}, []string{"SET TRANSACTION SNAPSHOT '" + snap + "'"}},
+		"snapshot": {&sql.TxOptions{Isolation: sql.LevelRepeatableRead}, []string{"SET TRANSACTION SNAPSHOT '" + snap + "'"}, ""},
+		// Sessions read-only by default (DSN); a writer opts in per
+		// transaction, first thing.
+		"read-write-on-read-only-session": {nil, []string{"SET TRANSACTION READ WRITE", "CREATE TEMP TABLE IF NOT EXISTS a8rw (x int)"}, a5WithParam(atkPG, "default_transaction_read_only=on")},
 	}
 	for name, cc := range stmts {
 		ss := cc.ss
@@ -982,7 +987,11 @@ func TestAttack8ClosureSetTransactionFirstFailsOnBoundedAttempt(t *testing.T) {
 			t.Run(name+"/"+mode, func(t *testing.T) {
 				res := map[bool]string{}
 				for _, on := range []bool{false, true} {
-					db := a5Open(t, atkPG, 2, sqlretry.WithShortLockWait(on))
+					dsn := atkPG
+					if cc.dsn != "" {
+						dsn = cc.dsn
+					}
+					db := a5Open(t, dsn, 2, sqlretry.WithShortLockWait(on))
 					ctx := a5Ctx(t, 10*time.Second)
 					if mode == "engaged" {
 						a8Engage(t, ctx, db)
