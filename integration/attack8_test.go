@@ -1023,3 +1023,37 @@ func TestAttack8ClosureSetTransactionFirstFailsOnBoundedAttempt(t *testing.T) {
 		}
 	}
 }
+
+// The way out the go doc gives: WithShortLockWait(false) given to one
+// RunInTx call turns short waits off for that call. Within 2 s of another
+// caller's deadlock, a closure that starts with SET TRANSACTION ISOLATION
+// LEVEL, and one with the Rollback-and-return idiom behind a 400 ms row
+// lock, both commit with it. Holds.
+func TestAttack8PerCallShortWaitOffIsTheWayOut(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	tbl := a5Table(t, plain, 2)
+	db := a5Open(t, atkPG, 4)
+	ctx := a5Ctx(t, 10*time.Second)
+	a8Engage(t, ctx, db)
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+		return err
+	}, sqlretry.WithShortLockWait(false))
+	if err != nil {
+		t.Errorf("SET TRANSACTION with short waits off for the call: %v", err)
+	}
+	a8Engage(t, ctx, db)
+	released := a5Holder(t, plain, tbl, 1, 400*time.Millisecond)
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1"); err != nil {
+			tx.Rollback()
+			return err
+		}
+		return nil
+	}, sqlretry.WithShortLockWait(false))
+	<-released
+	n := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+	if err != nil || n != 1001 {
+		t.Errorf("Rollback idiom with short waits off for the call: err %v row %d", err, n)
+	}
+}
