@@ -104,3 +104,58 @@ func TestAttack8BreakerOpenDuringBoundedReplay(t *testing.T) {
 		}
 	}
 }
+
+// The same with a real refusal: the role's CONNECTION LIMIT is reached
+// (53300 "too many connections for role" at connect), so the other
+// callers' dials fail and the breaker opens while a bounded replay waits
+// behind a 700 ms row lock.
+func TestAttack8BreakerOpenByConnectionLimitDuringBoundedReplay(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	for _, on := range []bool{false, true} {
+		role := atkName("a8lim")
+		atkMust(t, plain, "CREATE ROLE "+role+" LOGIN CONNECTION LIMIT 1")
+		tbl := a5Table(t, plain, 2)
+		atkMust(t, plain, "GRANT ALL ON "+tbl+" TO "+role)
+		t.Cleanup(func() { plain.Exec("DROP OWNED BY " + role); plain.Exec("DROP ROLE IF EXISTS " + role) })
+		dsn := "postgres://" + role + "@127.0.0.1:5432/test?sslmode=disable"
+		db := a5Open(t, dsn, 0, sqlretry.WithShortLockWait(on),
+			sqlretry.WithBreaker(sqlretry.Breaker{ConsecutiveDialFailures: 2, OpenTimeout: 10 * time.Second, ProbeInterval: 10 * time.Second}))
+		released := a5Holder(t, plain, tbl, 1, 700*time.Millisecond)
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		k := 0
+		var dialErr error
+		err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			if k++; k == 1 {
+				return a5FakeConflict(ctx, tx, "40001")
+			}
+			if k == 2 {
+				// Other callers of the db need connections meanwhile.
+				for range 3 {
+					pctx, pcancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+					c, err := db.Conn(pctx)
+					if err == nil {
+						c.Close()
+					} else {
+						dialErr = err
+					}
+					pcancel()
+				}
+			}
+			_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+			return err
+		})
+		cancel()
+		<-released
+		n := atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
+		st, _ := sqlretry.StatsOf(db)
+		db.Close()
+		t.Logf("short waits %v: attempts %d row %d err %v; other callers' dial error %v; breaker %v", on, k, n, err, dialErr, st.Breaker)
+		if !on && (err != nil || n != 1001) {
+			t.Fatalf("without short waits: err %v row %d", err, n)
+		}
+		if on && (err != nil || n != 1001) {
+			a8Defects(t)
+			t.Errorf("DEFECT: role at its connection limit, breaker open: short waits turned the commit the live connection would make into %v, row %d", err, n)
+		}
+	}
+}
