@@ -780,3 +780,21 @@ func TestShortWaitClosuresOwnLockTimeoutIsReported(t *testing.T) {
 		t.Fatalf("got %v (code %q), want the context's error beside the closure's own 55P03", err, ErrorCode(err))
 	}
 }
+
+func TestSetsLockTimeout(t *testing.T) {
+	for q, want := range map[string]bool{
+		"SET LOCAL lock_timeout = '150ms'":                     true,
+		"set  lock_timeout TO 100":                             true,
+		"SELECT 1; SET SESSION\n lock_timeout = 5":             true,
+		"SELECT set_config('lock_timeout', '1s', true)":        true,
+		"SHOW lock_timeout":                                    false,
+		"SELECT current_setting('lock_timeout')":               false,
+		"UPDATE t SET n = n + 1":                               false,
+		"SET statement_timeout = 5":                            false,
+		"UPDATE t SET lock_timeout_col = 1 WHERE lock_timeout": false,
+	} {
+		if got := setsLockTimeout(q); got != want {
+			t.Errorf("setsLockTimeout(%q) = %v, want %v", q, got, want)
+		}
+	}
+}

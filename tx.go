@@ -68,7 +68,7 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if t.c.escapesTx(query) {
 		t.escape(query)
 	}
-	if a := t.attempt; a != nil && a.ownBound && query != shortWaitQuery && strings.Contains(strings.ToLower(query), "lock_timeout") {
+	if a := t.attempt; a != nil && a.ownBound && query != shortWaitQuery && setsLockTimeout(query) {
 		a.ownBound = false // the closure sets its own: a 55P03 from now on may be the user's
 	}
 	if err == nil {
@@ -83,6 +83,34 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 		return
 	}
 	t.failed(err, query)
+}
+
+// setsLockTimeout says whether a statement of the closure may set
+// lock_timeout (SET [LOCAL|SESSION] lock_timeout, set_config), not only
+// read it (SHOW, current_setting). Asked only in an attempt under
+// sqlretry's own bound.
+func setsLockTimeout(query string) bool {
+	q := strings.ToLower(query)
+	if !strings.Contains(q, "lock_timeout") {
+		return false
+	}
+	if strings.Contains(q, "set_config") {
+		return true
+	}
+	q = strings.Join(strings.Fields(q), " ")
+	for _, p := range []string{"set lock_timeout", "set local lock_timeout", "set session lock_timeout"} {
+		for rest := q; ; {
+			i := strings.Index(rest, p)
+			if i < 0 {
+				break
+			}
+			rest = rest[i+len(p):]
+			if rest == "" || !(rest[0] == '_' || rest[0] >= 'a' && rest[0] <= 'z' || rest[0] >= '0' && rest[0] <= '9') {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // escape marks the transaction escaped (done). A statement that leaves
