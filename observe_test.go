@@ -123,8 +123,6 @@ start tx "" inTx=false
 start exec "INSERT INTO t VALUES (1)" inTx=true
 end exec in=exec err=true
 event retry tx attempt=1 in=tx
-start query "` + shortWaitQuery + `" inTx=true
-end query in=query err=false
 start exec "INSERT INTO t VALUES (1)" inTx=true
 end exec in=exec err=false
 end tx in=tx err=false`

@@ -78,7 +78,7 @@ func defaultConfig() config {
 		mysqlMarker:    DefaultMySQLCommitMarker,
 
 		contentionControl: true,
-		shortLockWait:     true,
+		shortLockWait:     false, // server-side handlers may catch its lock timeout: WithShortLockWait
 	}
 }
 
@@ -126,8 +126,8 @@ func WithContentionQueue(on bool) Option {
 	}
 }
 
-// WithShortLockWait turns RunInTx's short lock waits on (the default) or
-// off. On PostgreSQL, which looks for a deadlock only after
+// WithShortLockWait turns RunInTx's short lock waits on or off (the
+// default). On PostgreSQL, which looks for a deadlock only after
 // deadlock_timeout (1 s by default), an attempt that replays a conflict,
 // and any attempt while the db met deadlocks in the last 2 s, sets its
 // transaction's lock_timeout (SET LOCAL, one statement after BEGIN) to a
@@ -135,8 +135,18 @@ func WithContentionQueue(on bool) Option {
 // such attempt of one call and never as long as deadlock_timeout: a
 // deadlock then breaks after that bound, as a lock timeout that RunInTx
 // replays. A lower lock_timeout of the user's is kept, and a SET LOCAL in
-// the closure wins. It does nothing on MySQL. Given to one RunInTx call,
-// false turns them off for that call. See the README.
+// the closure wins. It does nothing on MySQL. Given to one RunInTx call
+// on a db opened with them, false turns them off for that call.
+//
+// Turn them on only where no code on the server catches a lock timeout:
+// a PL/pgSQL EXCEPTION WHEN lock_not_available (or WHEN OTHERS) block in
+// a function or trigger the transactions run catches sqlretry's bound as
+// its own, and its transaction commits what that handler does (a "busy"
+// branch) where the plain driver would have waited and done the work;
+// the client cannot see that happen. What the closure itself does with
+// the bound's 55P03 (a savepoint handler, its own Rollback, an error of
+// its own) is seen: such an attempt is never committed, it is replayed
+// without a bound. See the README.
 func WithShortLockWait(on bool) Option {
 	return func(c *config) error {
 		c.shortLockWait = on

@@ -51,7 +51,7 @@ func shortWaitDB(t *testing.T, w *lockWaits, opts ...Option) (*fakeServer, *sql.
 	t.Helper()
 	srv := newFakeServer()
 	w.install(srv)
-	db, clock := testDB(t, srv, opts...)
+	db, clock := testDB(t, srv, append([]Option{WithShortLockWait(true)}, opts...)...)
 	return srv, db, clock
 }
 
@@ -516,7 +516,7 @@ func TestShortWaitNotInAShadowTransaction(t *testing.T) {
 		if flip {
 			_ = SetShadow(db, true)
 		}
-	}}, WithClock(newFakeClock()), WithDialect(DialectPostgres))
+	}}, WithClock(newFakeClock()), WithDialect(DialectPostgres), WithShortLockWait(true))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -796,5 +796,22 @@ func TestSetsLockTimeout(t *testing.T) {
 		if got := setsLockTimeout(q); got != want {
 			t.Errorf("setsLockTimeout(%q) = %v, want %v", q, got, want)
 		}
+	}
+}
+
+// Off by default (attack8: a PL/pgSQL handler for lock_not_available or
+// OTHERS catches the bound's lock timeout on the server, unseen, and its
+// transaction commits the handler's branch).
+func TestShortWaitOffByDefault(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv := newFakeServer()
+	w.install(srv)
+	db, _ := testDB(t, srv)
+	srv.script("UPDATE", step{err: errDeadlock}, step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.got(); len(got) != 0 {
+		t.Fatalf("bounds %v on a db opened without WithShortLockWait(true)", got)
 	}
 }

@@ -61,7 +61,7 @@ func TestAttack5DeadlineOnTheShortWaitStatement(t *testing.T) {
 		}
 		return &a5DelayConn{Conn: nc, d: d}, nil
 	}
-	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithShortLockWait(true))
 	t.Cleanup(func() { db.Close() })
 	db.SetMaxOpenConns(2)
 	for i := range 3 {

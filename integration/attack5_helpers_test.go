@@ -25,7 +25,9 @@ func a5Open(t *testing.T, d string, conns int, opts ...sqlretry.Option) *sql.DB 
 	if err != nil {
 		t.Fatal(err)
 	}
-	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), opts...)
+	// Short lock waits on (off by default since attack8): these hostile
+	// tests were written against them; a test's own option wins.
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), append([]sqlretry.Option{sqlretry.WithShortLockWait(true)}, opts...)...)
 	if conns > 0 {
 		db.SetMaxOpenConns(conns)
 	}

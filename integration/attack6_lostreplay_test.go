@@ -22,7 +22,7 @@ func TestAttack6LostCommitOnBoundedReplay(t *testing.T) {
 		for _, cut := range []int32{cutAfterSend, cutMidMessage} {
 			t.Run(fmt.Sprintf("%s/cut%d", mode, cut), func(t *testing.T) {
 				c := &cutter{isCommit: pgCommit}
-				db := openCutPostgresAt(t, c, a5WithParam(base, "default_query_exec_mode="+mode))
+				db := openCutPostgresAt(t, c, a5WithParam(base, "default_query_exec_mode="+mode), sqlretry.WithShortLockWait(true))
 				defer db.Close()
 				tbl := table(t, db, "a6br")
 				mustExec(t, db, "CREATE TABLE "+tbl+" (op text, attempt int)")
@@ -78,7 +78,7 @@ func TestAttack6LostCommitUnderSetLocalRole(t *testing.T) {
 	admin.Exec("CREATE ROLE a6_lowly NOLOGIN")
 	mustExec(t, admin, "CREATE TABLE "+tbl+" (op text)", "GRANT ALL ON "+tbl+" TO a6_lowly")
 	c := &cutter{isCommit: pgCommit}
-	db := openCutPostgresAt(t, c, base)
+	db := openCutPostgresAt(t, c, base, sqlretry.WithShortLockWait(true))
 	defer db.Close()
 	run := func(op string, cut int32) (calls, rows int, err error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)

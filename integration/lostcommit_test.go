@@ -82,13 +82,13 @@ func openCutPostgres(t *testing.T, c *cutter) *sql.DB {
 	return openCutPostgresAt(t, c, needPrivate(t, "pgx"))
 }
 
-func openCutPostgresAt(t *testing.T, c *cutter, dsn string) *sql.DB {
+func openCutPostgresAt(t *testing.T, c *cutter, dsn string, opts ...sqlretry.Option) *sql.DB {
 	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg.DialFunc = c.dial
-	return sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+	return sqlretry.OpenDB(stdlib.GetConnector(*cfg), opts...)
 }
 
 var registerCutOnce sync.Once

@@ -76,7 +76,7 @@ func TestPostgresShortLockWaitKeepsTheUsersSettings(t *testing.T) {
 		{"the closure's SET LOCAL wins", "0", "SET LOCAL lock_timeout = '3s'", "3s"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			db, err := sqlretry.Open("pgx", d) // a new db: no commit measured yet, the bound is the floor
+			db, err := sqlretry.Open("pgx", d, sqlretry.WithShortLockWait(true)) // a new db: no commit measured yet, the bound is the floor
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -122,7 +122,7 @@ func TestPostgresShortLockWaitBreaksReplicaDeadlocks(t *testing.T) {
 	run := func(t *testing.T, opts ...sqlretry.Option) (median time.Duration) {
 		var dbs [2]*sql.DB
 		for i := range dbs {
-			db, err := sqlretry.Open("pgx", d, opts...)
+			db, err := sqlretry.Open("pgx", d, append([]sqlretry.Option{sqlretry.WithShortLockWait(true)}, opts...)...)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -206,7 +206,7 @@ func TestPostgresShortLockWaitStuckCallerCommits(t *testing.T) {
 	for i := range 12 {
 		mustExec(t, outside, fmt.Sprintf("INSERT INTO %s VALUES (%d, 0)", tbl, i))
 	}
-	db, err := sqlretry.Open("pgx", d)
+	db, err := sqlretry.Open("pgx", d, sqlretry.WithShortLockWait(true))
 	if err != nil {
 		t.Fatal(err)
 	}
