@@ -191,3 +191,152 @@ func TestAttack9CommitInExecutedCommentReplayed(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) { a9ImplicitCase(t, tc.name, tc.stmts) })
 	}
 }
+
+// a9Run runs one RunInTx with the closure body f; when cut is not 0 the
+// first attempt's COMMIT is cut that way.
+func a9Run(t *testing.T, db *sql.DB, c *cutter, cut int32, opts *sql.TxOptions, f func(ctx context.Context, tx *sql.Tx, calls int) error) (calls int, err error) {
+	t.Helper()
+	err = sqlretry.RunInTx(a5Ctx(t, 12*time.Second), db, opts, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if err := f(ctx, tx, calls); err != nil {
+			return err
+		}
+		if calls == 1 && cut != 0 {
+			c.mode.Store(cut)
+		}
+		return nil
+	})
+	c.mode.Store(0)
+	return calls, err
+}
+
+// DEFECT: a temporary table of the marker's name in the marker's database, made by
+// the closure (CREATE TEMPORARY TABLE commits nothing; the README says
+// MySQL temporary tables are fine in a closure) shadows the marker table
+// for that session: the marker row goes into it and dies with the session.
+// After a COMMIT whose reply alone was lost, the lookup (another session)
+// finds no marker but the sentinel: the committed write must not be
+// replayed.
+func TestAttack9TempTableShadowsMarker(t *testing.T) {
+	a9Defect(t)
+	c := &cutter{isCommit: mysqlCommit}
+	db, plain, dbName, tbl := a9MyDB(t, c, "")
+	var create string
+	if err := plain.QueryRow("SHOW CREATE TABLE "+dbName+".sqlretry_commit_marker").Scan(new(string), &create); err != nil {
+		t.Fatal(err)
+	}
+	create = strings.Replace(create, "CREATE TABLE `sqlretry_commit_marker`", "CREATE TEMPORARY TABLE IF NOT EXISTS "+dbName+".sqlretry_commit_marker", 1)
+	calls, err := a9Run(t, db, c, cutAfterSend, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+		if _, err := tx.ExecContext(ctx, create); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('tmp')")
+		return err
+	})
+	rows := a7Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'tmp'")
+	t.Logf("err=%v calls=%d rows=%d fired=%d", err, calls, rows, c.fired.Load())
+	if c.fired.Load() == 0 {
+		t.Fatal("COMMIT not cut")
+	}
+	a9Outcome(t, "temporary marker", err, calls, rows)
+}
+
+// DEFECT: LOCK TABLES w WRITE inside the closure (it commits implicitly; the README
+// says such an attempt is never replayed), no UNLOCK: the plain driver
+// commits (COMMIT is allowed under LOCK TABLES). sqlretry's marker INSERT
+// names a table that is not locked (1100). Outcome: the write once, and
+// no error the plain driver would not give.
+func TestAttack9LockTablesLeftLocked(t *testing.T) {
+	a9Defect(t)
+	c := &cutter{isCommit: mysqlCommit}
+	db, plain, _, tbl := a9MyDB(t, c, "")
+	// the plain driver, same transaction
+	{
+		pc, err := plain.Conn(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		tx, err := pc.BeginTx(context.Background(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err1 := tx.Exec("LOCK TABLES " + tbl + " WRITE")
+		_, err2 := tx.Exec("INSERT INTO " + tbl + " VALUES ('plain')")
+		err3 := tx.Commit()
+		pc.ExecContext(context.Background(), "UNLOCK TABLES")
+		pc.Close()
+		t.Logf("plain driver: lock=%v insert=%v commit=%v", err1, err2, err3)
+		if err1 != nil || err2 != nil || err3 != nil {
+			t.Fatal("the plain driver fails too")
+		}
+	}
+	db.SetMaxOpenConns(1)
+	calls, err := a9Run(t, db, c, 0, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+		if _, err := tx.ExecContext(ctx, "LOCK TABLES "+tbl+" WRITE"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('lk')")
+		return err
+	})
+	// the one pooled connection may still hold the lock
+	if _, uerr := db.ExecContext(a5Ctx(t, 5*time.Second), "UNLOCK TABLES"); uerr != nil {
+		t.Logf("UNLOCK TABLES: %v", uerr)
+	}
+	rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'lk'")
+	t.Logf("err=%v calls=%d rows=%d", err, calls, rows)
+	if rows != 1 || err != nil {
+		t.Errorf("LOCK TABLES in the closure: err=%v calls=%d rows=%d; the plain driver commits once with no error", err, calls, rows)
+	}
+}
+
+// The closure switches the session to sql_mode=ORACLE (legal on MariaDB,
+// and it stays on the pooled connection). The plain driver commits; the
+// MariaDB marker block (BEGIN NOT ATOMIC ...) is not Oracle syntax.
+// Outcome: one run, one row, no error; and with the reply of the first
+// COMMIT lost, never two rows.
+func TestAttack9OracleSQLMode(t *testing.T) {
+	for _, cut := range []int32{0, cutAfterSend, cutMidMessage} {
+		t.Run(fmt.Sprint("cut", cut), func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, _, tbl := a9MyDB(t, c, "")
+			db.SetMaxOpenConns(1)
+			op := fmt.Sprint("ora", cut)
+			calls, err := a9Run(t, db, c, cut, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+				if _, err := tx.ExecContext(ctx, "SET SESSION sql_mode = 'ORACLE'"); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?)", op)
+				return err
+			})
+			rows := a7Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("err=%v calls=%d rows=%d fired=%d", err, calls, rows, c.fired.Load())
+			if cut == 0 {
+				if err != nil || rows != 1 || calls != 1 {
+					t.Errorf("sql_mode=ORACLE: err=%v calls=%d rows=%d; the plain driver commits once", err, calls, rows)
+				}
+			} else {
+				a9Outcome(t, "oracle", err, calls, rows)
+			}
+			// the next transaction on the same (Oracle-mode) connection
+			calls, err = a9Run(t, db, c, 0, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?)", op+"next")
+				return err
+			})
+			rows = a7Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op+"next")
+			if err != nil || rows != 1 {
+				t.Errorf("next transaction: err=%v calls=%d rows=%d", err, calls, rows)
+			}
+		})
+	}
+}
+
+func a9Count(t *testing.T, db *sql.DB, q string, args ...any) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var n int
+	if err := db.QueryRowContext(ctx, q, args...).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
