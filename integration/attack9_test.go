@@ -340,3 +340,97 @@ func a9Count(t *testing.T, db *sql.DB, q string, args ...any) int {
 	}
 	return n
 }
+
+// HOLDS: the transaction's only write is inside an executed comment (the README
+// says the reader executes /*! */ and /*M! */ comments). Its COMMIT's
+// reply is lost (the server committed): it must not be taken for a
+// read-only transaction and replayed.
+func TestAttack9WriteInExecutedCommentLostReply(t *testing.T) {
+	for _, q := range []string{
+		"/*!INSERT INTO %s VALUES ('%s')*/",
+		"/*!50000 INSERT INTO %s VALUES ('%s')*/",
+		"/*M!100000 INSERT INTO %s VALUES ('%s')*/",
+		"SELECT 1; INSERT INTO %s VALUES ('%s')",
+		"SELECT 1 /*!, (SELECT 1) */; INSERT INTO %s VALUES ('%s')",
+	} {
+		t.Run(q, func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, _, tbl := a9MyDB(t, c, "")
+			op := atkName("wc")
+			text := fmt.Sprintf(q, tbl, op)
+			calls, err := a9Run(t, db, c, cutAfterSend, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+				rows, err := tx.QueryContext(ctx, text)
+				if err != nil {
+					return err
+				}
+				for rows.Next() {
+				}
+				for rows.NextResultSet() {
+					for rows.Next() {
+					}
+				}
+				if err := rows.Err(); err != nil {
+					return err
+				}
+				return rows.Close()
+			})
+			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("%s: err=%v calls=%d rows=%d fired=%d", text, err, calls, rows, c.fired.Load())
+			if c.fired.Load() == 0 {
+				t.Fatalf("COMMIT not cut (err=%v)", err)
+			}
+			a9Outcome(t, text, err, calls, rows)
+		})
+	}
+}
+
+// Another session holds the marker table's rows and gaps (SELECT ... FOR
+// UPDATE), so the marker INSERT that travels with the COMMIT waits on a
+// lock (innodb_lock_wait_timeout 50 s on the shared server). The caller's
+// deadline is 3 s: RunInTx must return by then (no hang), with an error
+// that says the COMMIT was cut (ErrAmbiguousCommit and DeadlineExceeded)
+// or one that is true: if it says nothing about ambiguity, the write must
+// not show up once the lock is released.
+func TestAttack9MarkerInsertWaitsPastDeadline(t *testing.T) {
+	c := &cutter{isCommit: mysqlCommit}
+	db, plain, dbName, tbl := a9MyDB(t, c, "")
+	pc, err := plain.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	ptx, err := pc.BeginTx(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ptx.Rollback()
+	if _, err := ptx.Exec("SELECT * FROM " + dbName + ".sqlretry_commit_marker FOR UPDATE"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	start := time.Now()
+	calls := 0
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('mw')")
+		return err
+	})
+	took := time.Since(start)
+	ptx.Rollback()
+	time.Sleep(1500 * time.Millisecond)
+	rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'mw'")
+	t.Logf("err=%v took=%v calls=%d rows=%d", err, took, calls, rows)
+	if took > 4*time.Second {
+		t.Errorf("RunInTx took %v past a 3 s deadline", took)
+	}
+	if err == nil && rows != 1 {
+		t.Errorf("acknowledged with %d rows", rows)
+	}
+	if rows > 1 {
+		t.Errorf("written %d times", rows)
+	}
+	if err != nil && !errors.Is(err, sqlretry.ErrAmbiguousCommit) && rows != 0 {
+		t.Errorf("error %v says nothing of an unknown outcome, yet the write committed", err)
+	}
+}
