@@ -600,3 +600,62 @@ func a9PlainTx(ctx context.Context, db *sql.DB, opts *sql.TxOptions, fn func(con
 func TestAttack9KillQueryStormPlainDriver(t *testing.T) {
 	a9KillStorm(t, "QUERY", true)
 }
+
+// HOLDS: session settings the closure may change, on a connection sqlretry
+// has not asked anything yet (it asks the connection id once per
+// connection, on the transaction's own session): the plain driver commits
+// once; so does sqlretry, and a lost COMMIT reply is resolved.
+func TestAttack9SessionSettingsInClosure(t *testing.T) {
+	a9SessionSettings(t, []string{
+		"SET SESSION sql_mode = 'ANSI_QUOTES,NO_BACKSLASH_ESCAPES,PIPES_AS_CONCAT,ONLY_FULL_GROUP_BY'",
+		"SET NAMES binary",
+		"SET SESSION character_set_results = NULL",
+		"SET SESSION sql_auto_is_null = 1",
+		"SET SESSION div_precision_increment = 0",
+		"SET SESSION group_concat_max_len = 4",
+		"SET SESSION sql_select_limit = 1",
+	})
+}
+
+// DEFECT: SET SESSION sql_select_limit = 0 in the closure (a legal session
+// setting: SELECTs return no rows) on a connection sqlretry has not asked
+// its connection id yet: the plain driver commits; sqlretry's own
+// "SELECT CONNECTION_ID()" on that session returns no row and the
+// transaction fails as permanent ("asking for the connection id before
+// COMMIT: sqlretry: no row"), nothing committed.
+func TestAttack9SelectLimitZeroFailsCommit(t *testing.T) {
+	a9Defect(t)
+	a9SessionSettings(t, []string{"SET SESSION sql_select_limit = 0"})
+}
+
+func a9SessionSettings(t *testing.T, sets []string) {
+	for _, set := range sets {
+		for _, cut := range []int32{0, cutAfterSend} {
+			t.Run(fmt.Sprintf("%s/cut%d", set, cut), func(t *testing.T) {
+				c := &cutter{isCommit: mysqlCommit}
+				db, plain, _, tbl := a9MyDB(t, c, "")
+				db.SetMaxIdleConns(0) // every transaction on a new session
+				op := atkName("ss")
+				calls, err := a9Run(t, db, c, cut, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+					if _, err := tx.ExecContext(ctx, set); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?)", op)
+					return err
+				})
+				rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+				t.Logf("err=%v calls=%d rows=%d fired=%d", err, calls, rows, c.fired.Load())
+				if cut == 0 {
+					if err != nil || rows != 1 {
+						t.Errorf("%s: err=%v calls=%d rows=%d; the plain driver commits once", set, err, calls, rows)
+					}
+				} else {
+					a9Outcome(t, set, err, calls, rows)
+					if err != nil {
+						t.Errorf("%s: a lost reply of a COMMIT that took effect was not resolved: %v", set, err)
+					}
+				}
+			})
+		}
+	}
+}
