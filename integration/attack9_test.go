@@ -659,3 +659,106 @@ func a9SessionSettings(t *testing.T, sets []string) {
 		}
 	}
 }
+
+// DEFECT: two replicas (two sqlretry dbs) share the default marker table. A's
+// COMMIT (with its marker) takes effect, its reply is lost. Before A looks
+// the token up, an administrator drops the marker table (A's marker row
+// goes with it) and B keeps writing: B's next transaction meets the missing
+// table (1146), commits without a marker, and the one after checks the
+// table again: B creates it and puts a new sentinel in. A's lookup then
+// finds a sentinel and no token. A's write committed: it must not be
+// replayed.
+func TestAttack9MarkerDroppedReplicaRechecksBeforeLookup(t *testing.T) {
+	a9Defect(t)
+	plain := atkPlain(t, "mysql")
+	dbName := atkName("a9rc")
+	atkMust(t, plain, "CREATE DATABASE "+dbName)
+	t.Cleanup(func() { plain.Exec("DROP DATABASE IF EXISTS " + dbName) })
+	tbl := dbName + ".w"
+	marker := dbName + ".sqlretry_commit_marker"
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (op varchar(40)) ENGINE=InnoDB")
+	openB := func() *sql.DB {
+		cfg, err := mysql.ParseDSN("root@tcp(127.0.0.1:3306)/" + dbName + "?parseTime=true")
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := mysql.NewConnector(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db := sqlretry.OpenDB(conn)
+		t.Cleanup(func() { db.Close() })
+		return db
+	}
+	dbB := openB()
+	writeB := func(op string) error {
+		return sqlretry.RunInTx(a5Ctx(t, 5*time.Second), dbB, nil, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?)", op)
+			return err
+		})
+	}
+	if err := writeB("b-warm"); err != nil {
+		t.Fatal(err)
+	}
+	c := &cutter{isCommit: mysqlCommit}
+	var armed atomic.Bool
+	var hookLog []string
+	dial := afterCommitSentBy(mysqlCommit, c.dial, func() {
+		if !armed.Swap(false) {
+			return
+		}
+		for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			var n int
+			if plain.QueryRow("SELECT COUNT(*) FROM " + tbl + " WHERE op = 'a'").Scan(&n); n > 0 {
+				break
+			}
+		}
+		_, err := plain.Exec("DROP TABLE " + marker)
+		hookLog = append(hookLog, fmt.Sprintf("drop: %v", err))
+		for i := range 3 {
+			err := writeB(fmt.Sprintf("b%d", i))
+			var n int
+			qerr := plain.QueryRow("SELECT COUNT(*) FROM " + marker + " WHERE token = 'sqlretry:marker!'").Scan(&n)
+			hookLog = append(hookLog, fmt.Sprintf("B write %d: %v; sentinel rows %d (%v)", i, err, n, qerr))
+		}
+	})
+	netName := atkName("a9rcnet")
+	mysql.RegisterDialContext(netName, func(ctx context.Context, addr string) (net.Conn, error) { return dial(ctx, "tcp", addr) })
+	defer mysql.DeregisterDialContext(netName)
+	cfg, err := mysql.ParseDSN("root@" + netName + "(127.0.0.1:3306)/" + dbName + "?parseTime=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dbA := sqlretry.OpenDB(conn)
+	defer dbA.Close()
+	if err := sqlretry.RunInTx(context.Background(), dbA, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('a-warm')")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	calls := 0
+	err = sqlretry.RunInTx(a5Ctx(t, 15*time.Second), dbA, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('a')"); err != nil {
+			return err
+		}
+		if calls == 1 {
+			armed.Store(true)
+			c.mode.Store(cutAfterSend)
+		}
+		return nil
+	})
+	c.mode.Store(0)
+	armed.Store(false)
+	rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'a'")
+	t.Logf("err=%v calls=%d rows=%d fired=%d hook=%q", err, calls, rows, c.fired.Load(), hookLog)
+	if c.fired.Load() == 0 {
+		t.Fatal("COMMIT not cut")
+	}
+	a9Outcome(t, "dropped, rechecked by a replica", err, calls, rows)
+}
