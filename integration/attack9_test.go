@@ -762,3 +762,65 @@ func TestAttack9MarkerDroppedReplicaRechecksBeforeLookup(t *testing.T) {
 	}
 	a9Outcome(t, "dropped, rechecked by a replica", err, calls, rows)
 }
+
+// HOLDS: a user-named marker table in another database, created by an
+// administrator, that the application user may only SELECT, INSERT and
+// DELETE (README: all it needs); the user may not CREATE anything. A
+// COMMIT whose reply is lost is resolved (committed: success; never
+// reached the server: replayed), one row each. Private server (users).
+func TestAttack9NamedMarkerOtherDBLimitedUser(t *testing.T) {
+	dsn := needPrivate(t, "mysql")
+	admin, err := sql.Open("mysql", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	app, mk, user := atkName("a9app"), atkName("a9mk"), fmt.Sprintf("u%d", rand.IntN(1000000))
+	atkMust(t, admin, "CREATE DATABASE "+app, "CREATE DATABASE "+mk,
+		"CREATE TABLE "+app+".w (op varchar(40)) ENGINE=InnoDB",
+		"CREATE TABLE "+mk+".markers (token BINARY(16) NOT NULL PRIMARY KEY, created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), KEY (created_at)) ENGINE=InnoDB",
+		"CREATE USER '"+user+"'@'%' IDENTIFIED BY 'pw'",
+		"GRANT SELECT, INSERT ON "+app+".* TO '"+user+"'@'%'",
+		"GRANT SELECT, INSERT, DELETE ON "+mk+".markers TO '"+user+"'@'%'")
+	t.Cleanup(func() {
+		admin.Exec("DROP USER '" + user + "'@'%'")
+		admin.Exec("DROP DATABASE IF EXISTS " + app)
+		admin.Exec("DROP DATABASE IF EXISTS " + mk)
+	})
+	acfg, err := mysql.ParseDSN(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &cutter{isCommit: mysqlCommit}
+	netName := atkName("a9nmnet")
+	mysql.RegisterDialContext(netName, func(ctx context.Context, addr string) (net.Conn, error) { return c.dial(ctx, "tcp", addr) })
+	defer mysql.DeregisterDialContext(netName)
+	cfg := mysql.NewConfig()
+	cfg.User, cfg.Passwd, cfg.Net, cfg.Addr, cfg.DBName = user, "pw", netName, acfg.Addr, app
+	conn, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sqlretry.OpenDB(conn, sqlretry.WithMySQLCommitMarker(mk+".markers"))
+	defer db.Close()
+	if err := sqlretry.RunInTx(a5Ctx(t, 5*time.Second), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO w VALUES ('warm')")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, cut := range []int32{cutAfterSend, cutMidMessage} {
+		op := fmt.Sprint("nm", cut)
+		calls, err := a9Run(t, db, c, cut, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO w VALUES (?)", op)
+			return err
+		})
+		rows := a9Count(t, admin, "SELECT COUNT(*) FROM "+app+".w WHERE op = ?", op)
+		markers := a9Count(t, admin, "SELECT COUNT(*) FROM "+mk+".markers")
+		t.Logf("cut=%d err=%v calls=%d rows=%d fired=%d marker rows=%d", cut, err, calls, rows, c.fired.Load(), markers)
+		a9Outcome(t, op, err, calls, rows)
+		if err != nil {
+			t.Errorf("cut=%d: not resolved: %v", cut, err)
+		}
+	}
+}
