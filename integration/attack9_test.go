@@ -670,6 +670,12 @@ func a9SessionSettings(t *testing.T, sets []string) {
 // replayed.
 func TestAttack9MarkerDroppedReplicaRechecksBeforeLookup(t *testing.T) {
 	a9Defect(t)
+	for _, who := range []string{"replica", "samedb"} {
+		t.Run(who, func(t *testing.T) { a9DroppedRecheck(t, who) })
+	}
+}
+
+func a9DroppedRecheck(t *testing.T, who string) {
 	plain := atkPlain(t, "mysql")
 	dbName := atkName("a9rc")
 	atkMust(t, plain, "CREATE DATABASE "+dbName)
@@ -691,13 +697,21 @@ func TestAttack9MarkerDroppedReplicaRechecksBeforeLookup(t *testing.T) {
 		return db
 	}
 	dbB := openB()
+	var dbA *sql.DB
 	writeB := func(op string) error {
-		return sqlretry.RunInTx(a5Ctx(t, 5*time.Second), dbB, nil, func(ctx context.Context, tx *sql.Tx) error {
+		w := dbB
+		if who == "samedb" {
+			w = dbA
+		}
+		return sqlretry.RunInTx(a5Ctx(t, 5*time.Second), w, nil, func(ctx context.Context, tx *sql.Tx) error {
 			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?)", op)
 			return err
 		})
 	}
-	if err := writeB("b-warm"); err != nil {
+	if err := sqlretry.RunInTx(a5Ctx(t, 5*time.Second), dbB, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('b-warm')")
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	c := &cutter{isCommit: mysqlCommit}
@@ -733,7 +747,7 @@ func TestAttack9MarkerDroppedReplicaRechecksBeforeLookup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dbA := sqlretry.OpenDB(conn)
+	dbA = sqlretry.OpenDB(conn)
 	defer dbA.Close()
 	if err := sqlretry.RunInTx(context.Background(), dbA, nil, func(ctx context.Context, tx *sql.Tx) error {
 		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('a-warm')")
@@ -760,7 +774,7 @@ func TestAttack9MarkerDroppedReplicaRechecksBeforeLookup(t *testing.T) {
 	if c.fired.Load() == 0 {
 		t.Fatal("COMMIT not cut")
 	}
-	a9Outcome(t, "dropped, rechecked by a replica", err, calls, rows)
+	a9Outcome(t, "dropped, rechecked by "+who, err, calls, rows)
 }
 
 // HOLDS: a user-named marker table in another database, created by an
@@ -822,5 +836,81 @@ func TestAttack9NamedMarkerOtherDBLimitedUser(t *testing.T) {
 		if err != nil {
 			t.Errorf("cut=%d: not resolved: %v", cut, err)
 		}
+	}
+}
+
+// HOLDS: a procedure that COMMITs inside (its caller's INSERT with it), called
+// from the closure in several spellings; then the final COMMIT is cut in
+// half. The README says a closure that ran CALL is never replayed.
+func TestAttack9CallCommitsThenLostCommit(t *testing.T) {
+	cases := []struct{ name, call string }{
+		{"call", "CALL pc()"},
+		{"immediate", "EXECUTE IMMEDIATE 'CALL pc()'"},
+		{"block", "BEGIN NOT ATOMIC CALL pc(); END"},
+		{"excl", "/*!CALL pc()*/"},
+		{"mver", "/*M!100000 CALL pc() */"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, dbName, tbl := a9MyDB(t, c, "")
+			atkMust(t, plain, "CREATE PROCEDURE "+dbName+".pc() BEGIN COMMIT; END")
+			op := "call-" + tc.name
+			calls, err := a9CutRun(t, db, c, tbl, op, cutMidMessage, tc.call)
+			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("%s: err=%v calls=%d rows=%d fired=%d", tc.call, err, calls, rows, c.fired.Load())
+			if c.fired.Load() == 0 {
+				t.Fatalf("COMMIT not cut (err=%v)", err)
+			}
+			a9Outcome(t, tc.call, err, calls, rows)
+		})
+	}
+}
+
+// DEFECT (no network fault needed): the closure's COMMIT in an executed
+// comment commits its INSERT; a later statement then waits for a row lock
+// another session holds and gets 1205 (innodb_lock_wait_timeout = 1).
+// The plain driver returns the 1205 with the INSERT committed once;
+// sqlretry takes the attempt for one that committed nothing, replays it
+// when the lock is gone, and the INSERT is committed twice (RunInTx nil).
+func TestAttack9CommitInCommentThenLockTimeoutReplayed(t *testing.T) {
+	a9Defect(t)
+	c := &cutter{isCommit: mysqlCommit}
+	db, plain, dbName, tbl := a9MyDB(t, c, "")
+	atkMust(t, plain, "CREATE TABLE "+dbName+".x (id int PRIMARY KEY, n int) ENGINE=InnoDB", "INSERT INTO "+dbName+".x VALUES (1, 0)")
+	pc, err := plain.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	ptx, err := pc.BeginTx(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ptx.Exec("SELECT * FROM " + dbName + ".x WHERE id = 1 FOR UPDATE"); err != nil {
+		t.Fatal(err)
+	}
+	go func() { time.Sleep(1500 * time.Millisecond); ptx.Rollback() }()
+	var errs []string
+	calls, err := a9Run(t, db, c, 0, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+		if _, err := tx.ExecContext(ctx, "SET SESSION innodb_lock_wait_timeout = 1"); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('lt')"); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, "/*!COMMIT*/"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "UPDATE "+dbName+".x SET n = n + 1 WHERE id = 1")
+		if err != nil {
+			errs = append(errs, err.Error())
+		}
+		return err
+	})
+	rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'lt'")
+	t.Logf("err=%v calls=%d rows=%d closure errors=%q", err, calls, rows, errs)
+	if rows > 1 {
+		t.Errorf("the committed INSERT ran %d times (calls=%d, err=%v)", rows, calls, err)
 	}
 }
