@@ -914,3 +914,98 @@ func TestAttack9CommitInCommentThenLockTimeoutReplayed(t *testing.T) {
 		t.Errorf("the committed INSERT ran %d times (calls=%d, err=%v)", rows, calls, err)
 	}
 }
+
+// HOLDS (by the contract; note: writes wait on the marker lock where the
+// plain driver would commit): an administrator holds LOCK TABLES WRITE on the marker table (a
+// backup tool, a migration). The db has not checked the table yet (first
+// writing transaction), or it has and a COMMIT's reply is then lost (the
+// lookup must read the table). The caller's deadline is 3 s: RunInTx must
+// return by then (metadata lock waits default to a day), and never with
+// a write run twice.
+func TestAttack9MarkerTableLockedByAdmin(t *testing.T) {
+	for _, phase := range []string{"check", "lookup"} {
+		t.Run(phase, func(t *testing.T) {
+			plain := atkPlain(t, "mysql")
+			dbName := atkName("a9lk")
+			atkMust(t, plain, "CREATE DATABASE "+dbName, "CREATE TABLE "+dbName+".w (op varchar(40)) ENGINE=InnoDB",
+				"CREATE TABLE "+dbName+".sqlretry_commit_marker (token BINARY(16) NOT NULL PRIMARY KEY, created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), KEY (created_at)) ENGINE=InnoDB")
+			t.Cleanup(func() { plain.Exec("DROP DATABASE IF EXISTS " + dbName) })
+			tbl := dbName + ".w"
+			c := &cutter{isCommit: mysqlCommit}
+			var locked atomic.Bool
+			pc, err := plain.Conn(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pc.Close()
+			defer pc.ExecContext(context.Background(), "UNLOCK TABLES")
+			lock := func() {
+				if _, err := pc.ExecContext(context.Background(), "LOCK TABLES "+dbName+".sqlretry_commit_marker WRITE"); err != nil {
+					t.Error(err)
+				}
+				locked.Store(true)
+			}
+			dial := afterCommitSentBy(mysqlCommit, c.dial, func() {
+				if phase == "lookup" && !locked.Load() && c.fired.Load() > 0 {
+					// the COMMIT block went out whole; let it run, then lock
+					time.Sleep(200 * time.Millisecond)
+					lock()
+				}
+			})
+			netName := atkName("a9lknet")
+			mysql.RegisterDialContext(netName, func(ctx context.Context, addr string) (net.Conn, error) { return dial(ctx, "tcp", addr) })
+			defer mysql.DeregisterDialContext(netName)
+			cfg, err := mysql.ParseDSN("root@" + netName + "(127.0.0.1:3306)/" + dbName + "?parseTime=true")
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn, err := mysql.NewConnector(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			db := sqlretry.OpenDB(conn)
+			defer db.Close()
+			cut := int32(0)
+			if phase == "check" {
+				lock()
+			} else {
+				if err := sqlretry.RunInTx(a5Ctx(t, 5*time.Second), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('warm')")
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				cut = cutAfterSend
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			start := time.Now()
+			calls := 0
+			err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('lk')"); err != nil {
+					return err
+				}
+				if calls == 1 && cut != 0 {
+					c.mode.Store(cut)
+				}
+				return nil
+			})
+			took := time.Since(start)
+			c.mode.Store(0)
+			pc.ExecContext(context.Background(), "UNLOCK TABLES")
+			time.Sleep(500 * time.Millisecond)
+			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'lk'")
+			t.Logf("%s: err=%v took=%v calls=%d rows=%d fired=%d locked=%v", phase, err, took, calls, rows, c.fired.Load(), locked.Load())
+			if took > 4*time.Second {
+				t.Errorf("RunInTx took %v past a 3 s deadline", took)
+			}
+			if rows > 1 {
+				t.Errorf("written %d times", rows)
+			}
+			if err == nil && rows != 1 {
+				t.Errorf("acknowledged with %d rows", rows)
+			}
+		})
+	}
+}
