@@ -1009,3 +1009,46 @@ func TestAttack9MarkerTableLockedByAdmin(t *testing.T) {
 		})
 	}
 }
+
+// The closure shortens its session's innodb_lock_wait_timeout to 1 s (a
+// common setting); another session holds the marker table's rows and gaps
+// for 2.5 s, so the marker INSERT in the COMMIT block times out (1205)
+// once or twice. The plain driver commits (its COMMIT inserts nothing).
+// Outcome: one row, and success (a replay once the lock is gone) or at
+// worst an error that leaves nothing committed.
+func TestAttack9MarkerInsertLockTimeout(t *testing.T) {
+	c := &cutter{isCommit: mysqlCommit}
+	db, plain, dbName, tbl := a9MyDB(t, c, "")
+	pc, err := plain.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	ptx, err := pc.BeginTx(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ptx.Exec("SELECT * FROM " + dbName + ".sqlretry_commit_marker FOR UPDATE"); err != nil {
+		t.Fatal(err)
+	}
+	go func() { time.Sleep(2500 * time.Millisecond); ptx.Rollback() }()
+	calls, err := a9Run(t, db, c, 0, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+		if _, err := tx.ExecContext(ctx, "SET SESSION innodb_lock_wait_timeout = 1"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('mt')")
+		return err
+	})
+	time.Sleep(1500 * time.Millisecond)
+	rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'mt'")
+	t.Logf("err=%v calls=%d rows=%d", err, calls, rows)
+	if rows > 1 {
+		t.Errorf("written %d times", rows)
+	}
+	if err == nil && rows != 1 {
+		t.Errorf("acknowledged with %d rows", rows)
+	}
+	if err != nil && rows != 0 {
+		t.Errorf("error %v, yet committed", err)
+	}
+}
