@@ -155,6 +155,7 @@ func TestAttack9ImplicitCommitThenLostCommit(t *testing.T) {
 		{"execcommentbegin", "/*!BEGIN */"},
 		{"execcommentstart", "/*!START TRANSACTION */"},
 		{"mcommentbegin", "/*M!100000 BEGIN */"},
+		{"execcommentchain", "/*!COMMIT AND CHAIN*/"},
 		{"mcommentddl", "/*M!100000 CREATE TABLE m%d (a int) */"},
 		{"mcommentauto", "/*M!100000 SET autocommit=0 */|/*M!100000 SET autocommit=1 */"},
 		{"commitworkspace", "COMMIT  WORK"},
@@ -1050,5 +1051,38 @@ func TestAttack9MarkerInsertLockTimeout(t *testing.T) {
 	}
 	if err != nil && rows != 0 {
 		t.Errorf("error %v, yet committed", err)
+	}
+}
+
+// DEFECT: a ROLLBACK hidden in an executed comment ends the transaction;
+// the closure's next INSERT then runs in autocommit and commits at once.
+// The final COMMIT (with the marker) is cut in half: the marker is not
+// found and the attempt is replayed, so the autocommitted INSERT is
+// committed twice (RunInTx nil). A plain ROLLBACK is seen (README: a
+// closure that ran ROLLBACK is never replayed); one in /*! */ or /*M! */
+// is not.
+func TestAttack9RollbackInExecutedCommentReplayed(t *testing.T) {
+	a9Defect(t)
+	cases := []struct{ name, stmts string }{
+		{"excl", "/*!ROLLBACK*/|INSERT INTO w VALUES ('after')"},
+		{"mver", "/*M!100000 ROLLBACK */|INSERT INTO w VALUES ('after')"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, _, tbl := a9MyDB(t, c, "")
+			stmts := strings.Split(tc.stmts, "|")
+			for i, s := range stmts {
+				stmts[i] = strings.ReplaceAll(s, " w", " "+tbl)
+			}
+			op := "hr-" + tc.name
+			calls, err := a9CutRun(t, db, c, tbl, op, cutMidMessage, stmts...)
+			after := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'after'")
+			t.Logf("%s: err=%v calls=%d after=%d fired=%d", tc.name, err, calls, after, c.fired.Load())
+			if c.fired.Load() == 0 {
+				t.Fatalf("COMMIT not cut (err=%v)", err)
+			}
+			a9Outcome(t, tc.name, err, calls, after)
+		})
 	}
 }
