@@ -1086,3 +1086,46 @@ func TestAttack9RollbackInExecutedCommentReplayed(t *testing.T) {
 		})
 	}
 }
+
+// A READ ONLY transaction (sql.TxOptions{ReadOnly: true}: no marker, and
+// the README says a lost COMMIT of a transaction that only read is
+// replayed) whose closure ends the transaction itself (COMMIT, DDL, a
+// procedure that commits) and then writes in autocommit, which the server
+// allows once the READ ONLY transaction is over. Its final COMMIT is lost:
+// the autocommitted write must not be run twice.
+func TestAttack9ReadOnlyTxEndedThenWrites(t *testing.T) {
+	cases := []struct{ name, stmts string }{
+		{"commit", "COMMIT|INSERT INTO w VALUES ('ro')"},
+		{"ddl", "CREATE TABLE t%d (a int)|INSERT INTO w VALUES ('ro')"},
+		{"call", "CALL pc()|INSERT INTO w VALUES ('ro')"},
+		{"begin", "BEGIN|INSERT INTO w VALUES ('ro')"},
+	}
+	for _, tc := range cases {
+		for _, cut := range []int32{cutAfterSend, cutMidMessage} {
+			t.Run(fmt.Sprintf("%s/cut%d", tc.name, cut), func(t *testing.T) {
+				c := &cutter{isCommit: mysqlCommit}
+				db, plain, dbName, tbl := a9MyDB(t, c, "")
+				atkMust(t, plain, "CREATE PROCEDURE "+dbName+".pc() BEGIN COMMIT; END")
+				stmts := strings.Split(tc.stmts, "|")
+				calls, err := a9Run(t, db, c, cut, &sql.TxOptions{ReadOnly: true}, func(ctx context.Context, tx *sql.Tx, calls int) error {
+					for _, s := range stmts {
+						s = strings.ReplaceAll(s, " w", " "+tbl)
+						if strings.Contains(s, "%d") {
+							s = fmt.Sprintf(s, calls)
+						}
+						if _, err := tx.ExecContext(ctx, s); err != nil {
+							return fmt.Errorf("%s: %w", s, err)
+						}
+					}
+					return nil
+				})
+				rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'ro'")
+				t.Logf("err=%v calls=%d rows=%d fired=%d", err, calls, rows, c.fired.Load())
+				if c.fired.Load() == 0 {
+					t.Fatalf("COMMIT not cut (err=%v)", err)
+				}
+				a9Outcome(t, tc.name, err, calls, rows)
+			})
+		}
+	}
+}
