@@ -1129,3 +1129,99 @@ func TestAttack9ReadOnlyTxEndedThenWrites(t *testing.T) {
 		}
 	}
 }
+
+// HOLDS: more spellings of COMMIT, ROLLBACK, autocommit switches, and
+// statements that commit implicitly, in executed comments, blocks and
+// prepared statements: seen, ErrAmbiguousCommit after one run.
+func TestAttack9TxControlSpellings(t *testing.T) {
+	cases := []struct{ name, stmts string }{
+		{"semicolon", "COMMIT;"},
+		{"lower", "commit"},
+		{"newline", "\nCOMMIT\n"},
+		{"release", "COMMIT RELEASE"},
+		{"rbwork", "ROLLBACK WORK|INSERT INTO w VALUES ('ic-rbwork')"},
+		{"atat", "SET @@autocommit=0|SET @@autocommit=1"},
+		{"globalish", "SET @@SESSION.AUTOCOMMIT=0|SET @@SESSION.AUTOCOMMIT=1"},
+		{"lockcomment", "/*!LOCK TABLES w READ*/|/*!UNLOCK TABLES*/"},
+		{"truncomment", "/*!TRUNCATE TABLE w2*/"},
+		{"renamecomment", "/*!RENAME TABLE w2 TO w3%d*/"},
+		{"grantcomment", "/*!GRANT SELECT ON w TO root@localhost*/"},
+		{"analyzecomment", "/*!ANALYZE TABLE w*/"},
+		{"beginblockcommit", "BEGIN NOT ATOMIC COMMIT; END"},
+		{"execimmcommit", "EXECUTE IMMEDIATE 'COMMIT'"},
+		{"preparecommit", "PREPARE s FROM 'COMMIT'|EXECUTE s"},
+		{"execimmconcat", "EXECUTE IMMEDIATE CONCAT('COM', 'MIT')"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) { a9ImplicitCaseSetup(t, tc.name, tc.stmts) })
+	}
+}
+
+// DEFECT: MariaDB's SET STATEMENT var=value FOR <statement> hides the
+// statement from sqlretry's reader: FOR COMMIT, FOR ROLLBACK (then an
+// autocommitted INSERT), FOR CREATE TABLE, FOR CALL of a procedure that
+// commits. The closure's INSERT is committed by it; the final COMMIT is cut
+// in half; the marker is not found and the attempt is replayed: the
+// INSERT is committed twice and RunInTx returns nil.
+func TestAttack9SetStatementHidesTxControl(t *testing.T) {
+	a9Defect(t)
+	cases := []struct{ name, stmts string }{
+		{"commit", "SET STATEMENT sql_mode='' FOR COMMIT"},
+		{"ddl", "SET STATEMENT sql_mode='' FOR CREATE TABLE t%d (a int)"},
+		{"call", "SET STATEMENT sql_mode='' FOR CALL pc()"},
+		{"rollback", "SET STATEMENT sql_mode='' FOR ROLLBACK|INSERT INTO w VALUES ('ic-rollback')"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) { a9ImplicitCaseSetup(t, tc.name, tc.stmts) })
+	}
+}
+
+func a9ImplicitCaseSetup(t *testing.T, name, stmtText string) {
+	c := &cutter{isCommit: mysqlCommit}
+	db, plain, dbName, tbl := a9MyDB(t, c, "")
+	atkMust(t, plain, "CREATE TABLE "+dbName+".w2 (a int)", "CREATE PROCEDURE "+dbName+".pc() BEGIN COMMIT; END")
+	stmts := strings.Split(stmtText, "|")
+	for i, s := range stmts {
+		s = strings.ReplaceAll(s, " w2", " "+dbName+".w2")
+		s = strings.ReplaceAll(s, " w3", " "+dbName+".w3")
+		stmts[i] = strings.ReplaceAll(s, " w ", " "+tbl+" ")
+		if strings.HasSuffix(stmts[i], " w") {
+			stmts[i] = strings.TrimSuffix(stmts[i], " w") + " " + tbl
+		}
+		stmts[i] = strings.ReplaceAll(stmts[i], " w*/", " "+tbl+"*/")
+	}
+	op := "ic-" + name
+	calls, err := a9CutRun(t, db, c, tbl, op, cutMidMessage, stmts...)
+	rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+	t.Logf("%s: %q err=%v calls=%d rows=%d fired=%d", name, stmts, err, calls, rows, c.fired.Load())
+	if c.fired.Load() == 0 {
+		t.Fatalf("COMMIT not cut (err=%v)", err)
+	}
+	a9Outcome(t, name, err, calls, rows)
+}
+
+// HOLDS: a write under SET STATEMENT ... FOR is a write: its lost COMMIT
+// reply is resolved, not replayed.
+func TestAttack9SetStatementWriteResolved(t *testing.T) {
+	for _, q := range []string{
+		"SET STATEMENT sql_mode='' FOR INSERT INTO %s VALUES ('%s')",
+		"SET STATEMENT max_statement_time=100 FOR INSERT INTO %s VALUES ('%s')",
+	} {
+		t.Run(q, func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, _, tbl := a9MyDB(t, c, "")
+			op := atkName("sw")
+			text := fmt.Sprintf(q, tbl, op)
+			calls, err := a9Run(t, db, c, cutAfterSend, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+				_, err := tx.ExecContext(ctx, text)
+				return err
+			})
+			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("%s: err=%v calls=%d rows=%d fired=%d", text, err, calls, rows, c.fired.Load())
+			if c.fired.Load() == 0 {
+				t.Fatalf("COMMIT not cut (err=%v)", err)
+			}
+			a9Outcome(t, text, err, calls, rows)
+		})
+	}
+}
