@@ -1007,6 +1007,9 @@ func TestAttack9MarkerTableLockedByAdmin(t *testing.T) {
 			if err == nil && rows != 1 {
 				t.Errorf("acknowledged with %d rows", rows)
 			}
+			if wantAmbiguous && rows == 1 && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+				t.Errorf("%s: the write ran, its reply was lost: %v, does not match ErrAmbiguousCommit", text, err)
+			}
 		})
 	}
 }
@@ -1222,6 +1225,67 @@ func TestAttack9SetStatementWriteResolved(t *testing.T) {
 				t.Fatalf("COMMIT not cut (err=%v)", err)
 			}
 			a9Outcome(t, text, err, calls, rows)
+		})
+	}
+}
+
+// HOLDS: outside a transaction, a write whose reply is lost after it was sent
+// (the server ran it, autocommit) must not be run again (README: a write
+// is returned as ErrAmbiguousCommit). Spellings the reader may not know.
+func TestAttack9AutocommitWriteLostReply(t *testing.T) {
+	a9AutocommitLost(t, false, []string{
+		"INSERT INTO %s VALUES ('%s')",
+		"SET STATEMENT sql_mode='' FOR INSERT INTO %s VALUES ('%s')",
+		"/*!INSERT INTO %s VALUES ('%s')*/",
+		"/*M!100000 INSERT INTO %s VALUES ('%s')*/",
+		"SET STATEMENT sql_mode='' FOR CALL %[1]s_p('%[2]s')",
+	})
+}
+
+// DEFECT (minor, the README's word): outside a transaction, a CALL, an
+// EXECUTE IMMEDIATE or an anonymous block that writes, whose reply is lost
+// after it was sent (the server ran it): not run twice, but the error is
+// the driver's bare "invalid connection", which does not match
+// ErrAmbiguousCommit, where the README says a write lost after it was sent
+// "is returned as an error that matches ErrAmbiguousCommit" (an INSERT,
+// even under SET STATEMENT ... FOR CALL, does). A caller that resubmits on
+// errors that are not ambiguous writes twice.
+func TestAttack9AutocommitProcedureLostNotAmbiguous(t *testing.T) {
+	a9Defect(t)
+	a9AutocommitLost(t, true, []string{
+		"EXECUTE IMMEDIATE 'INSERT INTO %s VALUES (''%s'')'",
+		"CALL %[1]s_p('%[2]s')",
+		"BEGIN NOT ATOMIC INSERT INTO %s VALUES ('%s'); END",
+	})
+}
+
+func a9AutocommitLost(t *testing.T, wantAmbiguous bool, texts []string) {
+	for _, q := range texts {
+		t.Run(q, func(t *testing.T) {
+			var text string
+			c := &cutter{isCommit: func(p []byte) bool { return text != "" && strings.HasSuffix(string(p), text) }}
+			db, plain, _, tbl := a9MyDB(t, c, "")
+			atkMust(t, plain, "CREATE PROCEDURE "+tbl+"_p(o varchar(40)) INSERT INTO "+tbl+" VALUES (o)")
+			op := atkName("aw")
+			text = fmt.Sprintf(q, tbl, op)
+			c.mode.Store(cutAfterSend)
+			_, err := db.ExecContext(a5Ctx(t, 10*time.Second), text)
+			c.mode.Store(0)
+			time.Sleep(300 * time.Millisecond)
+			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("%s: err=%v ambiguous=%v rows=%d fired=%d", text, err, errors.Is(err, sqlretry.ErrAmbiguousCommit), rows, c.fired.Load())
+			if c.fired.Load() == 0 {
+				t.Fatalf("not cut (err=%v)", err)
+			}
+			if rows > 1 {
+				t.Errorf("the write ran %d times (err=%v)", rows, err)
+			}
+			if err == nil && rows != 1 {
+				t.Errorf("acknowledged with %d rows", rows)
+			}
+			if wantAmbiguous && rows == 1 && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+				t.Errorf("%s: the write ran, its reply was lost: %v, does not match ErrAmbiguousCommit", text, err)
+			}
 		})
 	}
 }
