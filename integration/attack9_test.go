@@ -1007,9 +1007,6 @@ func TestAttack9MarkerTableLockedByAdmin(t *testing.T) {
 			if err == nil && rows != 1 {
 				t.Errorf("acknowledged with %d rows", rows)
 			}
-			if wantAmbiguous && rows == 1 && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
-				t.Errorf("%s: the write ran, its reply was lost: %v, does not match ErrAmbiguousCommit", text, err)
-			}
 		})
 	}
 }
