@@ -1286,3 +1286,43 @@ func a9AutocommitLost(t *testing.T, wantAmbiguous bool, texts []string) {
 		})
 	}
 }
+
+// HOLDS: MariaDB compound statements outside stored programs (IF, CASE,
+// WHILE, FOR, an Oracle-mode block) that commit, roll back, run DDL or
+// CALL a committing procedure: seen, ErrAmbiguousCommit after one run.
+func TestAttack9CompoundStatements(t *testing.T) {
+	cases := []struct{ name, stmts string }{
+		{"if", "IF 1 = 1 THEN COMMIT; END IF"},
+		{"ifddl", "IF 1 = 1 THEN CREATE TABLE t%d (a int); END IF"},
+		{"ifcall", "IF 1 = 1 THEN CALL pc(); END IF"},
+		{"case", "CASE WHEN 1 = 1 THEN COMMIT; END CASE"},
+		{"while", "WHILE @a9w IS NULL DO SET @a9w = 1; COMMIT; END WHILE"},
+		{"for", "FOR i IN 1..1 DO COMMIT; END FOR"},
+		{"forddl", "FOR i IN 1..1 DO CREATE TABLE f%d (a int); END FOR"},
+		{"ifrollback", "IF 1 = 1 THEN ROLLBACK; END IF|INSERT INTO w VALUES ('ic-ifrollback')"},
+		{"oracle", "SET sql_mode = ORACLE|DECLARE v INT; BEGIN COMMIT; END"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) { a9ImplicitCaseSetup(t, tc.name, tc.stmts) })
+	}
+}
+
+// DEFECT: a REPEAT ... UNTIL ... END REPEAT compound statement (legal
+// outside stored programs on MariaDB, like IF, CASE, WHILE and FOR, which
+// are seen) hides what it runs: COMMIT, DDL, a CALL of a procedure that
+// commits, ROLLBACK (then an autocommitted INSERT), SET autocommit. The
+// closure's INSERT is committed by it; the final COMMIT is cut in half;
+// the attempt is replayed and the INSERT committed twice (RunInTx nil).
+func TestAttack9RepeatHidesTxControl(t *testing.T) {
+	a9Defect(t)
+	cases := []struct{ name, stmts string }{
+		{"commit", "REPEAT COMMIT; UNTIL 1 END REPEAT"},
+		{"ddl", "REPEAT CREATE TABLE t%d (a int); UNTIL 1 END REPEAT"},
+		{"call", "REPEAT CALL pc(); UNTIL 1 END REPEAT"},
+		{"rollback", "REPEAT ROLLBACK; UNTIL 1 END REPEAT|INSERT INTO w VALUES ('ic-rollback')"},
+		{"autocommit", "REPEAT SET autocommit = 0; UNTIL 1 END REPEAT|REPEAT SET autocommit = 1; UNTIL 1 END REPEAT"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) { a9ImplicitCaseSetup(t, tc.name, tc.stmts) })
+	}
+}
