@@ -869,13 +869,19 @@ func TestAttack9CallCommitsThenLostCommit(t *testing.T) {
 }
 
 // DEFECT (no network fault needed): the closure's COMMIT in an executed
-// comment commits its INSERT; a later statement then waits for a row lock
+// comment (or under SET STATEMENT ... FOR, or inside REPEAT) commits its INSERT; a later statement then waits for a row lock
 // another session holds and gets 1205 (innodb_lock_wait_timeout = 1).
 // The plain driver returns the 1205 with the INSERT committed once;
 // sqlretry takes the attempt for one that committed nothing, replays it
 // when the lock is gone, and the INSERT is committed twice (RunInTx nil).
 func TestAttack9CommitInCommentThenLockTimeoutReplayed(t *testing.T) {
 	a9Defect(t)
+	for _, hidden := range []string{"/*!COMMIT*/", "SET STATEMENT sql_mode='' FOR COMMIT", "REPEAT COMMIT; UNTIL 1 END REPEAT"} {
+		t.Run(hidden, func(t *testing.T) { a9HiddenCommitLockTimeout(t, hidden) })
+	}
+}
+
+func a9HiddenCommitLockTimeout(t *testing.T, hidden string) {
 	c := &cutter{isCommit: mysqlCommit}
 	db, plain, dbName, tbl := a9MyDB(t, c, "")
 	atkMust(t, plain, "CREATE TABLE "+dbName+".x (id int PRIMARY KEY, n int) ENGINE=InnoDB", "INSERT INTO "+dbName+".x VALUES (1, 0)")
@@ -900,7 +906,7 @@ func TestAttack9CommitInCommentThenLockTimeoutReplayed(t *testing.T) {
 		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('lt')"); err != nil {
 			return err
 		}
-		if _, err := tx.ExecContext(ctx, "/*!COMMIT*/"); err != nil {
+		if _, err := tx.ExecContext(ctx, hidden); err != nil {
 			return err
 		}
 		_, err := tx.ExecContext(ctx, "UPDATE "+dbName+".x SET n = n + 1 WHERE id = 1")
@@ -1325,4 +1331,39 @@ func TestAttack9RepeatHidesTxControl(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) { a9ImplicitCaseSetup(t, tc.name, tc.stmts) })
 	}
+}
+
+// HOLDS: a write inside REPEAT or FOR is a write: in a transaction its
+// lost COMMIT reply is resolved; in autocommit it is ErrAmbiguousCommit.
+func TestAttack9CompoundWriteResolved(t *testing.T) {
+	for _, q := range []string{
+		"REPEAT INSERT INTO %s VALUES ('%s'); UNTIL 1 END REPEAT",
+		"FOR i IN 1..1 DO INSERT INTO %s VALUES ('%s'); END FOR",
+	} {
+		t.Run("tx/"+q, func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, _, tbl := a9MyDB(t, c, "")
+			op := atkName("rw")
+			text := fmt.Sprintf(q, tbl, op)
+			calls, err := a9Run(t, db, c, cutAfterSend, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+				_, err := tx.ExecContext(ctx, text)
+				return err
+			})
+			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("%s: err=%v calls=%d rows=%d fired=%d", text, err, calls, rows, c.fired.Load())
+			if c.fired.Load() == 0 {
+				t.Fatalf("COMMIT not cut (err=%v)", err)
+			}
+			a9Outcome(t, text, err, calls, rows)
+		})
+	}
+	a9AutocommitLost(t, false, []string{
+		"REPEAT INSERT INTO %s VALUES ('%s'); UNTIL 1 END REPEAT",
+	})
+}
+
+// HOLDS: the same with a visible COMMIT: RunInTx returns the 1205 after one
+// run, the INSERT committed once.
+func TestAttack9VisibleCommitThenLockTimeout(t *testing.T) {
+	a9HiddenCommitLockTimeout(t, "COMMIT")
 }
