@@ -1367,3 +1367,91 @@ func TestAttack9CompoundWriteResolved(t *testing.T) {
 func TestAttack9VisibleCommitThenLockTimeout(t *testing.T) {
 	a9HiddenCommitLockTimeout(t, "COMMIT")
 }
+
+// HOLDS for BEGIN and /*!BEGIN*/; DEFECT for SET STATEMENT ... FOR BEGIN
+// and REPEAT START TRANSACTION; ... END REPEAT (TestAttack9HandTxHiddenBeginDeadlockDefect).
+// A transaction opened by hand on a pinned connection (README: followed
+// through the whole text; no statement is retried inside it), with the
+// BEGIN spelled so the reader may miss it. Its second UPDATE is the victim
+// of a deadlock (1213): InnoDB rolls the whole transaction back. Retrying
+// that UPDATE alone would run it in autocommit: half a transfer committed.
+// The plain driver returns the 1213 and nothing of the transfer commits.
+func TestAttack9HandTxHiddenBeginDeadlock(t *testing.T) {
+	a9HandTxDeadlock(t, "BEGIN", "/*!BEGIN*/")
+}
+
+// DEFECT (no network fault needed): a hand-opened transaction whose BEGIN is
+// SET STATEMENT ... FOR BEGIN or inside REPEAT: the deadlock victim's
+// UPDATE is retried alone in autocommit and returns nil; the COMMIT
+// succeeds; half the transfer is committed (n1=100 n2=101, the -1 lost).
+func TestAttack9HandTxHiddenBeginDeadlockDefect(t *testing.T) {
+	a9Defect(t)
+	a9HandTxDeadlock(t, "SET STATEMENT sql_mode='' FOR BEGIN", "REPEAT START TRANSACTION; UNTIL 1 END REPEAT")
+}
+
+func a9HandTxDeadlock(t *testing.T, begins ...string) {
+	for _, begin := range begins {
+		t.Run(begin, func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, dbName, _ := a9MyDB(t, c, "")
+			x := dbName + ".x"
+			atkMust(t, plain, "CREATE TABLE "+x+" (id int PRIMARY KEY, n int) ENGINE=InnoDB", "INSERT INTO "+x+" VALUES (1, 0), (2, 0)",
+				"CREATE TABLE "+dbName+".heavy (id int PRIMARY KEY) ENGINE=InnoDB")
+			ctx := a5Ctx(t, 15*time.Second)
+			conn, err := db.Conn(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			must := func(q string) {
+				if _, err := conn.ExecContext(ctx, q); err != nil {
+					t.Fatalf("%s: %v", q, err)
+				}
+			}
+			must(begin)
+			must("UPDATE " + x + " SET n = n - 1 WHERE id = 1")
+			// the other session: heavier (the deadlock's survivor), holds row 2, then waits for row 1
+			pc, err := plain.Conn(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pc.Close()
+			ptx, err := pc.BeginTx(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := ptx.Exec("INSERT INTO " + dbName + ".heavy SELECT seq FROM seq_1_to_2000"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := ptx.Exec("UPDATE " + x + " SET n = n + 100 WHERE id = 2"); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() {
+				_, err := ptx.Exec("UPDATE " + x + " SET n = n + 100 WHERE id = 1")
+				if err == nil {
+					time.Sleep(300 * time.Millisecond)
+					err = ptx.Commit()
+				} else {
+					ptx.Rollback()
+				}
+				done <- err
+			}()
+			time.Sleep(300 * time.Millisecond)
+			_, err2 := conn.ExecContext(ctx, "UPDATE "+x+" SET n = n + 1 WHERE id = 2")
+			_, err3 := conn.ExecContext(ctx, "COMMIT")
+			perr := <-done
+			var n1, n2 int
+			plain.QueryRow("SELECT n FROM " + x + " WHERE id = 1").Scan(&n1)
+			plain.QueryRow("SELECT n FROM " + x + " WHERE id = 2").Scan(&n2)
+			t.Logf("%s: second UPDATE: %v; COMMIT: %v; other session: %v; n1=%d n2=%d", begin, err2, err3, perr, n1, n2)
+			if perr != nil {
+				t.Fatalf("the other session was the victim: %v", perr)
+			}
+			// the other session added 100 to each; ours is -1/+1 or nothing
+			if !(n1 == 100 && n2 == 100) && !(n1 == 99 && n2 == 101) {
+				t.Errorf("half a transfer committed: n1=%d n2=%d (want 100/100 or 99/101)", n1, n2)
+			}
+		})
+	}
+}
