@@ -1455,3 +1455,82 @@ func a9HandTxDeadlock(t *testing.T, begins ...string) {
 		})
 	}
 }
+
+// A transaction opened by hand on a pinned connection; a plain read in it
+// loses its connection after it was sent. The hand transaction died with
+// the session: the read must not be retried on a new session as if it
+// were in autocommit (README: no statement is retried inside a hand
+// transaction), or the caller's later INSERT autocommits, its COMMIT
+// succeeds, and the write made before the read is lost with every call
+// having returned nil.
+func TestAttack9HandTxReadLost(t *testing.T) {
+	t.Run("pinned", func(t *testing.T) {
+		a9HandTxReadLost(t, true, "BEGIN", "/*!BEGIN*/", "SET STATEMENT sql_mode='' FOR BEGIN", "REPEAT START TRANSACTION; UNTIL 1 END REPEAT")
+	})
+	t.Run("oneconn", func(t *testing.T) { a9HandTxReadLost(t, false, "BEGIN", "/*!BEGIN*/") })
+}
+
+// DEFECT (oneconn: a *sql.DB with SetMaxOpenConns(1), the hand transaction
+// run through db.Exec): with the BEGIN under SET STATEMENT ... FOR or
+// inside REPEAT, the read is retried on a new session and returns its
+// row; INSERT b autocommits; COMMIT succeeds; INSERT a, acknowledged, is
+// lost. (On a pinned *sql.Conn the caller gets the error: holds.)
+func TestAttack9HandTxHiddenBeginReadLost(t *testing.T) {
+	a9Defect(t)
+	a9HandTxReadLost(t, false, "SET STATEMENT sql_mode='' FOR BEGIN", "REPEAT START TRANSACTION; UNTIL 1 END REPEAT")
+}
+
+type a9Execer interface {
+	ExecContext(ctx context.Context, q string, args ...any) (sql.Result, error)
+	QueryRowContext(ctx context.Context, q string, args ...any) *sql.Row
+}
+
+func a9HandTxReadLost(t *testing.T, pinned bool, begins ...string) {
+	for _, begin := range begins {
+		t.Run(begin, func(t *testing.T) {
+			c := &cutter{isCommit: func(p []byte) bool { return strings.HasSuffix(string(p), "SELECT 'a9probe'") }}
+			db, plain, _, tbl := a9MyDB(t, c, "")
+			ctx := a5Ctx(t, 15*time.Second)
+			var conn a9Execer = db
+			if pinned {
+				pc, err := db.Conn(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer pc.Close()
+				conn = pc
+			} else {
+				db.SetMaxOpenConns(1)
+			}
+			var errs []error
+			step := func(q string) {
+				_, err := conn.ExecContext(ctx, q)
+				errs = append(errs, err)
+			}
+			step(begin)
+			step("INSERT INTO " + tbl + " VALUES ('ha')")
+			c.mode.Store(cutAfterSend)
+			var s string
+			rerr := conn.QueryRowContext(ctx, "SELECT 'a9probe'").Scan(&s)
+			c.mode.Store(0)
+			step("INSERT INTO " + tbl + " VALUES ('hb')")
+			step("COMMIT")
+			a := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'ha'")
+			b := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'hb'")
+			t.Logf("%s: read err=%v fired=%d; begin, insert a, insert b, commit: %v; rows a=%d b=%d", begin, rerr, c.fired.Load(), errs, a, b)
+			if c.fired.Load() == 0 {
+				t.Fatal("read not cut")
+			}
+			allNil := rerr == nil
+			for _, e := range errs {
+				allNil = allNil && e == nil
+			}
+			if allNil && a != 1 {
+				t.Errorf("every call returned nil, yet INSERT a is not committed (a=%d b=%d)", a, b)
+			}
+			if rerr == nil {
+				t.Errorf("the read inside the hand transaction was retried on another session")
+			}
+		})
+	}
+}
