@@ -1534,3 +1534,36 @@ func a9HandTxReadLost(t *testing.T, pinned bool, begins ...string) {
 		})
 	}
 }
+
+// HOLDS: the sentinel row deleted or its token changed by someone after the
+// check, then a COMMIT's reply lost: committed (its marker is there) is
+// success; never reached the server is ErrAmbiguousCommit or a replay,
+// never two rows.
+func TestAttack9SentinelTamperedThenLostCommit(t *testing.T) {
+	for _, how := range []string{"delete", "update"} {
+		for _, cut := range []int32{cutAfterSend, cutMidMessage} {
+			t.Run(fmt.Sprintf("%s/cut%d", how, cut), func(t *testing.T) {
+				c := &cutter{isCommit: mysqlCommit}
+				db, plain, dbName, tbl := a9MyDB(t, c, "")
+				marker := dbName + ".sqlretry_commit_marker"
+				q := "DELETE FROM " + marker + " WHERE token = 'sqlretry:marker!'"
+				if how == "update" {
+					q = "UPDATE " + marker + " SET token = 'sqlretry:marker?' WHERE token = 'sqlretry:marker!'"
+				}
+				atkMust(t, plain, q)
+				op := "st-" + how
+				calls, err := a9CutRun(t, db, c, tbl, op, cut)
+				rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+				t.Logf("err=%v calls=%d rows=%d fired=%d", err, calls, rows, c.fired.Load())
+				if c.fired.Load() == 0 {
+					t.Fatal("COMMIT not cut")
+				}
+				a9Outcome(t, op, err, calls, rows)
+				// the db keeps working afterwards
+				if _, err := a9CutRun(t, db, c, tbl, op+"-next", 0); err != nil {
+					t.Errorf("next transaction: %v", err)
+				}
+			})
+		}
+	}
+}
