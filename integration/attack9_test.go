@@ -1567,3 +1567,56 @@ func TestAttack9SentinelTamperedThenLostCommit(t *testing.T) {
 		}
 	}
 }
+
+// HOLDS: outside a transaction, a text that runs several statements, each in
+// autocommit (a compound statement, a procedure), whose second statement
+// times out on a lock (1205) after the first committed. README: only a
+// text that is provably one atomic statement is retried; the plain driver
+// returns the 1205 with the first INSERT committed once.
+func TestAttack9AutocommitCompoundLockTimeout(t *testing.T) {
+	for _, q := range []string{
+		"BEGIN NOT ATOMIC INSERT INTO %[1]s VALUES ('%[3]s'); UPDATE %[2]s SET n = n + 1 WHERE id = 1; END",
+		"IF 1 = 1 THEN INSERT INTO %[1]s VALUES ('%[3]s'); UPDATE %[2]s SET n = n + 1 WHERE id = 1; END IF",
+		"WHILE @a9c IS NULL DO SET @a9c = 1; INSERT INTO %[1]s VALUES ('%[3]s'); UPDATE %[2]s SET n = n + 1 WHERE id = 1; END WHILE",
+		"REPEAT INSERT INTO %[1]s VALUES ('%[3]s'); UPDATE %[2]s SET n = n + 1 WHERE id = 1; UNTIL 1 END REPEAT",
+		"FOR i IN 1..1 DO INSERT INTO %[1]s VALUES ('%[3]s'); UPDATE %[2]s SET n = n + 1 WHERE id = 1; END FOR",
+		"CALL %[1]s_p('%[3]s')",
+		"SET STATEMENT sql_mode='' FOR CALL %[1]s_p('%[3]s')",
+		"EXECUTE IMMEDIATE 'CALL %[1]s_p(''%[3]s'')'",
+	} {
+		t.Run(q, func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, dbName, tbl := a9MyDB(t, c, "")
+			x := dbName + ".x"
+			atkMust(t, plain, "CREATE TABLE "+x+" (id int PRIMARY KEY, n int) ENGINE=InnoDB", "INSERT INTO "+x+" VALUES (1, 0)",
+				"CREATE PROCEDURE "+tbl+"_p(o varchar(40)) BEGIN INSERT INTO "+tbl+" VALUES (o); UPDATE "+x+" SET n = n + 1 WHERE id = 1; END")
+			db.SetMaxOpenConns(1)
+			ctx := a5Ctx(t, 15*time.Second)
+			if _, err := db.ExecContext(ctx, "SET SESSION innodb_lock_wait_timeout = 1"); err != nil {
+				t.Fatal(err)
+			}
+			pc, err := plain.Conn(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pc.Close()
+			ptx, err := pc.BeginTx(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := ptx.Exec("SELECT * FROM " + x + " WHERE id = 1 FOR UPDATE"); err != nil {
+				t.Fatal(err)
+			}
+			go func() { time.Sleep(1200 * time.Millisecond); ptx.Rollback() }()
+			op := atkName("cl")
+			text := fmt.Sprintf(q, tbl, x, op)
+			_, err = db.ExecContext(ctx, text)
+			time.Sleep(1300 * time.Millisecond)
+			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("%s: err=%v rows=%d", text, err, rows)
+			if rows > 1 {
+				t.Errorf("the first INSERT committed %d times (err=%v)", rows, err)
+			}
+		})
+	}
+}
