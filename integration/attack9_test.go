@@ -1625,3 +1625,68 @@ func TestAttack9AutocommitCompoundLockTimeout(t *testing.T) {
 		})
 	}
 }
+
+// HOLDS: savepoints rolled back to, a trigger that writes into another
+// database's table, and an XA statement the server refuses inside the
+// transaction, each with the COMMIT's reply lost (or the COMMIT cut in
+// half): the committed state once, never twice; XA START's own error
+// after one run, as the plain driver gives it.
+func TestAttack9SavepointTriggerXA(t *testing.T) {
+	for _, cut := range []int32{cutAfterSend, cutMidMessage} {
+		t.Run(fmt.Sprint("savepoint-trigger/cut", cut), func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, dbName, tbl := a9MyDB(t, c, "")
+			other := atkName("a9au")
+			atkMust(t, plain, "CREATE DATABASE "+other, "CREATE TABLE "+other+".audit (op varchar(40)) ENGINE=InnoDB",
+				"CREATE TRIGGER "+dbName+".wt AFTER INSERT ON "+tbl+" FOR EACH ROW INSERT INTO "+other+".audit VALUES (NEW.op)")
+			t.Cleanup(func() { plain.Exec("DROP DATABASE IF EXISTS " + other) })
+			calls, err := a9Run(t, db, c, cut, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+				for _, q := range []string{
+					"INSERT INTO " + tbl + " VALUES ('sa')", "SAVEPOINT s1", "INSERT INTO " + tbl + " VALUES ('sb')",
+					"ROLLBACK TO SAVEPOINT s1", "INSERT INTO " + tbl + " VALUES ('sc')",
+				} {
+					if _, err := tx.ExecContext(ctx, q); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			a := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'sa'")
+			b := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'sb'")
+			cc := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'sc'")
+			au := a9Count(t, plain, "SELECT COUNT(*) FROM "+other+".audit WHERE op IN ('sa', 'sb', 'sc')")
+			t.Logf("err=%v calls=%d a=%d b=%d c=%d audit=%d fired=%d", err, calls, a, b, cc, au, c.fired.Load())
+			a9Outcome(t, "savepoint", err, calls, a)
+			if b != 0 || cc != a || au != a+cc {
+				t.Errorf("state: a=%d b=%d c=%d audit=%d", a, b, cc, au)
+			}
+		})
+	}
+	t.Run("xa", func(t *testing.T) {
+		c := &cutter{isCommit: mysqlCommit}
+		db, plain, _, tbl := a9MyDB(t, c, "")
+		var perr error
+		{
+			ptx, err := plain.Begin()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ptx.Exec("INSERT INTO " + tbl + " VALUES ('xp')")
+			_, perr = ptx.Exec("XA START 'a9x'")
+			ptx.Rollback()
+		}
+		calls, err := a9Run(t, db, c, 0, nil, func(ctx context.Context, tx *sql.Tx, calls int) error {
+			if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ('xa')"); err != nil {
+				return err
+			}
+			_, err := tx.ExecContext(ctx, "XA START 'a9x'")
+			return err
+		})
+		rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = 'xa'")
+		t.Logf("plain: %v; sqlretry: err=%v calls=%d rows=%d", perr, err, calls, rows)
+		var me *mysql.MySQLError
+		if calls != 1 || rows != 0 || !errors.As(err, &me) {
+			t.Errorf("XA START in a transaction: err=%v calls=%d rows=%d; the plain driver: %v", err, calls, rows, perr)
+		}
+	})
+}
