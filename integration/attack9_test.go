@@ -41,7 +41,28 @@ func a9Defect(t *testing.T) {
 // sqlretry db whose connections go through c, warmed up (marker checked).
 func a9MyDB(t *testing.T, c *cutter, dsnParams string, opts ...sqlretry.Option) (db, plain *sql.DB, dbName, tbl string) {
 	t.Helper()
-	plain = atkPlain(t, "mysql")
+	return a9MyDBAt(t, "", c, dsnParams, opts...)
+}
+
+// a9MyDBAt: as a9MyDB on the server of dsn (the shared one when empty).
+func a9MyDBAt(t *testing.T, dsn string, c *cutter, dsnParams string, opts ...sqlretry.Option) (db, plain *sql.DB, dbName, tbl string) {
+	t.Helper()
+	addr, user := "127.0.0.1:3306", "root"
+	if dsn == "" {
+		plain = atkPlain(t, "mysql")
+	} else {
+		cfg, err := mysql.ParseDSN(dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr, user = cfg.Addr, cfg.User
+		p, err := sql.Open("mysql", dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		plain = p
+	}
 	dbName = atkName("a9")
 	atkMust(t, plain, "CREATE DATABASE "+dbName)
 	t.Cleanup(func() { plain.Exec("DROP DATABASE IF EXISTS " + dbName) })
@@ -53,7 +74,7 @@ func a9MyDB(t *testing.T, c *cutter, dsnParams string, opts ...sqlretry.Option) 
 	if dsnParams == "" {
 		dsnParams = "parseTime=true&multiStatements=true"
 	}
-	cfg, err := mysql.ParseDSN("root@" + netName + "(127.0.0.1:3306)/" + dbName + "?" + dsnParams)
+	cfg, err := mysql.ParseDSN(user + "@" + netName + "(" + addr + ")/" + dbName + "?" + dsnParams)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1689,4 +1710,63 @@ func TestAttack9SavepointTriggerXA(t *testing.T) {
 			t.Errorf("XA START in a transaction: err=%v calls=%d rows=%d; the plain driver: %v", err, calls, rows, perr)
 		}
 	})
+}
+
+// HOLDS: statements that commit implicitly and change server-wide state
+// (users, grants, roles, caches, servers), inside the closure, then the
+// final COMMIT cut in half: ErrAmbiguousCommit after one run. Private server.
+func TestAttack9ImplicitCommitAdminStatements(t *testing.T) {
+	a9AdminCases(t, []struct{ name, stmts string }{
+		{"createuser", "CREATE USER a9u%d"},
+		{"grant", "GRANT SELECT ON *.* TO a9g"},
+		{"revoke", "REVOKE SELECT ON *.* FROM a9r"},
+		{"setpassword", "SET PASSWORD FOR a9p = PASSWORD('x')"},
+		{"renameuser", "RENAME USER a9n TO a9n%d"},
+		{"resetqc", "RESET QUERY CACHE"},
+		{"flushprivs", "FLUSH PRIVILEGES"},
+		{"alteruser", "ALTER USER a9a ACCOUNT LOCK"},
+		{"createrole", "CREATE ROLE a9role%d"},
+		{"droprole", "DROP ROLE a9dr"},
+		{"alterdb", "ALTER DATABASE CHARACTER SET utf8mb4"},
+		{"createserver", "CREATE SERVER a9s%d FOREIGN DATA WRAPPER mysql OPTIONS (HOST '127.0.0.1')"},
+	})
+}
+
+// DEFECT: SET DEFAULT ROLE ... FOR ... commits implicitly on MariaDB (it
+// writes the privilege tables) and is not seen: the closure's INSERT is
+// committed by it, the final COMMIT is cut in half, the attempt is
+// replayed, the INSERT committed twice (RunInTx nil). Private server.
+func TestAttack9SetDefaultRoleReplayed(t *testing.T) {
+	a9Defect(t)
+	a9AdminCases(t, []struct{ name, stmts string }{
+		{"defaultrole", "SET DEFAULT ROLE a9role FOR a9d"},
+		{"defaultrolenone", "SET DEFAULT ROLE NONE FOR a9d"},
+	})
+}
+
+func a9AdminCases(t *testing.T, cases []struct{ name, stmts string }) {
+	dsn := needPrivate(t, "mysql")
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &cutter{isCommit: mysqlCommit}
+			db, plain, _, tbl := a9MyDBAt(t, dsn, c, "")
+			n := rand.IntN(1000000)
+			for _, u := range []string{"a9g", "a9r", "a9p", "a9n", "a9d", "a9a", "a9dr"} {
+				plain.Exec("DROP USER IF EXISTS " + u)
+				plain.Exec("DROP ROLE IF EXISTS " + u)
+			}
+			plain.Exec("DROP ROLE IF EXISTS a9role")
+			atkMust(t, plain, "CREATE USER a9g", "CREATE USER a9r", "GRANT SELECT ON *.* TO a9r", "CREATE USER a9p", "CREATE USER a9n",
+				"CREATE USER a9d", "CREATE ROLE a9role", "GRANT a9role TO a9d", "CREATE USER a9a", "CREATE ROLE a9dr")
+			stmt := strings.ReplaceAll(tc.stmts, "%d", fmt.Sprint(n)+"_%d")
+			op := "adm-" + tc.name
+			calls, err := a9CutRun(t, db, c, tbl, op, cutMidMessage, stmt)
+			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
+			t.Logf("%s: err=%v calls=%d rows=%d fired=%d", stmt, err, calls, rows, c.fired.Load())
+			if c.fired.Load() == 0 {
+				t.Fatalf("COMMIT not cut (err=%v)", err)
+			}
+			a9Outcome(t, tc.name, err, calls, rows)
+		})
+	}
 }
