@@ -1206,6 +1206,10 @@ func TestAttack9SetStatementHidesTxControl(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) { a9ImplicitCaseSetup(t, tc.name, tc.stmts) })
 	}
+	// private server: a GRANT
+	t.Run("grant", func(t *testing.T) {
+		a9AdminCases(t, []struct{ name, stmts string }{{"grant", "SET STATEMENT sql_mode='' FOR GRANT SELECT ON *.* TO a9g"}})
+	})
 }
 
 func a9ImplicitCaseSetup(t *testing.T, name, stmtText string) {
@@ -1759,8 +1763,14 @@ func a9AdminCases(t *testing.T, cases []struct{ name, stmts string }) {
 			atkMust(t, plain, "CREATE USER a9g", "CREATE USER a9r", "GRANT SELECT ON *.* TO a9r", "CREATE USER a9p", "CREATE USER a9n",
 				"CREATE USER a9d", "CREATE ROLE a9role", "GRANT a9role TO a9d", "CREATE USER a9a", "CREATE ROLE a9dr")
 			stmt := strings.ReplaceAll(tc.stmts, "%d", fmt.Sprint(n)+"_%d")
+			stmts := strings.Split(stmt, "|")
+			for i := range stmts {
+				if strings.HasSuffix(stmts[i], " w") {
+					stmts[i] = strings.TrimSuffix(stmts[i], " w") + " " + tbl
+				}
+			}
 			op := "adm-" + tc.name
-			calls, err := a9CutRun(t, db, c, tbl, op, cutMidMessage, stmt)
+			calls, err := a9CutRun(t, db, c, tbl, op, cutMidMessage, stmts...)
 			rows := a9Count(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE op = ?", op)
 			t.Logf("%s: err=%v calls=%d rows=%d fired=%d", stmt, err, calls, rows, c.fired.Load())
 			if c.fired.Load() == 0 {
@@ -1769,4 +1779,19 @@ func a9AdminCases(t *testing.T, cases []struct{ name, stmts string }) {
 			a9Outcome(t, tc.name, err, calls, rows)
 		})
 	}
+}
+
+// HOLDS: more server-wide statements (BACKUP STAGE, BACKUP LOCK, INSTALL
+// SONAME, SET PASSWORD, CREATE OR REPLACE USER, ALTER SERVER) are seen;
+// SET ROLE (no commit) is replayed, one row. Private server.
+func TestAttack9ImplicitCommitAdminStatements2(t *testing.T) {
+	a9AdminCases(t, []struct{ name, stmts string }{
+		{"backupstage", "BACKUP STAGE START|BACKUP STAGE END"},
+		{"backuplock", "BACKUP LOCK w|BACKUP UNLOCK"},
+		{"installsoname", "INSTALL SONAME 'ha_blackhole'|UNINSTALL SONAME 'ha_blackhole'"},
+		{"setpasswordself", "SET PASSWORD = PASSWORD('')"},
+		{"createorreplaceuser", "CREATE OR REPLACE USER a9c%d"},
+		{"alterserver", "CREATE SERVER IF NOT EXISTS a9srv FOREIGN DATA WRAPPER mysql OPTIONS (HOST '127.0.0.1')|ALTER SERVER a9srv OPTIONS (USER 'x')"},
+		{"setrole", "SET ROLE a9role|SET ROLE NONE"},
+	})
 }
