@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -104,14 +103,16 @@ type fakeServer struct {
 
 	// Semi-synchronous replication (MySQL/MariaDB), for the marker's
 	// resolution.
-	semiSync         bool         // rpl_semi_sync_master_enabled
-	markerEmptied    bool         // the marker table was emptied since the check: neither tokens nor the sentinel are found
-	markerTriggers   int64        // triggers on the marker table
-	semiSyncOff      bool         // Rpl_semi_sync_master_status OFF (a wait timed out)
-	semiSyncTimesOut bool         // the next autocommit INSERT's wait times out: semiSyncOff from then on
-	replicaFrozen    bool         // an autocommit INSERT or DELETE waits for the ACK until its context ends
-	oldSession       *fakeBackend // the old session in the process list (any ID) until KILLed: state is its Command, waitEvent its State
-	mysqlKills       []string     // KILL statements run
+	semiSync          bool         // rpl_semi_sync_master_enabled
+	markerEmptiedAt   int          // the marker table was emptied when ran had this many entries: rows written before are gone
+	emptyBeforeLookup bool         // the marker table is emptied right before the next lookup after a lost COMMIT
+	recreatedBy       []byte       // ... and created again by another db, whose sentinel this is
+	markerTriggers    int64        // triggers on the marker table
+	semiSyncOff       bool         // Rpl_semi_sync_master_status OFF (a wait timed out)
+	semiSyncTimesOut  bool         // the next autocommit INSERT's wait times out: semiSyncOff from then on
+	replicaFrozen     bool         // an autocommit INSERT or DELETE waits for the ACK until its context ends
+	oldSession        *fakeBackend // the old session in the process list (any ID) until KILLed: state is its Command, waitEvent its State
+	mysqlKills        []string     // KILL statements run
 
 	// onQuery, when set, answers a query before the defaults (after its
 	// script): ok false lets the defaults answer.
@@ -447,38 +448,47 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		}
 		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{{[]byte("Rpl_semi_sync_master_status"), []byte(v)}}, clobber: true}, nil
 	}
-	if strings.HasPrefix(q, "SELECT COUNT(*) FROM ") && strings.HasSuffix(q, " WHERE token = '"+markerSentinel+"'") {
-		table := strings.TrimSuffix(strings.TrimPrefix(q, "SELECT COUNT(*) FROM "), " WHERE token = '"+markerSentinel+"'")
+	if strings.HasPrefix(q, "SELECT token FROM ") && strings.Contains(q, " WHERE token >= '"+markerSentinelPrefix+"'") {
+		// The sentinel rows the checks put in, since the table was last
+		// emptied.
+		table, _, _ := strings.Cut(strings.TrimPrefix(q, "SELECT token FROM "), " ")
 		c.srv.mu.Lock()
 		defer c.srv.mu.Unlock()
-		n := int64(0)
-		if slices.Contains(c.srv.ran, markerSentinelInsert(table)) && !c.srv.markerEmptied {
-			n = 1
+		prefix := strings.TrimSuffix(markerSentinelInsert(table, []byte(markerSentinelPrefix)), "')")
+		for _, r := range c.srv.ran[c.srv.markerEmptiedAt:] {
+			if strings.HasPrefix(r, prefix) {
+				b, _ := hex.DecodeString(strings.TrimSuffix(strings.TrimPrefix(r, "INSERT IGNORE INTO "+table+" (token) VALUES (X'"), "')"))
+				return &fakeRows{cols: []string{"token"}, data: [][]driver.Value{{b}}}, nil
+			}
 		}
-		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{n}}}, nil
+		return &fakeRows{cols: []string{"token"}}, nil
 	}
 	if strings.HasPrefix(q, "SELECT COUNT(*), (SELECT COUNT(*) FROM ") && strings.HasSuffix(q, " WHERE token = ?") {
 		// The marker: there once a transaction that inserted it committed;
-		// the sentinel once the check put it in, unless the table was
-		// emptied since.
+		// the table's sentinel once the check put it in; both unless the
+		// table was emptied since.
 		table, _, _ := strings.Cut(strings.TrimPrefix(q, "SELECT COUNT(*), (SELECT COUNT(*) FROM "), " ")
-		if q != markerLookup(table) {
-			return nil, fmt.Errorf("fake: unexpected marker lookup %q", q)
+		if q != markerLookup(table) || len(args) != 2 || !isBytes(args[0].Value) || !isBytes(args[1].Value) {
+			return nil, fmt.Errorf("fake: unexpected marker lookup %q %v", q, args)
 		}
 		c.srv.mu.Lock()
 		defer c.srv.mu.Unlock()
-		n, sentinel := int64(0), int64(0)
-		for _, r := range c.srv.ran {
-			if (strings.HasPrefix(r, "INSERT INTO "+table+" ") || strings.HasPrefix(r, "BEGIN NOT ATOMIC INSERT INTO "+table+" ")) &&
-				(len(args) == 0 || !isBytes(args[0].Value) || strings.Contains(r, hex.EncodeToString(args[0].Value.([]byte)))) {
-				n = 1
-			}
-			if r == markerSentinelInsert(table) {
-				sentinel = 1
+		if c.srv.emptyBeforeLookup {
+			c.srv.markerEmptiedAt, c.srv.emptyBeforeLookup = len(c.srv.ran), false
+			if c.srv.recreatedBy != nil {
+				// Another db created the table again, with its sentinel.
+				c.srv.ran = append(c.srv.ran, markerSentinelInsert(table, c.srv.recreatedBy))
 			}
 		}
-		if c.srv.markerEmptied {
-			n, sentinel = 0, 0
+		n, sentinel := int64(0), int64(0)
+		for _, r := range c.srv.ran[c.srv.markerEmptiedAt:] {
+			if strings.HasPrefix(r, "INSERT IGNORE INTO "+table+" ") && strings.Contains(r, hex.EncodeToString(args[0].Value.([]byte))) {
+				sentinel = 1
+			}
+			if (strings.HasPrefix(r, "INSERT INTO "+table+" ") || strings.HasPrefix(r, "BEGIN NOT ATOMIC INSERT INTO "+table+" ")) &&
+				strings.Contains(r, hex.EncodeToString(args[1].Value.([]byte))) {
+				n = 1
+			}
 		}
 		return &fakeRows{cols: []string{"n", "sentinel"}, data: [][]driver.Value{{n, sentinel}}}, nil
 	}

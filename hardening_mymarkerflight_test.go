@@ -256,7 +256,12 @@ func TestMarkerChangedSinceTheCheckIsNeverTakenAsNotCommitted(t *testing.T) {
 		name string
 		set  func(*fakeServer)
 	}{
-		{"emptied", func(s *fakeServer) { s.markerEmptied = true }},
+		{"emptied", func(s *fakeServer) { s.emptyBeforeLookup = true }},
+		// attack9: another db (or this one) met the missing table and
+		// created it again, with a sentinel, before the lookup.
+		{"recreated by another db", func(s *fakeServer) {
+			s.emptyBeforeLookup, s.recreatedBy = true, []byte("sqlretry:0123456")
+		}},
 		{"trigger added", func(s *fakeServer) { s.markerTriggers = 1 }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -273,17 +278,18 @@ func TestMarkerChangedSinceTheCheckIsNeverTakenAsNotCommitted(t *testing.T) {
 			if calls != 1 || !errors.Is(err, ErrAmbiguousCommit) {
 				t.Fatalf("err=%v calls=%d; want ErrAmbiguousCommit, one call (ran %q)", err, calls, srv.ran)
 			}
-			if n := srv.ranCount(markerSentinelInsert("`test`.`m`")); n != 1 {
+			sentinels := strings.TrimSuffix(markerSentinelInsert("`test`.`m`", []byte(markerSentinelPrefix)), "')")
+			if n := srv.ranCount(sentinels); n != 1 && !(tc.name == "recreated by another db" && n == 2) {
 				t.Fatalf("the check ran %d times before the next transaction, want 1", n)
 			}
 			_, _ = insertOnce(db, nil, "INSERT INTO t VALUES (2)")
-			if n := srv.ranCount(markerSentinelInsert("`test`.`m`")); n != 2 && tc.name == "emptied" {
+			if n := srv.ranCount(sentinels); n < 2 && tc.name != "trigger added" {
 				t.Errorf("the table was checked %d times, want 2: the next transaction checks it again", n)
 			}
 			// The check, the lookup (when the sentinel is there), the check
 			// again (which turns the default marker off on a trigger).
 			want := 3
-			if tc.name == "emptied" {
+			if tc.name != "trigger added" {
 				want = 2
 			}
 			if n := srv.ranCount("SELECT COUNT(*) FROM information_schema.TRIGGERS"); n != want {

@@ -97,15 +97,27 @@ func (t *tx) prepareMarker() error {
 		t.nothingDurable = true
 		return nil
 	}
-	marker, err := r.markerTable(t.ctx)
+	marker, sentinel, err := r.markerTable(t.ctx)
 	if err != nil {
 		return err
 	}
 	if marker == "" {
 		return nil // no marker table just now: a lost COMMIT will be ambiguous
 	}
+	if t.lockedTables {
+		// The closure ran LOCK TABLES (which also committed what came
+		// before it): the marker's INSERT would fail with 1100 (not
+		// locked) where the plain driver commits (attack9). No marker:
+		// a lost COMMIT is ambiguous.
+		return nil
+	}
 	if c.serverID == 0 {
 		vals, err := queryRow(t.ctx, c.inner, "SELECT CONNECTION_ID()")
+		if errors.Is(err, errNoRow) {
+			// The closure set sql_select_limit = 0 (attack9): no marker
+			// for this transaction rather than a failed COMMIT.
+			return nil
+		}
 		if err != nil {
 			return r.resolutionFailed(t.ctx, "asking for the connection id", err)
 		}
@@ -117,7 +129,7 @@ func (t *tx) prepareMarker() error {
 	}
 	token := make([]byte, 16)
 	_, _ = rand.Read(token)
-	t.token, t.marker = token, marker
+	t.token, t.marker, t.sentinel = token, marker, sentinel
 	if c.mysqlServer.block && !r.resolution.markerNoBlock.Load() {
 		t.markerWithCommit = true
 		return nil
@@ -371,28 +383,28 @@ const markerRecheck = 10 * time.Second
 // connection fails otherwise the name is "" and no error: the caller's
 // transaction is not at fault, it commits without a marker (a lost COMMIT
 // is then ErrAmbiguousCommit) and the next one checks again.
-func (r *retrier) markerTable(ctx context.Context) (string, error) {
+func (r *retrier) markerTable(ctx context.Context) (string, []byte, error) {
 	rs := r.resolution
-	if name := rs.markerName.Load(); name != nil {
-		return *name, nil // every writing transaction: no lock
+	if m := rs.markerName.Load(); m != nil {
+		return m.name, m.sentinel, nil // every writing transaction: no lock
 	}
 	rs.markerMu.Lock()
 	defer rs.markerMu.Unlock()
-	if name := rs.markerName.Load(); name != nil {
-		return *name, nil
+	if m := rs.markerName.Load(); m != nil {
+		return m.name, m.sentinel, nil
 	}
 	if rs.markerOff.Load() {
-		return "", nil // turned off while this transaction waited for the lock
+		return "", nil, nil // turned off while this transaction waited for the lock
 	}
 	if rs.markerErr != nil && r.clock.Now().Sub(rs.markerErrAt) < markerRecheck {
-		return "", rs.markerErr
+		return "", nil, rs.markerErr
 	}
 	dc, err := r.inner.Connect(ctx)
 	if err != nil {
-		return "", nil
+		return "", nil, nil
 	}
 	defer dc.Close()
-	name, cerr, err := checkMarkerTable(ctx, dc, r.cfg.mysqlMarker)
+	name, sentinel, cerr, err := checkMarkerTable(ctx, dc, r.cfg.mysqlMarker)
 	if cerr == nil && err != nil && !r.cfg.mysqlMarkerSet && serverAnswered(err) && r.classify(err) == Permanent {
 		// An engine that speaks MySQL's protocol but refuses the check
 		// (no information_schema, no such syntax): asking again at every
@@ -401,33 +413,40 @@ func (r *retrier) markerTable(ctx context.Context) (string, error) {
 	}
 	if cerr != nil && !r.cfg.mysqlMarkerSet {
 		r.markerTurnOff(ctx, cerr)
-		return "", nil
+		return "", nil, nil
 	}
 	if cerr != nil {
 		rs.markerErr, rs.markerErrAt = newError("commit", 1, Permanent, nil, cerr), r.clock.Now()
-		return "", rs.markerErr
+		return "", nil, rs.markerErr
 	}
 	if err != nil {
-		return "", nil
+		return "", nil, nil
 	}
 	rs.markerErr = nil
-	rs.markerName.Store(&name)
-	return name, nil
+	rs.markerName.Store(&markerInfo{name: name, sentinel: sentinel})
+	return name, sentinel, nil
+}
+
+// markerInfo is the checked marker table and the sentinel row the check
+// found or put in it.
+type markerInfo struct {
+	name     string
+	sentinel []byte
 }
 
 // checkMarkerTable qualifies the marker's name, creates the table if it is
 // missing and checks the privileges the resolution needs. cerr is a
 // configuration error, err any other failure.
-func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name string, cerr, err error) {
+func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name string, sentinel []byte, cerr, err error) {
 	schema, table, qualified := strings.Cut(option, ".")
 	if !qualified {
 		schema, table = "", option
 		vals, err := queryRow(ctx, dc, "SELECT DATABASE()")
 		if err != nil {
-			return "", nil, err
+			return "", nil, nil, err
 		}
 		if vals[0] == nil {
-			return "", &configError{what: fmt.Sprintf("placing the commit marker table %q", option),
+			return "", nil, &configError{what: fmt.Sprintf("placing the commit marker table %q", option),
 				fix: `the DSN names no database: name the table with its database, WithMySQLCommitMarker("db.` + option + `"), or add one to the DSN`}, nil
 		}
 		schema = asString(vals[0])
@@ -435,72 +454,84 @@ func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name 
 	name = quoteMySQL(schema) + "." + quoteMySQL(table)
 	vals, err := queryRow(ctx, dc, "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?", schema, table)
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 	ddl := fmt.Sprintf(markerDDL, name)
 	if asInt64(vals[0]) != 0 {
 		// A table that was there (a DBA's, another program's) must keep a
 		// token as it is written; see markerShapeOK.
 		if cerr, err := markerShapeOK(ctx, dc, schema, table, name, ddl); cerr != nil || err != nil {
-			return "", cerr, err
+			return "", nil, cerr, err
 		}
 	} else if err := execConn(ctx, dc, ddl); err != nil {
 		if isConfigNumber(mysqlNumber(err)) {
-			return "", &configError{what: "creating the commit marker table " + name,
+			return "", nil, &configError{what: "creating the commit marker table " + name,
 				fix: "create it once as an administrator (" + oneLine(ddl) + ") and grant this user SELECT, INSERT and DELETE on it", err: err}, nil
 		}
-		return "", nil, err
+		return "", nil, nil, err
 	}
 	// The lookup reads the table, the clean-up deletes from it. WHERE 1=0
 	// checks the privilege and touches no row.
 	for _, q := range []string{"SELECT COUNT(*) FROM " + name + " WHERE 1=0", "DELETE FROM " + name + " WHERE 1=0"} {
 		if err := execConn(ctx, dc, q); err != nil {
 			if isConfigNumber(mysqlNumber(err)) {
-				return "", &configError{what: "checking the privileges on the commit marker table " + name,
+				return "", nil, &configError{what: "checking the privileges on the commit marker table " + name,
 					fix: "grant this user SELECT, INSERT and DELETE on it", err: err}, nil
 			}
-			return "", nil, err
+			return "", nil, nil, err
 		}
 	}
-	// The sentinel row (markerSentinel), which the lookup after a lost
-	// COMMIT reads beside the token, goes in when it is not there: no
-	// write once it is (under semi-synchronous replication a write waits
-	// for a replica).
-	vals, err = queryRow(ctx, dc, markerSentinelCount(name))
+	// The sentinel row (markerSentinelPrefix and random bytes), which the
+	// lookup after a lost COMMIT reads beside the token: the one already
+	// there (another db's, an earlier check's), else a new one. No write
+	// once one is there (under semi-synchronous replication a write waits
+	// for a replica). A table dropped and created again gets a new one,
+	// so the old one's absence tells, also when another db (or this one)
+	// created the table again before the lookup.
+	rows, err := queryRows(ctx, dc, markerSentinelFind(name))
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
-	if asInt64(vals[0]) == 0 {
-		if err := execConn(ctx, dc, markerSentinelInsert(name)); err != nil {
-			if isConfigNumber(mysqlNumber(err)) {
-				return "", &configError{what: "writing to the commit marker table " + name,
-					fix: "grant this user SELECT, INSERT and DELETE on it", err: err}, nil
-			}
-			return "", nil, err
+	if len(rows) > 0 && len(rows[0]) > 0 {
+		if b := []byte(asString(rows[0][0])); len(b) == 16 {
+			return name, b, nil, nil
 		}
 	}
-	return name, nil, nil
+	sentinel = make([]byte, 16)
+	copy(sentinel, markerSentinelPrefix)
+	_, _ = rand.Read(sentinel[len(markerSentinelPrefix):])
+	if err := execConn(ctx, dc, markerSentinelInsert(name, sentinel)); err != nil {
+		if isConfigNumber(mysqlNumber(err)) {
+			return "", nil, &configError{what: "writing to the commit marker table " + name,
+				fix: "grant this user SELECT, INSERT and DELETE on it", err: err}, nil
+		}
+		return "", nil, nil, err
+	}
+	return name, sentinel, nil, nil
 }
 
-// markerSentinel is a row the marker check puts in the table and the
-// clean-up leaves: a lookup after a lost COMMIT that finds neither the
-// token nor the sentinel looks at a table that was emptied since (dropped
-// and created again, TRUNCATEd, all its rows deleted), where "no token"
-// says nothing about the COMMIT (attack7: the committed write ran twice).
-// Sixteen bytes, like a token; tokens are random.
-const markerSentinel = "sqlretry:marker!"
+// markerSentinelPrefix begins a sentinel row's token: a row the marker
+// check puts in the table and the clean-up leaves. A lookup after a lost
+// COMMIT that finds neither the token nor the sentinel of the table the
+// transaction used looks at a table that was emptied since (dropped and
+// created again, TRUNCATEd, all its rows deleted), where "no token" says
+// nothing about the COMMIT (attack7: the committed write ran twice).
+// Tokens are random: one that begins so is 1 in 2^72.
+const markerSentinelPrefix = "sqlretry:"
 
-func markerSentinelCount(name string) string {
-	return "SELECT COUNT(*) FROM " + name + " WHERE token = '" + markerSentinel + "'"
+// markerSentinelFind finds a sentinel row (the key's range: no scan).
+func markerSentinelFind(name string) string {
+	return "SELECT token FROM " + name + " WHERE token >= '" + markerSentinelPrefix + "' AND token < 'sqlretry;' LIMIT 1"
 }
 
-func markerSentinelInsert(name string) string {
-	return "INSERT IGNORE INTO " + name + " (token) VALUES ('" + markerSentinel + "')"
+func markerSentinelInsert(name string, sentinel []byte) string {
+	return "INSERT IGNORE INTO " + name + " (token) VALUES (X'" + hex.EncodeToString(sentinel) + "')"
 }
 
-// markerLookup counts the token and the sentinel in one statement.
+// markerLookup counts the token (the second argument) and the sentinel
+// (the first) in one statement.
 func markerLookup(table string) string {
-	return "SELECT COUNT(*), (SELECT COUNT(*) FROM " + table + " WHERE token = '" + markerSentinel + "') FROM " + table + " WHERE token = ?"
+	return "SELECT COUNT(*), (SELECT COUNT(*) FROM " + table + " WHERE token = ?) FROM " + table + " WHERE token = ?"
 }
 
 // markerTriggers counts the triggers on the marker table, by its quoted
@@ -670,7 +701,7 @@ func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
 	if execConn(ctx, dc, "SET SESSION innodb_lock_wait_timeout = 1, lock_wait_timeout = 1") != nil {
 		return
 	}
-	_ = execConn(ctx, dc, fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR AND token <> '%s' LIMIT %d", table, markerSentinel, cleanBatch))
+	_ = execConn(ctx, dc, fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR AND NOT (token >= '%s' AND token < 'sqlretry;') LIMIT %d", table, markerSentinelPrefix, cleanBatch))
 }
 
 // resolveCommit finds out whether the COMMIT of t took effect, within ctx.
@@ -689,7 +720,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 	case r.dialect == DialectMySQL && t.token != nil:
 		by = "the commit marker"
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return mysqlCheckCommit(ctx, dc, t.marker, t.token, t.c.serverID, t.c.mysqlServer)
+			return mysqlCheckCommit(ctx, dc, t.marker, t.token, t.sentinel, t.c.serverID, t.c.mysqlServer)
 		}
 	default:
 		return CommitUnknown
@@ -976,7 +1007,7 @@ func mysqlAskServer(ctx context.Context, dc driver.Conn) (mysqlServer, error) {
 // not receive before the old node left is committed nowhere, and one it
 // did receive is applied before a causal read answers. Otherwise the old
 // session may still commit: ask again later.
-func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token []byte, connID int64, old mysqlServer) (CommitOutcome, error) {
+func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token, sentinel []byte, connID int64, old mysqlServer) (CommitOutcome, error) {
 	side, err := mysqlAskServer(ctx, dc)
 	if err != nil {
 		return CommitUnknown, err
@@ -1004,7 +1035,7 @@ func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token [
 			return CommitUnknown, nil
 		}
 	}
-	vals, err := queryRow(ctx, dc, markerLookup(table), token)
+	vals, err := queryRow(ctx, dc, markerLookup(table), sentinel, token)
 	if err != nil {
 		return CommitUnknown, err
 	}
@@ -1025,7 +1056,7 @@ func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token [
 		// The view without the old node came after anything it sent; the
 		// causal read above waited for it. Read again to be sure the
 		// answer is from after that view.
-		vals, err = queryRow(ctx, dc, markerLookup(table), token)
+		vals, err = queryRow(ctx, dc, markerLookup(table), sentinel, token)
 		if err != nil {
 			return CommitUnknown, err
 		}
@@ -1059,6 +1090,10 @@ func namedArgs(args []any) []driver.NamedValue {
 	}
 	return nv
 }
+
+// errNoRow: a one-row query answered no row (a session's
+// sql_select_limit of 0 does that to SELECT CONNECTION_ID()).
+var errNoRow = errors.New("sqlretry: no row")
 
 // queryRow runs a one-row query on a driver connection. The query has
 // succeeded only once the whole result has: a server may send the row and
@@ -1094,7 +1129,7 @@ func queryRow(ctx context.Context, dc driver.Conn, query string, args ...any) ([
 	if err := rows.Next(vals); err != nil {
 		rows.Close()
 		if err == io.EOF {
-			return nil, errors.New("sqlretry: no row")
+			return nil, errNoRow
 		}
 		return nil, err
 	}

@@ -44,7 +44,7 @@ type resolveState struct {
 	markerMu sync.Mutex
 	// markerName: the marker table, fully qualified and checked; nil
 	// until then. Read without markerMu by every writing transaction.
-	markerName  atomic.Pointer[string]
+	markerName  atomic.Pointer[markerInfo]
 	markerErr   error     // a configuration error of the marker table, answered until markerErrAt+markerRecheck
 	markerErrAt time.Time //
 	markerCount atomic.Int64

@@ -34,6 +34,7 @@ type tx struct {
 	mark     pgMark // where xid is in the WAL (resolve_failover.go)
 	token    []byte
 	marker   string // the MySQL marker table token went into
+	sentinel []byte // that table's sentinel row when it was checked (resolve.go)
 	// markerWithCommit: the marker's INSERT is sent with the COMMIT
 	// (commitWithMarker).
 	markerWithCommit bool
@@ -48,6 +49,8 @@ type tx struct {
 	// (escapesTx): part of the work may be committed already, so a lost
 	// COMMIT is never turned into a replay.
 	escaped bool
+	// lockedTables: LOCK TABLES ran in it (MySQL): no commit marker.
+	lockedTables bool
 }
 
 // guard refuses statements in a poisoned transaction, except ROLLBACK TO
@@ -120,6 +123,9 @@ func setsLockTimeout(query string) bool {
 // one (conn.noteTxControl).
 func (t *tx) escape(query string) {
 	t.escaped = true
+	if q := strings.ToLower(strings.TrimSpace(query)); strings.HasPrefix(q, "lock table") {
+		t.lockedTables = true
+	}
 	if t.attempt != nil {
 		t.attempt.escaped = true
 	}

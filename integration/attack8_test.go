@@ -53,7 +53,7 @@ func a8Engage(t *testing.T, ctx context.Context, db *sql.DB) {
 // a8Stuck runs one RunInTx on a fresh db (shortWait on or off) whose first
 // attempt meets a serialization failure, and whose closure then runs body
 // against row 1 of a table a batch job holds for hold.
-func a8Stuck(t *testing.T, on bool, hold, ctxd time.Duration, body func(ctx context.Context, tx *sql.Tx, tbl string) error, opts ...sqlretry.Option) (attempts int, n int, err error, took time.Duration) {
+func a8Stuck(t *testing.T, on bool, hold, ctxd time.Duration, body func(ctx context.Context, tx *sql.Tx, tbl string) error, opts ...sqlretry.Option) (attempts int, n int, took time.Duration, err error) {
 	t.Helper()
 	plain := atkPlain(t, "pgx")
 	tbl := a5Table(t, plain, 2)
@@ -72,7 +72,7 @@ func a8Stuck(t *testing.T, on bool, hold, ctxd time.Duration, body func(ctx cont
 	took = time.Since(start)
 	<-released
 	n = atkCount(t, plain, "SELECT n FROM "+tbl+" WHERE id = 1")
-	return int(k.Load()), n, err, took
+	return int(k.Load()), n, took, err
 }
 
 // A user who wants lock timeouts reported, not replayed (their own
@@ -92,11 +92,11 @@ func TestAttack8ClassifierPermanentLockTimeoutGetsOwnBound(t *testing.T) {
 		_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
 		return err
 	}
-	a0, n0, err0, _ := a8Stuck(t, false, 500*time.Millisecond, 10*time.Second, upd, perm)
+	a0, n0, _, err0 := a8Stuck(t, false, 500*time.Millisecond, 10*time.Second, upd, perm)
 	if err0 != nil || n0 != 1001 {
 		t.Fatalf("without short waits: attempts %d n %d err %v", a0, n0, err0)
 	}
-	a, n, err, took := a8Stuck(t, true, 500*time.Millisecond, 10*time.Second, upd, perm)
+	a, n, took, err := a8Stuck(t, true, 500*time.Millisecond, 10*time.Second, upd, perm)
 	t.Logf("without short waits: committed on attempt %d; with: attempts %d n %d took %v ErrorCode %q err %v", a0, a, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
 	if err != nil || n != 1001 {
 		a8Defects(t)
@@ -150,7 +150,7 @@ func TestAttack8ClosureOpaqueErrorOnOwnBound(t *testing.T) {
 		return nil
 	}
 	for _, on := range []bool{false, true} {
-		a, n, err, took := a8Stuck(t, on, 500*time.Millisecond, 10*time.Second, opaque)
+		a, n, took, err := a8Stuck(t, on, 500*time.Millisecond, 10*time.Second, opaque)
 		t.Logf("short waits %v: attempts %d row %d took %v err %v", on, a, n, took.Round(time.Millisecond), err)
 		if err != nil || n != 1001 {
 			t.Errorf("short waits %v: err %v row %d; want success, row 1001", on, err, n)
@@ -184,12 +184,12 @@ func TestAttack8ClosureSetLocalLockTimeoutHiddenAtDeadline(t *testing.T) {
 	}
 	for name, body := range map[string]func(context.Context, *sql.Tx, string) error{"set-local": setLocal, "function-set-clause": fnSet} {
 		t.Run(name, func(t *testing.T) {
-			a0, _, err0, _ := a8Stuck(t, false, 1500*time.Millisecond, time.Second, body)
+			a0, _, _, err0 := a8Stuck(t, false, 1500*time.Millisecond, time.Second, body)
 			t.Logf("without short waits: attempts %d ErrorCode %q err %v", a0, sqlretry.ErrorCode(err0), err0)
 			if a8Code(err0) != "55P03" {
 				t.Fatalf("without short waits the user's 55P03 was not reported: %v", err0)
 			}
-			a, n, err, took := a8Stuck(t, true, 1500*time.Millisecond, time.Second, body)
+			a, n, took, err := a8Stuck(t, true, 1500*time.Millisecond, time.Second, body)
 			t.Logf("with short waits: attempts %d row %d took %v ErrorCode %q err %v", a, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
 			if n != 1000 {
 				t.Errorf("row %d: a write went through a held lock?", n)
@@ -241,7 +241,7 @@ func TestAttack8UsersOwn55P03Reported(t *testing.T) {
 	for bn, b := range bodies {
 		for sn, s := range stops {
 			t.Run(bn+"/"+sn, func(t *testing.T) {
-				a, n, err, took := a8Stuck(t, true, 2500*time.Millisecond, s.ctxd, b, s.opts...)
+				a, n, took, err := a8Stuck(t, true, 2500*time.Millisecond, s.ctxd, b, s.opts...)
 				t.Logf("attempts %d row %d took %v ErrorCode %q err %v", a, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
 				if a8Code(err) != "55P03" || sqlretry.ErrorCode(err) != "55P03" || n != 1000 {
 					t.Errorf("the user's own 55P03 not reported: row %d, %v", n, err)
@@ -867,11 +867,11 @@ func TestAttack8ClosureRollbackIdiomGetsOwnBound(t *testing.T) {
 		return nil
 	}
 	t.Run("replay", func(t *testing.T) {
-		a0, n0, err0, _ := a8Stuck(t, false, 500*time.Millisecond, 10*time.Second, body)
+		a0, n0, _, err0 := a8Stuck(t, false, 500*time.Millisecond, 10*time.Second, body)
 		if err0 != nil || n0 != 1001 {
 			t.Fatalf("without short waits: attempts %d row %d err %v", a0, n0, err0)
 		}
-		a, n, err, took := a8Stuck(t, true, 500*time.Millisecond, 10*time.Second, body)
+		a, n, took, err := a8Stuck(t, true, 500*time.Millisecond, 10*time.Second, body)
 		t.Logf("attempts %d row %d took %v ErrorCode %q err %v", a, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
 		if err != nil || n != 1001 {
 			a8Defects(t)

@@ -506,7 +506,7 @@ func TestMariaDBDefaultMarkerIsCreatedOnFirstUse(t *testing.T) {
 		var n int
 		// Tokens: not the sentinel row the check puts in (the lookup after a
 		// lost COMMIT reads it to know the table was not emptied since).
-		if err := root.QueryRowContext(ctx, "SELECT COUNT(*) FROM "+sqlretry.DefaultMySQLCommitMarker+" WHERE token <> 'sqlretry:marker!'").Scan(&n); err != nil {
+		if err := root.QueryRowContext(ctx, "SELECT COUNT(*) FROM "+sqlretry.DefaultMySQLCommitMarker+" WHERE NOT (token >= 'sqlretry:' AND token < 'sqlretry;')").Scan(&n); err != nil {
 			t.Fatalf("the default marker table in %s: %v", name, err)
 		}
 		return n
@@ -612,7 +612,7 @@ func TestMariaDBDefaultMarkerTurnsItselfOff(t *testing.T) {
 			t.Fatal(err)
 		}
 		var rows int
-		if err := root.QueryRowContext(ctx, "SELECT COUNT(*) FROM "+sqlretry.DefaultMySQLCommitMarker+" WHERE token <> 'sqlretry:marker!'").Scan(&rows); err != nil || rows != 1 {
+		if err := root.QueryRowContext(ctx, "SELECT COUNT(*) FROM "+sqlretry.DefaultMySQLCommitMarker+" WHERE NOT (token >= 'sqlretry:' AND token < 'sqlretry;')").Scan(&rows); err != nil || rows != 1 {
 			t.Errorf("marker rows %d (%v), want 1", rows, err)
 		}
 		if n, e := log.count(sqlretry.EventResolutionOff); n != 0 {
