@@ -364,3 +364,42 @@ func TestSessionLeftManualInsideATransactionTurnsStatementRetriesOff(t *testing.
 		})
 	}
 }
+
+// Outside a transaction, a statement that controls transactions itself (a
+// CALL, an anonymous block or EXECUTE IMMEDIATE that may commit inside, a
+// COMMIT typed by hand) and loses its connection after it was sent may
+// have committed: the error matches ErrAmbiguousCommit, not the driver's
+// bare one (attack9: "invalid connection" for CALL, EXECUTE IMMEDIATE and
+// BEGIN NOT ATOMIC; a caller that resubmits on other errors wrote twice).
+func TestLostTransactionControlStatementIsAmbiguous(t *testing.T) {
+	for _, tc := range []struct {
+		dialect Dialect
+		stmts   []string
+	}{
+		{DialectMySQL, []string{"CALL p()"}},
+		{DialectMySQL, []string{"BEGIN NOT ATOMIC INSERT INTO t VALUES (1); END"}},
+		{DialectMySQL, []string{"BEGIN", "INSERT INTO t VALUES (1)", "COMMIT"}},
+		{DialectPostgres, []string{"CALL p()"}},
+	} {
+		last := tc.stmts[len(tc.stmts)-1]
+		t.Run(last, func(t *testing.T) {
+			srv := newFakeServer()
+			srv.script(last, step{err: errLost, ran: true})
+			db, _ := testDB(t, srv, WithDialect(tc.dialect))
+			conn, err := db.Conn(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			for _, q := range tc.stmts {
+				_, err = conn.ExecContext(context.Background(), q)
+			}
+			if !errors.Is(err, ErrAmbiguousCommit) {
+				t.Fatalf("%s lost after it was sent: %v, want ErrAmbiguousCommit", last, err)
+			}
+			if n := srv.ranCount(last); n != 1 {
+				t.Fatalf("%s ran %d times", last, n)
+			}
+		})
+	}
+}

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/sqlretry/sqlretry/internal/sqltext"
 )
 
 // retrier is the policy and the shared state of one wrapped connector: every
@@ -482,6 +484,14 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		}
 		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery),
 			(cls == RetryStatement || cls == RetryTransaction) && rolledBackWhole(ctx, r.dialect, query), c.manual.Load() != 0)
+		if act == actSurface && cls >= ConnectionLost && c.manual.Load() != 0 && c.txControl(query) != sqltext.TxNone {
+			// The statement lost with its connection controls transactions
+			// itself (a COMMIT typed by hand, a CALL, EXECUTE IMMEDIATE or
+			// a block that may commit inside): it may have committed, and
+			// it is what made the session manual. Ambiguous, not the
+			// driver's bare error (attack9).
+			act = actAmbiguous
+		}
 		switch act {
 		case actSurface:
 			if cls == ConnectionLost {

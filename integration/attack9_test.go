@@ -1287,7 +1287,7 @@ func TestAttack9AutocommitWriteLostReply(t *testing.T) {
 // even under SET STATEMENT ... FOR CALL, does). A caller that resubmits on
 // errors that are not ambiguous writes twice.
 func TestAttack9AutocommitProcedureLostNotAmbiguous(t *testing.T) {
-	a9Defect(t)
+	// Was a defect (attack9); fixed.
 	a9AutocommitLost(t, true, []string{
 		"EXECUTE IMMEDIATE 'INSERT INTO %s VALUES (''%s'')'",
 		"CALL %[1]s_p('%[2]s')",
