@@ -292,3 +292,25 @@ func TestDialAtTheCallersDeadlineIsNotAServerFailure(t *testing.T) {
 		t.Errorf("breaker = %v after dials cut by the callers' deadlines, want closed", s)
 	}
 }
+
+// BEGIN that found only connections from before the breaker last opened
+// (database/sql gave up after its re-runs, the last on a connection that
+// was dialled while the breaker opened) sent nothing: RunInTx pauses and
+// replays it, gated by the breaker, instead of returning ErrCircuitOpen
+// (TestPatroniFailover's switchover in a CI rehearsal: one caller got
+// ErrCircuitOpen with no breaker rejection counted).
+func TestRunInTxReplaysABeginHandedOffAsStale(t *testing.T) {
+	r := newRetrier(defaultConfig(), nil, DialectPostgres)
+	err := handOffWith(newError("begin", 1, Unavailable, ErrCircuitOpen, nil), "the breaker is open and the connection was opened before it opened")
+	o := &txOutcome{phase: phaseBegin, err: err}
+	r.decide(o, &txAttempt{Context: context.Background()}, true)
+	if !o.replay || o.cls != Unavailable || o.cause == nil {
+		t.Fatalf("a stale BEGIN hand-off: replay=%v cls=%v cause=%v, want a replay as Unavailable", o.replay, o.cls, o.cause)
+	}
+	// A refusal of the breaker itself stays final.
+	o = &txOutcome{phase: phaseBegin, err: newError("dial", 1, Unavailable, ErrCircuitOpen, nil)}
+	r.decide(o, &txAttempt{Context: context.Background()}, true)
+	if o.replay {
+		t.Fatal("ErrCircuitOpen refused by the breaker was replayed")
+	}
+}

@@ -750,7 +750,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		if o.ownTimeout {
 			err = o.err
 		}
-		if errors.Is(err, ErrCircuitOpen) || errors.Is(err, ErrBudgetExhausted) || errors.Is(err, ErrAmbiguousCommit) {
+		if (errors.Is(err, ErrCircuitOpen) && !o.replay) || errors.Is(err, ErrBudgetExhausted) || errors.Is(err, ErrAmbiguousCommit) {
 			return err
 		}
 		if o.cause == nil {
@@ -959,8 +959,17 @@ func (r *retrier) decideOn(o *txOutcome, att *txAttempt, sees bool) {
 		return // the closure ended the transaction itself: its outcome is final
 	}
 	var own *Error
+	var handOff *handOffError
 	pgRules := r.dialect != DialectMySQL
 	switch {
+	case o.phase == phaseBegin && errors.As(err, &handOff):
+		// BEGIN found only connections from before the breaker last opened
+		// (database/sql gave up after its own re-runs; a connection dialled
+		// while the breaker opened is one too): nothing was sent. Replayed
+		// after a pause, which the breaker gates (TestPatroniFailover's
+		// switchover in a CI rehearsal surfaced ErrCircuitOpen this way).
+		o.cause, o.cls, o.replay = err, Unavailable, true
+		return
 	case o.phase != phaseCommit && errors.As(err, &own):
 		// sqlretry's own give-up or refusal (a statement, a dial, a nested
 		// RunInTx): final. At COMMIT the Tx's *Error is its verdict.
