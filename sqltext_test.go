@@ -237,6 +237,8 @@ func TestHiddenHandTxIsNotRetried(t *testing.T) {
 		"SET STATEMENT max_statement_time=10 FOR START TRANSACTION",
 		"REPEAT START TRANSACTION; UNTIL 1 END REPEAT",
 		"IF 1 = 1 THEN START TRANSACTION; END IF",
+		"DECLARE v INT; BEGIN START TRANSACTION; END",
+		"<<l>> LOOP START TRANSACTION; EXIT l; END LOOP l",
 		"/*!BEGIN*/",
 	} {
 		t.Run(begin, func(t *testing.T) {

@@ -147,6 +147,11 @@ func (s *stmt) add(d Dialect, t token, need uint8) {
 			return
 		}
 		if t.k != kWord {
+			if d == MySQL && t.k == kOther && t.s == "<" {
+				// "<<label>> LOOP ...": an Oracle-mode compound statement
+				// (no MySQL statement starts with "<").
+				s.tx = TxForGood
+			}
 			return
 		}
 		s.first = t.s

@@ -349,6 +349,10 @@ func TestTxControl(t *testing.T) {
 		{"LOOP START TRANSACTION; LEAVE; END LOOP", TxEnds, TxForGood},
 		{"FOR i IN 1..1 DO START TRANSACTION; END FOR", TxEnds, TxForGood},
 		{"SET STATEMENT sql_mode='' FOR REPEAT COMMIT; UNTIL 1 END REPEAT", TxNone, TxForGood},
+		// sql_mode=ORACLE blocks and labels.
+		{"DECLARE v INT; BEGIN START TRANSACTION; END", TxEnds, TxForGood},
+		{"<<l>> LOOP START TRANSACTION; EXIT l; END LOOP l", TxEnds, TxForGood},
+		{"DECLARE c CURSOR FOR SELECT 1", TxNone, TxForGood},
 	} {
 		if got := TxControl(Postgres, c.q); got != c.p {
 			t.Errorf("TxControl(Postgres, %q) = %d, want %d", c.q, got, c.p)

@@ -25,9 +25,10 @@ func (s *stmt) startTx(d Dialect, w string) {
 	if isCompoundWord(w) {
 		if d == MySQL {
 			// A MariaDB compound statement outside a stored program (IF,
-			// CASE, WHILE, LOOP, REPEAT, FOR) runs the statements in it
-			// in an order the reader does not follow, some maybe not at
-			// all: like BEGIN NOT ATOMIC, sqlretry cannot tell.
+			// CASE, WHILE, LOOP, REPEAT, FOR; with sql_mode=ORACLE also
+			// DECLARE ... BEGIN ... END) runs the statements in it in an
+			// order the reader does not follow, some maybe not at all:
+			// like BEGIN NOT ATOMIC, sqlretry cannot tell.
 			s.tx = TxForGood
 		}
 		return
@@ -296,7 +297,7 @@ func isTxWord(w string) bool {
 	case 6:
 		return eqUpper(w, "COMMIT") || eqUpper(w, "REPEAT")
 	case 7:
-		return eqUpper(w, "PREPARE") || eqUpper(w, "EXECUTE")
+		return eqUpper(w, "PREPARE") || eqUpper(w, "EXECUTE") || eqUpper(w, "DECLARE")
 	case 8:
 		return eqUpper(w, "ROLLBACK")
 	}
@@ -304,9 +305,12 @@ func isTxWord(w string) bool {
 }
 
 // isCompoundWord: the first words of MariaDB's compound statements other
-// than BEGIN (IF, CASE, WHILE, LOOP, REPEAT, FOR).
+// than BEGIN (IF, CASE, WHILE, LOOP, REPEAT, FOR, and Oracle mode's
+// DECLARE).
 func isCompoundWord(w string) bool {
 	switch len(w) {
+	case 7:
+		return eqUpper(w, "DECLARE")
 	case 2:
 		return eqUpper(w, "IF")
 	case 3:
