@@ -36,6 +36,11 @@ const (
 // good ("SET autocommit", XA) or sqlretry cannot tell.
 func txControl(d Dialect, q string) int { return sqltext.TxControl(sqltext.Dialect(d), q) }
 
+// txTouched reports whether some reading of q has transaction control
+// (txControl other than 0): inside a transaction, the reading that escapes
+// it wins, as a COMMIT in an executed comment the server may run.
+func txTouched(d Dialect, q string) bool { return sqltext.TxTouched(sqltext.Dialect(d), q) }
+
 // isRollbackToSavepoint reports exactly one statement ROLLBACK [WORK|
 // TRANSACTION] TO [SAVEPOINT] x, in either dialect's reading.
 func isRollbackToSavepoint(q string) bool { return sqltext.IsRollbackToSavepoint(q) }

@@ -62,6 +62,13 @@ func TestTxControl(t *testing.T) {
 		{"SET autocommit = 0", DialectMySQL, txForGood},
 		{"SET completion_type = 1", DialectMySQL, txForGood},
 		{"XA START 'x'", DialectMySQL, txForGood},
+		// attack9: spellings MariaDB runs as BEGIN / START TRANSACTION.
+		{"SET STATEMENT sql_mode='' FOR BEGIN", DialectMySQL, txOpens},
+		{"SET STATEMENT sql_mode='' FOR START TRANSACTION", DialectMySQL, txOpens},
+		{"SET STATEMENT sql_mode='' FOR COMMIT", DialectMySQL, txEnds},
+		{"REPEAT START TRANSACTION; UNTIL 1 END REPEAT", DialectMySQL, txForGood},
+		{"IF 1 = 1 THEN START TRANSACTION; END IF", DialectMySQL, txForGood},
+		{"REPEAT START TRANSACTION; UNTIL 1 END REPEAT", DialectUnknown, txForGood},
 		{"SELECT 'BEGIN'", DialectUnknown, 0},
 		{"SELECT 1", DialectUnknown, 0},
 	} {
@@ -216,6 +223,39 @@ func TestChainedTransactionIsNotRetried(t *testing.T) {
 			srv.script("UPDATE", step{err: errDeadlockMy})
 			if _, err := db.Exec("UPDATE t SET n = 1"); err != nil {
 				t.Fatalf("after ROLLBACK, autocommit retries apply again: %v", err)
+			}
+		})
+	}
+}
+
+// attack9: a transaction opened by hand with a BEGIN MariaDB runs but the
+// reader missed (under SET STATEMENT ... FOR, inside a compound statement)
+// was invisible: a deadlock victim in it was retried alone in autocommit.
+func TestHiddenHandTxIsNotRetried(t *testing.T) {
+	for _, begin := range []string{
+		"SET STATEMENT sql_mode='' FOR BEGIN",
+		"SET STATEMENT max_statement_time=10 FOR START TRANSACTION",
+		"REPEAT START TRANSACTION; UNTIL 1 END REPEAT",
+		"IF 1 = 1 THEN START TRANSACTION; END IF",
+		"DECLARE v INT; BEGIN START TRANSACTION; END",
+		"<<l>> LOOP START TRANSACTION; EXIT l; END LOOP l",
+		"/*!BEGIN*/",
+	} {
+		t.Run(begin, func(t *testing.T) {
+			srv := newFakeServer()
+			db, _ := testDB(t, srv, WithDialect(DialectMySQL))
+			db.SetMaxOpenConns(1)
+			for _, q := range []string{begin, "UPDATE t SET n = n - 1 WHERE id = 1"} {
+				if _, err := db.Exec(q); err != nil {
+					t.Fatal(err)
+				}
+			}
+			srv.script("UPDATE t SET n = n + 1", step{err: errDeadlockMy})
+			if _, err := db.Exec("UPDATE t SET n = n + 1 WHERE id = 2"); !errors.Is(err, errDeadlockMy) {
+				t.Fatalf("err = %v, want the deadlock returned", err)
+			}
+			if n := srv.ranCount("UPDATE t SET n = n + 1"); n != 0 {
+				t.Errorf("the deadlock victim ran %d times after the hand-opened transaction was rolled back", n)
 			}
 		})
 	}

@@ -1,21 +1,27 @@
 package sqlretry
 
-import "strings"
+import (
+	"strings"
+
+	"github.com/sqlretry/sqlretry/internal/sqltext"
+)
 
 // escapesTx reports a statement that, run inside a transaction, ends or
 // starts a transaction by itself: COMMIT, ROLLBACK, BEGIN and the like in
-// any statement of the text (txControl), and on MySQL a statement that
-// commits implicitly (DDL, LOCK TABLES, GRANT...). After one, part of the
-// work of the transaction sqlretry began may already be committed.
-// SAVEPOINT, ROLLBACK TO SAVEPOINT and RELEASE SAVEPOINT are not escapes.
+// any statement of the text, in any reading of it (txTouched: a COMMIT in
+// an executed comment /*!50000 ... */ escapes, though the reading where
+// the server skips it does not), and on MySQL a statement that commits
+// implicitly (DDL, LOCK TABLES, GRANT...). After one, part of the work of
+// the transaction sqlretry began may already be committed. SAVEPOINT,
+// ROLLBACK TO SAVEPOINT and RELEASE SAVEPOINT are not escapes.
 //
-// It is called on every statement inside a transaction: txControl's fast
+// It is called on every statement inside a transaction: txTouched's fast
 // path and implicitCommit's first-word check allocate nothing.
 func escapesTx(d Dialect, q string) bool {
 	if plainDML(q) {
 		return false
 	}
-	if txControl(d, q) != 0 {
+	if txTouched(d, q) {
 		return true
 	}
 	return d != DialectPostgres && implicitCommit(q)
@@ -70,8 +76,9 @@ func plainDML(q string) bool {
 // RESET, the table maintenance statements, replication and plugin
 // statements. The check is by first word and errs on the side of "commits":
 // every statement of a text with ";" is looked at (a ";" inside a literal
-// may start a false one), and the code in a version comment (/*! */) is
-// read as code.
+// may start a false one), the code in a version comment (/*! */) is read
+// as code, and the statement under MariaDB's SET STATEMENT ... FOR is
+// read as if alone.
 func implicitCommit(q string) bool {
 	for {
 		if implicitCommitFirst(q) {
@@ -119,12 +126,28 @@ func implicitCommitFirst(q string) bool {
 	case 'r':
 		return eqFold(w, "RENAME") || eqFold(w, "REVOKE") || eqFold(w, "RESET") || eqFold(w, "REPAIR")
 	case 's':
-		// START SLAVE / REPLICA (START TRANSACTION is txControl's), STOP.
-		return eqFold(w, "SET") && nextIs(rest, "PASSWORD") || eqFold(w, "START") || eqFold(w, "STOP")
+		// START SLAVE / REPLICA (START TRANSACTION is txControl's), STOP;
+		// SET PASSWORD, MariaDB's SET DEFAULT ROLE (the privilege
+		// tables), and SET STATEMENT ... FOR a statement that commits.
+		return eqFold(w, "SET") && (nextIs(rest, "PASSWORD") || nextIs(rest, "DEFAULT") || nextIs(rest, "STATEMENT") && setStatementCommits(q)) ||
+			eqFold(w, "START") || eqFold(w, "STOP")
 	case 't':
 		return eqFold(w, "TRUNCATE")
 	case 'u':
 		return eqFold(w, "UNLOCK") || eqFold(w, "UNINSTALL")
+	}
+	return false
+}
+
+// setStatementCommits reports whether the statement under MariaDB's SET
+// STATEMENT var=value[, ...] FOR <statement> at the start of q commits
+// implicitly, in any reading of q.
+func setStatementCommits(q string) bool {
+	at, n := sqltext.SetStatementBodies(q)
+	for _, i := range at[:n] {
+		if implicitCommitFirst(q[i:]) {
+			return true
+		}
 	}
 	return false
 }
@@ -181,6 +204,9 @@ func firstWord(q string) (w, rest string) {
 			continue
 		case c == '(':
 			i++ // "(SELECT ...)": the word inside
+			continue
+		case c == '*' && i+1 < len(q) && q[i+1] == '/':
+			i += 2 // the end of a version comment: "/*!SET STATEMENT x=1 FOR*/ CREATE ..."
 			continue
 		}
 		break

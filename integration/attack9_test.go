@@ -200,7 +200,7 @@ func TestAttack9ImplicitCommitThenLostCommit(t *testing.T) {
 	}
 }
 
-// DEFECT: a COMMIT inside an executed comment (/*! ... */, /*!50000 ... */,
+// FIXED (was DEFECT): a COMMIT inside an executed comment (/*! ... */, /*!50000 ... */,
 // /*M! ... */, /*M!100000 ... */) commits the closure's INSERT, but
 // sqlretry does not see it (it does see BEGIN, START TRANSACTION, SET
 // autocommit and DDL in the same comments): when the final COMMIT is then
@@ -209,7 +209,6 @@ func TestAttack9ImplicitCommitThenLostCommit(t *testing.T) {
 // reader executes /*! */ and /*M! */ comments and that a closure that ran
 // COMMIT is never replayed.
 func TestAttack9CommitInExecutedCommentReplayed(t *testing.T) {
-	a9Defect(t)
 	cases := []struct{ name, stmts string }{
 		{"excl", "/*!COMMIT*/"},
 		{"exclver", "/*!50000 COMMIT */"},
@@ -897,14 +896,13 @@ func TestAttack9CallCommitsThenLostCommit(t *testing.T) {
 	}
 }
 
-// DEFECT (no network fault needed): the closure's COMMIT in an executed
+// FIXED (was DEFECT; no network fault needed): the closure's COMMIT in an executed
 // comment (or under SET STATEMENT ... FOR, or inside REPEAT) commits its INSERT; a later statement then waits for a row lock
 // another session holds and gets 1205 (innodb_lock_wait_timeout = 1).
 // The plain driver returns the 1205 with the INSERT committed once;
 // sqlretry takes the attempt for one that committed nothing, replays it
 // when the lock is gone, and the INSERT is committed twice (RunInTx nil).
 func TestAttack9CommitInCommentThenLockTimeoutReplayed(t *testing.T) {
-	a9Defect(t)
 	for _, hidden := range []string{"/*!COMMIT*/", "SET STATEMENT sql_mode='' FOR COMMIT", "REPEAT COMMIT; UNTIL 1 END REPEAT"} {
 		t.Run(hidden, func(t *testing.T) { a9HiddenCommitLockTimeout(t, hidden) })
 	}
@@ -1089,7 +1087,7 @@ func TestAttack9MarkerInsertLockTimeout(t *testing.T) {
 	}
 }
 
-// DEFECT: a ROLLBACK hidden in an executed comment ends the transaction;
+// FIXED (was DEFECT): a ROLLBACK hidden in an executed comment ends the transaction;
 // the closure's next INSERT then runs in autocommit and commits at once.
 // The final COMMIT (with the marker) is cut in half: the marker is not
 // found and the attempt is replayed, so the autocommitted INSERT is
@@ -1097,7 +1095,6 @@ func TestAttack9MarkerInsertLockTimeout(t *testing.T) {
 // closure that ran ROLLBACK is never replayed); one in /*! */ or /*M! */
 // is not.
 func TestAttack9RollbackInExecutedCommentReplayed(t *testing.T) {
-	a9Defect(t)
 	cases := []struct{ name, stmts string }{
 		{"excl", "/*!ROLLBACK*/|INSERT INTO w VALUES ('after')"},
 		{"mver", "/*M!100000 ROLLBACK */|INSERT INTO w VALUES ('after')"},
@@ -1192,14 +1189,13 @@ func TestAttack9TxControlSpellings(t *testing.T) {
 	}
 }
 
-// DEFECT: MariaDB's SET STATEMENT var=value FOR <statement> hides the
+// FIXED (was DEFECT): MariaDB's SET STATEMENT var=value FOR <statement> hides the
 // statement from sqlretry's reader: FOR COMMIT, FOR ROLLBACK (then an
 // autocommitted INSERT), FOR CREATE TABLE, FOR CALL of a procedure that
 // commits. The closure's INSERT is committed by it; the final COMMIT is cut
 // in half; the marker is not found and the attempt is replayed: the
 // INSERT is committed twice and RunInTx returns nil.
 func TestAttack9SetStatementHidesTxControl(t *testing.T) {
-	a9Defect(t)
 	cases := []struct{ name, stmts string }{
 		{"commit", "SET STATEMENT sql_mode='' FOR COMMIT"},
 		{"ddl", "SET STATEMENT sql_mode='' FOR CREATE TABLE t%d (a int)"},
@@ -1346,14 +1342,13 @@ func TestAttack9CompoundStatements(t *testing.T) {
 	}
 }
 
-// DEFECT: a REPEAT ... UNTIL ... END REPEAT compound statement (legal
+// FIXED (was DEFECT): a REPEAT ... UNTIL ... END REPEAT compound statement (legal
 // outside stored programs on MariaDB, like IF, CASE, WHILE and FOR, which
 // are seen) hides what it runs: COMMIT, DDL, a CALL of a procedure that
 // commits, ROLLBACK (then an autocommitted INSERT), SET autocommit. The
 // closure's INSERT is committed by it; the final COMMIT is cut in half;
 // the attempt is replayed and the INSERT committed twice (RunInTx nil).
 func TestAttack9RepeatHidesTxControl(t *testing.T) {
-	a9Defect(t)
 	cases := []struct{ name, stmts string }{
 		{"commit", "REPEAT COMMIT; UNTIL 1 END REPEAT"},
 		{"ddl", "REPEAT CREATE TABLE t%d (a int); UNTIL 1 END REPEAT"},
@@ -1401,7 +1396,7 @@ func TestAttack9VisibleCommitThenLockTimeout(t *testing.T) {
 	a9HiddenCommitLockTimeout(t, "COMMIT")
 }
 
-// HOLDS for BEGIN and /*!BEGIN*/; DEFECT for SET STATEMENT ... FOR BEGIN
+// HOLDS for BEGIN and /*!BEGIN*/; was DEFECT (fixed) for SET STATEMENT ... FOR BEGIN
 // and REPEAT START TRANSACTION; ... END REPEAT (TestAttack9HandTxHiddenBeginDeadlockDefect).
 // A transaction opened by hand on a pinned connection (README: followed
 // through the whole text; no statement is retried inside it), with the
@@ -1413,12 +1408,11 @@ func TestAttack9HandTxHiddenBeginDeadlock(t *testing.T) {
 	a9HandTxDeadlock(t, "BEGIN", "/*!BEGIN*/")
 }
 
-// DEFECT (no network fault needed): a hand-opened transaction whose BEGIN is
+// FIXED (was DEFECT; no network fault needed): a hand-opened transaction whose BEGIN is
 // SET STATEMENT ... FOR BEGIN or inside REPEAT: the deadlock victim's
 // UPDATE is retried alone in autocommit and returns nil; the COMMIT
 // succeeds; half the transfer is committed (n1=100 n2=101, the -1 lost).
 func TestAttack9HandTxHiddenBeginDeadlockDefect(t *testing.T) {
-	a9Defect(t)
 	a9HandTxDeadlock(t, "SET STATEMENT sql_mode='' FOR BEGIN", "REPEAT START TRANSACTION; UNTIL 1 END REPEAT")
 }
 
@@ -1503,13 +1497,12 @@ func TestAttack9HandTxReadLost(t *testing.T) {
 	t.Run("oneconn", func(t *testing.T) { a9HandTxReadLost(t, false, "BEGIN", "/*!BEGIN*/") })
 }
 
-// DEFECT (oneconn: a *sql.DB with SetMaxOpenConns(1), the hand transaction
+// FIXED (was DEFECT; oneconn: a *sql.DB with SetMaxOpenConns(1), the hand transaction
 // run through db.Exec): with the BEGIN under SET STATEMENT ... FOR or
 // inside REPEAT, the read is retried on a new session and returns its
 // row; INSERT b autocommits; COMMIT succeeds; INSERT a, acknowledged, is
 // lost. (On a pinned *sql.Conn the caller gets the error: holds.)
 func TestAttack9HandTxHiddenBeginReadLost(t *testing.T) {
-	a9Defect(t)
 	a9HandTxReadLost(t, false, "SET STATEMENT sql_mode='' FOR BEGIN", "REPEAT START TRANSACTION; UNTIL 1 END REPEAT")
 }
 
@@ -1739,12 +1732,11 @@ func TestAttack9ImplicitCommitAdminStatements(t *testing.T) {
 	})
 }
 
-// DEFECT: SET DEFAULT ROLE ... FOR ... commits implicitly on MariaDB (it
+// FIXED (was DEFECT): SET DEFAULT ROLE ... FOR ... commits implicitly on MariaDB (it
 // writes the privilege tables) and is not seen: the closure's INSERT is
 // committed by it, the final COMMIT is cut in half, the attempt is
 // replayed, the INSERT committed twice (RunInTx nil). Private server.
 func TestAttack9SetDefaultRoleReplayed(t *testing.T) {
-	a9Defect(t)
 	a9AdminCases(t, []struct{ name, stmts string }{
 		{"defaultrole", "SET DEFAULT ROLE a9role FOR a9d"},
 		{"defaultrolenone", "SET DEFAULT ROLE NONE FOR a9d"},

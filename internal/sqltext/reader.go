@@ -25,6 +25,10 @@ type stmt struct {
 	to        bool
 	notRead   bool
 	notAtomic bool
+	// MariaDB's SET STATEMENT var=value[, ...] FOR <statement>.
+	setFor     bool // after SET STATEMENT: the FOR not seen yet
+	afterValue bool // the last token was VALUE: NEXT / PREVIOUS VALUE FOR seq is no statement's FOR
+	forGood    bool // TxForGood before the FOR: the statement after it keeps it
 }
 
 const (
@@ -56,7 +60,7 @@ func analyze(d Dialect, q string, flags uint8, need uint8) result {
 	// common statement is not read to its end.
 	short := need == needTx && strings.IndexByte(q, ';') < 0
 	for {
-		if short && s.n == 2 && s.txs == txsNone {
+		if short && s.n == 2 && s.txs == txsNone && !s.forGood {
 			r.stmts, r.tx = 1, s.tx
 			return r
 		}
@@ -95,6 +99,9 @@ func (r *result) finish(s *stmt) {
 	if s.n == 0 {
 		return
 	}
+	if s.forGood {
+		s.tx = TxForGood
+	}
 	r.stmts++
 	if s.depth != 0 {
 		r.bad = true
@@ -127,12 +134,24 @@ func (s *stmt) add(d Dialect, t token, need uint8) {
 	case t.k == kOther && t.s == ")":
 		s.depth--
 	}
+	if s.setFor {
+		if t.k == kWord && s.depth == 0 && !s.afterValue && eqUpper(t.s, "FOR") {
+			s.inner()
+			return
+		}
+		s.afterValue = t.k == kWord && eqUpper(t.s, "VALUE")
+	}
 	if s.n == 1 {
 		if t.k == kLParen {
 			s.n = 0 // "(SELECT 1) UNION ..." starts with its first word
 			return
 		}
 		if t.k != kWord {
+			if d == MySQL && t.k == kOther && t.s == "<" {
+				// "<<label>> LOOP ...": an Oracle-mode compound statement
+				// (no MySQL statement starts with "<").
+				s.tx = TxForGood
+			}
 			return
 		}
 		s.first = t.s
@@ -209,6 +228,15 @@ func (s *stmt) add(d Dialect, t token, need uint8) {
 			s.notRead = true
 		}
 	}
+}
+
+// inner starts reading the statement after SET STATEMENT ... FOR as if it
+// were alone: what it does to the transaction is what the text does (FOR
+// COMMIT, FOR START TRANSACTION, FOR CALL p()). The whole stays no read
+// and not atomic, as a statement that starts with SET; a TxForGood before
+// the FOR stays.
+func (s *stmt) inner() {
+	*s = stmt{notRead: true, notAtomic: true, forGood: s.forGood || s.tx == TxForGood}
 }
 
 // readings lists the flag sets a text must be read with in a dialect: one

@@ -315,6 +315,44 @@ func TestTxControl(t *testing.T) {
 		{"START SLAVE", TxNone, TxNone},
 		{"\vCALL p()", TxNone, TxForGood},
 		{"COMMIT\x00PREPARED 'x'", TxEnds, TxNone}, // PostgreSQL sees "COMMIT"
+		// MariaDB's SET STATEMENT var=value[, ...] FOR <statement>: the
+		// statement after FOR is read as if alone (attack9).
+		{"SET STATEMENT sql_mode='' FOR COMMIT", TxNone, TxEnds},
+		{"SET STATEMENT sql_mode='' FOR ROLLBACK", TxNone, TxEnds},
+		{"SET STATEMENT sql_mode='' FOR BEGIN", TxNone, TxOpens},
+		{"set statement sql_mode='' for start transaction", TxNone, TxOpens},
+		{"SET STATEMENT sql_mode='' FOR COMMIT AND CHAIN", TxNone, TxOpens},
+		{"SET STATEMENT sql_mode='' FOR CALL p()", TxNone, TxForGood},
+		{"SET STATEMENT sql_mode='' FOR BEGIN NOT ATOMIC SELECT 1; END", TxEnds, TxForGood},
+		{"SET STATEMENT sql_mode='' FOR SET autocommit = 0", TxForGood, TxForGood},
+		{"SET STATEMENT max_statement_time=10, sql_mode='a FOR b' FOR COMMIT", TxNone, TxEnds},
+		{"SET STATEMENT sql_mode=(SELECT 'x' FOR UPDATE) FOR COMMIT", TxNone, TxEnds},
+		{"SET STATEMENT a = NEXT VALUE FOR s FOR BEGIN", TxNone, TxOpens},
+		{"SET STATEMENT a = PREVIOUS VALUE FOR s FOR BEGIN", TxNone, TxOpens},
+		{"SET STATEMENT /* FOR COMMIT */ sql_mode='' FOR START TRANSACTION", TxNone, TxOpens},
+		{"SET STATEMENT sql_mode='' FOR ROLLBACK TO SAVEPOINT a", TxNone, TxNone},
+		{"SET STATEMENT sql_mode='' FOR INSERT INTO t VALUES (1)", TxNone, TxNone},
+		{"SET STATEMENT sql_mode='' FOR SELECT * FROM t FOR UPDATE", TxNone, TxNone},
+		{"SET STATEMENT sql_mode='' FOR INSERT INTO t VALUES (1); BEGIN", TxOpens, TxOpens},
+		{"SET STATEMENT sql_mode='BEGIN' FOR SELECT 1", TxNone, TxNone},
+		// MariaDB compound statements outside stored programs run what is
+		// in them in an order the reader does not follow (a loop, a
+		// branch): "cannot tell", like BEGIN NOT ATOMIC. PostgreSQL reads
+		// "END IF" as END.
+		{"REPEAT COMMIT; UNTIL 1 END REPEAT", TxNone, TxForGood},
+		{"REPEAT START TRANSACTION; UNTIL 1 END REPEAT", TxNone, TxForGood},
+		{"repeat set autocommit = 0; until 1 end repeat", TxNone, TxForGood},
+		{"REPEAT INSERT INTO t VALUES (1); UNTIL 1 END REPEAT", TxNone, TxForGood},
+		{"IF 1 = 1 THEN START TRANSACTION; END IF", TxEnds, TxForGood},
+		{"CASE WHEN 1 = 1 THEN START TRANSACTION; END CASE", TxEnds, TxForGood},
+		{"WHILE @a IS NULL DO SET @a = 1; START TRANSACTION; END WHILE", TxEnds, TxForGood},
+		{"LOOP START TRANSACTION; LEAVE; END LOOP", TxEnds, TxForGood},
+		{"FOR i IN 1..1 DO START TRANSACTION; END FOR", TxEnds, TxForGood},
+		{"SET STATEMENT sql_mode='' FOR REPEAT COMMIT; UNTIL 1 END REPEAT", TxNone, TxForGood},
+		// sql_mode=ORACLE blocks and labels.
+		{"DECLARE v INT; BEGIN START TRANSACTION; END", TxEnds, TxForGood},
+		{"<<l>> LOOP START TRANSACTION; EXIT l; END LOOP l", TxEnds, TxForGood},
+		{"DECLARE c CURSOR FOR SELECT 1", TxNone, TxForGood},
 	} {
 		if got := TxControl(Postgres, c.q); got != c.p {
 			t.Errorf("TxControl(Postgres, %q) = %d, want %d", c.q, got, c.p)
@@ -328,6 +366,101 @@ func TestTxControl(t *testing.T) {
 		}
 		if got := TxControl(Unknown, c.q); got != want {
 			t.Errorf("TxControl(Unknown, %q) = %d, want %d", c.q, got, want)
+		}
+	}
+}
+
+// TxTouched: any reading with transaction control. A COMMIT or ROLLBACK
+// in an executed comment runs on the server unless its version gate says
+// otherwise: TxControl's cautious answer for a text run outside a
+// transaction is "none" (the reading that skips it), but inside one it
+// escapes (attack9).
+func TestTxTouched(t *testing.T) {
+	for _, c := range []struct {
+		q    string
+		p, m bool
+	}{
+		{"/*!COMMIT*/", false, true},
+		{"/*!50000 COMMIT */", false, true},
+		{"/*M! COMMIT */", false, true},
+		{"/*M!100000 COMMIT */", false, true},
+		{"/*M!100000 COMMIT WORK */", false, true},
+		{"/*!ROLLBACK*/", false, true},
+		{"/*!50000 ROLLBACK */", false, true},
+		{"/*M! ROLLBACK */", false, true},
+		{"/*M!100000 ROLLBACK */", false, true},
+		{"/*M!100000 ROLLBACK WORK */", false, true},
+		{"SELECT 1 /*!; COMMIT */", false, true},
+		{"/*!SET STATEMENT sql_mode='' FOR COMMIT*/", false, true},
+		{"SELECT 1 # ; COMMIT\n", true, false},
+		{"SET STATEMENT sql_mode='' FOR ROLLBACK", false, true},
+		{"REPEAT ROLLBACK; UNTIL 1 END REPEAT", false, true},
+		{"COMMIT", true, true},
+		{"BEGIN", true, true},
+		{"CALL p()", false, true},
+		{"/*!ROLLBACK TO SAVEPOINT a*/", false, false},
+		{"/*!SELECT 1*/", false, false},
+		{"/*!INSERT INTO t VALUES (1)*/", false, false},
+		{"SELECT 'COMMIT'", false, false},
+		{"SELECT 1", false, false},
+		{"SAVEPOINT a", false, false},
+		{"", false, false},
+	} {
+		if got := TxTouched(Postgres, c.q); got != c.p {
+			t.Errorf("TxTouched(Postgres, %q) = %v, want %v", c.q, got, c.p)
+		}
+		if got := TxTouched(MySQL, c.q); got != c.m {
+			t.Errorf("TxTouched(MySQL, %q) = %v, want %v", c.q, got, c.m)
+		}
+		if got := TxTouched(Unknown, c.q); got != (c.p || c.m) {
+			t.Errorf("TxTouched(Unknown, %q) = %v, want %v", c.q, got, c.p || c.m)
+		}
+		// Whatever TxControl says of the text, TxTouched says at least as much.
+		for _, d := range []Dialect{Unknown, Postgres, MySQL} {
+			if TxControl(d, c.q) != TxNone && !TxTouched(d, c.q) {
+				t.Errorf("%d %q: TxControl %d, TxTouched false", d, c.q, TxControl(d, c.q))
+			}
+		}
+	}
+}
+
+// SetStatementBodies finds where the statement under SET STATEMENT ... FOR
+// starts, in every MySQL reading.
+func TestSetStatementBodies(t *testing.T) {
+	for _, c := range []struct {
+		q    string
+		want []string // the text from each body on, in the readings' order, deduplicated
+	}{
+		{"SET STATEMENT sql_mode='' FOR CREATE TABLE t (a int)", []string{" CREATE TABLE t (a int)"}},
+		{"set statement a=1, b='FOR x' for DROP TABLE t", []string{" DROP TABLE t"}},
+		{"SET STATEMENT a = NEXT VALUE FOR s FOR GRANT SELECT ON *.* TO u", []string{" GRANT SELECT ON *.* TO u"}},
+		{"SET STATEMENT a=(SELECT 1 FOR UPDATE) FOR TRUNCATE t", []string{" TRUNCATE t"}},
+		{"SET STATEMENT a='x\\' FOR DROP TABLE t; -- ' FOR CREATE TABLE u (a int)", []string{" CREATE TABLE u (a int)", " DROP TABLE t; -- ' FOR CREATE TABLE u (a int)"}},
+		{"/*!SET STATEMENT sql_mode='' FOR CREATE TABLE t (a int) */", []string{" CREATE TABLE t (a int) */"}},
+		{"SET STATEMENT sql_mode=''", nil},
+		{"SET sql_mode='' FOR CREATE TABLE t (a int)", nil},
+		{"SET @a = 1", nil},
+	} {
+		at, n := SetStatementBodies(c.q)
+		var got []string
+	next:
+		for _, i := range at[:n] {
+			for _, g := range got {
+				if g == c.q[i:] {
+					continue next
+				}
+			}
+			got = append(got, c.q[i:])
+		}
+		if len(got) != len(c.want) {
+			t.Errorf("SetStatementBodies(%q) = %q, want %q", c.q, got, c.want)
+			continue
+		}
+		for i := range got {
+			if got[i] != c.want[i] {
+				t.Errorf("SetStatementBodies(%q) = %q, want %q", c.q, got, c.want)
+				break
+			}
 		}
 	}
 }
@@ -357,6 +490,9 @@ func TestReaderDoesNotAllocate(t *testing.T) {
 			IsAtomic(d, q)
 			TxControl(d, q)
 			TxControl(d, "COMMIT AND CHAIN; SELECT 1")
+			TxTouched(d, "/*M!100000 COMMIT */")
+			TxTouched(d, "SET STATEMENT sql_mode='' FOR REPEAT COMMIT; UNTIL 1 END REPEAT")
+			SetStatementBodies("SET STATEMENT sql_mode='' FOR CREATE TABLE t (a int)")
 			IsRollbackToSavepoint("ROLLBACK TO a")
 		}); n != 0 {
 			t.Errorf("dialect %d: %v allocations", d, n)
@@ -381,19 +517,24 @@ func FuzzReader(f *testing.F) {
 				t.Errorf("%q: atomic with transaction control", q)
 			}
 		}
-		if _, ok := wordsOnlyTx(Unknown, q); ok {
+		if _, _, ok := wordsOnlyTx(Unknown, q); ok {
 			for _, d := range []Dialect{Unknown, Postgres, MySQL} {
-				fast, _ := wordsOnlyTx(d, q)
-				if slow := txControlRead(d, q); fast != slow {
-					t.Errorf("%q: the words-only path says %d, the lexer says %d", q, fast, slow)
+				fast, fastTouched, _ := wordsOnlyTx(d, q)
+				if slow, slowTouched := txControlRead(d, q); fast != slow || fastTouched != slowTouched {
+					t.Errorf("%q: the words-only path says %d %v, the lexer says %d %v", q, fast, fastTouched, slow, slowTouched)
 				}
 			}
 		}
 		if plainFirstWord(q) {
 			for _, d := range []Dialect{Unknown, Postgres, MySQL} {
-				if tx := txControlRead(d, q); tx != TxNone {
-					t.Errorf("%q: the fast path says no transaction control, the lexer says %d", q, tx)
+				if tx, touched := txControlRead(d, q); tx != TxNone || touched {
+					t.Errorf("%q: the fast path says no transaction control, the lexer says %d %v", q, tx, touched)
 				}
+			}
+		}
+		for _, d := range []Dialect{Unknown, Postgres, MySQL} {
+			if TxControl(d, q) != TxNone && !TxTouched(d, q) {
+				t.Errorf("%q: TxControl %d, TxTouched false", q, TxControl(d, q))
 			}
 		}
 		if IsRead(Unknown, q) && !(IsRead(Postgres, q) && IsRead(MySQL, q)) {

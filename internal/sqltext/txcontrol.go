@@ -22,6 +22,17 @@ const (
 
 // startTx notes a statement that may open or close a transaction.
 func (s *stmt) startTx(d Dialect, w string) {
+	if isCompoundWord(w) {
+		if d == MySQL {
+			// A MariaDB compound statement outside a stored program (IF,
+			// CASE, WHILE, LOOP, REPEAT, FOR; with sql_mode=ORACLE also
+			// DECLARE ... BEGIN ... END) runs the statements in it in an
+			// order the reader does not follow, some maybe not at all:
+			// like BEGIN NOT ATOMIC, sqlretry cannot tell.
+			s.tx = TxForGood
+		}
+		return
+	}
 	if eqUpper(w, "CALL") || eqUpper(w, "EXECUTE") {
 		if d == MySQL {
 			// A MySQL procedure or prepared statement may START TRANSACTION
@@ -68,6 +79,11 @@ func (s *stmt) followTx(d Dialect, t token) {
 			s.tx = TxOpens
 		}
 	case txsSet:
+		if d == MySQL && s.n == 2 && t.k == kWord && eqUpper(w, "STATEMENT") {
+			// MariaDB's SET STATEMENT var=value[, ...] FOR <statement>:
+			// look for the FOR (stmt.add).
+			s.setFor = true
+		}
 		if strings.EqualFold(w, "AUTOCOMMIT") || strings.EqualFold(w, "COMPLETION_TYPE") {
 			// completion_type=CHAIN makes every COMMIT a COMMIT AND CHAIN.
 			s.tx = TxForGood
@@ -103,22 +119,39 @@ func (s *stmt) followTx(d Dialect, t token) {
 // longer in plain autocommit, or sqlretry cannot tell) beats everything.
 // Where readings disagree, the answer that keeps retries off wins.
 func TxControl(d Dialect, q string) int {
+	tx, _ := txControl(d, q)
+	return tx
+}
+
+// TxTouched reports whether some reading of q, in some dialect d stands
+// for, has transaction control: TxControl's effect other than TxNone. Run
+// inside a transaction, such a text ends or starts one: where readings
+// disagree (a COMMIT in an executed comment /*!50000 ... */, which the
+// server skips only below its version), the one that escapes wins, where
+// TxControl's caution for a text outside a transaction picks TxNone.
+func TxTouched(d Dialect, q string) bool {
+	_, touched := txControl(d, q)
+	return touched
+}
+
+// txControl is TxControl and TxTouched.
+func txControl(d Dialect, q string) (tx int, touched bool) {
 	if plainFirstWord(q) {
-		return TxNone
+		return TxNone, false
 	}
-	if tx, ok := wordsOnlyTx(d, q); ok {
-		return tx
+	if tx, touched, ok := wordsOnlyTx(d, q); ok {
+		return tx, touched
 	}
 	return txControlRead(d, q)
 }
 
-// wordsOnlyTx is TxControl's fast path for "BEGIN", "COMMIT AND CHAIN":
+// wordsOnlyTx is txControl's fast path for "BEGIN", "COMMIT AND CHAIN":
 // a text of ASCII letters and white space has the same words in every
 // reading, so they go straight to the statement's rules.
-func wordsOnlyTx(d Dialect, q string) (int, bool) {
+func wordsOnlyTx(d Dialect, q string) (tx int, touched, ok bool) {
 	for i := 0; i < len(q); i++ {
 		if c := q[i]; !isSpace(c) && (c|0x20 < 'a' || c|0x20 > 'z') && c != '_' {
-			return 0, false
+			return 0, false, false
 		}
 	}
 	best := TxEnds - 1
@@ -143,12 +176,14 @@ func wordsOnlyTx(d Dialect, q string) (int, bool) {
 		if best == TxEnds-1 || rank(r.tx) > rank(best) {
 			best = r.tx
 		}
+		touched = touched || r.tx != TxNone
 	}
-	return best, true
+	return best, touched, true
 }
 
-// txControlRead is TxControl without the fast path: every reading is lexed.
-func txControlRead(d Dialect, q string) int {
+// txControlRead is txControl without the fast paths: every reading is
+// lexed.
+func txControlRead(d Dialect, q string) (tx int, touched bool) {
 	best := TxEnds - 1
 	ds, nd := dialects(d)
 	for _, dd := range ds[:nd] {
@@ -159,9 +194,44 @@ func txControlRead(d Dialect, q string) int {
 			if best == TxEnds-1 || rank(tx) > rank(best) {
 				best = tx
 			}
+			touched = touched || tx != TxNone
 		}
 	}
-	return best
+	return best, touched
+}
+
+// SetStatementBodies returns where the statement under MariaDB's SET
+// STATEMENT var=value[, ...] FOR <statement> starts in q, a text whose
+// first statement may be one: the byte after the FOR, in each reading of
+// q by MySQL's rules that finds one (at[:n]; n is 0 when none does). The
+// caller reads the text from there as a statement of its own.
+func SetStatementBodies(q string) (at [8]int, n int) {
+	fs, nf := readings(MySQL, q)
+	for _, f := range fs[:nf] {
+		l := lexer{q: q, flags: f}
+		var s stmt
+		for {
+			t := l.nextMy()
+			if t.k == kEOF || t.k == kSemi {
+				break
+			}
+			if t.k == kBad {
+				s.n++
+				continue
+			}
+			looking := s.setFor
+			s.add(MySQL, t, needTx)
+			if looking && !s.setFor {
+				at[n] = l.i
+				n++
+				break
+			}
+			if !s.setFor && s.n >= 2 {
+				break // not SET STATEMENT
+			}
+		}
+	}
+	return at, n
 }
 
 // plainFirstWord is TxControl's fast path for the common statement: a text
@@ -217,19 +287,40 @@ func plainFirstWord(q string) bool {
 func isTxWord(w string) bool {
 	switch len(w) {
 	case 2:
-		return eqUpper(w, "XA")
+		return eqUpper(w, "XA") || eqUpper(w, "IF")
 	case 3:
-		return eqUpper(w, "END") || eqUpper(w, "SET")
+		return eqUpper(w, "END") || eqUpper(w, "SET") || eqUpper(w, "FOR")
 	case 4:
-		return eqUpper(w, "CALL")
+		return eqUpper(w, "CALL") || eqUpper(w, "CASE") || eqUpper(w, "LOOP")
 	case 5:
-		return eqUpper(w, "BEGIN") || eqUpper(w, "START") || eqUpper(w, "ABORT")
+		return eqUpper(w, "BEGIN") || eqUpper(w, "START") || eqUpper(w, "ABORT") || eqUpper(w, "WHILE")
 	case 6:
-		return eqUpper(w, "COMMIT")
+		return eqUpper(w, "COMMIT") || eqUpper(w, "REPEAT")
 	case 7:
-		return eqUpper(w, "PREPARE") || eqUpper(w, "EXECUTE")
+		return eqUpper(w, "PREPARE") || eqUpper(w, "EXECUTE") || eqUpper(w, "DECLARE")
 	case 8:
 		return eqUpper(w, "ROLLBACK")
+	}
+	return false
+}
+
+// isCompoundWord: the first words of MariaDB's compound statements other
+// than BEGIN (IF, CASE, WHILE, LOOP, REPEAT, FOR, and Oracle mode's
+// DECLARE).
+func isCompoundWord(w string) bool {
+	switch len(w) {
+	case 7:
+		return eqUpper(w, "DECLARE")
+	case 2:
+		return eqUpper(w, "IF")
+	case 3:
+		return eqUpper(w, "FOR")
+	case 4:
+		return eqUpper(w, "CASE") || eqUpper(w, "LOOP")
+	case 5:
+		return eqUpper(w, "WHILE")
+	case 6:
+		return eqUpper(w, "REPEAT")
 	}
 	return false
 }
