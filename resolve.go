@@ -500,6 +500,13 @@ func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name 
 	sentinel = make([]byte, 16)
 	copy(sentinel, markerSentinelPrefix)
 	_, _ = rand.Read(sentinel[len(markerSentinelPrefix):])
+	// Under autocommit=0 (a DSN's, init_connect's) the INSERT would open a
+	// transaction that closing the connection rolls back: autocommit on
+	// for this side connection first (which commits nothing of note: the
+	// check only read).
+	if err := execConn(ctx, dc, "SET SESSION autocommit = 1"); err != nil {
+		return "", nil, nil, err
+	}
 	if err := execConn(ctx, dc, markerSentinelInsert(name, sentinel)); err != nil {
 		if isConfigNumber(mysqlNumber(err)) {
 			return "", nil, &configError{what: "writing to the commit marker table " + name,
@@ -507,6 +514,7 @@ func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name 
 		}
 		return "", nil, nil, err
 	}
+
 	return name, sentinel, nil, nil
 }
 
@@ -546,7 +554,9 @@ var errMarkerChanged = errors.New("sqlretry: the commit marker table changed sin
 // markerNotFound is the answer when the token is not found where that
 // would say "not committed": it says so only while the table still holds
 // the sentinel (it was not emptied since the check) and no trigger is on
-// it (one that rewrites the token was added since).
+// it that this user can see (one that rewrites the token was added since;
+// information_schema shows a table's triggers only to users with the
+// TRIGGER privilege on it).
 func markerNotFound(ctx context.Context, dc driver.Conn, table string, sentinel int64) (CommitOutcome, error) {
 	if sentinel == 0 {
 		return CommitUnknown, errMarkerChanged

@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"io"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -696,6 +697,24 @@ func TestShortWaitOwnLockTimeoutHandledByTheClosure(t *testing.T) {
 			}
 			return false, nil
 		}},
+		{"savepoint handler, then the closure commits itself", func(ctx context.Context, tx *sql.Tx) (bool, error) {
+			if _, err := tx.ExecContext(ctx, "SAVEPOINT s"); err != nil {
+				return false, err
+			}
+			if err := updateTx(ctx, tx); err != nil {
+				if ErrorCode(err) != "55P03" {
+					return false, err
+				}
+				if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT s"); err != nil {
+					return false, err
+				}
+				if _, err := tx.ExecContext(ctx, "INSERT INTO busy VALUES (1)"); err != nil {
+					return false, err
+				}
+				return true, tx.Commit()
+			}
+			return false, nil
+		}},
 		{"closure returns its own error", func(ctx context.Context, tx *sql.Tx) (bool, error) {
 			if err := updateTx(ctx, tx); err != nil {
 				if ErrorCode(err) != "55P03" {
@@ -813,5 +832,36 @@ func TestShortWaitOffByDefault(t *testing.T) {
 	}
 	if got := w.got(); len(got) != 0 {
 		t.Fatalf("bounds %v on a db opened without WithShortLockWait(true)", got)
+	}
+}
+
+// A closure that met sqlretry's own lock timeout, caught it in a
+// savepoint and then committed part of its work by a statement of its own
+// (a hand-typed COMMIT) is not replayed, and its error says so; it is not
+// the bare 55P03 (a review's F2).
+func TestShortWaitOwnLockTimeoutThenEscape(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv, db, _ := shortWaitDB(t, w)
+	srv.script("UPDATE", step{err: errDeadlock}, step{err: errLockTimeout})
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if _, err := tx.ExecContext(ctx, "SAVEPOINT s"); err != nil {
+			return err
+		}
+		if err := updateTx(ctx, tx); err != nil {
+			if ErrorCode(err) != "55P03" {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT s"); err != nil {
+				return err
+			}
+			_, err := tx.ExecContext(ctx, "COMMIT")
+			return err
+		}
+		return nil
+	})
+	if runs != 2 || err == nil || !strings.Contains(err.Error(), "committed part of its work itself") {
+		t.Fatalf("runs %d, err %v: want no replay after the escape, and an error that says so", runs, err)
 	}
 }

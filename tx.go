@@ -123,7 +123,9 @@ func setsLockTimeout(query string) bool {
 // one (conn.noteTxControl).
 func (t *tx) escape(query string) {
 	t.escaped = true
-	if q := strings.ToLower(strings.TrimSpace(query)); strings.HasPrefix(q, "lock table") {
+	if strings.Contains(strings.Join(strings.Fields(strings.ToLower(query)), " "), "lock table") {
+		// Anywhere in the text (after a comment, in SET STATEMENT ... FOR,
+		// a second statement): a false match only leaves the marker out.
 		t.lockedTables = true
 	}
 	if t.attempt != nil {
@@ -246,6 +248,16 @@ func (t *tx) Rollback() error {
 // is recorded: a closure that commits itself (runTxOnce).
 func (t *tx) Commit() error {
 	a := t.attempt
+	if a != nil && a.ownHit() != nil {
+		// The closure commits after it met sqlretry's own lock timeout
+		// (caught in a savepoint: its "busy" branch): the plain driver
+		// would have waited for the lock. Not committed; RunInTx replays
+		// the attempt unbounded (decide).
+		_ = t.rollback()
+		t.c.tx = nil
+		a.ended.Store(endRolledBack)
+		return &poisonedError{cause: a.ownHit()}
+	}
 	err := t.commit()
 	if a != nil {
 		a.commitErr = err
@@ -437,13 +449,12 @@ type txAttempt struct {
 	// ownBound: the lock_timeout in force is sqlretry's bound (not a
 	// lower one of the user's, which the statement kept): a 55P03 is
 	// sqlretry's own, one the plain driver would not have given.
+	// Its first 55P03 under that bound is kept (attemptRare.ownHit) past a
+	// ROLLBACK TO SAVEPOINT: whatever the closure then did (went on after
+	// a savepoint, rolled back, committed itself, returned an error of its
+	// own), the plain driver would have waited for the lock, so the
+	// attempt is neither committed nor final (decide, tx.Commit).
 	ownBound bool
-	// ownHit: the first 55P03 the attempt met under its own bound, kept
-	// past a ROLLBACK TO SAVEPOINT: whatever the closure then did (went on
-	// after a savepoint, rolled back, returned an error of its own), the
-	// plain driver would have waited for the lock, so the attempt is
-	// neither committed nor final (decide).
-	ownHit error
 	// escaped: a statement of the attempt's transaction ended or started a
 	// transaction by itself (tx.done): no replay.
 	escaped bool
@@ -451,8 +462,7 @@ type txAttempt struct {
 	// endRolledBack), by the closure or, after it, by runTxOnce; atomic
 	// because database/sql rolls back from its own goroutine when the
 	// context ends. byClosure is ended as the closure left it, commitErr
-	// the Commit's result. (Packed next to begun: the attempt stays in a
-	// 112-byte allocation.)
+	// the Commit's result. (Packed next to begun.)
 	byClosure int8
 	ended     atomic.Int32
 	commitErr error
@@ -463,7 +473,10 @@ type txAttempt struct {
 	// on a session that lived on (tx.judgeSession): the statement's, no
 	// replay.
 	answered error
-	nested   *nestedReplay
+	// rare: what few attempts have (a nested RunInTx's replay, an own
+	// lock timeout), behind one pointer so that the attempt stays in a
+	// 128-byte allocation.
+	rare *attemptRare
 	// seq: nestedSeq when the closure started (txnested.go)
 	seq uint64
 }
@@ -491,6 +504,36 @@ func (e *escapedError) Unwrap() error { return e.err }
 // for a reason worth a replay: it runs once, and the replay is the
 // outer attempt's.
 type nestedReplay struct{ err, cause error }
+
+// attemptRare is what few attempts have (txAttempt.rare).
+type attemptRare struct {
+	nested *nestedReplay
+	// ownHit: see txAttempt.ownBound.
+	ownHit error
+}
+
+// ownHit is the first 55P03 the attempt met under its own bound, nil if
+// none.
+func (a *txAttempt) ownHit() error {
+	if a.rare == nil {
+		return nil
+	}
+	return a.rare.ownHit
+}
+
+func (a *txAttempt) nested() *nestedReplay {
+	if a.rare == nil {
+		return nil
+	}
+	return a.rare.nested
+}
+
+func (a *txAttempt) rareState() *attemptRare {
+	if a.rare == nil {
+		a.rare = &attemptRare{}
+	}
+	return a.rare
+}
 
 // Value compares the key's type first: comparing an interface with each
 // constant goes through the runtime's generic equality, a measurable part
@@ -520,8 +563,8 @@ func (a *txAttempt) raised(err error) {
 		a.first = err
 	}
 	a.last = err
-	if a.ownBound && a.ownHit == nil && ErrorCode(err) == "55P03" {
-		a.ownHit = err
+	if a.ownBound && a.ownHit() == nil && ErrorCode(err) == "55P03" {
+		a.rareState().ownHit = err
 	}
 }
 
@@ -540,8 +583,8 @@ func (a *txAttempt) revived() {
 // unchanged. A closure that swallowed a retryable error and returned
 // another is still replayed (poisoning, shared/DESIGN.md).
 func (a *txAttempt) causeOf(err error, pgRules bool) error {
-	if a.nested != nil && errors.Is(err, a.nested.err) {
-		return a.nested.cause
+	if n := a.nested(); n != nil && errors.Is(err, n.err) {
+		return n.cause
 	}
 	var p *poisonedError
 	raised := errors.As(err, &p) ||
@@ -775,7 +818,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		if outer != nil {
 			// Nested: one run; a replay is the outer RunInTx's.
 			if o.replay {
-				outer.nested = &nestedReplay{err: err, cause: o.cause}
+				outer.rareState().nested = &nestedReplay{err: err, cause: o.cause}
 			}
 			return err
 		}
@@ -912,7 +955,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 		o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
 	}
 	mustFirst := false
-	if att.bounded && o.err != nil && ctx.Err() == nil && att.byClosure == 0 && !att.escaped && att.first != nil && ErrorCode(att.first) == "25001" {
+	if att.bounded && o.err != nil && ctx.Err() == nil && att.byClosure == 0 && !att.escaped && !nestedCommitSince(att.seq) && att.first != nil && ErrorCode(att.first) == "25001" {
 		// A statement that must come first in its transaction (SET
 		// TRANSACTION ISOLATION LEVEL, SET TRANSACTION SNAPSHOT, SET
 		// TRANSACTION READ WRITE) came after the bound's statement: the
@@ -927,7 +970,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
-		o.ownTimeout = att.ownHit != nil && o.cause == att.ownHit
+		o.ownTimeout = att.ownHit() != nil && o.cause == att.ownHit()
 		o.unbound = o.unbound || mustFirst
 	}
 	if queue && !inGate && lim.probeDue(o.conflict) {
@@ -944,7 +987,19 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 // decide says whether a failed attempt is replayed, and for what cause.
 func (r *retrier) decide(o *txOutcome, att *txAttempt, sees bool) {
 	r.decideOn(o, att, sees)
-	if h := att.ownHit; h != nil && !(o.replay && o.cause == h) && att.byClosure != endCommitted && !att.escaped && !nestedCommitSince(att.seq) {
+	h := att.ownHit()
+	if h == nil {
+		return
+	}
+	switch {
+	case o.replay && o.cause == h:
+	case att.escaped || nestedCommitSince(att.seq):
+		// Part of the work committed by itself, then the rest met the
+		// bound: not replayed, and not a bare 55P03 either (F2 of a review).
+		if o.cause == nil {
+			o.cause, o.cls, o.escaped = h, RetryTransaction, true
+		}
+	case att.byClosure != endCommitted:
 		// The closure met sqlretry's own lock timeout and handled it (a
 		// savepoint, its own rollback, an error of its own, a classifier
 		// rule that makes 55P03 final): the plain driver would have waited
@@ -1082,8 +1137,8 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 	if err != nil {
 		return began, phaseBody, err
 	}
-	if att.ownHit != nil && att.byClosure == 0 {
-		return began, phaseBody, att.ownHit // not committed: decide
+	if h := att.ownHit(); h != nil && att.byClosure == 0 {
+		return began, phaseBody, h // not committed: decide
 	}
 	committed = true
 	if err := sqlTx.Commit(); err != nil {
