@@ -865,3 +865,32 @@ func TestShortWaitOwnLockTimeoutThenEscape(t *testing.T) {
 		t.Fatalf("runs %d, err %v: want no replay after the escape, and an error that says so", runs, err)
 	}
 }
+
+// A NOWAIT's 55P03 ("could not obtain lock") is the closure's own, also
+// under the bound: a closure that skips the busy row after it commits
+// that way, as with the plain driver (a review's F5).
+func TestShortWaitNowaitIsTheClosures(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv, db, _ := shortWaitDB(t, w)
+	nowait := &pgError{"55P03", `could not obtain lock on row in relation "jobs"`}
+	srv.script("UPDATE", step{err: errDeadlock})
+	srv.script("SELECT id FROM jobs", step{err: nowait})
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if err := updateTx(ctx, tx); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, "SAVEPOINT s"); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, "SELECT id FROM jobs FOR UPDATE NOWAIT"); err != nil {
+			_, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT s")
+			return err // skip the busy job
+		}
+		return nil
+	})
+	if err != nil || runs != 2 {
+		t.Fatalf("err %v, runs %d: want the second attempt (bounded) to commit after skipping the busy job", err, runs)
+	}
+}

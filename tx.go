@@ -563,7 +563,10 @@ func (a *txAttempt) raised(err error) {
 		a.first = err
 	}
 	a.last = err
-	if a.ownBound && a.ownHit() == nil && ErrorCode(err) == "55P03" {
+	if a.ownBound && a.ownHit() == nil && ErrorCode(err) == "55P03" && !strings.Contains(err.Error(), "could not obtain lock") {
+		// (Not a NOWAIT's "could not obtain lock on row": that one is the
+		// closure's, under any lock_timeout. Its message may be in another
+		// language, and is then taken for the bound's.)
 		a.rareState().ownHit = err
 	}
 }
