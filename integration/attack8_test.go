@@ -241,7 +241,7 @@ func TestAttack8UsersOwn55P03Reported(t *testing.T) {
 	for bn, b := range bodies {
 		for sn, s := range stops {
 			t.Run(bn+"/"+sn, func(t *testing.T) {
-				a, n, took, err := a8Stuck(t, true, 2500*time.Millisecond, s.ctxd, b, s.opts...)
+				a, n, took, err := a8Stuck(t, true, 1200*time.Millisecond, s.ctxd, b, s.opts...)
 				t.Logf("attempts %d row %d took %v ErrorCode %q err %v", a, n, took.Round(time.Millisecond), sqlretry.ErrorCode(err), err)
 				if a8Code(err) != "55P03" || sqlretry.ErrorCode(err) != "55P03" || n != 1000 {
 					t.Errorf("the user's own 55P03 not reported: row %d, %v", n, err)
@@ -255,7 +255,7 @@ func TestAttack8UsersOwn55P03Reported(t *testing.T) {
 			plain := atkPlain(t, "pgx")
 			tbl := a5Table(t, plain, 2)
 			db := a5Open(t, dsn, 4)
-			released := a5Holder(t, plain, tbl, 1, 2500*time.Millisecond)
+			released := a5Holder(t, plain, tbl, 1, 1200*time.Millisecond)
 			ctx, cancel := context.WithTimeout(context.Background(), s.ctxd)
 			defer cancel()
 			k := 0
