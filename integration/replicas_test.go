@@ -28,7 +28,7 @@ import (
 func TestPostgresReplicasHotSpot(t *testing.T) {
 	replicasHotSpot(t, "pgx", sqlretry.WithShortLockWait(true))
 }
-func TestMariaDBReplicasHotSpot(t *testing.T)  { replicasHotSpot(t, "mysql") }
+func TestMariaDBReplicasHotSpot(t *testing.T) { replicasHotSpot(t, "mysql") }
 
 // The same with WithContentionQueue(true): on PostgreSQL the replicas'
 // transactions queue in the server (advisory locks before BEGIN), and the
