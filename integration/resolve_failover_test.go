@@ -53,6 +53,9 @@ func (hc *hookConn) Write(p []byte) (int, error) {
 		// would lose it: the old backend's COMMIT runs to its end instead
 		// of being cancelled midway (a test expecting it committed once
 		// saw it cancelled and replayed, under load in a CI rehearsal).
+		// Closed, so that pgx's read of the answer ends at once (it waited,
+		// and the goroutine leak check failed a CI rehearsal).
+		hc.Conn.Close()
 		return len(p), nil
 	}
 	if pgCommit(p) && hc.h.armed.Swap(false) {

@@ -63,6 +63,7 @@ type settledConn struct {
 
 func (sc *settledConn) Write(p []byte) (int, error) {
 	if sc.c.dropCancels && pgCancelRequest(p) {
+		sc.Conn.Close() // pgx's read of the answer ends at once
 		return len(p), nil
 	}
 	if sc.c.delay > 0 && pgCommit(p) && sc.c.armed.Swap(false) {
