@@ -323,17 +323,18 @@ const (
 )
 
 // decideAutocommit is the safety table for autocommit statements
-// (shared/DESIGN.md). manual is true when the caller opened a transaction
-// by hand (BEGIN through Exec), where nothing but the driver's own
-// ErrBadConn is retried. atomic is true when the server's rollback undid
+// (shared/DESIGN.md). manual is what conn.manualFor says: the caller
+// opened a transaction by hand (BEGIN through Exec), where nothing but the
+// driver's own ErrBadConn is retried, and whether the statement controls
+// transactions itself. atomic is true when the server's rollback undid
 // everything the call did (one atomic statement, or a call marked
 // Idempotent): only then is it run again after a rollback (issue 9 item 1:
 // "INSERT ...; UPDATE ..." or a CALL that commits inside keeps its first
 // part).
-func decideAutocommit(cls Class, err error, safeToRerun, atomic, manual bool) action {
+func decideAutocommit(cls Class, err error, safeToRerun, atomic bool, manual manualState) action {
 	switch cls {
 	case RetryStatement, RetryTransaction:
-		if manual || !atomic {
+		if manual != notManual || !atomic {
 			return actSurface
 		}
 		return actRetryHere
@@ -341,7 +342,7 @@ func decideAutocommit(cls Class, err error, safeToRerun, atomic, manual bool) ac
 		if errors.Is(err, driver.ErrBadConn) {
 			return actHandOff // nothing was sent, by the driver contract
 		}
-		if manual {
+		if manual != notManual {
 			return actSurface
 		}
 		// The server refused the statement before running it (a standby, as
@@ -349,7 +350,14 @@ func decideAutocommit(cls Class, err error, safeToRerun, atomic, manual bool) ac
 		// then let database/sql run it on a new connection.
 		return actHandOff
 	case ConnectionLost, Ambiguous:
-		if manual {
+		switch manual {
+		case manualCtl:
+			// The statement lost with its connection controls transactions
+			// itself (a COMMIT typed by hand, a CALL, EXECUTE IMMEDIATE or a
+			// block that may commit inside): it may have committed
+			// (attack9: the driver's bare error was returned).
+			return actAmbiguous
+		case manualSession:
 			return actSurface
 		}
 		if safeToRerun {
@@ -358,6 +366,27 @@ func decideAutocommit(cls Class, err error, safeToRerun, atomic, manual bool) ac
 		return actAmbiguous
 	}
 	return actSurface
+}
+
+// manualState is what decideAutocommit needs of a session opened by hand.
+type manualState uint8
+
+const (
+	notManual     manualState = iota
+	manualSession             // in a transaction opened by hand
+	manualCtl                 // ... by this very statement, or one that controls transactions itself
+)
+
+// manualFor says whether the session is manual, and whether query itself
+// controls transactions.
+func (c *conn) manualFor(query string) manualState {
+	switch {
+	case c.manual.Load() == 0:
+		return notManual
+	case c.txControl(query) != sqltext.TxNone:
+		return manualCtl
+	}
+	return manualSession
 }
 
 // safeToRerun: reads (exactly one statement, a plain read), and what the
@@ -483,15 +512,7 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			return zero, err
 		}
 		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery),
-			(cls == RetryStatement || cls == RetryTransaction) && rolledBackWhole(ctx, r.dialect, query), c.manual.Load() != 0)
-		if act == actSurface && cls >= ConnectionLost && c.manual.Load() != 0 && c.txControl(query) != sqltext.TxNone {
-			// The statement lost with its connection controls transactions
-			// itself (a COMMIT typed by hand, a CALL, EXECUTE IMMEDIATE or
-			// a block that may commit inside): it may have committed, and
-			// it is what made the session manual. Ambiguous, not the
-			// driver's bare error (attack9).
-			act = actAmbiguous
-		}
+			(cls == RetryStatement || cls == RetryTransaction) && rolledBackWhole(ctx, r.dialect, query), c.manualFor(query))
 		switch act {
 		case actSurface:
 			if cls == ConnectionLost {

@@ -107,7 +107,7 @@ func shadowStatement[T any](ctx context.Context, c *conn, op, query string, isQu
 	cls := r.classify(err)
 	r.breaker.done(t, breakerOutcome(cls, err))
 	act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery),
-		(cls == RetryStatement || cls == RetryTransaction) && rolledBackWhole(ctx, r.dialect, query), c.manual.Load() != 0)
+		(cls == RetryStatement || cls == RetryTransaction) && rolledBackWhole(ctx, r.dialect, query), c.manualFor(query))
 	switch act {
 	case actRetryHere:
 		d := r.wouldPause(ctx)

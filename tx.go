@@ -784,17 +784,14 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			}
 			return nil
 		}
-		if o.ownTimeout {
-			// sqlretry's own lock timeout is never what the caller gets:
-			// the plain driver would still be waiting for the lock. Its
-			// error is not the one a stop keeps beside the context's.
-			err = nil
-		}
 		if ctx.Err() != nil {
+			if o.ownTimeout {
+				// sqlretry's own lock timeout is never what the caller gets:
+				// the plain driver would still be waiting for the lock. Its
+				// error is not the one a stop keeps beside the context's.
+				return r.stop(ctx, "tx", attempt, nil, prev, "caller's context is done")
+			}
 			return r.stop(ctx, "tx", attempt, err, prev, "caller's context is done")
-		}
-		if o.ownTimeout {
-			err = o.err
 		}
 		if (errors.Is(err, ErrCircuitOpen) && !o.replay) || errors.Is(err, ErrBudgetExhausted) || errors.Is(err, ErrAmbiguousCommit) {
 			return err
@@ -950,24 +947,25 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 	}
 	att := &txAttempt{Context: ctx}
 	o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, r.shortWait, lockWait)
-	if lockWait > 0 && o.err != nil && ctx.Err() == nil && r.shortWaitRefused(o.err) {
-		// The server does not know the settings (shortwait.go): off for
-		// good, and the attempt again without it (its closure did not run).
-		r.shortWait.off.Store(true)
-		att = &txAttempt{Context: ctx}
-		o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
-	}
+	// The attempt again at once without the bound's statement: when the
+	// server does not know the settings (shortwait.go: off for good; the
+	// closure did not run), and when a statement that must come first in
+	// its transaction (SET TRANSACTION ISOLATION LEVEL / SNAPSHOT / READ
+	// WRITE) came after it (25001; the call's later attempts unbounded; a
+	// 25001 of another kind, VACUUM in a transaction, fails the same way
+	// unbounded), unless part of the closure's work committed by itself.
 	mustFirst := false
-	if att.bounded && o.err != nil && ctx.Err() == nil && att.byClosure == 0 && !att.escaped && !nestedCommitSince(att.seq) && att.first != nil && ErrorCode(att.first) == "25001" {
-		// A statement that must come first in its transaction (SET
-		// TRANSACTION ISOLATION LEVEL, SET TRANSACTION SNAPSHOT, SET
-		// TRANSACTION READ WRITE) came after the bound's statement: the
-		// attempt again at once without it, and the call's later attempts
-		// unbounded. (A 25001 of another kind, VACUUM in a transaction,
-		// fails the same way unbounded.)
-		mustFirst = true
-		att = &txAttempt{Context: ctx}
-		o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
+	if att.bounded && o.err != nil && ctx.Err() == nil {
+		refused := r.shortWaitRefused(o.err)
+		mustFirst = !refused && att.byClosure == 0 && !att.escaped && !nestedCommitSince(att.seq) &&
+			att.first != nil && ErrorCode(att.first) == "25001"
+		if refused {
+			r.shortWait.off.Store(true)
+		}
+		if refused || mustFirst {
+			att = &txAttempt{Context: ctx}
+			o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
+		}
 	}
 	o.bounded = att.bounded
 	if o.err != nil {
