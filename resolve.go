@@ -527,9 +527,13 @@ func checkMarkerTable(ctx context.Context, dc driver.Conn, option string) (name 
 // Tokens are random: one that begins so is 1 in 2^72.
 const markerSentinelPrefix = "sqlretry:"
 
+// markerSentinels is the key range of the sentinel rows (the prefix, up
+// to the byte after its last).
+const markerSentinels = "token >= '" + markerSentinelPrefix + "' AND token < 'sqlretry;'"
+
 // markerSentinelFind finds a sentinel row (the key's range: no scan).
 func markerSentinelFind(name string) string {
-	return "SELECT token FROM " + name + " WHERE token >= '" + markerSentinelPrefix + "' AND token < 'sqlretry;' LIMIT 1"
+	return "SELECT token FROM " + name + " WHERE " + markerSentinels + " LIMIT 1"
 }
 
 func markerSentinelInsert(name string, sentinel []byte) string {
@@ -711,7 +715,7 @@ func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
 	if execConn(ctx, dc, "SET SESSION innodb_lock_wait_timeout = 1, lock_wait_timeout = 1") != nil {
 		return
 	}
-	_ = execConn(ctx, dc, fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR AND NOT (token >= '%s' AND token < 'sqlretry;') LIMIT %d", table, markerSentinelPrefix, cleanBatch))
+	_ = execConn(ctx, dc, fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR AND NOT (%s) LIMIT %d", table, markerSentinels, cleanBatch))
 }
 
 // resolveCommit finds out whether the COMMIT of t took effect, within ctx.
