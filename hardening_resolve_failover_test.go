@@ -381,10 +381,30 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 					l.history = strings.ReplaceAll(l.history, "1\t", "7\t")
 				})
 			}, "ambiguous"},
-		{"crash restart, recovery past the record, committed, but an earlier question died with its server: ambiguous (that server may have been a life that lost the record and reused the id)", 150000, true,
+		{"crash restart, recovery past the record, committed, but an earlier question died with its server, the WAL at the record unreadable: ambiguous (that server may have been a life that lost the record and reused the id)", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), func(l *fakePGLife, _ int64) { l.nowFails = 1; l.walRefused = true })
+			}, "ambiguous"},
+		{"the same, the WAL at the record is the transaction's message: committed", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(crash(+0x30), func(l *fakePGLife, _ int64) { l.nowFails = 1 })
-			}, "ambiguous"},
+			}, "committed"},
+		{"the same, the WAL at the record is another life's (a life that lost the record, reused the id and wrote past it): replayed", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.nowFails = 1; l.walLost = true })
+			}, "replayed"},
+		{"two crashes, the middle life never reached: it lost the record, reused the id in a commit and wrote past the record; the last recovery ended past it: replayed (the WAL at the record is another life's)", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.walLost = true })
+			}, "replayed"},
+		{"the same with the postmaster kept (backends killed twice: the same start time): replayed", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal + 0x30); l.wal += 0x1000; l.walLost = true }, setStatus(srv, "committed"))
+			}, "replayed"},
+		{"the same, the WAL segment unreadable (no privilege): committed, as the replay position says (the gap named in the README)", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.walLost = true; l.walRefused = true })
+			}, "committed-wrongly"},
 		{"the same, recovery before the record: replayed", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(crash(-0x20), setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.nowFails = 1 })
@@ -409,6 +429,14 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 				got = "committed"
 			default:
 				got = "replayed"
+			}
+			if c.want == "committed-wrongly" {
+				// The id's status is another transaction's and the history
+				// cannot be read: what sqlretry cannot see.
+				if got != "committed" || l.walAsk == 0 {
+					t.Fatalf("outcome %s (calls=%d, err=%v, WAL read %d times), want committed after a refused WAL read", got, calls, err, l.walAsk)
+				}
+				return
 			}
 			if got != c.want {
 				t.Fatalf("outcome %s (calls=%d, err=%v), want %s; asked %q", got, calls, err, c.want, l.asked)

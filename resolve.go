@@ -834,6 +834,7 @@ var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted
 // had finished recovery and lost the connection before it answered.
 func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string, unseenLife bool) (CommitOutcome, error) {
 	restarted, proven, beyond := false, false, false
+	unseen := false // proven by the replay position, doubted for an unseen life
 	var now pgNow
 	switch {
 	case m.lsn != 0:
@@ -865,8 +866,9 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			// server that had finished recovery (it took the connection)
 			// died under an earlier question: it may have been a life
 			// that lost the record, handed the id out again and wrote past
-			// it before crashing too. The replay position cannot tell.
-			proven = false
+			// it before crashing too. The replay position cannot tell;
+			// the WAL at L can (below).
+			proven, unseen = false, true
 		}
 	case start != 0:
 		vals, err := queryRow(ctx, dc, "SELECT "+pgStartTime)
@@ -897,15 +899,22 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			proven, beyond, fork = ours, other, desc+"; "+what
 		}
 	}
-	if st.status == "committed" && restarted && proven && now.replay == 0 && now.tli == m.tli && m.lsn != 0 {
-		// Started without recovery on our timeline: its previous life
-		// shut down cleanly, but that life may not be ours: a crash that
-		// lost the record, then a crash recovery that no client reached
-		// (single-user mode) writing past it and shutting down, hands
-		// the id out again. The WAL at L tells, where it can be read;
-		// where it cannot, the answer stays (resolve_failover.go).
-		_, other, what := pgRecordAt(ctx, dc, []int64{m.tli}, m, xid)
-		proven, beyond, fork = !other, other, "none (same timeline); "+what
+	if st.status == "committed" && restarted && (proven || unseen) && now.tli == m.tli && m.lsn != 0 {
+		// Another life of our timeline whose recovery reached L (or which
+		// started without one, after a clean shutdown): the lives between
+		// it and ours may not have been ours. A crash that lost the
+		// record, then a life that no client of ours reached (a crash
+		// recovery in single-user mode, or one that took writes for a
+		// moment) handing the id out again and writing past L, then a
+		// clean shutdown or a second crash: the id's status is another
+		// transaction's. The WAL at L tells, where it can be read: our
+		// message there is ours (a history that holds it never hands our
+		// id out again), anything else is another life's, and our commit
+		// record after it is not in this history. Where it cannot be
+		// read, the answer stays what the replay position said
+		// (resolve_failover.go).
+		ours, other, what := pgRecordAt(ctx, dc, []int64{m.tli}, m, xid)
+		proven, beyond, fork = (proven && !other) || ours, other, "none (same timeline); "+what
 	}
 	if restarted && m.lsn != 0 {
 		*rule = "the server restarted or was promoted since (" + pgLifeAccount(m, now, fork) + "): "

@@ -29,15 +29,17 @@ import (
 // the server that answers is another life (any of those differ):
 //   - another cluster (system identifier) cannot answer;
 //   - on the same timeline, the end of its last recovery
-//     (pg_last_wal_replay_lsn) at or past L means the history holds the
-//     record: its answer is about our transaction; before L, the crash
-//     lost the record and our commit record after it: not committed,
-//     whatever it says of the id; no recovery at all (a clean shutdown
-//     wrote every id it had handed out into its checkpoint): its answer
-//     is ours, unless the WAL at L, where it can be read (pgRecordAt),
-//     ends no message of ours: the clean shutdown was then a later
-//     life's that no client reached (a crash recovery in single-user
-//     mode), the record lost before it: not committed;
+//     (pg_last_wal_replay_lsn) before L means the crash lost the record
+//     and our commit record after it: not committed, whatever it says of
+//     the id; at or past L, or no recovery at all (a clean shutdown wrote
+//     every id it had handed out into its checkpoint), the history holds
+//     a record at L, and its answer is ours if that record is ours: where
+//     the WAL at L can be read (pgRecordAt), no message of ours ending
+//     there means the record is a later life's that no client of ours
+//     reached (a crash recovery in single-user mode, or a life between
+//     two crashes that reused the id and wrote past L), ours lost before
+//     it: not committed; where it cannot be read, the replay position is
+//     taken for the proof (the gap below);
 //   - on a later timeline (a promotion), the history file of its timeline
 //     (pg_read_file: superuser, pg_read_server_files or EXECUTE granted)
 //     names where it left ours: before L, not committed; at or past L, its
@@ -60,15 +62,16 @@ import (
 // see L. A server in recovery (a standby, a server still electing) is
 // asked again later.
 //
-// What this cannot see: two lives of the same timeline between the COMMIT
-// and the answer: a crash that loses L, a restart that hands ids out again
-// and writes past L, and a second crash or a clean restart, all before
-// sqlretry reaches the server, which then answers on that same timeline
-// (a promoted one reads the WAL at L, above). The WAL at L is then
-// another life's. sqlretry asks again every half second at most, and any
-// answer of the middle life is final and right, so this takes two
-// failures within that window. Timelines are taken to be unique in the cluster (no split
-// brain).
+// What this cannot see, where the WAL at L may not be read: two lives of
+// the same timeline between the COMMIT and the answer: a crash that loses
+// L, a restart that hands ids out again and writes past L, and a second
+// crash or a clean restart, all before sqlretry reaches the server, which
+// then answers on that same timeline. The WAL at L is then another
+// life's. sqlretry asks again every half second at most, and any answer
+// of the middle life is final and right, so this takes two failures
+// within that window. Where the WAL may be read, only a later life's
+// message with our id, handed out again, ending exactly at L fools it.
+// Timelines are taken to be unique in the cluster (no split brain).
 
 // pgProofMinVersion is the first server_version_num with
 // pg_current_wal_insert_lsn and pg_last_wal_replay_lsn; pgXid8Version the
@@ -410,10 +413,12 @@ const (
 	pgWALReadQuery  = "SELECT pg_catalog.pg_read_binary_file('pg_wal/' || $1, $2::bigint, $3::bigint, true)"
 )
 
-// pgRecordAt reads, on a promoted server whose history leaves the
-// transaction's timeline at or past L, the WAL of that timeline just
-// before L, and says whether the record ending there is the transaction's
-// message. The switch point alone does not prove it: the message is
+// pgRecordAt reads, on a server whose history holds the transaction's
+// timeline at or past L (a promoted server whose history leaves it there,
+// or another life of that timeline whose recovery reached L), the WAL of
+// that timeline just before L, and says whether the record ending there is
+// the transaction's message. The switch point (or the replay position)
+// alone does not prove it: the message is
 // written without a flush (the COMMIT flushes it), so a crash of our
 // server before any flush past it loses it, and the next life on the same
 // timeline writes over its place before a promotion. Patroni does exactly

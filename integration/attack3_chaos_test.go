@@ -134,7 +134,7 @@ func TestAttack3BackendKillChaos(t *testing.T) {
 			t.Errorf("DOUBLED WRITE: %s, %d rows", op, n)
 		}
 	}
-	t.Logf("FIGURES attack3/backend-kill-chaos: %d kills, %d transactions, %d succeeded, %d ErrAmbiguousCommit, %d other errors, %d lost, %d doubled; lost COMMITs resolved: %d committed, %d not committed, %d other", kills, total.Load(), len(done), ambiguous.Load(), failed.Load(), lost, doubled, res.committed.Load(), res.notCommitted.Load(), res.other.Load())
+	t.Logf("FIGURES attack3/backend-kill-chaos: %d kills, %d transactions, %d succeeded, %d ErrAmbiguousCommit, %d other errors, %d lost, %d doubled; lost COMMITs resolved: %d committed (%d by the WAL at the record), %d not committed (%d by the WAL at the record: another life's), %d other", kills, total.Load(), len(done), ambiguous.Load(), failed.Load(), lost, doubled, res.committed.Load(), res.walOurs.Load(), res.notCommitted.Load(), res.walOther.Load(), res.other.Load())
 }
 
 type opKey struct{}
@@ -142,6 +142,10 @@ type opKey struct{}
 // resolutionCount counts sqlretry's commit-resolved decisions by outcome.
 type resolutionCount struct {
 	committed, notCommitted, other atomic.Int32
+	// answered by the WAL at the record: the id's status said committed,
+	// the record there is another life's (before that check, a lost
+	// write), or it is the transaction's message.
+	walOther, walOurs atomic.Int32
 }
 
 func (r *resolutionCount) Write(p []byte) (int, error) {
@@ -150,11 +154,17 @@ func (r *resolutionCount) Write(p []byte) (int, error) {
 		switch {
 		case strings.Contains(line, "outcome=committed"):
 			r.committed.Add(1)
+			if strings.Contains(line, "the record is the transaction's message") {
+				r.walOurs.Add(1)
+			}
 			if os.Getenv("SQLRETRY_ATTACK3_VERBOSE") != "" {
 				fmt.Print("RESOLVED ", line)
 			}
 		case strings.Contains(line, "outcome=not-committed"):
 			r.notCommitted.Add(1)
+			if strings.Contains(line, "the WAL there is another life's") {
+				r.walOther.Add(1)
+			}
 		default:
 			r.other.Add(1)
 		}

@@ -251,6 +251,107 @@ func TestPostgresReusedIDAfterCrashIsNotTakenAsCommitted(t *testing.T) {
 	}
 }
 
+// Two crashes before sqlretry asks: the first loses the COMMIT in memory
+// (and the id's record); the life after it hands the id out again to a
+// transaction that commits, and writes WAL past where the id's record
+// ended (L); a second crash; the third life's recovery ends past L. No
+// question of sqlretry reached the middle life. The id's status is
+// "committed" and the replay position is past L, so by those two alone
+// the COMMIT is ours (a lost write: one in 14 runs of
+// TestAttack3BackendKillChaos lost 3 writes that way). The WAL at L is
+// the middle life's: no sqlretry message of our id ends there, so our
+// commit record is not in this history: replayed once, one row. (The
+// test's role is a superuser: it may read the WAL.)
+func TestPostgresReusedIDAcrossTwoCrashesIsNotTakenAsCommitted(t *testing.T) {
+	t.Parallel() // private servers; runs beside the other two
+	srv := ownServer(t, "pgx")
+	plain := openPlain(t, srv.DSN)
+	mustExec(t, plain, "ALTER SYSTEM SET wal_writer_delay = '10s'", "ALTER SYSTEM SET wal_writer_flush_after = 0", "SELECT pg_reload_conf()")
+	h := &commitHook{}
+	db := openHooked(t, h, srv.DSN)
+	tbl := table(t, plain, "ledger")
+	other := table(t, plain, "other")
+	mustExec(t, plain, "CREATE TABLE "+tbl+" (op text PRIMARY KEY)", "CREATE TABLE "+other+" (n int, pad text)")
+	warmUp(t, db, tbl)
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	var xid int64
+	var start, past string // WAL positions: before our transaction, and well past it
+	h.after = func() {
+		waitRow(t, plain, 1, "SELECT count(*) FROM "+tbl+" WHERE op = $1", op)
+		if err := srv.Crash(); err != nil {
+			t.Error(err)
+		}
+		if err := srv.Resume(); err != nil {
+			t.Error(err)
+		}
+		// The middle life: other transactions take ids until they are
+		// past ours, then write on until the WAL is past where our record
+		// ended, flushed (synchronous commits).
+		for i := 0; i < 10000; i++ {
+			var got int64
+			if err := plain.QueryRow("INSERT INTO " + other + " VALUES (1, repeat('x', 200)) RETURNING pg_current_xact_id()::text::bigint").Scan(&got); err != nil {
+				t.Error(err)
+				return
+			}
+			if got > xid {
+				break
+			}
+		}
+		if err := plain.QueryRow("SELECT (pg_current_wal_insert_lsn() + 65536)::text").Scan(&past); err != nil {
+			t.Error(err)
+			return
+		}
+		for i := 0; i < 100000; i++ {
+			var beyond bool
+			if err := plain.QueryRow("WITH w AS (INSERT INTO "+other+" VALUES (2, repeat('y', 200))) SELECT pg_current_wal_insert_lsn() > $1::pg_lsn", past).Scan(&beyond); err != nil {
+				t.Error(err)
+				return
+			}
+			if beyond {
+				break
+			}
+		}
+		// The second crash: the third life's recovery replays the middle
+		// life's WAL, past L.
+		if err := srv.Crash(); err != nil {
+			t.Error(err)
+		}
+		if err := srv.Resume(); err != nil {
+			t.Error(err)
+		}
+	}
+	// As in the test above: our WAL near the start of a page, so that the
+	// first crash loses it.
+	mustExec(t, plain, "SELECT pg_logical_emit_message(false, 'pad', repeat('x', (8192 - (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint % 8192)::int))")
+	if err := plain.QueryRow("SELECT pg_current_wal_insert_lsn()::text").Scan(&start); err != nil {
+		t.Fatal(err)
+	}
+	calls, err := ledgerRun(t, db, h, tbl, op, func(ctx context.Context, tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, "SET LOCAL synchronous_commit = off"); err != nil {
+			return err
+		}
+		return tx.QueryRowContext(ctx, "SELECT pg_current_xact_id()::text::bigint").Scan(&xid)
+	})
+	var rows int
+	if qerr := plain.QueryRow("SELECT count(*) FROM "+tbl+" WHERE op = $1", op).Scan(&rows); qerr != nil {
+		t.Fatal(qerr)
+	}
+	var status, replay string
+	if qerr := plain.QueryRow("SELECT pg_xact_status($1::text::xid8), coalesce(pg_last_wal_replay_lsn()::text, '')", fmt.Sprint(xid)).Scan(&status, &replay); qerr != nil {
+		t.Fatal(qerr)
+	}
+	t.Logf("xid %d (the first run's): status %q after two crashes; WAL before it %s, the middle life wrote past %s, the last recovery ended at %s; ledger rows %d, calls %d, err %v", xid, status, start, past, replay, rows, calls, err)
+	if err == nil && rows != 1 {
+		t.Fatalf("success with %d ledger rows: a lost or doubled write", rows)
+	}
+	if status != "committed" {
+		t.Fatalf("not reproduced (status %q): the first crash was meant to lose the in-memory commit and the middle life to reuse the id", status)
+	}
+	if err != nil || calls != 2 || rows != 1 {
+		t.Fatalf("err = %v, calls %d, rows %d; want success after one replay and one row", err, calls, rows)
+	}
+}
+
 // The COMMIT took effect on the primary and its synchronous standby; the
 // primary crashed before its reply and the standby was promoted. The
 // resolution reaches the promoted standby (multi-host DSN,
