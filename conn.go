@@ -335,9 +335,10 @@ func (c *conn) execContext(ctx context.Context, query string, args []driver.Name
 	})
 }
 
-// QueryContext reports the call to an OperationObserver when there is one.
+// QueryContext reports the call to an OperationObserver when there is one
+// (not sqlretry's own short-wait statement, as no statement of its own is).
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
-	if o := c.r.operations(); o != nil {
+	if o := c.r.operations(); o != nil && !isShortWaitQuery(query) {
 		op := Operation{Op: "query", Query: query, InTx: c.tx != nil, Dialect: c.r.dialect}
 		return observed(ctx, o, op, func(ctx context.Context) (driver.Rows, error) { return c.queryContext(ctx, query, args) })
 	}

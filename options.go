@@ -59,6 +59,7 @@ type config struct {
 	contentionControl bool
 	contentionQueue   bool
 	shortLockWait     bool // WithShortLockWait
+	shortDeadlock     bool // WithShortDeadlockCheck
 
 	shadow bool // WithShadow
 
@@ -79,6 +80,7 @@ func defaultConfig() config {
 
 		contentionControl: true,
 		shortLockWait:     false, // server-side handlers may catch its lock timeout: WithShortLockWait
+		shortDeadlock:     true,  // only when the role may set deadlock_timeout: WithShortDeadlockCheck
 	}
 }
 
@@ -150,6 +152,29 @@ func WithContentionQueue(on bool) Option {
 func WithShortLockWait(on bool) Option {
 	return func(c *config) error {
 		c.shortLockWait = on
+		return nil
+	}
+}
+
+// WithShortDeadlockCheck turns RunInTx's short deadlock checks on (the
+// default) or off. On PostgreSQL, which looks for a deadlock only after
+// deadlock_timeout (1 s by default), an attempt that replays a conflict,
+// and any attempt while the db met deadlocks in the last 2 s, sets its
+// transaction's deadlock_timeout (SET LOCAL, one statement after BEGIN)
+// to the bound WithShortLockWait describes: a deadlock it takes part in is
+// then found after that bound instead of a second. Unlike a lock timeout
+// it ends no wait that is not a deadlock, and a deadlock ends the same way
+// whenever it is found, so nothing on the server can tell (beyond
+// log_lock_waits, which logs waits longer than deadlock_timeout). Only a
+// role that may set deadlock_timeout gets them: a superuser, or one
+// granted SET ON PARAMETER deadlock_timeout (PostgreSQL 15 and later);
+// for any other role, and on servers before PostgreSQL 15, the first such
+// attempt finds that out and the db stops asking. WithShortLockWait(true)
+// takes their place. It does nothing on MySQL. Given to one RunInTx call
+// on a db opened with them, false turns them off for that call.
+func WithShortDeadlockCheck(on bool) Option {
+	return func(c *config) error {
+		c.shortDeadlock = on
 		return nil
 	}
 }

@@ -41,6 +41,9 @@ type shortWait struct {
 	commit   atomic.Int64 // recent commit duration, ns (moving average of the attempts that had a bound); 0: none yet
 	deadlock atomic.Int64 // the server's deadlock_timeout, ms; 0: not read yet
 	off      atomic.Bool  // the server refused the statement (an engine without lock_timeout): off for good
+	// deadlockMode: the bound is a deadlock_timeout (WithShortDeadlockCheck,
+	// the default), not a lock_timeout (WithShortLockWait(true)).
+	deadlockMode bool
 }
 
 const (
@@ -65,14 +68,43 @@ const shortWaitQuery = "SELECT pg_catalog.set_config('lock_timeout', CASE WHEN "
 	"FROM (SELECT EXTRACT(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS lt, " +
 	"EXTRACT(epoch FROM pg_catalog.current_setting('deadlock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS dt) c"
 
+// shortDeadlockQuery sets the transaction's deadlock_timeout to $1 ms
+// when the role may set it and the session's is longer, and returns
+// whether the role may, and the session's deadlock_timeout (ms) before
+// it. The subquery is a fence (OFFSET 0): its setting is read before the
+// set. has_parameter_privilege is PostgreSQL 15's: an older server
+// refuses the statement (42883), and the db stops asking.
+const shortDeadlockQuery = "SELECT c.may, CASE WHEN c.may AND c.dt OPERATOR(pg_catalog.>) $1::int " +
+	"THEN pg_catalog.set_config('deadlock_timeout', $1::int OPERATOR(pg_catalog.||) 'ms', true) END, c.dt::bigint " +
+	"FROM (SELECT pg_catalog.has_parameter_privilege('deadlock_timeout', 'SET') AS may, " +
+	"EXTRACT(epoch FROM pg_catalog.current_setting('deadlock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS dt OFFSET 0) c"
+
+// isShortWaitQuery says whether query is one of the bound's statements.
+func isShortWaitQuery(query string) bool {
+	return query == shortWaitQuery || query == shortDeadlockQuery
+}
+
 // newShortWait is the db's short-wait state, nil when off: PostgreSQL only
 // (MySQL finds deadlocks at once, and its lock wait timeout counts whole
-// seconds).
+// seconds). WithShortLockWait(true) bounds lock waits; otherwise
+// WithShortDeadlockCheck (on by default) bounds the wait before the
+// deadlock check.
 func newShortWait(cfg config, dialect Dialect) *shortWait {
-	if !cfg.shortLockWait || dialect != DialectPostgres {
+	switch {
+	case dialect != DialectPostgres:
 		return nil
+	case cfg.shortLockWait:
+		return &shortWait{}
+	case cfg.shortDeadlock:
+		return &shortWait{deadlockMode: true}
 	}
-	return &shortWait{}
+	return nil
+}
+
+// offFor says whether a call whose options are cfg turns the db's short
+// waits off for itself.
+func (s *shortWait) offFor(cfg config) bool {
+	return s != nil && (s.deadlockMode && !cfg.shortDeadlock || !s.deadlockMode && !cfg.shortLockWait)
 }
 
 // isHot says whether the db met a deadlock (or a short wait ran out)
@@ -178,18 +210,25 @@ func (s *shortWait) failed(cause error, bounded bool, clock Clock) {
 // waste: counted at 20 ms they looked cheap, it limited less, and the
 // single-process hot spot committed less than without short waits in 4
 // of 7 runs (0.33-0.78).
+//
+// With short deadlock checks it is a deadlock found under the bound that
+// counts so: PostgreSQL would have found it after deadlock_timeout.
 func (s *shortWait) conflictCost(took time.Duration, bounded bool, cause error) time.Duration {
-	if s == nil || !bounded || ErrorCode(cause) != "55P03" {
+	if s == nil || !bounded {
 		return took
 	}
-	return max(took, s.deadlockTimeout())
+	switch code := ErrorCode(cause); {
+	case code == "55P03" && !s.deadlockMode, code == "40P01" && s.deadlockMode:
+		return max(took, s.deadlockTimeout())
+	}
+	return took
 }
 
 // shortWaitError is the failure of the statement that sets the bound.
 type shortWaitError struct{ err error }
 
 func (e *shortWaitError) Error() string {
-	return "sqlretry: setting a short lock_timeout: " + e.err.Error()
+	return "sqlretry: setting a short lock_timeout or deadlock_timeout: " + e.err.Error()
 }
 func (e *shortWaitError) Unwrap() error { return e.err }
 
@@ -198,6 +237,21 @@ func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration) (ow
 	var setting string
 	var dt int64
 	ms := int64(d / time.Millisecond)
+	if s.deadlockMode {
+		// A deadlock_timeout raises nothing of its own: never "own".
+		var may sql.NullBool
+		var set sql.NullString
+		if err := sqlTx.QueryRowContext(ctx, shortDeadlockQuery, ms).Scan(&may, &set, &dt); err != nil {
+			return false, &shortWaitError{err: err}
+		}
+		if !may.Bool {
+			s.off.Store(true) // the role may not: stop asking
+		}
+		if dt > 0 && dt != s.deadlock.Load() {
+			s.deadlock.Store(dt)
+		}
+		return false, nil
+	}
 	if err := sqlTx.QueryRowContext(ctx, shortWaitQuery, ms).Scan(&setting, &dt); err != nil {
 		return false, &shortWaitError{err: err}
 	}

@@ -76,7 +76,7 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
-		if !t.wrote && (!isQuery || !t.c.isReadQuery(query) || markedNotIdempotent(ctx)) && query != shortWaitQuery {
+		if !t.wrote && (!isQuery || !t.c.isReadQuery(query) || markedNotIdempotent(ctx)) && !isShortWaitQuery(query) {
 			t.wrote = true // (the short lock wait's set_config writes nothing: shortwait.go)
 		}
 		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
@@ -666,8 +666,8 @@ func RunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(con
 		rc.cfg, rc.obs = cfg, cfg.observer
 		rc.ops, _ = rc.obs.(OperationObserver)
 		rc.liveBackoff = nil // this call's backoff is cfg's
-		if !cfg.shortLockWait {
-			rc.shortWait = nil // WithShortLockWait(false) for this call
+		if rc.shortWait.offFor(cfg) {
+			rc.shortWait = nil // WithShortLockWait(false) or WithShortDeadlockCheck(false) for this call
 		}
 		r = &rc
 	}

@@ -127,7 +127,10 @@ func TestAttack5PrivateServer(t *testing.T) {
 		}
 		c := &atkCutter{}
 		cfg.DialFunc = c.dial
-		db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+		// Short lock waits on, as a5Open does (the replay's lock_timeout is
+		// what the test reads); without them the needle met nothing until
+		// short deadlock checks, on by default, sent set_config too.
+		db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithShortLockWait(true))
 		t.Cleanup(func() { db.Close() })
 		db.SetMaxOpenConns(1)
 		ctx := a5Ctx(t, 20*time.Second)

@@ -29,9 +29,9 @@ type a6Replica struct {
 
 var a6Mix = []a6Replica{
 	{"defaults", nil},
-	{"no-shortwait", []sqlretry.Option{sqlretry.WithShortLockWait(false)}},
+	{"no-shortwait", []sqlretry.Option{sqlretry.WithShortLockWait(false), sqlretry.WithShortDeadlockCheck(false)}},
 	{"no-cc", []sqlretry.Option{sqlretry.WithContentionControl(false)}},
-	{"no-cc-no-shortwait", []sqlretry.Option{sqlretry.WithContentionControl(false), sqlretry.WithShortLockWait(false)}},
+	{"no-cc-no-shortwait", []sqlretry.Option{sqlretry.WithContentionControl(false), sqlretry.WithShortLockWait(false), sqlretry.WithShortDeadlockCheck(false)}},
 }
 
 func a6MixedReplicas(t *testing.T, iso sql.IsolationLevel, run time.Duration, reps []a6Replica) {
@@ -219,7 +219,7 @@ func TestAttack6SameReplicasSerializable(t *testing.T) {
 // locks as plain PostgreSQL does), everything else the same.
 func TestAttack6ShortWaitVersusPlainWaitersSerializable(t *testing.T) {
 	a6FairnessGap(t)
-	off := []sqlretry.Option{sqlretry.WithShortLockWait(false)}
+	off := []sqlretry.Option{sqlretry.WithShortLockWait(false), sqlretry.WithShortDeadlockCheck(false)}
 	a6MixedReplicas(t, sql.LevelSerializable, 6*time.Second, []a6Replica{{"defaults-1", nil}, {"no-shortwait-1", off}, {"defaults-2", nil}, {"no-shortwait-2", off}})
 }
 

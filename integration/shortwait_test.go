@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/sqlretry/sqlretry"
 )
 
@@ -24,7 +26,14 @@ import (
 // then() runs in the replay, in the transaction, after before().
 func replayOnce(t *testing.T, db *sql.DB, tbl string, before string, then func(ctx context.Context, tx *sql.Tx) error) error {
 	t.Helper()
-	holder, err := sql.Open("pgx", need(t, "pgx"))
+	return replayOnceOn(t, need(t, "pgx"), db, tbl, before, then)
+}
+
+// replayOnceOn is replayOnce with the holder's session on the server at
+// dsn.
+func replayOnceOn(t *testing.T, dsn string, db *sql.DB, tbl string, before string, then func(ctx context.Context, tx *sql.Tx) error) error {
+	t.Helper()
+	holder, err := sql.Open("pgx", dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,11 +113,79 @@ func TestPostgresShortLockWaitKeepsTheUsersSettings(t *testing.T) {
 	}
 }
 
+// Short deadlock checks (the default): the replay's deadlock_timeout is
+// the bound where the role may set it (a superuser, or one granted SET ON
+// PARAMETER deadlock_timeout), its lock_timeout untouched, nothing
+// outlives the transaction; a role that may not set it gets the server's,
+// and no error.
+func TestPostgresShortDeadlockCheckSetting(t *testing.T) {
+	t.Parallel()
+	srv := ownServer(t, "pgx")
+	admin := openPlain(t, srv.DSN)
+	mustExec(t, admin,
+		"CREATE TABLE dl (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO dl VALUES (1, 0)",
+		"CREATE ROLE plainrole LOGIN", "CREATE ROLE granted LOGIN",
+		"GRANT SELECT, UPDATE ON dl TO plainrole, granted",
+		"GRANT SET ON PARAMETER deadlock_timeout TO granted")
+	cfg, err := pgx.ParseConfig(srv.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		user, want string
+	}{
+		{"", "20ms"}, // the server's superuser
+		{"granted", "20ms"},
+		{"plainrole", "1s"},
+	} {
+		t.Run("role "+tc.user, func(t *testing.T) {
+			c := cfg.Copy()
+			if tc.user != "" {
+				c.User = tc.user
+			}
+			db := sqlretry.OpenDB(stdlib.GetConnector(*c))
+			defer db.Close()
+			db.SetMaxOpenConns(1)
+			for round := range 2 { // the second: a db that learned the role may not
+				var dt, lt string
+				err := replayOnceOn(t, srv.DSN, db, "dl", "", func(ctx context.Context, tx *sql.Tx) error {
+					if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&dt); err != nil {
+						return err
+					}
+					if err := tx.QueryRowContext(ctx, "SHOW lock_timeout").Scan(&lt); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "UPDATE dl SET n = n + 1 WHERE id = 1")
+					return err
+				})
+				if err != nil {
+					t.Fatalf("round %d: %v", round, err)
+				}
+				if dt != tc.want || lt != "0" {
+					t.Errorf("round %d: the replay's deadlock_timeout %q, lock_timeout %q; want %q and \"0\"", round, dt, lt, tc.want)
+				}
+				var after string
+				if err := db.QueryRow("SHOW deadlock_timeout").Scan(&after); err != nil {
+					t.Fatal(err)
+				}
+				if after != "1s" {
+					t.Errorf("deadlock_timeout after the transaction %q, want the session's 1s", after)
+				}
+			}
+		})
+	}
+	var n int
+	if err := admin.QueryRow("SELECT n FROM dl WHERE id = 1").Scan(&n); err != nil || n != 6 {
+		t.Fatalf("n = %d (%v), want 6: one update per replay", n, err)
+	}
+}
+
 // Two replicas (two *sql.DB) transfer in opposite directions so that each
 // round deadlocks. PostgreSQL finds each deadlock after deadlock_timeout
-// (1 s); with short lock waits only the first round costs that, and the
-// rounds after it (the db that met the deadlock bounds its waits) break
-// within a fraction of it.
+// (1 s); with short lock waits, or with short deadlock checks (the
+// default; the test's role may set deadlock_timeout), only the first round
+// costs that, and the rounds after it (the db that met the deadlock bounds
+// its waits) break within a fraction of it.
 func TestPostgresShortLockWaitBreaksReplicaDeadlocks(t *testing.T) {
 	d := need(t, "pgx")
 	setup, err := sql.Open("pgx", d)
@@ -171,22 +248,28 @@ func TestPostgresShortLockWaitBreaksReplicaDeadlocks(t *testing.T) {
 		sort.Slice(later, func(i, j int) bool { return later[i] < later[j] })
 		return later[len(later)/2]
 	}
-	var on, off time.Duration
+	var on, checks, off time.Duration
 	t.Run("short waits", func(t *testing.T) { on = run(t) })
-	t.Run("without", func(t *testing.T) { off = run(t, sqlretry.WithShortLockWait(false)) })
+	t.Run("short deadlock checks (the default)", func(t *testing.T) { checks = run(t, sqlretry.WithShortLockWait(false)) })
+	t.Run("without", func(t *testing.T) {
+		off = run(t, sqlretry.WithShortLockWait(false), sqlretry.WithShortDeadlockCheck(false))
+	})
 	var a, b int
 	if err := setup.QueryRow("SELECT (SELECT n FROM "+tbl+" WHERE id = 1), (SELECT n FROM "+tbl+" WHERE id = 2)").Scan(&a, &b); err != nil {
 		t.Fatal(err)
 	}
-	if want := 2 * 2 * rounds; a != want || b != want {
+	if want := 3 * 2 * rounds; a != want || b != want {
 		t.Errorf("rows %d and %d, want %d each: a lost or doubled update", a, b, want)
 	}
-	t.Logf("median of rounds 2-%d: %v with short waits, %v without", rounds, on, off)
+	t.Logf("median of rounds 2-%d: %v with short waits, %v with short deadlock checks, %v without", rounds, on, checks, off)
 	if off < 800*time.Millisecond {
 		t.Errorf("without short waits the rounds took %v: the test did not make deadlocks", off)
 	}
 	if on > 400*time.Millisecond {
 		t.Errorf("with short waits the rounds took %v, want well under deadlock_timeout", on)
+	}
+	if checks > 400*time.Millisecond {
+		t.Errorf("with short deadlock checks the rounds took %v, want well under deadlock_timeout", checks)
 	}
 }
 

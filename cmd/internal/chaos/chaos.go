@@ -99,10 +99,16 @@ var (
 	SqlretryShortWait = Strategy{Name: "sqlretry-shortwait", Wrapped: true, Run: workload.RunInTx,
 		Options: []sqlretry.Option{sqlretry.WithShortLockWait(true)}}
 
+	// SqlretryNoShortDeadlock is sqlretry without short deadlock checks for
+	// replays (WithShortDeadlockCheck(false); on by default), to measure
+	// them.
+	SqlretryNoShortDeadlock = Strategy{Name: "sqlretry-no-shortdeadlock", Wrapped: true, Run: workload.RunInTx,
+		Options: []sqlretry.Option{sqlretry.WithShortDeadlockCheck(false)}}
+
 	// Strategies are the strategies the chaos benchmark runs by default.
 	Strategies = []Strategy{Plain, Immediate, Backoff, Sqlretry}
 	// Extra are strategies to run by name only.
-	Extra = []Strategy{SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait, SqlretryShortWait}
+	Extra = []Strategy{SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait, SqlretryShortWait, SqlretryNoShortDeadlock}
 )
 
 // Scenario is a workload and the faults injected while it runs.
