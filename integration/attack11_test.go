@@ -543,3 +543,96 @@ func TestAttack11NonSuperuserReusedIDAfterCrash(t *testing.T) {
 	t.Logf("xid %d: status %q, last recovery ended at %q", xid, status, replay)
 	a11Check(t, "non-superuser, id reused after one crash", calls, e.rows(t, op), err, false)
 }
+
+// padTo writes non-transactional WAL messages until the WAL insert
+// position is exactly target (on the same page).
+func padTo(ctx context.Context, tx *sql.Tx, target int64) error {
+	ovh := int64(57)
+	for i := 0; i < 8; i++ {
+		var pos int64
+		if err := tx.QueryRowContext(ctx, "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").Scan(&pos); err != nil {
+			return err
+		}
+		gap := target - pos
+		if gap == 0 {
+			return nil
+		}
+		if gap < 0 {
+			return fmt.Errorf("padTo: at %X, past the target %X", pos, target)
+		}
+		n := gap - ovh
+		if gap < 300 {
+			// Too close for one message of known size: overshoot is
+			// fatal, so take a step that leaves room.
+			n = 1
+		}
+		if _, err := tx.ExecContext(ctx, "SELECT pg_logical_emit_message(false, 'pad', repeat('x', $1::int))", n); err != nil {
+			return err
+		}
+		var after int64
+		if err := tx.QueryRowContext(ctx, "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").Scan(&after); err != nil {
+			return err
+		}
+		if gap >= 300 && after != target {
+			ovh += (after - pos) - gap
+		}
+	}
+	return fmt.Errorf("padTo: could not reach %X", target)
+}
+
+// Attack (the README's own named limit, made deterministic): two crashes,
+// and in the middle life the reused id goes to another sqlretry
+// transaction whose own WAL message is written at exactly our record's
+// position. The WAL at the record then holds a sqlretry message with our
+// id, the id's status is "committed", the last recovery ended past it.
+func TestAttack11MiddleLifeSqlretryMessageAtOurPosition(t *testing.T) {
+	a11Defect(t)
+	e := a11Setup(t, true, nil)
+	db2, err := sqlretry.Open("pgx", e.srv.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db2.Close()
+	warmUp(t, db2, e.tbl)
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	var xid, p, middleXid int64
+	var middleErr error
+	e.h.after = func() {
+		waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
+		e.crash(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		middleErr = sqlretry.RunInTx(ctx, db2, nil, func(ctx context.Context, tx *sql.Tx) error {
+			if err := tx.QueryRowContext(sqlretry.NotIdempotent(ctx), "SELECT pg_current_xact_id()::text::bigint").Scan(&middleXid); err != nil {
+				return err
+			}
+			if middleXid != xid {
+				return fmt.Errorf("the middle life's id %d is not ours (%d)", middleXid, xid)
+			}
+			return padTo(ctx, tx, p)
+		})
+		e.reuseAndPass(t, xid)
+		e.crash(t)
+	}
+	e.padToPageStart(t)
+	calls, err := e.run(t, op, func(ctx context.Context, tx *sql.Tx) error {
+		if err := xidIn(&xid, true)(ctx, tx); err != nil {
+			return err
+		}
+		var pos int64
+		if err := tx.QueryRowContext(ctx, "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").Scan(&pos); err != nil {
+			return err
+		}
+		if pos%8192 > 3000 {
+			return fmt.Errorf("our WAL is too far into its page (%X)", pos)
+		}
+		p = pos - pos%8192 + 4096
+		return padTo(ctx, tx, p)
+	})
+	status, replay := e.status(t, xid)
+	t.Logf("xid %d, question at %X; middle life: id %d, err %v; status %q, last recovery ended at %q", xid, p, middleXid, middleErr, status, replay)
+	if middleErr != nil || status != "committed" {
+		t.Fatalf("not reproduced: middle life %v, status %q", middleErr, status)
+	}
+	a11Check(t, "middle life's sqlretry message at our position", calls, e.rows(t, op), err, false)
+}
