@@ -9,8 +9,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/sqlretry/sqlretry"
 	"github.com/sqlretry/sqlretry/integration/dbserver"
@@ -635,4 +640,186 @@ func TestAttack11MiddleLifeSqlretryMessageAtOurPosition(t *testing.T) {
 		t.Fatalf("not reproduced: middle life %v, status %q", middleErr, status)
 	}
 	a11Check(t, "middle life's sqlretry message at our position", calls, e.rows(t, op), err, false)
+}
+
+// The open savepoint across two crashes (superuser): the first crash
+// loses the commit, the middle life reuses the id and writes past the
+// record, a second crash. Must replay (or be ambiguous), never nil with
+// no row.
+func TestAttack11SavepointOpenTwoCrashes(t *testing.T) {
+	e := a11Setup(t, true, nil)
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	var xid int64
+	e.h.after = func() {
+		waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
+		e.crash(t)
+		e.reuseAndPass(t, xid)
+		e.crash(t)
+	}
+	e.padToPageStart(t)
+	calls, err := e.run(t, op, func(ctx context.Context, tx *sql.Tx) error {
+		if err := xidIn(&xid, true)(ctx, tx); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, "SAVEPOINT a11"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+e.tbl+" VALUES ($1)", op+"-sp")
+		return err
+	})
+	status, replay := e.status(t, xid)
+	t.Logf("xid %d: status %q, last recovery ended at %q", xid, status, replay)
+	if status != "committed" {
+		t.Fatalf("not reproduced (status %q)", status)
+	}
+	a11Check(t, "savepoint open, two crashes", calls, e.rows(t, op), err, false)
+}
+
+// Attack: a crash during the resolution itself. The first crash loses the
+// commit (asynchronous), the next life reuses the id and writes past the
+// record; then, while sqlretry is asking, the server crashes again after
+// a delay. Several delays, one server.
+func TestAttack11CrashDuringResolution(t *testing.T) {
+	e := a11Setup(t, true, nil)
+	for _, delay := range []time.Duration{0, 20 * time.Millisecond, 60 * time.Millisecond, 150 * time.Millisecond} {
+		op := fmt.Sprintf("op-%d-d%d", time.Now().UnixNano(), delay/time.Millisecond)
+		var xid int64
+		crashed := make(chan struct{})
+		e.h.fired.Store(0)
+		e.h.after = func() {
+			waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
+			e.crash(t)
+			e.reuseAndPass(t, xid)
+			go func() {
+				defer close(crashed)
+				time.Sleep(delay)
+				e.crash(t)
+			}()
+		}
+		// A fresh page: the crash is meant to lose our records.
+		e.padToPageStart(t)
+		calls, err := e.run(t, op, xidIn(&xid, true))
+		<-crashed
+		status, replay := e.status(t, xid)
+		t.Logf("delay %v: xid %d: status %q, last recovery ended at %q", delay, xid, status, replay)
+		a11Check(t, fmt.Sprintf("crash %v into the resolution", delay), calls, e.rows(t, op), err, false)
+	}
+}
+
+// The same with the commit durable (synchronous): a crash during the
+// resolution must not turn it into a replay.
+func TestAttack11CrashDuringResolutionDurable(t *testing.T) {
+	e := a11Setup(t, false, nil)
+	for _, delay := range []time.Duration{0, 20 * time.Millisecond, 60 * time.Millisecond, 150 * time.Millisecond} {
+		op := fmt.Sprintf("op-%d-d%d", time.Now().UnixNano(), delay/time.Millisecond)
+		crashed := make(chan struct{})
+		e.h.fired.Store(0)
+		e.h.after = func() {
+			waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
+			e.crash(t)
+			go func() {
+				defer close(crashed)
+				time.Sleep(delay)
+				e.crash(t)
+			}()
+		}
+		calls, err := e.run(t, op, nil)
+		<-crashed
+		a11Check(t, fmt.Sprintf("durable, crash %v into the resolution", delay), calls, e.rows(t, op), err, true)
+	}
+}
+
+// Attack: many callers' COMMITs cut at once, all asynchronous, then two
+// crashes with a middle life that hands every id out again and writes
+// past the records (the herd of attack3 had one crash).
+func TestAttack11HerdTwoCrashes(t *testing.T) {
+	const n = 8
+	e := a11Setup(t, true, nil)
+	cfg, err := pgx.ParseConfig(e.srv.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &herdHook{done: make(chan struct{})}
+	cfg.DialFunc = h.dial
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg))
+	t.Cleanup(func() { db.Close() })
+	db.SetMaxOpenConns(n + 4)
+	var warm sync.WaitGroup
+	for i := 0; i < n; i++ {
+		warm.Add(1)
+		go func() {
+			defer warm.Done()
+			if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+e.tbl+" VALUES ('warm'); SELECT pg_sleep(0.2)")
+				return err
+			}); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	warm.Wait()
+	e.padToPageStart(t)
+	var maxXid atomic.Int64
+	h.wg.Add(n)
+	h.left.Store(n)
+	go func() {
+		h.wg.Wait()
+		e.crash(t)
+		e.reuseAndPass(t, maxXid.Load())
+		e.crash(t)
+		close(h.done)
+	}()
+	type result struct {
+		op    string
+		xid   int64
+		calls int
+		err   error
+	}
+	results := make([]result, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			r := result{op: fmt.Sprintf("op-%d-%d", i, time.Now().UnixNano())}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			r.err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				r.calls++
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+e.tbl+" VALUES ($1)", r.op); err != nil {
+					return err
+				}
+				if r.calls > 1 {
+					return nil
+				}
+				if err := xidIn(&r.xid, true)(ctx, tx); err != nil {
+					return err
+				}
+				for {
+					m := maxXid.Load()
+					if r.xid <= m || maxXid.CompareAndSwap(m, r.xid) {
+						break
+					}
+				}
+				return nil
+			})
+			results[i] = r
+		}(i)
+	}
+	wg.Wait()
+	var ok, replayed, ambiguous int
+	for _, r := range results {
+		status, _ := e.status(t, r.xid)
+		t.Logf("%s: xid %d status %q", r.op, r.xid, status)
+		a11Check(t, r.op, r.calls, e.rows(t, r.op), r.err, false)
+		switch {
+		case r.err != nil:
+			ambiguous++
+		case r.calls == 1:
+			ok++
+		default:
+			replayed++
+		}
+	}
+	t.Logf("herd, two crashes: %d callers: %d success after one run, %d replayed, %d ErrAmbiguousCommit", n, ok, replayed, ambiguous)
 }
