@@ -3,8 +3,10 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"net/url"
 	"os"
 	"os/exec"
@@ -592,6 +594,20 @@ func padTo(ctx context.Context, tx *sql.Tx, target int64) error {
 // id, the id's status is "committed", the last recovery ended past it.
 func TestAttack11MiddleLifeSqlretryMessageAtOurPosition(t *testing.T) {
 	a11Defect(t)
+	a11MiddleLife(t, true)
+}
+
+// Attack: the same, but the middle life's sqlretry transaction whose
+// message ends at our position has ANOTHER id (ours was handed out again
+// to a plain transaction just before it). The README's claim is that only
+// a message with our id would fool the check; a genuine sqlretry message
+// of any id at our position does.
+func TestAttack11MiddleLifeOtherIDSqlretryMessageAtOurPosition(t *testing.T) {
+	a11Defect(t)
+	a11MiddleLife(t, false)
+}
+
+func a11MiddleLife(t *testing.T, sameID bool) {
 	e := a11Setup(t, true, nil)
 	db2, err := sqlretry.Open("pgx", e.srv.DSN)
 	if err != nil {
@@ -605,14 +621,34 @@ func TestAttack11MiddleLifeSqlretryMessageAtOurPosition(t *testing.T) {
 	e.h.after = func() {
 		waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
 		e.crash(t)
+		if !sameID {
+			// A plain transaction takes our id and commits (a commit
+			// record only, no full-page image).
+			var got int64
+			for got < xid {
+				tx, err := e.plain.Begin()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if err := tx.QueryRow("SELECT pg_current_xact_id()::text::bigint").Scan(&got); err != nil {
+					t.Error(err)
+					return
+				}
+				if err := tx.Commit(); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		middleErr = sqlretry.RunInTx(ctx, db2, nil, func(ctx context.Context, tx *sql.Tx) error {
 			if err := tx.QueryRowContext(sqlretry.NotIdempotent(ctx), "SELECT pg_current_xact_id()::text::bigint").Scan(&middleXid); err != nil {
 				return err
 			}
-			if middleXid != xid {
-				return fmt.Errorf("the middle life's id %d is not ours (%d)", middleXid, xid)
+			if sameID != (middleXid == xid) {
+				return fmt.Errorf("the middle life's id %d, ours %d (want the same: %v)", middleXid, xid, sameID)
 			}
 			return padTo(ctx, tx, p)
 		})
@@ -822,4 +858,131 @@ func TestAttack11HerdTwoCrashes(t *testing.T) {
 		}
 	}
 	t.Logf("herd, two crashes: %d callers: %d success after one run, %d replayed, %d ErrAmbiguousCommit", n, ok, replayed, ambiguous)
+}
+
+// forgedMessage is the 59 bytes of a WAL record like the one sqlretry
+// writes before COMMIT (as seen with pg_walinspect on PostgreSQL 15: a
+// transactional logical message, prefix "sqlretry", empty payload; the
+// transaction id is the record header's), for transaction xid in database
+// dbOid, with a valid CRC-32C.
+func forgedMessage(xid uint32, prev uint64, dbOid uint32) []byte {
+	body := []byte{0xff, 33}
+	body = binary.LittleEndian.AppendUint32(body, dbOid)
+	body = append(body, 1, 0, 0, 0)                  // transactional, padding
+	body = binary.LittleEndian.AppendUint64(body, 9) // prefix size
+	body = binary.LittleEndian.AppendUint64(body, 0) // message size
+	body = append(body, "sqlretry\x00"...)
+	hdr := binary.LittleEndian.AppendUint32(nil, uint32(24+len(body)))
+	hdr = binary.LittleEndian.AppendUint32(hdr, xid)
+	hdr = binary.LittleEndian.AppendUint64(hdr, prev)
+	hdr = append(hdr, 0x00, 21, 0, 0) // info, RM_LOGICALMSG_ID, padding
+	tab := crc32.MakeTable(crc32.Castagnoli)
+	crc := crc32.Update(crc32.Update(0, tab, body), tab, hdr)
+	hdr = binary.LittleEndian.AppendUint32(hdr, crc)
+	return append(hdr, body...)
+}
+
+// Attack: two crashes, and in the middle life an application's own
+// logical message (prefix "outbox", as outbox/CDC patterns write) whose
+// payload ends with the bytes of a sqlretry record of our id ends exactly
+// where our record ended. The README says only a middle life's own
+// sqlretry message with our id at our position would fool the WAL check;
+// if the check looks for a record ending at our position without walking
+// the WAL's record chain, the content of another record fools it too.
+func TestAttack11MiddleLifeForgedMessageInPayload(t *testing.T) {
+	a11Defect(t)
+	a11Forge(t, "ours")
+}
+
+// The same forgery with another transaction id in the forged header (one
+// no transaction ever had): the check does not compare the record's id
+// either.
+func TestAttack11MiddleLifeForgedOtherIDInPayload(t *testing.T) {
+	a11Defect(t)
+	a11Forge(t, "other")
+}
+
+// The control: the same outbox message at the same place with zeros where
+// the forged record was. Holds: replayed once, one row.
+func TestAttack11MiddleLifeOutboxMessageAtOurPosition(t *testing.T) {
+	a11Forge(t, "none")
+}
+
+// a11Forge: mode "ours" forges our id, "other" another id, "none" zeros.
+func a11Forge(t *testing.T, mode string) {
+	e := a11Setup(t, true, nil)
+	var dbOid uint32
+	if err := e.plain.QueryRow("SELECT oid FROM pg_database WHERE datname = current_database()").Scan(&dbOid); err != nil {
+		t.Fatal(err)
+	}
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	var xid, p, reused int64
+	var forgeErr error
+	e.h.after = func() {
+		waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
+		e.crash(t)
+		// The reused id commits (no heap write: no full-page image).
+		for reused <= xid {
+			tx, err := e.plain.Begin()
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if err := tx.QueryRow("SELECT pg_current_xact_id()::text::bigint").Scan(&reused); err != nil {
+				t.Error(err)
+				return
+			}
+			if err := tx.Commit(); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+		// The outbox message: payload 66 bytes (record 123 bytes) starting
+		// at p-64, so that it ends where our 59-byte record ended (p+59).
+		var forged []byte
+		switch mode {
+		case "ours":
+			forged = forgedMessage(uint32(xid), uint64(p-64), dbOid)
+		case "other":
+			forged = forgedMessage(uint32(xid+1000), uint64(p-64), dbOid)
+		default:
+			forged = make([]byte, 59)
+		}
+		payload := append(make([]byte, 7), forged...)
+		ctx := context.Background()
+		tx, err := e.plain.BeginTx(ctx, nil)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		if forgeErr = padTo(ctx, tx, p-64); forgeErr == nil {
+			var end int64
+			forgeErr = tx.QueryRowContext(ctx, "SELECT (pg_logical_emit_message(false, 'outbox', $1::bytea) - '0/0'::pg_lsn)::bigint", payload).Scan(&end)
+			t.Logf("outbox message at %X, its end reported at %X (ours at %X)", p-64, end, p+64)
+		}
+		tx.Commit()
+		e.reuseAndPass(t, xid)
+		e.crash(t)
+	}
+	e.padToPageStart(t)
+	calls, err := e.run(t, op, func(ctx context.Context, tx *sql.Tx) error {
+		if err := xidIn(&xid, true)(ctx, tx); err != nil {
+			return err
+		}
+		var pos int64
+		if err := tx.QueryRowContext(ctx, "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").Scan(&pos); err != nil {
+			return err
+		}
+		if pos%8192 > 3000 {
+			return fmt.Errorf("our WAL is too far into its page (%X)", pos)
+		}
+		p = pos - pos%8192 + 4096
+		return padTo(ctx, tx, p)
+	})
+	status, replay := e.status(t, xid)
+	t.Logf("xid %d, question at %X; the id reused by %d; forge err %v; status %q, last recovery ended at %q", xid, p, reused, forgeErr, status, replay)
+	if forgeErr != nil || status != "committed" {
+		t.Fatalf("not reproduced: forge %v, status %q", forgeErr, status)
+	}
+	a11Check(t, "middle life's outbox message forging ours", calls, e.rows(t, op), err, false)
 }
