@@ -908,7 +908,8 @@ func TestAttack11MiddleLifeOutboxMessageAtOurPosition(t *testing.T) {
 	a11Forge(t, "none")
 }
 
-// a11Forge: mode "ours" forges our id, "other" another id, "none" zeros.
+// a11Forge: mode "ours" forges our id, "other" another id, "suffix" only
+// the bytes "sqlretry\x00" at the payload's end, "none" zeros.
 func a11Forge(t *testing.T, mode string) {
 	e := a11Setup(t, true, nil)
 	var dbOid uint32
@@ -945,6 +946,8 @@ func a11Forge(t *testing.T, mode string) {
 			forged = forgedMessage(uint32(xid), uint64(p-64), dbOid)
 		case "other":
 			forged = forgedMessage(uint32(xid+1000), uint64(p-64), dbOid)
+		case "suffix":
+			forged = append(make([]byte, 50), "sqlretry\x00"...)
 		default:
 			forged = make([]byte, 59)
 		}
@@ -985,4 +988,11 @@ func a11Forge(t *testing.T, mode string) {
 		t.Fatalf("not reproduced: forge %v, status %q", forgeErr, status)
 	}
 	a11Check(t, "middle life's outbox message forging ours", calls, e.rows(t, op), err, false)
+}
+
+// The same with only the 9 bytes "sqlretry\x00" at the end of the outbox
+// payload (no record header, no id): the check takes it for our message.
+func TestAttack11MiddleLifePrefixBytesInPayload(t *testing.T) {
+	a11Defect(t)
+	a11Forge(t, "suffix")
 }
