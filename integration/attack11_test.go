@@ -996,3 +996,30 @@ func TestAttack11MiddleLifePrefixBytesInPayload(t *testing.T) {
 	a11Defect(t)
 	a11Forge(t, "suffix")
 }
+
+// A clean restart (pg_ctl stop -m fast) while the COMMIT's reply is lost:
+// the commit is durable, the next life started with no recovery.
+func TestAttack11CleanRestartDurable(t *testing.T) {
+	e := a11Setup(t, false, nil)
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	e.h.after = func() {
+		waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
+		e.cleanRestart(t)
+	}
+	calls, err := e.run(t, op, nil)
+	a11Check(t, "clean restart, durable", calls, e.rows(t, op), err, true)
+}
+
+// One crash with the commit durable, then a clean restart before sqlretry
+// asks (a life with no recovery after the one that recovered our record).
+func TestAttack11CrashThenCleanRestartDurable(t *testing.T) {
+	e := a11Setup(t, false, nil)
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	e.h.after = func() {
+		waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
+		e.crash(t)
+		e.cleanRestart(t)
+	}
+	calls, err := e.run(t, op, nil)
+	a11Check(t, "crash then clean restart, durable", calls, e.rows(t, op), err, true)
+}
