@@ -56,7 +56,15 @@ func a11Setup(t *testing.T, lose bool, setup func(e *a11Env) string) *a11Env {
 		dsn = setup(e)
 	}
 	e.h = &commitHook{}
-	e.db = openHooked(t, e.h, dsn)
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DialFunc = e.h.dial
+	e.db = sqlretry.OpenDB(stdlib.GetConnector(*cfg), sqlretry.WithObserver(sqlretry.ObserverFunc(func(_ context.Context, ev sqlretry.Event) {
+		t.Logf("observer: %+v", ev)
+	})))
+	t.Cleanup(func() { e.db.Close() })
 	warmUp(t, e.db, e.tbl)
 	return e
 }
@@ -328,13 +336,20 @@ func TestAttack11SavepointOpenOneCrashDurable(t *testing.T) {
 		waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
 		e.crash(t)
 	}
+	var xid, subxid int64
 	calls, err := e.run(t, op, func(ctx context.Context, tx *sql.Tx) error {
+		if err := xidIn(&xid, false)(ctx, tx); err != nil {
+			return err
+		}
 		if _, err := tx.ExecContext(ctx, "SAVEPOINT a11"); err != nil {
 			return err
 		}
 		_, err := tx.ExecContext(ctx, "INSERT INTO "+e.tbl+" VALUES ($1)", op+"-sp")
 		return err
 	})
+	// The subtransaction's id: the next one after ours on this quiet server.
+	subxid = xid + 1
+	t.Logf("top-level id %d; the savepoint's id (expected) %d; see the observer's line for the id the WAL message carried", xid, subxid)
 	if n := e.rows(t, op+"-sp"); n > 1 {
 		t.Errorf("savepoint row: %d rows", n)
 	}
