@@ -467,7 +467,7 @@ func padBefore(ctx context.Context, tx *sql.Tx, k, unit int64) (int64, error) {
 // transaction (a doubled write).
 func TestAttack11MessageStraddlesWALPage(t *testing.T) {
 	e := a11Setup(t, false, nil)
-	for _, k := range []int64{8, 16, 24, 40, 56, 72} {
+	for _, k := range []int64{8, 16, 24, 40, 56, 64, 72} {
 		op := fmt.Sprintf("op-%d-k%d", time.Now().UnixNano(), k)
 		e.h.fired.Store(0)
 		e.h.after = func() {
@@ -493,7 +493,7 @@ func TestAttack11MessageStraddlesWALSegment(t *testing.T) {
 	if err := e.plain.QueryRow("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'").Scan(&seg); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []int64{16, 48} {
+	for _, k := range []int64{16, 48, 64, 72} {
 		op := fmt.Sprintf("op-%d-k%d", time.Now().UnixNano(), k)
 		e.h.fired.Store(0)
 		e.h.after = func() {
@@ -1037,4 +1037,62 @@ func TestAttack11CrashThenCleanRestartDurable(t *testing.T) {
 	}
 	calls, err := e.run(t, op, nil)
 	a11Check(t, "crash then clean restart, durable", calls, e.rows(t, op), err, true)
+}
+
+// crossSegment writes (bulk INSERTs, a synchronous commit each) until the
+// WAL insert position is in a later segment than lsn's. No switch, no
+// CHECKPOINT: a busy middle life does this by itself.
+func (e *a11Env) crossSegment(t *testing.T, lsn string) {
+	t.Helper()
+	for i := 0; i < 40; i++ {
+		var same bool
+		if err := e.plain.QueryRow("SELECT pg_walfile_name(pg_current_wal_insert_lsn()) = pg_walfile_name($1::pg_lsn)", lsn).Scan(&same); err != nil {
+			t.Error(err)
+			return
+		}
+		if !same {
+			var left int
+			if err := e.plain.QueryRow("SELECT count(*) FROM pg_ls_waldir() WHERE name = pg_walfile_name($1::pg_lsn)", lsn).Scan(&left); err != nil {
+				t.Error(err)
+			}
+			t.Logf("the middle life's WAL is past the segment of %s after %d bulk inserts; that segment still in pg_wal: %d", lsn, i, left)
+			return
+		}
+		mustExec(t, e.plain, "INSERT INTO "+e.other+" SELECT 4, repeat('w', 200) FROM generate_series(1, 20000)")
+	}
+	t.Error("never left the segment")
+}
+
+// Attack: two crashes, and the middle life merely writes into the next
+// WAL segment before the second crash (no pg_switch_wal, no CHECKPOINT of
+// its own). The third life's end-of-recovery checkpoint removes the
+// segment that held our record, so the WAL check finds no file and falls
+// back to the replay position: a lost write, with a superuser.
+func TestAttack11TwoCrashesMiddleLifeCrossesSegment(t *testing.T) {
+	a11Defect(t)
+	e := a11Setup(t, true, nil)
+	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
+	var xid int64
+	var start string
+	e.h.after = func() {
+		waitRow(t, e.plain, 1, "SELECT count(*) FROM "+e.tbl+" WHERE op = $1", op)
+		e.crash(t)
+		e.reuseAndPass(t, xid)
+		e.crossSegment(t, start)
+		e.crash(t)
+		var left int
+		if err := e.plain.QueryRow("SELECT count(*) FROM pg_ls_waldir() WHERE name = pg_walfile_name($1::pg_lsn)", start).Scan(&left); err != nil {
+			t.Error(err)
+		}
+		t.Logf("after the second crash restart, the segment of %s in pg_wal: %d", start, left)
+	}
+	e.padToPageStart(t)
+	start = e.lsn(t)
+	calls, err := e.run(t, op, xidIn(&xid, true))
+	status, replay := e.status(t, xid)
+	t.Logf("xid %d: status %q; WAL before it %s; last recovery ended at %q", xid, status, start, replay)
+	if status != "committed" {
+		t.Fatalf("not reproduced (status %q)", status)
+	}
+	a11Check(t, "two crashes, the middle life crossed a segment", calls, e.rows(t, op), err, false)
 }
