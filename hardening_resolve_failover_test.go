@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -38,6 +37,7 @@ type fakePGLife struct {
 	// (the crash lost it and a later life wrote over its place) or
 	// walRefused (the file cannot be read).
 	walLost, walRefused bool
+	walMissing          bool // the segment is gone (a checkpoint removed it): NULL
 	recordEnd           uint64
 	walAsk              int
 	firstTLI            int64 // the timeline the transactions ran on
@@ -109,21 +109,22 @@ func (l *fakePGLife) answer(c *fakeConn, q string, args []driver.NamedValue) (dr
 	case pgWALReadQuery:
 		l.walAsk++
 		if l.walRefused {
+			return &fakeRows{cols: []string{"pg_read_binary_file"}, nextErr: &pgError{"42501", "permission denied for function pg_read_binary_file"}}, true
+		}
+		if l.walMissing {
 			return &fakeRows{cols: []string{"pg_read_binary_file"}, data: [][]driver.Value{{nil}}}, true
 		}
-		// The window asked ends at the record's end: the message (59
-		// bytes, 64 with its padding) with the id, as PostgreSQL writes
-		// it, or the zeros a WAL switch left there.
+		// The window asked ends at the record's end: the message with
+		// the id in its payload, as PostgreSQL writes it, or the zeros a
+		// WAL switch left there.
 		name, off, n := args[0].Value.(string), args[1].Value.(int64), args[2].Value.(int64)
 		buf := make([]byte, n)
 		seg := uint64(16 << 20)
 		want := fmt.Sprintf("%08X%08X%08X", l.tli0(), (l.recordEnd-1)/seg/0x100, (l.recordEnd-1)/seg%0x100)
-		if !l.walLost && name == want && uint64(off)+uint64(n) == (l.recordEnd-1)%seg+1 && n >= 64 {
-			rec := buf[n-64:]
-			binary.LittleEndian.PutUint32(rec[0:], 59)
-			binary.LittleEndian.PutUint32(rec[4:], uint32(l.lastXID))
-			rec[17] = 21 // RM_LOGICALMSG_ID
-			copy(rec[59-9:], "sqlretry\x00")
+		if !l.walLost && name == want && uint64(off)+uint64(n) == (l.recordEnd-1)%seg+1 && n >= 96 {
+			rec := walMessageRecord(uint32(l.lastXID), fmt.Sprint(l.lastXID))
+			aligned := (len(rec) + 7) &^ 7
+			copy(buf[n-int64(aligned):], rec)
 		}
 		return &fakeRows{cols: []string{"pg_read_binary_file"}, data: [][]driver.Value{{buf}}}, true
 	case pgAskXIDAndServer:
@@ -401,6 +402,18 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal + 0x30); l.wal += 0x1000; l.walLost = true }, setStatus(srv, "committed"))
 			}, "replayed"},
+		{"the same, the WAL segment gone (a checkpoint since removed it): ambiguous", 150000, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.walLost = true; l.walMissing = true })
+			}, "ambiguous"},
+		{"one crash, the commit durable, the WAL segment gone: ambiguous (cannot tell it from the case above)", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(crash(+0x30), func(l *fakePGLife, _ int64) { l.walMissing = true })
+			}, "ambiguous"},
+		{"a clean restart, the WAL segment gone: ambiguous", 150000, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return func(l *fakePGLife, _ int64) { l.start += 42_000_000; l.walMissing = true }
+			}, "ambiguous"},
 		{"the same, the WAL segment unreadable (no privilege): committed, as the replay position says (the gap named in the README)", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return both(crash(+0x30), setStatus(srv, "committed"), func(l *fakePGLife, _ int64) { l.walLost = true; l.walRefused = true })

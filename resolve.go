@@ -895,8 +895,11 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			// Past L on our timeline, but is the WAL at L ours? A crash
 			// may have lost the record and a later life of our timeline
 			// written past it before the promotion (pgRecordAt).
-			ours, other, what := pgRecordAt(ctx, dc, []int64{m.tli, child}, m, xid)
-			proven, beyond, fork = ours, other, desc+"; "+what
+			ans, what, err := pgRecordAt(ctx, dc, []int64{m.tli, child}, m, xid)
+			if err != nil {
+				return CommitUnknown, err
+			}
+			proven, beyond, fork = ans == walOurs, ans == walOther, desc+"; "+what
 		}
 	}
 	if st.status == "committed" && restarted && (proven || unseen) && now.tli == m.tli && m.lsn != 0 {
@@ -910,11 +913,23 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		// transaction's. The WAL at L tells, where it can be read: our
 		// message there is ours (a history that holds it never hands our
 		// id out again), anything else is another life's, and our commit
-		// record after it is not in this history. Where it cannot be
-		// read, the answer stays what the replay position said
-		// (resolve_failover.go).
-		ours, other, what := pgRecordAt(ctx, dc, []int64{m.tli}, m, xid)
-		proven, beyond, fork = (proven && !other) || ours, other, "none (same timeline); "+what
+		// record after it is not in this history. Read but not telling
+		// (the segment removed by a checkpoint since, bytes that cannot
+		// be placed): not proven. Where the role may not read it, the
+		// answer stays what the replay position said (resolve_failover.go).
+		ans, what, err := pgRecordAt(ctx, dc, []int64{m.tli}, m, xid)
+		if err != nil {
+			return CommitUnknown, err
+		}
+		switch ans {
+		case walOurs:
+			proven = true
+		case walOther:
+			proven, beyond = false, true
+		case walUnknown:
+			proven = false
+		}
+		fork = "none (same timeline); " + what
 	}
 	if restarted && m.lsn != 0 {
 		*rule = "the server restarted or was promoted since (" + pgLifeAccount(m, now, fork) + "): "

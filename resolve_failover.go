@@ -41,7 +41,8 @@ import (
 //     it: not committed; where it cannot be read, the replay position is
 //     taken for the proof (the gap below);
 //   - on a later timeline (a promotion), the history file of its timeline
-//     (pg_read_file: superuser, pg_read_server_files or EXECUTE granted)
+//     (pg_read_file: superuser or EXECUTE granted; pg_read_server_files
+//     alone grants no EXECUTE)
 //     names where it left ours: before L, not committed; at or past L, its
 //     answer is ours only if the WAL of our timeline it holds ends a
 //     record at L that is our message (read with pg_read_binary_file,
@@ -100,8 +101,16 @@ const pgSessionInfo = ", pg_catalog.pg_backend_pid(), " + pgStartTime
 // (lsnValue, asInt64): turning them into bigint on the server (pg_lsn
 // subtraction into numeric, then a cast; xid8 through text) cost it more
 // than the string the driver allocates (BenchmarkPgQuestionColumnCost).
-const pgProofCols = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-	"ELSE pg_catalog.pg_logical_emit_message(true, 'sqlretry', '') END"
+//
+// The message's payload is the transaction's id in decimal, as the first
+// column returns it: the WAL check (pgRecordAt) compares it, and the
+// record's own id would be a subtransaction's inside a savepoint.
+const (
+	pgProofCols13 = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+		"ELSE pg_catalog.pg_logical_emit_message(true, 'sqlretry', pg_catalog.pg_current_xact_id()::text) END"
+	pgProofCols10 = ", CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
+		"ELSE pg_catalog.pg_logical_emit_message(true, 'sqlretry', pg_catalog.txid_current()::text) END"
+)
 
 // pgHistoryID asks, with every question before COMMIT, for what names the
 // life of the server the transaction runs on: the system identifier, the
@@ -130,9 +139,9 @@ const (
 // assigns the id if the transaction has none (as txid_current did).
 const (
 	pgAskXIDProof13 = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-		"ELSE pg_catalog.pg_current_xact_id() END" + pgProofCols
+		"ELSE pg_catalog.pg_current_xact_id() END" + pgProofCols13
 	pgAskXIDProof10 = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
-		"ELSE pg_catalog.txid_current() END" + pgProofCols
+		"ELSE pg_catalog.txid_current() END" + pgProofCols10
 	pgAskXIDProof13AndServer = pgAskXIDProof13 + pgSessionInfo + pgHistoryID
 	pgAskXIDProof10AndServer = pgAskXIDProof10 + pgSessionInfo + pgHistoryID
 )
@@ -302,7 +311,8 @@ func pgJudgeLife(m pgMark, now pgNow) (restarted, proven, beyond bool, err error
 
 // pgHistoryFileQuery reads the history file of a timeline: one line per
 // ancestor, "parent-timeline<TAB>switch-point<TAB>reason". It needs a
-// superuser or pg_read_server_files (or EXECUTE on pg_read_file granted):
+// superuser or EXECUTE on pg_read_file granted (pg_read_server_files alone
+// is not enough):
 // refused, the answer stays what pgJudgeLife said.
 const pgHistoryFileQuery = "SELECT pg_catalog.pg_read_file('pg_wal/' || $1 || '.history')"
 
@@ -427,26 +437,42 @@ const (
 // be handed out again) and a WAL switch padding the segment with zeros,
 // and the read-only start and the promotion then fork past L.
 //
-// ours: a sqlretry message with the transaction's id ends at L in one of
-// the files that hold the segment (the timelines' in tlis, and .partial).
-// other: in none of them does a sqlretry message end at L (the WAL there
-// is another life's: our record, and our commit record after it, are not
-// in this history). Neither when
-// the segment cannot be read (no privilege, removed) or a message with
-// another id ends there (a message written in a subtransaction carries
-// the subtransaction's id). A record that begins in one segment and ends
-// in the next (L within the first bytes of its segment) is read from both.
-// What it cannot tell: a later life that took
-// writes unseen (the two lives above) and whose own message with our id,
-// handed out again, ends exactly at L.
-func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid int64) (ours, other bool, desc string) {
+// walOurs: a sqlretry message whose payload is the transaction's id ends
+// at L in one of the files that hold the segment (the timelines' in tlis,
+// and .partial). walOther: in each of them either no sqlretry message
+// ends at L, or one of another transaction (another id, or none) does:
+// the WAL there is another life's, and our record, and our commit record
+// after it, are not in this history. walUnknown: the role may read the
+// WAL, but it cannot tell: the segment is gone (a checkpoint since
+// removed or recycled it), or the bytes that end at L hold "sqlretry"
+// but no record of ours could be parsed there. walUnread: the WAL may not
+// be read (no privilege: 42501), or the sizes are not PostgreSQL's. Any
+// other failure is returned (the resolution asks again). A record that
+// begins in one segment and ends in the next (L within the first bytes
+// of its segment) is read from both. What it cannot tell: a later life
+// that took writes unseen (the two lives above) and whose own message
+// with our id, handed out again, ends exactly at L, or bytes forged
+// into another record's payload to look like it.
+type walAnswer int8
+
+const (
+	walUnread walAnswer = iota
+	walUnknown
+	walOurs
+	walOther
+)
+
+func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid int64) (walAnswer, string, error) {
 	vals, err := queryRow(ctx, dc, pgWALSizesQuery)
 	if err != nil || len(vals) < 2 {
-		return false, false, fmt.Sprintf("WAL sizes not read: %v", err)
+		if err != nil && !isPrivilegeError(err) {
+			return walUnread, "", err
+		}
+		return walUnread, fmt.Sprintf("WAL sizes not read: %v", err), nil
 	}
 	segSize, blk := uint64(asInt64(vals[0])), uint64(asInt64(vals[1]))
 	if !walSizesPostgres(segSize, blk) || m.lsn == 0 {
-		return false, false, fmt.Sprintf("WAL sizes unusable (segment %d, block %d)", segSize, blk)
+		return walUnread, fmt.Sprintf("WAL sizes unusable (segment %d, block %d)", segSize, blk), nil
 	}
 	segno := (m.lsn - 1) / segSize
 	end := (m.lsn-1)%segSize + 1 // L's offset in its segment
@@ -478,17 +504,21 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 	}
 	raws, names, err := read(segno, from, end)
 	if err != nil {
-		return false, false, fmt.Sprintf("WAL segment %s not read: %v", names[0], err)
+		if !isPrivilegeError(err) {
+			return walUnread, "", err
+		}
+		return walUnread, fmt.Sprintf("WAL segment %s not read: %v", names[0], err), nil
 	}
 	if len(raws) == 0 {
-		return false, false, "no WAL segment of the timeline holding the record"
+		return walUnknown, "no WAL segment of the timeline holding the record", nil
 	}
 	var prev [][]byte
 	if from == 0 && segno > 0 && segSize > pgWALWindow {
 		// L within the window of its segment's start: the record may
 		// begin in the previous segment (it continues on this one's first
 		// page, after the long header). Those bytes may only make the
-		// record ours: a file not written there whole would hide our
+		// record ours, or tell what a record the segment's own bytes could
+		// not place is: a file not written there whole would hide our
 		// message's start.
 		if p, _, err := read(segno-1, segSize-pgWALWindow, segSize); err == nil {
 			for _, raw := range p {
@@ -503,27 +533,37 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 	// rest from the child timeline's copy (restored from an archive)
 	// keeps the parent's file, zeros or a recycled segment's old bytes
 	// past what it received, and the child's copy holds the WAL.
-	other = true
+	ans := walOther
+	var desc string
 	for i, raw := range raws {
-		o, oth, what := walRecordEndingAt(nil, raw, from, blk, xid)
+		a, what := walRecordEndingAt(nil, raw, from, blk, xid)
 		for _, p := range prev {
-			if o {
+			if a == walOurs || a == walOther {
 				break
 			}
-			if po, _, pwhat := walRecordEndingAt(p, raw, from, blk, xid); po {
-				o, oth, what = true, false, pwhat
+			if pa, pwhat := walRecordEndingAt(p, raw, from, blk, xid); pa == walOurs || pa == walOther {
+				a, what = pa, pwhat
 			}
 		}
-		if o {
-			return true, false, "WAL segment " + names[i] + ": " + what
+		if a == walOurs {
+			return walOurs, "WAL segment " + names[i] + ": " + what, nil
 		}
 		if desc != "" {
 			desc += "; "
 		}
 		desc += "WAL segment " + names[i] + ": " + what
-		other = other && oth
+		if a != walOther {
+			ans = walUnknown
+		}
 	}
-	return false, other, desc
+	return ans, desc, nil
+}
+
+// isPrivilegeError says whether err is PostgreSQL's "permission denied"
+// (42501): the role may not read the WAL.
+func isPrivilegeError(err error) bool {
+	var pg interface{ SQLState() string }
+	return errors.As(err, &pg) && pg.SQLState() == "42501"
 }
 
 // walSizesPostgres says whether the sizes are PostgreSQL's own: a segment of a
@@ -540,49 +580,91 @@ func walSizesPostgres(segSize, blk uint64) bool {
 // (64 bytes) and the page headers that may lie within it.
 const pgWALWindow = 512
 
-// walRecordEndingAt looks at the bytes raw, read from offset from of a WAL
-// segment up to L: it drops the page headers (long on a segment's first
-// page, short on the others) and looks for the transaction's message
-// ending at L: its data ends with the prefix "sqlretry" and its NUL (the
-// payload is empty), within the alignment padding before L. prev is the
-// record bytes (page headers dropped) of the end of the previous segment
-// when raw starts at its segment's start, or nil: a record may begin in
-// one segment and end in the next.
-func walRecordEndingAt(prev, raw []byte, from, blk uint64, xid int64) (ours, other bool, what string) {
+// walRecordEndingAt looks at the bytes raw, read from offset from of a
+// WAL segment up to L: it drops the page headers (long on a segment's first
+// page, short on the others) and looks for a sqlretry message ending at L
+// (its record's end within the alignment padding before L): a logical
+// decoding message record (main data only) whose prefix is "sqlretry" and
+// whose payload is the transaction's id in decimal is ours (the record's
+// own id would be a subtransaction's inside a savepoint); one with another
+// payload (another transaction's, a probe's, an older release's empty
+// one) is another's. prev is the record bytes (page headers dropped) of
+// the end of the previous segment when raw starts at its segment's start,
+// or nil: a record may begin in one segment and end in the next.
+func walRecordEndingAt(prev, raw []byte, from, blk uint64, xid int64) (walAnswer, string) {
 	usable := walUsable(raw, from, blk)
 	if from == 0 && len(prev) > 0 {
 		usable = append(append([]byte(nil), prev...), usable...)
 	}
 	const prefix = "sqlretry\x00"
+	want := strconv.FormatInt(xid, 10)
 	n := len(usable)
 	if n < len(prefix)+8 {
-		return false, false, "too close to the segment's start"
+		return walUnknown, "too close to the segment's start"
 	}
-	found := -1
-	for pad := 0; pad < 8; pad++ {
-		if string(usable[n-pad-len(prefix):n-pad]) == prefix {
-			found = n - pad
-			break
-		}
-	}
-	if found < 0 {
-		return false, true, "no sqlretry message ends at the record's end: the WAL there is another life's"
+	// The data's end lies within the 8 bytes of padding before L, after a
+	// payload of at most 20 digits.
+	if !strings.Contains(string(usable[max(0, n-8-len(prefix)-20):]), prefix) {
+		return walOther, "no sqlretry message ends at the record's end: the WAL there is another life's"
 	}
 	for start := n - 8; start >= 0; start -= 8 {
 		h := usable[start:]
-		if len(h) < 24 {
+		if len(h) < 24 || h[17] != pgRmLogicalMsg {
 			continue
 		}
 		for _, order := range []binary.ByteOrder{binary.LittleEndian, binary.BigEndian} {
-			if int(order.Uint32(h)) == found-start && h[17] == pgRmLogicalMsg {
-				if order.Uint32(h[4:]) == uint32(xid) {
-					return true, false, "the record is the transaction's message"
-				}
-				return false, false, fmt.Sprintf("a sqlretry message of id %d ends there", order.Uint32(h[4:]))
+			payload, ok := walLogicalMessage(usable[start:], n-start, order)
+			if !ok {
+				continue
 			}
+			if payload == want {
+				return walOurs, "the record is the transaction's message"
+			}
+			return walOther, fmt.Sprintf("the sqlretry message that ends there is another transaction's (payload %q): the WAL there is another life's", payload)
 		}
 	}
-	return false, false, "a sqlretry message ends there, its header not found"
+	return walUnknown, "a sqlretry message ends there, its record not found"
+}
+
+// walLogicalMessage parses rec (from a record's start, room bytes to L) as
+// a logical decoding message with prefix "sqlretry" whose record ends
+// within the alignment padding before L, and returns its payload.
+func walLogicalMessage(rec []byte, room int, order binary.ByteOrder) (payload string, ok bool) {
+	tot := int(order.Uint32(rec))
+	if tot < 24+2+24+9 || tot > room || room-tot >= 8 {
+		return "", false
+	}
+	for _, b := range rec[tot:room] { // the padding
+		if b != 0 {
+			return "", false
+		}
+	}
+	data := rec[24:tot]
+	var body []byte
+	switch data[0] {
+	case 255: // XLR_BLOCK_ID_DATA_SHORT
+		body = data[2:]
+		if int(data[1]) != len(body) {
+			return "", false
+		}
+	case 254: // XLR_BLOCK_ID_DATA_LONG
+		if len(data) < 5 {
+			return "", false
+		}
+		body = data[5:]
+		if int(order.Uint32(data[1:])) != len(body) {
+			return "", false
+		}
+	default:
+		return "", false
+	}
+	// xl_logical_message: dbId, transactional, padding, prefix_size,
+	// message_size; then the prefix with its NUL and the message.
+	if len(body) < 24+9 || order.Uint64(body[8:]) != 9 || string(body[24:33]) != "sqlretry\x00" ||
+		order.Uint64(body[16:]) != uint64(len(body)-33) {
+		return "", false
+	}
+	return string(body[33:]), true
 }
 
 // walUsable drops the page headers from raw, read from offset from of a

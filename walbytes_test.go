@@ -246,7 +246,7 @@ func walCheck(ctx context.Context, t testing.TB, db *sql.DB, tlis []int64, msgs 
 		d := dc.(driver.Conn)
 		for _, m := range msgs {
 			mark := pgMark{tli: tlis[0], lsn: m.lsn}
-			o, other, desc := pgRecordAt(ctx, d, tlis, mark, m.xid)
+			o, other, desc := recordAt(ctx, d, tlis, mark, m.xid)
 			if o {
 				ours++
 			}
@@ -260,7 +260,7 @@ func walCheck(ctx context.Context, t testing.TB, db *sql.DB, tlis []int64, msgs 
 				continue
 			}
 			// Another id, and L shifted, are never ours.
-			if o, _, desc := pgRecordAt(ctx, d, tlis, mark, m.xid+1); o {
+			if o, _, desc := recordAt(ctx, d, tlis, mark, m.xid+1); o {
 				t.Errorf("%s: L %s: id %d taken for %d: %s", m.what, lsnString(m.lsn), m.xid+1, m.xid, desc)
 			}
 			for _, shift := range []int64{-8, 8, -64, 64} {
@@ -269,7 +269,7 @@ func walCheck(ctx context.Context, t testing.TB, db *sql.DB, tlis []int64, msgs 
 				if in := sm.lsn % walBlk(d, ctx); in > 0 && in < 40 {
 					continue // inside a page header: no record ends there
 				}
-				if o, _, desc := pgRecordAt(ctx, d, tlis, sm, m.xid); o {
+				if o, _, desc := recordAt(ctx, d, tlis, sm, m.xid); o {
 					t.Errorf("%s: L %s shifted by %d: ours: %s", m.what, lsnString(m.lsn), shift, desc)
 				}
 			}
@@ -544,7 +544,7 @@ func TestPgRecordAtPromotedStandby(t *testing.T) {
 		}
 		for _, m := range split {
 			for _, tlis := range [][]int64{{1}, {2}} {
-				o, other, what := pgRecordAt(ctx, d, tlis, pgMark{tli: 1, lsn: m.lsn}, m.xid)
+				o, other, what := recordAt(ctx, d, tlis, pgMark{tli: 1, lsn: m.lsn}, m.xid)
 				if !o || other {
 					t.Errorf("timelines %v: L %s id %d: ours %v other %v: %s", tlis, lsnString(m.lsn), m.xid, o, other, what)
 				}
@@ -675,7 +675,7 @@ func TestPgRecordAtPartialParentSegment(t *testing.T) {
 				t.Errorf("timeline %d: L %s: past %v known %v: %s", now.tli, lsnString(m.lsn), past, known, desc)
 				continue
 			}
-			o, other, what := pgRecordAt(ctx, d, []int64{1, child}, mark, m.xid)
+			o, other, what := recordAt(ctx, d, []int64{1, child}, mark, m.xid)
 			if !o || other {
 				t.Errorf("%s: L %s, in the history of timeline %d (%s): ours %v other %v: %s", m.what, lsnString(m.lsn), now.tli, desc, o, other, what)
 			}
@@ -747,7 +747,7 @@ func TestPgRecordAtLostMessage(t *testing.T) {
 			t.Fatal(err)
 		}
 		err = conn.Raw(func(dc any) error {
-			o, other, what := pgRecordAt(ctx, dc.(driver.Conn), []int64{1}, pgMark{tli: 1, lsn: m.lsn}, m.xid)
+			o, other, what := recordAt(ctx, dc.(driver.Conn), []int64{1}, pgMark{tli: 1, lsn: m.lsn}, m.xid)
 			t.Logf("%s: L %s: ours %v other %v: %s", m.what, lsnString(m.lsn), o, other, what)
 			if o || !other {
 				t.Errorf("%s: L %s: ours %v other %v: %s", m.what, lsnString(m.lsn), o, other, what)

@@ -116,18 +116,8 @@ func (w *walWriter) fill(s uint64) {
 
 // message writes the transaction's logical message as PostgreSQL does
 // and returns L (XLogBytePosToEndRecPtr of the MAXALIGNed end).
-func (w *walWriter) message(xid uint32) uint64 {
-	rec := make([]byte, 0, 64)
-	var h [24]byte
-	binary.LittleEndian.PutUint32(h[0:], 59)
-	binary.LittleEndian.PutUint32(h[4:], xid)
-	h[17] = pgRmLogicalMsg
-	rec = append(rec, h[:]...)
-	rec = append(rec, 0xFF, 33)
-	rec = append(rec, 5, 0, 0, 0, 1, 0, 0, 0) // dbId, transactional, pad
-	rec = binary.LittleEndian.AppendUint64(rec, 9)
-	rec = binary.LittleEndian.AppendUint64(rec, 0)
-	rec = append(rec, "sqlretry\x00"...)
+func (w *walWriter) message(xid uint32, payload string) uint64 {
+	rec := walMessageRecord(xid, payload)
 	for _, b := range rec {
 		w.byteAt(b)
 	}
@@ -136,6 +126,24 @@ func (w *walWriter) message(xid uint32) uint64 {
 		w.put(0)
 	}
 	return w.cur
+}
+
+// walMessageRecord is the record of pg_logical_emit_message(true,
+// 'sqlretry', payload) in transaction xid, as PostgreSQL writes it
+// (little-endian), unaligned.
+func walMessageRecord(xid uint32, payload string) []byte {
+	rec := make([]byte, 0, 64+len(payload))
+	var h [24]byte
+	binary.LittleEndian.PutUint32(h[0:], uint32(59+len(payload)))
+	binary.LittleEndian.PutUint32(h[4:], xid)
+	h[17] = pgRmLogicalMsg
+	rec = append(rec, h[:]...)
+	rec = append(rec, 0xFF, byte(33+len(payload)))
+	rec = append(rec, 5, 0, 0, 0, 1, 0, 0, 0) // dbId, transactional, pad
+	rec = binary.LittleEndian.AppendUint64(rec, 9)
+	rec = binary.LittleEndian.AppendUint64(rec, uint64(len(payload)))
+	rec = append(rec, "sqlretry\x00"...)
+	return append(rec, payload...)
 }
 
 // TestPgRecordAtSyntheticBoundaries: our message placed so that L
@@ -162,16 +170,19 @@ func TestPgRecordAtSyntheticBoundaries(t *testing.T) {
 			w := &walWriter{segSize: segSize, blk: blk, files: map[string][]byte{}, rng: rand.New(rand.NewSource(int64(s)))}
 			w.fill(s)
 			xid := uint32(777)
-			L := w.message(xid)
+			full := int64(xid) | 5<<32 // with its epoch, as pg_current_xact_id() gives it
+			L := w.message(xid, fmt.Sprint(full))
 			c := &walFake{segSize: int64(segSize), blk: int64(blk), files: w.files}
-			ours, other, desc := pgRecordAt(context.Background(), c, []int64{1}, pgMark{tli: 1, lsn: L}, int64(xid)|5<<32)
+			ours, other, desc := recordAt(context.Background(), c, []int64{1}, pgMark{tli: 1, lsn: L}, full)
 			if !ours {
 				bad++
 				if bad < 10 {
 					t.Errorf("blk %d start %d L %d (offset in seg %d, in page %d): ours=%v other=%v: %s", blk, s, L, L%segSize, L%blk, ours, other, desc)
 				}
 			}
-			if o, oth, desc := pgRecordAt(context.Background(), c, []int64{1}, pgMark{tli: 1, lsn: L}, int64(xid+1)); o || oth {
+			// Another transaction's message (another id in its payload)
+			// ending at L: the WAL there is not ours.
+			if o, oth, desc := recordAt(context.Background(), c, []int64{1}, pgMark{tli: 1, lsn: L}, full+1); o || !oth {
 				t.Errorf("blk %d L %d, other id: ours=%v other=%v: %s", blk, L, o, oth, desc)
 			}
 		}
@@ -192,7 +203,7 @@ func TestPgRecordAtOddWALSizes(t *testing.T) {
 				}
 			}()
 			c := &walFake{segSize: seg, blk: int64(8192), files: map[string][]byte{}}
-			ours, other, desc := pgRecordAt(context.Background(), c, []int64{1}, pgMark{tli: 1, lsn: 0x5000000}, 7)
+			ours, other, desc := recordAt(context.Background(), c, []int64{1}, pgMark{tli: 1, lsn: 0x5000000}, 7)
 			if ours || other {
 				t.Errorf("segment size %d: ours=%v other=%v: %s; want neither", seg, ours, other, desc)
 			}
@@ -226,4 +237,14 @@ func TestWalRecordEndingAtNoPanic(t *testing.T) {
 			walRecordEndingAt(prev, raw, from, blk, int64(rng.Uint32()))
 		}()
 	}
+}
+
+// recordAt is pgRecordAt's verdict as two flags (neither: unknown,
+// unread, or an error, whose text is desc).
+func recordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid int64) (ours, other bool, desc string) {
+	ans, desc, err := pgRecordAt(ctx, dc, tlis, m, xid)
+	if err != nil {
+		return false, false, err.Error()
+	}
+	return ans == walOurs, ans == walOther, desc
 }

@@ -289,7 +289,6 @@ func a11TwoLives(t *testing.T, recycle bool, second func(e *a11Env, t *testing.T
 // falls back to the replay position when the WAL is unreadable takes the
 // middle life's commit of the reused id for ours.
 func TestAttack11TwoCrashesRecordSegmentRecycled(t *testing.T) {
-	a11Defect(t)
 	a11TwoLives(t, true, (*a11Env).crash, nil)
 }
 
@@ -302,7 +301,6 @@ func TestAttack11CrashThenCleanRestart(t *testing.T) {
 
 // The same, with the segment that held our record recycled first.
 func TestAttack11CrashThenCleanRestartRecordSegmentRecycled(t *testing.T) {
-	a11Defect(t)
 	a11TwoLives(t, true, (*a11Env).cleanRestart, nil)
 }
 
@@ -618,7 +616,6 @@ func TestAttack11MiddleLifeSqlretryMessageAtOurPosition(t *testing.T) {
 // a message with our id would fool the check; a genuine sqlretry message
 // of any id at our position does.
 func TestAttack11MiddleLifeOtherIDSqlretryMessageAtOurPosition(t *testing.T) {
-	a11Defect(t)
 	a11MiddleLife(t, false)
 }
 
@@ -905,7 +902,6 @@ func forgedMessage(xid uint32, prev uint64, dbOid uint32) []byte {
 // if the check looks for a record ending at our position without walking
 // the WAL's record chain, the content of another record fools it too.
 func TestAttack11MiddleLifeForgedMessageInPayload(t *testing.T) {
-	a11Defect(t)
 	a11Forge(t, "ours")
 }
 
@@ -913,7 +909,6 @@ func TestAttack11MiddleLifeForgedMessageInPayload(t *testing.T) {
 // no transaction ever had): the check does not compare the record's id
 // either.
 func TestAttack11MiddleLifeForgedOtherIDInPayload(t *testing.T) {
-	a11Defect(t)
 	a11Forge(t, "other")
 }
 
@@ -1008,7 +1003,6 @@ func a11Forge(t *testing.T, mode string) {
 // The same with only the 9 bytes "sqlretry\x00" at the end of the outbox
 // payload (no record header, no id): the check takes it for our message.
 func TestAttack11MiddleLifePrefixBytesInPayload(t *testing.T) {
-	a11Defect(t)
 	a11Forge(t, "suffix")
 }
 
@@ -1069,7 +1063,6 @@ func (e *a11Env) crossSegment(t *testing.T, lsn string) {
 // segment that held our record, so the WAL check finds no file and falls
 // back to the replay position: a lost write, with a superuser.
 func TestAttack11TwoCrashesMiddleLifeCrossesSegment(t *testing.T) {
-	a11Defect(t)
 	e := a11Setup(t, true, nil)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	var xid int64
