@@ -286,9 +286,10 @@ func (c *conn) noteTxControl(query string) {
 	}
 }
 
-// ExecContext reports the call to an OperationObserver when there is one.
+// ExecContext reports the call to an OperationObserver when there is one
+// (not sqlretry's own short-wait statements, as no statement of its own is).
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
-	if o := c.r.operations(); o != nil {
+	if o := c.r.operations(); o != nil && !isShortWaitQuery(query) {
 		op := Operation{Op: "exec", Query: query, InTx: c.tx != nil, Dialect: c.r.dialect}
 		return observed(ctx, o, op, func(ctx context.Context) (driver.Result, error) { return c.execContext(ctx, query, args) })
 	}

@@ -117,6 +117,9 @@ type fakeServer struct {
 	// onQuery, when set, answers a query before the defaults (after its
 	// script): ok false lets the defaults answer.
 	onQuery func(c *fakeConn, q string, args []driver.NamedValue) (rows driver.Rows, ok bool)
+	// onExec, when set, sees every statement run with Exec that its script
+	// let through.
+	onExec func(c *fakeConn, q string)
 
 	// handCommits: statements (by prefix) that, run inside a transaction,
 	// commit its work so far (a COMMIT by hand, MySQL's implicit commits);
@@ -361,6 +364,9 @@ func (c *fakeConn) ExecContext(ctx context.Context, q string, _ []driver.NamedVa
 	}
 	if err := c.run(ctx, q); err != nil {
 		return nil, err
+	}
+	if c.srv.onExec != nil {
+		c.srv.onExec(c, q)
 	}
 	return driver.RowsAffected(1), nil
 }

@@ -4,6 +4,9 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"errors"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,13 +16,14 @@ import (
 // bounds as short lock waits, set as the transaction's deadlock_timeout,
 // only where the role may set it.
 
-// deadlockChecks records the bounds the short-deadlock statement asked
-// for (ms) and answers it as a server whose deadlock_timeout is
-// deadlockMS and whose role may (or may not) set it; refuse makes it fail
-// (a server before PostgreSQL 15: no has_parameter_privilege).
+// deadlockChecks records the bounds the short-deadlock statements set
+// (ms) and answers SHOW as a server whose session deadlock_timeout is
+// deadlockMS; mayNot refuses the SET as for a role without the privilege
+// (42501), refuse fails the SHOW (an engine without the setting).
 type deadlockChecks struct {
 	mu         sync.Mutex
 	asked      []int64
+	shows      int
 	lockAsked  int // the lock_timeout statement: never in this mode
 	deadlockMS int64
 	mayNot     bool
@@ -34,20 +38,28 @@ func (w *deadlockChecks) install(srv *fakeServer) {
 		case shortWaitQuery:
 			w.lockAsked++
 			return &fakeRows{cols: []string{"set_config", "dt"}, data: [][]driver.Value{{pgMillis(args[0].Value.(int64)), w.deadlockMS}}}, true
-		case shortDeadlockQuery:
-		default:
-			return nil, false
+		case shortDeadlockShow:
+			w.shows++
+			return &fakeRows{cols: []string{"deadlock_timeout"}, data: [][]driver.Value{{pgMillis(w.deadlockMS)}}}, true
 		}
-		ms := args[0].Value.(int64)
+		return nil, false
+	}
+	srv.onExec = func(_ *fakeConn, q string) {
+		if !strings.HasPrefix(q, shortDeadlockSetPrefix) {
+			return
+		}
+		ms, _ := strconv.ParseInt(strings.TrimPrefix(q, shortDeadlockSetPrefix), 10, 64)
+		w.mu.Lock()
 		w.asked = append(w.asked, ms)
-		var set driver.Value
-		if !w.mayNot && w.deadlockMS > ms {
-			set = pgMillis(ms)
+		w.mu.Unlock()
+	}
+	if w.mayNot {
+		for range 20 {
+			srv.script(shortDeadlockSetPrefix, step{err: &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}})
 		}
-		return &fakeRows{cols: []string{"may", "set_config", "dt"}, data: [][]driver.Value{{!w.mayNot, set, w.deadlockMS}}}, true
 	}
 	if w.refuse != nil {
-		srv.script(shortDeadlockQuery, step{err: w.refuse})
+		srv.script(shortDeadlockShow, step{err: w.refuse})
 	}
 }
 
@@ -99,27 +111,36 @@ func TestShortDeadlockCheckByDefault(t *testing.T) {
 	}
 }
 
-// A role that may not set deadlock_timeout: the statement says so (no
-// error, nothing set), and the db stops asking.
+// A role that may not set deadlock_timeout: the SET is refused (42501),
+// the attempt runs again at once without it (its closure not having run),
+// no error reaches the caller, and the db stops asking.
 func TestShortDeadlockCheckRoleMayNot(t *testing.T) {
 	w := &deadlockChecks{deadlockMS: 1000, mayNot: true}
 	srv, db := deadlockCheckDB(t, w)
+	runs := 0
 	for range 3 {
 		srv.script("UPDATE", step{err: errDeadlock}, step{err: errDeadlock})
-		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		if err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			return updateTx(ctx, tx)
+		}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if got := w.got(); len(got) != 1 {
-		t.Fatalf("bounds %v, want one question, then none", got)
+	if runs != 9 {
+		t.Fatalf("closure ran %d times, want 9 (3 a call: the refused attempt never ran it)", runs)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.shows != 1 || len(w.asked) != 0 {
+		t.Fatalf("SHOW %d times, bounds set %v; want one SHOW, one refused SET, then nothing", w.shows, w.asked)
 	}
 }
 
-// A server before PostgreSQL 15 refuses the statement (no
-// has_parameter_privilege): the attempt runs again at once without it (its
-// closure did not run), and the db stops asking.
+// An engine without the setting refuses the SHOW: the attempt runs again
+// at once without it (its closure did not run), and the db stops asking.
 func TestShortDeadlockCheckRefusedTurnsItselfOff(t *testing.T) {
-	w := &deadlockChecks{deadlockMS: 1000, refuse: &pgError{"42883", "function pg_catalog.has_parameter_privilege(unknown, unknown) does not exist"}}
+	w := &deadlockChecks{deadlockMS: 1000, refuse: &pgError{"42704", `unrecognized configuration parameter "deadlock_timeout"`}}
 	srv, db := deadlockCheckDB(t, w)
 	srv.script("UPDATE", step{err: errDeadlock})
 	runs := 0
@@ -139,8 +160,8 @@ func TestShortDeadlockCheckRefusedTurnsItselfOff(t *testing.T) {
 	if got := w.got(); len(got) != 0 {
 		t.Fatalf("answered after the refusal: %v", got)
 	}
-	if n := srv.ranCount(shortDeadlockQuery); n > 1 {
-		t.Fatalf("the refused statement ran %d times", n)
+	if w.shows != 0 {
+		t.Fatalf("SHOW answered %d times after the refusal", w.shows)
 	}
 }
 
@@ -219,3 +240,74 @@ func TestShortDeadlockCheckConflictCost(t *testing.T) {
 		t.Errorf("lock timeout: %v, want what it took", got)
 	}
 }
+
+// A deadlock found under the short deadlock_timeout that the closure
+// handles itself (a savepoint handler that commits a "busy" branch, its
+// own error): the plain driver may have left the cycle to the other
+// transaction to find, and this one would have waited and done the work.
+// The attempt is not committed; it is replayed with the server's
+// deadlock_timeout (attack12).
+func TestShortDeadlockCheckOwnDeadlockHandledByTheClosure(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		fn   func(ctx context.Context, tx *sql.Tx) (busy bool, err error)
+	}{
+		{"savepoint handler commits its busy branch", func(ctx context.Context, tx *sql.Tx) (bool, error) {
+			if _, err := tx.ExecContext(ctx, "SAVEPOINT s"); err != nil {
+				return false, err
+			}
+			if err := updateTx(ctx, tx); err != nil {
+				if ErrorCode(err) != "40P01" {
+					return false, err
+				}
+				if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT s"); err != nil {
+					return false, err
+				}
+				_, err := tx.ExecContext(ctx, "INSERT INTO busy VALUES (1)")
+				return true, err
+			}
+			return false, nil
+		}},
+		{"closure returns its own error", func(ctx context.Context, tx *sql.Tx) (bool, error) {
+			if err := updateTx(ctx, tx); err != nil {
+				if ErrorCode(err) != "40P01" {
+					return false, err
+				}
+				return true, errBusy
+			}
+			return false, nil
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := &deadlockChecks{deadlockMS: 1000}
+			srv, db := deadlockCheckDB(t, w)
+			srv.pgAborts = false // the fake's savepoints
+			// The first attempt's deadlock is the server's own (no bound
+			// yet); the second, under the bound, is the one handled.
+			srv.script("UPDATE", step{err: errSerialize}, step{err: errDeadlock})
+			runs, busy := 0, 0
+			err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				runs++
+				b, err := tc.fn(ctx, tx)
+				if b {
+					busy++
+				}
+				return err
+			})
+			if err != nil || runs != 3 {
+				t.Fatalf("err %v, runs %d: want the third attempt's commit", err, runs)
+			}
+			// After a handler the next attempt has the server's
+			// deadlock_timeout; an error of the closure's own is replayed
+			// as the deadlock before it, whose bound doubles.
+			if got := len(w.got()); got != 1 && (tc.name != "closure returns its own error" || got != 2) {
+				t.Fatalf("bounds %v: want one (the first replay), the next with the server's", w.got())
+			}
+			if n := srv.ranCount("INSERT INTO busy"); n != 0 {
+				t.Fatalf("the busy branch committed %d times", n)
+			}
+		})
+	}
+}
+
+var errBusy = errors.New("busy, try later")

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -68,20 +69,62 @@ const shortWaitQuery = "SELECT pg_catalog.set_config('lock_timeout', CASE WHEN "
 	"FROM (SELECT EXTRACT(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS lt, " +
 	"EXTRACT(epoch FROM pg_catalog.current_setting('deadlock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS dt) c"
 
-// shortDeadlockQuery sets the transaction's deadlock_timeout to $1 ms
-// when the role may set it and the session's is longer, and returns
-// whether the role may, and the session's deadlock_timeout (ms) before
-// it. The subquery is a fence (OFFSET 0): its setting is read before the
-// set. has_parameter_privilege is PostgreSQL 15's: an older server
-// refuses the statement (42883), and the db stops asking.
-const shortDeadlockQuery = "SELECT c.may, CASE WHEN c.may AND c.dt OPERATOR(pg_catalog.>) $1::int " +
-	"THEN pg_catalog.set_config('deadlock_timeout', $1::int OPERATOR(pg_catalog.||) 'ms', true) END, c.dt::bigint " +
-	"FROM (SELECT pg_catalog.has_parameter_privilege('deadlock_timeout', 'SET') AS may, " +
-	"EXTRACT(epoch FROM pg_catalog.current_setting('deadlock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS dt OFFSET 0) c"
+// Short deadlock checks run two utility statements, neither of which takes
+// the transaction's snapshot (a SELECT would: under REPEATABLE READ a
+// closure that begins with LOCK TABLE would then read rows older than
+// its lock, and SET TRANSACTION ISOLATION LEVEL would fail after it):
+// shortDeadlockShow reads the session's deadlock_timeout, and, when it is
+// longer than the bound, shortDeadlockSet(ms) lowers it for the
+// transaction (SET LOCAL). A role that may not set it (not a superuser,
+// no GRANT SET ON PARAMETER) gets 42501 and the db stops asking; the
+// attempt runs again at once without them, its closure not having run.
+// The bound is rounded up to 5 ms times a power of two, so that a few
+// texts serve every bound (a driver caches a prepared statement per
+// text).
+const (
+	shortDeadlockShow      = "SHOW deadlock_timeout"
+	shortDeadlockSetPrefix = "SET LOCAL deadlock_timeout = "
+)
+
+// shortDeadlockMS rounds a bound up to 5 ms times a power of two, at
+// least 20 ms.
+func shortDeadlockMS(d time.Duration) int64 {
+	ms := int64(20)
+	for ms*int64(time.Millisecond) < int64(d) && ms < 1<<40 {
+		ms *= 2
+	}
+	return ms
+}
+
+func shortDeadlockSet(ms int64) string {
+	return shortDeadlockSetPrefix + strconv.FormatInt(ms, 10)
+}
 
 // isShortWaitQuery says whether query is one of the bound's statements.
 func isShortWaitQuery(query string) bool {
-	return query == shortWaitQuery || query == shortDeadlockQuery
+	return query == shortWaitQuery || query == shortDeadlockShow || strings.HasPrefix(query, shortDeadlockSetPrefix)
+}
+
+// parsePgMillis reads a time setting as SHOW gives it ("1s", "20ms",
+// "1min", "1h", "1d"; a bare number is ms) in ms; false if it does not
+// parse.
+func parsePgMillis(s string) (int64, bool) {
+	units := []struct {
+		suffix string
+		ms     int64
+	}{{"ms", 1}, {"min", 60000}, {"s", 1000}, {"h", 3600000}, {"d", 86400000}}
+	mult := int64(1)
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suffix) {
+			s, mult = strings.TrimSuffix(s, u.suffix), u.ms
+			break
+		}
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return n * mult, true
 }
 
 // newShortWait is the db's short-wait state, nil when off: PostgreSQL only
@@ -238,19 +281,25 @@ func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration) (ow
 	var dt int64
 	ms := int64(d / time.Millisecond)
 	if s.deadlockMode {
-		// A deadlock_timeout raises nothing of its own: never "own".
-		var may sql.NullBool
-		var set sql.NullString
-		if err := sqlTx.QueryRowContext(ctx, shortDeadlockQuery, ms).Scan(&may, &set, &dt); err != nil {
+		var cur string
+		if err := sqlTx.QueryRowContext(ctx, shortDeadlockShow).Scan(&cur); err != nil {
 			return false, &shortWaitError{err: err}
 		}
-		if !may.Bool {
-			s.off.Store(true) // the role may not: stop asking
-		}
-		if dt > 0 && dt != s.deadlock.Load() {
+		dt, ok := parsePgMillis(cur)
+		if ok && dt > 0 && dt != s.deadlock.Load() {
 			s.deadlock.Store(dt)
 		}
-		return false, nil
+		ms := shortDeadlockMS(d)
+		if !ok || dt <= ms {
+			return false, nil // the session's is as short already (or unknown): the user's
+		}
+		if _, err := sqlTx.ExecContext(ctx, shortDeadlockSet(ms)); err != nil {
+			return false, &shortWaitError{err: err}
+		}
+		// own: a deadlock found in this transaction now may be one the
+		// plain driver would have left to another transaction of the
+		// cycle to find (txAttempt.ownBound).
+		return true, nil
 	}
 	if err := sqlTx.QueryRowContext(ctx, shortWaitQuery, ms).Scan(&setting, &dt); err != nil {
 		return false, &shortWaitError{err: err}

@@ -71,8 +71,8 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if t.c.escapesTx(query) {
 		t.escape(query)
 	}
-	if a := t.attempt; a != nil && a.ownBound && query != shortWaitQuery && setsLockTimeout(query) {
-		a.ownBound = false // the closure sets its own: a 55P03 from now on may be the user's
+	if a := t.attempt; a != nil && a.ownBound && !isShortWaitQuery(query) && setsSetting(query, a.boundSetting()) {
+		a.ownBound = false // the closure sets its own: a 55P03 (or 40P01) from now on may be the user's
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
@@ -92,16 +92,20 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 // lock_timeout (SET [LOCAL|SESSION] lock_timeout, set_config), not only
 // read it (SHOW, current_setting). Asked only in an attempt under
 // sqlretry's own bound.
-func setsLockTimeout(query string) bool {
+func setsLockTimeout(query string) bool { return setsSetting(query, "lock_timeout") }
+
+// setsSetting says whether query may set the setting name (lower case):
+// set_config with its name in the text, or SET [LOCAL|SESSION] name.
+func setsSetting(query, name string) bool {
 	q := strings.ToLower(query)
-	if !strings.Contains(q, "lock_timeout") {
+	if !strings.Contains(q, name) {
 		return false
 	}
 	if strings.Contains(q, "set_config") {
 		return true
 	}
 	q = strings.Join(strings.Fields(q), " ")
-	for _, p := range []string{"set lock_timeout", "set local lock_timeout", "set session lock_timeout"} {
+	for _, p := range []string{"set " + name, "set local " + name, "set session " + name} {
 		for rest := q; ; {
 			i := strings.Index(rest, p)
 			if i < 0 {
@@ -455,6 +459,9 @@ type txAttempt struct {
 	// own), the plain driver would have waited for the lock, so the
 	// attempt is neither committed nor final (decide, tx.Commit).
 	ownBound bool
+	// ownDeadlock: the bound is a deadlock_timeout (short deadlock
+	// checks), its own error a 40P01, not a 55P03.
+	ownDeadlock bool
 	// escaped: a statement of the attempt's transaction ended or started a
 	// transaction by itself (tx.done): no replay.
 	escaped bool
@@ -512,13 +519,21 @@ type attemptRare struct {
 	ownHit error
 }
 
-// ownHit is the first 55P03 the attempt met under its own bound, nil if
-// none.
+// ownHit is the first 55P03 (40P01 with short deadlock checks) the
+// attempt met under its own bound, nil if none.
 func (a *txAttempt) ownHit() error {
 	if a.rare == nil {
 		return nil
 	}
 	return a.rare.ownHit
+}
+
+// boundSetting is the setting the attempt's bound is.
+func (a *txAttempt) boundSetting() string {
+	if a.ownDeadlock {
+		return "deadlock_timeout"
+	}
+	return "lock_timeout"
 }
 
 func (a *txAttempt) nested() *nestedReplay {
@@ -563,11 +578,18 @@ func (a *txAttempt) raised(err error) {
 		a.first = err
 	}
 	a.last = err
-	if a.ownBound && a.ownHit() == nil && ErrorCode(err) == "55P03" && !strings.Contains(err.Error(), "could not obtain lock") {
-		// (Not a NOWAIT's "could not obtain lock on row": that one is the
-		// closure's, under any lock_timeout. Its message may be in another
-		// language, and is then taken for the bound's.)
-		a.rareState().ownHit = err
+	if a.ownBound && a.ownHit() == nil {
+		switch code := ErrorCode(err); {
+		case a.ownDeadlock && code == "40P01",
+			!a.ownDeadlock && code == "55P03" && !strings.Contains(err.Error(), "could not obtain lock"):
+			// (Not a NOWAIT's "could not obtain lock on row": that one is
+			// the closure's, under any lock_timeout. Its message may be in
+			// another language, and is then taken for the bound's.) A
+			// deadlock found under a short deadlock_timeout: the plain
+			// driver may have left the cycle to another transaction to
+			// find, so this one would have waited and gone on.
+			a.rareState().ownHit = err
+		}
 	}
 }
 
@@ -1126,7 +1148,7 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		if err != nil {
 			return began, phaseBegin, err
 		}
-		att.ownBound = own
+		att.ownBound, att.ownDeadlock = own, sw.deadlockMode
 	}
 	att.seq = nestedSeq.Load()
 	slot := enterClosure()
