@@ -1,0 +1,411 @@
+package integration
+
+// Hostile tests of short deadlock checks for replays (attack12), written
+// from the README and go doc only.
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+	"github.com/sqlretry/sqlretry"
+)
+
+// a12Tracer records every statement text the driver sends.
+type a12Tracer struct {
+	mu      sync.Mutex
+	queries []string
+	onStart func(ctx context.Context, sql string)
+}
+
+func (tr *a12Tracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
+	tr.mu.Lock()
+	tr.queries = append(tr.queries, d.SQL)
+	f := tr.onStart
+	tr.mu.Unlock()
+	if f != nil {
+		f(ctx, d.SQL)
+	}
+	return ctx
+}
+
+func (tr *a12Tracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+func (tr *a12Tracer) seen() []string {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	return append([]string(nil), tr.queries...)
+}
+
+// a12Open opens a sqlretry db on d with a tracer, conns connections.
+func a12Open(t *testing.T, d string, conns int, tr *a12Tracer, opts ...sqlretry.Option) *sql.DB {
+	t.Helper()
+	cfg, err := pgx.ParseConfig(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tr != nil {
+		cfg.Tracer = tr
+	}
+	db := sqlretry.OpenDB(stdlib.GetConnector(*cfg), opts...)
+	if conns > 0 {
+		db.SetMaxOpenConns(conns)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func a12Fake(ctx context.Context, tx *sql.Tx, code string) error {
+	_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack12 fake conflict' USING ERRCODE = '`+code+`'; END$$`)
+	return err
+}
+
+func a12Ctx(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func TestAttack12Probe(t *testing.T) {
+	d := need(t, "pgx")
+	tr := &a12Tracer{}
+	db := a12Open(t, d, 1, tr)
+	ctx := a12Ctx(t, 10*time.Second)
+	var n atomic.Int32
+	var dt string
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		if n.Add(1) == 1 {
+			return a12Fake(ctx, tx, "40001")
+		}
+		return tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&dt)
+	})
+	t.Logf("err %v runs %d dt %s", err, n.Load(), dt)
+	for _, q := range tr.seen() {
+		t.Logf("Q: %s", strings.ReplaceAll(q, "\n", " "))
+	}
+}
+
+// a12Plain opens a plain pgx db.
+func a12Plain(t *testing.T, d string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("pgx", d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+// a12FirstStatement runs a RunInTx whose first attempt fails with a fake
+// serialization failure and whose replay runs first as its first
+// statement, then a read; it returns RunInTx's error and the runs.
+func a12FirstStatement(t *testing.T, db *sql.DB, opts *sql.TxOptions, first string, ro ...sqlretry.Option) (error, int) {
+	t.Helper()
+	ctx := a12Ctx(t, 10*time.Second)
+	runs := 0
+	err := sqlretry.RunInTx(ctx, db, opts, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if _, err := tx.ExecContext(ctx, first); err != nil {
+			return err
+		}
+		if runs == 1 {
+			return a12Fake(ctx, tx, "40001")
+		}
+		var one int
+		return tx.QueryRowContext(ctx, "SELECT 1").Scan(&one)
+	}, ro...)
+	return err, runs
+}
+
+// REPEATABLE READ takes its snapshot at the transaction's first query. A
+// replay's extra statement takes it before the closure's first statement:
+// a row another session committed after BEGIN but before the closure's
+// first query is visible with the plain driver and not with the defaults.
+func TestAttack12SnapshotTakenEarly(t *testing.T) {
+	if os.Getenv("ATTACK12_DEFECTS") == "" {
+		t.Skip("defect (set ATTACK12_DEFECTS=1): the replay's snapshot is taken by the extra statement, before the closure's first query")
+	}
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	tbl := table(t, setup, "a12snap")
+	mustExec(t, setup, "CREATE TABLE "+tbl+" (id serial PRIMARY KEY, tag text NOT NULL)")
+	seenWith := func(name string, o ...sqlretry.Option) int {
+		db := a12Open(t, d, 1, nil, o...)
+		ctx := a12Ctx(t, 10*time.Second)
+		runs, seen := 0, -1
+		err := sqlretry.RunInTx(ctx, db, &sql.TxOptions{Isolation: sql.LevelRepeatableRead}, func(ctx context.Context, tx *sql.Tx) error {
+			if runs++; runs == 1 {
+				return a12Fake(ctx, tx, "40001")
+			}
+			// Before its first query, the closure has another service write
+			// a row it then reads.
+			if _, err := setup.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ($1)", name); err != nil {
+				return err
+			}
+			return tx.QueryRowContext(ctx, "SELECT count(*) FROM "+tbl+" WHERE tag = $1", name).Scan(&seen)
+		}, o...)
+		if err != nil || runs != 2 {
+			t.Fatalf("%s: err %v runs %d", name, err, runs)
+		}
+		return seen
+	}
+	off := seenWith("off", sqlretry.WithShortDeadlockCheck(false))
+	on := seenWith("defaults")
+	t.Logf("rows seen: without short deadlock checks %d, with the defaults %d", off, on)
+	if off != 1 || on != off {
+		t.Errorf("the replay saw %d rows committed before its first query (without short deadlock checks %d)", on, off)
+	}
+}
+
+// A closure whose first statement must come first (SET TRANSACTION ...)
+// fails with 25001 after the replay's extra statement; the README says
+// that attempt runs again at once without it. The edges of that: a cap
+// on attempts, a closure that hides the server error behind its own, a
+// new call's first attempt right after a deadlock.
+func TestAttack12SetTransactionFirstEdges(t *testing.T) {
+	d := need(t, "pgx")
+	type outcome struct {
+		err  string
+		runs int
+	}
+	run := func(t *testing.T, hide bool, firstFails string, o ...sqlretry.Option) outcome {
+		db := a12Open(t, d, 1, nil, o...)
+		ctx := a12Ctx(t, 10*time.Second)
+		if firstFails == "40P01 before" {
+			n := 0
+			if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				if n++; n == 1 {
+					return a12Fake(ctx, tx, "40P01")
+				}
+				return nil
+			}, sqlretry.WithMaxAttempts(5)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		runs := 0
+		err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			if _, err := tx.ExecContext(ctx, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"); err != nil {
+				if hide {
+					return fmt.Errorf("could not start our serializable transaction: %v", err)
+				}
+				return err
+			}
+			if runs == 1 && firstFails == "40001 first" {
+				return a12Fake(ctx, tx, "40001")
+			}
+			var lvl string
+			if err := tx.QueryRowContext(ctx, "SHOW transaction_isolation").Scan(&lvl); err != nil {
+				return err
+			}
+			if lvl != "serializable" {
+				return fmt.Errorf("isolation %s", lvl)
+			}
+			return nil
+		}, o...)
+		o2 := outcome{runs: runs}
+		if err != nil {
+			o2.err = err.Error()
+		}
+		return o2
+	}
+	for _, tc := range []struct {
+		name       string
+		hide       bool
+		firstFails string
+		o          []sqlretry.Option
+	}{
+		{"replay", false, "40001 first", nil},
+		{"replay, closure hides the error", true, "40001 first", nil},
+		{"replay, at most 2 attempts", false, "40001 first", []sqlretry.Option{sqlretry.WithMaxAttempts(2)}},
+		{"replay, at most 2 attempts, closure hides the error", true, "40001 first", []sqlretry.Option{sqlretry.WithMaxAttempts(2)}},
+		{"new call after a deadlock", false, "40P01 before", nil},
+		{"new call after a deadlock, closure hides the error", true, "40P01 before", nil},
+		{"new call after a deadlock, at most 1 attempt", true, "40P01 before", []sqlretry.Option{sqlretry.WithMaxAttempts(1)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			off := run(t, tc.hide, tc.firstFails, append([]sqlretry.Option{sqlretry.WithShortDeadlockCheck(false)}, tc.o...)...)
+			on := run(t, tc.hide, tc.firstFails, tc.o...)
+			t.Logf("without short deadlock checks %+v, defaults %+v", off, on)
+			if on.err != off.err {
+				t.Errorf("defaults: err %q; without short deadlock checks %q", on.err, off.err)
+			}
+		})
+	}
+}
+
+// a12WaitLocked waits until the backend pid waits for a lock.
+func a12WaitLocked(ctx context.Context, mon *sql.DB, pid int) error {
+	for {
+		var waiting bool
+		if err := mon.QueryRowContext(ctx, "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1", pid).Scan(&waiting); err != nil {
+			return err
+		}
+		if waiting {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// a12Victim runs one deadlock between a plain session A (another
+// application, not sqlretry) and a replay of sqlretry's B. B holds row 2;
+// A holds row 1 and then waits for row 2 (A waits first); then B calls a
+// PL/pgSQL function that updates row 1 and catches deadlock_detected. With
+// equal deadlock_timeouts A, which waited first, finds the cycle first and
+// is its victim; B's function does its work. It returns what B's function
+// returned in B's committed attempt, B's runs, and A's error.
+func a12Victim(t *testing.T, d, tbl, fn string, savepoint bool, o ...sqlretry.Option) (said string, runs int, aErr error, n1 int) {
+	t.Helper()
+	ctx := a12Ctx(t, 15*time.Second)
+	plain := a12Plain(t, d)
+	mon := a12Plain(t, d)
+	db := a12Open(t, d, 1, nil, o...)
+	mustExec(t, plain, "UPDATE "+tbl+" SET n = 0")
+	aConn, err := plain.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer aConn.Close()
+	var aPid int
+	if err := aConn.QueryRowContext(ctx, "SELECT pg_backend_pid()").Scan(&aPid); err != nil {
+		t.Fatal(err)
+	}
+	aTx, err := aConn.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer aTx.Rollback()
+	aDone := make(chan error, 1)
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if runs == 1 {
+			return a12Fake(ctx, tx, "40001") // makes the next attempt a replay
+		}
+		if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 2"); err != nil {
+			return err
+		}
+		if runs == 2 {
+			if _, err := aTx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1"); err != nil {
+				return err
+			}
+			go func() {
+				_, err := aTx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 2")
+				if err == nil {
+					err = aTx.Commit() // A is done: its locks go
+				} else {
+					aTx.Rollback()
+				}
+				aDone <- err
+			}()
+			if err := a12WaitLocked(ctx, mon, aPid); err != nil {
+				return err
+			}
+		}
+		if savepoint {
+			// No handler on the server: the closure itself treats a
+			// deadlock on row 1 as "busy" and keeps its row-2 work.
+			if _, err := tx.ExecContext(ctx, "SAVEPOINT a12"); err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1"); err != nil {
+				if sqlretry.ErrorCode(err) != "40P01" {
+					return err
+				}
+				said = "busy"
+				_, err = tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT a12")
+				return err
+			}
+			said = "done"
+			return nil
+		}
+		return tx.QueryRowContext(ctx, "SELECT "+fn+"()").Scan(&said)
+	}, o...)
+	if err != nil {
+		t.Fatalf("B: %v (runs %d)", err, runs)
+	}
+	select {
+	case aErr = <-aDone:
+	case <-ctx.Done():
+		t.Fatal("A never ended")
+	}
+	if err := plain.QueryRowContext(ctx, "SELECT n FROM "+tbl+" WHERE id = 1").Scan(&n1); err != nil {
+		t.Fatal(err)
+	}
+	return said, runs, aErr, n1
+}
+
+// Short deadlock checks change which transaction of a cycle is the
+// victim: the replay, which waited last, finds the cycle after 20 ms and
+// aborts itself where, with the plain driver's timing, the other session
+// (which waited first) found it after 1 s and was aborted. Server-side code
+// of the replay that catches deadlock_detected (PL/pgSQL EXCEPTION WHEN
+// deadlock_detected, or WHEN OTHERS) takes its "busy" branch and the
+// transaction commits it; sqlretry cannot see that: the same shape as
+// attack8's lock_timeout case.
+func TestAttack12PlpgsqlDeadlockHandlerBecomesTheVictim(t *testing.T) {
+	if os.Getenv("ATTACK12_DEFECTS") == "" {
+		t.Skip("defect (set ATTACK12_DEFECTS=1): the replay becomes the deadlock's victim and its server-side handler commits its busy branch")
+	}
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	tbl := table(t, setup, "a12victim")
+	fn := tbl + "_fn"
+	t.Cleanup(func() { setup.Exec("DROP FUNCTION IF EXISTS " + fn + "()") })
+	mustExec(t, setup, "CREATE TABLE "+tbl+" (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
+		`CREATE FUNCTION `+fn+`() RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+	BEGIN
+		UPDATE `+tbl+` SET n = n + 1 WHERE id = 1;
+		RETURN 'done';
+	EXCEPTION WHEN deadlock_detected THEN
+		RETURN 'busy';
+	END;
+END$$`)
+	said, runs, aErr, n1 := a12Victim(t, d, tbl, fn, false, sqlretry.WithShortDeadlockCheck(false))
+	t.Logf("without short deadlock checks: B's function said %q, B ran %d times, A: %v, row 1 n=%d", said, runs, aErr, n1)
+	if said != "done" || sqlretry.ErrorCode(aErr) != "40P01" {
+		t.Fatalf("the plain timing: want B's function done and A the victim")
+	}
+	said, runs, aErr, n1 = a12Victim(t, d, tbl, fn, false)
+	t.Logf("defaults: B's function said %q, B ran %d times, A: %v, row 1 n=%d", said, runs, aErr, n1)
+	if said != "done" {
+		t.Errorf("defaults: B's committed function said %q (row 1 n=%d), want \"done\" as without short deadlock checks", said, n1)
+	}
+}
+
+// The same cycle without server-side handler: the closure itself catches
+// the deadlock on row 1 (SAVEPOINT / ROLLBACK TO SAVEPOINT) and commits
+// its row-2 work as "busy". sqlretry sees that 40P01 pass: is it treated
+// like the bound's own lock timeout (never final, replayed)?
+func TestAttack12ClosureCatchesItsDeadlockWithSavepoint(t *testing.T) {
+	if os.Getenv("ATTACK12_DEFECTS") == "" {
+		t.Skip("defect (set ATTACK12_DEFECTS=1): the replay becomes the deadlock's victim and the closure's savepoint handler commits its busy branch")
+	}
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	tbl := table(t, setup, "a12victimsp")
+	mustExec(t, setup, "CREATE TABLE "+tbl+" (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)")
+	said, runs, aErr, n1 := a12Victim(t, d, tbl, "", true, sqlretry.WithShortDeadlockCheck(false))
+	t.Logf("without short deadlock checks: B's closure said %q, B ran %d times, A: %v, row 1 n=%d", said, runs, aErr, n1)
+	if said != "done" || sqlretry.ErrorCode(aErr) != "40P01" {
+		t.Fatalf("the plain timing: want B's closure done and A the victim")
+	}
+	said, runs, aErr, n1 = a12Victim(t, d, tbl, "", true)
+	t.Logf("defaults: B's closure said %q, B ran %d times, A: %v, row 1 n=%d", said, runs, aErr, n1)
+	if said != "done" {
+		t.Errorf("defaults: B's committed attempt said %q (row 1 n=%d), want \"done\" as without short deadlock checks", said, n1)
+	}
+}
