@@ -409,3 +409,170 @@ func TestAttack12ClosureCatchesItsDeadlockWithSavepoint(t *testing.T) {
 		t.Errorf("defaults: B's committed attempt said %q (row 1 n=%d), want \"done\" as without short deadlock checks", said, n1)
 	}
 }
+
+// a12Replay runs one RunInTx whose first attempt fails with a fake
+// serialization failure; the replay runs body.
+func a12Replay(ctx context.Context, db *sql.DB, body func(ctx context.Context, tx *sql.Tx) error, o ...sqlretry.Option) (int, error) {
+	runs := 0
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		if runs++; runs == 1 {
+			return a12Fake(ctx, tx, "40001")
+		}
+		return body(ctx, tx)
+	}, o...)
+	return runs, err
+}
+
+func a12Count(qs []string, sub string) int {
+	n := 0
+	for _, q := range qs {
+		if strings.Contains(q, sub) {
+			n++
+		}
+	}
+	return n
+}
+
+// The session's and the role's own deadlock_timeout, lower or higher than
+// the bound, the closure's own SET [LOCAL], a role that may not set it, a
+// grant revoked while the db runs: what the replay sees, what the session
+// keeps after it, errors and attempts.
+func TestAttack12Settings(t *testing.T) {
+	srv := ownServer(t, "pgx")
+	admin := a12Plain(t, srv.DSN)
+	mustExec(t, admin,
+		"CREATE TABLE a12s (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO a12s VALUES (1, 0)",
+		"CREATE ROLE a12low LOGIN", "CREATE ROLE a12high LOGIN", "CREATE ROLE a12plain LOGIN", "CREATE ROLE a12rev LOGIN",
+		"GRANT SELECT, UPDATE ON a12s TO a12low, a12high, a12plain, a12rev",
+		"GRANT SET ON PARAMETER deadlock_timeout TO a12low, a12high, a12rev",
+		"ALTER ROLE a12low SET deadlock_timeout = '5ms'",
+		"ALTER ROLE a12high SET deadlock_timeout = '10s'")
+	cfg, err := pgx.ParseConfig(srv.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func(t *testing.T, user string, tr *a12Tracer, o ...sqlretry.Option) *sql.DB {
+		c := cfg.Copy()
+		if user != "" {
+			c.User = user
+		}
+		if tr != nil {
+			c.Tracer = tr
+		}
+		db := sqlretry.OpenDB(stdlib.GetConnector(*c), o...)
+		db.SetMaxOpenConns(1)
+		t.Cleanup(func() { db.Close() })
+		return db
+	}
+	show := func(ctx context.Context, q interface {
+		QueryRowContext(context.Context, string, ...any) *sql.Row
+	}) string {
+		var s string
+		if err := q.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&s); err != nil {
+			return "error: " + err.Error()
+		}
+		return s
+	}
+	for _, tc := range []struct {
+		name, user, session, closure string
+		wantIn, wantAfter            string // with the defaults
+	}{
+		{"superuser, session 5ms is kept", "", "SET deadlock_timeout = '5ms'", "", "5ms", "5ms"},
+		{"superuser, session 19ms is kept", "", "SET deadlock_timeout = '19ms'", "", "19ms", "19ms"},
+		{"superuser, session 10s lowered for the transaction", "", "SET deadlock_timeout = '10s'", "", "20ms", "10s"},
+		{"role's own 5ms is kept", "a12low", "", "", "5ms", "5ms"},
+		{"role's own 10s lowered for the transaction", "a12high", "", "", "20ms", "10s"},
+		{"the closure's SET LOCAL wins", "", "", "SET LOCAL deadlock_timeout = '3s'", "3s", "1s"},
+		{"the closure's session SET outlives the transaction as with the plain driver", "", "", "SET deadlock_timeout = '3s'", "3s", "3s"},
+		{"the closure's RESET", "a12high", "SET deadlock_timeout = '2s'", "RESET deadlock_timeout", "10s", "10s"},
+		{"the closure's set_config(false)", "", "", "SELECT set_config('deadlock_timeout', '4s', false)", "4s", "4s"},
+		{"a role that may not", "a12plain", "", "", "1s", "1s"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := a12Ctx(t, 15*time.Second)
+			type seen struct {
+				in, after, err string
+				runs           int
+			}
+			run := func(o ...sqlretry.Option) seen {
+				db := open(t, tc.user, nil, o...)
+				if tc.session != "" {
+					if _, err := db.ExecContext(ctx, tc.session); err != nil {
+						t.Fatal(err)
+					}
+				}
+				var s seen
+				runs, err := a12Replay(ctx, db, func(ctx context.Context, tx *sql.Tx) error {
+					if tc.closure != "" {
+						if _, err := tx.ExecContext(ctx, tc.closure); err != nil {
+							return err
+						}
+					}
+					s.in = show(ctx, tx)
+					_, err := tx.ExecContext(ctx, "UPDATE a12s SET n = n + 1 WHERE id = 1")
+					return err
+				})
+				s.runs = runs
+				if err != nil {
+					s.err = err.Error()
+				}
+				s.after = show(ctx, db)
+				return s
+			}
+			off := run(sqlretry.WithShortDeadlockCheck(false))
+			on := run()
+			t.Logf("without short deadlock checks %+v; defaults %+v", off, on)
+			if on.err != "" || off.err != "" || on.runs != 2 || off.runs != 2 {
+				t.Errorf("errors or attempts differ")
+			}
+			if on.in != tc.wantIn || on.after != tc.wantAfter || on.after != off.after {
+				t.Errorf("defaults: in the replay %q (want %q), after %q (want %q; without short deadlock checks %q)", on.in, tc.wantIn, on.after, tc.wantAfter, off.after)
+			}
+		})
+	}
+	t.Run("a role that may not: no error, no extra attempt, the db stops asking", func(t *testing.T) {
+		ctx := a12Ctx(t, 15*time.Second)
+		tr := &a12Tracer{}
+		db := open(t, "a12plain", tr)
+		for i := range 4 {
+			var dt string
+			runs, err := a12Replay(ctx, db, func(ctx context.Context, tx *sql.Tx) error {
+				dt = show(ctx, tx)
+				return nil
+			})
+			if err != nil || runs != 2 || dt != "1s" {
+				t.Fatalf("call %d: err %v runs %d deadlock_timeout %s", i, err, runs, dt)
+			}
+		}
+		if n := a12Count(tr.seen(), "deadlock_timeout'"); n > 1 {
+			t.Errorf("the check ran %d times in 4 replays; want at most 1", n)
+		}
+	})
+	t.Run("a grant revoked while the db runs", func(t *testing.T) {
+		ctx := a12Ctx(t, 15*time.Second)
+		db := open(t, "a12rev", nil)
+		var got []string
+		for i := range 4 {
+			if i == 2 {
+				mustExec(t, admin, "REVOKE SET ON PARAMETER deadlock_timeout FROM a12rev")
+			}
+			var dt string
+			runs, err := a12Replay(ctx, db, func(ctx context.Context, tx *sql.Tx) error {
+				dt = show(ctx, tx)
+				_, err := tx.ExecContext(ctx, "UPDATE a12s SET n = n + 1 WHERE id = 1")
+				return err
+			})
+			if err != nil || runs != 2 {
+				t.Fatalf("call %d: err %v runs %d", i, err, runs)
+			}
+			got = append(got, dt)
+			if a := show(ctx, db); a != "1s" {
+				t.Errorf("call %d: after %q", i, a)
+			}
+		}
+		t.Logf("the replays' deadlock_timeout: %v", got)
+		if got[0] != "20ms" || got[2] != "1s" || got[3] != "1s" {
+			t.Errorf("replays saw %v; want 20ms before the revoke and 1s after", got)
+		}
+	})
+}
