@@ -6,6 +6,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/sqlretry/sqlretry"
+	"github.com/sqlretry/sqlretry/integration/dbserver"
 )
 
 // a12Tracer records every statement text the driver sends.
@@ -24,11 +26,14 @@ type a12Tracer struct {
 	mu      sync.Mutex
 	queries []string
 	onStart func(ctx context.Context, sql string)
+	onEnd   func(sql string)
+	last    string
 }
 
 func (tr *a12Tracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
 	tr.mu.Lock()
 	tr.queries = append(tr.queries, d.SQL)
+	tr.last = d.SQL
 	f := tr.onStart
 	tr.mu.Unlock()
 	if f != nil {
@@ -37,7 +42,14 @@ func (tr *a12Tracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.Tra
 	return ctx
 }
 
-func (tr *a12Tracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+func (tr *a12Tracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {
+	tr.mu.Lock()
+	f, q := tr.onEnd, tr.last
+	tr.mu.Unlock()
+	if f != nil {
+		f(q)
+	}
+}
 
 func (tr *a12Tracer) seen() []string {
 	tr.mu.Lock()
@@ -575,4 +587,216 @@ func TestAttack12Settings(t *testing.T) {
 			t.Errorf("replays saw %v; want 20ms before the revoke and 1s after", got)
 		}
 	})
+}
+
+// The caller's context ends exactly while the replay's extra statement
+// runs (or right after it, before the closure): RunInTx returns the
+// context's error, the closure does not run again, nothing is committed,
+// and the pool's session keeps its deadlock_timeout.
+func TestAttack12CancelDuringTheExtraStatement(t *testing.T) {
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	tbl := table(t, setup, "a12cancel")
+	mustExec(t, setup, "CREATE TABLE "+tbl+" (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO "+tbl+" VALUES (1, 0)")
+	for _, when := range []string{"start", "end"} {
+		t.Run(when, func(t *testing.T) {
+			tr := &a12Tracer{}
+			db := a12Open(t, d, 1, tr)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			var fired atomic.Bool
+			hook := func(q string) {
+				if strings.Contains(q, "has_parameter_privilege") && fired.CompareAndSwap(false, true) {
+					cancel()
+				}
+			}
+			if when == "start" {
+				tr.onStart = func(_ context.Context, q string) { hook(q) }
+			} else {
+				tr.onEnd = hook
+			}
+			runs, err := a12Replay(ctx, db, func(ctx context.Context, tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1")
+				return err
+			})
+			t.Logf("fired %v runs %d err %v", fired.Load(), runs, err)
+			if !fired.Load() {
+				t.Fatal("the extra statement never ran")
+			}
+			if !errors.Is(err, context.Canceled) {
+				t.Errorf("err %v, want context.Canceled", err)
+			}
+			// Ended during the statement: the closure does not run again;
+			// right after it: the replay's closure runs, as after a BEGIN
+			// whose context then ended, and its statements fail.
+			if want := map[string]int{"start": 1, "end": 2}[when]; runs != want {
+				t.Errorf("the closure ran %d times, want %d", runs, want)
+			}
+			c2 := a12Ctx(t, 5*time.Second)
+			var n int
+			if err := setup.QueryRowContext(c2, "SELECT n FROM "+tbl+" WHERE id = 1").Scan(&n); err != nil || n != 0 {
+				t.Errorf("n = %d (%v), want 0", n, err)
+			}
+			var dt string
+			if err := db.QueryRowContext(c2, "SHOW deadlock_timeout").Scan(&dt); err != nil || dt != "1s" {
+				t.Errorf("the pool's session after: %q (%v)", dt, err)
+			}
+		})
+	}
+}
+
+// A closure that panics in its replay: the panic reaches the caller
+// unchanged, nothing is committed, the session keeps its setting.
+func TestAttack12PanicInTheReplay(t *testing.T) {
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	tbl := table(t, setup, "a12panic")
+	mustExec(t, setup, "CREATE TABLE "+tbl+" (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO "+tbl+" VALUES (1, 0)")
+	db := a12Open(t, d, 1, nil)
+	ctx := a12Ctx(t, 10*time.Second)
+	var got any
+	var dtIn string
+	func() {
+		defer func() { got = recover() }()
+		a12Replay(ctx, db, func(ctx context.Context, tx *sql.Tx) error {
+			if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&dtIn); err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 1 WHERE id = 1"); err != nil {
+				return err
+			}
+			panic("attack12 boom")
+		})
+	}()
+	if got != "attack12 boom" {
+		t.Fatalf("recovered %v", got)
+	}
+	var n int
+	var dt string
+	if err := setup.QueryRowContext(ctx, "SELECT n FROM "+tbl+" WHERE id = 1").Scan(&n); err != nil || n != 0 {
+		t.Errorf("n = %d (%v), want 0", n, err)
+	}
+	if err := db.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&dt); err != nil || dt != "1s" {
+		t.Errorf("after the panic the session's deadlock_timeout %q (%v), want 1s", dt, err)
+	}
+	t.Logf("in the replay %s, after %s", dtIn, dt)
+}
+
+// Behind PgBouncer in transaction mode: sqlretry replays set their
+// deadlock_timeout on shared server sessions while a plain client keeps
+// asking SHOW deadlock_timeout through the same pooler; it must always see
+// the server's 1s, and no call may fail.
+func TestAttack12PgBouncerNoLeak(t *testing.T) {
+	if dbserver.PgBouncerBinary() == "" {
+		unavailable(t, "no pgbouncer binary")
+	}
+	srv := ownServer(t, "pgx")
+	bouncer, err := dbserver.StartPgBouncer(dsnPort(t, srv.DSN))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(bouncer.Stop)
+	admin := a12Plain(t, srv.DSN)
+	mustExec(t, admin, "CREATE TABLE a12b (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO a12b SELECT g, 0 FROM generate_series(1, 10) g")
+	for _, mode := range []string{"exec", "simple_protocol"} {
+		t.Run(mode, func(t *testing.T) {
+			through := bouncer.DSN + "&default_query_exec_mode=" + mode
+			db := a12Open(t, through, 6, nil)
+			other := a12Plain(t, through)
+			other.SetMaxOpenConns(6)
+			ctx := a12Ctx(t, 20*time.Second)
+			stop := time.Now().Add(2 * time.Second)
+			var wg sync.WaitGroup
+			var short, calls, leaks, checks atomic.Int64
+			var firstErr atomic.Value
+			fail := func(err error) { firstErr.CompareAndSwap(nil, err.Error()) }
+			for range 6 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for time.Now().Before(stop) {
+						runs, err := a12Replay(ctx, db, func(ctx context.Context, tx *sql.Tx) error {
+							var s string
+							if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&s); err != nil {
+								return err
+							}
+							if s != "1s" {
+								short.Add(1)
+							}
+							_, err := tx.ExecContext(ctx, "UPDATE a12b SET n = n + 1 WHERE id = 5")
+							return err
+						})
+						if err != nil {
+							fail(fmt.Errorf("runs %d: %w", runs, err))
+							return
+						}
+						calls.Add(1)
+					}
+				}()
+			}
+			for range 4 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for time.Now().Before(stop) {
+						var s string
+						if err := other.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&s); err != nil {
+							fail(err)
+							return
+						}
+						checks.Add(1)
+						if s != "1s" {
+							leaks.Add(1)
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			t.Logf("%d calls, %d replays with a short check, %d checks by the plain client, %d saw a short deadlock_timeout", calls.Load(), short.Load(), checks.Load(), leaks.Load())
+			if e := firstErr.Load(); e != nil {
+				t.Fatalf("error: %v", e)
+			}
+			if leaks.Load() != 0 {
+				t.Errorf("the plain client saw a short deadlock_timeout %d times", leaks.Load())
+			}
+			if short.Load() == 0 {
+				t.Errorf("no replay had a short check: the test proved nothing")
+			}
+		})
+	}
+}
+
+// A schema ahead of pg_catalog with functions named like the ones the
+// extra statement calls: none of them may run.
+func TestAttack12SearchPathShadows(t *testing.T) {
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	schema := fmt.Sprintf("a12evil_%d", time.Now().UnixNano()%1000000)
+	t.Cleanup(func() { setup.Exec("DROP SCHEMA IF EXISTS " + schema + " CASCADE") })
+	mustExec(t, setup, "CREATE SCHEMA "+schema, "CREATE TABLE "+schema+".calls (f text)")
+	for _, f := range []string{
+		"set_config(a text, b text, c boolean) RETURNS text",
+		"has_parameter_privilege(a text, b text) RETURNS boolean",
+		"current_setting(a text) RETURNS text",
+		"extract(a text, b interval) RETURNS numeric",
+		"date_part(a text, b interval) RETURNS double precision",
+	} {
+		name := f[:strings.Index(f, "(")]
+		mustExec(t, setup, "CREATE FUNCTION "+schema+"."+f+" LANGUAGE plpgsql AS $$BEGIN INSERT INTO "+schema+".calls VALUES ('"+name+"'); RAISE EXCEPTION 'attack12: shadow % called', '"+name+"'; END$$")
+	}
+	db := a12Open(t, d, 1, nil)
+	ctx := a12Ctx(t, 10*time.Second)
+	mustExec(t, db, "SET search_path = "+schema+", pg_catalog, public")
+	var dt string
+	runs, err := a12Replay(ctx, db, func(ctx context.Context, tx *sql.Tx) error {
+		return tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&dt)
+	})
+	var calls int
+	if err := setup.QueryRowContext(ctx, "SELECT count(*) FROM "+schema+".calls").Scan(&calls); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("runs %d err %v deadlock_timeout %s shadow calls %d", runs, err, dt, calls)
+	if err != nil || runs != 2 || dt != "20ms" {
+		t.Errorf("err %v runs %d deadlock_timeout %s", err, runs, dt)
+	}
 }
