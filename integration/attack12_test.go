@@ -977,3 +977,47 @@ func TestAttack12HotSpotVariants(t *testing.T) {
 		t.Run(v.name, func(t *testing.T) { a12HotSpot(t, v.o...) })
 	}
 }
+
+// Read-only transactions: on the primary with sql.TxOptions{ReadOnly} (and
+// SERIALIZABLE), and on a hot standby, a replay gets its short check and
+// no error; the standby session keeps its setting after.
+func TestAttack12ReadOnlyAndStandby(t *testing.T) {
+	pair, err := dbserver.StartPostgresSyncPair()
+	if err != nil {
+		unavailable(t, err.Error())
+	}
+	t.Cleanup(pair.Stop)
+	for _, tc := range []struct {
+		name, dsn string
+		opts      *sql.TxOptions
+	}{
+		{"primary, read only", pair.Primary.DSN, &sql.TxOptions{ReadOnly: true}},
+		{"primary, serializable read only", pair.Primary.DSN, &sql.TxOptions{ReadOnly: true, Isolation: sql.LevelSerializable}},
+		{"standby, read only", pair.StandbyDSN, &sql.TxOptions{ReadOnly: true}},
+		{"standby, default options", pair.StandbyDSN, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := a12Ctx(t, 15*time.Second)
+			db := a12Open(t, tc.dsn, 1, nil)
+			runs := 0
+			var dt, ro string
+			err := sqlretry.RunInTx(ctx, db, tc.opts, func(ctx context.Context, tx *sql.Tx) error {
+				if runs++; runs == 1 {
+					return a12Fake(ctx, tx, "40001")
+				}
+				if err := tx.QueryRowContext(ctx, "SHOW transaction_read_only").Scan(&ro); err != nil {
+					return err
+				}
+				return tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&dt)
+			})
+			var after string
+			if err2 := db.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&after); err2 != nil {
+				t.Fatal(err2)
+			}
+			t.Logf("err %v runs %d read only %s deadlock_timeout %s after %s", err, runs, ro, dt, after)
+			if err != nil || runs != 2 || ro != "on" || dt != "20ms" || after != "1s" {
+				t.Errorf("err %v runs %d read only %s deadlock_timeout %s after %s", err, runs, ro, dt, after)
+			}
+		})
+	}
+}
