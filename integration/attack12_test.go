@@ -673,6 +673,13 @@ func TestAttack12CancelDuringTheExtraStatement(t *testing.T) {
 			if err := db.QueryRowContext(c2, "SHOW deadlock_timeout").Scan(&dt); err != nil || dt != "1s" {
 				t.Errorf("the pool's session after: %q (%v)", dt, err)
 			}
+			// The db keeps asking: one ended statement is no refusal.
+			var again string
+			if _, err := a12Replay(c2, db, func(ctx context.Context, tx *sql.Tx) error {
+				return tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&again)
+			}); err != nil || again != "20ms" {
+				t.Errorf("the next replay: deadlock_timeout %q (%v), want 20ms", again, err)
+			}
 		})
 	}
 }
@@ -1019,5 +1026,73 @@ func TestAttack12ReadOnlyAndStandby(t *testing.T) {
 				t.Errorf("err %v runs %d read only %s deadlock_timeout %s after %s", err, runs, ro, dt, after)
 			}
 		})
+	}
+}
+
+// A replay with its short check waits for a row another session holds for
+// 300 ms (no cycle) inside a PL/pgSQL function that catches everything
+// (WHEN OTHERS): the wait is not ended, the function does its work, the
+// call commits in one replay; under a session statement_timeout of 150 ms
+// the wait ends with the same 57014 the plain driver gets.
+func TestAttack12LongWaitIsNotEnded(t *testing.T) {
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	tbl := table(t, setup, "a12wait")
+	fn := tbl + "_fn"
+	t.Cleanup(func() { setup.Exec("DROP FUNCTION IF EXISTS " + fn + "()") })
+	mustExec(t, setup, "CREATE TABLE "+tbl+" (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO "+tbl+" VALUES (1, 0)",
+		`CREATE FUNCTION `+fn+`() RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+	BEGIN
+		UPDATE `+tbl+` SET n = n + 1 WHERE id = 1;
+		RETURN 'done:' || current_setting('deadlock_timeout');
+	EXCEPTION WHEN OTHERS THEN
+		RETURN 'caught ' || SQLSTATE;
+	END;
+END$$`)
+	type res struct {
+		said, code string
+		runs       int
+		took       time.Duration
+	}
+	run := func(session string, o ...sqlretry.Option) res {
+		db := a12Open(t, d, 1, nil, o...)
+		ctx := a12Ctx(t, 10*time.Second)
+		if session != "" {
+			mustExec(t, db, session)
+		}
+		holder := a12Plain(t, d)
+		htx, err := holder.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer htx.Rollback()
+		if _, err := htx.ExecContext(ctx, "UPDATE "+tbl+" SET n = n + 100 WHERE id = 1"); err != nil {
+			t.Fatal(err)
+		}
+		var r res
+		var start time.Time
+		r.runs, err = a12Replay(ctx, db, func(ctx context.Context, tx *sql.Tx) error {
+			start = time.Now()
+			time.AfterFunc(300*time.Millisecond, func() { htx.Rollback() })
+			return tx.QueryRowContext(ctx, "SELECT "+fn+"()").Scan(&r.said)
+		})
+		r.took = time.Since(start).Round(10 * time.Millisecond)
+		r.code = sqlretry.ErrorCode(err)
+		if err != nil && r.code == "" {
+			r.code = err.Error()
+		}
+		return r
+	}
+	for _, session := range []string{"", "SET statement_timeout = '150ms'"} {
+		off := run(session, sqlretry.WithShortDeadlockCheck(false))
+		on := run(session)
+		t.Logf("%q: without short deadlock checks %+v, defaults %+v", session, off, on)
+		if session == "" && on.said != "done:20ms" {
+			t.Errorf("the replay had no short check (%q): the test proves nothing", on.said)
+		}
+		if strings.SplitN(on.said, ":", 2)[0] != strings.SplitN(off.said, ":", 2)[0] || on.code != off.code || on.runs != off.runs {
+			t.Errorf("%q: defaults %+v differ from %+v", session, on, off)
+		}
 	}
 }
