@@ -1096,3 +1096,68 @@ END$$`)
 		}
 	}
 }
+
+// A closure whose nested RunInTx commits an audit row on another pooled
+// connection (the README: such an attempt is never replayed) and whose
+// outer transaction then starts with SET TRANSACTION ISOLATION LEVEL. With
+// the plain driver's statements (short deadlock checks off) the SET is
+// first and the call commits once. With the defaults, a new call right
+// after another call met a deadlock gets the extra statement first, the
+// SET fails with 25001, and the README's "runs again at once without it"
+// either runs the nested audit again (a doubled write) or, refusing to,
+// returns an error the plain driver would not have raised.
+func TestAttack12NestedCommitThenSetTransaction(t *testing.T) {
+	if os.Getenv("ATTACK12_DEFECTS") == "" {
+		t.Skip("defect (set ATTACK12_DEFECTS=1): after a deadlock, a closure whose nested RunInTx committed gets 25001 from its SET TRANSACTION, surfaced")
+	}
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	tbl := table(t, setup, "a12audit")
+	mustExec(t, setup, "CREATE TABLE "+tbl+" (id serial PRIMARY KEY, tag text NOT NULL)")
+	run := func(name string, o ...sqlretry.Option) (string, int, int) {
+		db := a12Open(t, d, 3, nil, o...)
+		ctx := a12Ctx(t, 10*time.Second)
+		k := 0
+		if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			if k++; k == 1 {
+				return a12Fake(ctx, tx, "40P01")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		runs := 0
+		err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, atx *sql.Tx) error {
+				_, err := atx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ($1)", name)
+				return err
+			}); err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"); err != nil {
+				return err
+			}
+			var one int
+			return tx.QueryRowContext(ctx, "SELECT 1").Scan(&one)
+		})
+		var n int
+		if err := setup.QueryRowContext(ctx, "SELECT count(*) FROM "+tbl+" WHERE tag = $1", name).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		e := ""
+		if err != nil {
+			e = err.Error()
+		}
+		return e, runs, n
+	}
+	offErr, offRuns, offRows := run("off", sqlretry.WithShortDeadlockCheck(false))
+	onErr, onRuns, onRows := run("on")
+	t.Logf("without short deadlock checks: err %q runs %d audit rows %d; defaults: err %q runs %d audit rows %d", offErr, offRuns, offRows, onErr, onRuns, onRows)
+	if offErr != "" || offRows != 1 {
+		t.Fatalf("the plain shape failed")
+	}
+	if onErr != "" || onRows != 1 {
+		t.Errorf("defaults: err %q, audit rows %d; want no error and 1 row as without short deadlock checks", onErr, onRows)
+	}
+}
