@@ -1114,12 +1114,15 @@ func TestAttack12NestedCommitThenSetTransaction(t *testing.T) {
 	setup := a12Plain(t, d)
 	tbl := table(t, setup, "a12audit")
 	mustExec(t, setup, "CREATE TABLE "+tbl+" (id serial PRIMARY KEY, tag text NOT NULL)")
-	run := func(name string, o ...sqlretry.Option) (string, int, int) {
+	run := func(name string, replay bool, o ...sqlretry.Option) (string, int, int) {
 		db := a12Open(t, d, 3, nil, o...)
 		ctx := a12Ctx(t, 10*time.Second)
 		k := 0
+		if !replay {
+			k = 1 // the warm-up call's first attempt meets the deadlock
+		}
 		if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
-			if k++; k == 1 {
+			if k++; k == 2 {
 				return a12Fake(ctx, tx, "40P01")
 			}
 			return nil
@@ -1129,6 +1132,9 @@ func TestAttack12NestedCommitThenSetTransaction(t *testing.T) {
 		runs := 0
 		err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
 			runs++
+			if replay && runs == 1 {
+				return a12Fake(ctx, tx, "40001") // nothing committed yet: replayed
+			}
 			if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, atx *sql.Tx) error {
 				_, err := atx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ($1)", name)
 				return err
@@ -1151,13 +1157,16 @@ func TestAttack12NestedCommitThenSetTransaction(t *testing.T) {
 		}
 		return e, runs, n
 	}
-	offErr, offRuns, offRows := run("off", sqlretry.WithShortDeadlockCheck(false))
-	onErr, onRuns, onRows := run("on")
-	t.Logf("without short deadlock checks: err %q runs %d audit rows %d; defaults: err %q runs %d audit rows %d", offErr, offRuns, offRows, onErr, onRuns, onRows)
-	if offErr != "" || offRows != 1 {
-		t.Fatalf("the plain shape failed")
-	}
-	if onErr != "" || onRows != 1 {
-		t.Errorf("defaults: err %q, audit rows %d; want no error and 1 row as without short deadlock checks", onErr, onRows)
+	for _, replay := range []bool{false, true} {
+		name := map[bool]string{false: "new call after a deadlock", true: "replay"}[replay]
+		offErr, offRuns, offRows := run(name+" off", replay, sqlretry.WithShortDeadlockCheck(false))
+		onErr, onRuns, onRows := run(name+" on", replay)
+		t.Logf("%s: without short deadlock checks: err %q runs %d audit rows %d; defaults: err %q runs %d audit rows %d", name, offErr, offRuns, offRows, onErr, onRuns, onRows)
+		if offErr != "" || offRows != 1 {
+			t.Fatalf("the plain shape failed")
+		}
+		if onErr != "" || onRows != 1 {
+			t.Errorf("%s: defaults: err %q, audit rows %d; want no error and 1 row as without short deadlock checks", name, onErr, onRows)
+		}
 	}
 }
