@@ -1170,3 +1170,106 @@ func TestAttack12NestedCommitThenSetTransaction(t *testing.T) {
 		}
 	}
 }
+
+// PostgreSQL's explicit-locking idiom for REPEATABLE READ / SERIALIZABLE:
+// take the table lock as the transaction's first statement (LOCK takes no
+// snapshot), so that the snapshot, taken by the first query after it, sees
+// everything the previous lock holder committed. A replay's extra
+// statement takes the snapshot before the LOCK: the transaction that waits
+// for the lock then reads the state from before the holder's commit and,
+// under the lock, writes a duplicate sequence number (a doubled write the
+// plain driver serializes away).
+func TestAttack12LockFirstIdiomSeesStaleSnapshot(t *testing.T) {
+	if os.Getenv("ATTACK12_DEFECTS") == "" {
+		t.Skip("defect (set ATTACK12_DEFECTS=1): the replay's snapshot predates its LOCK TABLE; a duplicate sequence number is committed")
+	}
+	d := need(t, "pgx")
+	setup := a12Plain(t, d)
+	tbl := table(t, setup, "a12ledger")
+	mustExec(t, setup, "CREATE TABLE "+tbl+" (seq int NOT NULL, who text NOT NULL)")
+	next := func(ctx context.Context, tx *sql.Tx, who string) error {
+		if _, err := tx.ExecContext(ctx, "LOCK TABLE "+tbl+" IN EXCLUSIVE MODE"); err != nil {
+			return err
+		}
+		var max int
+		if err := tx.QueryRowContext(ctx, "SELECT coalesce(max(seq), 0) FROM "+tbl).Scan(&max); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (seq, who) VALUES ($1, $2)", max+1, who)
+		return err
+	}
+	run := func(name string, afterDeadlock bool, o ...sqlretry.Option) []string {
+		mustExec(t, setup, "DELETE FROM "+tbl)
+		ctx := a12Ctx(t, 10*time.Second)
+		db := a12Open(t, d, 1, nil, o...)
+		work := 2
+		if afterDeadlock {
+			work = 1
+			k := 0
+			if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				if k++; k == 1 {
+					return a12Fake(ctx, tx, "40P01")
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		holder := a12Plain(t, d)
+		mon := a12Plain(t, d)
+		htx, err := holder.BeginTx(ctx, &sql.TxOptions{Isolation: sql.LevelRepeatableRead})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer htx.Rollback()
+		if err := next(ctx, htx, "holder"); err != nil {
+			t.Fatal(err)
+		}
+		runs := 0
+		err = sqlretry.RunInTx(ctx, db, &sql.TxOptions{Isolation: sql.LevelRepeatableRead}, func(ctx context.Context, tx *sql.Tx) error {
+			if runs++; runs < work {
+				return a12Fake(ctx, tx, "40001")
+			}
+			if runs == work {
+				go func() { // the holder commits once we wait for its lock
+					for ctx.Err() == nil {
+						var waiting int
+						if mon.QueryRowContext(ctx, "SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND NOT granted", tbl).Scan(&waiting); waiting > 0 {
+							break
+						}
+						time.Sleep(5 * time.Millisecond)
+					}
+					htx.Commit()
+				}()
+			}
+			return next(ctx, tx, "sqlretry")
+		}, o...)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		rows, err := setup.QueryContext(ctx, "SELECT seq || ':' || who FROM "+tbl+" ORDER BY seq, who")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		var got []string
+		for rows.Next() {
+			var s string
+			rows.Scan(&s)
+			got = append(got, s)
+		}
+		return got
+	}
+	for _, after := range []bool{false, true} {
+		name := map[bool]string{false: "replay", true: "new call after a deadlock"}[after]
+		off := run(name+" off", after, sqlretry.WithShortDeadlockCheck(false))
+		on := run(name+" defaults", after)
+		t.Logf("%s: without short deadlock checks %v; defaults %v", name, off, on)
+		if fmt.Sprint(off) != "[1:holder 2:sqlretry]" {
+			t.Fatalf("the plain idiom: %v", off)
+		}
+		if fmt.Sprint(on) != fmt.Sprint(off) {
+			t.Errorf("%s: defaults committed %v; the plain driver's statements %v", name, on, off)
+		}
+	}
+}
