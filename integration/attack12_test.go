@@ -86,6 +86,8 @@ func a12Ctx(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
+// The mechanism the other attacks rely on: a replay's extra statement,
+// right after BEGIN, and its 20ms.
 func TestAttack12Probe(t *testing.T) {
 	d := need(t, "pgx")
 	tr := &a12Tracer{}
@@ -102,6 +104,9 @@ func TestAttack12Probe(t *testing.T) {
 	t.Logf("err %v runs %d dt %s", err, n.Load(), dt)
 	for _, q := range tr.seen() {
 		t.Logf("Q: %s", strings.ReplaceAll(q, "\n", " "))
+	}
+	if err != nil || n.Load() != 2 || dt != "20ms" || a12Count(tr.seen(), "has_parameter_privilege") != 1 {
+		t.Errorf("err %v runs %d deadlock_timeout %s", err, n.Load(), dt)
 	}
 }
 
