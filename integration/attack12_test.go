@@ -1188,6 +1188,17 @@ func TestAttack12LockFirstIdiomSeesStaleSnapshot(t *testing.T) {
 	if os.Getenv("ATTACK12_DEFECTS") == "" {
 		t.Skip("defect (set ATTACK12_DEFECTS=1): the replay's snapshot predates its LOCK TABLE; a duplicate sequence number is committed")
 	}
+	a12LockFirst(t, sql.LevelRepeatableRead)
+}
+
+// Under SERIALIZABLE the same shape holds: SSI sees the two transactions
+// overlap (the replay's snapshot predates the holder's commit) and aborts
+// one; its replay then commits the next number.
+func TestAttack12LockFirstIdiomSerializable(t *testing.T) {
+	a12LockFirst(t, sql.LevelSerializable)
+}
+
+func a12LockFirst(t *testing.T, iso sql.IsolationLevel) {
 	d := need(t, "pgx")
 	setup := a12Plain(t, d)
 	tbl := table(t, setup, "a12ledger")
@@ -1222,7 +1233,7 @@ func TestAttack12LockFirstIdiomSeesStaleSnapshot(t *testing.T) {
 		}
 		holder := a12Plain(t, d)
 		mon := a12Plain(t, d)
-		htx, err := holder.BeginTx(ctx, &sql.TxOptions{Isolation: sql.LevelRepeatableRead})
+		htx, err := holder.BeginTx(ctx, &sql.TxOptions{Isolation: iso})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1231,7 +1242,7 @@ func TestAttack12LockFirstIdiomSeesStaleSnapshot(t *testing.T) {
 			t.Fatal(err)
 		}
 		runs := 0
-		err = sqlretry.RunInTx(ctx, db, &sql.TxOptions{Isolation: sql.LevelRepeatableRead}, func(ctx context.Context, tx *sql.Tx) error {
+		err = sqlretry.RunInTx(ctx, db, &sql.TxOptions{Isolation: iso}, func(ctx context.Context, tx *sql.Tx) error {
 			if runs++; runs < work {
 				return a12Fake(ctx, tx, "40001")
 			}
