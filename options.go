@@ -159,19 +159,24 @@ func WithShortLockWait(on bool) Option {
 // WithShortDeadlockCheck turns RunInTx's short deadlock checks on (the
 // default) or off. On PostgreSQL, which looks for a deadlock only after
 // deadlock_timeout (1 s by default), an attempt that replays a conflict,
-// and any attempt while the db met deadlocks in the last 2 s, sets its
-// transaction's deadlock_timeout (SET LOCAL, one statement after BEGIN)
-// to the bound WithShortLockWait describes: a deadlock it takes part in is
-// then found after that bound instead of a second. Unlike a lock timeout
-// it ends no wait that is not a deadlock, and a deadlock ends the same way
-// whenever it is found, so nothing on the server can tell (beyond
-// log_lock_waits, which logs waits longer than deadlock_timeout). Only a
-// role that may set deadlock_timeout gets them: a superuser, or one
-// granted SET ON PARAMETER deadlock_timeout (PostgreSQL 15 and later);
-// for any other role, and on servers before PostgreSQL 15, the first such
-// attempt finds that out and the db stops asking. WithShortLockWait(true)
-// takes their place. It does nothing on MySQL. Given to one RunInTx call
-// on a db opened with them, false turns them off for that call.
+// and any attempt while the db met deadlocks in the last 2 s, runs SHOW
+// deadlock_timeout right after BEGIN and, when it is longer than the bound
+// WithShortLockWait describes, SET LOCAL deadlock_timeout to it (utility
+// statements: they take no snapshot). A deadlock the transaction takes
+// part in is then found after that bound instead of a second; no wait
+// that is not a deadlock ends. The transaction becomes the cycle's victim
+// where the plain driver might have made the other one it, so a PL/pgSQL
+// EXCEPTION WHEN deadlock_detected handler on the server would take its
+// branch in it: where such handlers exist, turn them off. A 40P01 under
+// the bound that the closure handles itself is never committed: the
+// attempt is replayed with the server's deadlock_timeout. Only a role that
+// may set deadlock_timeout gets them (a superuser, or GRANT SET ON
+// PARAMETER deadlock_timeout, PostgreSQL 15 and later); for any other
+// role the first such attempt is refused (42501), runs again at once
+// without it, and the db stops asking. WithShortLockWait(true) takes
+// their place. It does nothing on MySQL. Given to one RunInTx call on a
+// db opened with them, false turns them off for that call. See the
+// README.
 func WithShortDeadlockCheck(on bool) Option {
 	return func(c *config) error {
 		c.shortDeadlock = on

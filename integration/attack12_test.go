@@ -105,7 +105,7 @@ func TestAttack12Probe(t *testing.T) {
 	for _, q := range tr.seen() {
 		t.Logf("Q: %s", strings.ReplaceAll(q, "\n", " "))
 	}
-	if err != nil || n.Load() != 2 || dt != "20ms" || a12Count(tr.seen(), "has_parameter_privilege") != 1 {
+	if err != nil || n.Load() != 2 || dt != "20ms" || a12Count(tr.seen(), "SET LOCAL deadlock_timeout") != 1 {
 		t.Errorf("err %v runs %d deadlock_timeout %s", err, n.Load(), dt)
 	}
 }
@@ -147,9 +147,6 @@ func a12FirstStatement(t *testing.T, db *sql.DB, opts *sql.TxOptions, first stri
 // a row another session committed after BEGIN but before the closure's
 // first query is visible with the plain driver and not with the defaults.
 func TestAttack12SnapshotTakenEarly(t *testing.T) {
-	if os.Getenv("ATTACK12_DEFECTS") == "" {
-		t.Skip("defect (set ATTACK12_DEFECTS=1): the replay's snapshot is taken by the extra statement, before the closure's first query")
-	}
 	d := need(t, "pgx")
 	setup := a12Plain(t, d)
 	tbl := table(t, setup, "a12snap")
@@ -440,9 +437,6 @@ END$$`)
 // its row-2 work as "busy". sqlretry sees that 40P01 pass: is it treated
 // like the bound's own lock timeout (never final, replayed)?
 func TestAttack12ClosureCatchesItsDeadlockWithSavepoint(t *testing.T) {
-	if os.Getenv("ATTACK12_DEFECTS") == "" {
-		t.Skip("defect (set ATTACK12_DEFECTS=1): the replay becomes the deadlock's victim and the closure's savepoint handler commits its busy branch")
-	}
 	d := need(t, "pgx")
 	setup := a12Plain(t, d)
 	tbl := table(t, setup, "a12victimsp")
@@ -643,7 +637,7 @@ func TestAttack12CancelDuringTheExtraStatement(t *testing.T) {
 			defer cancel()
 			var fired atomic.Bool
 			hook := func(q string) {
-				if strings.Contains(q, "has_parameter_privilege") && fired.CompareAndSwap(false, true) {
+				if strings.HasPrefix(q, "SET LOCAL deadlock_timeout") && fired.CompareAndSwap(false, true) {
 					cancel()
 				}
 			}
@@ -1112,9 +1106,6 @@ END$$`)
 // either runs the nested audit again (a doubled write) or, refusing to,
 // returns an error the plain driver would not have raised.
 func TestAttack12NestedCommitThenSetTransaction(t *testing.T) {
-	if os.Getenv("ATTACK12_DEFECTS") == "" {
-		t.Skip("defect (set ATTACK12_DEFECTS=1): after a deadlock, a closure whose nested RunInTx committed gets 25001 from its SET TRANSACTION, surfaced")
-	}
 	d := need(t, "pgx")
 	setup := a12Plain(t, d)
 	tbl := table(t, setup, "a12audit")
@@ -1185,9 +1176,6 @@ func TestAttack12NestedCommitThenSetTransaction(t *testing.T) {
 // under the lock, writes a duplicate sequence number (a doubled write the
 // plain driver serializes away).
 func TestAttack12LockFirstIdiomSeesStaleSnapshot(t *testing.T) {
-	if os.Getenv("ATTACK12_DEFECTS") == "" {
-		t.Skip("defect (set ATTACK12_DEFECTS=1): the replay's snapshot predates its LOCK TABLE; a duplicate sequence number is committed")
-	}
 	a12LockFirst(t, sql.LevelRepeatableRead)
 }
 
