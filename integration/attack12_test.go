@@ -121,27 +121,6 @@ func a12Plain(t *testing.T, d string) *sql.DB {
 	return db
 }
 
-// a12FirstStatement runs a RunInTx whose first attempt fails with a fake
-// serialization failure and whose replay runs first as its first
-// statement, then a read; it returns RunInTx's error and the runs.
-func a12FirstStatement(t *testing.T, db *sql.DB, opts *sql.TxOptions, first string, ro ...sqlretry.Option) (error, int) {
-	t.Helper()
-	ctx := a12Ctx(t, 10*time.Second)
-	runs := 0
-	err := sqlretry.RunInTx(ctx, db, opts, func(ctx context.Context, tx *sql.Tx) error {
-		runs++
-		if _, err := tx.ExecContext(ctx, first); err != nil {
-			return err
-		}
-		if runs == 1 {
-			return a12Fake(ctx, tx, "40001")
-		}
-		var one int
-		return tx.QueryRowContext(ctx, "SELECT 1").Scan(&one)
-	}, ro...)
-	return err, runs
-}
-
 // REPEATABLE READ takes its snapshot at the transaction's first query. A
 // replay's extra statement takes it before the closure's first statement:
 // a row another session committed after BEGIN but before the closure's
@@ -281,6 +260,8 @@ func a12WaitLocked(ctx context.Context, mon *sql.DB, pid int) error {
 // equal deadlock_timeouts A, which waited first, finds the cycle first and
 // is its victim; B's function does its work. It returns what B's function
 // returned in B's committed attempt, B's runs, and A's error.
+//
+//lint:ignore ST1008 A's error is one of the results, not the call's
 func a12Victim(t *testing.T, d, tbl, fn string, savepoint bool, o ...sqlretry.Option) (said string, runs int, aErr error, n1 int) {
 	return a12VictimOf(t, d, tbl, fn, savepoint, false, o...)
 }
@@ -288,6 +269,8 @@ func a12Victim(t *testing.T, d, tbl, fn string, savepoint bool, o ...sqlretry.Op
 // a12VictimOf is a12Victim; with afterDeadlock, B's call is a new one
 // whose first attempt runs right after another call of the db met a
 // deadlock (no replay of its own).
+//
+//lint:ignore ST1008 A's error is one of the results, not the call's
 func a12VictimOf(t *testing.T, d, tbl, fn string, savepoint, afterDeadlock bool, o ...sqlretry.Option) (said string, runs int, aErr error, n1 int) {
 	t.Helper()
 	ctx := a12Ctx(t, 15*time.Second)
@@ -420,12 +403,12 @@ END$$`)
 	}
 	// Not only replays: a new call's first attempt right after another
 	// call of the db met a deadlock.
-	said, runs, aErr, n1 = a12VictimOf(t, d, tbl, fn, false, true, sqlretry.WithShortDeadlockCheck(false))
+	said, runs, aErr, _ = a12VictimOf(t, d, tbl, fn, false, true, sqlretry.WithShortDeadlockCheck(false))
 	t.Logf("after a deadlock, without short deadlock checks: B's function said %q, B ran %d times, A: %v", said, runs, aErr)
 	if said != "done" || sqlretry.ErrorCode(aErr) != "40P01" {
 		t.Fatalf("the plain timing: want B's function done and A the victim")
 	}
-	said, runs, aErr, n1 = a12VictimOf(t, d, tbl, fn, false, true)
+	said, runs, aErr, _ = a12VictimOf(t, d, tbl, fn, false, true)
 	t.Logf("after a deadlock, defaults: B's function said %q, B ran %d times, A: %v", said, runs, aErr)
 	if said != "done" {
 		t.Errorf("defaults, a new call after a deadlock: B's committed function said %q, want \"done\"", said)
