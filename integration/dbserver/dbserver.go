@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	_ "github.com/go-sql-driver/mysql" // the MariaDB readiness check
@@ -110,14 +111,34 @@ func StartLocal(kind Kind) (*Server, error) {
 	return nil, fmt.Errorf("dbserver: unknown kind %q", kind)
 }
 
+// freePort is a port free now that no server of this process was given
+// before: a server crashed on purpose leaves its port free during its
+// outage, and another test's server given that port would take the
+// restart's place (a CI rehearsal's MariaDB restart "came back" as another
+// test's server, which then stopped: connection refused).
 func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		portsMu.Lock()
+		seen := portsGiven[port]
+		portsGiven[port] = true
+		portsMu.Unlock()
+		if !seen {
+			return port, nil
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, errors.New("dbserver: no port free that was not given before")
 }
+
+var (
+	portsMu    sync.Mutex
+	portsGiven = map[int]bool{}
+)
 
 // asUser runs a server command as the given system user when we are root.
 func asUser(user string, name string, args ...string) *exec.Cmd {
@@ -266,7 +287,21 @@ func startMariaDB() (*Server, error) {
 			if err := start(); err != nil {
 				return err
 			}
-			return waitMariaDB(root, 60*time.Second)
+			if err := waitMariaDB(root, 60*time.Second); err != nil {
+				return err
+			}
+			// The server that answers must be this one (its data
+			// directory), not another that took the port during the outage.
+			db, _ := sql.Open("mysql", root)
+			defer db.Close()
+			var got string
+			if err := db.QueryRow("SELECT @@datadir").Scan(&got); err != nil {
+				return err
+			}
+			if filepath.Clean(got) != filepath.Clean(data) {
+				return fmt.Errorf("dbserver: the server on port %d after the restart is another one (datadir %s, want %s)", port, got, data)
+			}
+			return nil
 		},
 	}, nil
 }
