@@ -465,7 +465,7 @@ const (
 func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid int64) (walAnswer, string, error) {
 	vals, err := queryRow(ctx, dc, pgWALSizesQuery)
 	if err != nil || len(vals) < 2 {
-		if err != nil && !isPrivilegeError(err) {
+		if err != nil && ErrorCode(err) != "42501" {
 			return walUnread, "", err
 		}
 		return walUnread, fmt.Sprintf("WAL sizes not read: %v", err), nil
@@ -504,7 +504,7 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 	}
 	raws, names, err := read(segno, from, end)
 	if err != nil {
-		if !isPrivilegeError(err) {
+		if ErrorCode(err) != "42501" {
 			return walUnread, "", err
 		}
 		return walUnread, fmt.Sprintf("WAL segment %s not read: %v", names[0], err), nil
@@ -557,13 +557,6 @@ func pgRecordAt(ctx context.Context, dc driver.Conn, tlis []int64, m pgMark, xid
 		}
 	}
 	return ans, desc, nil
-}
-
-// isPrivilegeError says whether err is PostgreSQL's "permission denied"
-// (42501): the role may not read the WAL.
-func isPrivilegeError(err error) bool {
-	var pg interface{ SQLState() string }
-	return errors.As(err, &pg) && pg.SQLState() == "42501"
 }
 
 // walSizesPostgres says whether the sizes are PostgreSQL's own: a segment of a

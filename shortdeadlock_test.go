@@ -311,3 +311,18 @@ func TestShortDeadlockCheckOwnDeadlockHandledByTheClosure(t *testing.T) {
 }
 
 var errBusy = errors.New("busy, try later")
+
+// parsePgMillis reads what pgMillis writes (SHOW's units), and nothing
+// else.
+func TestParsePgMillis(t *testing.T) {
+	for _, ms := range []int64{0, 5, 20, 999, 1000, 1500, 60000, 90000, 3600000, 86400000, 172800000} {
+		if got, ok := parsePgMillis(pgMillis(ms)); !ok || got != ms {
+			t.Errorf("parsePgMillis(%q) = %d, %v; want %d", pgMillis(ms), got, ok, ms)
+		}
+	}
+	for _, s := range []string{"", "ms", "-5ms", "1.5s", "10us"} {
+		if got, ok := parsePgMillis(s); ok {
+			t.Errorf("parsePgMillis(%q) = %d, want no parse", s, got)
+		}
+	}
+}

@@ -277,37 +277,50 @@ func (e *shortWaitError) Unwrap() error { return e.err }
 
 // set runs the statement in the attempt's transaction, right after BEGIN.
 func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration) (own bool, err error) {
+	if s.deadlockMode {
+		return s.setDeadlock(ctx, sqlTx, d)
+	}
 	var setting string
 	var dt int64
 	ms := int64(d / time.Millisecond)
-	if s.deadlockMode {
-		var cur string
-		if err := sqlTx.QueryRowContext(ctx, shortDeadlockShow).Scan(&cur); err != nil {
-			return false, &shortWaitError{err: err}
-		}
-		dt, ok := parsePgMillis(cur)
-		if ok && dt > 0 && dt != s.deadlock.Load() {
-			s.deadlock.Store(dt)
-		}
-		ms := shortDeadlockMS(d)
-		if !ok || dt <= ms {
-			return false, nil // the session's is as short already (or unknown): the user's
-		}
-		if _, err := sqlTx.ExecContext(ctx, shortDeadlockSet(ms)); err != nil {
-			return false, &shortWaitError{err: err}
-		}
-		// own: a deadlock found in this transaction now may be one the
-		// plain driver would have left to another transaction of the
-		// cycle to find (txAttempt.ownBound).
-		return true, nil
-	}
 	if err := sqlTx.QueryRowContext(ctx, shortWaitQuery, ms).Scan(&setting, &dt); err != nil {
 		return false, &shortWaitError{err: err}
 	}
+	s.learn(dt)
+	return setting == pgMillis(ms), nil
+}
+
+// setDeadlock is set with short deadlock checks: SHOW, then SET LOCAL when
+// the session's deadlock_timeout is longer than the bound (else, or when
+// it does not parse, it is the user's: nothing is set, and not "own").
+// own: a deadlock found in this transaction now may be one the plain
+// driver would have left to another transaction of the cycle to find
+// (txAttempt.ownBound).
+func (s *shortWait) setDeadlock(ctx context.Context, sqlTx *sql.Tx, d time.Duration) (own bool, err error) {
+	var cur string
+	if err := sqlTx.QueryRowContext(ctx, shortDeadlockShow).Scan(&cur); err != nil {
+		return false, &shortWaitError{err: err}
+	}
+	dt, ok := parsePgMillis(cur)
+	if ok {
+		s.learn(dt)
+	}
+	ms := shortDeadlockMS(d)
+	if !ok || dt <= ms {
+		return false, nil
+	}
+	if _, err := sqlTx.ExecContext(ctx, shortDeadlockSet(ms)); err != nil {
+		return false, &shortWaitError{err: err}
+	}
+	return true, nil
+}
+
+// learn keeps the server's deadlock_timeout (ms) as a bounded attempt read
+// it.
+func (s *shortWait) learn(dt int64) {
 	if dt > 0 && dt != s.deadlock.Load() {
 		s.deadlock.Store(dt)
 	}
-	return setting == pgMillis(ms), nil
 }
 
 // pgMillis is ms as PostgreSQL shows a setting in milliseconds (what

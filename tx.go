@@ -77,7 +77,7 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if err == nil {
 		t.c.r.succeeded(ticket{})
 		if !t.wrote && (!isQuery || !t.c.isReadQuery(query) || markedNotIdempotent(ctx)) && !isShortWaitQuery(query) {
-			t.wrote = true // (the short lock wait's set_config writes nothing: shortwait.go)
+			t.wrote = true // (the short-wait statements write nothing: shortwait.go)
 		}
 		if (t.poison != nil || t.firstErr != nil) && isRollbackToSavepoint(query) {
 			t.poison, t.firstErr = nil, nil // the server accepted it: the transaction lives on
