@@ -633,6 +633,16 @@ func walLogicalMessage(rec []byte, room int, order binary.ByteOrder) (payload st
 		}
 	}
 	data := rec[24:tot]
+	// Before the main data: a replication origin (XLR_BLOCK_ID_ORIGIN, 2
+	// bytes) and, under wal_level=logical for a subtransaction's first
+	// record, its top-level id (XLR_BLOCK_ID_TOPLEVEL_XID, 4 bytes); a
+	// logical message has no block references.
+	if len(data) > 3 && data[0] == 253 {
+		data = data[3:]
+	}
+	if len(data) > 5 && data[0] == 252 {
+		data = data[5:]
+	}
 	var body []byte
 	switch data[0] {
 	case 255: // XLR_BLOCK_ID_DATA_SHORT

@@ -146,6 +146,41 @@ func walMessageRecord(xid uint32, payload string) []byte {
 	return append(rec, payload...)
 }
 
+// The same record as PostgreSQL writes it under wal_level=logical when the
+// message is the first record of a subtransaction whose top-level id was
+// assigned before (a savepoint open at COMMIT): a top-level-xid block
+// (XLR_BLOCK_ID_TOPLEVEL_XID) before the main data, and, with a
+// replication origin set, an origin block before that. A hostile
+// tester's crash restarts (attack13) got ErrAmbiguousCommit for such
+// commits: the record was not recognised.
+func TestWalRecordWithOriginAndTopLevelXID(t *testing.T) {
+	const blk = 8192
+	for _, c := range []struct {
+		name   string
+		blocks []byte
+	}{
+		{"top-level xid", []byte{252, 0xF4, 0x02, 0, 0}},
+		{"origin and top-level xid", []byte{253, 1, 0, 252, 0xF4, 0x02, 0, 0}},
+		{"origin", []byte{253, 1, 0}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			rec := walMessageRecord(759, "756")
+			rec = append(append(append([]byte(nil), rec[:24]...), c.blocks...), rec[24:]...)
+			binary.LittleEndian.PutUint32(rec[0:], uint32(len(rec)))
+			raw := make([]byte, 512)
+			aligned := (len(rec) + 7) &^ 7
+			copy(raw[512-aligned:], rec)
+			from := uint64(4096) // within a page: no header in the window
+			if a, what := walRecordEndingAt(nil, raw, from, blk, 756); a != walOurs {
+				t.Errorf("%s: %v, %s; want ours", c.name, a, what)
+			}
+			if a, what := walRecordEndingAt(nil, raw, from, blk, 757); a != walOther {
+				t.Errorf("%s, another id: %v, %s; want other", c.name, a, what)
+			}
+		})
+	}
+}
+
 // TestPgRecordAtSyntheticBoundaries: our message placed so that L
 // falls at every 8-aligned offset around page and segment boundaries
 // (segment 0 included, L < 512, L at a segment's start): pgRecordAt must
