@@ -105,10 +105,17 @@ var (
 	SqlretryNoShortDeadlock = Strategy{Name: "sqlretry-no-shortdeadlock", Wrapped: true, Run: workload.RunInTx,
 		Options: []sqlretry.Option{sqlretry.WithShortDeadlockCheck(false)}}
 
+	// SqlretryNoResolution is sqlretry without lost-COMMIT resolution
+	// (WithCommitResolution(false): no transaction-id question on
+	// PostgreSQL, no commit marker on MySQL/MariaDB), to measure its share
+	// of a workload's cost.
+	SqlretryNoResolution = Strategy{Name: "sqlretry-no-resolution", Wrapped: true, Run: workload.RunInTx,
+		Options: []sqlretry.Option{sqlretry.WithCommitResolution(false)}}
+
 	// Strategies are the strategies the chaos benchmark runs by default.
 	Strategies = []Strategy{Plain, Immediate, Backoff, Sqlretry}
 	// Extra are strategies to run by name only.
-	Extra = []Strategy{SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait, SqlretryShortWait, SqlretryNoShortDeadlock}
+	Extra = []Strategy{SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait, SqlretryShortWait, SqlretryNoShortDeadlock, SqlretryNoResolution}
 )
 
 // Scenario is a workload and the faults injected while it runs.
