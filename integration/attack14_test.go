@@ -61,44 +61,55 @@ func a14OutDir(t *testing.T) string {
 func TestAttack14MyOutfileRetriedAfterLockWait(t *testing.T) {
 	ctx := context.Background()
 	dir := a14OutDir(t)
-	for _, drv := range []string{"mysql", "sqlretry"} {
-		t.Run(drv, func(t *testing.T) {
-			var db *sql.DB
-			if drv == "mysql" {
-				db = atkPlain(t, "mysql")
-			} else {
-				db = atkOpenMy(t)
-			}
-			tbl := atkName("a14of")
-			atkMust(t, db, "CREATE TABLE "+tbl+" (id int primary key, v int) ENGINE=InnoDB", "INSERT INTO "+tbl+" VALUES (1, 1), (2, 2)")
-			done := a14HoldRow(t, "mysql", tbl, 2, 1500*time.Millisecond)
-			defer func() { <-done }()
-			conn, err := db.Conn(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			if _, err := conn.ExecContext(ctx, "SET SESSION innodb_lock_wait_timeout = 1"); err != nil {
-				t.Fatal(err)
-			}
-			out := filepath.Join(dir, tbl+".txt")
-			var st0 sqlretry.Stats
-			if drv == "sqlretry" {
-				st0, _ = sqlretry.StatsOf(db)
-			}
-			_, err = conn.ExecContext(ctx, "SELECT id, v FROM "+tbl+" ORDER BY id FOR UPDATE INTO OUTFILE '"+out+"'")
-			code := sqlretry.ErrorCode(err)
-			t.Logf("%s: err=%v (code %s)", drv, err, code)
-			if drv == "sqlretry" {
-				st1, _ := sqlretry.StatsOf(db)
-				if n := st1.RetriesStatement - st0.RetriesStatement; n != 0 {
-					t.Errorf("the INTO OUTFILE statement was re-run %d time(s) after its file was created: not an atomic statement", n)
+	for _, form := range []string{"OUTFILE", "DUMPFILE"} {
+		for _, drv := range []string{"mysql", "sqlretry"} {
+			t.Run(form+"/"+drv, func(t *testing.T) {
+				var db *sql.DB
+				if drv == "mysql" {
+					db = atkPlain(t, "mysql")
+				} else {
+					db = atkOpenMy(t)
 				}
-			}
-			if code != "1205" {
-				t.Errorf("got error code %q, want the lock-wait timeout 1205 the plain driver returns", code)
-			}
-		})
+				tbl := atkName("a14of")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (id int primary key, v int) ENGINE=InnoDB", "INSERT INTO "+tbl+" VALUES (1, 1), (2, 2)")
+				done := a14HoldRow(t, "mysql", tbl, 2, 1500*time.Millisecond)
+				defer func() { <-done }()
+				conn, err := db.Conn(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close()
+				if _, err := conn.ExecContext(ctx, "SET SESSION innodb_lock_wait_timeout = 1"); err != nil {
+					t.Fatal(err)
+				}
+				out := filepath.Join(dir, tbl+".txt")
+				q := "SELECT id, v FROM " + tbl + " ORDER BY id FOR UPDATE INTO OUTFILE '" + out + "'"
+				if form == "DUMPFILE" {
+					q = "SELECT v FROM " + tbl + " WHERE id = 2 FOR UPDATE INTO DUMPFILE '" + out + "'"
+				}
+				var st0 sqlretry.Stats
+				if drv == "sqlretry" {
+					st0, _ = sqlretry.StatsOf(db)
+				}
+				_, err = conn.ExecContext(ctx, q)
+				code := sqlretry.ErrorCode(err)
+				t.Logf("%s: err=%v (code %s)", drv, err, code)
+				if drv == "sqlretry" {
+					st1, _ := sqlretry.StatsOf(db)
+					n := int(st1.RetriesStatement - st0.RetriesStatement)
+					var se *sqlretry.Error
+					if errors.As(err, &se) && se.Attempts-1 > n {
+						n = se.Attempts - 1
+					}
+					if n != 0 {
+						t.Errorf("the INTO %s statement was re-run %d time(s) after its file was created: not an atomic statement", form, n)
+					}
+				}
+				if code != "1205" {
+					t.Errorf("got error code %q, want the lock-wait timeout 1205 the plain driver returns", code)
+				}
+			})
+		}
 	}
 }
 
