@@ -227,3 +227,68 @@ func TestAttack14MyMaxStatementTimeCommittedButError(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack14MySessionLimitsFailCommit: the same shape as
+// max_statement_time with two other MariaDB session limits that the plain
+// COMMIT is not subject to but the SELECT sqlretry sends before it ("asking
+// which server the session runs on before COMMIT") is: a session memory cap
+// (max_session_mem_used, once the transaction's work has taken the session
+// past it) and the join-size guard of --safe-updates style sessions
+// (sql_big_selects=0 with a small max_join_size). The plain driver commits
+// every transaction; through RunInTx every one fails, with an error about a
+// statement the caller never ran.
+func TestAttack14MySessionLimitsFailCommit(t *testing.T) {
+	ctx := context.Background()
+	for _, last := range []string{
+		"SET SESSION max_session_mem_used = 1000000",
+		"SET SESSION max_join_size = 10, sql_big_selects = 0",
+	} {
+		for _, drv := range []string{"mysql", "sqlretry"} {
+			t.Run(last+"/"+drv, func(t *testing.T) {
+				db, tbl := a14MaxStmtDB(t, drv)
+				const n = 10
+				failed := 0
+				var first error
+				for i := 0; i < n; i++ {
+					fn := func(ctx context.Context, tx *sql.Tx) error {
+						if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (v) VALUES (1)"); err != nil {
+							return err
+						}
+						_, err := tx.ExecContext(ctx, last)
+						return err
+					}
+					var err error
+					if drv == "mysql" {
+						tx, e := db.BeginTx(ctx, nil)
+						if e != nil {
+							t.Fatal(e)
+						}
+						if err = fn(ctx, tx); err == nil {
+							err = tx.Commit()
+						} else {
+							tx.Rollback()
+						}
+					} else {
+						err = sqlretry.RunInTx(ctx, db, nil, fn)
+					}
+					for _, r := range []string{"SET SESSION max_session_mem_used = DEFAULT", "SET SESSION max_join_size = DEFAULT", "SET SESSION sql_big_selects = 1"} {
+						if _, e := db.ExecContext(ctx, r); e != nil {
+							t.Fatal(e)
+						}
+					}
+					if err != nil {
+						failed++
+						if first == nil {
+							first = err
+						}
+					}
+				}
+				rows := atkCount(t, db, "SELECT count(*) FROM "+tbl)
+				t.Logf("%s: %d of %d failed, %d rows; first error: %v", drv, failed, n, rows, first)
+				if failed != 0 || rows != n {
+					t.Errorf("%d of %d transactions failed (%d rows committed); the plain driver commits them all", failed, n, rows)
+				}
+			})
+		}
+	}
+}
