@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -290,5 +291,67 @@ func TestAttack14MySessionLimitsFailCommit(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestAttack14MyPseudoThreadIDKillsBystander: on MariaDB CONNECTION_ID()
+// returns the session's pseudo_thread_id, which a session may set (SUPER,
+// or BINLOG REPLAY; mysqlbinlog output sets it in every event it replays).
+// sqlretry learns "its" session id with SELECT CONNECTION_ID() before
+// COMMIT, and after a lost COMMIT makes sure that session has ended before
+// it looks the marker up. When the closure set pseudo_thread_id to the id
+// of another client's session, that other session is the one sqlretry
+// ends: an innocent connection (here an idle one; it could be another
+// application's transaction in flight, or its COMMIT) is killed, while the
+// plain driver never touches other sessions. The control runs the same
+// transaction with a user variable in place of pseudo_thread_id.
+func TestAttack14MyPseudoThreadIDKillsBystander(t *testing.T) {
+	for _, set := range []string{"SET @a14_other = %d", "SET pseudo_thread_id = %d"} {
+		t.Run(strings.Fields(set)[1], func(t *testing.T) {
+			plain := atkPlain(t, "mysql")
+			tbl := atkName("a14pb")
+			atkMust(t, plain, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+			by, err := plain.Conn(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer by.Close()
+			var byID int64
+			if err := by.QueryRowContext(context.Background(), "SELECT CONNECTION_ID()").Scan(&byID); err != nil {
+				t.Fatal(err)
+			}
+			db := atkOpenMy(t)
+			tag := atkName("t")
+			calls := 0
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", tag); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, fmt.Sprintf(set, byID)); err != nil {
+					return err
+				}
+				if calls == 1 { // lose the reply of this attempt's COMMIT
+					atkMyCutter.mu.Lock()
+					atkMyCutter.needle, atkMyCutter.wait = []byte("COMMIT"), 300*time.Millisecond
+					atkMyCutter.mu.Unlock()
+				}
+				return nil
+			})
+			atkMyCutter.mu.Lock()
+			atkMyCutter.needle = nil
+			atkMyCutter.mu.Unlock()
+			rows := atkCount(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = '"+tag+"'")
+			alive := by.PingContext(context.Background())
+			t.Logf("calls=%d rows=%d err=%v; the other client's session %d: %v", calls, rows, err, byID, alive)
+			if err != nil || rows != 1 {
+				t.Errorf("the lost COMMIT was not resolved as committed: err=%v rows=%d", err, rows)
+			}
+			if alive != nil {
+				t.Errorf("another client's session (id %d) was killed by the resolution of this transaction's lost COMMIT: %v", byID, alive)
+			}
+		})
 	}
 }
