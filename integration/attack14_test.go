@@ -355,3 +355,60 @@ func TestAttack14MyPseudoThreadIDKillsBystander(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack14MyOutfileInRunInTxReplayed: the same file in a transaction.
+// INTO OUTFILE writes its file when it runs, not at COMMIT, and a rollback
+// leaves it. A closure that exports a report and then meets a lock-wait
+// timeout is replayed; the replay's INTO OUTFILE fails with 1086 and RunInTx
+// returns that permanent error, where the plain driver returns the 1205 of
+// the one attempt. (The README's list of things a replay cannot undo names
+// MyISAM and the like, not files the server writes.)
+func TestAttack14MyOutfileInRunInTxReplayed(t *testing.T) {
+	ctx := context.Background()
+	dir := a14OutDir(t)
+	for _, drv := range []string{"mysql", "sqlretry"} {
+		t.Run(drv, func(t *testing.T) {
+			var db *sql.DB
+			if drv == "mysql" {
+				db = atkPlain(t, "mysql")
+			} else {
+				db = atkOpenMy(t)
+			}
+			db.SetMaxOpenConns(1)
+			tbl := atkName("a14ot")
+			atkMust(t, db, "CREATE TABLE "+tbl+" (id int primary key, v int) ENGINE=InnoDB", "INSERT INTO "+tbl+" VALUES (1, 1), (2, 2)",
+				"SET SESSION innodb_lock_wait_timeout = 1")
+			done := a14HoldRow(t, "mysql", tbl, 2, 1500*time.Millisecond)
+			defer func() { <-done }()
+			out := filepath.Join(dir, tbl+".txt")
+			calls := 0
+			fn := func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				if _, err := tx.ExecContext(ctx, "SELECT id, v FROM "+tbl+" WHERE id = 1 INTO OUTFILE '"+out+"'"); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2")
+				return err
+			}
+			var err error
+			if drv == "mysql" {
+				tx, e := db.BeginTx(ctx, nil)
+				if e != nil {
+					t.Fatal(e)
+				}
+				if err = fn(ctx, tx); err == nil {
+					err = tx.Commit()
+				} else {
+					tx.Rollback()
+				}
+			} else {
+				err = sqlretry.RunInTx(ctx, db, nil, fn)
+			}
+			code := sqlretry.ErrorCode(err)
+			t.Logf("%s: calls=%d err=%v (code %s)", drv, calls, err, code)
+			if code != "1205" {
+				t.Errorf("got error code %q after %d run(s) of the closure, want the lock-wait timeout 1205 the plain driver returns", code, calls)
+			}
+		})
+	}
+}
