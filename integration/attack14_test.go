@@ -412,3 +412,67 @@ func TestAttack14MyOutfileInRunInTxReplayed(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack14UserRaisedConflictRunsThirtyTimes: a function (PostgreSQL) or
+// trigger (MariaDB) that raises a conflict code itself, as a business rule
+// ("try later": RAISE … USING ERRCODE = '40001', SIGNAL … SET MYSQL_ERRNO =
+// 1213), fails the same way every time. The plain driver returns it at once.
+// sqlretry takes it for a server rollback and runs the statement 30 times
+// over 10–14 s before it returns the same error, and the function's body
+// runs 30 times (here it counts its runs in a sequence, which no rollback
+// undoes); NotIdempotent(ctx), the README's mark for "a SELECT of a
+// function with side effects", does not stop it. The README returns a
+// code "your own function raised" at once for connection codes (57P01,
+// 1927) but not for these.
+func TestAttack14UserRaisedConflictRunsThirtyTimes(t *testing.T) {
+	ctx := sqlretry.NotIdempotent(context.Background())
+	t.Run("postgres", func(t *testing.T) {
+		plain := atkPlain(t, "pgx")
+		db := atkOpenPG(t, nil)
+		fn, seq := atkName("a14raise"), atkName("a14runs")
+		atkMust(t, plain, "CREATE SEQUENCE "+seq,
+			"CREATE FUNCTION "+fn+"() RETURNS int LANGUAGE plpgsql AS $$BEGIN PERFORM nextval('"+seq+"'); RAISE EXCEPTION 'not now, try later' USING ERRCODE = '40001'; END$$")
+		for _, d := range []struct {
+			name string
+			db   *sql.DB
+		}{{"pgx", plain}, {"sqlretry", db}} {
+			var before int64
+			plain.QueryRow("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM " + seq).Scan(&before)
+			start := time.Now()
+			_, err := d.db.ExecContext(ctx, "SELECT "+fn+"()")
+			var after int64
+			plain.QueryRow("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM " + seq).Scan(&after)
+			t.Logf("%s: %v, the function ran %d time(s): %v", d.name, time.Since(start).Round(time.Millisecond), after-before, err)
+			if sqlretry.ErrorCode(err) != "40001" {
+				t.Errorf("%s: want the function's 40001, got %v", d.name, err)
+			}
+			if after-before != 1 {
+				t.Errorf("%s: the function ran %d times for one call that failed the same way each time; the plain driver runs it once", d.name, after-before)
+			}
+		}
+	})
+	t.Run("mariadb", func(t *testing.T) {
+		plain := atkPlain(t, "mysql")
+		db := atkOpenMy(t)
+		tbl, trg := atkName("a14urm"), atkName("a14trg")
+		atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 1)",
+			"CREATE TRIGGER "+trg+" BEFORE UPDATE ON "+tbl+" FOR EACH ROW SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'not now, try later'")
+		for _, d := range []struct {
+			name string
+			db   *sql.DB
+		}{{"mysql", plain}, {"sqlretry", db}} {
+			start := time.Now()
+			_, err := d.db.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1")
+			el := time.Since(start)
+			attempts := 1
+			var se *sqlretry.Error
+			if errors.As(err, &se) {
+				attempts = se.Attempts
+			}
+			t.Logf("%s: %v, %d attempt(s): %v", d.name, el.Round(time.Millisecond), attempts, err)
+			if attempts != 1 {
+				t.Errorf("%s: the statement ran %d times (%v) for a trigger's SIGNAL that fails it every time; the plain driver returns it at once", d.name, attempts, el.Round(time.Millisecond))
+			}
+		}
+	})
+}
