@@ -180,6 +180,12 @@ func (s *stmt) add(d Dialect, t token, need uint8) {
 			if t.k == kOther && (s.pending == pendColon && t.s == "=" || s.pending == pendInto && t.s == "@") {
 				s.notRead, s.notAtomic = true, true
 			}
+			// INTO OUTFILE / DUMPFILE writes a file on the server, before
+			// any row is read, that a rollback of the statement leaves
+			// behind: a re-run fails with 1086, file exists (attack14).
+			if s.pending == pendInto && t.k == kWord && (strings.EqualFold(t.s, "OUTFILE") || strings.EqualFold(t.s, "DUMPFILE")) {
+				s.notRead, s.notAtomic = true, true
+			}
 		}
 		s.pending = 0
 	}
