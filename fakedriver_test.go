@@ -67,6 +67,7 @@ type step struct {
 // fakeServer is what the fake connections talk to: scripts per statement
 // (matched by prefix), and a log of what ran and what committed.
 type fakeServer struct {
+	refuseOwnPrefix bool // a MySQL: SET STATEMENT is a syntax error (mariaDBConn)
 	// pgAborts makes a transaction behave as on PostgreSQL: after an error
 	// every statement fails with 25P02 and COMMIT turns into a rollback.
 	pgAborts bool
@@ -359,6 +360,7 @@ func (c *fakeConn) apply(q string) {
 }
 
 func (c *fakeConn) ExecContext(ctx context.Context, q string, _ []driver.NamedValue) (driver.Result, error) {
+	q = fakeOwn(q)
 	if q == "ERRSKIP" {
 		return nil, driver.ErrSkip
 	}
@@ -372,6 +374,7 @@ func (c *fakeConn) ExecContext(ctx context.Context, q string, _ []driver.NamedVa
 }
 
 func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	q = fakeOwn(q)
 	if err := c.run(ctx, q); err != nil {
 		return nil, err
 	}
@@ -412,6 +415,8 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 	switch {
 	case q == "SELECT DATABASE()":
 		return &fakeRows{cols: []string{"DATABASE()"}, data: [][]driver.Value{{"test"}}}, nil
+	case q == "SELECT CONNECTION_ID()":
+		return &fakeRows{cols: []string{"ID"}, data: [][]driver.Value{{int64(1)}}}, nil // the first row of the default answer, as before
 	case strings.HasPrefix(q, "SELECT COUNT(*) FROM information_schema.TABLES"):
 		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{int64(1)}}}, nil
 	case strings.HasPrefix(q, "SELECT DATA_TYPE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS"):
@@ -765,3 +770,14 @@ func stats(t *testing.T, db *sql.DB) Stats {
 }
 
 func isBytes(v any) bool { _, ok := v.([]byte); return ok }
+
+// fakeOwn reads one of sqlretry's own MySQL statements as the fakes knew
+// them before SET STATEMENT (mysqlOwnPrefix) and the process-list
+// question: without the prefix, the question as SELECT CONNECTION_ID().
+func fakeOwn(q string) string {
+	q = strings.TrimPrefix(q, mysqlOwnPrefix)
+	if strings.HasPrefix(q, "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE '%sqlretry-self-") {
+		return "SELECT CONNECTION_ID()"
+	}
+	return q
+}

@@ -51,6 +51,7 @@ type bfAbortConn struct {
 }
 
 func (c *bfAbortConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	q = fakeOwn(q)
 	if q == "SELECT CONNECTION_ID()" && c.bc.aborted.CompareAndSwap(false, true) {
 		c.pending, c.inTx = nil, false // rolled back; autocommit from now on
 		return &errAfterRows{cols: []string{"CONNECTION_ID()"}, row: []driver.Value{c.pid}, err: errCertification}, nil

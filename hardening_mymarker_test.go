@@ -96,6 +96,7 @@ type myNodeConn struct {
 }
 
 func (c *myNodeConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	q = fakeOwn(q)
 	switch {
 	case q == mysqlServerQuery:
 		wsrep := "OFF"

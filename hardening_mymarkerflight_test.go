@@ -30,6 +30,10 @@ func (c *mariaDBConnector) Connect(ctx context.Context) (driver.Conn, error) {
 type mariaDBConn struct{ *markerConn }
 
 func (c *mariaDBConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.srv.refuseOwnPrefix && strings.HasPrefix(q, mysqlOwnPrefix) {
+		return nil, &mysql.MySQLError{Number: 1064, Message: "You have an error in your SQL syntax"}
+	}
+	q = fakeOwn(q)
 	if q == mysqlServerQuery {
 		return &fakeRows{cols: []string{"Variable_name", "Value"}, data: [][]driver.Value{
 			{[]byte("hostname"), []byte("h")}, {[]byte("port"), []byte("3306")}, {[]byte("server_id"), []byte("1")},
@@ -214,6 +218,7 @@ type refusingCheckConn struct {
 }
 
 func (c *refusingCheckConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	q = fakeOwn(q)
 	if strings.HasPrefix(q, "SELECT COUNT(*) FROM information_schema.TABLES") {
 		c.rc.checks.Add(1)
 		return nil, &mysql.MySQLError{Number: 1064, Message: "You have an error in your SQL syntax"}

@@ -219,6 +219,7 @@ type markerConn struct {
 }
 
 func (c *markerConn) QueryContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Rows, error) {
+	q = fakeOwn(q)
 	one := func(v driver.Value) (driver.Rows, error) {
 		return &fakeRows{cols: []string{"v"}, data: [][]driver.Value{{v}}}, nil
 	}
@@ -231,12 +232,16 @@ func (c *markerConn) QueryContext(ctx context.Context, q string, args []driver.N
 		}
 		return one(int64(0))
 	case q == "SELECT CONNECTION_ID()":
+		if err := c.run(ctx, q); err != nil {
+			return nil, err
+		}
 		return one(c.pid)
 	}
 	return c.fakeConn.QueryContext(ctx, q, args)
 }
 
 func (c *markerConn) ExecContext(ctx context.Context, q string, args []driver.NamedValue) (driver.Result, error) {
+	q = fakeOwn(q)
 	if strings.HasPrefix(q, "DELETE FROM") && strings.Contains(q, "created_at") {
 		c.mc.cleanups.Add(1)
 		if c.mc.blockCleanup {

@@ -112,20 +112,21 @@ func (t *tx) prepareMarker() error {
 		return nil
 	}
 	if c.serverID == 0 {
-		vals, err := queryRow(t.ctx, c.inner, "SELECT CONNECTION_ID()")
-		if errors.Is(err, errNoRow) {
-			// The closure set sql_select_limit = 0 (attack9): no marker
-			// for this transaction rather than a failed COMMIT.
+		id, srv, err := r.mysqlAskSession(t.ctx, c.inner)
+		switch {
+		case err == nil:
+		case errors.Is(err, errNoRow) || r.ownStatementRefused(err):
+			// The session's own settings refused sqlretry's question
+			// where the plain COMMIT would pass: sql_select_limit = 0
+			// (attack9), max_statement_time, max_join_size,
+			// max_session_mem_used (attack14) on a server without SET
+			// STATEMENT. No marker for this transaction rather than a
+			// failed COMMIT; the next one asks again.
 			return nil
+		default:
+			return r.resolutionFailed(t.ctx, "asking for the connection id and which server the session runs on", err)
 		}
-		if err != nil {
-			return r.resolutionFailed(t.ctx, "asking for the connection id", err)
-		}
-		srv, err := mysqlAskServer(t.ctx, c.inner)
-		if err != nil {
-			return r.resolutionFailed(t.ctx, "asking which server the session runs on", err)
-		}
-		c.serverID, c.mysqlServer = asInt64(vals[0]), srv
+		c.serverID, c.mysqlServer = id, srv
 	}
 	token := make([]byte, 16)
 	_, _ = rand.Read(token)
@@ -135,6 +136,84 @@ func (t *tx) prepareMarker() error {
 		return nil
 	}
 	return t.insertMarker()
+}
+
+// mysqlOwnPrefix runs one of sqlretry's own statements on MariaDB (SET
+// STATEMENT, 10.1.2 and later) free of the limits the closure, the DSN or
+// the role may have put on the session, which the plain COMMIT is not
+// subject to: a max_statement_time stopped the marker's block after its
+// COMMIT had taken effect (a committed transaction reported as failed),
+// and sql_select_limit, max_join_size with sql_big_selects = 0 and
+// max_session_mem_used made the question fail (attack14). A server that
+// refuses it (MySQL, an older MariaDB: mysqlPrefixRefused) gets the
+// statements without it from then on.
+const mysqlOwnPrefix = "SET STATEMENT max_statement_time=0, sql_select_limit=18446744073709551615, " +
+	"max_join_size=18446744073709551615, sql_big_selects=1, max_session_mem_used=9223372036854775807 FOR "
+
+// own gives q the prefix while the db's server takes it.
+func (r *retrier) own(q string) string {
+	if r.resolution.noOwnPrefix.Load() {
+		return q
+	}
+	return mysqlOwnPrefix + q
+}
+
+// mysqlPrefixRefused says whether the server refused the prefix itself
+// (no SET STATEMENT: a syntax error; a variable it does not know). A
+// refused statement did not run.
+func mysqlPrefixRefused(err error) bool {
+	switch mysqlNumber(err) {
+	case 1064, 1193, 1149:
+		return true
+	}
+	return false
+}
+
+// ownStatementRefused says whether one of sqlretry's own reads before
+// COMMIT failed for a limit of the session's (one the prefix could not
+// lift): interrupted by max_statement_time (1969) or MySQL's
+// max_execution_time (3024), refused by max_join_size (1104) or for
+// memory (1290 with max_session_mem_used, 1041). The statement was rolled
+// back alone; the transaction is open and unharmed.
+func (r *retrier) ownStatementRefused(err error) bool {
+	if !serverAnswered(err) {
+		return false
+	}
+	switch mysqlNumber(err) {
+	case 1969, 3024, 1104, 1290, 1041:
+		return true
+	}
+	return false
+}
+
+// mysqlAskSession asks, once per connection, for the session's id and the
+// server it runs on. The id is the process list's, found by a random text
+// in the question itself: CONNECTION_ID() answers pseudo_thread_id, which
+// a session may set (mysqlbinlog's output does), and a closure that set it
+// to another live session's id had the resolution of a lost COMMIT KILL
+// that other client's session (attack14).
+func (r *retrier) mysqlAskSession(ctx context.Context, dc driver.Conn) (int64, mysqlServer, error) {
+	var tag [8]byte
+	_, _ = rand.Read(tag[:])
+	self := "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE '%sqlretry-self-" + hex.EncodeToString(tag[:]) + "%'"
+	for {
+		rows, err := queryRows(ctx, dc, r.own(self))
+		if err != nil && mysqlPrefixRefused(err) && !r.resolution.noOwnPrefix.Load() {
+			r.resolution.noOwnPrefix.Store(true)
+			continue
+		}
+		if err != nil {
+			return 0, mysqlServer{}, err
+		}
+		if len(rows) != 1 || len(rows[0]) == 0 {
+			return 0, mysqlServer{}, errNoRow // sql_select_limit = 0 without the prefix; no unique answer
+		}
+		srv, err := mysqlAskServer(ctx, dc, r.own(mysqlServerQuery))
+		if err != nil {
+			return 0, mysqlServer{}, err
+		}
+		return asInt64(rows[0][0]), srv, nil
+	}
 }
 
 // markerInsert writes the token as a literal: with an argument
@@ -250,7 +329,7 @@ func (r *retrier) markerTurnOff(ctx context.Context, why error) {
 // back only itself), so it is rolled back here.
 func (t *tx) commitWithMarker() (abandoned bool, err error) {
 	r, inner := t.c.r, t.c.inner
-	q := "BEGIN NOT ATOMIC " + markerInsert(t.marker, t.token) + "; COMMIT; END"
+	q := r.own("BEGIN NOT ATOMIC " + markerInsert(t.marker, t.token) + "; COMMIT; END")
 	abandoned, err = t.withinDeadline("COMMIT", func(driver.Tx) error {
 		return execConn(context.Background(), inner, q)
 	})
@@ -277,6 +356,12 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 			return false, cerr
 		}
 		return t.withinDeadline("COMMIT", driver.Tx.Commit)
+	case n == 1317 || n == 1969:
+		// Interrupted (KILL QUERY from another session; max_statement_time
+		// where the prefix is not taken): the block may have stopped
+		// after its COMMIT took effect (attack14: a committed transaction
+		// was reported failed). The session itself says which.
+		return t.afterInterruptedBlock(err)
 	case n == 1064 || n == 1235:
 		// The server refused the block (a MariaDB before 10.1.1, a proxy
 		// that claims MariaDB's version): nothing ran. Separate INSERTs
@@ -288,6 +373,32 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 	}
 	_ = t.rollback()
 	return false, err
+}
+
+// afterInterruptedBlock finds out, on the transaction's own session, what
+// an interrupted marker block did: a transaction still open did not
+// commit (the interrupted statement was rolled back alone: it is rolled
+// back here and the error returned, as for any other failure of the
+// block); one no longer open committed if its marker is there (the
+// session reads what it committed). When the session cannot tell, the
+// outcome is unknown (abandoned: ErrAmbiguousCommit) and the connection
+// is not used again.
+func (t *tx) afterInterruptedBlock(cause error) (bool, error) {
+	r, inner := t.c.r, t.c.inner
+	q := r.own("SELECT @@in_transaction, (SELECT COUNT(*) FROM " + t.marker + " WHERE token = X'" + hex.EncodeToString(t.token) + "')")
+	vals, err := queryRow(context.Background(), inner, q)
+	if err != nil || len(vals) < 2 {
+		t.c.bad.Store(true) // in an unknown state: never used again
+		return true, fmt.Errorf("the COMMIT's statement was interrupted (%w) and its session could not say whether it committed: %v", cause, err)
+	}
+	if asInt64(vals[0]) != 0 {
+		_ = t.rollback()
+		return false, cause
+	}
+	if asInt64(vals[1]) > 0 {
+		return false, nil
+	}
+	return false, cause
 }
 
 // lacksFunction reports the definite "this engine has no such function".
@@ -1002,8 +1113,8 @@ type mysqlServer struct {
 // mysqlServerQuery works on MySQL (no wsrep rows) and MariaDB alike.
 const mysqlServerQuery = "SHOW VARIABLES WHERE Variable_name IN ('server_id', 'hostname', 'port', 'wsrep_on', 'wsrep_node_name', 'version')"
 
-func mysqlAskServer(ctx context.Context, dc driver.Conn) (mysqlServer, error) {
-	rows, err := queryRows(ctx, dc, mysqlServerQuery)
+func mysqlAskServer(ctx context.Context, dc driver.Conn, query string) (mysqlServer, error) {
+	rows, err := queryRows(ctx, dc, query)
 	if err != nil {
 		return mysqlServer{}, err
 	}
@@ -1046,7 +1157,7 @@ func mysqlAskServer(ctx context.Context, dc driver.Conn) (mysqlServer, error) {
 // did receive is applied before a causal read answers. Otherwise the old
 // session may still commit: ask again later.
 func mysqlCheckCommit(ctx context.Context, dc driver.Conn, table string, token, sentinel []byte, connID int64, old mysqlServer) (CommitOutcome, error) {
-	side, err := mysqlAskServer(ctx, dc)
+	side, err := mysqlAskServer(ctx, dc, mysqlServerQuery)
 	if err != nil {
 		return CommitUnknown, err
 	}

@@ -60,6 +60,9 @@ type resolveState struct {
 	// markerNoBlock: the server refused the marker's anonymous block
 	// (commitWithMarker): separate INSERTs from now on.
 	markerNoBlock atomic.Bool
+	// noOwnPrefix: the server refused SET STATEMENT (mysqlOwnPrefix):
+	// sqlretry's own statements go without it from then on.
+	noOwnPrefix atomic.Bool
 
 	// The marker clean-up runs on a goroutine of its own, started on first
 	// use and stopped when the db is closed.
