@@ -132,9 +132,10 @@ func WithContentionQueue(on bool) Option {
 // default). On PostgreSQL, which looks for a deadlock only after
 // deadlock_timeout (1 s by default), an attempt that replays a conflict,
 // and any attempt while the db met deadlocks in the last 2 s, sets its
-// transaction's lock_timeout (SET LOCAL, one statement after BEGIN) to a
-// few times a recent commit's duration, at least 20 ms, doubling at each
-// such attempt of one call and never as long as deadlock_timeout: a
+// transaction's lock_timeout (SHOW lock_timeout, then SET LOCAL, right
+// after BEGIN: utility statements, which take no snapshot) to a few times
+// a recent commit's duration, at least 20 ms, doubling at each such
+// attempt of one call and never as long as deadlock_timeout: a
 // deadlock then breaks after that bound, as a lock timeout that RunInTx
 // replays. A lower lock_timeout of the user's is kept, and a SET LOCAL in
 // the closure wins. It does nothing on MySQL. Given to one RunInTx call

@@ -35,9 +35,9 @@ func (w *deadlockChecks) install(srv *fakeServer) {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		switch q {
-		case shortWaitQuery:
+		case shortLockShow:
 			w.lockAsked++
-			return &fakeRows{cols: []string{"set_config", "dt"}, data: [][]driver.Value{{pgMillis(args[0].Value.(int64)), w.deadlockMS}}}, true
+			return &fakeRows{cols: []string{"lock_timeout"}, data: [][]driver.Value{{"0"}}}, true
 		case shortDeadlockShow:
 			w.shows++
 			return &fakeRows{cols: []string{"deadlock_timeout"}, data: [][]driver.Value{{pgMillis(w.deadlockMS)}}}, true

@@ -27,21 +27,24 @@ import (
 //
 // The bound is shortWaitFactor times a recent commit's duration (at least
 // shortWaitFloor), doubled at each short-wait attempt of one call, and
-// never as long as the server's deadlock_timeout (read with the setting):
-// a caller waiting behind a session that holds its row for seconds gets a
-// handful of short attempts, then waits as long as it takes. The user's
-// settings win: a lock_timeout already lower (the session's, the role's,
-// the DSN's) is kept, in the same statement, and a SET LOCAL of the
-// closure runs after this one. It is SET LOCAL (set_config's is_local), so
-// nothing outlives the transaction, also behind PgBouncer in transaction
-// mode. The happy path pays one atomic load per RunInTx; the attempts that
-// get a bound pay one statement.
+// never as long as the server's deadlock_timeout: a caller waiting behind
+// a session that holds its row for seconds gets a handful of short
+// attempts, then waits as long as it takes. The user's settings win: a
+// lock_timeout already lower (the session's, the role's, the DSN's) is
+// kept, and a SET LOCAL of the closure runs after sqlretry's. It is SET
+// LOCAL, so nothing outlives the transaction, also behind PgBouncer in
+// transaction mode. The happy path pays one atomic load per RunInTx; the
+// attempts that get a bound pay two utility statements (set), three when
+// deadlock_timeout is read again.
 type shortWait struct {
 	hot      atomic.Bool  // a deadlock, or a short wait that ran out, was seen ...
 	hotUntil atomic.Int64 // ... and it counts until then (unix ns)
 	commit   atomic.Int64 // recent commit duration, ns (moving average of the attempts that had a bound); 0: none yet
 	deadlock atomic.Int64 // the server's deadlock_timeout, ms; 0: not read yet
-	off      atomic.Bool  // the server refused the statement (an engine without lock_timeout): off for good
+	// deadlockRead: when short lock waits last read deadlock_timeout
+	// (unix ns, the db's clock).
+	deadlockRead atomic.Int64
+	off          atomic.Bool // the server refused the statement (an engine without lock_timeout): off for good
 	// deadlockMode: the bound is a deadlock_timeout (WithShortDeadlockCheck,
 	// the default), not a lock_timeout (WithShortLockWait(true)).
 	deadlockMode bool
@@ -57,17 +60,35 @@ const (
 	defaultDeadlockTimeout = time.Second
 )
 
-// shortWaitQuery sets the transaction's lock_timeout to $1 ms unless one of
-// the user's is already lower and not zero, or the server's
-// deadlock_timeout is not longer (the first bound of a db is asked before
-// sqlretry knows it), and returns deadlock_timeout in ms. Every function
-// and operator is pg_catalog's: a search_path that puts a schema of
-// look-alikes first (a DSN's, a role's) must not run them.
-const shortWaitQuery = "SELECT pg_catalog.set_config('lock_timeout', CASE WHEN " +
-	"(c.lt OPERATOR(pg_catalog.>) 0 AND c.lt OPERATOR(pg_catalog.<=) $1::int) OR c.dt OPERATOR(pg_catalog.<=) $1::int " +
-	"THEN pg_catalog.current_setting('lock_timeout') ELSE $1::int OPERATOR(pg_catalog.||) 'ms' END, true), c.dt::bigint " +
-	"FROM (SELECT EXTRACT(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS lt, " +
-	"EXTRACT(epoch FROM pg_catalog.current_setting('deadlock_timeout')::interval) OPERATOR(pg_catalog.*) 1000 AS dt) c"
+// Short lock waits run utility statements only, none of which takes the
+// transaction's snapshot (the SELECT of set_config they sent before did:
+// under REPEATABLE READ a closure that began with LOCK TABLE read rows
+// older than its lock, and SET TRANSACTION failed after it):
+// shortLockShow reads the lock_timeout in force (the session's, the
+// role's, the DSN's), and when it is 0 or longer than the bound, and the
+// server's deadlock_timeout longer still, shortLockSet(ms) sets the
+// transaction's (SET LOCAL). deadlock_timeout is read with
+// shortDeadlockShow on the db's first bounded attempt and again once
+// shortWaitRelearn has passed: it only decides whether a bound is worth
+// setting, and a server's that changed (a reload, a session's SET) is
+// seen within that time. The bound is on shortDeadlockMS's grid, as few
+// texts as short deadlock checks send. Both end in shortLockMark, so that
+// a closure's own SHOW or SET LOCAL lock_timeout is never taken for
+// sqlretry's (isShortWaitQuery: its SET makes the attempt's later 55P03s
+// the user's, tx.done).
+const (
+	shortLockMark      = " /* sqlretry */"
+	shortLockShow      = "SHOW lock_timeout" + shortLockMark
+	shortLockSetPrefix = "SET LOCAL lock_timeout = "
+)
+
+// shortWaitRelearn: how long short lock waits go on with the
+// deadlock_timeout they read before they read it again.
+const shortWaitRelearn = time.Minute
+
+func shortLockSet(ms int64) string {
+	return shortLockSetPrefix + strconv.FormatInt(ms, 10) + shortLockMark
+}
 
 // Short deadlock checks run two utility statements, neither of which takes
 // the transaction's snapshot (a SELECT would: under REPEATABLE READ a
@@ -102,7 +123,8 @@ func shortDeadlockSet(ms int64) string {
 
 // isShortWaitQuery says whether query is one of the bound's statements.
 func isShortWaitQuery(query string) bool {
-	return query == shortWaitQuery || query == shortDeadlockShow || strings.HasPrefix(query, shortDeadlockSetPrefix)
+	return query == shortLockShow || query == shortDeadlockShow || strings.HasPrefix(query, shortDeadlockSetPrefix) ||
+		strings.HasPrefix(query, shortLockSetPrefix) && strings.HasSuffix(query, shortLockMark)
 }
 
 // parsePgMillis reads a time setting as SHOW gives it ("1s", "20ms",
@@ -275,19 +297,41 @@ func (e *shortWaitError) Error() string {
 }
 func (e *shortWaitError) Unwrap() error { return e.err }
 
-// set runs the statement in the attempt's transaction, right after BEGIN.
-func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration) (own bool, err error) {
+// set runs the bound's statements in the attempt's transaction, right
+// after BEGIN. own: the lock_timeout in force is sqlretry's bound, not a
+// lower one of the user's that it kept (txAttempt.ownBound).
+func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration, clock Clock) (own bool, err error) {
 	if s.deadlockMode {
 		return s.setDeadlock(ctx, sqlTx, d)
 	}
-	var setting string
-	var dt int64
-	ms := int64(d / time.Millisecond)
-	if err := sqlTx.QueryRowContext(ctx, shortWaitQuery, ms).Scan(&setting, &dt); err != nil {
+	var cur string
+	if err := sqlTx.QueryRowContext(ctx, shortLockShow).Scan(&cur); err != nil {
 		return false, &shortWaitError{err: err}
 	}
-	s.learn(dt)
-	return setting == pgMillis(ms), nil
+	lt, ok := parsePgMillis(cur)
+	if now := clock.Now().UnixNano(); s.deadlock.Load() == 0 || now-s.deadlockRead.Load() >= int64(shortWaitRelearn) {
+		var dts string
+		if err := sqlTx.QueryRowContext(ctx, shortDeadlockShow).Scan(&dts); err != nil {
+			return false, &shortWaitError{err: err}
+		}
+		if dt, ok := parsePgMillis(dts); ok && dt > 0 {
+			s.learn(dt)
+			s.deadlockRead.Store(now)
+		}
+	}
+	ms, dt := shortDeadlockMS(d), s.deadlock.Load()
+	if ms >= dt && ms > shortWaitFloor.Milliseconds() {
+		// Rounded up it would reach deadlock_timeout: the grid's step below
+		// d instead, so that top's bound is still set.
+		ms /= 2
+	}
+	if !ok || (lt > 0 && lt <= ms) || dt <= ms {
+		return false, nil // the user's lock_timeout (or one that does not parse) stays
+	}
+	if _, err := sqlTx.ExecContext(ctx, shortLockSet(ms)); err != nil {
+		return false, &shortWaitError{err: err}
+	}
+	return true, nil
 }
 
 // setDeadlock is set with short deadlock checks: SHOW, then SET LOCAL when
@@ -321,26 +365,6 @@ func (s *shortWait) learn(dt int64) {
 	if dt > 0 && dt != s.deadlock.Load() {
 		s.deadlock.Store(dt)
 	}
-}
-
-// pgMillis is ms as PostgreSQL shows a setting in milliseconds (what
-// set_config returns): in the largest unit that divides it, "37ms", "1s",
-// "2min". own says the lock_timeout in force is sqlretry's bound, not a
-// lower one of the user's that the statement kept.
-func pgMillis(ms int64) string {
-	switch {
-	case ms == 0:
-		return "0"
-	case ms%1000 != 0:
-		return strconv.FormatInt(ms, 10) + "ms"
-	case ms%60000 != 0:
-		return strconv.FormatInt(ms/1000, 10) + "s"
-	case ms%3600000 != 0:
-		return strconv.FormatInt(ms/60000, 10) + "min"
-	case ms%86400000 != 0:
-		return strconv.FormatInt(ms/3600000, 10) + "h"
-	}
-	return strconv.FormatInt(ms/86400000, 10) + "d"
 }
 
 // refused says whether the statement's failure is the server's refusal

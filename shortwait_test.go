@@ -6,18 +6,23 @@ import (
 	"database/sql/driver"
 	"errors"
 	"io"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 )
 
-// lockWaits records the bounds the short-wait statement asked for (ms)
-// and answers it as a server whose deadlock_timeout is deadlockMS; refuse
-// makes it fail as an engine without the setting.
+// lockWaits records the bounds short lock waits set (SET LOCAL
+// lock_timeout, ms) and answers their SHOWs as a server whose
+// deadlock_timeout is deadlockMS and whose session's lock_timeout is
+// userMS (0: none); refuse fails SHOW lock_timeout as an engine without
+// the setting.
 type lockWaits struct {
 	mu         sync.Mutex
 	asked      []int64
+	shows      int // SHOW lock_timeout, one per bounded attempt
+	dtShows    int // SHOW deadlock_timeout
 	deadlockMS int64
 	refuse     error
 	xidAsked   int   // the lost-COMMIT question of writing transactions
@@ -25,25 +30,51 @@ type lockWaits struct {
 }
 
 func (w *lockWaits) install(srv *fakeServer) {
-	srv.onQuery = func(_ *fakeConn, q string, args []driver.NamedValue) (driver.Rows, bool) {
+	srv.onQuery = func(_ *fakeConn, q string, _ []driver.NamedValue) (driver.Rows, bool) {
 		w.mu.Lock()
 		defer w.mu.Unlock()
-		if q == pgAskXID || q == pgAskXIDAndServer {
+		switch q {
+		case pgAskXID, pgAskXIDAndServer:
 			w.xidAsked++
+		case shortLockShow:
+			w.shows++
+			return &fakeRows{cols: []string{"lock_timeout"}, data: [][]driver.Value{{pgMillis(w.userMS)}}}, true
+		case shortDeadlockShow:
+			w.dtShows++
+			return &fakeRows{cols: []string{"deadlock_timeout"}, data: [][]driver.Value{{pgMillis(w.deadlockMS)}}}, true
 		}
-		if q != shortWaitQuery {
-			return nil, false
+		return nil, false
+	}
+	srv.onExec = func(_ *fakeConn, q string) {
+		if !strings.HasPrefix(q, shortLockSetPrefix) || !isShortWaitQuery(q) {
+			return
 		}
-		ms := args[0].Value.(int64)
+		ms, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimPrefix(q, shortLockSetPrefix), shortLockMark), 10, 64)
+		w.mu.Lock()
 		w.asked = append(w.asked, ms)
-		if w.userMS > 0 && w.userMS <= ms {
-			ms = w.userMS // the user's lower lock_timeout is kept
-		}
-		return &fakeRows{cols: []string{"set_config", "dt"}, data: [][]driver.Value{{pgMillis(ms), w.deadlockMS}}}, true
+		w.mu.Unlock()
 	}
 	if w.refuse != nil {
-		srv.script(shortWaitQuery, step{err: w.refuse})
+		srv.script(shortLockShow, step{err: w.refuse})
 	}
+}
+
+// pgMillis is ms as SHOW gives a setting in milliseconds: in the largest
+// unit that divides it, "37ms", "1s", "2min".
+func pgMillis(ms int64) string {
+	switch {
+	case ms == 0:
+		return "0"
+	case ms%1000 != 0:
+		return strconv.FormatInt(ms, 10) + "ms"
+	case ms%60000 != 0:
+		return strconv.FormatInt(ms/1000, 10) + "s"
+	case ms%3600000 != 0:
+		return strconv.FormatInt(ms/60000, 10) + "min"
+	case ms%86400000 != 0:
+		return strconv.FormatInt(ms/3600000, 10) + "h"
+	}
+	return strconv.FormatInt(ms/86400000, 10) + "d"
 }
 
 // shortWaitDB is a fake PostgreSQL whose short-wait statement w answers,
@@ -203,47 +234,146 @@ func TestShortWaitLearnsFromCommits(t *testing.T) {
 	if err := RunInTx(context.Background(), db, nil, slow); err != nil {
 		t.Fatal(err)
 	}
-	// The replay (bound 20) committed in 50 ms: the next bound is 200.
+	// The replay (bound 20) committed in 50 ms: the next bound is 200,
+	// sent on the grid of 5 ms times a power of two: 320.
 	srv.script("UPDATE", step{err: errDeadlock})
 	if err := RunInTx(context.Background(), db, nil, slow); err != nil {
 		t.Fatal(err)
 	}
 	got := w.got()
-	if len(got) < 2 || got[0] != 20 || got[1] != 200 {
-		t.Fatalf("bounds %v, want 20 then 200", got)
+	if len(got) < 2 || got[0] != 20 || got[1] != 320 {
+		t.Fatalf("bounds %v, want 20 then 320", got)
 	}
 }
 
-// An engine that refuses the statement (no lock_timeout or
+// What a bounded attempt sets, from the lock_timeout in force and the
+// server's deadlock_timeout: the user's lower one (or one equal to the
+// bound) is kept, and the attempt's 55P03 is not its own; no bound as
+// long as deadlock_timeout; the bound on the grid of 5 ms times a power
+// of two, rounded down when up would reach deadlock_timeout.
+func TestShortWaitSetDecides(t *testing.T) {
+	for _, c := range []struct {
+		userMS, deadlockMS int64
+		d                  time.Duration
+		want               int64 // the bound set, 0: none (not own)
+	}{
+		{0, 1000, 20 * time.Millisecond, 20},
+		{0, 1000, 28 * time.Millisecond, 40},
+		{0, 1000, 896 * time.Millisecond, 640},
+		{0, 1000, 640 * time.Millisecond, 640},
+		{10, 1000, 20 * time.Millisecond, 0},
+		{20, 1000, 20 * time.Millisecond, 0},
+		{30, 1000, 20 * time.Millisecond, 20},
+		{5000, 1000, 20 * time.Millisecond, 20},
+		{0, 15, 20 * time.Millisecond, 0},
+		{0, 20, 20 * time.Millisecond, 0},
+		{0, 30, 28 * time.Millisecond, 20},
+	} {
+		w := &lockWaits{deadlockMS: c.deadlockMS, userMS: c.userMS}
+		_, db, clock := shortWaitDB(t, w)
+		sw := retrierOf(db).shortWait
+		tx, err := db.Begin()
+		if err != nil {
+			t.Fatal(err)
+		}
+		own, err := sw.set(context.Background(), tx, c.d, clock)
+		tx.Rollback()
+		var want []int64
+		if c.want > 0 {
+			want = []int64{c.want}
+		}
+		if err != nil || own != (c.want > 0) || !sameInts(w.got(), want) {
+			t.Errorf("lock_timeout %d ms, deadlock_timeout %d ms, bound %v: set %v, own %v, err %v; want %v, own %v",
+				c.userMS, c.deadlockMS, c.d, w.got(), own, err, want, c.want > 0)
+		}
+		if sw.deadlock.Load() != c.deadlockMS {
+			t.Errorf("deadlock_timeout learned %d ms, want %d", sw.deadlock.Load(), c.deadlockMS)
+		}
+	}
+}
+
+// A bounded attempt sends SHOW lock_timeout and SET LOCAL lock_timeout;
+// the db's first one, and the first after shortWaitRelearn, also SHOW
+// deadlock_timeout.
+func TestShortWaitStatementsPerAttempt(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv, db, clock := shortWaitDB(t, w)
+	call := func() {
+		t.Helper()
+		srv.script("UPDATE", step{err: errSerialize})
+		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	call()
+	call()
+	if len(w.got()) != 2 || w.shows != 2 || w.dtShows != 1 {
+		t.Fatalf("two bounded attempts: bounds %v, SHOW lock_timeout %d, SHOW deadlock_timeout %d; want 2, 2, 1", w.got(), w.shows, w.dtShows)
+	}
+	clock.Advance(shortWaitRelearn)
+	call()
+	if len(w.got()) != 3 || w.shows != 3 || w.dtShows != 2 {
+		t.Fatalf("after %v: bounds %v, SHOW lock_timeout %d, SHOW deadlock_timeout %d; want 3, 3, 2", shortWaitRelearn, w.got(), w.shows, w.dtShows)
+	}
+}
+
+// The closure's own SHOW or SET LOCAL lock_timeout is not taken for
+// sqlretry's statements (which observers skip, and which do not make a
+// bound the user's).
+func TestIsShortWaitQuery(t *testing.T) {
+	for q, want := range map[string]bool{
+		shortLockShow:                      true,
+		shortLockSet(20):                   true,
+		shortDeadlockShow:                  true,
+		shortDeadlockSet(40):               true,
+		"SHOW lock_timeout":                false,
+		"SET LOCAL lock_timeout = 20":      false,
+		"SET LOCAL lock_timeout = '150ms'": false,
+		"SELECT 1":                         false,
+	} {
+		if got := isShortWaitQuery(q); got != want {
+			t.Errorf("isShortWaitQuery(%q) = %v, want %v", q, got, want)
+		}
+	}
+}
+
+// An engine that refuses the statements (no lock_timeout or
 // deadlock_timeout setting) turns the short waits off; the attempt runs
-// again without it, and the caller sees nothing.
+// again without them, and the caller sees nothing.
 func TestShortWaitRefusedTurnsItselfOff(t *testing.T) {
-	srv := newFakeServer()
-	srv.pgAborts = true
-	w := &lockWaits{deadlockMS: 1000, refuse: &pgError{"42704", `unrecognized configuration parameter "deadlock_timeout"`}}
-	w.install(srv)
-	db, _ := testDB(t, srv)
-	srv.script("UPDATE", step{err: errDeadlock})
-	runs := 0
-	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
-		runs++
-		return updateTx(ctx, tx)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if runs != 2 {
-		t.Fatalf("closure ran %d times, want 2", runs)
-	}
-	srv.script("UPDATE", step{err: errDeadlock})
-	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
-		t.Fatal(err)
-	}
-	if n := srv.ranCount(shortWaitQuery); n != 0 {
-		t.Fatalf("the refused statement was committed %d times", n)
-	}
-	if got := w.got(); len(got) != 0 {
-		t.Fatalf("asked again after the refusal: %v", got)
+	for _, show := range []string{shortLockShow, shortDeadlockShow} {
+		t.Run(show, func(t *testing.T) {
+			srv := newFakeServer()
+			srv.pgAborts = true
+			w := &lockWaits{deadlockMS: 1000}
+			w.install(srv)
+			name := strings.Fields(show)[1]
+			srv.script(show, step{err: &pgError{"42704", `unrecognized configuration parameter "` + name + `"`}})
+			db, _ := testDB(t, srv, WithShortLockWait(true))
+			srv.script("UPDATE", step{err: errDeadlock})
+			runs := 0
+			err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				runs++
+				return updateTx(ctx, tx)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if runs != 2 {
+				t.Fatalf("closure ran %d times, want 2", runs)
+			}
+			shows := w.shows
+			srv.script("UPDATE", step{err: errDeadlock})
+			if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+				t.Fatal(err)
+			}
+			if n := srv.ranCount(show); n != 0 {
+				t.Fatalf("the refused statement was committed %d times", n)
+			}
+			if got := w.got(); len(got) != 0 || w.shows != shows {
+				t.Fatalf("asked again after the refusal: bounds %v, SHOWs %d then %d", got, shows, w.shows)
+			}
+		})
 	}
 }
 
@@ -253,7 +383,7 @@ func TestShortWaitConnectionLostIsReplayed(t *testing.T) {
 	w := &lockWaits{deadlockMS: 1000}
 	srv, db, _ := shortWaitDB(t, w)
 	srv.script("UPDATE", step{err: errDeadlock})
-	srv.script(shortWaitQuery, step{err: io.ErrUnexpectedEOF, closes: true})
+	srv.script(shortLockShow, step{err: io.ErrUnexpectedEOF, closes: true})
 	runs := 0
 	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
 		runs++

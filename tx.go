@@ -1144,7 +1144,7 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		// wins; a failure is the attempt's, before its closure ran. Not in
 		// a shadow-mode transaction: the plain driver's, whose 55P03
 		// nothing would replay.
-		own, err := sw.set(att, sqlTx, lockWait)
+		own, err := sw.set(att, sqlTx, lockWait, clock)
 		if err != nil {
 			return began, phaseBegin, err
 		}

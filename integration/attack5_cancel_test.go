@@ -66,7 +66,7 @@ func TestAttack5DeadlineOnTheShortWaitStatement(t *testing.T) {
 	db.SetMaxOpenConns(2)
 	for i := range 3 {
 		d.mu.Lock()
-		d.needle, d.delay = []byte("set_config("), 300*time.Millisecond
+		d.needle, d.delay = []byte("/* sqlretry */"), 300*time.Millisecond // the bound's statements
 		d.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
 		var n atomic.Int32
