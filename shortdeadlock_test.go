@@ -48,7 +48,7 @@ func (w *deadlockChecks) install(srv *fakeServer) {
 		if !strings.HasPrefix(q, shortDeadlockSetPrefix) {
 			return
 		}
-		ms, _ := strconv.ParseInt(strings.TrimPrefix(q, shortDeadlockSetPrefix), 10, 64)
+		ms, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimPrefix(q, shortDeadlockSetPrefix), shortLockMark), 10, 64)
 		w.mu.Lock()
 		w.asked = append(w.asked, ms)
 		w.mu.Unlock()

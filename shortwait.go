@@ -99,11 +99,14 @@ func shortLockSet(ms int64) string {
 // transaction (SET LOCAL). A role that may not set it (not a superuser,
 // no GRANT SET ON PARAMETER) gets 42501 and the db stops asking; the
 // attempt runs again at once without them, its closure not having run.
-// The bound is rounded up to 5 ms times a power of two, so that a few
+// Both end in shortLockMark, as short lock waits' do: a closure's own
+// SET LOCAL deadlock_timeout was taken for sqlretry's (hidden from
+// observers, and a deadlock after it counted as one of the bound's). The
+// bound is rounded up to 5 ms times a power of two, so that a few
 // texts serve every bound (a driver caches a prepared statement per
 // text).
 const (
-	shortDeadlockShow      = "SHOW deadlock_timeout"
+	shortDeadlockShow      = "SHOW deadlock_timeout" + shortLockMark
 	shortDeadlockSetPrefix = "SET LOCAL deadlock_timeout = "
 )
 
@@ -118,13 +121,13 @@ func shortDeadlockMS(d time.Duration) int64 {
 }
 
 func shortDeadlockSet(ms int64) string {
-	return shortDeadlockSetPrefix + strconv.FormatInt(ms, 10)
+	return shortDeadlockSetPrefix + strconv.FormatInt(ms, 10) + shortLockMark
 }
 
 // isShortWaitQuery says whether query is one of the bound's statements.
 func isShortWaitQuery(query string) bool {
-	return query == shortLockShow || query == shortDeadlockShow || strings.HasPrefix(query, shortDeadlockSetPrefix) ||
-		strings.HasPrefix(query, shortLockSetPrefix) && strings.HasSuffix(query, shortLockMark)
+	return query == shortLockShow || query == shortDeadlockShow ||
+		(strings.HasPrefix(query, shortDeadlockSetPrefix) || strings.HasPrefix(query, shortLockSetPrefix)) && strings.HasSuffix(query, shortLockMark)
 }
 
 // parsePgMillis reads a time setting as SHOW gives it ("1s", "20ms",

@@ -317,19 +317,22 @@ func TestShortWaitStatementsPerAttempt(t *testing.T) {
 	}
 }
 
-// The closure's own SHOW or SET LOCAL lock_timeout is not taken for
+// The closure's own SHOW or SET LOCAL lock_timeout or deadlock_timeout is not taken for
 // sqlretry's statements (which observers skip, and which do not make a
 // bound the user's).
 func TestIsShortWaitQuery(t *testing.T) {
 	for q, want := range map[string]bool{
-		shortLockShow:                      true,
-		shortLockSet(20):                   true,
-		shortDeadlockShow:                  true,
-		shortDeadlockSet(40):               true,
-		"SHOW lock_timeout":                false,
-		"SET LOCAL lock_timeout = 20":      false,
-		"SET LOCAL lock_timeout = '150ms'": false,
-		"SELECT 1":                         false,
+		shortLockShow:                       true,
+		shortLockSet(20):                    true,
+		shortDeadlockShow:                   true,
+		shortDeadlockSet(40):                true,
+		"SHOW lock_timeout":                 false,
+		"SET LOCAL lock_timeout = 20":       false,
+		"SET LOCAL lock_timeout = '150ms'":  false,
+		"SHOW deadlock_timeout":             false,
+		"SET LOCAL deadlock_timeout = 40":   false,
+		"SET LOCAL deadlock_timeout = '3s'": false,
+		"SELECT 1":                          false,
 	} {
 		if got := isShortWaitQuery(q); got != want {
 			t.Errorf("isShortWaitQuery(%q) = %v, want %v", q, got, want)
