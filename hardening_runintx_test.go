@@ -736,3 +736,77 @@ func TestRunInTxGiveUpCountsTheAttemptsThatRan(t *testing.T) {
 		}
 	}
 }
+
+// A closure may keep its context after RunInTx returned (a goroutine it
+// started, a struct it stored it in). That context still carries the
+// caller's values and cancellation, and a RunInTx given it later is not
+// nested in the attempt that is over: it has its own replays.
+func TestKeptClosureContextAfterRunInTx(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv, WithMaxAttempts(5))
+	type key struct{}
+	parent, cancel := context.WithCancel(context.WithValue(context.Background(), key{}, "v"))
+	defer cancel()
+	var kept []context.Context
+	for range 48 {
+		if err := RunInTx(parent, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			kept = append(kept, ctx)
+			_, err := tx.ExecContext(ctx, "UPDATE t SET n = 1")
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[context.Context]bool{}
+	for _, ctx := range kept {
+		if seen[ctx] {
+			t.Fatal("two calls' closures were given the same context")
+		}
+		seen[ctx] = true
+	}
+	ctx := kept[0]
+	if v, _ := ctx.Value(key{}).(string); v != "v" {
+		t.Errorf("kept context's value %q, want v", v)
+	}
+	srv.script("UPDATE later", step{err: errDeadlockPG})
+	runs := 0
+	err := RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		_, err := tx.ExecContext(ctx, "UPDATE later SET n = 1")
+		return err
+	})
+	if err != nil || runs != 2 {
+		t.Errorf("RunInTx with a kept context: err = %v after %d runs; want its own replay (2 runs)", err, runs)
+	}
+	// Meanwhile another call runs its closure: the kept context is not
+	// taken for that call's either.
+	var wg sync.WaitGroup
+	inside, release := make(chan struct{}), make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_ = RunInTx(parent, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			close(inside)
+			<-release
+			return nil
+		})
+	}()
+	<-inside
+	srv.script("UPDATE later", step{err: errDeadlockPG})
+	runs = 0
+	err = RunInTx(kept[len(kept)-1], db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		_, err := tx.ExecContext(ctx, "UPDATE later SET n = 1")
+		return err
+	})
+	close(release)
+	wg.Wait()
+	if err != nil || runs != 2 {
+		t.Errorf("RunInTx with a kept context while another closure runs: err = %v after %d runs; want 2 runs", err, runs)
+	}
+	cancel()
+	if !errors.Is(ctx.Err(), context.Canceled) {
+		t.Errorf("kept context's Err after the caller's cancel: %v", ctx.Err())
+	}
+	<-ctx.Done()
+}

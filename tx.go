@@ -472,6 +472,11 @@ type txAttempt struct {
 	// the Commit's result. (Packed next to begun.)
 	byClosure int8
 	ended     atomic.Int32
+	// over: the attempt's closure has returned. A closure may keep its
+	// context (a goroutine it started, a struct it stored it in): a RunInTx
+	// given that context later is not nested in this attempt, which is over
+	// and would not replay it (it had no replay of its own).
+	over      atomic.Bool // (next to ended: the attempt stays in 128 bytes)
 	commitErr error
 	poison    error // first retryable error (tx.failed)
 	first     error // first error the database raised in this attempt, of any class ...
@@ -562,6 +567,9 @@ func (a *txAttempt) Value(key any) any {
 			}
 			return a
 		case keyRunInTx:
+			if a.over.Load() {
+				break // the caller's attempt, if any
+			}
 			return a
 		}
 	}
@@ -1153,7 +1161,10 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 	att.seq = nestedSeq.Load()
 	slot := enterClosure()
 	func() {
-		defer leaveClosure(slot) // also when fn panics
+		defer func() { // also when fn panics
+			leaveClosure(slot)
+			att.over.Store(true)
+		}()
 		err = fn(att, sqlTx)
 	}()
 	att.byClosure = int8(att.ended.Load())
