@@ -1,11 +1,12 @@
 #!/bin/sh
 # Instructions per call on the no-I/O driver, raw and through sqlretry
 # (internal/hotpathcg), counted by callgrind: (instructions of 30,000 calls
-# - those of 10,000) / 20,000, the fewest of $RUNS runs (database/sql's
-# goroutine per transaction makes the transaction counts vary by a few
-# hundred between runs); "own" is the instructions per call in package
-# sqlretry's own functions (callgrind_annotate, self cost, one run of
-# 30,000 calls), which that variation does not reach. Asynchronous
+# - those of 10,000) / 20,000, the fewest of $RUNS runs (the transaction
+# counts vary by a few tens between runs: hotpathcg yields after each
+# transaction so that database/sql's goroutine per transaction runs at
+# once, not in batches of varying size); "own" is the instructions per
+# call in package sqlretry's own functions (callgrind_annotate, self cost,
+# one run of 30,000 calls), which that variation does not reach. Asynchronous
 # preemption is off (callgrind fails on its signals), GC off, one P.
 # Usage: scripts/hotpath-callgrind.sh [op...]
 set -e

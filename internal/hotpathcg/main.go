@@ -16,6 +16,7 @@ import (
 	"database/sql"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 
 	"github.com/sqlretry/sqlretry"
@@ -46,6 +47,13 @@ func main() {
 		panic(err)
 	}
 	var x int
+	// database/sql starts a goroutine per transaction (Tx.awaitDone); with
+	// one P and no asynchronous preemption they wait in the run queue and
+	// run in batches whenever the scheduler gets a turn, which made the
+	// counts of transactions vary by hundreds of instructions between runs
+	// (more than what sqlretry changed). Yielding after each transaction
+	// runs its goroutine at once, the same for raw and sqlretry.
+	sched := op == "tx" || op == "runintx" || op == "runintxbusy"
 	if op == "runintxbusy" {
 		// Another caller's closure stays open all along, as under concurrency.
 		started, block := make(chan struct{}), make(chan struct{})
@@ -86,6 +94,9 @@ func main() {
 		}
 		if err != nil {
 			panic(err)
+		}
+		if sched {
+			runtime.Gosched()
 		}
 	}
 }
