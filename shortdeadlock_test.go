@@ -326,3 +326,36 @@ func TestParsePgMillis(t *testing.T) {
 		}
 	}
 }
+
+// The bound is rounded up to the grid; one that would then reach the
+// session's deadlock_timeout takes the grid's step below instead, so that
+// the top bound (just under deadlock_timeout) is still set: a 7 ms commit
+// gives a top bound of 896 ms, which rounded up (1,280 ms) was not set at
+// all under a deadlock_timeout of 1 s.
+func TestShortDeadlockCheckTopBoundStepsDown(t *testing.T) {
+	ctx := context.Background()
+	w := &deadlockChecks{deadlockMS: 1000}
+	_, db := deadlockCheckDB(t, w)
+	s := &shortWait{deadlockMode: true}
+	for _, tc := range []struct {
+		d    time.Duration
+		want int64 // 0: nothing set
+	}{
+		{15 * time.Millisecond, 20},
+		{300 * time.Millisecond, 320},
+		{600 * time.Millisecond, 640},
+		{896 * time.Millisecond, 640},
+	} {
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := len(w.got())
+		own, err := s.setDeadlock(ctx, tx, tc.d)
+		_ = tx.Rollback()
+		got := w.got()[before:]
+		if err != nil || !own || len(got) != 1 || got[0] != tc.want {
+			t.Errorf("bound %v: set %v, own %v, err %v; want %d ms", tc.d, got, own, err, tc.want)
+		}
+	}
+}

@@ -353,6 +353,12 @@ func (s *shortWait) setDeadlock(ctx context.Context, sqlTx *sql.Tx, d time.Durat
 		s.learn(dt)
 	}
 	ms := shortDeadlockMS(d)
+	if ok && ms >= dt && ms > shortWaitFloor.Milliseconds() {
+		// Rounded up it would reach deadlock_timeout: the grid's step
+		// below instead, so that top's bound is still set (as short lock
+		// waits do).
+		ms /= 2
+	}
 	if !ok || dt <= ms {
 		return false, nil
 	}
