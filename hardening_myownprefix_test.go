@@ -32,7 +32,7 @@ func TestMySQLOwnStatementsWithoutSetStatement(t *testing.T) {
 // without a marker, as with the plain driver, rather than failing
 // (attack14: max_statement_time, max_join_size, max_session_mem_used).
 func TestMySQLOwnQuestionRefusedBySessionLimitCommitsWithoutMarker(t *testing.T) {
-	for _, n := range []uint16{1969, 1104, 1290} {
+	for _, n := range []uint16{1969, 1104, 1290, 1317} {
 		srv := newFakeServer()
 		srv.refuseOwnPrefix = true
 		srv.script("SELECT CONNECTION_ID()", step{err: &mysql.MySQLError{Number: n, Message: "a session limit"}})

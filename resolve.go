@@ -171,16 +171,17 @@ func mysqlPrefixRefused(err error) bool {
 
 // ownStatementRefused says whether one of sqlretry's own reads before
 // COMMIT failed for a limit of the session's (one the prefix could not
-// lift): interrupted by max_statement_time (1969) or MySQL's
-// max_execution_time (3024), refused by max_join_size (1104) or for
-// memory (1290 with max_session_mem_used, 1041). The statement was rolled
-// back alone; the transaction is open and unharmed.
+// lift): interrupted by max_statement_time (1969), MySQL's
+// max_execution_time (3024) or another session's KILL QUERY (1317),
+// refused by max_join_size (1104) or for memory (1290 with
+// max_session_mem_used, 1041). The statement was rolled back alone; the
+// transaction is open and unharmed.
 func (r *retrier) ownStatementRefused(err error) bool {
 	if !serverAnswered(err) {
 		return false
 	}
 	switch mysqlNumber(err) {
-	case 1969, 3024, 1104, 1290, 1041:
+	case 1969, 3024, 1317, 1104, 1290, 1041:
 		return true
 	}
 	return false
