@@ -1,0 +1,297 @@
+package integration
+
+// Hostile tests of sqlretry (attack15), written from the README and go doc
+// only. Each Test below fails on the code it was written against and shows
+// a promise broken; the probes that held are described in the report, not
+// kept as tests.
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/go-sql-driver/mysql"
+	"github.com/sqlretry/sqlretry"
+)
+
+// a15Gate is a net.Conn layer under the driver: once armed with a needle,
+// the next write containing it goes through, and the connection's next read
+// waits until the test releases it, then the socket is cut, so the
+// statement runs on the server and its reply is lost.
+type a15Gate struct {
+	mu      sync.Mutex
+	needle  []byte
+	hit     chan struct{} // closed when the needle went out
+	release chan struct{} // close to cut the held connection
+}
+
+func (g *a15Gate) arm(needle string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.needle = []byte(needle)
+	g.hit = make(chan struct{})
+	g.release = make(chan struct{})
+}
+
+func (g *a15Gate) disarm() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.needle = nil
+}
+
+type a15GateConn struct {
+	net.Conn
+	g       *a15Gate
+	mu      sync.Mutex
+	held    chan struct{}
+	cut     bool
+}
+
+func (c *a15GateConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	cut := c.cut
+	c.mu.Unlock()
+	if cut {
+		return 0, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.EPIPE)}
+	}
+	c.g.mu.Lock()
+	var hit, rel chan struct{}
+	if c.g.needle != nil && bytes.Contains(p, c.g.needle) {
+		c.g.needle = nil
+		hit, rel = c.g.hit, c.g.release
+	}
+	c.g.mu.Unlock()
+	n, err := c.Conn.Write(p)
+	if hit != nil {
+		c.mu.Lock()
+		c.held = rel
+		c.mu.Unlock()
+		close(hit)
+	}
+	return n, err
+}
+
+func (c *a15GateConn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	held := c.held
+	c.held = nil
+	c.mu.Unlock()
+	if held != nil {
+		<-held
+		c.mu.Lock()
+		c.cut = true
+		c.mu.Unlock()
+		c.Conn.Close()
+	}
+	c.mu.Lock()
+	cut := c.cut
+	c.mu.Unlock()
+	if cut {
+		return 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", syscall.ECONNRESET)}
+	}
+	return c.Conn.Read(p)
+}
+
+var (
+	a15MyGate     = &a15Gate{}
+	a15MyGateOnce sync.Once
+)
+
+// a15OpenMyGate opens sqlretry on the shared MariaDB through a15MyGate.
+func a15OpenMyGate(t *testing.T, opts ...sqlretry.Option) *sql.DB {
+	t.Helper()
+	a15MyGateOnce.Do(func() {
+		mysql.RegisterDialContext("a15gate", func(ctx context.Context, addr string) (net.Conn, error) {
+			var d net.Dialer
+			nc, err := d.DialContext(ctx, "tcp", addr)
+			if err != nil {
+				return nil, err
+			}
+			return &a15GateConn{Conn: nc, g: a15MyGate}, nil
+		})
+	})
+	cfg, err := mysql.ParseDSN("root@a15gate(127.0.0.1:3306)/test?parseTime=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sqlretry.OpenDB(conn, opts...)
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+// TestAttack15MyTimestampMarkerCleanedThenReplayed: MariaDB's session
+// variable `timestamp` (set by mysqlbinlog's output before every event, by
+// data loads that replay history, by tests that pin "now") is what
+// CURRENT_TIMESTAMP returns. The commit marker's created_at takes its
+// default from it, so the marker of a transaction whose closure set
+// `timestamp` to an hour or more ago is born "older than an hour", and
+// sqlretry's own background clean-up (of this db, or of any other replica
+// that shares the table) deletes it at its next round. A COMMIT that took
+// effect and whose reply was lost is then looked up, finds no marker,
+// counts as not committed, and RunInTx replays the closure: its write is
+// committed twice and RunInTx returns nil. The plain driver's COMMIT
+// would return an error for the lost reply and write the row once.
+func TestAttack15MyTimestampMarkerCleanedThenReplayed(t *testing.T) {
+	plain := atkPlain(t, "mysql")
+	tbl := atkName("a15ts")
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+	db := a15OpenMyGate(t)
+	// a first writing transaction, so that the marker table is checked and the clean-up scheduled
+	if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('warm-up')")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	tag := atkName("t")
+	past := time.Now().Add(-2 * time.Hour).Unix()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	calls := 0
+	done := make(chan error, 1)
+	a15MyGate.arm("BEGIN NOT ATOMIC")
+	hit, release := a15MyGate.hit, a15MyGate.release
+	defer a15MyGate.disarm()
+	go func() {
+		done <- sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", tag); err != nil {
+				return err
+			}
+			_, err := tx.ExecContext(ctx, fmt.Sprintf("SET SESSION timestamp = %d", past))
+			return err
+		}, sqlretry.WithBackoff(sqlretry.Backoff{MaxElapsed: 10 * time.Minute})) // the COMMIT is held until a clean-up round ran
+	}()
+	select {
+	case <-hit:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the COMMIT never went out")
+	}
+	a15MyGate.disarm()
+	// the block ran on the server: the row is committed, its marker dated two hours ago
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for start := time.Now(); !cond(); time.Sleep(100 * time.Millisecond) {
+			if time.Since(start) > 150*time.Second {
+				close(release)
+				t.Fatalf("timed out waiting for %s", what)
+			}
+		}
+	}
+	waitFor("the row to commit", func() bool {
+		return atkCount(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = '"+tag+"'") == 1
+	})
+	pastTS := time.Unix(past, 0).UTC().Format("2006-01-02 15:04:05")
+	markers := func() int {
+		return atkCount(t, plain, "SELECT COUNT(*) FROM sqlretry_commit_marker WHERE created_at BETWEEN CONVERT_TZ('"+pastTS+"', '+00:00', @@session.time_zone) - INTERVAL 1 SECOND AND CONVERT_TZ('"+pastTS+"', '+00:00', @@session.time_zone) + INTERVAL 1 SECOND")
+	}
+	t.Logf("committed; markers dated %s: %d", pastTS, markers())
+	// keep this db busy on other connections, as an application would, until a clean-up round ran
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('other')")
+				return err
+			})
+		}
+	}()
+	waitFor("sqlretry's clean-up to delete the marker", func() bool { return markers() == 0 })
+	close(stop)
+	wg.Wait()
+	t.Log("the marker is gone; now the COMMIT's reply is lost")
+	close(release)
+	err := <-done
+	rows := atkCount(t, plain, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = '"+tag+"'")
+	t.Logf("RunInTx: calls=%d err=%v (ErrAmbiguousCommit: %v); rows with the tag: %d", calls, err, errors.Is(err, sqlretry.ErrAmbiguousCommit), rows)
+	if rows != 1 {
+		t.Errorf("the transaction's write is in the table %d times (closure ran %d times, RunInTx returned %v); a committed transaction must not be replayed", rows, calls, err)
+	}
+	if err != nil && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+		t.Errorf("a committed transaction reported failed: %v", err)
+	}
+}
+
+// TestAttack15MyResultCharsetFailsCommit: a closure may set the session's
+// character_set_results (any charset MariaDB accepts there: utf16, utf32,
+// ucs2, ...); it changes how the server sends result text, nothing about
+// the COMMIT. sqlretry's own question before COMMIT (the process-list id
+// of the session, asked on each new connection's first writing
+// transaction) reads its answer as ASCII digits, fails to parse the UTF-16
+// text, and RunInTx rolls the transaction back and returns a permanent
+// error about a statement the caller never ran. The plain driver commits.
+func TestAttack15MyResultCharsetFailsCommit(t *testing.T) {
+	ctx := context.Background()
+	for _, cs := range []string{"utf16", "utf32", "ucs2"} {
+		for _, drv := range []string{"mysql", "sqlretry"} {
+			t.Run(cs+"/"+drv, func(t *testing.T) {
+				var db *sql.DB
+				if drv == "mysql" {
+					db = atkPlain(t, "mysql")
+				} else {
+					db = atkOpenMy(t)
+				}
+				tbl := atkName("a15cs")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (id int auto_increment primary key, v int)")
+				db.SetMaxIdleConns(0) // every transaction on a new connection
+				failed := 0
+				var first error
+				const n = 5
+				for i := 0; i < n; i++ {
+					fn := func(ctx context.Context, tx *sql.Tx) error {
+						if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (v) VALUES (1)"); err != nil {
+							return err
+						}
+						_, err := tx.ExecContext(ctx, "SET SESSION character_set_results = "+cs)
+						return err
+					}
+					var err error
+					if drv == "mysql" {
+						tx, e := db.BeginTx(ctx, nil)
+						if e != nil {
+							t.Fatal(e)
+						}
+						if err = fn(ctx, tx); err == nil {
+							err = tx.Commit()
+						} else {
+							tx.Rollback()
+						}
+					} else {
+						err = sqlretry.RunInTx(ctx, db, nil, fn)
+					}
+					if err != nil {
+						failed++
+						if first == nil {
+							first = err
+						}
+					}
+				}
+				rows := atkCount(t, db, "SELECT COUNT(*) FROM "+tbl)
+				t.Logf("%s: %d of %d failed, %d rows; first error: %v", drv, failed, n, rows, first)
+				if failed != 0 || rows != n {
+					t.Errorf("%d of %d transactions failed (%d rows committed); the plain driver commits them all", failed, n, rows)
+				}
+			})
+		}
+	}
+}
