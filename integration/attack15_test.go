@@ -11,6 +11,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"sync"
@@ -293,5 +294,94 @@ func TestAttack15MyResultCharsetFailsCommit(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestAttack15MyKillQueryChainCommittedButError: a closure sets
+// completion_type = 1 (CHAIN: every COMMIT opens the next transaction at
+// once; a legitimate session setting, the plain COMMIT honours it). Another
+// session's KILL QUERY that lands while sqlretry's marker block is in its
+// COMMIT stops the block after the COMMIT took effect (1317). sqlretry then
+// asks the session whether its transaction is still open: under CHAIN the
+// COMMIT opened a new one, so the answer is yes, and the committed
+// transaction is taken for one the kill stopped before its COMMIT:
+// RunInTx returns the bare 1317 (not ErrAmbiguousCommit) and the row is
+// committed. The plain driver, same closure, same kills at the same
+// moments after the closure returns, never returned an error for a
+// committed transaction (its COMMIT is one statement, not a block). About
+// 1 transaction in 1,000 with kills spread over 0–1.2 ms; with
+// completion_type = 0 none in 6,600.
+func TestAttack15MyKillQueryChainCommittedButError(t *testing.T) {
+	for _, drv := range []string{"mysql", "sqlretry"} {
+		t.Run(drv, func(t *testing.T) {
+			var db *sql.DB
+			if drv == "mysql" {
+				db = atkPlain(t, "mysql")
+			} else {
+				db = a15OpenMyGate(t)
+			}
+			killer := atkPlain(t, "mysql")
+			killer.SetMaxIdleConns(4)
+			tbl := atkName("a15kq")
+			atkMust(t, killer, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+			limit := 120 * time.Second
+			if drv == "mysql" {
+				limit = 20 * time.Second
+			}
+			deadline := time.Now().Add(limit)
+			n, failed := 0, 0
+			for ; time.Now().Before(deadline); n++ {
+				tag := atkName("t")
+				kills := make(chan struct{})
+				fn := func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", tag); err != nil {
+						return err
+					}
+					var cid int64
+					if err := tx.QueryRowContext(ctx, "SELECT CONNECTION_ID()").Scan(&cid); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SET SESSION completion_type = 1"); err != nil {
+						return err
+					}
+					d := time.Duration(rand.IntN(1200)) * time.Microsecond
+					go func() {
+						defer close(kills)
+						time.Sleep(d)
+						killer.Exec(fmt.Sprintf("KILL QUERY %d", cid))
+					}()
+					return nil
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				var err error
+				if drv == "mysql" {
+					tx, e := db.BeginTx(ctx, nil)
+					if e != nil {
+						cancel()
+						t.Fatal(e)
+					}
+					if err = fn(ctx, tx); err == nil {
+						err = tx.Commit()
+					} else {
+						tx.Rollback()
+					}
+				} else {
+					err = sqlretry.RunInTx(ctx, db, nil, fn)
+				}
+				cancel()
+				<-kills
+				rows := atkCount(t, killer, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = '"+tag+"'")
+				if err != nil {
+					failed++
+				}
+				if err != nil && rows != 0 && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+					t.Fatalf("transaction %d: RunInTx returned %v (not ErrAmbiguousCommit) and its row is committed (%d)", n+1, err, rows)
+				}
+				if rows > 1 {
+					t.Fatalf("transaction %d: its row is committed %d times (err %v)", n+1, rows, err)
+				}
+			}
+			t.Logf("%s: %d transactions, %d returned an error, none reported failed while committed", drv, n, failed)
+		})
 	}
 }
