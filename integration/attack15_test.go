@@ -385,3 +385,103 @@ func TestAttack15MyKillQueryChainCommittedButError(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack15PgSavedAndRestoredSettingLeaksTheBound: a common helper
+// pattern saves a setting, changes it for one piece of work and restores
+// it: `SHOW lock_timeout` (or current_setting), `SET lock_timeout = ...`,
+// the work, `SET lock_timeout = <saved>`. Inside a replay that sqlretry
+// bounds, the value the closure saves is sqlretry's SET LOCAL bound
+// ("20ms"), not the session's, and its session-level restore makes that
+// bound the session's own: it outlives the transaction, and every later
+// statement on that pooled connection (autocommit ones, other callers'
+// transactions, unbounded attempts) runs with a 20 ms lock_timeout (or a
+// 20 ms deadlock_timeout: short deadlock checks are on by default), where
+// the plain driver's session is back to its value (0 / 1s). Shown here by
+// SHOW on the same connection afterwards and by a later autocommit UPDATE
+// that waits 300 ms for a row: the plain driver's waits and succeeds,
+// sqlretry's fails with 55P03 (NoRetry, as a caller that does not want
+// its write re-run would mark it).
+func TestAttack15PgSavedAndRestoredSettingLeaksTheBound(t *testing.T) {
+	for _, c := range []struct {
+		setting, value string
+		opts           []sqlretry.Option
+	}{
+		{"lock_timeout", "5s", []sqlretry.Option{sqlretry.WithShortLockWait(true)}},
+		{"deadlock_timeout", "2s", nil},
+	} {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(c.setting+"/"+drv, func(t *testing.T) {
+				var db *sql.DB
+				if drv == "pgx" {
+					db = atkPlain(t, "pgx")
+				} else {
+					db = atkOpenPG(t, nil, c.opts...)
+				}
+				db.SetMaxOpenConns(1) // the next statement runs on the same session
+				tbl := atkName("a15rs")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0)")
+				var before string
+				if err := db.QueryRow("SHOW " + c.setting).Scan(&before); err != nil {
+					t.Fatal(err)
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				runs := 0
+				fn := func(ctx context.Context, tx *sql.Tx) error {
+					runs++
+					if drv == "sqlretry" && runs == 1 { // a conflict: the replay is bounded
+						_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack15 conflict' USING ERRCODE = '40001'; END$$`)
+						return err
+					}
+					var saved string
+					if err := tx.QueryRowContext(ctx, "SELECT current_setting('"+c.setting+"')").Scan(&saved); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '"+c.value+"'"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "SET "+c.setting+" = '"+saved+"'")
+					return err
+				}
+				var err error
+				if drv == "pgx" {
+					tx, e := db.BeginTx(ctx, nil)
+					if e != nil {
+						t.Fatal(e)
+					}
+					if err = fn(ctx, tx); err == nil {
+						err = tx.Commit()
+					} else {
+						tx.Rollback()
+					}
+				} else {
+					err = sqlretry.RunInTx(ctx, db, nil, fn)
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				var after string
+				if err := db.QueryRow("SHOW " + c.setting).Scan(&after); err != nil {
+					t.Fatal(err)
+				}
+				t.Logf("%s: session's %s before the transaction %q, after it %q", drv, c.setting, before, after)
+				if after != before {
+					t.Errorf("the session's %s is %q after the transaction, was %q: the closure restored what it read, sqlretry's bound", c.setting, after, before)
+				}
+				if c.setting == "lock_timeout" {
+					done := a14HoldRow(t, "pgx", tbl, 1, 300*time.Millisecond)
+					time.Sleep(50 * time.Millisecond)
+					_, err := db.ExecContext(sqlretry.NoRetry(context.Background()), "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1")
+					<-done
+					t.Logf("%s: a later autocommit UPDATE waiting 300 ms for its row: %v", drv, err)
+					if err != nil {
+						t.Errorf("a later statement on the same connection failed where the plain driver waits: %v", err)
+					}
+				}
+			})
+		}
+	}
+}
