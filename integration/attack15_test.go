@@ -109,6 +109,12 @@ var (
 // a15OpenMyGate opens sqlretry on the shared MariaDB through a15MyGate.
 func a15OpenMyGate(t *testing.T, opts ...sqlretry.Option) *sql.DB {
 	t.Helper()
+	return a15OpenMyGateAs(t, "root", opts...)
+}
+
+// a15OpenMyGateAs is a15OpenMyGate for another user.
+func a15OpenMyGateAs(t *testing.T, user string, opts ...sqlretry.Option) *sql.DB {
+	t.Helper()
 	a15MyGateOnce.Do(func() {
 		mysql.RegisterDialContext("a15gate", func(ctx context.Context, addr string) (net.Conn, error) {
 			var d net.Dialer
@@ -119,7 +125,7 @@ func a15OpenMyGate(t *testing.T, opts ...sqlretry.Option) *sql.DB {
 			return &a15GateConn{Conn: nc, g: a15MyGate}, nil
 		})
 	})
-	cfg, err := mysql.ParseDSN("root@a15gate(127.0.0.1:3306)/test?parseTime=true")
+	cfg, err := mysql.ParseDSN(user + "@a15gate(127.0.0.1:3306)/test?parseTime=true")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -483,5 +489,77 @@ func TestAttack15PgSavedAndRestoredSettingLeaksTheBound(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestAttack15MySetRoleTurnsResolutionOff: MariaDB roles. The application
+// user works through a default role (a15rw: all on the database) and has a
+// read-only role (a15ro) it switches to with SET ROLE once its writes are
+// done (least privilege for what follows, e.g. a report query). SET ROLE
+// does not touch the transaction: the plain driver's COMMIT commits it.
+// sqlretry's marker INSERT, sent with the COMMIT after the closure
+// returned, now runs under the read-only role and is refused (1142), and
+// sqlretry takes that for "the user may not use the marker table": it
+// turns the commit marker off for the whole db (a warning blames the
+// grants), so from then on every transaction of every caller of that db
+// commits without a marker and a lost COMMIT is ErrAmbiguousCommit where
+// it was resolved. Shown by a lost COMMIT of a later, ordinary
+// transaction on a new connection: resolved (committed) without the SET
+// ROLE transaction before it, ErrAmbiguousCommit after it.
+func TestAttack15MySetRoleTurnsResolutionOff(t *testing.T) {
+	root := atkPlain(t, "mysql")
+	u := atkName("a15u")
+	tbl := atkName("a15r")
+	atkMust(t, root, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))",
+		"CREATE ROLE IF NOT EXISTS a15rw", "CREATE ROLE IF NOT EXISTS a15ro",
+		"GRANT ALL ON test.* TO a15rw", "GRANT SELECT ON test.* TO a15ro",
+		"CREATE USER "+u+"@'%'", "GRANT a15rw TO "+u+"@'%'", "GRANT a15ro TO "+u+"@'%'", "SET DEFAULT ROLE a15rw FOR "+u+"@'%'")
+	t.Cleanup(func() { root.Exec("DROP USER " + u + "@'%'") })
+	for _, setRole := range []bool{false, true} {
+		t.Run(fmt.Sprintf("setRoleBefore=%v", setRole), func(t *testing.T) {
+			db := a15OpenMyGateAs(t, u)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('first')"); err != nil {
+					return err
+				}
+				if setRole {
+					_, err := tx.ExecContext(ctx, "SET ROLE a15ro")
+					return err
+				}
+				return nil
+			}); err != nil {
+				t.Fatalf("first transaction: %v", err)
+			}
+			db.SetMaxIdleConns(0) // the next transaction on a new connection, under the default role
+			db.SetMaxIdleConns(2)
+			tag := atkName("t")
+			calls := 0
+			a15MyGate.arm("COMMIT")
+			hit, release := a15MyGate.hit, a15MyGate.release
+			defer a15MyGate.disarm()
+			go func() {
+				select {
+				case <-hit:
+					time.Sleep(300 * time.Millisecond)
+				case <-time.After(20 * time.Second):
+				}
+				close(release)
+			}()
+			err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", tag)
+				return err
+			})
+			rows := atkCount(t, root, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = '"+tag+"'")
+			t.Logf("lost COMMIT of a later transaction: calls=%d err=%v rows=%d", calls, err, rows)
+			if rows != 1 {
+				t.Fatalf("rows %d", rows)
+			}
+			if err != nil {
+				t.Errorf("a lost COMMIT that took effect was not resolved (%v): the commit marker was turned off for the db by an earlier closure's SET ROLE", err)
+			}
+		})
 	}
 }
