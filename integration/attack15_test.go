@@ -563,3 +563,69 @@ func TestAttack15MySetRoleTurnsResolutionOff(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack15MyFlushTablesWithReadLockCommittedButError: `FLUSH TABLES t
+// WITH READ LOCK` (and `FLUSH TABLES t FOR EXPORT`, the first step of
+// copying a table's files out) commits the open transaction implicitly and
+// locks the named tables for the session until UNLOCK TABLES. The plain
+// driver's COMMIT after it succeeds (nothing left to commit): no error,
+// the row is there. sqlretry's marker INSERT, sent with its COMMIT, touches
+// a table the session did not lock and is refused (1100 "was not locked
+// with LOCK TABLES"): RunInTx returns that error (not ErrAmbiguousCommit)
+// for a transaction whose write is committed. (LOCK TABLES in the same
+// place is recognised and works.) A caller that runs a failed transaction
+// again writes it twice.
+func TestAttack15MyFlushTablesWithReadLockCommittedButError(t *testing.T) {
+	ctx := context.Background()
+	for _, stmt := range []string{"FLUSH TABLES %s WITH READ LOCK", "FLUSH TABLES %s FOR EXPORT"} {
+		for _, drv := range []string{"mysql", "sqlretry"} {
+			name := "with-read-lock"
+			if stmt == "FLUSH TABLES %s FOR EXPORT" {
+				name = "for-export"
+			}
+			t.Run(name+"/"+drv, func(t *testing.T) {
+				var db *sql.DB
+				if drv == "mysql" {
+					db = atkPlain(t, "mysql")
+				} else {
+					db = atkOpenMy(t)
+				}
+				db.SetMaxOpenConns(1)
+				tbl := atkName("a15fl")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (id int auto_increment primary key, v int) ENGINE=InnoDB")
+				fn := func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (v) VALUES (1)"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, fmt.Sprintf(stmt, tbl))
+					return err
+				}
+				var err error
+				if drv == "mysql" {
+					tx, e := db.BeginTx(ctx, nil)
+					if e != nil {
+						t.Fatal(e)
+					}
+					if err = fn(ctx, tx); err == nil {
+						err = tx.Commit()
+					} else {
+						tx.Rollback()
+					}
+				} else {
+					err = sqlretry.RunInTx(ctx, db, nil, fn)
+				}
+				if _, e := db.ExecContext(ctx, "UNLOCK TABLES"); e != nil {
+					t.Fatal(e)
+				}
+				rows := atkCount(t, db, "SELECT COUNT(*) FROM "+tbl)
+				t.Logf("%s: err=%v (ErrAmbiguousCommit: %v), rows=%d", drv, err, errors.Is(err, sqlretry.ErrAmbiguousCommit), rows)
+				if rows != 1 {
+					t.Fatalf("rows %d", rows)
+				}
+				if err != nil && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+					t.Errorf("the transaction's row is committed and yet RunInTx returned %v; the plain driver returns nil", err)
+				}
+			})
+		}
+	}
+}
