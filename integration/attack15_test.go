@@ -50,10 +50,10 @@ func (g *a15Gate) disarm() {
 
 type a15GateConn struct {
 	net.Conn
-	g       *a15Gate
-	mu      sync.Mutex
-	held    chan struct{}
-	cut     bool
+	g    *a15Gate
+	mu   sync.Mutex
+	held chan struct{}
+	cut  bool
 }
 
 func (c *a15GateConn) Write(p []byte) (int, error) {
@@ -316,79 +316,85 @@ func TestAttack15MyResultCharsetFailsCommit(t *testing.T) {
 // moments after the closure returns, never returned an error for a
 // committed transaction (its COMMIT is one statement, not a block). About
 // 1 transaction in 1,000 with kills spread over 0–1.2 ms; with
-// completion_type = 0 none in 6,600.
+// completion_type = 0 none in 6,600. The same with autocommit = 0 (a
+// closure that turns autocommit off for what the session does next; the
+// transaction it is in goes on): about 1 in 3,000 (the question that asks
+// the session reads the marker table, which under autocommit = 0 opens a
+// transaction of its own, it seems).
 func TestAttack15MyKillQueryChainCommittedButError(t *testing.T) {
-	for _, drv := range []string{"mysql", "sqlretry"} {
-		t.Run(drv, func(t *testing.T) {
-			var db *sql.DB
-			if drv == "mysql" {
-				db = atkPlain(t, "mysql")
-			} else {
-				db = a15OpenMyGate(t)
-			}
-			killer := atkPlain(t, "mysql")
-			killer.SetMaxIdleConns(4)
-			tbl := atkName("a15kq")
-			atkMust(t, killer, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
-			limit := 120 * time.Second
-			if drv == "mysql" {
-				limit = 20 * time.Second
-			}
-			deadline := time.Now().Add(limit)
-			n, failed := 0, 0
-			for ; time.Now().Before(deadline); n++ {
-				tag := atkName("t")
-				kills := make(chan struct{})
-				fn := func(ctx context.Context, tx *sql.Tx) error {
-					if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", tag); err != nil {
-						return err
-					}
-					var cid int64
-					if err := tx.QueryRowContext(ctx, "SELECT CONNECTION_ID()").Scan(&cid); err != nil {
-						return err
-					}
-					if _, err := tx.ExecContext(ctx, "SET SESSION completion_type = 1"); err != nil {
-						return err
-					}
-					d := time.Duration(rand.IntN(1200)) * time.Microsecond
-					go func() {
-						defer close(kills)
-						time.Sleep(d)
-						killer.Exec(fmt.Sprintf("KILL QUERY %d", cid))
-					}()
-					return nil
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				var err error
+	for _, setting := range []string{"SET SESSION completion_type = 1", "SET SESSION autocommit = 0"} {
+		for _, drv := range []string{"mysql", "sqlretry"} {
+			t.Run(setting[12:]+"/"+drv, func(t *testing.T) {
+				var db *sql.DB
 				if drv == "mysql" {
-					tx, e := db.BeginTx(ctx, nil)
-					if e != nil {
-						cancel()
-						t.Fatal(e)
-					}
-					if err = fn(ctx, tx); err == nil {
-						err = tx.Commit()
-					} else {
-						tx.Rollback()
-					}
+					db = atkPlain(t, "mysql")
 				} else {
-					err = sqlretry.RunInTx(ctx, db, nil, fn)
+					db = a15OpenMyGate(t)
 				}
-				cancel()
-				<-kills
-				rows := atkCount(t, killer, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = '"+tag+"'")
-				if err != nil {
-					failed++
+				killer := atkPlain(t, "mysql")
+				killer.SetMaxIdleConns(4)
+				tbl := atkName("a15kq")
+				atkMust(t, killer, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+				limit := 150 * time.Second
+				if drv == "mysql" {
+					limit = 20 * time.Second
 				}
-				if err != nil && rows != 0 && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
-					t.Fatalf("transaction %d: RunInTx returned %v (not ErrAmbiguousCommit) and its row is committed (%d)", n+1, err, rows)
+				deadline := time.Now().Add(limit)
+				n, failed := 0, 0
+				for ; time.Now().Before(deadline); n++ {
+					tag := atkName("t")
+					kills := make(chan struct{})
+					fn := func(ctx context.Context, tx *sql.Tx) error {
+						if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", tag); err != nil {
+							return err
+						}
+						var cid int64
+						if err := tx.QueryRowContext(ctx, "SELECT CONNECTION_ID()").Scan(&cid); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, setting); err != nil {
+							return err
+						}
+						d := time.Duration(rand.IntN(1200)) * time.Microsecond
+						go func() {
+							defer close(kills)
+							time.Sleep(d)
+							killer.Exec(fmt.Sprintf("KILL QUERY %d", cid))
+						}()
+						return nil
+					}
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					var err error
+					if drv == "mysql" {
+						tx, e := db.BeginTx(ctx, nil)
+						if e != nil {
+							cancel()
+							t.Fatal(e)
+						}
+						if err = fn(ctx, tx); err == nil {
+							err = tx.Commit()
+						} else {
+							tx.Rollback()
+						}
+					} else {
+						err = sqlretry.RunInTx(ctx, db, nil, fn)
+					}
+					cancel()
+					<-kills
+					rows := atkCount(t, killer, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = '"+tag+"'")
+					if err != nil {
+						failed++
+					}
+					if err != nil && rows != 0 && !errors.Is(err, sqlretry.ErrAmbiguousCommit) {
+						t.Fatalf("transaction %d: RunInTx returned %v (not ErrAmbiguousCommit) and its row is committed (%d)", n+1, err, rows)
+					}
+					if rows > 1 {
+						t.Fatalf("transaction %d: its row is committed %d times (err %v)", n+1, rows, err)
+					}
 				}
-				if rows > 1 {
-					t.Fatalf("transaction %d: its row is committed %d times (err %v)", n+1, rows, err)
-				}
-			}
-			t.Logf("%s: %d transactions, %d returned an error, none reported failed while committed", drv, n, failed)
-		})
+				t.Logf("%s: %d transactions, %d returned an error, none reported failed while committed", drv, n, failed)
+			})
+		}
 	}
 }
 
