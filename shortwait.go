@@ -334,6 +334,7 @@ func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration, clo
 	if _, err := sqlTx.ExecContext(ctx, shortLockSet(ms)); err != nil {
 		return false, &shortWaitError{err: err}
 	}
+	recordBound(ctx, ms, cur)
 	return true, nil
 }
 
@@ -365,7 +366,17 @@ func (s *shortWait) setDeadlock(ctx context.Context, sqlTx *sql.Tx, d time.Durat
 	if _, err := sqlTx.ExecContext(ctx, shortDeadlockSet(ms)); err != nil {
 		return false, &shortWaitError{err: err}
 	}
+	recordBound(ctx, ms, cur)
 	return true, nil
+}
+
+// recordBound keeps, in the attempt ctx is, the bound set and the
+// session's value it replaced (tx.restoreBound).
+func recordBound(ctx context.Context, ms int64, pre string) {
+	if a, ok := ctx.(*txAttempt); ok {
+		r := a.rareState()
+		r.boundMS, r.boundPre = ms, pre
+	}
 }
 
 // learn keeps the server's deadlock_timeout (ms) as a bounded attempt read

@@ -71,8 +71,9 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if t.c.escapesTx(query) {
 		t.escape(query)
 	}
-	if a := t.attempt; a != nil && a.ownBound && !isShortWaitQuery(query) && setsSetting(query, a.boundSetting()) {
+	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !isShortWaitQuery(query) && setsSetting(query, a.boundSetting()) {
 		a.ownBound = false // the closure sets its own: a 55P03 (or 40P01) from now on may be the user's
+		a.rare.boundTouched = true
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
@@ -268,10 +269,44 @@ func (t *tx) Commit() error {
 	}
 	err := t.commit()
 	if a != nil {
+		if err == nil {
+			t.restoreBound(a)
+		}
 		a.commitErr = err
 		a.ended.Store(endCommitted)
 	}
 	return err
+}
+
+// restoreBound undoes what a closure's session-level SET made of
+// sqlretry's bound. A closure that saves a setting (SHOW, current_setting),
+// changes it and restores it with a session SET saved sqlretry's SET LOCAL
+// bound, and its restore made the bound the session's: it outlived the
+// transaction, and later statements on the pooled connection ran with a
+// 20 ms lock_timeout or deadlock_timeout (attack15). With the plain driver
+// the closure saved, and restored, the session's own value. So after a
+// COMMIT of an attempt whose closure set the setting, a session value
+// equal to the bound becomes the one sqlretry's bound replaced. A session
+// that cannot be asked is not used again.
+func (t *tx) restoreBound(a *txAttempt) {
+	rr := a.rare
+	if rr == nil || !rr.boundTouched || rr.boundMS == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	name := a.boundSetting()
+	vals, err := queryRow(ctx, t.c.inner, "SHOW "+name+shortLockMark)
+	if err != nil || len(vals) == 0 {
+		t.c.bad.Store(true)
+		return
+	}
+	if ms, ok := parsePgMillis(textOf(vals[0])); !ok || ms != rr.boundMS {
+		return
+	}
+	if err := execConn(ctx, t.c.inner, "SET SESSION "+name+" = '"+strings.ReplaceAll(rr.boundPre, "'", "''")+"'"+shortLockMark); err != nil {
+		t.c.bad.Store(true)
+	}
 }
 
 func (t *tx) commit() error {
@@ -526,6 +561,12 @@ type attemptRare struct {
 	nested *nestedReplay
 	// ownHit: see txAttempt.ownBound.
 	ownHit error
+	// The bound sqlretry set (ms, 0: none), the session's value it
+	// replaced (as SHOW gave it), and whether a statement of the closure
+	// set the setting itself (restoreBound).
+	boundMS      int64
+	boundPre     string
+	boundTouched bool
 }
 
 // ownHit is the first 55P03 (40P01 with short deadlock checks) the
