@@ -105,6 +105,7 @@ type conn struct {
 	serverID    int64       // PostgreSQL backend pid / MySQL connection id, 0 until asked
 	serverStart int64       // PostgreSQL server start time, µs, asked with serverID
 	mysqlServer mysqlServer // the MySQL server the session runs on, asked with serverID (resolve.go)
+	noMarker    bool        // MySQL: the session may not write the commit marker a new one may (markerRefused)
 
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.

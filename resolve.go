@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -104,6 +105,9 @@ func (t *tx) prepareMarker() error {
 	if marker == "" {
 		return nil // no marker table just now: a lost COMMIT will be ambiguous
 	}
+	if c.noMarker {
+		return nil // a role of its own may not write it (markerRefused)
+	}
 	if t.lockedTables {
 		// The closure ran LOCK TABLES (which also committed what came
 		// before it): the marker's INSERT would fail with 1100 (not
@@ -115,12 +119,13 @@ func (t *tx) prepareMarker() error {
 		id, srv, err := r.mysqlAskSession(t.ctx, c.inner)
 		switch {
 		case err == nil:
-		case errors.Is(err, errNoRow) || r.ownStatementRefused(err):
+		case errors.Is(err, errNoRow) || r.ownStatementRefused(err) || errors.As(err, new(*strconv.NumError)):
 			// The session's own settings refused sqlretry's question
 			// where the plain COMMIT would pass: sql_select_limit = 0
 			// (attack9), max_statement_time, max_join_size,
 			// max_session_mem_used (attack14) on a server without SET
-			// STATEMENT. No marker for this transaction rather than a
+			// STATEMENT, an answer in a character_set_results the driver
+			// cannot read as a number (attack15). No marker for this transaction rather than a
 			// failed COMMIT; the next one asks again.
 			return nil
 		default:
@@ -144,11 +149,14 @@ func (t *tx) prepareMarker() error {
 // subject to: a max_statement_time stopped the marker's block after its
 // COMMIT had taken effect (a committed transaction reported as failed),
 // and sql_select_limit, max_join_size with sql_big_selects = 0 and
-// max_session_mem_used made the question fail (attack14). A server that
+// max_session_mem_used made the question fail (attack14), and a
+// character_set_results of utf16 made its answer unreadable (attack15).
+// A server that
 // refuses it (MySQL, an older MariaDB: mysqlPrefixRefused) gets the
 // statements without it from then on.
 const mysqlOwnPrefix = "SET STATEMENT max_statement_time=0, sql_select_limit=18446744073709551615, " +
-	"max_join_size=18446744073709551615, sql_big_selects=1, max_session_mem_used=9223372036854775807 FOR "
+	"max_join_size=18446744073709551615, sql_big_selects=1, max_session_mem_used=9223372036854775807, " +
+	"character_set_results=binary FOR "
 
 // own gives q the prefix while the db's server takes it.
 func (r *retrier) own(q string) string {
@@ -218,9 +226,14 @@ func (r *retrier) mysqlAskSession(ctx context.Context, dc driver.Conn) (int64, m
 }
 
 // markerInsert writes the token as a literal: with an argument
-// go-sql-driver/mysql would prepare the statement, two round trips.
+// go-sql-driver/mysql would prepare the statement, two round trips. Its
+// time is SYSDATE(6), the server's clock: the column's default follows the
+// session's timestamp, which a closure may set (mysqlbinlog's output,
+// tests that pin "now"), and a row dated two hours back was deleted by the
+// clean-up before a lost COMMIT's lookup, which then replayed a committed
+// transaction (attack15).
 func markerInsert(table string, token []byte) string {
-	return "INSERT INTO " + table + " (token) VALUES (X'" + hex.EncodeToString(token) + "')"
+	return "INSERT INTO " + table + " (token, created_at) VALUES (X'" + hex.EncodeToString(token) + "', SYSDATE(6))"
 }
 
 // insertMarker runs the marker's INSERT on its own. A failure leaves the
@@ -247,15 +260,26 @@ func (t *tx) insertMarker() error {
 	case isConfigNumber(n):
 		// Dropped or revoked since. The failed INSERT left the transaction
 		// open: the default marker turns itself off and it commits without.
-		return r.markerRefused(t.ctx, t.marker, err)
+		return r.markerRefused(t.ctx, t.c, t.marker, err)
 	}
 	return r.resolutionFailed(t.ctx, "writing the commit marker", err)
 }
 
 // markerRefused handles a marker table the user may no longer use: a
 // named one is looked at again by the next transaction and this one fails
-// with what to do; the default one is turned off (nil).
-func (r *retrier) markerRefused(ctx context.Context, table string, err error) error {
+// with what to do; the default one is turned off (nil). Unless the
+// refusal is this session's own: a privilege refused while the session
+// runs under another role than a new session of the user gets (SET ROLE
+// by the closure or an earlier statement on the connection; attack15: a
+// closure switching to a read-only role turned the marker off for the
+// whole db). The role is the session's: this connection writes no marker
+// from now on (its lost COMMITs are ErrAmbiguousCommit), and the db keeps
+// it.
+func (r *retrier) markerRefused(ctx context.Context, c *conn, table string, err error) error {
+	if r.sessionRoleRefused(ctx, c, err) {
+		c.noMarker = true
+		return nil
+	}
 	r.resolution.forgetMarker()
 	cerr := &configError{what: "writing the commit marker into " + table,
 		fix: "the marker table needs SELECT, INSERT and DELETE for this user", err: err}
@@ -264,6 +288,32 @@ func (r *retrier) markerRefused(ctx context.Context, table string, err error) er
 		return nil
 	}
 	return newError("commit", 1, Permanent, nil, cerr)
+}
+
+// sessionRoleRefused says whether err, a refused privilege at the
+// marker, came under a role of the session's own: CURRENT_ROLE() differs
+// from a new session's.
+func (r *retrier) sessionRoleRefused(ctx context.Context, c *conn, err error) bool {
+	switch mysqlNumber(err) {
+	case 1142, 1143, 1044:
+	default:
+		return false
+	}
+	const q = "SELECT CURRENT_ROLE()"
+	mine, e := queryRow(ctx, c.inner, r.own(q))
+	if e != nil || len(mine) == 0 {
+		return false
+	}
+	dc, e := r.inner.Connect(ctx)
+	if e != nil {
+		return false
+	}
+	defer dc.Close()
+	fresh, e := queryRow(ctx, dc, q)
+	if e != nil || len(fresh) == 0 {
+		return false
+	}
+	return textOf(mine[0]) != textOf(fresh[0])
 }
 
 // markerMissing handles a marker table the check found or created that
@@ -352,7 +402,7 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 		return t.withinDeadline("COMMIT", driver.Tx.Commit)
 	case isConfigNumber(n):
 		t.token = nil
-		if cerr := r.markerRefused(t.ctx, t.marker, err); cerr != nil {
+		if cerr := r.markerRefused(t.ctx, t.c, t.marker, err); cerr != nil {
 			_ = t.rollback()
 			return false, cerr
 		}
@@ -361,8 +411,14 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 		// Interrupted (KILL QUERY from another session; max_statement_time
 		// where the prefix is not taken): the block may have stopped
 		// after its COMMIT took effect (attack14: a committed transaction
-		// was reported failed). The session itself says which.
-		return t.afterInterruptedBlock(err)
+		// was reported failed). Its own session cannot say which: under
+		// completion_type = CHAIN the COMMIT opened the next transaction,
+		// and under autocommit = 0 a read of the marker table opens one
+		// (attack15). Resolved as a lost COMMIT: the session is not used
+		// again, the resolver ends it (KILL) and looks the token up on a
+		// side connection.
+		t.c.bad.Store(true)
+		return false, newError("commit", 1, Ambiguous, nil, fmt.Errorf("sqlretry: the COMMIT's statement was interrupted: %w", err))
 	case n == 1064 || n == 1235:
 		// The server refused the block (a MariaDB before 10.1.1, a proxy
 		// that claims MariaDB's version): nothing ran. Separate INSERTs
@@ -374,32 +430,6 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 	}
 	_ = t.rollback()
 	return false, err
-}
-
-// afterInterruptedBlock finds out, on the transaction's own session, what
-// an interrupted marker block did: a transaction still open did not
-// commit (the interrupted statement was rolled back alone: it is rolled
-// back here and the error returned, as for any other failure of the
-// block); one no longer open committed if its marker is there (the
-// session reads what it committed). When the session cannot tell, the
-// outcome is unknown (abandoned: ErrAmbiguousCommit) and the connection
-// is not used again.
-func (t *tx) afterInterruptedBlock(cause error) (bool, error) {
-	r, inner := t.c.r, t.c.inner
-	q := r.own("SELECT @@in_transaction, (SELECT COUNT(*) FROM " + t.marker + " WHERE token = X'" + hex.EncodeToString(t.token) + "')")
-	vals, err := queryRow(context.Background(), inner, q)
-	if err != nil || len(vals) < 2 {
-		t.c.bad.Store(true) // in an unknown state: never used again
-		return true, fmt.Errorf("the COMMIT's statement was interrupted (%w) and its session could not say whether it committed: %v", cause, err)
-	}
-	if asInt64(vals[0]) != 0 {
-		_ = t.rollback()
-		return false, cause
-	}
-	if asInt64(vals[1]) > 0 {
-		return false, nil
-	}
-	return false, cause
 }
 
 // lacksFunction reports the definite "this engine has no such function".
