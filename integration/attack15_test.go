@@ -339,9 +339,20 @@ func TestAttack15MyKillQueryChainCommittedButError(t *testing.T) {
 				killer.SetMaxIdleConns(4)
 				tbl := atkName("a15kq")
 				atkMust(t, killer, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
-				limit := 150 * time.Second
+				// 150 s and 20 s in the hostile tester's runs; the suite
+				// runs 15 s and 8 s (about 3,000 transactions through
+				// sqlretry: at the 1 in 1,000 found before the fix, a
+				// regression shows in most runs), and the longer runs
+				// with SQLRETRY_ATTACK15_LONG=1.
+				limit := 15 * time.Second
 				if drv == "mysql" {
-					limit = 20 * time.Second
+					limit = 8 * time.Second
+				}
+				if os.Getenv("SQLRETRY_ATTACK15_LONG") != "" {
+					limit = 150 * time.Second
+					if drv == "mysql" {
+						limit = 20 * time.Second
+					}
 				}
 				deadline := time.Now().Add(limit)
 				n, failed := 0, 0
