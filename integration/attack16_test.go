@@ -1,0 +1,156 @@
+package integration
+
+// Hostile tests of sqlretry (attack16), written from the README and go doc
+// only. Each Test below fails on the code it was written against.
+
+import (
+	"context"
+	"database/sql"
+	"testing"
+	"time"
+
+	"github.com/sqlretry/sqlretry"
+)
+
+// a16PgRun runs fn as one transaction: through RunInTx for sqlretry (whose
+// first attempt fails with 40001 so that the replay is bounded), with
+// BeginTx/Commit for the plain driver.
+func a16PgRun(t *testing.T, drv string, db *sql.DB, fn func(ctx context.Context, tx *sql.Tx) error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if drv == "pgx" {
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := fn(ctx, tx); err != nil {
+			tx.Rollback()
+			t.Fatal(err)
+		}
+		if err := tx.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	runs := 0
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if runs == 1 {
+			_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack16 conflict' USING ERRCODE = '40001'; END$$`)
+			return err
+		}
+		var cur string
+		tx.QueryRowContext(ctx, "SELECT current_setting('deadlock_timeout')||' '||current_setting('lock_timeout')").Scan(&cur)
+		t.Logf("replay %d: deadlock_timeout, lock_timeout in the transaction: %s", runs, cur)
+		return fn(ctx, tx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func a16Open(t *testing.T, drv string, opts ...sqlretry.Option) *sql.DB {
+	var db *sql.DB
+	if drv == "pgx" {
+		db = atkPlain(t, "pgx")
+	} else {
+		db = atkOpenPG(t, nil, opts...)
+	}
+	db.SetMaxOpenConns(1)
+	return db
+}
+
+func a16Show(t *testing.T, db *sql.DB, setting string) string {
+	t.Helper()
+	var v string
+	if err := db.QueryRow("SHOW " + setting).Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// TestAttack16PgSetConfigRestoreLeaksTheBound: the save/restore fix
+// (attack15) only looks at a closure's SET. A closure that saves the
+// setting with current_setting and restores it with set_config(..., false)
+// bound as a parameter — or a PL/pgSQL function doing the same — restores
+// sqlretry's bound as the session's value.
+func TestAttack16PgSetConfigRestoreLeaksTheBound(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	fname := atkName("a16withlt")
+	atkMust(t, plain, `CREATE FUNCTION `+fname+`(s text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE saved text := current_setting(s);
+BEGIN
+  PERFORM set_config(s, '5s', false);
+  PERFORM 1;
+  PERFORM set_config(s, saved, false);
+END$$`)
+	t.Cleanup(func() { plain.Exec("DROP FUNCTION " + fname + "(text)") })
+	for _, c := range []struct {
+		name, setting string
+		opts          []sqlretry.Option
+	}{
+		{"lock_timeout", "lock_timeout", []sqlretry.Option{sqlretry.WithShortLockWait(true)}},
+		{"deadlock_timeout", "deadlock_timeout", nil},
+	} {
+		for _, how := range []string{"param", "function"} {
+			for _, drv := range []string{"pgx", "sqlretry"} {
+				t.Run(c.name+"/"+how+"/"+drv, func(t *testing.T) {
+					db := a16Open(t, drv, c.opts...)
+					before := a16Show(t, db, c.setting)
+					a16PgRun(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+						if how == "function" {
+							_, err := tx.ExecContext(ctx, "SELECT "+fname+"($1)", c.setting)
+							return err
+						}
+						var saved string
+						if err := tx.QueryRowContext(ctx, "SELECT current_setting($1)", c.setting).Scan(&saved); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, "SELECT set_config($1, '5s', false)", c.setting); err != nil {
+							return err
+						}
+						_, err := tx.ExecContext(ctx, "SELECT set_config($1, $2, false)", c.setting, saved)
+						return err
+					})
+					after := a16Show(t, db, c.setting)
+					t.Logf("%s: %s before %q after %q", drv, c.setting, before, after)
+					if after != before {
+						t.Errorf("the session's %s is %q after the transaction, was %q (the plain driver's is back to its own)", c.setting, after, before)
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestAttack16PgDeliberateSessionValueEqualToBoundIsUndone: a closure that
+// sets the session's deadlock_timeout (or lock_timeout) on purpose to a
+// value that happens to equal sqlretry's bound (20ms) has it set back to
+// the old value after the COMMIT; the plain driver keeps what the closure
+// set.
+func TestAttack16PgDeliberateSessionValueEqualToBoundIsUndone(t *testing.T) {
+	for _, c := range []struct {
+		setting, value string
+		opts           []sqlretry.Option
+	}{
+		{"lock_timeout", "20ms", []sqlretry.Option{sqlretry.WithShortLockWait(true)}},
+		{"deadlock_timeout", "20ms", nil},
+	} {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(c.setting+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, c.opts...)
+				before := a16Show(t, db, c.setting)
+				a16PgRun(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "SET SESSION "+c.setting+" = '"+c.value+"'")
+					return err
+				})
+				after := a16Show(t, db, c.setting)
+				t.Logf("%s: %s before %q after %q", drv, c.setting, before, after)
+				if after != c.value {
+					t.Errorf("the session's %s is %q after a transaction that set it to %q (plain driver: %q)", c.setting, after, c.value, c.value)
+				}
+			})
+		}
+	}
+}
