@@ -154,3 +154,42 @@ func TestAttack16PgDeliberateSessionValueEqualToBoundIsUndone(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack16PgPrepareInClosureBreaksReplay: PostgreSQL's SQL-level
+// PREPARE is not transactional: a statement prepared in a transaction that
+// rolls back stays on the session. A closure that PREPAREs, EXECUTEs and
+// DEALLOCATEs (all inside its transaction) and meets a serialization
+// failure between PREPARE and DEALLOCATE is replayed on the same pooled
+// connection, where its PREPARE now fails with 42P05 "prepared statement
+// already exists", and RunInTx returns that error for a transaction the
+// replay was meant to commit.
+func TestAttack16PgPrepareInClosureBreaksReplay(t *testing.T) {
+	db := atkOpenPG(t, nil)
+	db.SetMaxOpenConns(1)
+	tbl := atkName("a16prep")
+	atkMust(t, db, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0)")
+	runs := 0
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if _, err := tx.ExecContext(ctx, "PREPARE a16bump(int) AS UPDATE "+tbl+" SET v = v + 1 WHERE id = $1"); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, "EXECUTE a16bump(1)"); err != nil {
+			return err
+		}
+		if runs == 1 { // the server rolls this attempt back: a serialization failure
+			if _, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack16 conflict' USING ERRCODE = '40001'; END$$`); err != nil {
+				return err
+			}
+		}
+		_, err := tx.ExecContext(ctx, "DEALLOCATE a16bump")
+		return err
+	})
+	v := atkCount(t, db, "SELECT v FROM "+tbl+" WHERE id = 1")
+	t.Logf("RunInTx: runs=%d err=%v; v=%d", runs, err, v)
+	if err != nil || v != 1 {
+		t.Errorf("a replayed closure failed on the session state its rolled-back attempt left (runs=%d, err=%v, v=%d): the replay runs on the session the failed attempt left behind, where the plain driver ran the closure once", runs, err, v)
+	}
+}
