@@ -193,3 +193,76 @@ func TestAttack16PgPrepareInClosureBreaksReplay(t *testing.T) {
 		t.Errorf("a replayed closure failed on the session state its rolled-back attempt left (runs=%d, err=%v, v=%d): the replay runs on the session the failed attempt left behind, where the plain driver ran the closure once", runs, err, v)
 	}
 }
+
+// TestAttack16PgSetRoleAfterRestoreDropsTheSession: a closure replayed
+// under the short deadlock check saves deadlock_timeout, sets it for its
+// work and restores it (attack15's helper), then drops privileges for the
+// rest of the session with SET ROLE (least privilege for what follows).
+// After the COMMIT, the attack15 fix's SET SESSION deadlock_timeout runs
+// under that role, which may not set it; sqlretry then discards the
+// connection. The transaction committed and RunInTx says nil, but the
+// session the closure left (its role, and with it every session-level
+// thing: temporary tables, prepared statements, settings) is gone: the
+// next statement on the db runs on a new connection as the superuser. The
+// plain driver keeps the session: the next statement runs as the role.
+func TestAttack16PgSetRoleAfterRestoreDropsTheSession(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	role := atkName("a16role")
+	atkMust(t, plain, "CREATE ROLE "+role)
+	t.Cleanup(func() { plain.Exec("DROP OWNED BY " + role); plain.Exec("DROP ROLE " + role) })
+	tbl := atkName("a16sr")
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0)", "GRANT ALL ON "+tbl+" TO "+role)
+	for _, drv := range []string{"pgx", "sqlretry", "sqlretry-no-setting"} {
+		t.Run(drv, func(t *testing.T) {
+			noSetting := drv == "sqlretry-no-setting"
+			if noSetting {
+				drv = "sqlretry"
+			}
+			db := a16Open(t, drv)
+			var pid0 int
+			if err := db.QueryRow("SELECT pg_backend_pid()").Scan(&pid0); err != nil {
+				t.Fatal(err)
+			}
+			a16PgRun(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+				if noSetting { // control: the same closure without the save/SET/restore
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "CREATE TEMP TABLE a16scratch (x int)"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "SET ROLE "+role)
+					return err
+				}
+				var saved string
+				if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&saved); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "SET deadlock_timeout = '5s'"); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "SET deadlock_timeout = '"+saved+"'"); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "CREATE TEMP TABLE a16scratch (x int)"); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "SET ROLE "+role)
+				return err
+			})
+			var who string
+			var pid int
+			if err := db.QueryRow("SELECT current_user, pg_backend_pid()").Scan(&who, &pid); err != nil {
+				t.Fatal(err)
+			}
+			temp := atkCount(t, db, "SELECT count(*) FROM pg_tables WHERE tablename = 'a16scratch' AND schemaname LIKE 'pg_temp%'")
+			t.Logf("%s: after the transaction: current_user %s, backend %d -> %d, the closure's temp table: %d", drv, who, pid0, pid, temp)
+			if who != role || pid != pid0 || temp != 1 {
+				t.Errorf("the session the closure left is gone: the next statement runs as %s on backend %d (was %d), temp table %d; the plain driver's runs as %s on the same session", who, pid, pid0, temp, role)
+			}
+		})
+	}
+}
