@@ -118,6 +118,18 @@ END$$`)
 					if after != before {
 						t.Errorf("the session's %s is %q after the transaction, was %q (the plain driver's is back to its own)", c.setting, after, before)
 					}
+					if c.setting == "lock_timeout" {
+						tbl := atkName("a16sc")
+						atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0)")
+						done := a14HoldRow(t, "pgx", tbl, 1, 300*time.Millisecond)
+						time.Sleep(50 * time.Millisecond)
+						_, err := db.ExecContext(sqlretry.NoRetry(context.Background()), "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1")
+						<-done
+						t.Logf("%s: a later autocommit UPDATE waiting 300 ms for its row: %v", drv, err)
+						if err != nil {
+							t.Errorf("a later statement on the same connection failed where the plain driver waits: %v", err)
+						}
+					}
 				})
 			}
 		}
