@@ -71,10 +71,16 @@ func a16Show(t *testing.T, db *sql.DB, setting string) string {
 }
 
 // TestAttack16PgSetConfigRestoreLeaksTheBound: the save/restore fix
-// (attack15) only looks at a closure's SET. A closure that saves the
-// setting with current_setting and restores it with set_config(..., false)
-// bound as a parameter — or a PL/pgSQL function doing the same — restores
-// sqlretry's bound as the session's value.
+// (attack15) only sees a closure's plain `SET lock_timeout`. The same
+// save/change/restore helper written any other way PostgreSQL offers
+// restores sqlretry's bound (20ms) as the session's value, on the pooled
+// connection: set_config(name, value, false) with the name bound as a
+// parameter ("param"), a PL/pgSQL function that saves and restores with
+// set_config ("function"), SET with the name as a quoted identifier
+// (`SET "lock_timeout" = ...`, "quoted"), and UPDATE pg_settings
+// ("pg_settings", documented as equivalent to SET). With lock_timeout a
+// later autocommit UPDATE on that connection then fails with 55P03 after
+// 20 ms where the plain driver waits and succeeds.
 func TestAttack16PgSetConfigRestoreLeaksTheBound(t *testing.T) {
 	plain := atkPlain(t, "pgx")
 	fname := atkName("a16withlt")
@@ -93,7 +99,7 @@ END$$`)
 		{"lock_timeout", "lock_timeout", []sqlretry.Option{sqlretry.WithShortLockWait(true)}},
 		{"deadlock_timeout", "deadlock_timeout", nil},
 	} {
-		for _, how := range []string{"param", "function"} {
+		for _, how := range []string{"param", "function", "quoted", "pg_settings"} {
 			for _, drv := range []string{"pgx", "sqlretry"} {
 				t.Run(c.name+"/"+how+"/"+drv, func(t *testing.T) {
 					db := a16Open(t, drv, c.opts...)
@@ -105,6 +111,20 @@ END$$`)
 						}
 						var saved string
 						if err := tx.QueryRowContext(ctx, "SELECT current_setting($1)", c.setting).Scan(&saved); err != nil {
+							return err
+						}
+						switch how {
+						case "quoted": // SET with the name as a quoted identifier
+							if _, err := tx.ExecContext(ctx, `SET "`+c.setting+`" = '5s'`); err != nil {
+								return err
+							}
+							_, err := tx.ExecContext(ctx, `SET "`+c.setting+`" = '`+saved+`'`)
+							return err
+						case "pg_settings": // the documented equivalent of SET
+							if _, err := tx.ExecContext(ctx, "UPDATE pg_settings SET setting = '5s' WHERE name = $1", c.setting); err != nil {
+								return err
+							}
+							_, err := tx.ExecContext(ctx, "UPDATE pg_settings SET setting = $2 WHERE name = $1", c.setting, saved)
 							return err
 						}
 						if _, err := tx.ExecContext(ctx, "SELECT set_config($1, '5s', false)", c.setting); err != nil {
