@@ -6,10 +6,12 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"testing"
 	"time"
 
 	"github.com/sqlretry/sqlretry"
+	"github.com/sqlretry/sqlretry/integration/dbserver"
 )
 
 // a16PgRun runs fn as one transaction: through RunInTx for sqlretry (whose
@@ -294,6 +296,164 @@ func TestAttack16PgSetRoleAfterRestoreDropsTheSession(t *testing.T) {
 			t.Logf("%s: after the transaction: current_user %s, backend %d -> %d, the closure's temp table: %d", drv, who, pid0, pid, temp)
 			if who != role || pid != pid0 || temp != 1 {
 				t.Errorf("the session the closure left is gone: the next statement runs as %s on backend %d (was %d), temp table %d; the plain driver's runs as %s on the same session", who, pid, pid0, temp, role)
+			}
+		})
+	}
+}
+
+// a16MyRun runs fn as one transaction: RunInTx for sqlretry, BeginTx and
+// Commit for the plain driver; it returns the outcome, or gives up
+// waiting after wait (done false).
+func a16MyRun(ctx context.Context, drv string, db *sql.DB, wait time.Duration, fn func(ctx context.Context, tx *sql.Tx) error) (err error, took time.Duration, done bool) {
+	start := time.Now()
+	ch := make(chan error, 1)
+	go func() {
+		if drv == "mysql" {
+			tx, e := db.BeginTx(ctx, nil)
+			if e != nil {
+				ch <- e
+				return
+			}
+			if e = fn(ctx, tx); e != nil {
+				tx.Rollback()
+				ch <- e
+				return
+			}
+			ch <- tx.Commit()
+			return
+		}
+		ch <- sqlretry.RunInTx(ctx, db, nil, fn)
+	}()
+	select {
+	case err = <-ch:
+		return err, time.Since(start), true
+	case <-time.After(wait):
+		return nil, time.Since(start), false
+	}
+}
+
+// TestAttack16MyGlobalReadLockHangsCommitted: attack15's FLUSH TABLES fix
+// covers `FLUSH TABLES t WITH READ LOCK` and `FOR EXPORT`; the global
+// `FLUSH TABLES WITH READ LOCK` (a backup script's first statement; it
+// commits the transaction implicitly, as the table form does) in the first
+// writing transaction of a db (the marker table already there, created by
+// another db of the program) is not covered. The plain driver's COMMIT
+// returns at once, nil, the INSERT committed. Through sqlretry, RunInTx
+// does not return: with a deadline (6 s) it returns
+// context.DeadlineExceeded (not ErrAmbiguousCommit) for a transaction that
+// committed; with none it is still waiting when the test gives up (8 s),
+// and while it waits the session keeps the global read lock, so another
+// client's INSERT waits too. (The same closure in a later transaction of a
+// db that already wrote commits at once: the wait is in sqlretry's first
+// use of the marker table, which the closure's own global read lock
+// blocks.) Run on a private MariaDB.
+func TestAttack16MyGlobalReadLockHangsCommitted(t *testing.T) {
+	srv, err := dbserver.StartLocal(dbserver.MariaDB)
+	if err != nil {
+		t.Skipf("no private MariaDB: %v", err)
+	}
+	t.Cleanup(srv.Stop)
+	admin, err := sql.Open("mysql", srv.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { admin.Close() })
+	for _, c := range []struct {
+		drv      string
+		deadline bool
+	}{{"mysql", true}, {"sqlretry", true}, {"sqlretry", false}} {
+		name := c.drv + map[bool]string{true: "/deadline", false: "/no-deadline"}[c.deadline]
+		t.Run(name, func(t *testing.T) {
+			tbl := atkName("a16gl")
+			atkMust(t, admin, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+			var db *sql.DB
+			if c.drv == "mysql" {
+				db, err = sql.Open("mysql", srv.DSN)
+			} else {
+				db, err = sqlretry.Open("mysql", srv.DSN)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			db.SetMaxOpenConns(1)
+			// the marker table is there (another db of the program created it); this db's first writing transaction is the closure's
+			if _, err := admin.Exec("CREATE TABLE IF NOT EXISTS a16seed (x int)"); err != nil {
+				t.Fatal(err)
+			}
+			if seed, err := sqlretry.Open("mysql", srv.DSN); err == nil {
+				sqlretry.RunInTx(context.Background(), seed, nil, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "INSERT INTO a16seed VALUES (1)")
+					return err
+				})
+				seed.Close()
+			}
+			ctx := context.Background()
+			if c.deadline {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, 6*time.Second)
+				defer cancel()
+			}
+			err, took, done := a16MyRun(ctx, c.drv, db, 8*time.Second, func(ctx context.Context, tx *sql.Tx) error {
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('x')"); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "FLUSH TABLES WITH READ LOCK")
+				return err
+			})
+			// another client's write while the call is (or was) in flight
+			octx, ocancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+			_, oerr := admin.ExecContext(octx, "INSERT INTO "+tbl+" (tag) VALUES ('other')")
+			ocancel()
+			if done {
+				db.Exec("UNLOCK TABLES")
+			}
+			n := atkCount(t, admin, "SELECT count(*) FROM "+tbl+" WHERE tag = 'x'")
+			t.Logf("%s: returned=%v after %v, err=%v (ErrAmbiguousCommit: %v); rows=%d; another client's INSERT just after: %v", name, done, took.Round(time.Millisecond), err, errors.Is(err, sqlretry.ErrAmbiguousCommit), n, oerr)
+			if !done {
+				t.Errorf("RunInTx has not returned after %v for a transaction that committed (rows=%d); the plain driver's COMMIT returns at once", took.Round(time.Millisecond), n)
+				return
+			}
+			if err != nil && n == 1 {
+				t.Errorf("a committed transaction reported failed after %v: %v (the plain driver: nil at once)", took.Round(time.Millisecond), err)
+			}
+		})
+	}
+}
+
+// TestAttack16MyBackupLockCommittedButError: MariaDB's `BACKUP LOCK t`
+// (what mariabackup takes to copy a table's files consistently) in a
+// closure. The plain driver's COMMIT succeeds and the INSERT before it is
+// committed. Through sqlretry the commit marker's INSERT meets the backup
+// lock (1223, "conflicting read lock"), and RunInTx returns that error for
+// a transaction whose INSERT is committed.
+func TestAttack16MyBackupLockCommittedButError(t *testing.T) {
+	plain := atkPlain(t, "mysql")
+	tbl := atkName("a16bl")
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+	for _, drv := range []string{"mysql", "sqlretry"} {
+		t.Run(drv, func(t *testing.T) {
+			var db *sql.DB
+			if drv == "mysql" {
+				db = atkPlain(t, "mysql")
+			} else {
+				db = a15OpenMyGate(t)
+			}
+			db.SetMaxOpenConns(1)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			err, took, done := a16MyRun(ctx, drv, db, 12*time.Second, func(ctx context.Context, tx *sql.Tx) error {
+				if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('"+drv+"')"); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "BACKUP LOCK "+tbl)
+				return err
+			})
+			db.Exec("BACKUP UNLOCK")
+			n := atkCount(t, plain, "SELECT count(*) FROM "+tbl+" WHERE tag = '"+drv+"'")
+			t.Logf("%s: returned=%v after %v err=%v rows=%d", drv, done, took.Round(time.Millisecond), err, n)
+			if err != nil && n == 1 {
+				t.Errorf("a committed transaction reported failed: %v (the plain driver's COMMIT: nil)", err)
 			}
 		})
 	}
