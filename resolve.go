@@ -98,13 +98,6 @@ func (t *tx) prepareMarker() error {
 		t.nothingDurable = true
 		return nil
 	}
-	marker, sentinel, err := r.markerTable(t.ctx)
-	if err != nil {
-		return err
-	}
-	if marker == "" {
-		return nil // no marker table just now: a lost COMMIT will be ambiguous
-	}
 	if c.noMarker {
 		return nil // a role of its own may not write it (markerRefused)
 	}
@@ -112,8 +105,18 @@ func (t *tx) prepareMarker() error {
 		// The closure ran LOCK TABLES (which also committed what came
 		// before it): the marker's INSERT would fail with 1100 (not
 		// locked) where the plain driver commits (attack9). No marker:
-		// a lost COMMIT is ambiguous.
+		// a lost COMMIT is ambiguous. Asked before the table is checked:
+		// the check's side connection writes a sentinel, which a global
+		// read lock of this very session (FLUSH TABLES WITH READ LOCK)
+		// blocked until the caller's deadline (attack16).
 		return nil
+	}
+	marker, sentinel, err := r.markerTable(t.ctx)
+	if err != nil {
+		return err
+	}
+	if marker == "" {
+		return nil // no marker table just now: a lost COMMIT will be ambiguous
 	}
 	if c.serverID == 0 {
 		id, srv, err := r.mysqlAskSession(t.ctx, c.inner)

@@ -129,12 +129,13 @@ func setsSetting(query, name string) bool {
 func (t *tx) escape(query string) {
 	t.escaped = true
 	if q := strings.Join(strings.Fields(strings.ToLower(query)), " "); strings.Contains(q, "lock table") ||
-		strings.Contains(q, "read lock") || strings.Contains(q, "for export") {
+		strings.Contains(q, "read lock") || strings.Contains(q, "for export") || strings.Contains(q, "backup lock") {
 		// Anywhere in the text (after a comment, in SET STATEMENT ... FOR,
 		// a second statement): a false match only leaves the marker out.
 		// FLUSH TABLES ... WITH READ LOCK and ... FOR EXPORT lock tables
 		// too: the marker's INSERT failed with 1100 and the transaction
-		// was reported failed where the plain COMMIT succeeds (attack15).
+		// was reported failed where the plain COMMIT succeeds (attack15);
+		// MariaDB's BACKUP LOCK, with 1223 (attack16).
 		t.lockedTables = true
 	}
 	if t.attempt != nil {
