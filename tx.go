@@ -71,9 +71,13 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if t.c.escapesTx(query) {
 		t.escape(query)
 	}
-	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !isShortWaitQuery(query) && setsSetting(query, a.boundSetting()) {
-		a.ownBound = false // the closure sets its own: a 55P03 (or 40P01) from now on may be the user's
-		a.rare.boundTouched = true
+	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !isShortWaitQuery(query) {
+		if setsSetting(query, a.boundSetting()) {
+			a.ownBound = false // the closure sets its own: a 55P03 (or 40P01) from now on may be the user's
+		}
+		if !a.rare.boundTouched && mayTouchSetting(query, a.boundSetting()) {
+			a.rare.boundTouched = true
+		}
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
@@ -87,6 +91,18 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 		return
 	}
 	t.failed(err, query)
+}
+
+// mayTouchSetting says whether a statement may set the setting name at
+// session level, read widely (restoreBound): its name anywhere in the text
+// (SET "lock_timeout", a comment, a string), set_config with the name as
+// an argument, an UPDATE of pg_settings, or a CALL or DO (a procedure's
+// body). A function of the user's own that calls set_config from a plain
+// SELECT cannot be seen.
+func mayTouchSetting(query, name string) bool {
+	q := strings.ToLower(query)
+	return strings.Contains(q, name) || strings.Contains(q, "set_config") || strings.Contains(q, "pg_settings") ||
+		strings.Contains(q, "call ") || strings.Contains(q, "do ") || strings.Contains(q, "do$")
 }
 
 // setsLockTimeout says whether a statement of the closure may set
@@ -287,8 +303,12 @@ func (t *tx) Commit() error {
 // 20 ms lock_timeout or deadlock_timeout (attack15). With the plain driver
 // the closure saved, and restored, the session's own value. So after a
 // COMMIT of an attempt whose closure set the setting, a session value
-// equal to the bound becomes the one sqlretry's bound replaced. A session
-// that cannot be asked is not used again.
+// equal to the bound becomes the one sqlretry's bound replaced. A closure
+// that set the session's value to exactly the bound on purpose has it
+// undone (attack16; the bound is 20 ms times a power of two). Nothing else
+// is done when the session cannot be asked or may not set it (a SET ROLE
+// of the closure's): the session, with its role and temporary tables, is
+// kept (attack16: discarding it lost them).
 func (t *tx) restoreBound(a *txAttempt) {
 	rr := a.rare
 	if rr == nil || !rr.boundTouched || rr.boundMS == 0 {
@@ -299,15 +319,12 @@ func (t *tx) restoreBound(a *txAttempt) {
 	name := a.boundSetting()
 	vals, err := queryRow(ctx, t.c.inner, "SHOW "+name+shortLockMark)
 	if err != nil || len(vals) == 0 {
-		t.c.bad.Store(true)
 		return
 	}
 	if ms, ok := parsePgMillis(textOf(vals[0])); !ok || ms != rr.boundMS {
 		return
 	}
-	if err := execConn(ctx, t.c.inner, "SET SESSION "+name+" = '"+strings.ReplaceAll(rr.boundPre, "'", "''")+"'"+shortLockMark); err != nil {
-		t.c.bad.Store(true)
-	}
+	_ = execConn(ctx, t.c.inner, "SET SESSION "+name+" = '"+strings.ReplaceAll(rr.boundPre, "'", "''")+"'"+shortLockMark)
 }
 
 func (t *tx) commit() error {
