@@ -311,6 +311,8 @@ func TestAttack16PgSetRoleAfterRestoreDropsTheSession(t *testing.T) {
 // a16MyRun runs fn as one transaction: RunInTx for sqlretry, BeginTx and
 // Commit for the plain driver; it returns the outcome, or gives up
 // waiting after wait (done false).
+//
+//lint:ignore ST1008 the outcome first, as the tests read it
 func a16MyRun(ctx context.Context, drv string, db *sql.DB, wait time.Duration, fn func(ctx context.Context, tx *sql.Tx) error) (err error, took time.Duration, done bool) {
 	start := time.Now()
 	ch := make(chan error, 1)
