@@ -127,9 +127,10 @@ func (t *tx) prepareMarker() error {
 			// where the plain COMMIT would pass: sql_select_limit = 0
 			// (attack9), max_statement_time, max_join_size,
 			// max_session_mem_used (attack14) on a server without SET
-			// STATEMENT, an answer in a character_set_results the driver
-			// cannot read as a number (attack15). No marker for this transaction rather than a
-			// failed COMMIT; the next one asks again.
+			// STATEMENT, an answer in a character_set_results the
+			// driver cannot read as a number (attack15). No marker for
+			// this transaction rather than a failed COMMIT; the next
+			// one asks again.
 			return nil
 		default:
 			return r.resolutionFailed(t.ctx, "asking for the connection id and which server the session runs on", err)
@@ -154,9 +155,8 @@ func (t *tx) prepareMarker() error {
 // and sql_select_limit, max_join_size with sql_big_selects = 0 and
 // max_session_mem_used made the question fail (attack14), and a
 // character_set_results of utf16 made its answer unreadable (attack15).
-// A server that
-// refuses it (MySQL, an older MariaDB: mysqlPrefixRefused) gets the
-// statements without it from then on.
+// A server that refuses it (MySQL, an older MariaDB: mysqlPrefixRefused)
+// gets the statements without it from then on.
 const mysqlOwnPrefix = "SET STATEMENT max_statement_time=0, sql_select_limit=18446744073709551615, " +
 	"max_join_size=18446744073709551615, sql_big_selects=1, max_session_mem_used=9223372036854775807, " +
 	"character_set_results=binary FOR "
