@@ -410,8 +410,17 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 
 // isMarkerCommit reports the statement in which sqlretry sends the
 // application's COMMIT on MariaDB, with its commit marker: an anonymous
-// block that inserts the marker and commits.
+// block that inserts the marker and commits, run under SET STATEMENT ...
+// FOR (free of the session's limits) where the server takes it.
 func isMarkerCommit(query string) bool {
+	if strings.HasPrefix(query, "SET STATEMENT ") {
+		const block = " FOR BEGIN NOT ATOMIC INSERT INTO "
+		i := strings.Index(query, block)
+		if i < 0 {
+			return false
+		}
+		query = query[i+len(" FOR "):]
+	}
 	return strings.HasPrefix(query, "BEGIN NOT ATOMIC INSERT INTO ") && strings.HasSuffix(query, "; COMMIT; END")
 }
 
