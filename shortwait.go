@@ -300,83 +300,83 @@ func (e *shortWaitError) Error() string {
 }
 func (e *shortWaitError) Unwrap() error { return e.err }
 
+// shortBound is what set did: the bound it set (ms; 0: none, the user's
+// setting stays) and the session's value it replaced, as SHOW gave it
+// (tx.restoreBound). A bound set is sqlretry's own (txAttempt.ownBound).
+type shortBound struct {
+	ms  int64
+	pre string
+}
+
+// gridMS is the bound for d on shortDeadlockMS's grid, under the
+// session's deadlock_timeout dt (ms; 0: not known): one that rounded up
+// would reach it takes the grid's step below, so that top's bound is still
+// set.
+func gridMS(d time.Duration, dt int64) int64 {
+	ms := shortDeadlockMS(d)
+	if dt > 0 && ms >= dt && ms > shortWaitFloor.Milliseconds() {
+		ms /= 2
+	}
+	return ms
+}
+
 // set runs the bound's statements in the attempt's transaction, right
-// after BEGIN. own: the lock_timeout in force is sqlretry's bound, not a
-// lower one of the user's that it kept (txAttempt.ownBound).
-func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration, clock Clock) (own bool, err error) {
+// after BEGIN.
+func (s *shortWait) set(ctx context.Context, sqlTx *sql.Tx, d time.Duration, clock Clock) (shortBound, error) {
 	if s.deadlockMode {
 		return s.setDeadlock(ctx, sqlTx, d)
 	}
 	var cur string
 	if err := sqlTx.QueryRowContext(ctx, shortLockShow).Scan(&cur); err != nil {
-		return false, &shortWaitError{err: err}
+		return shortBound{}, &shortWaitError{err: err}
 	}
 	lt, ok := parsePgMillis(cur)
 	if now := clock.Now().UnixNano(); s.deadlock.Load() == 0 || now-s.deadlockRead.Load() >= int64(shortWaitRelearn) {
 		var dts string
 		if err := sqlTx.QueryRowContext(ctx, shortDeadlockShow).Scan(&dts); err != nil {
-			return false, &shortWaitError{err: err}
+			return shortBound{}, &shortWaitError{err: err}
 		}
 		if dt, ok := parsePgMillis(dts); ok && dt > 0 {
 			s.learn(dt)
 			s.deadlockRead.Store(now)
 		}
 	}
-	ms, dt := shortDeadlockMS(d), s.deadlock.Load()
-	if ms >= dt && ms > shortWaitFloor.Milliseconds() {
-		// Rounded up it would reach deadlock_timeout: the grid's step below
-		// d instead, so that top's bound is still set.
-		ms /= 2
-	}
+	dt := s.deadlock.Load()
+	ms := gridMS(d, dt)
 	if !ok || (lt > 0 && lt <= ms) || dt <= ms {
-		return false, nil // the user's lock_timeout (or one that does not parse) stays
+		return shortBound{}, nil // the user's lock_timeout (or one that does not parse) stays
 	}
 	if _, err := sqlTx.ExecContext(ctx, shortLockSet(ms)); err != nil {
-		return false, &shortWaitError{err: err}
+		return shortBound{}, &shortWaitError{err: err}
 	}
-	recordBound(ctx, ms, cur)
-	return true, nil
+	return shortBound{ms: ms, pre: cur}, nil
 }
 
 // setDeadlock is set with short deadlock checks: SHOW, then SET LOCAL when
 // the session's deadlock_timeout is longer than the bound (else, or when
-// it does not parse, it is the user's: nothing is set, and not "own").
-// own: a deadlock found in this transaction now may be one the plain
-// driver would have left to another transaction of the cycle to find
-// (txAttempt.ownBound).
-func (s *shortWait) setDeadlock(ctx context.Context, sqlTx *sql.Tx, d time.Duration) (own bool, err error) {
+// it does not parse, it is the user's: nothing is set). A bound set makes
+// a deadlock found in this transaction one the plain driver may have left
+// to another transaction of the cycle to find (txAttempt.ownBound).
+func (s *shortWait) setDeadlock(ctx context.Context, sqlTx *sql.Tx, d time.Duration) (shortBound, error) {
 	var cur string
 	if err := sqlTx.QueryRowContext(ctx, shortDeadlockShow).Scan(&cur); err != nil {
-		return false, &shortWaitError{err: err}
+		return shortBound{}, &shortWaitError{err: err}
 	}
 	dt, ok := parsePgMillis(cur)
 	if ok {
 		s.learn(dt)
 	}
-	ms := shortDeadlockMS(d)
-	if ok && ms >= dt && ms > shortWaitFloor.Milliseconds() {
-		// Rounded up it would reach deadlock_timeout: the grid's step
-		// below instead, so that top's bound is still set (as short lock
-		// waits do).
-		ms /= 2
+	if !ok {
+		return shortBound{}, nil
 	}
-	if !ok || dt <= ms {
-		return false, nil
+	ms := gridMS(d, dt)
+	if dt <= ms {
+		return shortBound{}, nil
 	}
 	if _, err := sqlTx.ExecContext(ctx, shortDeadlockSet(ms)); err != nil {
-		return false, &shortWaitError{err: err}
+		return shortBound{}, &shortWaitError{err: err}
 	}
-	recordBound(ctx, ms, cur)
-	return true, nil
-}
-
-// recordBound keeps, in the attempt ctx is, the bound set and the
-// session's value it replaced (tx.restoreBound).
-func recordBound(ctx context.Context, ms int64, pre string) {
-	if a, ok := ctx.(*txAttempt); ok {
-		r := a.rareState()
-		r.boundMS, r.boundPre = ms, pre
-	}
+	return shortBound{ms: ms, pre: cur}, nil
 }
 
 // learn keeps the server's deadlock_timeout (ms) as a bounded attempt read

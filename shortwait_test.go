@@ -276,7 +276,8 @@ func TestShortWaitSetDecides(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		own, err := sw.set(context.Background(), tx, c.d, clock)
+		b, err := sw.set(context.Background(), tx, c.d, clock)
+		own := b.ms > 0
 		tx.Rollback()
 		var want []int64
 		if c.want > 0 {

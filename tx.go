@@ -74,8 +74,8 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !isShortWaitQuery(query) {
 		if setsSetting(query, a.boundSetting()) {
 			a.ownBound = false // the closure sets its own: a 55P03 (or 40P01) from now on may be the user's
-		}
-		if !a.rare.boundTouched && mayTouchSetting(query, a.boundSetting()) {
+			a.rare.boundTouched = true
+		} else if !a.rare.boundTouched && mayTouchSetting(query, a.boundSetting()) {
 			a.rare.boundTouched = true
 		}
 	}
@@ -314,7 +314,9 @@ func (t *tx) restoreBound(a *txAttempt) {
 	if rr == nil || !rr.boundTouched || rr.boundMS == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	// Within the caller's deadline (the BeginTx context): a server that
+	// stalls after the COMMIT must not hold the call past it.
+	ctx, cancel := context.WithTimeout(t.ctx, 5*time.Second)
 	defer cancel()
 	name := a.boundSetting()
 	vals, err := queryRow(ctx, t.c.inner, "SHOW "+name+shortLockMark)
@@ -1215,11 +1217,15 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		// wins; a failure is the attempt's, before its closure ran. Not in
 		// a shadow-mode transaction: the plain driver's, whose 55P03
 		// nothing would replay.
-		own, err := sw.set(att, sqlTx, lockWait, clock)
+		b, err := sw.set(att, sqlTx, lockWait, clock)
 		if err != nil {
 			return began, phaseBegin, err
 		}
-		att.ownBound, att.ownDeadlock = own, sw.deadlockMode
+		att.ownBound, att.ownDeadlock = b.ms > 0, sw.deadlockMode
+		if b.ms > 0 {
+			r := att.rareState()
+			r.boundMS, r.boundPre = b.ms, b.pre
+		}
 	}
 	att.seq = nestedSeq.Load()
 	slot := enterClosure()
