@@ -260,6 +260,11 @@ func (t *tx) insertMarker() error {
 		// left the transaction open; it commits without a marker.
 		r.markerMissing(t.ctx, err)
 		return nil
+	case sessionLockRefused(n):
+		// A table lock of the session's own that sqlretry did not read in
+		// the text (escape): the failed INSERT left the transaction as
+		// it was; it commits without a marker.
+		return nil
 	case isConfigNumber(n):
 		// Dropped or revoked since. The failed INSERT left the transaction
 		// open: the default marker turns itself off and it commits without.
@@ -402,6 +407,13 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 		// marker.
 		t.token = nil
 		r.markerMissing(t.ctx, err)
+		return t.withinDeadline("COMMIT", driver.Tx.Commit)
+	case sessionLockRefused(n):
+		// The block stopped at the INSERT: a table lock of the session's
+		// own, taken where sqlretry could not read it (LOCK TABLES from a
+		// user variable by EXECUTE IMMEDIATE). The transaction is as it
+		// was; it commits without a marker, as the plain driver commits.
+		t.token = nil
 		return t.withinDeadline("COMMIT", driver.Tx.Commit)
 	case isConfigNumber(n):
 		t.token = nil
@@ -784,6 +796,18 @@ func isConfigNumber(n uint16) bool {
 		return true
 	}
 	return false
+}
+
+// sessionLockRefused says whether a MySQL error number refuses the marker's
+// INSERT for a table lock the session itself holds: 1100, the table was
+// not locked with LOCK TABLES (which locks the session out of every other
+// table); 1223, a read lock (FLUSH TABLES WITH READ LOCK, ... FOR EXPORT,
+// MariaDB's BACKUP LOCK). escape() finds these statements by their text;
+// this is the fallback for text it cannot read: the statement was refused
+// and left the transaction as it was (attack9, attack15, attack16 and a
+// LOCK TABLES run by EXECUTE IMMEDIATE from a user variable).
+func sessionLockRefused(n uint16) bool {
+	return n == 1100 || n == 1223
 }
 
 // quoteMySQL quotes an identifier with backticks.
