@@ -921,6 +921,18 @@ func TestAttack11MiddleLifeOutboxMessageAtOurPosition(t *testing.T) {
 // a11Forge: mode "ours" forges our id, "other" another id, "suffix" only
 // the bytes "sqlretry\x00" at the payload's end, "none" zeros.
 func a11Forge(t *testing.T, mode string) {
+	// The forge needs the WAL between the crash and the outbox message to
+	// be only what it wrote: a record of the server's own in between (a
+	// loaded CI rehearsal: 24 bytes past the target) leaves the case
+	// unreproduced; it is tried again on a fresh server, up to 3 times.
+	for try := 1; !a11ForgeOnce(t, mode, try == 3); try++ {
+		t.Logf("try %d: not reproduced; again on a fresh server", try)
+	}
+}
+
+// a11ForgeOnce is one try of a11Forge: false when the case was not
+// reproduced (fatal on the last try).
+func a11ForgeOnce(t *testing.T, mode string, last bool) bool {
 	e := a11Setup(t, true, nil)
 	var dbOid uint32
 	if err := e.plain.QueryRow("SELECT oid FROM pg_database WHERE datname = current_database()").Scan(&dbOid); err != nil {
@@ -995,9 +1007,13 @@ func a11Forge(t *testing.T, mode string) {
 	status, replay := e.status(t, xid)
 	t.Logf("xid %d, question at %X; the id reused by %d; forge err %v; status %q, last recovery ended at %q", xid, p, reused, forgeErr, status, replay)
 	if forgeErr != nil || status != "committed" {
+		if !last {
+			return false
+		}
 		t.Fatalf("not reproduced: forge %v, status %q", forgeErr, status)
 	}
 	a11Check(t, "middle life's outbox message forging ours", calls, e.rows(t, op), err, false)
+	return true
 }
 
 // The same with only the 9 bytes "sqlretry\x00" at the end of the outbox
