@@ -1,0 +1,81 @@
+package integration
+
+// Hostile tests of sqlretry (attack17): the MariaDB lost-COMMIT marker and
+// the session the closure leaves.
+
+import (
+	"context"
+	"database/sql"
+	"testing"
+	"time"
+
+	"github.com/sqlretry/sqlretry"
+)
+
+// TestAttack17MyTempTableShadowsMarkerDuplicates: a TEMPORARY table of
+// the session with the marker table's name (test.sqlretry_commit_marker,
+// the default) shadows the real one, also for a name qualified with its
+// database. The marker block's INSERT then writes the token into the
+// session's temporary table, which no other session sees and which dies
+// with the session. The COMMIT's reply is lost (the socket is cut after the
+// block went out; the server commits): the lookup on a side connection
+// finds the sentinel but not the token, says "not committed", and RunInTx
+// replays a transaction that had committed: two rows. The plain driver
+// (the same closure, BeginTx/Commit, the same lost reply) reports an error
+// and writes one row; it never writes two.
+//
+// "before": the temporary table was created on the pooled connection by an
+// earlier statement (of another caller). "in-closure": by the closure.
+func TestAttack17MyTempTableShadowsMarkerDuplicates(t *testing.T) {
+	root := atkPlain(t, "mysql")
+	const tmp = "CREATE TEMPORARY TABLE IF NOT EXISTS test.sqlretry_commit_marker (token VARBINARY(16) NOT NULL PRIMARY KEY, created_at DATETIME(6))"
+	for _, where := range []string{"before", "in-closure"} {
+		t.Run(where, func(t *testing.T) {
+			tbl := atkName("a17tmp")
+			atkMust(t, root, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+			db := a15OpenMyGate(t)
+			db.SetMaxOpenConns(1)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			// warm up: the marker table is checked (and created) on this db
+			if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('warm')")
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if where == "before" {
+				if _, err := db.ExecContext(ctx, tmp); err != nil {
+					t.Fatal(err)
+				}
+			}
+			a15MyGate.arm("COMMIT")
+			hit, release := a15MyGate.hit, a15MyGate.release
+			defer a15MyGate.disarm()
+			go func() {
+				select {
+				case <-hit:
+					time.Sleep(300 * time.Millisecond)
+				case <-time.After(20 * time.Second):
+				}
+				close(release)
+			}()
+			calls := 0
+			err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				if where == "in-closure" {
+					if _, err := tx.ExecContext(ctx, tmp); err != nil {
+						return err
+					}
+				}
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('x')")
+				return err
+			})
+			rows := atkCount(t, root, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = 'x'")
+			t.Logf("%s: lost COMMIT: calls=%d err=%v rows=%d", where, calls, err, rows)
+			if rows > 1 {
+				t.Errorf("a committed transaction was replayed: %d rows (calls=%d, err=%v); the plain driver writes one", rows, calls, err)
+			}
+		})
+	}
+}

@@ -1,0 +1,246 @@
+package integration
+
+// Hostile tests of sqlretry (attack17): PostgreSQL short deadlock checks and
+// short lock waits, and the session state a replayed closure leaves on the
+// pooled connection. Each runs the same closure through the plain driver
+// (BeginTx/Commit) and through RunInTx on a db whose first attempt fails
+// with 40001, so that the replay carries sqlretry's bound (a16PgRun), on a
+// pool of one connection, and compares the session's value of the setting
+// afterwards.
+
+import (
+	"context"
+	"database/sql"
+	"testing"
+	"time"
+
+	"github.com/sqlretry/sqlretry"
+)
+
+type a17PgCase struct {
+	setting string
+	opts    []sqlretry.Option
+}
+
+var a17PgCases = []a17PgCase{
+	{"lock_timeout", []sqlretry.Option{sqlretry.WithShortLockWait(true)}},
+	{"deadlock_timeout", nil},
+}
+
+// a17PgRun is a16PgRun without its log statement in the replay (which
+// names both settings, and so counts as touching them).
+func a17PgRun(t *testing.T, drv string, db *sql.DB, fn func(ctx context.Context, tx *sql.Tx) error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if drv == "pgx" {
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := fn(ctx, tx); err != nil {
+			tx.Rollback()
+			t.Fatal(err)
+		}
+		if err := tx.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	runs := 0
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if runs == 1 {
+			_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack17 conflict' USING ERRCODE = '40001'; END$$`)
+			return err
+		}
+		return fn(ctx, tx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 2 {
+		t.Fatalf("runs %d", runs)
+	}
+}
+
+// a17After reads the setting with a text no closure used (pgx caches
+// prepared statements by text).
+func a17After(t *testing.T, db *sql.DB, setting string) string {
+	t.Helper()
+	var v string
+	if err := db.QueryRow("SELECT current_setting('" + setting + "') /* a17 after */").Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// a17LaterUpdateWaits runs an autocommit UPDATE on db (one connection)
+// that waits 300 ms for a row another session holds; the plain driver's
+// session (lock_timeout 0) waits and succeeds.
+func a17LaterUpdateWaits(t *testing.T, db *sql.DB) error {
+	plain := atkPlain(t, "pgx")
+	tbl := atkName("a17later")
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0)")
+	t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl) })
+	done := a14HoldRow(t, "pgx", tbl, 1, 300*time.Millisecond)
+	time.Sleep(50 * time.Millisecond)
+	_, err := db.ExecContext(sqlretry.NoRetry(context.Background()), "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1")
+	<-done
+	return err
+}
+
+// TestAttack17PgDeallocateAllLeaksTheBound: attack15's helper (save the
+// setting, change it, restore it with a session-level SET), then
+// `DEALLOCATE ALL` in the same closure. sqlretry's restore after the COMMIT
+// (restoreBound) sends `SHOW <setting> /* sqlretry */`, a text pgx has
+// cached as a prepared statement since the attempt's own SHOW; the server
+// no longer has it, the SHOW fails (26000) and the restore silently does
+// nothing. The bound (20ms) stays the session's value on the pooled
+// connection: with lock_timeout a later autocommit UPDATE on it that waits
+// 300 ms for a row fails with 55P03, where the plain driver's session is
+// back to its own value (0, 1s) and the UPDATE waits and succeeds. Fails
+// every run.
+func TestAttack17PgDeallocateAllLeaksTheBound(t *testing.T) {
+	for _, c := range a17PgCases {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(c.setting+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, c.opts...)
+				before := a16Show(t, db, c.setting)
+				a17PgRun(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					var saved string
+					if err := tx.QueryRowContext(ctx, "SELECT current_setting('"+c.setting+"')").Scan(&saved); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '5s'"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '"+saved+"'"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "DEALLOCATE ALL")
+					return err
+				})
+				after := a17After(t, db, c.setting)
+				t.Logf("%s: %s before %q after %q", drv, c.setting, before, after)
+				if after != before {
+					t.Errorf("the session's %s is %q after the transaction, was %q (the plain driver's is back to its own)", c.setting, after, before)
+				}
+				if c.setting == "lock_timeout" {
+					err := a17LaterUpdateWaits(t, db)
+					t.Logf("%s: a later autocommit UPDATE waiting 300 ms for its row: %v", drv, err)
+					if err != nil {
+						t.Errorf("a later statement on the same connection failed where the plain driver waits: %v", err)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestAttack17PgCallOnItsOwnLineLeaksTheBound: the README says a closure
+// statement that may set the setting is "read widely", naming `CALL` and
+// `DO` among what is seen. The check looks for "call " with a space: a
+// `CALL` written on its own line (`CALL\n  proc()`, as a Go raw string
+// lays it out) or followed by a tab is not seen, nor is `EXECUTE` of an
+// SQL-prepared statement that saves or restores the setting. The
+// procedure saves the setting, changes it and restores it with
+// set_config(..., false) (attack15's helper, server-side): under sqlretry it
+// saves and restores the bound (20ms), which becomes the session's value on
+// the pooled connection; the plain driver's session is back to its own.
+// With lock_timeout a later autocommit UPDATE that waits 300 ms for a row
+// fails with 55P03 where the plain driver's waits and succeeds. Fails every
+// run.
+func TestAttack17PgCallOnItsOwnLineLeaksTheBound(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	for _, c := range a17PgCases {
+		proc := atkName("a17p_" + c.setting[:4])
+		atkMust(t, plain, `CREATE PROCEDURE `+proc+`() LANGUAGE plpgsql AS $$
+DECLARE saved text := current_setting('`+c.setting+`');
+BEGIN
+  PERFORM set_config('`+c.setting+`', '5s', false);
+  PERFORM 1;
+  PERFORM set_config('`+c.setting+`', saved, false);
+END$$`)
+		t.Cleanup(func() { plain.Exec("DROP PROCEDURE " + proc + "()") })
+		for _, how := range []string{"newline", "tab", "execute"} {
+			for _, drv := range []string{"pgx", "sqlretry"} {
+				t.Run(c.setting+"/"+how+"/"+drv, func(t *testing.T) {
+					db := a16Open(t, drv, c.opts...)
+					if how == "execute" { // prepared on the session before (an AfterConnect hook's)
+						atkMust(t, db, "PREPARE a17get AS SELECT current_setting('"+c.setting+"')",
+							"PREPARE a17put(text) AS SELECT set_config('"+c.setting+"', $1, false)")
+					}
+					before := a16Show(t, db, c.setting)
+					a17PgRun(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+						switch how {
+						case "newline":
+							_, err := tx.ExecContext(ctx, "CALL\n  "+proc+"()")
+							return err
+						case "tab":
+							_, err := tx.ExecContext(ctx, "CALL\t"+proc+"()")
+							return err
+						}
+						var saved string
+						if err := tx.QueryRowContext(ctx, "EXECUTE a17get").Scan(&saved); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, "EXECUTE a17put('5s')"); err != nil {
+							return err
+						}
+						_, err := tx.ExecContext(ctx, "EXECUTE a17put('"+saved+"')")
+						return err
+					})
+					after := a17After(t, db, c.setting)
+					t.Logf("%s: %s before %q after %q", drv, c.setting, before, after)
+					if after != before {
+						t.Errorf("the session's %s is %q after the transaction, was %q (the plain driver's is back to its own)", c.setting, after, before)
+					}
+					if c.setting == "lock_timeout" {
+						err := a17LaterUpdateWaits(t, db)
+						t.Logf("%s: a later autocommit UPDATE waiting 300 ms for its row: %v", drv, err)
+						if err != nil {
+							t.Errorf("a later statement on the same connection failed where the plain driver waits: %v", err)
+						}
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestAttack17PgEnsureSeesTheBound: a closure that gives the session a
+// value of its own when it has none yet (`set_config(name, '3s', false)
+// WHERE current_setting(name) = <the default>`, an "ensure a lock timeout
+// is configured" guard) reads sqlretry's SET LOCAL bound in a replay, so
+// it does not set it: the plain driver's session has 3s afterwards,
+// sqlretry's its old value (0 / 1s), on every later statement of the
+// pooled connection. (The README says server-side code can read the bound
+// with current_setting; the consequence here outlives the transaction, a
+// session state the plain driver would not leave.) Fails every run.
+func TestAttack17PgEnsureSeesTheBound(t *testing.T) {
+	for _, c := range a17PgCases {
+		def := "0"
+		if c.setting == "deadlock_timeout" {
+			def = "1s"
+		}
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(c.setting+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, c.opts...)
+				before := a16Show(t, db, c.setting)
+				if before != def {
+					t.Skipf("the session's %s is %q, not the default %q", c.setting, before, def)
+				}
+				a17PgRun(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "SELECT set_config('"+c.setting+"', '3s', false) WHERE current_setting('"+c.setting+"') = '"+def+"'")
+					return err
+				})
+				after := a17After(t, db, c.setting)
+				t.Logf("%s: %s before %q after %q", drv, c.setting, before, after)
+				if after != "3s" {
+					t.Errorf("the session's %s is %q after a transaction that gave it 3s where it had the default (plain driver: 3s)", c.setting, after)
+				}
+			})
+		}
+	}
+}
