@@ -79,3 +79,61 @@ func TestAttack17MyTempTableShadowsMarkerDuplicates(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack17MyCompletionTypeRelease: a session whose completion_type is
+// RELEASE (2; here from the DSN, as go-sql-driver/mysql sets any system
+// variable named in it at connect) ends itself at every COMMIT. The plain
+// driver's COMMIT returns OK, the row is committed, and database/sql
+// re-dials for the next statement. sqlretry's marker block (INSERT;
+// COMMIT; END) commits too, but the server then answers the block with
+// 1927 "Connection was killed".
+func TestAttack17MyCompletionTypeRelease(t *testing.T) {
+	root := atkPlain(t, "mysql")
+	tbl := atkName("a17rel")
+	atkMust(t, root, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+	dsn := "root@tcp(127.0.0.1:3306)/test?parseTime=true&completion_type=2"
+	for _, drv := range []string{"mysql", "sqlretry", "sqlretry-begintx"} {
+		t.Run(drv, func(t *testing.T) {
+			var db *sql.DB
+			var err error
+			if drv == "mysql" {
+				db, err = sql.Open("mysql", dsn)
+			} else {
+				db, err = sqlretry.Open("mysql", dsn)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			calls := 0
+			fn := func(ctx context.Context, tx *sql.Tx) error {
+				calls++
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", drv)
+				return err
+			}
+			if drv == "sqlretry" {
+				err = sqlretry.RunInTx(ctx, db, nil, fn)
+			} else {
+				var tx *sql.Tx
+				if tx, err = db.BeginTx(ctx, nil); err == nil {
+					if err = fn(ctx, tx); err == nil {
+						err = tx.Commit()
+					} else {
+						tx.Rollback()
+					}
+				}
+			}
+			rows := atkCount(t, root, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = '"+drv+"'")
+			_, nerr := db.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('next')")
+			t.Logf("%s: calls=%d err=%v rows=%d; the next statement: %v", drv, calls, err, rows, nerr)
+			if rows != 1 {
+				t.Errorf("%d rows (calls=%d, err=%v); the plain driver commits one", rows, calls, err)
+			}
+			if err != nil && rows == 1 {
+				t.Errorf("a committed transaction reported failed: %v (the plain driver's COMMIT: nil)", err)
+			}
+		})
+	}
+}

@@ -11,10 +11,13 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/sqlretry/sqlretry"
+	"github.com/sqlretry/sqlretry/integration/dbserver"
 )
 
 type a17PgCase struct {
@@ -239,6 +242,137 @@ func TestAttack17PgEnsureSeesTheBound(t *testing.T) {
 				t.Logf("%s: %s before %q after %q", drv, c.setting, before, after)
 				if after != "3s" {
 					t.Errorf("the session's %s is %q after a transaction that gave it 3s where it had the default (plain driver: 3s)", c.setting, after)
+				}
+			})
+		}
+	}
+}
+
+// TestAttack17PgBouncerRestoreLeaksToOtherClients: behind PgBouncer in
+// transaction mode (a private server and pooler), six callers run
+// attack15's helper (save the setting, change it for the work, restore
+// it with a session-level SET) in transactions. With the plain driver the
+// helper is net zero on whatever server connection ran it. Through
+// sqlretry, replays (the first attempt fails with 40001) save and restore
+// the bound, which the COMMIT makes the server connection's value; the
+// restore after the COMMIT is two more autocommit statements (SHOW, then
+// SET), which the pooler sends to whichever server connection is free:
+// another client's. Server connections are left with the bound (20ms)
+// as their session value, and any client of the pooler may get one.
+// Sampled afterwards by holding a transaction on every server connection.
+func TestAttack17PgBouncerRestoreLeaksToOtherClients(t *testing.T) {
+	if dbserver.PgBouncerBinary() == "" {
+		unavailable(t, "no pgbouncer binary")
+	}
+	srv := ownServer(t, "pgx")
+	bouncer, err := dbserver.StartPgBouncer(dsnPort(t, srv.DSN))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(bouncer.Stop)
+	admin := a12Plain(t, srv.DSN)
+	mustExec(t, admin, "CREATE TABLE a17b (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO a17b SELECT g, 0 FROM generate_series(1, 10) g")
+	through := bouncer.DSN + "&default_query_exec_mode=exec"
+	for _, c := range a17PgCases {
+		def := "0"
+		if c.setting == "deadlock_timeout" {
+			def = "1s"
+		}
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(c.setting+"/"+drv, func(t *testing.T) {
+				var db *sql.DB
+				if drv == "pgx" {
+					db = a12Plain(t, through)
+					db.SetMaxOpenConns(6)
+				} else {
+					db = a12Open(t, through, 6, nil, c.opts...)
+				}
+				ctx := a12Ctx(t, 30*time.Second)
+				body := func(ctx context.Context, tx *sql.Tx) error {
+					var saved string
+					if err := tx.QueryRowContext(ctx, "SHOW "+c.setting).Scan(&saved); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '5s'"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "UPDATE a17b SET n = n + 1 WHERE id = 5"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "SET "+c.setting+" = '"+saved+"'")
+					return err
+				}
+				stop := time.Now().Add(2 * time.Second)
+				var wg sync.WaitGroup
+				var calls atomic.Int64
+				var firstErr atomic.Value
+				for range 6 {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						for time.Now().Before(stop) {
+							var err error
+							if drv == "pgx" {
+								var tx *sql.Tx
+								if tx, err = db.BeginTx(ctx, nil); err == nil {
+									if err = body(ctx, tx); err == nil {
+										err = tx.Commit()
+									} else {
+										tx.Rollback()
+									}
+								}
+							} else {
+								_, err = a12Replay(ctx, db, body)
+							}
+							if err != nil {
+								firstErr.CompareAndSwap(nil, err.Error())
+								return
+							}
+							calls.Add(1)
+						}
+					}()
+				}
+				wg.Wait()
+				if e := firstErr.Load(); e != nil {
+					t.Fatalf("a call failed: %v", e)
+				}
+				// every server connection: hold 20 transactions at once (the pool's size)
+				sample := a12Plain(t, through)
+				sample.SetMaxOpenConns(20)
+				var mu sync.Mutex
+				seen := map[string]int{}
+				var bar sync.WaitGroup
+				bar.Add(20)
+				var all sync.WaitGroup
+				for range 20 {
+					all.Add(1)
+					go func() {
+						defer all.Done()
+						tx, err := sample.BeginTx(ctx, nil)
+						if err != nil {
+							bar.Done()
+							return
+						}
+						defer tx.Rollback()
+						var v string
+						tx.QueryRowContext(ctx, "SHOW "+c.setting).Scan(&v)
+						mu.Lock()
+						seen[v]++
+						mu.Unlock()
+						bar.Done()
+						bar.Wait()
+					}()
+				}
+				all.Wait()
+				leaked := 0
+				for v, n := range seen {
+					if v != def {
+						leaked += n
+					}
+				}
+				t.Logf("%s: %d calls; the server connections' %s: %v", drv, calls.Load(), c.setting, seen)
+				if leaked > 0 {
+					t.Errorf("%d server connections of the pooler have a %s other than %s, which other clients get (the plain driver leaves none)", leaked, c.setting, def)
 				}
 			})
 		}
