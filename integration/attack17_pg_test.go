@@ -378,3 +378,38 @@ func TestAttack17PgBouncerRestoreLeaksToOtherClients(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack17PgTempPgSettingsBypassesReadOnly: the session is read-only
+// by the user's choice (SET default_transaction_read_only = on), and it
+// has a temporary table named pg_settings (PostgreSQL searches the
+// session's temporary schema first for relations, before pg_catalog).
+// An autocommit INSERT fails with 25006. The plain driver returns that
+// error. sqlretry asks the session whether the server or the user made it
+// read-only with an unqualified `FROM pg_settings`, reads the temporary
+// table (which says the configuration file did), takes the session for a
+// fenced primary, discards it and runs the INSERT on a new connection,
+// where it succeeds: a read-only session the user asked for is bypassed
+// through another connection (DESIGN: never).
+func TestAttack17PgTempPgSettingsBypassesReadOnly(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	tbl := atkName("a17ro")
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (id int)")
+	t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl) })
+	for _, drv := range []string{"pgx", "sqlretry"} {
+		t.Run(drv, func(t *testing.T) {
+			db := a16Open(t, drv)
+			atkMust(t, db, "CREATE TEMP TABLE pg_settings (name text, setting text, source text)",
+				"INSERT INTO pg_settings VALUES ('default_transaction_read_only', 'on', 'configuration file')",
+				"SET default_transaction_read_only = on")
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err := db.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (1)")
+			n := atkCount(t, plain, "SELECT count(*) FROM "+tbl)
+			t.Logf("%s: INSERT in a read-only session: err=%v; rows=%d", drv, err, n)
+			if drv == "sqlretry" && (err == nil || n != 0) {
+				t.Errorf("the write went through (err=%v, rows=%d) where the plain driver refuses it as read-only (the user's session setting)", err, n)
+			}
+			plain.Exec("DELETE FROM " + tbl)
+		})
+	}
+}
