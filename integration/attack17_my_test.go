@@ -137,3 +137,47 @@ func TestAttack17MyCompletionTypeRelease(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack17MyTempTableWrongShapeFailsCommit: the marker table named
+// with WithMySQLCommitMarker("test.<name>") (a table the user named:
+// configuration errors at the marker fail the transaction), and the
+// session has a TEMPORARY table of that name with other columns (made by
+// the closure, or an earlier caller on the pooled connection). The plain
+// driver's COMMIT succeeds: the row is committed. sqlretry's marker
+// INSERT goes to the temporary table, fails with 1054 (unknown column),
+// which it takes for a misconfigured marker table: it rolls the
+// transaction back and RunInTx returns a permanent error, for a
+// transaction the plain driver commits. (With the default marker the same
+// turns lost-COMMIT resolution off for the whole db.)
+func TestAttack17MyTempTableWrongShapeFailsCommit(t *testing.T) {
+	root := atkPlain(t, "mysql")
+	tbl := atkName("a17ws")
+	marker := atkName("a17mk")
+	atkMust(t, root, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+	t.Cleanup(func() { root.Exec("DROP TABLE IF EXISTS " + marker) })
+	for _, drv := range []string{"mysql", "sqlretry"} {
+		t.Run(drv, func(t *testing.T) {
+			var db *sql.DB
+			if drv == "mysql" {
+				db = atkPlain(t, "mysql")
+			} else {
+				db = atkOpenMy(t, sqlretry.WithMySQLCommitMarker("test."+marker))
+			}
+			db.SetMaxOpenConns(1)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			err, took, done := a16MyRun(ctx, drv, db, 15*time.Second, func(ctx context.Context, tx *sql.Tx) error {
+				if _, err := tx.ExecContext(ctx, "CREATE TEMPORARY TABLE IF NOT EXISTS test."+marker+" (id int, note varchar(20))"); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", drv)
+				return err
+			})
+			n := atkCount(t, root, "SELECT count(*) FROM "+tbl+" WHERE tag = '"+drv+"'")
+			t.Logf("%s: returned=%v after %v err=%v rows=%d", drv, done, took.Round(time.Millisecond), err, n)
+			if err != nil || n != 1 {
+				t.Errorf("the transaction failed (err=%v, rows=%d); the plain driver's COMMIT: nil, one row", err, n)
+			}
+		})
+	}
+}
