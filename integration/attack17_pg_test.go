@@ -413,3 +413,34 @@ func TestAttack17PgTempPgSettingsBypassesReadOnly(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack17PgDeallocateAllTurnsShortChecksOff: one `DEALLOCATE ALL` on
+// one pooled connection (here an autocommit statement of some caller)
+// turns short deadlock checks (on by default) and short lock waits off for
+// the whole db, for good. The next bounded attempt on that connection
+// sends its cached `SHOW ... /* sqlretry */`, which fails with 26000
+// (prepared statement does not exist); sqlretry takes that for an engine
+// that refuses the setting ("turns them off for the db"). Every later
+// replay of every connection then waits the server's deadlock_timeout
+// (1 s) before a deadlock is found, as with WithShortDeadlockCheck(false).
+// The caller sees no error. Fails every run.
+func TestAttack17PgDeallocateAllTurnsShortChecksOff(t *testing.T) {
+	for _, c := range a17PgCases {
+		t.Run(c.setting, func(t *testing.T) {
+			db := a16Open(t, "sqlretry", c.opts...)
+			db.SetMaxOpenConns(2)
+			a17PgRun(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error { return nil }) // the bound's statements are cached
+			atkMust(t, db, "DEALLOCATE ALL")
+			for i := range 3 {
+				var in string
+				a17PgRun(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+					return tx.QueryRowContext(ctx, "SELECT current_setting('"+c.setting+"') /* a17 in replay */").Scan(&in)
+				})
+				t.Logf("replay after DEALLOCATE ALL, round %d: %s in the transaction", i+1, in)
+				if i == 2 && (in == "0" || in == "1s") {
+					t.Errorf("replays run without the bound (%s = %s) after one DEALLOCATE ALL on one connection: the feature is off for the db", c.setting, in)
+				}
+			}
+		})
+	}
+}
