@@ -181,3 +181,50 @@ func TestAttack17MyTempTableWrongShapeFailsCommit(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack17MyUseOtherDBThenLostCommit: the closure changes the current
+// database (USE) before its COMMIT's reply is lost. Held: the marker is
+// fully qualified, the lookup finds the token, RunInTx reports nil, one
+// row, the closure ran once. (A claim that held; kept as a check.)
+func TestAttack17MyUseOtherDBThenLostCommit(t *testing.T) {
+	root := atkPlain(t, "mysql")
+	other := atkName("a17db")
+	tbl := atkName("a17use")
+	atkMust(t, root, "CREATE DATABASE "+other, "CREATE TABLE test."+tbl+" (id int auto_increment primary key, tag varchar(40))")
+	t.Cleanup(func() { root.Exec("DROP DATABASE " + other) })
+	db := a15OpenMyGate(t)
+	db.SetMaxOpenConns(1)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "INSERT INTO test."+tbl+" (tag) VALUES ('warm')")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	a15MyGate.arm("COMMIT")
+	hit, release := a15MyGate.hit, a15MyGate.release
+	defer a15MyGate.disarm()
+	go func() {
+		select {
+		case <-hit:
+			time.Sleep(300 * time.Millisecond)
+		case <-time.After(20 * time.Second):
+		}
+		close(release)
+	}()
+	calls := 0
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "USE "+other); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO test."+tbl+" (tag) VALUES ('x')")
+		return err
+	})
+	rows := atkCount(t, root, "SELECT COUNT(*) FROM test."+tbl+" WHERE tag = 'x'")
+	t.Logf("lost COMMIT after USE: calls=%d err=%v rows=%d", calls, err, rows)
+	if rows != 1 || err != nil {
+		t.Errorf("rows=%d err=%v calls=%d: want one row, nil", rows, err, calls)
+	}
+}
