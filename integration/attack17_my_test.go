@@ -6,6 +6,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"testing"
 	"time"
 
@@ -226,5 +227,85 @@ func TestAttack17MyUseOtherDBThenLostCommit(t *testing.T) {
 	t.Logf("lost COMMIT after USE: calls=%d err=%v rows=%d", calls, err, rows)
 	if rows != 1 || err != nil {
 		t.Errorf("rows=%d err=%v calls=%d: want one row, nil", rows, err, calls)
+	}
+}
+
+// TestAttack17MyDatetimeMarkerTimeZoneDuplicates: a marker table the DBA
+// created (as the README invites: "or create it yourself") with
+// `created_at DATETIME(6)` instead of TIMESTAMP(6); the shape check looks
+// only at the token column, the engine and triggers, and accepts it. The
+// closure sets the session's time_zone five hours behind the server's
+// (an application working in its users' local time). The marker's
+// created_at, SYSDATE(6) in that session, is then stored as a wall-clock
+// time five hours in the past, and the clean-up (on a side connection in
+// the server's zone, `created_at < NOW(6) - INTERVAL 1 HOUR`) deletes it
+// at its next round, which every 256th marker of the db starts. The
+// COMMIT's reply is lost (the server committed); while the connection is
+// held, other callers of the db commit 300 small transactions; the lookup
+// then finds the sentinel and not the token, says "not committed", and
+// RunInTx replays a committed transaction: two rows. The plain driver
+// never writes two.
+func TestAttack17MyDatetimeMarkerTimeZoneDuplicates(t *testing.T) {
+	root := atkPlain(t, "mysql")
+	marker := atkName("a17dtm")
+	tbl := atkName("a17tz")
+	atkMust(t, root, "CREATE TABLE test."+marker+" (token BINARY(16) NOT NULL PRIMARY KEY, created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), KEY (created_at)) ENGINE=InnoDB",
+		"CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+	t.Cleanup(func() { root.Exec("DROP TABLE IF EXISTS test." + marker) })
+	var offMin int
+	if err := root.QueryRow("SELECT TIMESTAMPDIFF(MINUTE, UTC_TIMESTAMP(), NOW())").Scan(&offMin); err != nil {
+		t.Fatal(err)
+	}
+	behind := offMin - 5*60
+	sign := "+"
+	if behind < 0 {
+		sign, behind = "-", -behind
+	}
+	tz := fmt.Sprintf("%s%02d:%02d", sign, behind/60, behind%60)
+	db := a15OpenMyGate(t, sqlretry.WithMySQLCommitMarker("test."+marker))
+	db.SetMaxOpenConns(4)
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	small := func(tag string) error {
+		return sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", tag)
+			return err
+		})
+	}
+	if err := small("warm"); err != nil {
+		t.Fatal(err)
+	}
+	a15MyGate.arm("COMMIT")
+	hit, release := a15MyGate.hit, a15MyGate.release
+	defer a15MyGate.disarm()
+	others := make(chan error, 1)
+	go func() {
+		select {
+		case <-hit:
+			var err error
+			for i := 0; i < 300 && err == nil; i++ {
+				err = small("other")
+			}
+			time.Sleep(500 * time.Millisecond) // the clean-up's round
+			others <- err
+		case <-time.After(20 * time.Second):
+			others <- nil
+		}
+		close(release)
+	}()
+	calls := 0
+	err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "SET time_zone = '"+tz+"'"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('x')")
+		return err
+	})
+	oerr := <-others
+	rows := atkCount(t, root, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = 'x'")
+	t.Logf("time_zone %s, lost COMMIT: calls=%d err=%v rows=%d (others: %v)", tz, calls, err, rows, oerr)
+	if rows > 1 {
+		t.Errorf("a committed transaction was replayed: %d rows (calls=%d, err=%v); the plain driver writes one", rows, calls, err)
 	}
 }
