@@ -7,9 +7,14 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/go-sql-driver/mysql"
 	"github.com/sqlretry/sqlretry"
 )
 
@@ -305,6 +310,145 @@ func TestAttack17MyDatetimeMarkerTimeZoneDuplicates(t *testing.T) {
 	oerr := <-others
 	rows := atkCount(t, root, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = 'x'")
 	t.Logf("time_zone %s, lost COMMIT: calls=%d err=%v rows=%d (others: %v)", tz, calls, err, rows, oerr)
+	if rows > 1 {
+		t.Errorf("a committed transaction was replayed: %d rows (calls=%d, err=%v); the plain driver writes one", rows, calls, err)
+	}
+}
+
+// a17StartMariaDB starts a private MariaDB with extra server options; it
+// returns the port.
+func a17StartMariaDB(t *testing.T, extra ...string) int {
+	t.Helper()
+	mariadbd, err := exec.LookPath("mariadbd")
+	if err != nil {
+		if mariadbd, err = exec.LookPath("/usr/sbin/mariadbd"); err != nil {
+			t.Skip("no mariadbd")
+		}
+	}
+	dir, err := os.MkdirTemp("", "sqlretry-a17-mysql-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if os.Geteuid() == 0 {
+		exec.Command("chown", "mysql:mysql", dir).Run()
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	data := filepath.Join(dir, "data")
+	install := exec.Command("mariadb-install-db", "--no-defaults", "--datadir="+data, "--auth-root-authentication-method=normal", "--skip-test-db")
+	if os.Geteuid() == 0 {
+		install.Args = append(install.Args, "--user=mysql")
+	}
+	if out, err := install.CombinedOutput(); err != nil {
+		t.Fatalf("mariadb-install-db: %v: %s", err, out)
+	}
+	args := append([]string{"--no-defaults", "--datadir=" + data, fmt.Sprintf("--port=%d", port), "--bind-address=127.0.0.1",
+		"--socket=" + filepath.Join(dir, "sock"), "--pid-file=" + filepath.Join(dir, "pid"), "--log-error=" + filepath.Join(dir, "err.log"),
+		"--innodb-flush-log-at-trx-commit=2", "--skip-log-bin", "--innodb-buffer-pool-size=64M"}, extra...)
+	if os.Geteuid() == 0 {
+		args = append(args, "--user=mysql")
+	}
+	cmd := exec.Command(mariadbd, args...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	root := fmt.Sprintf("root@tcp(127.0.0.1:%d)/", port)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		db, _ := sql.Open("mysql", root)
+		_, err := db.Exec("CREATE DATABASE IF NOT EXISTS test")
+		db.Close()
+		if err == nil {
+			return port
+		}
+		if time.Now().After(deadline) {
+			log, _ := os.ReadFile(filepath.Join(dir, "err.log"))
+			t.Fatalf("mariadbd did not answer: %v\n%s", err, log)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestAttack17MySysdateIsNowMarkerCleanedThenReplayed: attack15's case
+// (a closure that sets the session's `timestamp` two hours back) was fixed
+// by writing the marker's created_at as SYSDATE(6), "the server's clock".
+// A server started with --sysdate-is-now (the documented setting that
+// makes SYSDATE() safe for statement-based replication: it then follows
+// the session's timestamp like NOW()) gives SYSDATE(6) the session's
+// timestamp again. The marker is born two hours old, the clean-up that
+// 300 other small transactions of the db start while the COMMIT's reply is
+// held deletes it, the lookup after the lost reply finds the sentinel and
+// not the token, and RunInTx replays a committed transaction: two rows.
+// The plain driver never writes two. Private MariaDB.
+func TestAttack17MySysdateIsNowMarkerCleanedThenReplayed(t *testing.T) {
+	port := a17StartMariaDB(t, "--sysdate-is-now")
+	a15OpenMyGate(t) // registers the a15gate dialer
+	admin, err := sql.Open("mysql", fmt.Sprintf("root@tcp(127.0.0.1:%d)/test", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { admin.Close() })
+	tbl := atkName("a17sn")
+	atkMust(t, admin, "CREATE TABLE "+tbl+" (id int auto_increment primary key, tag varchar(40))")
+	cfg, err := mysql.ParseDSN(fmt.Sprintf("root@a15gate(127.0.0.1:%d)/test?parseTime=true", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := mysql.NewConnector(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := sqlretry.OpenDB(conn)
+	t.Cleanup(func() { db.Close() })
+	db.SetMaxOpenConns(4)
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	small := func(tag string) error {
+		return sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES (?)", tag)
+			return err
+		})
+	}
+	if err := small("warm"); err != nil {
+		t.Fatal(err)
+	}
+	past := time.Now().Add(-2 * time.Hour).Unix()
+	a15MyGate.arm("COMMIT")
+	hit, release := a15MyGate.hit, a15MyGate.release
+	defer a15MyGate.disarm()
+	others := make(chan error, 1)
+	go func() {
+		select {
+		case <-hit:
+			var err error
+			for i := 0; i < 300 && err == nil; i++ {
+				err = small("other")
+			}
+			time.Sleep(500 * time.Millisecond) // the clean-up's round
+			others <- err
+		case <-time.After(20 * time.Second):
+			others <- nil
+		}
+		close(release)
+	}()
+	calls := 0
+	err = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		calls++
+		if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ('x')"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, fmt.Sprintf("SET SESSION timestamp = %d", past))
+		return err
+	})
+	oerr := <-others
+	rows := atkCount(t, admin, "SELECT COUNT(*) FROM "+tbl+" WHERE tag = 'x'")
+	t.Logf("--sysdate-is-now, lost COMMIT: calls=%d err=%v rows=%d (others: %v)", calls, err, rows, oerr)
 	if rows > 1 {
 		t.Errorf("a committed transaction was replayed: %d rows (calls=%d, err=%v); the plain driver writes one", rows, calls, err)
 	}
