@@ -11,6 +11,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -442,5 +443,127 @@ func TestAttack17PgDeallocateAllTurnsShortChecksOff(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestAttack17PgDeallocateAllFailsCommit: a closure that writes and then
+// runs `DEALLOCATE ALL`, on a connection where an earlier writing
+// transaction ran. The plain driver's COMMIT succeeds. Held: sqlretry's
+// COMMIT (and its question for the transaction id) succeeds too. (A claim
+// that held; kept as a check.)
+func TestAttack17PgDeallocateAllFailsCommit(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	tbl := atkName("a17dc")
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (id serial primary key, tag text)")
+	t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl) })
+	for _, drv := range []string{"pgx", "sqlretry", "sqlretry-begintx"} {
+		t.Run(drv, func(t *testing.T) {
+			var db *sql.DB
+			if drv == "pgx" {
+				db = atkPlain(t, "pgx")
+			} else {
+				db = atkOpenPG(t, nil)
+			}
+			db.SetMaxOpenConns(1)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			run := func(tag string, dealloc bool) error {
+				fn := func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ($1)", tag); err != nil {
+						return err
+					}
+					if dealloc {
+						_, err := tx.ExecContext(ctx, "DEALLOCATE ALL")
+						return err
+					}
+					return nil
+				}
+				if drv == "sqlretry" {
+					return sqlretry.RunInTx(ctx, db, nil, fn)
+				}
+				tx, err := db.BeginTx(ctx, nil)
+				if err != nil {
+					return err
+				}
+				if err := fn(ctx, tx); err != nil {
+					tx.Rollback()
+					return err
+				}
+				return tx.Commit()
+			}
+			if err := run(drv+"-warm", false); err != nil {
+				t.Fatal(err)
+			}
+			err := run(drv, true)
+			n := atkCount(t, plain, "SELECT count(*) FROM "+tbl+" WHERE tag = '"+drv+"'")
+			t.Logf("%s: err=%v rows=%d", drv, err, n)
+			if err != nil || n != 1 {
+				t.Errorf("the transaction failed (err=%v, rows=%d); the plain driver's COMMIT: nil, one row", err, n)
+			}
+		})
+	}
+}
+
+// TestAttack17PgBoundEndsWaitAtCommit: a DEFERRABLE INITIALLY DEFERRED
+// unique constraint is checked at COMMIT, which then waits for another
+// transaction that inserted the same key (it held it 300 ms, then rolled
+// back). The plain driver's COMMIT waits and succeeds. Held: with short
+// lock waits the bound ends the COMMIT's wait (55P03), which is replayed,
+// never surfaced, and the transaction commits once. (A claim that held;
+// kept as a check.)
+func TestAttack17PgBoundEndsWaitAtCommit(t *testing.T) {
+	plain := atkPlain(t, "pgx")
+	tbl := atkName("a17du")
+	atkMust(t, plain, "CREATE TABLE "+tbl+" (k int, tag text, CONSTRAINT "+tbl+"_k UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)")
+	t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl) })
+	for i, c := range a17PgCases {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(c.setting+"/"+drv, func(t *testing.T) {
+				k := 10*i + map[string]int{"pgx": 1, "sqlretry": 2}[drv]
+				db := a16Open(t, drv, c.opts...)
+				holder := atkPlain(t, "pgx")
+				htx, err := holder.Begin()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := htx.Exec("INSERT INTO "+tbl+" VALUES ($1, 'holder')", k); err != nil {
+					t.Fatal(err)
+				}
+				go func() { time.Sleep(300 * time.Millisecond); htx.Rollback() }()
+				start := time.Now()
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				var err2 error
+				runs := 0
+				fn := func(ctx context.Context, tx *sql.Tx) error {
+					runs++
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ($1, 'x')", k)
+					return err
+				}
+				if drv == "pgx" {
+					var tx *sql.Tx
+					if tx, err2 = db.BeginTx(ctx, nil); err2 == nil {
+						if err2 = fn(ctx, tx); err2 == nil {
+							err2 = tx.Commit()
+						}
+					}
+				} else {
+					first := true
+					err2 = sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+						if first {
+							first = false
+							_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack17 conflict' USING ERRCODE = '40001'; END$$`)
+							return err
+						}
+						return fn(ctx, tx)
+					})
+				}
+				n := atkCount(t, plain, fmt.Sprintf("SELECT count(*) FROM %s WHERE k = %d AND tag = 'x'", tbl, k))
+				t.Logf("%s: err=%v runs=%d rows=%d after %v", drv, err2, runs, n, time.Since(start).Round(time.Millisecond))
+				if err2 != nil || n != 1 {
+					t.Errorf("err=%v rows=%d; the plain driver's COMMIT waits for the other transaction and succeeds", err2, n)
+				}
+			})
+		}
 	}
 }
