@@ -75,10 +75,14 @@ func isReadOnlyAnswer(err error) bool {
 // default_transaction_read_only on from its configuration (ALTER SYSTEM or
 // the file). The user's own choice shows as a source other than the server's
 // configuration: session (SET), client (the DSN), user or database (ALTER
-// ROLE / ALTER DATABASE ... SET).
+// ROLE / ALTER DATABASE ... SET). The view is named with its schema: it
+// runs on the user's session, where a temporary table named pg_settings
+// comes first in the search path (attack17: one that said "configuration
+// file" made sqlretry take a session the user made read-only for a fenced
+// primary, and run the write elsewhere).
 const pgReadOnlyQuery = `SELECT pg_is_in_recovery() OR (setting = 'on' AND source IN ('configuration file', 'command line', 'environment variable')),
 	setting = 'on' AND source NOT IN ('default', 'configuration file', 'command line', 'environment variable', 'override')
-	FROM pg_settings WHERE name = 'default_transaction_read_only'`
+	FROM pg_catalog.pg_settings WHERE name = 'default_transaction_read_only'`
 
 // mysqlReadOnlyQuery works on MySQL and MariaDB alike: SHOW VARIABLES
 // leaves out the variables a server lacks (MariaDB 10.11 has no

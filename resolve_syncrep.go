@@ -40,7 +40,7 @@ import (
 // one round trip. The LEFT JOIN keeps one row when the backend is gone.
 const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.state,
 	current_setting('synchronous_standby_names'), current_setting('synchronous_commit')
-	FROM (SELECT 1) AS one LEFT JOIN pg_stat_activity AS a
+	FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_stat_activity AS a
 	ON a.pid = $2 AND a.backend_xid = ($1::bigint % 4294967296)::text::xid`
 
 // pgTerminateQuery ends the old backend ($1) if it still holds the id ($2)
@@ -62,7 +62,7 @@ const pgStatusQuery = `SELECT txid_status($1), a.pid IS NOT NULL, a.state,
 // can begin in that gap. With track_activities off the state reads
 // "disabled" and no backend is ended: a COMMIT lost behind a silent
 // network is then ErrAmbiguousCommit at the caller's deadline.
-const pgTerminateQuery = `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+const pgTerminateQuery = `SELECT pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
 	WHERE pid = $1 AND backend_xid = ($2::bigint % 4294967296)::text::xid
 	AND state = 'idle in transaction' AND state_change < clock_timestamp() - interval '` + pgIdleGrace + `'`
 
@@ -182,7 +182,7 @@ func pgReplicated(ctx context.Context, dc driver.Conn, st pgStatus) (bool, error
 		}
 		return true, nil
 	}
-	q := "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum') AND " + col + " >= $1::text::pg_lsn"
+	q := "SELECT count(*) FROM pg_catalog.pg_stat_replication WHERE sync_state IN ('sync', 'quorum') AND " + col + " >= $1::text::pg_lsn"
 	deadline := time.Now().Add(pgReplicaWait)
 	pause := 5 * time.Millisecond
 	for {
