@@ -1028,3 +1028,31 @@ func TestShortWaitNowaitIsTheClosures(t *testing.T) {
 		t.Fatalf("err %v, runs %d: want the second attempt (bounded) to commit after skipping the busy job", err, runs)
 	}
 }
+
+// The restore's wide text gate (mayTouchSetting): CALL, DO and EXECUTE as
+// words, whatever whitespace follows (attack17: "CALL\n  p()" and a
+// statement prepared in SQL were missed, and the bound stayed the
+// session's value).
+func TestMayTouchSettingWords(t *testing.T) {
+	for q, want := range map[string]bool{
+		"CALL p()":                         true,
+		"CALL\n  p()":                      true,
+		"call\tp()":                        true,
+		"EXECUTE s(1)":                     true,
+		"execute\ns":                       true,
+		"DO $$BEGIN NULL; END$$":           true,
+		"DO$$BEGIN NULL; END$$":            true,
+		"SET lock_timeout = '1s'":          true,
+		"SELECT set_config('x', 'y', f)":   true,
+		"UPDATE pg_settings SET setting=1": true,
+		"SELECT recall(1)":                 false,
+		"SELECT docs FROM t":               false,
+		"INSERT INTO executed VALUES (1)":  false,
+		"SELECT 1":                         false,
+		"UPDATE t SET undo = 1":            false,
+	} {
+		if got := mayTouchSetting(q, "lock_timeout"); got != want {
+			t.Errorf("mayTouchSetting(%q) = %v, want %v", q, got, want)
+		}
+	}
+}

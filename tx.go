@@ -96,13 +96,36 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 // mayTouchSetting says whether a statement may set the setting name at
 // session level, read widely (restoreBound): its name anywhere in the text
 // (SET "lock_timeout", a comment, a string), set_config with the name as
-// an argument, an UPDATE of pg_settings, or a CALL or DO (a procedure's
-// body). A function of the user's own that calls set_config from a plain
-// SELECT cannot be seen.
+// an argument, an UPDATE of pg_settings, or a CALL, DO or EXECUTE (a
+// procedure's body, a statement prepared in SQL) as a word, whatever
+// follows it (attack17: "CALL\n  p()" and EXECUTE were missed). A function
+// of the user's own that calls set_config from a plain SELECT cannot be
+// seen.
 func mayTouchSetting(query, name string) bool {
 	q := strings.ToLower(query)
 	return strings.Contains(q, name) || strings.Contains(q, "set_config") || strings.Contains(q, "pg_settings") ||
-		strings.Contains(q, "call ") || strings.Contains(q, "do ") || strings.Contains(q, "do$")
+		hasWord(q, "call") || hasWord(q, "do") || hasWord(q, "execute")
+}
+
+// hasWord says whether the lower-case word w stands in q on its own: not
+// part of a longer identifier (letters, digits, _ and $ around it).
+func hasWord(q, w string) bool {
+	for i := 0; ; {
+		j := strings.Index(q[i:], w)
+		if j < 0 {
+			return false
+		}
+		j += i
+		end := j + len(w)
+		if (j == 0 || !identByte(q[j-1])) && (end == len(q) || !identByte(q[end]) || q[end] == '$') {
+			return true
+		}
+		i = j + 1
+	}
+}
+
+func identByte(b byte) bool {
+	return b == '_' || b == '$' || b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || b >= 0x80
 }
 
 // setsLockTimeout says whether a statement of the closure may set
