@@ -307,7 +307,7 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 		return nil
 	}
 	if q == pgAskXID || q == pgAskXIDAndServer || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" ||
-		q == pgStatusQuery || strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") || strings.Contains(q, "FROM pg_stat_replication") {
+		q == pgStatusQuery || strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") || strings.Contains(q, "FROM pg_catalog.pg_stat_replication") {
 		return nil
 	}
 	c.apply(q)
@@ -537,7 +537,7 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 	if strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") {
 		return &fakeRows{cols: []string{"lsn", "see"}, data: [][]driver.Value{{"0/3000148", !c.srv.standbyHidden}}}, nil
 	}
-	if strings.Contains(q, "FROM pg_stat_replication") {
+	if strings.Contains(q, "FROM pg_catalog.pg_stat_replication") {
 		c.srv.mu.Lock()
 		defer c.srv.mu.Unlock()
 		c.srv.replChecks++
