@@ -393,7 +393,7 @@ func (s *shortWait) learn(dt int64) {
 // without it, its closure not having run.
 func (r *retrier) shortWaitRefused(err error) bool {
 	var sw *shortWaitError
-	if !errors.As(err, &sw) {
+	if !errors.As(err, &sw) || staleStatement(err) {
 		return false
 	}
 	switch r.classify(sw.err) {
@@ -401,4 +401,16 @@ func (r *retrier) shortWaitRefused(err error) bool {
 		return true
 	}
 	return false
+}
+
+// staleStatement says whether the bound's statement failed because the
+// driver's cached prepared statement of it is gone from the session
+// (26000: the closure or an earlier caller ran DEALLOCATE ALL or DISCARD
+// ALL on the pooled connection). The server refused nothing: pgx drops
+// the cache entry on the error, and the attempt runs again at once without
+// the bound, its closure not having run (attack17: it was taken for a
+// server without the settings, and short waits turned off for good).
+func staleStatement(err error) bool {
+	var sw *shortWaitError
+	return errors.As(err, &sw) && ErrorCode(sw.err) == "26000"
 }

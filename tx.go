@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -307,11 +308,11 @@ func (t *tx) Commit() error {
 		a.ended.Store(endRolledBack)
 		return &poisonedError{cause: a.ownHit()}
 	}
+	if a != nil {
+		t.restoreBound(a)
+	}
 	err := t.commit()
 	if a != nil {
-		if err == nil {
-			t.restoreBound(a)
-		}
 		a.commitErr = err
 		a.ended.Store(endCommitted)
 	}
@@ -324,32 +325,43 @@ func (t *tx) Commit() error {
 // bound, and its restore made the bound the session's: it outlived the
 // transaction, and later statements on the pooled connection ran with a
 // 20 ms lock_timeout or deadlock_timeout (attack15). With the plain driver
-// the closure saved, and restored, the session's own value. So after a
+// the closure saved, and restored, the session's own value. So before the
 // COMMIT of an attempt whose closure set the setting, a session value
-// equal to the bound becomes the one sqlretry's bound replaced. A closure
-// that set the session's value to exactly the bound on purpose has it
-// undone (attack16; the bound is 20 ms times a power of two). Nothing else
-// is done when the session cannot be asked or may not set it (a SET ROLE
-// of the closure's): the session, with its role and temporary tables, is
-// kept (attack16: discarding it lost them).
+// equal to the bound becomes the one sqlretry's bound replaced, in the
+// transaction: it takes effect with the COMMIT and only then, and behind
+// PgBouncer in transaction mode it reaches the server session the closure
+// ran on (attack17: sent after the COMMIT it reached another client's).
+// Where the closure did not set it the statement sets the session value
+// the transaction ends with anyway. A closure that set the session's value
+// to exactly the bound on purpose has it undone (attack16; the bound is
+// 20 ms times a power of two). The statement runs in a savepoint: when the
+// session may not set it (a SET ROLE of the closure's), the savepoint is
+// rolled back and the transaction commits as it would have; the session,
+// with its role and temporary tables, is kept (attack16: discarding it
+// lost them). A poisoned transaction is rolled back anyway: nothing to do.
 func (t *tx) restoreBound(a *txAttempt) {
 	rr := a.rare
-	if rr == nil || !rr.boundTouched || rr.boundMS == 0 {
+	if rr == nil || !rr.boundTouched || rr.boundMS == 0 || t.poison != nil || t.ctx.Err() != nil {
 		return
 	}
-	// Within the caller's deadline (the BeginTx context): a server that
-	// stalls after the COMMIT must not hold the call past it.
+	// Within the caller's deadline (the BeginTx context).
 	ctx, cancel := context.WithTimeout(t.ctx, 5*time.Second)
 	defer cancel()
-	name := a.boundSetting()
-	vals, err := queryRow(ctx, t.c.inner, "SHOW "+name+shortLockMark)
-	if err != nil || len(vals) == 0 {
-		return
+	q := "SAVEPOINT sqlretry_restore; " + restoreBoundQuery(a.boundSetting(), rr.boundMS, rr.boundPre) + "; RELEASE SAVEPOINT sqlretry_restore"
+	if err := execConn(ctx, t.c.inner, q); err != nil && serverAnswered(err) {
+		_ = execConn(ctx, t.c.inner, "ROLLBACK TO SAVEPOINT sqlretry_restore; RELEASE SAVEPOINT sqlretry_restore"+shortLockMark)
 	}
-	if ms, ok := parsePgMillis(textOf(vals[0])); !ok || ms != rr.boundMS {
-		return
-	}
-	_ = execConn(ctx, t.c.inner, "SET SESSION "+name+" = '"+strings.ReplaceAll(rr.boundPre, "'", "''")+"'"+shortLockMark)
+}
+
+// restoreBoundQuery sets name at session level back to pre where its value
+// is the bound (ms), in one statement with no arguments: pgx sends it by
+// the simple protocol, with no prepared statement a DEALLOCATE ALL of the
+// closure could have taken away (attack17: a cached SHOW failed with 26000
+// and the bound stayed the session's value). pg_settings gives these
+// settings in ms whatever the display unit.
+func restoreBoundQuery(name string, ms int64, pre string) string {
+	return "SELECT pg_catalog.set_config('" + name + "', '" + strings.ReplaceAll(pre, "'", "''") + "', false) FROM pg_catalog.pg_settings WHERE name = '" +
+		name + "' AND setting = '" + strconv.FormatInt(ms, 10) + "'" + shortLockMark
 }
 
 func (t *tx) commit() error {
@@ -1074,13 +1086,13 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 	// unbounded), unless part of the closure's work committed by itself.
 	mustFirst := false
 	if att.bounded && o.err != nil && ctx.Err() == nil {
-		refused := r.shortWaitRefused(o.err)
+		refused, stale := r.shortWaitRefused(o.err), staleStatement(o.err)
 		mustFirst = !refused && att.byClosure == 0 && !att.escaped && !nestedCommitSince(att.seq) &&
 			att.first != nil && ErrorCode(att.first) == "25001"
 		if refused {
 			r.shortWait.off.Store(true)
 		}
-		if refused || mustFirst {
+		if refused || mustFirst || stale {
 			att = &txAttempt{Context: ctx}
 			o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
 		}
