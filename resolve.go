@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"database/sql/driver"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -137,9 +138,7 @@ func (t *tx) prepareMarker() error {
 		}
 		c.serverID, c.mysqlServer = id, srv
 	}
-	token := make([]byte, 16)
-	_, _ = rand.Read(token)
-	t.token, t.marker, t.sentinel = token, marker, sentinel
+	t.token, t.marker, t.sentinel = markerToken(time.Now()), marker, sentinel
 	if c.mysqlServer.block && !r.resolution.markerNoBlock.Load() {
 		t.markerWithCommit = true
 		return nil
@@ -884,7 +883,37 @@ func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
 	if execConn(ctx, dc, "SET SESSION innodb_lock_wait_timeout = 1, lock_wait_timeout = 1") != nil {
 		return
 	}
-	_ = execConn(ctx, dc, fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR AND NOT (%s) LIMIT %d", table, markerSentinels, cleanBatch))
+	_ = execConn(ctx, dc, markerCleanQuery(table, time.Now()))
+}
+
+// markerToken is a transaction's marker token: the time it was made, in
+// milliseconds since 1970, in its first 6 bytes (big-endian), then
+// markerTokenTimed, then 9 random bytes. The clean-up deletes such a row
+// only when both its created_at and its token's time are over an hour old:
+// created_at comes from the server's clock read through the session, which
+// a closure can move (SET time_zone for a DATETIME column of a table the
+// user made, SET timestamp under --sysdate-is-now), and a marker deleted
+// before its lost COMMIT's lookup replays a committed transaction
+// (attack15, attack17). Tokens of an earlier release (16 random bytes)
+// keep the created_at rule alone, except the 1 in 256 whose 7th byte is
+// markerTokenTimed, which stay.
+func markerToken(now time.Time) []byte {
+	token := make([]byte, 16)
+	binary.BigEndian.PutUint64(token, uint64(now.UnixMilli())<<16)
+	token[6] = markerTokenTimed
+	_, _ = rand.Read(token[7:])
+	return token
+}
+
+const markerTokenTimed = 0xa5
+
+// markerCleanQuery deletes up to cleanBatch marker rows written over an
+// hour before now, by both clocks (markerToken), never the sentinels.
+func markerCleanQuery(table string, now time.Time) string {
+	cut := make([]byte, 8)
+	binary.BigEndian.PutUint64(cut, uint64(now.Add(-time.Hour).UnixMilli())<<16)
+	return fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR AND (SUBSTRING(token, 7, 1) <> X'%02x' OR token < X'%s') AND NOT (%s) LIMIT %d",
+		table, markerTokenTimed, hex.EncodeToString(cut[:6]), markerSentinels, cleanBatch)
 }
 
 // resolveCommit finds out whether the COMMIT of t took effect, within ctx.
