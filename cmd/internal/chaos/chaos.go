@@ -322,6 +322,12 @@ func Run(ctx context.Context, tg Target, sc Scenario, st Strategy, progress func
 	}
 	res := workload.Run(ctx, workload.Config{Workers: sc.Workers, Duration: sc.Duration, OpTimeout: sc.OpTimeout, Progress: progress}, bank, db, st.Run)
 	stopChaos()
+	if tg.Driver == "pgx" && os.Getenv("CHAOS_TABLESTATS") != "" {
+		var upd, hot int64
+		var an sql.NullTime
+		err := admin.QueryRowContext(ctx, "SELECT n_tup_upd, n_tup_hot_upd, last_autoanalyze FROM pg_stat_user_tables WHERE relname = $1", run+"_accounts").Scan(&upd, &hot, &an)
+		log.Printf("TABLESTATS %s/%s: updates %d, HOT %d, autoanalyzed %v %v (err %v)", sc.Name, st.Name, upd, hot, an.Valid, an.Time.Format("15:04:05.000"), err)
+	}
 	wg.Wait()
 	if killed != nil {
 		if err := tg.Cluster.StartNode(killed); err != nil {
