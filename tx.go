@@ -2,8 +2,10 @@ package sqlretry
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
 	"database/sql/driver"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -76,8 +78,10 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 		if setsSetting(query, a.boundSetting()) {
 			a.ownBound = false // the closure sets its own: a 55P03 (or 40P01) from now on may be the user's
 			a.rare.boundTouched = true
-		} else if !a.rare.boundTouched && mayTouchSetting(query, a.boundSetting()) {
+			a.rare.lastLocal = setsLocal(query, a.boundSetting())
+		} else if mayTouchSetting(query, a.boundSetting()) {
 			a.rare.boundTouched = true
+			a.rare.lastLocal = false
 		}
 	}
 	if err == nil {
@@ -159,6 +163,13 @@ func setsSetting(query, name string) bool {
 		}
 	}
 	return false
+}
+
+// setsLocal says whether query sets name for the transaction only (SET
+// LOCAL name): the transaction's value then hides the session's, which
+// only the COMMIT shows (restoreBound).
+func setsLocal(query, name string) bool {
+	return strings.Contains(strings.Join(strings.Fields(strings.ToLower(query)), " "), "set local "+name)
 }
 
 // escape marks the transaction escaped (done). A statement that leaves
@@ -308,10 +319,11 @@ func (t *tx) Commit() error {
 		a.ended.Store(endRolledBack)
 		return &poisonedError{cause: a.ownHit()}
 	}
-	if a != nil {
-		t.restoreBound(a)
-	}
+	restore := a != nil && t.restoreBound(a)
 	err := t.commit()
+	if restore && err == nil {
+		t.restoreBoundAfter(a)
+	}
 	if a != nil {
 		a.commitErr = err
 		a.ended.Store(endCommitted)
@@ -325,32 +337,64 @@ func (t *tx) Commit() error {
 // bound, and its restore made the bound the session's: it outlived the
 // transaction, and later statements on the pooled connection ran with a
 // 20 ms lock_timeout or deadlock_timeout (attack15). With the plain driver
-// the closure saved, and restored, the session's own value. So before the
-// COMMIT of an attempt whose closure set the setting, a session value
-// equal to the bound becomes the one sqlretry's bound replaced, in the
-// transaction: it takes effect with the COMMIT and only then, and behind
-// PgBouncer in transaction mode it reaches the server session the closure
-// ran on (attack17: sent after the COMMIT it reached another client's).
-// Where the closure did not set it the statement sets the session value
-// the transaction ends with anyway. A closure that set the session's value
-// to exactly the bound on purpose has it undone (attack16; the bound is
-// 20 ms times a power of two). The statement runs in a savepoint: when the
-// session may not set it (a SET ROLE of the closure's), the savepoint is
-// rolled back and the transaction commits as it would have; the session,
-// with its role and temporary tables, is kept (attack16: discarding it
-// lost them). A poisoned transaction is rolled back anyway: nothing to do.
-func (t *tx) restoreBound(a *txAttempt) {
+// the closure saved, and restored, the session's own value. So in an
+// attempt whose closure set the setting, a value equal to the bound
+// becomes the one sqlretry's bound replaced, twice:
+//
+//   - before the COMMIT, in the transaction (restoreBoundInTx), so that
+//     it takes effect with the COMMIT on the server session the closure
+//     ran on, also behind PgBouncer in transaction mode (attack17: sent
+//     after the COMMIT it reached another client's server session);
+//   - after the COMMIT (restoreBoundAfter), for what the transaction's
+//     value hid: a SET LOCAL of the closure's after its session SET, or a
+//     closure that ended the transaction itself (attack18).
+//
+// A closure that set the session's value to exactly the bound on purpose
+// has it undone (attack16; the bound is 20 ms times a power of two).
+// Nothing else is done when the session cannot be asked or may not set it
+// (a SET ROLE of the closure's): the session, with its role and temporary
+// tables, is kept (attack16: discarding it lost them).
+func (t *tx) restoreBound(a *txAttempt) bool {
 	rr := a.rare
 	if rr == nil || !rr.boundTouched || rr.boundMS == 0 || t.poison != nil || t.ctx.Err() != nil {
-		return
+		return false
 	}
-	// Within the caller's deadline (the BeginTx context).
+	if !a.escaped && !rr.lastLocal {
+		// (After a SET LOCAL of the closure's the transaction's value is
+		// not the one the session keeps: attack18, a SET LOCAL back to the
+		// saved bound undid a session SET the closure made on purpose.)
+		t.restoreBoundInTx(a.boundSetting(), rr.boundMS, rr.boundPre)
+	}
+	return true
+}
+
+// restoreBoundInTx runs the restore in the transaction, in a savepoint of
+// a name no closure can have taken (a closure's own savepoint of the name
+// rolled back to revived an aborted transaction, attack18): when the
+// transaction is aborted the SAVEPOINT fails and nothing else is sent;
+// when the session may not set the value, the savepoint is rolled back
+// and the transaction commits as it would have.
+func (t *tx) restoreBoundInTx(name string, ms int64, pre string) {
 	ctx, cancel := context.WithTimeout(t.ctx, 5*time.Second)
 	defer cancel()
-	q := "SAVEPOINT sqlretry_restore; " + restoreBoundQuery(a.boundSetting(), rr.boundMS, rr.boundPre) + "; RELEASE SAVEPOINT sqlretry_restore"
-	if err := execConn(ctx, t.c.inner, q); err != nil && serverAnswered(err) {
-		_ = execConn(ctx, t.c.inner, "ROLLBACK TO SAVEPOINT sqlretry_restore; RELEASE SAVEPOINT sqlretry_restore"+shortLockMark)
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	sp := "sqlretry_restore_" + hex.EncodeToString(b[:])
+	if execConn(ctx, t.c.inner, "SAVEPOINT "+sp+shortLockMark) != nil {
+		return
 	}
+	if err := execConn(ctx, t.c.inner, restoreBoundQuery(name, ms, pre)+"; RELEASE SAVEPOINT "+sp); err != nil && serverAnswered(err) {
+		_ = execConn(ctx, t.c.inner, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp+shortLockMark)
+	}
+}
+
+// restoreBoundAfter runs the restore on the session after a COMMIT that
+// succeeded (restoreBound).
+func (t *tx) restoreBoundAfter(a *txAttempt) {
+	rr := a.rare
+	ctx, cancel := context.WithTimeout(t.ctx, 5*time.Second)
+	defer cancel()
+	_ = execConn(ctx, t.c.inner, restoreBoundQuery(a.boundSetting(), rr.boundMS, rr.boundPre))
 }
 
 // restoreBoundQuery sets name at session level back to pre where its value
@@ -622,6 +666,7 @@ type attemptRare struct {
 	boundMS      int64
 	boundPre     string
 	boundTouched bool
+	lastLocal    bool // the closure's last statement that touched it was a SET LOCAL
 }
 
 // ownHit is the first 55P03 (40P01 with short deadlock checks) the
