@@ -9,7 +9,6 @@ package integration
 import (
 	"context"
 	"database/sql"
-	"errors"
 	"testing"
 	"time"
 
@@ -88,7 +87,6 @@ func TestAttack18PgAbortedTxRevivedByRestoreCommits(t *testing.T) {
 				if err == nil || n != 0 {
 					t.Errorf("%s: err=%v rows=%d; the plain driver: commit unexpectedly resulted in rollback, 0 rows", drv, err, n)
 				}
-				_ = errors.Is
 			})
 		}
 	}
@@ -133,6 +131,92 @@ func TestAttack18PgOwnCommitAfterRestoreLeaksTheBound(t *testing.T) {
 					if err := a17LaterUpdateWaits(t, db); err != nil {
 						t.Errorf("%s: a later UPDATE on the pooled connection that waits 300 ms for a row: %v; the plain driver's waits and succeeds", drv, err)
 					}
+				}
+			})
+		}
+	}
+}
+
+// TestAttack18PgLaterSetLocalHidesTheLeak: attack15's helper (save the
+// setting, change it, restore it with a session SET: the session's value is
+// now the bound, 20ms), then a later part of the closure that sets its own
+// value for the rest of the transaction with SET LOCAL (3s). After the
+// COMMIT the session SET's value takes effect (PostgreSQL: "SET followed by
+// SET LOCAL ... afterwards the SET value takes effect"). sqlretry's restore
+// compares pg_settings.setting, the transaction's current value (the SET
+// LOCAL's 3s), with the bound, finds them different and does nothing: the
+// bound stays the session's value on the pooled connection. The plain
+// driver's helper saved and restored the session's own value (0 / 1s).
+func TestAttack18PgLaterSetLocalHidesTheLeak(t *testing.T) {
+	for _, c := range a17PgCases {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(c.setting+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, c.opts...)
+				before := a17After(t, db, c.setting)
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					var v string
+					if err := tx.QueryRowContext(ctx, "SHOW "+c.setting).Scan(&v); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '5s'"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '"+v+"'"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "SET LOCAL "+c.setting+" = '3s'")
+					return err
+				})
+				after := a17After(t, db, c.setting)
+				t.Logf("%s: err=%v before=%s after=%s", drv, err, before, after)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if after != before {
+					t.Errorf("%s: session's %s %s after the transaction, %s before; the plain driver's is back to its own", drv, c.setting, after, before)
+				}
+				if c.setting == "lock_timeout" {
+					if err := a17LaterUpdateWaits(t, db); err != nil {
+						t.Errorf("%s: a later UPDATE on the pooled connection that waits 300 ms for a row: %v; the plain driver's waits and succeeds", drv, err)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestAttack18PgSetLocalBackToSavedUndoesSessionSet: the mirror of
+// TestAttack18PgLaterSetLocalHidesTheLeak. The closure saves the setting
+// (SHOW: the bound, 20ms, in sqlretry's replay), sets a new session value
+// on purpose (SET 2s: the connection's value from now on), and sets the
+// transaction's value back to the saved one with SET LOCAL. The plain
+// driver's session keeps 2s after the COMMIT. sqlretry's restore sees the
+// current value equal to the bound and sets the session value to what the
+// bound replaced (0 / 1s): the closure's deliberate session setting is
+// lost.
+func TestAttack18PgSetLocalBackToSavedUndoesSessionSet(t *testing.T) {
+	for _, c := range a17PgCases {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(c.setting+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, c.opts...)
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					var v string
+					if err := tx.QueryRowContext(ctx, "SHOW "+c.setting).Scan(&v); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '2s'"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "SET LOCAL "+c.setting+" = '"+v+"'")
+					return err
+				})
+				after := a17After(t, db, c.setting)
+				t.Logf("%s: err=%v after=%s", drv, err, after)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if after != "2s" {
+					t.Errorf("%s: session's %s %s after the transaction; the plain driver's is the closure's 2s", drv, c.setting, after)
 				}
 			})
 		}
