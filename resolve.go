@@ -560,6 +560,12 @@ func (r *retrier) markerTable(ctx context.Context) (string, []byte, error) {
 		return "", nil, nil
 	}
 	defer dc.Close()
+	// A second at most for a lock on the table: a READ lock the
+	// transaction's own session took on it (LOCK TABLES by EXECUTE
+	// IMMEDIATE, out of the text check's sight) held the check until the
+	// caller's deadline (attack18). Then this transaction commits without
+	// a marker and the next one checks again.
+	_ = execConn(ctx, dc, "SET SESSION lock_wait_timeout = 1, innodb_lock_wait_timeout = 1")
 	name, sentinel, cerr, err := checkMarkerTable(ctx, dc, r.cfg.mysqlMarker)
 	if cerr == nil && err != nil && !r.cfg.mysqlMarkerSet && serverAnswered(err) && r.classify(err) == Permanent {
 		// An engine that speaks MySQL's protocol but refuses the check
@@ -798,15 +804,17 @@ func isConfigNumber(n uint16) bool {
 }
 
 // sessionLockRefused says whether a MySQL error number refuses the marker's
-// INSERT for a table lock the session itself holds: 1100, the table was
-// not locked with LOCK TABLES (which locks the session out of every other
-// table); 1223, a read lock (FLUSH TABLES WITH READ LOCK, ... FOR EXPORT,
+// INSERT for a table lock the session itself holds: 1099, the table is
+// locked with a READ lock (LOCK TABLES ... READ that named it: a
+// mysqldump-style lock of every table of the database, attack18); 1100,
+// the table was not locked with LOCK TABLES (which locks the session out
+// of every other table); 1223, a read lock (FLUSH TABLES WITH READ LOCK, ... FOR EXPORT,
 // MariaDB's BACKUP LOCK). escape() finds these statements by their text;
 // this is the fallback for text it cannot read: the statement was refused
 // and left the transaction as it was (attack9, attack15, attack16 and a
 // LOCK TABLES run by EXECUTE IMMEDIATE from a user variable).
 func sessionLockRefused(n uint16) bool {
-	return n == 1100 || n == 1223
+	return n == 1099 || n == 1100 || n == 1223
 }
 
 // quoteMySQL quotes an identifier with backticks.
