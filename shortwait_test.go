@@ -945,6 +945,9 @@ func TestSetsLockTimeout(t *testing.T) {
 		"UPDATE t SET n = n + 1":                               false,
 		"SET statement_timeout = 5":                            false,
 		"UPDATE t SET lock_timeout_col = 1 WHERE lock_timeout": false,
+		"/* x */ SET lock_timeout = 5":                         true,
+		"UPDATE jobs SET lock_timeout = 5 WHERE id = 1":        false, // a column (attack19)
+		"ALTER ROLE app SET lock_timeout = '1s'":               false, // not this session's
 	} {
 		if got := setsLockTimeout(q); got != want {
 			t.Errorf("setsLockTimeout(%q) = %v, want %v", q, got, want)
@@ -1050,9 +1053,32 @@ func TestMayTouchSettingWords(t *testing.T) {
 		"INSERT INTO executed VALUES (1)":  false,
 		"SELECT 1":                         false,
 		"UPDATE t SET undo = 1":            false,
+		"INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING":             false, // attack19
+		"INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET n=1": false,
+		"DO LANGUAGE plpgsql $$BEGIN NULL; END$$":                     true,
+		"do 'BEGIN NULL; END'":                                        true,
 	} {
 		if got := mayTouchSetting(q, "lock_timeout"); got != want {
 			t.Errorf("mayTouchSetting(%q) = %v, want %v", q, got, want)
+		}
+	}
+}
+
+// A closure that sets back the bound it saved does not make the bound its
+// own (attack19).
+func TestSetsValue(t *testing.T) {
+	for q, want := range map[string]bool{
+		"SET lock_timeout = '20ms'":                        true,
+		"SET LOCAL lock_timeout TO '20ms'":                 true,
+		"set lock_timeout = 20":                            true,
+		"SELECT set_config('lock_timeout', '20ms', false)": true,
+		"SET lock_timeout = '200ms'":                       false,
+		"SET lock_timeout = '5s'":                          false,
+		"SET lock_timeout = 2000":                          false,
+		"SELECT set_config('lock_timeout', $1, false)":     false,
+	} {
+		if got := setsValue(q, "lock_timeout", 20); got != want {
+			t.Errorf("setsValue(%q) = %v, want %v", q, got, want)
 		}
 	}
 }

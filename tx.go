@@ -76,12 +76,21 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	}
 	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !isShortWaitQuery(query) {
 		if setsSetting(query, a.boundSetting()) {
-			a.ownBound = false // the closure sets its own: a 55P03 (or 40P01) from now on may be the user's
+			// The closure sets its own: a 55P03 (or 40P01) from now on may
+			// be the user's; unless the value it sets is the bound, which
+			// it read and saved (a helper that changes the setting around
+			// one statement and sets back what it saved: attack19, its
+			// "busy" branch on the bound's error committed).
+			a.ownBound = setsValue(query, a.boundSetting(), a.rare.boundMS)
 			a.rare.boundTouched = true
 			a.rare.lastLocal = setsLocal(query, a.boundSetting())
 		} else if mayTouchSetting(query, a.boundSetting()) {
+			// (lastLocal stays: a statement that may touch it says
+			// nothing sure of what the transaction's value hides; the
+			// restore after the COMMIT sees it. Attack19: ON CONFLICT DO
+			// NOTHING after a SET LOCAL made the restore undo a
+			// deliberate session SET.)
 			a.rare.boundTouched = true
-			a.rare.lastLocal = false
 		}
 	}
 	if err == nil {
@@ -109,7 +118,28 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 func mayTouchSetting(query, name string) bool {
 	q := strings.ToLower(query)
 	return strings.Contains(q, name) || strings.Contains(q, "set_config") || strings.Contains(q, "pg_settings") ||
-		hasWord(q, "call") || hasWord(q, "do") || hasWord(q, "execute")
+		hasWord(q, "call") || doBlock(q) || hasWord(q, "execute")
+}
+
+// doBlock says whether the lower-case q holds a DO statement: the word do
+// followed by its body's dollar quote or string, or by LANGUAGE; not ON
+// CONFLICT DO NOTHING / DO UPDATE.
+func doBlock(q string) bool {
+	for i := 0; ; {
+		j := strings.Index(q[i:], "do")
+		if j < 0 {
+			return false
+		}
+		j += i
+		i = j + 2
+		if j > 0 && identByte(q[j-1]) || i < len(q) && identByte(q[i]) && q[i] != '$' {
+			continue
+		}
+		rest := strings.TrimLeft(q[i:], " \t\r\n")
+		if strings.HasPrefix(rest, "$") || strings.HasPrefix(rest, "'") || strings.HasPrefix(rest, "e'") || strings.HasPrefix(rest, "language") {
+			return true
+		}
+	}
 }
 
 // hasWord says whether the lower-case word w stands in q on its own: not
@@ -149,16 +179,44 @@ func setsSetting(query, name string) bool {
 	if strings.Contains(q, "set_config") {
 		return true
 	}
-	q = strings.Join(strings.Fields(q), " ")
+	q = strings.Join(strings.Fields(strings.ReplaceAll(stripComments(q), `"`, "")), " ")
 	for _, p := range []string{"set " + name, "set local " + name, "set session " + name} {
-		for rest := q; ; {
-			i := strings.Index(rest, p)
+		for off := 0; ; {
+			i := strings.Index(q[off:], p)
 			if i < 0 {
 				break
 			}
-			rest = rest[i+len(p):]
-			if rest == "" || !(rest[0] == '_' || rest[0] >= 'a' && rest[0] <= 'z' || rest[0] >= '0' && rest[0] <= '9') {
+			i += off
+			off = i + len(p)
+			rest := q[off:]
+			if rest != "" && (rest[0] == '_' || rest[0] >= 'a' && rest[0] <= 'z' || rest[0] >= '0' && rest[0] <= '9') {
+				continue
+			}
+			// A SET statement, not SET in another one: UPDATE t SET
+			// lock_timeout = ... (a column of that name; attack19: it
+			// disowned sqlretry's bound and the closure's busy branch
+			// committed), ALTER ROLE ... SET (not this session's).
+			if before := strings.TrimRight(q[:i], " "); before == "" || strings.HasSuffix(before, ";") {
 				return true
+			}
+		}
+	}
+	return false
+}
+
+// setsValue says whether query, which sets name (setsSetting), sets it to
+// ms milliseconds as a literal in its text: SET [LOCAL|SESSION] name
+// {=|TO} '20ms' (or 20, '20'), or set_config('name', '20ms', ...). A
+// value given as an argument is not seen (false).
+func setsValue(query, name string, ms int64) bool {
+	q := strings.ReplaceAll(strings.Join(strings.Fields(strings.ReplaceAll(stripComments(strings.ToLower(query)), `"`, "")), ""), "'", "")
+	n := strconv.FormatInt(ms, 10)
+	for _, v := range []string{n + "ms", n} {
+		for _, p := range []string{name + "=" + v, name + "to" + v, name + "," + v + ","} {
+			if i := strings.Index(q, p); i >= 0 {
+				if end := i + len(p); end == len(q) || !(q[end] >= '0' && q[end] <= '9' || q[end] >= 'a' && q[end] <= 'z') || strings.HasSuffix(p, ",") {
+					return true
+				}
 			}
 		}
 	}
@@ -168,8 +226,43 @@ func setsSetting(query, name string) bool {
 // setsLocal says whether query sets name for the transaction only (SET
 // LOCAL name): the transaction's value then hides the session's, which
 // only the COMMIT shows (restoreBound).
+// Also with the name quoted, comments between the words, or as
+// set_config(name, value, true) (attack19).
 func setsLocal(query, name string) bool {
-	return strings.Contains(strings.Join(strings.Fields(strings.ToLower(query)), " "), "set local "+name)
+	q := strings.Join(strings.Fields(strings.ReplaceAll(stripComments(strings.ToLower(query)), `"`, "")), " ")
+	if strings.Contains(q, "set local "+name) {
+		return true
+	}
+	i := strings.Index(q, "set_config")
+	return i >= 0 && strings.Contains(q[i:], name) && strings.Contains(q[i:], "true")
+}
+
+// stripComments blanks /* */ and -- comments out of SQL text (not inside
+// quotes: a false blank only makes the restore's guess less sure).
+func stripComments(q string) string {
+	if !strings.Contains(q, "/*") && !strings.Contains(q, "--") {
+		return q
+	}
+	b := []byte(q)
+	for i := 0; i+1 < len(b); i++ {
+		switch {
+		case b[i] == '/' && b[i+1] == '*':
+			j := strings.Index(q[i+2:], "*/")
+			end := len(b)
+			if j >= 0 {
+				end = i + 2 + j + 2
+			}
+			for k := i; k < end; k++ {
+				b[k] = ' '
+			}
+			i = end - 1
+		case b[i] == '-' && b[i+1] == '-':
+			for ; i < len(b) && b[i] != '\n'; i++ {
+				b[i] = ' '
+			}
+		}
+	}
+	return string(b)
 }
 
 // escape marks the transaction escaped (done). A statement that leaves
