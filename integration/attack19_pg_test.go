@@ -1,0 +1,238 @@
+package integration
+
+// Hostile tests of sqlretry (attack19): the restore of a touched short-wait
+// setting (restoreBound, tx.go) before and after COMMIT.
+
+import (
+	"context"
+	"database/sql"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sqlretry/sqlretry"
+	"github.com/sqlretry/sqlretry/integration/dbserver"
+)
+
+// a19Bodies are closures that save the setting, change it and restore it
+// with a session SET (attack15's helper), then either set a value of their
+// own for the rest of the transaction with SET LOCAL (the in-transaction
+// restore is then skipped: lastLocal) or commit themselves (escaped). The
+// restore is then left to the one after sqlretry's COMMIT alone.
+var a19Bodies = []struct {
+	name string
+	tail func(ctx context.Context, tx *sql.Tx, setting string) error
+}{
+	{"setlocal", func(ctx context.Context, tx *sql.Tx, setting string) error {
+		_, err := tx.ExecContext(ctx, "SET LOCAL "+setting+" = '3s'")
+		return err
+	}},
+	{"owncommit", func(ctx context.Context, tx *sql.Tx, setting string) error {
+		_, err := tx.ExecContext(ctx, "COMMIT")
+		return err
+	}},
+}
+
+// TestAttack19PgBouncerAfterCommitRestoreMissesTheSession: behind PgBouncer
+// in transaction mode. Attack17 moved the restore into the transaction
+// because, sent after the COMMIT, it reached other clients' server
+// sessions; attack18 added the after-COMMIT restore back for the two
+// shapes where the in-transaction one is skipped or cannot run (a SET
+// LOCAL of the closure's last; a closure that commits itself). Behind
+// PgBouncer that after-COMMIT statement runs on whatever server session
+// the pooler hands out, not the one the closure's session SET stuck to:
+// the bound (20 ms) stays on that server session, which other clients
+// then get. The plain driver's closure saved and restored the session's
+// own value (0 / 1s): no server session of the pooler is left with
+// anything else.
+func TestAttack19PgBouncerAfterCommitRestoreMissesTheSession(t *testing.T) {
+	if dbserver.PgBouncerBinary() == "" {
+		unavailable(t, "no pgbouncer binary")
+	}
+	srv := ownServer(t, "pgx")
+	admin := a12Plain(t, srv.DSN)
+	mustExec(t, admin, "CREATE TABLE a19b (id int PRIMARY KEY, n int NOT NULL)", "INSERT INTO a19b SELECT g, 0 FROM generate_series(1, 10) g")
+	for _, c := range a17PgCases {
+		def := "0"
+		if c.setting == "deadlock_timeout" {
+			def = "1s"
+		}
+		for _, shape := range a19Bodies {
+			for _, drv := range []string{"pgx", "sqlretry"} {
+				t.Run(c.setting+"/"+shape.name+"/"+drv, func(t *testing.T) {
+					// a pooler of its own: no server session another subtest used
+					bouncer, err := dbserver.StartPgBouncer(dsnPort(t, srv.DSN))
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(bouncer.Stop)
+					through := bouncer.DSN + "&default_query_exec_mode=exec"
+					var db *sql.DB
+					if drv == "pgx" {
+						db = a12Plain(t, through)
+						db.SetMaxOpenConns(6)
+					} else {
+						db = a12Open(t, through, 6, nil, c.opts...)
+					}
+					ctx := a12Ctx(t, 30*time.Second)
+					body := func(ctx context.Context, tx *sql.Tx) error {
+						var saved string
+						if err := tx.QueryRowContext(ctx, "SHOW "+c.setting).Scan(&saved); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '5s'"); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, "UPDATE a19b SET n = n + 1 WHERE id = 5"); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '"+saved+"'"); err != nil {
+							return err
+						}
+						return shape.tail(ctx, tx, c.setting)
+					}
+					stop := time.Now().Add(2 * time.Second)
+					var wg sync.WaitGroup
+					var calls atomic.Int64
+					var firstErr atomic.Value
+					for range 6 {
+						wg.Add(1)
+						go func() {
+							defer wg.Done()
+							for time.Now().Before(stop) {
+								var err error
+								if drv == "pgx" {
+									var tx *sql.Tx
+									if tx, err = db.BeginTx(ctx, nil); err == nil {
+										if err = body(ctx, tx); err == nil {
+											err = tx.Commit()
+										} else {
+											tx.Rollback()
+										}
+									}
+								} else {
+									_, err = a12Replay(ctx, db, body)
+								}
+								if err != nil {
+									firstErr.CompareAndSwap(nil, err.Error())
+									return
+								}
+								calls.Add(1)
+							}
+						}()
+					}
+					wg.Wait()
+					if e := firstErr.Load(); e != nil {
+						t.Fatalf("a call failed: %v", e)
+					}
+					seen := a19Sample(t, ctx, through, c.setting)
+					leaked := 0
+					for v, n := range seen {
+						if v != def {
+							leaked += n
+						}
+					}
+					t.Logf("%s: %d calls; the server connections' %s: %v", drv, calls.Load(), c.setting, seen)
+					if leaked > 0 {
+						t.Errorf("%d server connections of the pooler have a %s other than %s, which other clients get (the plain driver leaves none)", leaked, c.setting, def)
+					}
+				})
+			}
+		}
+	}
+}
+
+// a19Sample reads setting on every server connection of the pooler: 20
+// transactions held at once (the pool's size).
+func a19Sample(t *testing.T, ctx context.Context, through, setting string) map[string]int {
+	sample := a12Plain(t, through)
+	sample.SetMaxOpenConns(20)
+	var mu sync.Mutex
+	seen := map[string]int{}
+	var bar sync.WaitGroup
+	bar.Add(20)
+	var all sync.WaitGroup
+	for range 20 {
+		all.Add(1)
+		go func() {
+			defer all.Done()
+			tx, err := sample.BeginTx(ctx, nil)
+			if err != nil {
+				bar.Done()
+				return
+			}
+			defer tx.Rollback()
+			var v string
+			tx.QueryRowContext(ctx, "SHOW "+setting).Scan(&v)
+			mu.Lock()
+			seen[v]++
+			mu.Unlock()
+			bar.Done()
+			bar.Wait()
+		}()
+	}
+	all.Wait()
+	return seen
+}
+
+// TestAttack19PgNestedRunInTxLeaksTheBound: the first attempt of the outer
+// RunInTx meets a deadlock (40P01), so every attempt of the db for 2 s
+// carries the bound, a nested RunInTx's too (its own transaction on
+// another pooled connection). The nested closure runs attack15's helper
+// (save, change, restore with a session SET). Both connections' values
+// are read afterwards. The plain driver's sessions keep their own value.
+func TestAttack19PgNestedRunInTxLeaksTheBound(t *testing.T) {
+	for _, c := range a17PgCases {
+		t.Run(c.setting, func(t *testing.T) {
+			db := atkOpenPG(t, nil, c.opts...)
+			db.SetMaxOpenConns(2)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			runs := 0
+			var inner string
+			err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				runs++
+				if runs == 1 {
+					_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack19 deadlock' USING ERRCODE = '40P01'; END$$`)
+					return err
+				}
+				return sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx2 *sql.Tx) error {
+					if err := tx2.QueryRowContext(ctx, "SHOW "+c.setting).Scan(&inner); err != nil {
+						return err
+					}
+					if _, err := tx2.ExecContext(ctx, "SET "+c.setting+" = '5s'"); err != nil {
+						return err
+					}
+					_, err := tx2.ExecContext(ctx, "SET "+c.setting+" = '"+inner+"'")
+					return err
+				})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// both pooled connections at once
+			c1, err := db.Conn(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c1.Close()
+			c2, err := db.Conn(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c2.Close()
+			var v1, v2 string
+			c1.QueryRowContext(ctx, "SELECT current_setting('"+c.setting+"') /* a19 */").Scan(&v1)
+			c2.QueryRowContext(ctx, "SELECT current_setting('"+c.setting+"') /* a19 */").Scan(&v2)
+			t.Logf("runs=%d nested saw %s; sessions after: %s, %s", runs, inner, v1, v2)
+			def := "0"
+			if c.setting == "deadlock_timeout" {
+				def = "1s"
+			}
+			if v1 != def || v2 != def {
+				t.Errorf("sessions' %s after: %s, %s; the plain driver's are %s", c.setting, v1, v2, def)
+			}
+		})
+	}
+}
