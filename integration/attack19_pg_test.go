@@ -236,3 +236,156 @@ func TestAttack19PgNestedRunInTxLeaksTheBound(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack19PgHelperMakesTheBoundTheClosuresOwn: short lock waits on.
+// The closure runs attack15's helper around a statement it wants to wait
+// longer for (save lock_timeout, SET it to 5s, UPDATE, SET it back to the
+// saved value), then, in a savepoint, updates a row another session holds
+// for 300 ms, and takes a "busy" branch on a lock timeout (ROLLBACK TO
+// SAVEPOINT, record "busy", return nil). The plain driver's helper saved
+// the session's own value (0): the UPDATE waits 300 ms, the closure
+// records "done" and commits. In sqlretry's replay the helper saved the
+// bound (20ms) and set it back for the rest of the transaction as the
+// closure's own value: the UPDATE fails with 55P03 after 20 ms, which
+// sqlretry now counts as the user's (the closure set lock_timeout), and
+// RunInTx commits "busy", an outcome the plain driver never commits
+// (README: "What the closure itself does with the bound's 55P03 it does
+// see ... such an attempt is never committed").
+func TestAttack19PgHelperMakesTheBoundTheClosuresOwn(t *testing.T) {
+	for _, drv := range []string{"pgx", "sqlretry"} {
+		t.Run(drv, func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			tbl := atkName("a19own")
+			res := atkName("a19res")
+			atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
+				"CREATE TABLE "+res+" (said text)")
+			t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl); plain.Exec("DROP TABLE " + res) })
+			db := a16Open(t, drv, sqlretry.WithShortLockWait(true))
+			var done <-chan struct{}
+			err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+				var saved string
+				if err := tx.QueryRowContext(ctx, "SHOW lock_timeout").Scan(&saved); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "SET lock_timeout = '5s'"); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "SET lock_timeout = '"+saved+"'"); err != nil {
+					return err
+				}
+				done = a14HoldRow(t, "pgx", tbl, 2, 300*time.Millisecond)
+				if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
+					return err
+				}
+				said := "done"
+				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
+					t.Logf("%s: saved lock_timeout %q; UPDATE of the held row: %v", drv, saved, err)
+					if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+						return err
+					}
+					said = "busy"
+				}
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
+				return err
+			})
+			if done != nil {
+				<-done
+			}
+			var said string
+			plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
+			t.Logf("%s: err=%v committed said=%q", drv, err, said)
+			if err != nil || said != "done" {
+				t.Errorf("%s: err=%v committed %q; the plain driver waits 300 ms for the row and commits \"done\"", drv, err, said)
+			}
+		})
+	}
+}
+
+// TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn: the defaults
+// (short deadlock checks). The closure runs attack15's helper on
+// deadlock_timeout (save it, SET it to 5s, UPDATE row 1, SET it back to
+// the saved value), then, in a savepoint, updates row 2, which session B
+// holds while B waits for row 1 (B began waiting first): a deadlock. On a
+// 40P01 the closure takes a "busy" branch (ROLLBACK TO SAVEPOINT, record
+// "busy", return nil). The plain driver's helper saved the session's own
+// deadlock_timeout (1s): B, waiting longer, finds the cycle first and is
+// the victim; the closure's UPDATE then goes through and it commits
+// "done". In sqlretry's replay the helper saved the bound (20ms) and made
+// it the closure's own value for the rest of the transaction: the closure
+// finds the cycle first, its 40P01 counts as the user's (the closure set
+// deadlock_timeout), and RunInTx commits "busy" (README: "A closure that
+// handles such a 40P01 itself ... is never committed").
+func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
+	for _, drv := range []string{"pgx", "sqlretry"} {
+		t.Run(drv, func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			tbl := atkName("a19dl")
+			res := atkName("a19dlres")
+			atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
+				"CREATE TABLE "+res+" (said text)")
+			t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl); plain.Exec("DROP TABLE " + res) })
+			db := a16Open(t, drv)
+			other := atkPlain(t, "pgx")
+			var bDone chan error
+			err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+				var saved string
+				if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&saved); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "SET deadlock_timeout = '5s'"); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+					return err
+				}
+				if _, err := tx.ExecContext(ctx, "SET deadlock_timeout = '"+saved+"'"); err != nil {
+					return err
+				}
+				btx, err := other.BeginTx(context.Background(), nil)
+				if err != nil {
+					return err
+				}
+				if _, err := btx.Exec("UPDATE " + tbl + " SET v = v + 10 WHERE id = 2"); err != nil {
+					return err
+				}
+				bDone = make(chan error, 1)
+				go func() {
+					_, err := btx.Exec("UPDATE " + tbl + " SET v = v + 10 WHERE id = 1")
+					if err != nil {
+						btx.Rollback()
+					} else {
+						err = btx.Commit()
+					}
+					bDone <- err
+				}()
+				time.Sleep(100 * time.Millisecond)
+				if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
+					return err
+				}
+				said := "done"
+				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
+					t.Logf("%s: saved deadlock_timeout %q; UPDATE of row 2: %v", drv, saved, err)
+					if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+						return err
+					}
+					said = "busy"
+				}
+				_, err = tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
+				return err
+			})
+			var bErr error
+			if bDone != nil {
+				bErr = <-bDone
+			}
+			var said string
+			plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
+			t.Logf("%s: err=%v committed said=%q; session B: %v", drv, err, said, bErr)
+			if err != nil || said != "done" {
+				t.Errorf("%s: err=%v committed %q; the plain driver's session B is the victim and the closure commits \"done\"", drv, err, said)
+			}
+		})
+	}
+}
