@@ -389,3 +389,54 @@ func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack19PgLocalSetOtherSpellingsUndoSessionSet: attack18's
+// TestAttack18PgSetLocalBackToSavedUndoesSessionSet was fixed by skipping
+// the in-transaction restore after a "SET LOCAL <name>" of the closure
+// (setsLocal reads that text only). The closure saves the setting (the
+// bound, 20ms, in sqlretry's replay), sets a session value on purpose
+// (SET 2s) and sets the transaction's value back to the saved one in
+// another spelling PostgreSQL takes for the same thing: set_config(name,
+// value, true), SET LOCAL with the name quoted, or a comment between the
+// words. The plain driver's session keeps 2s after the COMMIT; sqlretry's
+// in-transaction restore sees the bound as the current value and sets the
+// session's to the value the bound replaced (0 / 1s): the deliberate
+// session setting is lost.
+func TestAttack19PgLocalSetOtherSpellingsUndoSessionSet(t *testing.T) {
+	spellings := []struct {
+		name string
+		stmt func(setting, v string) string
+	}{
+		{"set_config_true", func(s, v string) string { return "SELECT set_config('" + s + "', '" + v + "', true)" }},
+		{"quoted", func(s, v string) string { return `SET LOCAL "` + s + `" = '` + v + "'" }},
+		{"comment", func(s, v string) string { return "SET /* for the rest */ LOCAL " + s + " = '" + v + "'" }},
+	}
+	for _, c := range a17PgCases {
+		for _, sp := range spellings {
+			for _, drv := range []string{"pgx", "sqlretry"} {
+				t.Run(c.setting+"/"+sp.name+"/"+drv, func(t *testing.T) {
+					db := a16Open(t, drv, c.opts...)
+					err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+						var v string
+						if err := tx.QueryRowContext(ctx, "SHOW "+c.setting).Scan(&v); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '2s'"); err != nil {
+							return err
+						}
+						_, err := tx.ExecContext(ctx, sp.stmt(c.setting, v))
+						return err
+					})
+					after := a17After(t, db, c.setting)
+					t.Logf("%s: err=%v after=%s", drv, err, after)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if after != "2s" {
+						t.Errorf("%s: session's %s %s after the transaction; the plain driver's is the closure's 2s", drv, c.setting, after)
+					}
+				})
+			}
+		}
+	}
+}
