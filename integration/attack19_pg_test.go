@@ -176,71 +176,11 @@ func a19Sample(t *testing.T, ctx context.Context, through, setting string) map[s
 	return seen
 }
 
-// TestAttack19PgNestedRunInTxLeaksTheBound: the first attempt of the outer
-// RunInTx meets a deadlock (40P01), so every attempt of the db for 2 s
-// carries the bound, a nested RunInTx's too (its own transaction on
-// another pooled connection). The nested closure runs attack15's helper
-// (save, change, restore with a session SET). Both connections' values
-// are read afterwards. The plain driver's sessions keep their own value.
-func TestAttack19PgNestedRunInTxLeaksTheBound(t *testing.T) {
-	for _, c := range a17PgCases {
-		t.Run(c.setting, func(t *testing.T) {
-			db := atkOpenPG(t, nil, c.opts...)
-			db.SetMaxOpenConns(2)
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			defer cancel()
-			runs := 0
-			var inner string
-			err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
-				runs++
-				if runs == 1 {
-					_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack19 deadlock' USING ERRCODE = '40P01'; END$$`)
-					return err
-				}
-				return sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx2 *sql.Tx) error {
-					if err := tx2.QueryRowContext(ctx, "SHOW "+c.setting).Scan(&inner); err != nil {
-						return err
-					}
-					if _, err := tx2.ExecContext(ctx, "SET "+c.setting+" = '5s'"); err != nil {
-						return err
-					}
-					_, err := tx2.ExecContext(ctx, "SET "+c.setting+" = '"+inner+"'")
-					return err
-				})
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			// both pooled connections at once
-			c1, err := db.Conn(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c1.Close()
-			c2, err := db.Conn(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c2.Close()
-			var v1, v2 string
-			c1.QueryRowContext(ctx, "SELECT current_setting('"+c.setting+"') /* a19 */").Scan(&v1)
-			c2.QueryRowContext(ctx, "SELECT current_setting('"+c.setting+"') /* a19 */").Scan(&v2)
-			t.Logf("runs=%d nested saw %s; sessions after: %s, %s", runs, inner, v1, v2)
-			def := "0"
-			if c.setting == "deadlock_timeout" {
-				def = "1s"
-			}
-			if v1 != def || v2 != def {
-				t.Errorf("sessions' %s after: %s, %s; the plain driver's are %s", c.setting, v1, v2, def)
-			}
-		})
-	}
-}
-
 // TestAttack19PgHelperMakesTheBoundTheClosuresOwn: short lock waits on.
 // The closure runs attack15's helper around a statement it wants to wait
 // longer for (save lock_timeout, SET it to 5s, UPDATE, SET it back to the
-// saved value), then, in a savepoint, updates a row another session holds
+// saved value; also with SET LOCAL, PostgreSQL's idiom for a change kept
+// to the transaction), then, in a savepoint, updates a row another session holds
 // for 300 ms, and takes a "busy" branch on a lock timeout (ROLLBACK TO
 // SAVEPOINT, record "busy", return nil). The plain driver's helper saved
 // the session's own value (0): the UPDATE waits 300 ms, the closure
@@ -252,62 +192,66 @@ func TestAttack19PgNestedRunInTxLeaksTheBound(t *testing.T) {
 // (README: "What the closure itself does with the bound's 55P03 it does
 // see ... such an attempt is never committed").
 func TestAttack19PgHelperMakesTheBoundTheClosuresOwn(t *testing.T) {
-	for _, drv := range []string{"pgx", "sqlretry"} {
-		t.Run(drv, func(t *testing.T) {
-			plain := atkPlain(t, "pgx")
-			tbl := atkName("a19own")
-			res := atkName("a19res")
-			atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
-				"CREATE TABLE "+res+" (said text)")
-			t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl); plain.Exec("DROP TABLE " + res) })
-			db := a16Open(t, drv, sqlretry.WithShortLockWait(true))
-			var done <-chan struct{}
-			err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
-				var saved string
-				if err := tx.QueryRowContext(ctx, "SHOW lock_timeout").Scan(&saved); err != nil {
-					return err
-				}
-				if _, err := tx.ExecContext(ctx, "SET lock_timeout = '5s'"); err != nil {
-					return err
-				}
-				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
-					return err
-				}
-				if _, err := tx.ExecContext(ctx, "SET lock_timeout = '"+saved+"'"); err != nil {
-					return err
-				}
-				done = a14HoldRow(t, "pgx", tbl, 2, 300*time.Millisecond)
-				if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
-					return err
-				}
-				said := "done"
-				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
-					t.Logf("%s: saved lock_timeout %q; UPDATE of the held row: %v", drv, saved, err)
-					if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+	// "SET": the helper of attack15; "SET LOCAL": the same helper kept to
+	// the transaction, PostgreSQL's own idiom for a temporary change.
+	for _, set := range []string{"SET", "SET LOCAL"} {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(set+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				tbl := atkName("a19own")
+				res := atkName("a19res")
+				atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
+					"CREATE TABLE "+res+" (said text)")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl); plain.Exec("DROP TABLE " + res) })
+				db := a16Open(t, drv, sqlretry.WithShortLockWait(true))
+				var done <-chan struct{}
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					var saved string
+					if err := tx.QueryRowContext(ctx, "SHOW lock_timeout").Scan(&saved); err != nil {
 						return err
 					}
-					said = "busy"
+					if _, err := tx.ExecContext(ctx, set+" lock_timeout = '5s'"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, set+" lock_timeout = '"+saved+"'"); err != nil {
+						return err
+					}
+					done = a14HoldRow(t, "pgx", tbl, 2, 300*time.Millisecond)
+					if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
+						return err
+					}
+					said := "done"
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
+						t.Logf("%s: saved lock_timeout %q; UPDATE of the held row: %v", drv, saved, err)
+						if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+							return err
+						}
+						said = "busy"
+					}
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
+					return err
+				})
+				if done != nil {
+					<-done
 				}
-				_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
-				return err
+				var said string
+				plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
+				t.Logf("%s: err=%v committed said=%q", drv, err, said)
+				if err != nil || said != "done" {
+					t.Errorf("%s: err=%v committed %q; the plain driver waits 300 ms for the row and commits \"done\"", drv, err, said)
+				}
 			})
-			if done != nil {
-				<-done
-			}
-			var said string
-			plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
-			t.Logf("%s: err=%v committed said=%q", drv, err, said)
-			if err != nil || said != "done" {
-				t.Errorf("%s: err=%v committed %q; the plain driver waits 300 ms for the row and commits \"done\"", drv, err, said)
-			}
-		})
+		}
 	}
 }
 
 // TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn: the defaults
 // (short deadlock checks). The closure runs attack15's helper on
 // deadlock_timeout (save it, SET it to 5s, UPDATE row 1, SET it back to
-// the saved value), then, in a savepoint, updates row 2, which session B
+// the saved value; also with SET LOCAL), then, in a savepoint, updates row 2, which session B
 // holds while B waits for row 1 (B began waiting first): a deadlock. On a
 // 40P01 the closure takes a "busy" branch (ROLLBACK TO SAVEPOINT, record
 // "busy", return nil). The plain driver's helper saved the session's own
@@ -319,74 +263,76 @@ func TestAttack19PgHelperMakesTheBoundTheClosuresOwn(t *testing.T) {
 // deadlock_timeout), and RunInTx commits "busy" (README: "A closure that
 // handles such a 40P01 itself ... is never committed").
 func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
-	for _, drv := range []string{"pgx", "sqlretry"} {
-		t.Run(drv, func(t *testing.T) {
-			plain := atkPlain(t, "pgx")
-			tbl := atkName("a19dl")
-			res := atkName("a19dlres")
-			atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
-				"CREATE TABLE "+res+" (said text)")
-			t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl); plain.Exec("DROP TABLE " + res) })
-			db := a16Open(t, drv)
-			other := atkPlain(t, "pgx")
-			var bDone chan error
-			err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
-				var saved string
-				if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&saved); err != nil {
-					return err
-				}
-				if _, err := tx.ExecContext(ctx, "SET deadlock_timeout = '5s'"); err != nil {
-					return err
-				}
-				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
-					return err
-				}
-				if _, err := tx.ExecContext(ctx, "SET deadlock_timeout = '"+saved+"'"); err != nil {
-					return err
-				}
-				btx, err := other.BeginTx(context.Background(), nil)
-				if err != nil {
-					return err
-				}
-				if _, err := btx.Exec("UPDATE " + tbl + " SET v = v + 10 WHERE id = 2"); err != nil {
-					return err
-				}
-				bDone = make(chan error, 1)
-				go func() {
-					_, err := btx.Exec("UPDATE " + tbl + " SET v = v + 10 WHERE id = 1")
-					if err != nil {
-						btx.Rollback()
-					} else {
-						err = btx.Commit()
-					}
-					bDone <- err
-				}()
-				time.Sleep(100 * time.Millisecond)
-				if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
-					return err
-				}
-				said := "done"
-				if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
-					t.Logf("%s: saved deadlock_timeout %q; UPDATE of row 2: %v", drv, saved, err)
-					if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+	for _, set := range []string{"SET", "SET LOCAL"} {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(set+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				tbl := atkName("a19dl")
+				res := atkName("a19dlres")
+				atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
+					"CREATE TABLE "+res+" (said text)")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl); plain.Exec("DROP TABLE " + res) })
+				db := a16Open(t, drv)
+				other := atkPlain(t, "pgx")
+				var bDone chan error
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					var saved string
+					if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&saved); err != nil {
 						return err
 					}
-					said = "busy"
+					if _, err := tx.ExecContext(ctx, set+" deadlock_timeout = '5s'"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, set+" deadlock_timeout = '"+saved+"'"); err != nil {
+						return err
+					}
+					btx, err := other.BeginTx(context.Background(), nil)
+					if err != nil {
+						return err
+					}
+					if _, err := btx.Exec("UPDATE " + tbl + " SET v = v + 10 WHERE id = 2"); err != nil {
+						return err
+					}
+					bDone = make(chan error, 1)
+					go func() {
+						_, err := btx.Exec("UPDATE " + tbl + " SET v = v + 10 WHERE id = 1")
+						if err != nil {
+							btx.Rollback()
+						} else {
+							err = btx.Commit()
+						}
+						bDone <- err
+					}()
+					time.Sleep(100 * time.Millisecond)
+					if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
+						return err
+					}
+					said := "done"
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
+						t.Logf("%s: saved deadlock_timeout %q; UPDATE of row 2: %v", drv, saved, err)
+						if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+							return err
+						}
+						said = "busy"
+					}
+					_, err = tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
+					return err
+				})
+				var bErr error
+				if bDone != nil {
+					bErr = <-bDone
 				}
-				_, err = tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
-				return err
+				var said string
+				plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
+				t.Logf("%s: err=%v committed said=%q; session B: %v", drv, err, said, bErr)
+				if err != nil || said != "done" {
+					t.Errorf("%s: err=%v committed %q; the plain driver's session B is the victim and the closure commits \"done\"", drv, err, said)
+				}
 			})
-			var bErr error
-			if bDone != nil {
-				bErr = <-bDone
-			}
-			var said string
-			plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
-			t.Logf("%s: err=%v committed said=%q; session B: %v", drv, err, said, bErr)
-			if err != nil || said != "done" {
-				t.Errorf("%s: err=%v committed %q; the plain driver's session B is the victim and the closure commits \"done\"", drv, err, said)
-			}
-		})
+		}
 	}
 }
 
