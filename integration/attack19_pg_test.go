@@ -386,3 +386,66 @@ func TestAttack19PgLocalSetOtherSpellingsUndoSessionSet(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack19PgColumnNamedLikeTheSettingDisownsTheBound: short lock waits
+// on. A table with a column named lock_timeout (a job queue's lease time,
+// say). The closure updates that column ("UPDATE jobs SET lock_timeout =
+// 30 ..."), then, in a savepoint, updates a row another session holds for
+// 300 ms, taking a "busy" branch on a lock timeout. sqlretry reads "SET
+// lock_timeout" in the UPDATE's text as the closure setting its own lock
+// timeout (setsSetting) and so counts the bound's 55P03 as the user's: the
+// replay commits "busy". Without that column the same closure's busy
+// attempt is never committed (README: replayed unbounded, then "done").
+// The plain driver waits 300 ms and commits "done".
+func TestAttack19PgColumnNamedLikeTheSettingDisownsTheBound(t *testing.T) {
+	// "lease": the same closure with the column named otherwise, the
+	// control (sqlretry replays the busy attempt unbounded: "done").
+	for _, col := range []string{"lock_timeout", "lease"} {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(col+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				tbl := atkName("a19col")
+				jobs := atkName("a19jobs")
+				res := atkName("a19colres")
+				atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
+					"CREATE TABLE "+jobs+" (id int primary key, "+col+" int)", "INSERT INTO "+jobs+" VALUES (1, 10)",
+					"CREATE TABLE "+res+" (said text)")
+				t.Cleanup(func() {
+					plain.Exec("DROP TABLE " + tbl)
+					plain.Exec("DROP TABLE " + jobs)
+					plain.Exec("DROP TABLE " + res)
+				})
+				db := a16Open(t, drv, sqlretry.WithShortLockWait(true))
+				var done <-chan struct{}
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "UPDATE "+jobs+" SET "+col+" = 30 WHERE id = 1"); err != nil {
+						return err
+					}
+					done = a14HoldRow(t, "pgx", tbl, 2, 300*time.Millisecond)
+					if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
+						return err
+					}
+					said := "done"
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
+						t.Logf("%s: UPDATE of the held row: %v", drv, err)
+						if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+							return err
+						}
+						said = "busy"
+					}
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
+					return err
+				})
+				if done != nil {
+					<-done
+				}
+				var said string
+				plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
+				t.Logf("%s: err=%v committed said=%q", drv, err, said)
+				if err != nil || said != "done" {
+					t.Errorf("%s: err=%v committed %q; the plain driver waits 300 ms for the row and commits \"done\"", drv, err, said)
+				}
+			})
+		}
+	}
+}
