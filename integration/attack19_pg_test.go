@@ -344,7 +344,10 @@ func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
 // (SET 2s) and sets the transaction's value back to the saved one in
 // another spelling PostgreSQL takes for the same thing: set_config(name,
 // value, true), SET LOCAL with the name quoted, or a comment between the
-// words. The plain driver's session keeps 2s after the COMMIT; sqlretry's
+// words; or attack18's own "SET LOCAL <name>" followed by a common
+// statement with the word DO in it (INSERT ... ON CONFLICT DO NOTHING),
+// which counts as touching the setting again and clears "the last was a
+// SET LOCAL". The plain driver's session keeps 2s after the COMMIT; sqlretry's
 // in-transaction restore sees the bound as the current value and sets the
 // session's to the value the bound replaced (0 / 1s): the deliberate
 // session setting is lost.
@@ -356,11 +359,21 @@ func TestAttack19PgLocalSetOtherSpellingsUndoSessionSet(t *testing.T) {
 		{"set_config_true", func(s, v string) string { return "SELECT set_config('" + s + "', '" + v + "', true)" }},
 		{"quoted", func(s, v string) string { return `SET LOCAL "` + s + `" = '` + v + "'" }},
 		{"comment", func(s, v string) string { return "SET /* for the rest */ LOCAL " + s + " = '" + v + "'" }},
+		// attack18's own spelling, then a common statement whose text
+		// has the word DO (mayTouchSetting: "touched" again, and no
+		// longer "last was SET LOCAL")
+		{"setlocal_then_on_conflict_do_nothing", func(s, v string) string {
+			return "SET LOCAL " + s + " = '" + v + "'"
+		}},
 	}
 	for _, c := range a17PgCases {
 		for _, sp := range spellings {
 			for _, drv := range []string{"pgx", "sqlretry"} {
 				t.Run(c.setting+"/"+sp.name+"/"+drv, func(t *testing.T) {
+					plain := atkPlain(t, "pgx")
+					tbl := atkName("a19oc")
+					atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key)")
+					t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl) })
 					db := a16Open(t, drv, c.opts...)
 					err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
 						var v string
@@ -370,8 +383,14 @@ func TestAttack19PgLocalSetOtherSpellingsUndoSessionSet(t *testing.T) {
 						if _, err := tx.ExecContext(ctx, "SET "+c.setting+" = '2s'"); err != nil {
 							return err
 						}
-						_, err := tx.ExecContext(ctx, sp.stmt(c.setting, v))
-						return err
+						if _, err := tx.ExecContext(ctx, sp.stmt(c.setting, v)); err != nil {
+							return err
+						}
+						if sp.name == "setlocal_then_on_conflict_do_nothing" {
+							_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (1) ON CONFLICT DO NOTHING")
+							return err
+						}
+						return nil
 					})
 					after := a17After(t, db, c.setting)
 					t.Logf("%s: err=%v after=%s", drv, err, after)
