@@ -30,25 +30,52 @@ func TestAttack19MyOtherSessionReadLockOnMarkerHangsCommits(t *testing.T) {
 		root.Exec("DROP TABLE IF EXISTS " + tbl)
 		root.Exec("DROP TABLE IF EXISTS test." + marker)
 	})
+	{
+		// the marker table is made by a first transaction of a db
+		w := atkOpenMy(t, sqlretry.WithMySQLCommitMarker("test."+marker))
+		if err := sqlretry.RunInTx(context.Background(), w, nil, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (99, 'made')")
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		w.Close()
+		atkCount(t, root, "SELECT COUNT(*) FROM test."+marker)
+	}
 	for i, drv := range []string{"mysql", "sqlretry"} {
 		t.Run(drv, func(t *testing.T) {
 			var db *sql.DB
 			if drv == "mysql" {
 				db = atkPlain(t, "mysql")
 			} else {
-				db = atkOpenMy(t, sqlretry.WithMySQLCommitMarker("test."+marker))
+				db = atkOpenMy(t, sqlretry.WithMySQLCommitMarker("test."+marker), sqlretry.WithObserver(sqlretry.ObserverFunc(func(ctx context.Context, e sqlretry.Event) {
+					t.Logf("event %v %s %v %s", e.Kind, e.Op, e.Err, e.Reason)
+				})))
 			}
 			db.SetMaxOpenConns(1)
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			// warm: the marker table checked (and made)
-			if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
-				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?, 'warm')", 100+i)
-				return err
-			}); err != nil {
-				t.Fatal(err)
+			// warm: the db has checked its marker table and writes markers
+			// (the marker rows grow)
+			for k := 0; ; k++ {
+				before := atkCount(t, root, "SELECT COUNT(*) FROM test."+marker)
+				ws := time.Now()
+				err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?, 'warm')", 100+100*i+k)
+					return err
+				})
+				t.Logf("warm-up %d: %v err=%v", k, time.Since(ws).Round(time.Millisecond), err)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if drv == "mysql" || atkCount(t, root, "SELECT COUNT(*) FROM test."+marker) > before {
+					break
+				}
+				if k == 20 {
+					t.Fatal("the db writes no marker")
+				}
+				time.Sleep(100 * time.Millisecond)
 			}
-			root.Exec("CREATE TABLE IF NOT EXISTS test." + marker + " (token BINARY(16) NOT NULL PRIMARY KEY, created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), KEY (created_at)) ENGINE=InnoDB")
 			locker, err := root.Conn(context.Background())
 			if err != nil {
 				t.Fatal(err)
@@ -57,7 +84,16 @@ func TestAttack19MyOtherSessionReadLockOnMarkerHangsCommits(t *testing.T) {
 			if _, err := locker.ExecContext(context.Background(), "LOCK TABLES test."+marker+" READ"); err != nil {
 				t.Fatal(err)
 			}
-			go func() { time.Sleep(3 * time.Second); locker.ExecContext(context.Background(), "UNLOCK TABLES") }()
+			unlocked := make(chan struct{})
+			go func() {
+				time.Sleep(3 * time.Second)
+				locker.ExecContext(context.Background(), "UNLOCK TABLES")
+				close(unlocked)
+			}()
+			defer func() { <-unlocked }()
+			if drv == "sqlretry" {
+				t.Logf("marker rows before the lock: %d", atkCount(t, root, "SELECT COUNT(*) FROM test."+marker))
+			}
 			start := time.Now()
 			fn := func(ctx context.Context, tx *sql.Tx) error {
 				_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (?, 'x')", i)
@@ -81,7 +117,6 @@ func TestAttack19MyOtherSessionReadLockOnMarkerHangsCommits(t *testing.T) {
 			if err != nil || took > time.Second {
 				t.Errorf("%s: err=%v after %v; the plain driver commits at once", drv, err, took.Round(time.Millisecond))
 			}
-			time.Sleep(3 * time.Second)
 		})
 	}
 }
