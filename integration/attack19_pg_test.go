@@ -300,7 +300,8 @@ func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
 					if _, err := btx.Exec("UPDATE " + tbl + " SET v = v + 10 WHERE id = 2"); err != nil {
 						return err
 					}
-					bDone = make(chan error, 1)
+					done := make(chan error, 1) // this attempt's: a replay makes another
+					bDone = done
 					go func() {
 						_, err := btx.Exec("UPDATE " + tbl + " SET v = v + 10 WHERE id = 1")
 						if err != nil {
@@ -308,7 +309,7 @@ func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
 						} else {
 							err = btx.Commit()
 						}
-						bDone <- err
+						done <- err
 					}()
 					time.Sleep(100 * time.Millisecond)
 					if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
