@@ -318,3 +318,73 @@ func TestAttack20PgReadingTheSettingDisownsTheBound(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack20PgRolledBackSetStillDisownsTheBound: short lock waits on.
+// The closure tries a step with a longer lock wait of its own in a
+// savepoint (SAVEPOINT try; SET LOCAL lock_timeout = '5s', or a session
+// SET; an INSERT that fails with a unique violation), rolls back to the
+// savepoint and goes on: PostgreSQL undoes the SET with the savepoint, so
+// the setting in force is again what it was (plain driver: 0; sqlretry:
+// its 20 ms bound). sqlretry remembered "the closure set lock_timeout"
+// (ownBound false) and does not forget it on ROLLBACK TO SAVEPOINT: the
+// bound's 55P03 on a row another session holds for 300 ms then counts as
+// the user's, and the closure's "busy" branch commits. The plain driver
+// waits 300 ms and commits "done".
+func TestAttack20PgRolledBackSetStillDisownsTheBound(t *testing.T) {
+	for _, set := range []string{"SET LOCAL", "SET"} {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(set+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				tbl := atkName("a20rb")
+				res := atkName("a20rbres")
+				atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
+					"CREATE TABLE "+res+" (said text)")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl); plain.Exec("DROP TABLE " + res) })
+				db := a16Open(t, drv, sqlretry.WithShortLockWait(true))
+				var done <-chan struct{}
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "SAVEPOINT try"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, set+" lock_timeout = '5s'"); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (1, 0)"); err == nil {
+						return nil // (never: id 1 exists)
+					}
+					if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT try"); err != nil {
+						return err
+					}
+					var cur string
+					if err := tx.QueryRowContext(ctx, "SELECT current_setting('lock_timeout')").Scan(&cur); err != nil {
+						return err
+					}
+					t.Logf("%s: lock_timeout after ROLLBACK TO SAVEPOINT: %s", drv, cur)
+					done = a14HoldRow(t, "pgx", tbl, 2, 300*time.Millisecond)
+					if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
+						return err
+					}
+					said := "done"
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
+						t.Logf("%s: UPDATE of the held row: %v", drv, err)
+						if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+							return err
+						}
+						said = "busy"
+					}
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
+					return err
+				})
+				if done != nil {
+					<-done
+				}
+				var said string
+				plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
+				t.Logf("%s: err=%v committed said=%q", drv, err, said)
+				if err != nil || said != "done" {
+					t.Errorf("%s: err=%v committed %q; the plain driver waits 300 ms for the row and commits \"done\"", drv, err, said)
+				}
+			})
+		}
+	}
+}
