@@ -388,3 +388,42 @@ func TestAttack20PgRolledBackSetStillDisownsTheBound(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack20PgFromCurrentStoresTheBound: short lock waits on. The
+// closure creates a function with "SET lock_timeout FROM CURRENT" (the
+// idiom that pins a setting's value in force at creation to the function,
+// as is usual for search_path). In sqlretry's replay the value in force is
+// the bound (20ms), which the function keeps for good: every later call,
+// on any session, runs with a 20 ms lock_timeout. The plain driver's
+// function keeps the session's 0: a later call that waits 300 ms for a row
+// another session holds succeeds; the one created through sqlretry fails
+// with 55P03.
+func TestAttack20PgFromCurrentStoresTheBound(t *testing.T) {
+	for _, drv := range []string{"pgx", "sqlretry"} {
+		t.Run(drv, func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			tbl := atkName("a20fc")
+			fn := atkName("a20fcfn")
+			atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)")
+			t.Cleanup(func() { plain.Exec("DROP FUNCTION IF EXISTS " + fn + "()"); plain.Exec("DROP TABLE " + tbl) })
+			db := a16Open(t, drv, sqlretry.WithShortLockWait(true))
+			err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "CREATE FUNCTION "+fn+"() RETURNS void LANGUAGE sql SET lock_timeout FROM CURRENT AS $$UPDATE "+tbl+" SET v = v + 1 WHERE id = 2$$")
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cfg sql.NullString
+			plain.QueryRow("SELECT array_to_string(proconfig, ',') FROM pg_proc WHERE proname = '" + fn + "'").Scan(&cfg)
+			done := a14HoldRow(t, "pgx", tbl, 2, 300*time.Millisecond)
+			time.Sleep(50 * time.Millisecond)
+			_, err = plain.Exec("SELECT " + fn + "()")
+			<-done
+			t.Logf("%s: function's settings %q; a later call waiting 300 ms for a row: %v", drv, cfg.String, err)
+			if err != nil {
+				t.Errorf("%s: a later call of the function created in the transaction: %v; the plain driver's (lock_timeout=0) waits and succeeds", drv, err)
+			}
+		})
+	}
+}
