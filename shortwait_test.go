@@ -936,18 +936,20 @@ func TestShortWaitClosuresOwnLockTimeoutIsReported(t *testing.T) {
 
 func TestSetsLockTimeout(t *testing.T) {
 	for q, want := range map[string]bool{
-		"SET LOCAL lock_timeout = '150ms'":                     true,
-		"set  lock_timeout TO 100":                             true,
-		"SELECT 1; SET SESSION\n lock_timeout = 5":             true,
-		"SELECT set_config('lock_timeout', '1s', true)":        true,
-		"SHOW lock_timeout":                                    false,
-		"SELECT current_setting('lock_timeout')":               false,
-		"UPDATE t SET n = n + 1":                               false,
-		"SET statement_timeout = 5":                            false,
-		"UPDATE t SET lock_timeout_col = 1 WHERE lock_timeout": false,
-		"/* x */ SET lock_timeout = 5":                         true,
-		"UPDATE jobs SET lock_timeout = 5 WHERE id = 1":        false, // a column (attack19)
-		"ALTER ROLE app SET lock_timeout = '1s'":               false, // not this session's
+		"SET LOCAL lock_timeout = '150ms'":                                                   true,
+		"set  lock_timeout TO 100":                                                           true,
+		"SELECT 1; SET SESSION\n lock_timeout = 5":                                           true,
+		"SELECT set_config('lock_timeout', '1s', true)":                                      true,
+		"SHOW lock_timeout":                                                                  false,
+		"SELECT current_setting('lock_timeout')":                                             false,
+		"UPDATE t SET n = n + 1":                                                             false,
+		"SET statement_timeout = 5":                                                          false,
+		"UPDATE t SET lock_timeout_col = 1 WHERE lock_timeout":                               false,
+		"/* x */ SET lock_timeout = 5":                                                       true,
+		"UPDATE jobs SET lock_timeout = 5 WHERE id = 1":                                      false, // a column (attack19)
+		"ALTER ROLE app SET lock_timeout = '1s'":                                             false, // not this session's
+		"SELECT set_config('a.saved', current_setting('lock_timeout'), true)":                false, // attack20
+		"SELECT current_setting('lock_timeout'), set_config('application_name', 'x', false)": false,
 	} {
 		if got := setsLockTimeout(q); got != want {
 			t.Errorf("setsLockTimeout(%q) = %v, want %v", q, got, want)
@@ -1068,17 +1070,40 @@ func TestMayTouchSettingWords(t *testing.T) {
 // own (attack19).
 func TestSetsValue(t *testing.T) {
 	for q, want := range map[string]bool{
-		"SET lock_timeout = '20ms'":                        true,
-		"SET LOCAL lock_timeout TO '20ms'":                 true,
-		"set lock_timeout = 20":                            true,
-		"SELECT set_config('lock_timeout', '20ms', false)": true,
-		"SET lock_timeout = '200ms'":                       false,
-		"SET lock_timeout = '5s'":                          false,
-		"SET lock_timeout = 2000":                          false,
-		"SELECT set_config('lock_timeout', $1, false)":     false,
+		"SET lock_timeout = '20ms'":                              true,
+		"SET LOCAL lock_timeout TO '20ms'":                       true,
+		"set lock_timeout = 20":                                  true,
+		"SELECT set_config('lock_timeout', '20ms', false)":       true,
+		"SET lock_timeout = '200ms'":                             false,
+		"SET lock_timeout = '5s'":                                false,
+		"SET lock_timeout = 2000":                                false,
+		"SELECT set_config('lock_timeout', $1, false)":           false,
+		"SET lock_timeout = E'20ms'":                             true, // attack20
+		"SET lock_timeout = $$20ms$$":                            true,
+		"SELECT set_config('lock_timeout', '20ms'::text, false)": true,
 	} {
 		if got := setsValue(q, "lock_timeout", 20); got != want {
 			t.Errorf("setsValue(%q) = %v, want %v", q, got, want)
+		}
+	}
+}
+
+// What a transaction-only set looks like (attack18-20).
+func TestSetsLocal(t *testing.T) {
+	for q, want := range map[string]bool{
+		"SET LOCAL lock_timeout = '1s'":                                   true,
+		`SET LOCAL "lock_timeout" = '1s'`:                                 true,
+		"SET /* c */ LOCAL lock_timeout = '1s'":                           true,
+		"SELECT set_config('lock_timeout', '1s', true)":                   true,
+		"SELECT set_config('lock_timeout', '1s', 't')":                    true,
+		"SELECT set_config('lock_timeout', '1s', 'on')":                   true,
+		"DO $$BEGIN SET LOCAL lock_timeout = '1s'; END$$":                 true,
+		"SET lock_timeout = '1s'":                                         false,
+		"SELECT set_config('lock_timeout', '1s', false)":                  false,
+		"SELECT set_config('x.y', current_setting('lock_timeout'), true)": false,
+	} {
+		if got := setsLocal(q, "lock_timeout"); got != want {
+			t.Errorf("setsLocal(%q) = %v, want %v", q, got, want)
 		}
 	}
 }

@@ -91,6 +91,9 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 			// NOTHING after a SET LOCAL made the restore undo a
 			// deliberate session SET.)
 			a.rare.boundTouched = true
+			if setsLocal(query, a.boundSetting()) {
+				a.rare.lastLocal = true // SET LOCAL in a DO block (attack20)
+			}
 		}
 	}
 	if err == nil {
@@ -176,7 +179,7 @@ func setsSetting(query, name string) bool {
 	if !strings.Contains(q, name) {
 		return false
 	}
-	if strings.Contains(q, "set_config") {
+	if setConfigOf(q, name) {
 		return true
 	}
 	q = strings.Join(strings.Fields(strings.ReplaceAll(stripComments(q), `"`, "")), " ")
@@ -209,7 +212,9 @@ func setsSetting(query, name string) bool {
 // {=|TO} '20ms' (or 20, '20'), or set_config('name', '20ms', ...). A
 // value given as an argument is not seen (false).
 func setsValue(query, name string, ms int64) bool {
-	q := strings.ReplaceAll(strings.Join(strings.Fields(strings.ReplaceAll(stripComments(strings.ToLower(query)), `"`, "")), ""), "'", "")
+	q := strings.Join(strings.Fields(strings.ReplaceAll(stripComments(strings.ToLower(query)), `"`, "")), "")
+	// E'20ms', $$20ms$$, '20ms'::text (attack20) read as 20ms.
+	q = strings.NewReplacer("=e'", "=", "toe'", "to", ",e'", ",", "$$", "", "::text", "", "::varchar", "", "'", "").Replace(q)
 	n := strconv.FormatInt(ms, 10)
 	for _, v := range []string{n + "ms", n} {
 		for _, p := range []string{name + "=" + v, name + "to" + v, name + "," + v + ","} {
@@ -233,8 +238,24 @@ func setsLocal(query, name string) bool {
 	if strings.Contains(q, "set local "+name) {
 		return true
 	}
-	i := strings.Index(q, "set_config")
-	return i >= 0 && strings.Contains(q[i:], name) && strings.Contains(q[i:], "true")
+	if !setConfigOf(q, name) {
+		return false
+	}
+	c := strings.ReplaceAll(q[strings.Index(q, "set_config"):], " ", "")
+	for _, v := range []string{",true)", ",'t')", ",'true')", ",'on')", ",'yes')", ",'1')", ",'y')"} {
+		if strings.Contains(c, v) {
+			return true
+		}
+	}
+	return false
+}
+
+// setConfigOf says whether the lower-case q calls set_config with name as
+// its first argument, a literal (attack20: set_config of another setting
+// beside a read of this one was taken for a set of it).
+func setConfigOf(q, name string) bool {
+	c := strings.ReplaceAll(strings.ReplaceAll(q, " ", ""), "\n", "")
+	return strings.Contains(c, "set_config('"+name+"'") || strings.Contains(c, "set_config(e'"+name+"'")
 }
 
 // stripComments blanks /* */ and -- comments out of SQL text (not inside

@@ -58,7 +58,7 @@ var a20Restores = []struct {
 // the closure commits "done".
 func TestAttack20PgHelperRestoreSpellingsCommitBusy(t *testing.T) {
 	if os.Getenv("ATTACK20_DEFECTS") == "" {
-		t.Skip("left: a saved bound set back in a spelling the text check does not read (a parameter, E'', $$, ::text) makes the bound's 55P03 the closure's own (README, short waits); run with ATTACK20_DEFECTS=1")
+		t.Skip("left: a saved bound set back as a parameter (set_config(name, $1, ...), which the text check cannot read) makes the bound's 55P03 the closure's own (README, short waits); run with ATTACK20_DEFECTS=1")
 	}
 	for _, r := range a20Restores {
 		for _, drv := range []string{"pgx", "sqlretry"} {
@@ -212,7 +212,7 @@ func TestAttack20PgHelperRestoreSpellingsDeadlockBusy(t *testing.T) {
 // bound and sets the session's value back to 0 / 1s.
 func TestAttack20PgLocalSpellingsUndoSessionSet(t *testing.T) {
 	if os.Getenv("ATTACK20_DEFECTS") == "" {
-		t.Skip("left: a transaction-only set the text check does not read as one (set_config with a parameter or 't'/'on', SET LOCAL in a DO block) lets the restore undo a deliberate session value; run with ATTACK20_DEFECTS=1")
+		t.Skip("left: a transaction-only set the text check does not read as one (set_config with its third argument a parameter) lets the restore undo a deliberate session value; run with ATTACK20_DEFECTS=1")
 	}
 	spellings := []struct {
 		name string
@@ -276,9 +276,6 @@ func TestAttack20PgLocalSpellingsUndoSessionSet(t *testing.T) {
 // after 20 ms counts as the user's and RunInTx commits "busy" (without the
 // read, the same closure's busy attempt is never committed).
 func TestAttack20PgReadingTheSettingDisownsTheBound(t *testing.T) {
-	if os.Getenv("ATTACK20_DEFECTS") == "" {
-		t.Skip("left: set_config of another setting beside a read of this one is taken for a SET of it; run with ATTACK20_DEFECTS=1")
-	}
 	reads := []struct{ name, stmt string }{
 		{"save_to_guc", "SELECT set_config('a20.saved', current_setting('lock_timeout'), true)"},
 		{"with_app_name", "SELECT current_setting('lock_timeout'), set_config('application_name', 'a20', false)"},
