@@ -907,7 +907,7 @@ func cleanMarkers(ctx context.Context, c driver.Connector, table string) {
 // markerTokenTimed, which stay.
 func markerToken(now time.Time) []byte {
 	token := make([]byte, 16)
-	binary.BigEndian.PutUint64(token, uint64(now.UnixMilli())<<16)
+	copy(token, markerTime(now))
 	token[6] = markerTokenTimed
 	_, _ = rand.Read(token[7:])
 	return token
@@ -918,10 +918,16 @@ const markerTokenTimed = 0xa5
 // markerCleanQuery deletes up to cleanBatch marker rows written over an
 // hour before now, by both clocks (markerToken), never the sentinels.
 func markerCleanQuery(table string, now time.Time) string {
-	cut := make([]byte, 8)
-	binary.BigEndian.PutUint64(cut, uint64(now.Add(-time.Hour).UnixMilli())<<16)
 	return fmt.Sprintf("DELETE FROM %s WHERE created_at < NOW(6) - INTERVAL 1 HOUR AND (SUBSTRING(token, 7, 1) <> X'%02x' OR token < X'%s') AND NOT (%s) LIMIT %d",
-		table, markerTokenTimed, hex.EncodeToString(cut[:6]), markerSentinels, cleanBatch)
+		table, markerTokenTimed, hex.EncodeToString(markerTime(now.Add(-time.Hour))), markerSentinels, cleanBatch)
+}
+
+// markerTime is the first 6 bytes of a token made at t: its milliseconds
+// since 1970, big-endian.
+func markerTime(t time.Time) []byte {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], uint64(t.UnixMilli())<<16)
+	return b[:6]
 }
 
 // resolveCommit finds out whether the COMMIT of t took effect, within ctx.

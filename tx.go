@@ -182,7 +182,7 @@ func setsSetting(query, name string) bool {
 	if setConfigOf(q, name) {
 		return true
 	}
-	q = strings.Join(strings.Fields(strings.ReplaceAll(stripComments(q), `"`, "")), " ")
+	q = settingWords(q, " ")
 	for _, p := range []string{"set " + name, "set local " + name, "set session " + name} {
 		for off := 0; ; {
 			i := strings.Index(q[off:], p)
@@ -212,7 +212,7 @@ func setsSetting(query, name string) bool {
 // {=|TO} '20ms' (or 20, '20'), or set_config('name', '20ms', ...). A
 // value given as an argument is not seen (false).
 func setsValue(query, name string, ms int64) bool {
-	q := strings.Join(strings.Fields(strings.ReplaceAll(stripComments(strings.ToLower(query)), `"`, "")), "")
+	q := settingWords(query, "")
 	// E'20ms', $$20ms$$, '20ms'::text (attack20) read as 20ms.
 	q = strings.NewReplacer("=e'", "=", "toe'", "to", ",e'", ",", "$$", "", "::text", "", "::varchar", "", "'", "").Replace(q)
 	n := strconv.FormatInt(ms, 10)
@@ -234,7 +234,7 @@ func setsValue(query, name string, ms int64) bool {
 // Also with the name quoted, comments between the words, or as
 // set_config(name, value, true) (attack19).
 func setsLocal(query, name string) bool {
-	q := strings.Join(strings.Fields(strings.ReplaceAll(stripComments(strings.ToLower(query)), `"`, "")), " ")
+	q := settingWords(query, " ")
 	if strings.Contains(q, "set local "+name) {
 		return true
 	}
@@ -248,6 +248,13 @@ func setsLocal(query, name string) bool {
 		}
 	}
 	return false
+}
+
+// settingWords is query as the setting checks read it: lower case,
+// comments blanked, double quotes dropped (SET "lock_timeout"), its words
+// joined by sep.
+func settingWords(query, sep string) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(stripComments(strings.ToLower(query)), `"`, "")), sep)
 }
 
 // setConfigOf says whether the lower-case q calls set_config with name as
