@@ -2,10 +2,8 @@ package sqlretry
 
 import (
 	"context"
-	"crypto/rand"
 	"database/sql"
 	"database/sql/driver"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -74,27 +72,11 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if t.c.escapesTx(query) {
 		t.escape(query)
 	}
-	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !isShortWaitQuery(query) {
-		if setsSetting(query, a.boundSetting()) {
-			// The closure sets its own: a 55P03 (or 40P01) from now on may
-			// be the user's; unless the value it sets is the bound, which
-			// it read and saved (a helper that changes the setting around
-			// one statement and sets back what it saved: attack19, its
-			// "busy" branch on the bound's error committed).
-			a.ownBound = setsValue(query, a.boundSetting(), a.rare.boundMS)
-			a.rare.boundTouched = true
-			a.rare.lastLocal = setsLocal(query, a.boundSetting())
-		} else if mayTouchSetting(query, a.boundSetting()) {
-			// (lastLocal stays: a statement that may touch it says
-			// nothing sure of what the transaction's value hides; the
-			// restore after the COMMIT sees it. Attack19: ON CONFLICT DO
-			// NOTHING after a SET LOCAL made the restore undo a
-			// deliberate session SET.)
-			a.rare.boundTouched = true
-			if setsLocal(query, a.boundSetting()) {
-				a.rare.lastLocal = true // SET LOCAL in a DO block (attack20)
-			}
-		}
+	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !a.rare.touched && !isShortWaitQuery(query) &&
+		mayTouchSetting(query, a.boundSetting()) {
+		// The closure may have read or set the bound's setting: the
+		// attempt is not committed, it runs again unbounded (touchedRedo).
+		a.rare.touched = true
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
@@ -110,17 +92,19 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	t.failed(err, query)
 }
 
-// mayTouchSetting says whether a statement may set the setting name at
-// session level, read widely (restoreBound): its name anywhere in the text
-// (SET "lock_timeout", a comment, a string), set_config with the name as
-// an argument, an UPDATE of pg_settings, or a CALL, DO or EXECUTE (a
-// procedure's body, a statement prepared in SQL) as a word, whatever
-// follows it (attack17: "CALL\n  p()" and EXECUTE were missed). A function
-// of the user's own that calls set_config from a plain SELECT cannot be
-// seen.
+// mayTouchSetting says whether a statement may read or set the setting
+// name, read widely: its name anywhere in the text (SET "lock_timeout",
+// a comment, a string), set_config or current_setting (whose name may be
+// an argument), pg_settings or pg_show_all_settings, SHOW as a word (SHOW
+// ALL), or a CALL, DO or EXECUTE (a procedure's body, a statement
+// prepared in SQL) as a word, whatever follows it (attack17: "CALL\n
+// p()" and EXECUTE were missed). A false match costs one more attempt
+// (touchedRedo). A function of the user's own that reads or sets it from
+// a plain SELECT, or a trigger, cannot be seen.
 func mayTouchSetting(query, name string) bool {
 	q := strings.ToLower(query)
-	return strings.Contains(q, name) || strings.Contains(q, "set_config") || strings.Contains(q, "pg_settings") ||
+	return strings.Contains(q, name) || strings.Contains(q, "set_config") || strings.Contains(q, "current_setting") ||
+		strings.Contains(q, "pg_settings") || strings.Contains(q, "show_all_settings") || hasWord(q, "show") ||
 		hasWord(q, "call") || doBlock(q) || hasWord(q, "execute")
 }
 
@@ -164,133 +148,6 @@ func hasWord(q, w string) bool {
 
 func identByte(b byte) bool {
 	return b == '_' || b == '$' || b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || b >= 0x80
-}
-
-// setsLockTimeout says whether a statement of the closure may set
-// lock_timeout (SET [LOCAL|SESSION] lock_timeout, set_config), not only
-// read it (SHOW, current_setting). Asked only in an attempt under
-// sqlretry's own bound.
-func setsLockTimeout(query string) bool { return setsSetting(query, "lock_timeout") }
-
-// setsSetting says whether query may set the setting name (lower case):
-// set_config with its name in the text, or SET [LOCAL|SESSION] name.
-func setsSetting(query, name string) bool {
-	q := strings.ToLower(query)
-	if !strings.Contains(q, name) {
-		return false
-	}
-	if setConfigOf(q, name) {
-		return true
-	}
-	q = settingWords(q, " ")
-	for _, p := range []string{"set " + name, "set local " + name, "set session " + name} {
-		for off := 0; ; {
-			i := strings.Index(q[off:], p)
-			if i < 0 {
-				break
-			}
-			i += off
-			off = i + len(p)
-			rest := q[off:]
-			if rest != "" && (rest[0] == '_' || rest[0] >= 'a' && rest[0] <= 'z' || rest[0] >= '0' && rest[0] <= '9') {
-				continue
-			}
-			// A SET statement, not SET in another one: UPDATE t SET
-			// lock_timeout = ... (a column of that name; attack19: it
-			// disowned sqlretry's bound and the closure's busy branch
-			// committed), ALTER ROLE ... SET (not this session's).
-			if before := strings.TrimRight(q[:i], " "); before == "" || strings.HasSuffix(before, ";") {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// setsValue says whether query, which sets name (setsSetting), sets it to
-// ms milliseconds as a literal in its text: SET [LOCAL|SESSION] name
-// {=|TO} '20ms' (or 20, '20'), or set_config('name', '20ms', ...). A
-// value given as an argument is not seen (false).
-func setsValue(query, name string, ms int64) bool {
-	q := settingWords(query, "")
-	// E'20ms', $$20ms$$, '20ms'::text (attack20) read as 20ms.
-	q = strings.NewReplacer("=e'", "=", "toe'", "to", ",e'", ",", "$$", "", "::text", "", "::varchar", "", "'", "").Replace(q)
-	n := strconv.FormatInt(ms, 10)
-	for _, v := range []string{n + "ms", n} {
-		for _, p := range []string{name + "=" + v, name + "to" + v, name + "," + v + ","} {
-			if i := strings.Index(q, p); i >= 0 {
-				if end := i + len(p); end == len(q) || !(q[end] >= '0' && q[end] <= '9' || q[end] >= 'a' && q[end] <= 'z') || strings.HasSuffix(p, ",") {
-					return true
-				}
-			}
-		}
-	}
-	return false
-}
-
-// setsLocal says whether query sets name for the transaction only (SET
-// LOCAL name): the transaction's value then hides the session's, which
-// only the COMMIT shows (restoreBound).
-// Also with the name quoted, comments between the words, or as
-// set_config(name, value, true) (attack19).
-func setsLocal(query, name string) bool {
-	q := settingWords(query, " ")
-	if strings.Contains(q, "set local "+name) {
-		return true
-	}
-	if !setConfigOf(q, name) {
-		return false
-	}
-	c := strings.ReplaceAll(q[strings.Index(q, "set_config"):], " ", "")
-	for _, v := range []string{",true)", ",'t')", ",'true')", ",'on')", ",'yes')", ",'1')", ",'y')"} {
-		if strings.Contains(c, v) {
-			return true
-		}
-	}
-	return false
-}
-
-// settingWords is query as the setting checks read it: lower case,
-// comments blanked, double quotes dropped (SET "lock_timeout"), its words
-// joined by sep.
-func settingWords(query, sep string) string {
-	return strings.Join(strings.Fields(strings.ReplaceAll(stripComments(strings.ToLower(query)), `"`, "")), sep)
-}
-
-// setConfigOf says whether the lower-case q calls set_config with name as
-// its first argument, a literal (attack20: set_config of another setting
-// beside a read of this one was taken for a set of it).
-func setConfigOf(q, name string) bool {
-	c := strings.ReplaceAll(strings.ReplaceAll(q, " ", ""), "\n", "")
-	return strings.Contains(c, "set_config('"+name+"'") || strings.Contains(c, "set_config(e'"+name+"'")
-}
-
-// stripComments blanks /* */ and -- comments out of SQL text (not inside
-// quotes: a false blank only makes the restore's guess less sure).
-func stripComments(q string) string {
-	if !strings.Contains(q, "/*") && !strings.Contains(q, "--") {
-		return q
-	}
-	b := []byte(q)
-	for i := 0; i+1 < len(b); i++ {
-		switch {
-		case b[i] == '/' && b[i+1] == '*':
-			j := strings.Index(q[i+2:], "*/")
-			end := len(b)
-			if j >= 0 {
-				end = i + 2 + j + 2
-			}
-			for k := i; k < end; k++ {
-				b[k] = ' '
-			}
-			i = end - 1
-		case b[i] == '-' && b[i+1] == '-':
-			for ; i < len(b) && b[i] != '\n'; i++ {
-				b[i] = ' '
-			}
-		}
-	}
-	return string(b)
 }
 
 // escape marks the transaction escaped (done). A statement that leaves
@@ -430,15 +287,17 @@ func (t *tx) Rollback() error {
 // is recorded: a closure that commits itself (runTxOnce).
 func (t *tx) Commit() error {
 	a := t.attempt
-	if a != nil && a.ownHit() != nil {
+	if h := a.redo(); h != nil {
 		// The closure commits after it met sqlretry's own lock timeout
-		// (caught in a savepoint: its "busy" branch): the plain driver
-		// would have waited for the lock. Not committed; RunInTx replays
-		// the attempt unbounded (decide).
+		// (caught in a savepoint: its "busy" branch), or after it may have
+		// read or set the bound's setting: the plain driver would have
+		// waited for the lock, and the closure would have seen the
+		// session's value. Not committed; RunInTx runs the attempt again
+		// unbounded (decide, runAttempt).
 		_ = t.rollback()
 		t.c.tx = nil
 		a.ended.Store(endRolledBack)
-		return &poisonedError{cause: a.ownHit()}
+		return &poisonedError{cause: h}
 	}
 	restore := a != nil && t.restoreBound(a)
 	err := t.commit()
@@ -452,61 +311,23 @@ func (t *tx) Commit() error {
 	return err
 }
 
-// restoreBound undoes what a closure's session-level SET made of
-// sqlretry's bound. A closure that saves a setting (SHOW, current_setting),
-// changes it and restores it with a session SET saved sqlretry's SET LOCAL
-// bound, and its restore made the bound the session's: it outlived the
-// transaction, and later statements on the pooled connection ran with a
-// 20 ms lock_timeout or deadlock_timeout (attack15). With the plain driver
-// the closure saved, and restored, the session's own value. So in an
-// attempt whose closure set the setting, a value equal to the bound
-// becomes the one sqlretry's bound replaced, twice:
-//
-//   - before the COMMIT, in the transaction (restoreBoundInTx), so that
-//     it takes effect with the COMMIT on the server session the closure
-//     ran on, also behind PgBouncer in transaction mode (attack17: sent
-//     after the COMMIT it reached another client's server session);
-//   - after the COMMIT (restoreBoundAfter), for what the transaction's
-//     value hid: a SET LOCAL of the closure's after its session SET, or a
-//     closure that ended the transaction itself (attack18).
-//
-// A closure that set the session's value to exactly the bound on purpose
-// has it undone (attack16; the bound is 20 ms times a power of two).
-// Nothing else is done when the session cannot be asked or may not set it
-// (a SET ROLE of the closure's): the session, with its role and temporary
-// tables, is kept (attack16: discarding it lost them).
+// restoreBound says whether a COMMIT needs the bound restored after it:
+// the closure may have made sqlretry's bound the session's value (a
+// helper that saves the setting, changes it and sets back what it saved,
+// at session level: attack15) and the attempt commits all the same,
+// because part of its work committed by itself before (an escape: a
+// hand-typed COMMIT, a nested RunInTx), so it cannot run again unbounded
+// (touchedRedo). After the COMMIT the session's value, where it is the
+// bound, is set back to the one the bound replaced (restoreBoundAfter).
+// Behind PgBouncer in transaction mode that statement may reach another
+// client's server session, where it does nothing unless that session's
+// value is the bound too (attack19, gated). Nothing is done when the
+// session cannot be asked or may not set it (a SET ROLE of the
+// closure's): the session, with its role and temporary tables, is kept
+// (attack16: discarding it lost them).
 func (t *tx) restoreBound(a *txAttempt) bool {
 	rr := a.rare
-	if rr == nil || !rr.boundTouched || rr.boundMS == 0 || t.poison != nil || t.ctx.Err() != nil {
-		return false
-	}
-	if !a.escaped && !rr.lastLocal {
-		// (After a SET LOCAL of the closure's the transaction's value is
-		// not the one the session keeps: attack18, a SET LOCAL back to the
-		// saved bound undid a session SET the closure made on purpose.)
-		t.restoreBoundInTx(a.boundSetting(), rr.boundMS, rr.boundPre)
-	}
-	return true
-}
-
-// restoreBoundInTx runs the restore in the transaction, in a savepoint of
-// a name no closure can have taken (a closure's own savepoint of the name
-// rolled back to revived an aborted transaction, attack18): when the
-// transaction is aborted the SAVEPOINT fails and nothing else is sent;
-// when the session may not set the value, the savepoint is rolled back
-// and the transaction commits as it would have.
-func (t *tx) restoreBoundInTx(name string, ms int64, pre string) {
-	ctx, cancel := context.WithTimeout(t.ctx, 5*time.Second)
-	defer cancel()
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	sp := "sqlretry_restore_" + hex.EncodeToString(b[:])
-	if execConn(ctx, t.c.inner, "SAVEPOINT "+sp+shortLockMark) != nil {
-		return
-	}
-	if err := execConn(ctx, t.c.inner, restoreBoundQuery(name, ms, pre)+"; RELEASE SAVEPOINT "+sp); err != nil && serverAnswered(err) {
-		_ = execConn(ctx, t.c.inner, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp+shortLockMark)
-	}
+	return rr != nil && rr.touched && rr.boundMS > 0 && t.poison == nil && t.ctx.Err() == nil
 }
 
 // restoreBoundAfter runs the restore on the session after a COMMIT that
@@ -783,11 +604,10 @@ type attemptRare struct {
 	ownHit error
 	// The bound sqlretry set (ms, 0: none), the session's value it
 	// replaced (as SHOW gave it), and whether a statement of the closure
-	// set the setting itself (restoreBound).
-	boundMS      int64
-	boundPre     string
-	boundTouched bool
-	lastLocal    bool // the closure's last statement that touched it was a SET LOCAL
+	// may have read or set the setting (mayTouchSetting; touchedRedo).
+	boundMS  int64
+	boundPre string
+	touched  bool
 }
 
 // ownHit is the first 55P03 (40P01 with short deadlock checks) the
@@ -797,6 +617,43 @@ func (a *txAttempt) ownHit() error {
 		return nil
 	}
 	return a.rare.ownHit
+}
+
+// errBoundTouched is why an attempt whose closure may have read or set
+// the bound's setting is not committed (touchedRedo).
+var errBoundTouched = errors.New("sqlretry: the closure may have read or set the setting of sqlretry's bound; the attempt runs again unbounded")
+
+// touchedRedo says whether the attempt ran under a bound of sqlretry's and
+// its closure may have read or set the bound's setting (mayTouchSetting):
+// what it saw, decided or saved then came from sqlretry's bound, not the
+// session's value the plain driver would have shown it. Such an attempt
+// is never committed and its outcome is not the call's: it is rolled back
+// and run again at once, unbounded (runAttempt), as the plain driver
+// would have run it. Not when part of its work committed by itself (an
+// escape, a nested RunInTx that committed): that attempt cannot run
+// again; it commits, and the session's value is restored after
+// (restoreBound). Before this rule (attack15-20) sqlretry read the
+// closure's statements to tell whether it set the setting, to what
+// value, for the transaction or the session, and restored the session's
+// value; each hostile round found spellings those checks misread.
+func (a *txAttempt) touchedRedo() bool {
+	return a.rare != nil && a.rare.touched && !a.escaped && !nestedCommitSince(a.seq)
+}
+
+// redo is why the attempt must not commit and is run again (decide,
+// runAttempt): its own lock timeout (ownHit) or a touched bound
+// (touchedRedo); nil when it may commit.
+func (a *txAttempt) redo() error {
+	if a == nil {
+		return nil
+	}
+	if h := a.ownHit(); h != nil {
+		return h
+	}
+	if a.touchedRedo() {
+		return errBoundTouched
+	}
+	return nil
 }
 
 // boundSetting is the setting the attempt's bound is.
@@ -852,7 +709,9 @@ func (a *txAttempt) raised(err error) {
 		a.first = err
 	}
 	a.last = err
-	if a.ownBound && a.ownHit() == nil {
+	if a.ownBound && a.ownHit() == nil && (a.rare == nil || !a.rare.touched) {
+		// (Once the closure may have set the setting, a 55P03 may be its
+		// own: attack8. The attempt runs again unbounded: touchedRedo.)
 		switch code := ErrorCode(err); {
 		case a.ownDeadlock && code == "40P01",
 			!a.ownDeadlock && code == "55P03" && !strings.Contains(err.Error(), "could not obtain lock"):
@@ -1263,12 +1122,34 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 			o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
 		}
 	}
+	// The attempt again at once, unbounded, when its closure may have read
+	// or set the bound's setting (touchedRedo): whatever it returned, the
+	// attempt was rolled back (tx.Commit, runTxOnce).
+	touched := false
+	if att.bounded && ctx.Err() == nil && att.byClosure != endCommitted && att.touchedRedo() {
+		touched = true
+		for range 2 {
+			att = &txAttempt{Context: ctx}
+			o.began, o.phase, o.err = runTxOnce(att, db, txOpts, fn, r.clock, nil, 0)
+			// Once more when its first error was 26000: the closure ran
+			// DEALLOCATE ALL (or DISCARD ALL) in the attempt rolled back,
+			// which no rollback undoes, and a statement the driver had
+			// cached was gone (pgx drops the entry on the error). The
+			// plain driver, running the closure once, never meets it
+			// (attack17's helper with DEALLOCATE ALL).
+			if o.err == nil || ctx.Err() != nil || att.first == nil || ErrorCode(att.first) != "26000" ||
+				att.byClosure != 0 || att.escaped || nestedCommitSince(att.seq) {
+				break
+			}
+		}
+	}
 	o.bounded = att.bounded
+	o.unbound = touched
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
 		o.ownTimeout = att.ownHit() != nil && o.cause == att.ownHit()
-		o.unbound = o.unbound || mustFirst
+		o.unbound = o.unbound || mustFirst || touched
 	}
 	if queue && !inGate && lim.probeDue(o.conflict) {
 		if g == nil {
@@ -1441,8 +1322,8 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 	if err != nil {
 		return began, phaseBody, err
 	}
-	if h := att.ownHit(); h != nil && att.byClosure == 0 {
-		return began, phaseBody, h // not committed: decide
+	if h := att.redo(); h != nil && att.byClosure == 0 {
+		return began, phaseBody, h // not committed: decide, runAttempt
 	}
 	committed = true
 	if err := sqlTx.Commit(); err != nil {

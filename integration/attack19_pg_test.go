@@ -48,9 +48,6 @@ var a19Bodies = []struct {
 // own value (0 / 1s): no server session of the pooler is left with
 // anything else.
 func TestAttack19PgBouncerAfterCommitRestoreMissesTheSession(t *testing.T) {
-	if os.Getenv("ATTACK19_DEFECTS") == "" {
-		t.Skip("left: behind PgBouncer in transaction mode the restore after the COMMIT (after a SET LOCAL of the closure's, or its own COMMIT) reaches another server session (README, short waits); run with ATTACK19_DEFECTS=1")
-	}
 	if dbserver.PgBouncerBinary() == "" {
 		unavailable(t, "no pgbouncer binary")
 	}
@@ -65,6 +62,9 @@ func TestAttack19PgBouncerAfterCommitRestoreMissesTheSession(t *testing.T) {
 		for _, shape := range a19Bodies {
 			for _, drv := range []string{"pgx", "sqlretry"} {
 				t.Run(c.setting+"/"+shape.name+"/"+drv, func(t *testing.T) {
+					if shape.name == "owncommit" && os.Getenv("ATTACK19_DEFECTS") == "" {
+						t.Skip("left: behind PgBouncer in transaction mode, a closure that touched the setting and then committed by a COMMIT statement of its own cannot run again, and the restore after the COMMIT reaches another server session (README, short waits); run with ATTACK19_DEFECTS=1")
+					}
 					// a pooler of its own: no server session another subtest used
 					bouncer, err := dbserver.StartPgBouncer(dsnPort(t, srv.DSN))
 					if err != nil {

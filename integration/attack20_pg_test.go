@@ -2,12 +2,14 @@ package integration
 
 // Hostile tests of sqlretry (attack20): the guesses sqlretry makes from the
 // closure's statement text about lock_timeout / deadlock_timeout (tx.go:
-// setsSetting, setsValue, setsLocal, mayTouchSetting).
+// setsSetting, setsValue, setsLocal, mayTouchSetting). All six pass since
+// those checks gave way to one rule: a bounded attempt whose closure may
+// have touched the setting is rolled back and run again unbounded
+// (tx.go: touchedRedo).
 
 import (
 	"context"
 	"database/sql"
-	"os"
 	"testing"
 	"time"
 
@@ -57,9 +59,6 @@ var a20Restores = []struct {
 // plain driver's helper saved and restored 0: the UPDATE waits 300 ms and
 // the closure commits "done".
 func TestAttack20PgHelperRestoreSpellingsCommitBusy(t *testing.T) {
-	if os.Getenv("ATTACK20_DEFECTS") == "" {
-		t.Skip("left: a saved bound set back as a parameter (set_config(name, $1, ...), which the text check cannot read) makes the bound's 55P03 the closure's own (README, short waits); run with ATTACK20_DEFECTS=1")
-	}
 	for _, r := range a20Restores {
 		for _, drv := range []string{"pgx", "sqlretry"} {
 			t.Run(r.name+"/"+drv, func(t *testing.T) {
@@ -122,9 +121,6 @@ func TestAttack20PgHelperRestoreSpellingsCommitBusy(t *testing.T) {
 // driver's session B (its deadlock_timeout 1s, waiting longer) is the
 // victim and the closure commits "done".
 func TestAttack20PgHelperRestoreSpellingsDeadlockBusy(t *testing.T) {
-	if os.Getenv("ATTACK20_DEFECTS") == "" {
-		t.Skip("left: as ...CommitBusy, for deadlock_timeout's 40P01; run with ATTACK20_DEFECTS=1")
-	}
 	for _, r := range a20Restores {
 		for _, drv := range []string{"pgx", "sqlretry"} {
 			t.Run(r.name+"/"+drv, func(t *testing.T) {
@@ -211,9 +207,6 @@ func TestAttack20PgHelperRestoreSpellingsDeadlockBusy(t *testing.T) {
 // driver's session keeps 2s; sqlretry's in-transaction restore sees the
 // bound and sets the session's value back to 0 / 1s.
 func TestAttack20PgLocalSpellingsUndoSessionSet(t *testing.T) {
-	if os.Getenv("ATTACK20_DEFECTS") == "" {
-		t.Skip("left: a transaction-only set the text check does not read as one (set_config with its third argument a parameter) lets the restore undo a deliberate session value; run with ATTACK20_DEFECTS=1")
-	}
 	spellings := []struct {
 		name string
 		stmt func(setting, v string) (string, []any)
@@ -341,9 +334,6 @@ func TestAttack20PgReadingTheSettingDisownsTheBound(t *testing.T) {
 // the user's, and the closure's "busy" branch commits. The plain driver
 // waits 300 ms and commits "done".
 func TestAttack20PgRolledBackSetStillDisownsTheBound(t *testing.T) {
-	if os.Getenv("ATTACK20_DEFECTS") == "" {
-		t.Skip("left: a SET of the closure's undone by ROLLBACK TO SAVEPOINT still counts as its own; run with ATTACK20_DEFECTS=1")
-	}
 	for _, set := range []string{"SET LOCAL", "SET"} {
 		for _, drv := range []string{"pgx", "sqlretry"} {
 			t.Run(set+"/"+drv, func(t *testing.T) {
@@ -412,9 +402,6 @@ func TestAttack20PgRolledBackSetStillDisownsTheBound(t *testing.T) {
 // another session holds succeeds; the one created through sqlretry fails
 // with 55P03.
 func TestAttack20PgFromCurrentStoresTheBound(t *testing.T) {
-	if os.Getenv("ATTACK20_DEFECTS") == "" {
-		t.Skip("left: CREATE FUNCTION ... SET lock_timeout FROM CURRENT in a bounded replay stores the bound in the function (README, short waits); run with ATTACK20_DEFECTS=1")
-	}
 	for _, drv := range []string{"pgx", "sqlretry"} {
 		t.Run(drv, func(t *testing.T) {
 			plain := atkPlain(t, "pgx")
