@@ -238,6 +238,33 @@ func markerInsert(table string, token []byte) string {
 	return "INSERT INTO " + table + " (token, created_at) VALUES (X'" + hex.EncodeToString(token) + "', SYSDATE(6))"
 }
 
+// markerShadowed handles a marker INSERT that failed as a table of
+// another shape would (markerShapeNumber): the table the session sees is
+// not the one the check found right (a TEMPORARY table of the session's
+// under the marker's name, which hides the real one from that session
+// also for a name qualified with its database, or the real one altered
+// since the check). The failed INSERT left the transaction open and as it
+// was; it commits without a marker (a lost COMMIT is then
+// ErrAmbiguousCommit, never a replay), as the plain driver commits, and
+// the next transaction checks the table again. (It failed the COMMIT as a
+// configuration error: attack17. A temporary table of the same shape is
+// not seen: see the README.)
+func (t *tx) markerShadowed() {
+	t.token = nil
+	t.c.r.resolution.forgetMarker()
+}
+
+// markerShapeNumber says whether a MySQL error number at the marker's
+// INSERT is one a table of another shape gives: the check found the real
+// table's shape right, so the session sees another (markerShadowed).
+func markerShapeNumber(n uint16) bool {
+	switch n {
+	case 1054, 1048, 1364, 1366, 1406:
+		return true
+	}
+	return false
+}
+
 // insertMarker runs the marker's INSERT on its own. A failure leaves the
 // transaction without a marker (t.token nil).
 func (t *tx) insertMarker() error {
@@ -248,6 +275,9 @@ func (t *tx) insertMarker() error {
 	}
 	t.token = nil
 	switch n := mysqlNumber(err); {
+	case markerShapeNumber(n):
+		t.markerShadowed()
+		return nil
 	case n == 1792:
 		// The session made the transaction read-only (SET SESSION
 		// TRANSACTION READ ONLY): the failed INSERT left it open, and it
@@ -406,6 +436,13 @@ func (t *tx) commitWithMarker() (abandoned bool, err error) {
 		// marker.
 		t.token = nil
 		r.markerMissing(t.ctx, err)
+		return t.withinDeadline("COMMIT", driver.Tx.Commit)
+	case markerShapeNumber(n):
+		// The session sees another table under the marker's name (a
+		// temporary one): the block stopped at the INSERT; the
+		// transaction is open and commits without a marker
+		// (markerShadowed).
+		t.markerShadowed()
 		return t.withinDeadline("COMMIT", driver.Tx.Commit)
 	case sessionLockRefused(n):
 		// The block stopped at the INSERT: a table lock of the session's

@@ -34,7 +34,7 @@ import (
 // earlier statement (of another caller). "in-closure": by the closure.
 func TestAttack17MyTempTableShadowsMarkerDuplicates(t *testing.T) {
 	if os.Getenv("ATTACK17_DEFECTS") == "" {
-		t.Skip("left: a temporary table named after the commit marker hides it on the session (README, the marker table); run with ATTACK17_DEFECTS=1")
+		t.Skip("left: a temporary table of the marker's shape named after it hides it on the session; reading the sentinel at every COMMIT to see it cost 11-16 % of a small transaction (README, the marker table); run with ATTACK17_DEFECTS=1")
 	}
 	root := atkPlain(t, "mysql")
 	const tmp = "CREATE TEMPORARY TABLE IF NOT EXISTS test.sqlretry_commit_marker (token VARBINARY(16) NOT NULL PRIMARY KEY, created_at DATETIME(6))"
@@ -157,11 +157,10 @@ func TestAttack17MyCompletionTypeRelease(t *testing.T) {
 // which it takes for a misconfigured marker table: it rolls the
 // transaction back and RunInTx returns a permanent error, for a
 // transaction the plain driver commits. (With the default marker the same
-// turns lost-COMMIT resolution off for the whole db.)
+// turns lost-COMMIT resolution off for the whole db.) Fixed: an error of
+// a table of another shape at the marker commits without a marker
+// (resolve.go: markerShadowed).
 func TestAttack17MyTempTableWrongShapeFailsCommit(t *testing.T) {
-	if os.Getenv("ATTACK17_DEFECTS") == "" {
-		t.Skip("left: a temporary table named after the commit marker hides it on the session (README, the marker table); run with ATTACK17_DEFECTS=1")
-	}
 	root := atkPlain(t, "mysql")
 	tbl := atkName("a17ws")
 	marker := atkName("a17mk")

@@ -650,7 +650,13 @@ func linkAddr(b *testing.B, addr, link string) string {
 //     INSERT and COMMIT, one round trip);
 //   - block-do: the same block with DO 1 for the INSERT (the block alone);
 //   - multi: "INSERT ...; COMMIT" as one text (multiStatements=true);
-//   - separate: the INSERT, then COMMIT (two round trips, as on MySQL).
+//   - separate: the INSERT, then COMMIT (two round trips, as on MySQL);
+//   - block-values: sqlretry's block as it is (created_at SYSDATE(6));
+//   - block-sentinel, block-if: the block with the marker's INSERT made
+//     to see the sentinel row (INSERT ... SELECT ... WHERE token =
+//     <sentinel>, or IF NOT EXISTS (SELECT ...) THEN SIGNAL before the
+//     INSERT), which would tell a TEMPORARY table of the session's under
+//     the marker's name; measured and not done (README).
 //
 // Each reports its median in µs per transaction:
 //
@@ -695,12 +701,29 @@ func markerFlights(b *testing.B, d, link string) {
 	insert := func() string {
 		return fmt.Sprintf("INSERT INTO %s (token) VALUES (X'%016x%016x')", marker, rand.Uint64(), rand.Uint64())
 	}
+	const sentinel = "73716c72657472793a00112233445566"
+	ex("INSERT INTO " + marker + " (token) VALUES (X'" + sentinel + "')")
+	// The row only where the session's table holds the sentinel.
+	insertSel := func() string {
+		return fmt.Sprintf("INSERT INTO %s (token, created_at) SELECT X'%016x%016x', SYSDATE(6) FROM %s WHERE token = X'%s'",
+			marker, rand.Uint64(), rand.Uint64(), marker, sentinel)
+	}
 	forms := []struct {
 		name string
 		end  func()
 	}{
 		{"off", func() { ex("COMMIT") }},
 		{"block", func() { ex("BEGIN NOT ATOMIC " + insert() + "; COMMIT; END") }},
+		{"block-sentinel", func() {
+			ex("BEGIN NOT ATOMIC " + insertSel() + "; IF ROW_COUNT() = 0 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'x'; END IF; COMMIT; END")
+		}},
+		{"block-values", func() {
+			ex(fmt.Sprintf("BEGIN NOT ATOMIC INSERT INTO %s (token, created_at) VALUES (X'%016x%016x', SYSDATE(6)); COMMIT; END", marker, rand.Uint64(), rand.Uint64()))
+		}},
+		{"block-if", func() {
+			ex(fmt.Sprintf("BEGIN NOT ATOMIC IF NOT EXISTS (SELECT 1 FROM %s WHERE token = X'%s') THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'x'; END IF; INSERT INTO %s (token, created_at) VALUES (X'%016x%016x', SYSDATE(6)); COMMIT; END",
+				marker, sentinel, marker, rand.Uint64(), rand.Uint64()))
+		}},
 		{"block-do", func() { ex("BEGIN NOT ATOMIC DO 1; COMMIT; END") }},
 		{"multi", func() { ex(insert() + "; COMMIT") }},
 		{"separate", func() { ex(insert()); ex("COMMIT") }},
