@@ -1,0 +1,142 @@
+package integration
+
+// Hostile tests of sqlretry (attack21): the rule "a bounded attempt whose
+// closure ran a statement that may read or set the setting is never
+// committed" (tx.go: mayTouchSetting, touchedRedo). mayTouchSetting looks
+// for words in the statement's text; PostgreSQL accepts spellings of the
+// same statements that hold none of them.
+
+import (
+	"context"
+	"database/sql"
+	"testing"
+
+	"github.com/sqlretry/sqlretry"
+)
+
+// a21Modes are the two bounds: the default short deadlock checks
+// (deadlock_timeout) and short lock waits (lock_timeout).
+var a21Modes = []struct {
+	name    string
+	setting string
+	opts    []sqlretry.Option
+}{
+	{"deadlock", "deadlock_timeout", nil},
+	{"lockwait", "lock_timeout", []sqlretry.Option{sqlretry.WithShortLockWait(true)}},
+}
+
+// a21Uident is the setting's name as a Unicode-escape identifier or
+// string body: "deadlock_timeout" -> deadlock\005ftimeout.
+func a21Uesc(setting string) string {
+	out := make([]byte, 0, len(setting)+8)
+	for i := 0; i < len(setting); i++ {
+		if setting[i] == '_' {
+			out = append(out, `\005f`...)
+			continue
+		}
+		out = append(out, setting[i])
+	}
+	return string(out)
+}
+
+// a21Reads are statements that read the setting's value in the current
+// transaction, spelled without any word mayTouchSetting looks for.
+var a21Reads = []struct {
+	name string
+	stmt func(setting string) string
+}{
+	// current_setting called by a Unicode-escape identifier, the name as a
+	// Unicode-escape string.
+	{"uescape", func(s string) string {
+		return `SELECT U&"current\005fsetting"(U&'` + a21Uesc(s) + `')`
+	}},
+	// The built-in query_to_xml runs a query given as text; the text is
+	// put together from parts.
+	{"query_to_xml", func(s string) string {
+		i := len(s) - len("_timeout")
+		return `SELECT (xpath('/row/v/text()', query_to_xml('select current' || '_setting(''` + s[:i] + `' || '` + s[i:] + `'') as v', false, true, '')))[1]::text`
+	}},
+}
+
+// TestAttack21PgEscapedReadCommitsTheBound: a bounded replay (the first
+// attempt fails with 40001) whose closure reads the setting and stores
+// what it read. The plain driver, running the closure once, stores the
+// session's value ("1s" for deadlock_timeout, "0" for lock_timeout).
+// sqlretry claims such an attempt is never committed (it is rolled back
+// and run again unbounded); with the read spelled as U&"current\005fsetting"
+// or through query_to_xml, mayTouchSetting sees nothing and the attempt
+// commits sqlretry's bound ("20ms") as what the closure read.
+func TestAttack21PgEscapedReadCommitsTheBound(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, rd := range a21Reads {
+			for _, drv := range []string{"pgx", "sqlretry"} {
+				t.Run(m.name+"/"+rd.name+"/"+drv, func(t *testing.T) {
+					plain := atkPlain(t, "pgx")
+					res := atkName("a21rd")
+					atkMust(t, plain, "CREATE TABLE "+res+" (v text)")
+					t.Cleanup(func() { plain.Exec("DROP TABLE " + res) })
+					db := a16Open(t, drv, m.opts...)
+					want := a16Show(t, plain, m.setting)
+					runs := 0
+					err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+						runs++
+						var v string
+						if err := tx.QueryRowContext(ctx, rd.stmt(m.setting)).Scan(&v); err != nil {
+							return err
+						}
+						_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ($1)", v)
+						return err
+					})
+					var got string
+					plain.QueryRow("SELECT coalesce(string_agg(v, ','), '') FROM " + res).Scan(&got)
+					t.Logf("%s: err=%v runs=%d committed %q", drv, err, runs, got)
+					if err != nil || got != want {
+						t.Errorf("%s: err=%v committed %s = %q; the plain driver reads and commits the session's %q",
+							drv, err, m.setting, got, want)
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestAttack21PgEscapedHelperLeaksTheBound: the attack15 helper (save the
+// setting, do the work, set the saved value back for the session) with
+// its read and its set_config spelled as Unicode-escape identifiers. The
+// plain driver saves and restores the session's value: the session keeps
+// it. sqlretry's bounded replay is committed (nothing seen), the helper
+// restores sqlretry's bound at session level, and the pooled connection
+// keeps "20ms" for every later transaction of every caller.
+func TestAttack21PgEscapedHelperLeaksTheBound(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				tbl := atkName("a21hl")
+				atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0)")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl) })
+				db := a16Open(t, drv, m.opts...)
+				want := a16Show(t, db, m.setting)
+				u := a21Uesc(m.setting)
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					var saved string
+					if err := tx.QueryRowContext(ctx, `SELECT U&"current\005fsetting"(U&'`+u+`')`).Scan(&saved); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, `SELECT U&"set\005fconfig"(U&'`+u+`', $1, false)`, saved)
+					return err
+				})
+				got := a16Show(t, db, m.setting)
+				v := atkCount(t, plain, "SELECT v FROM "+tbl+" WHERE id = 1")
+				t.Logf("%s: err=%v v=%d session %s before %q after %q", drv, err, v, m.setting, want, got)
+				if err != nil || v != 1 || got != want {
+					t.Errorf("%s: err=%v v=%d; the session's %s is %q after the call where it was %q (the plain driver keeps it)",
+						drv, err, v, m.setting, got, want)
+				}
+			})
+		}
+	}
+}
