@@ -10,6 +10,7 @@ import (
 	"context"
 	"database/sql"
 	"testing"
+	"time"
 
 	"github.com/sqlretry/sqlretry"
 )
@@ -135,6 +136,117 @@ func TestAttack21PgEscapedHelperLeaksTheBound(t *testing.T) {
 				if err != nil || v != 1 || got != want {
 					t.Errorf("%s: err=%v v=%d; the session's %s is %q after the call where it was %q (the plain driver keeps it)",
 						drv, err, v, m.setting, got, want)
+				}
+			})
+		}
+	}
+}
+
+// TestAttack21PgBackslashLiteralTakenForCommitKeepsTheRead: a bounded
+// replay whose closure reads the setting with a plain SHOW (which
+// mayTouchSetting does see) and then stores it with an INSERT that has a
+// backslash literal ('\', as a path separator) and a note 'saved; end'.
+// Under standard_conforming_strings (on, the server's default) that is
+// one INSERT; sqlretry also reads it with backslash escapes, where '\', '
+// is one string and "end" a statement of its own: an END (COMMIT). It
+// takes the attempt for one that committed part of its work by itself
+// (escaped), which is exempt from the touched rule, and commits the
+// attempt that read sqlretry's bound. The plain driver stores the
+// session's value ("1s" / "0").
+func TestAttack21PgBackslashLiteralTakenForCommitKeepsTheRead(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				res := atkName("a21bs")
+				atkMust(t, plain, "CREATE TABLE "+res+" (v text, sep text, note text)")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + res) })
+				db := a16Open(t, drv, m.opts...)
+				want := a16Show(t, plain, m.setting)
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					var v string
+					if err := tx.QueryRowContext(ctx, "SHOW "+m.setting).Scan(&v); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, `INSERT INTO `+res+` (v, sep, note) VALUES ($1, '\', 'saved; end')`, v)
+					return err
+				})
+				var got string
+				plain.QueryRow("SELECT coalesce(string_agg(v || '|' || sep || '|' || note, ','), '') FROM " + res).Scan(&got)
+				t.Logf("%s: err=%v committed %q", drv, err, got)
+				if err != nil || got != want+`|\|saved; end` {
+					t.Errorf("%s: err=%v committed %q; the plain driver commits the session's %s %q",
+						drv, err, got, m.setting, want)
+				}
+			})
+		}
+	}
+}
+
+// TestAttack21PgBackslashLiteralBusyBranch: short lock waits on. The
+// closure updates row 1, stores a note with a backslash literal
+// (`INSERT ... VALUES ('\', 'saved; end')`, which sqlretry also reads as
+// an END: "escaped"), then in a savepoint updates row 2, which another
+// session holds for 300 ms, taking a "busy" branch on a lock timeout.
+// The plain driver (lock_timeout 0) waits 300 ms and commits "done".
+// "read": the closure first reads lock_timeout (SHOW). The touched rule
+// does not apply to an escaped attempt, and a 55P03 after a touch counts
+// as the closure's own: sqlretry commits "busy" after 20 ms.
+// "noread": no read. The bound's 55P03 is sqlretry's own, but the attempt
+// counts as having committed part of its work, so it is neither
+// committed nor replayed: RunInTx returns an error and nothing is
+// committed, where the plain driver committed everything.
+func TestAttack21PgBackslashLiteralBusyBranch(t *testing.T) {
+	for _, read := range []bool{true, false} {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			name := "noread/" + drv
+			if read {
+				name = "read/" + drv
+			}
+			t.Run(name, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				tbl := atkName("a21bb")
+				res := atkName("a21bbres")
+				atkMust(t, plain, "CREATE TABLE "+tbl+" (id int primary key, v int)", "INSERT INTO "+tbl+" VALUES (1, 0), (2, 0)",
+					"CREATE TABLE "+res+" (said text, sep text, note text)")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + tbl); plain.Exec("DROP TABLE " + res) })
+				db := a16Open(t, drv, sqlretry.WithShortLockWait(true))
+				var done <-chan struct{}
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					if read {
+						var saved string
+						if err := tx.QueryRowContext(ctx, "SHOW lock_timeout").Scan(&saved); err != nil {
+							return err
+						}
+					}
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 1"); err != nil {
+						return err
+					}
+					done = a14HoldRow(t, "pgx", tbl, 2, 300*time.Millisecond)
+					if _, err := tx.ExecContext(ctx, "SAVEPOINT busy"); err != nil {
+						return err
+					}
+					said := "done"
+					if _, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET v = v + 1 WHERE id = 2"); err != nil {
+						t.Logf("%s: UPDATE of the held row: %v", drv, err)
+						if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT busy"); err != nil {
+							return err
+						}
+						said = "busy"
+					}
+					_, err := tx.ExecContext(ctx, `INSERT INTO `+res+` (said, sep, note) VALUES ($1, '\', 'saved; end')`, said)
+					return err
+				})
+				if done != nil {
+					<-done
+				}
+				var said string
+				plain.QueryRow("SELECT coalesce(string_agg(said, ','), '') FROM " + res).Scan(&said)
+				v := atkCount(t, plain, "SELECT coalesce(sum(v), 0) FROM "+tbl)
+				t.Logf("%s: err=%v committed said=%q sum(v)=%d", drv, err, said, v)
+				if err != nil || said != "done" || v != 2 {
+					t.Errorf("%s: err=%v committed said=%q sum(v)=%d; the plain driver waits 300 ms for the row and commits \"done\", sum 2",
+						drv, err, said, v)
 				}
 			})
 		}
