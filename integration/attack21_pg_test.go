@@ -9,6 +9,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"sync"
 	"testing"
 	"time"
 
@@ -247,6 +248,82 @@ func TestAttack21PgBackslashLiteralBusyBranch(t *testing.T) {
 				if err != nil || said != "done" || v != 2 {
 					t.Errorf("%s: err=%v committed said=%q sum(v)=%d; the plain driver waits 300 ms for the row and commits \"done\", sum 2",
 						drv, err, said, v)
+				}
+			})
+		}
+	}
+}
+
+// TestAttack21PgOnceCachedReadOutlivesTheRollback: a helper reads the
+// server's setting once per process (sync.Once, the usual way to cache a
+// server setting) and the closure stores it. In sqlretry's bounded
+// replay the plain SHOW is seen and the attempt is rolled back and run
+// again unbounded, but the value it read, sqlretry's bound ("20ms"), is
+// already in the Go cache: the run again stores and commits it, and every
+// later caller of the helper gets it. The plain driver, running the
+// closure once, caches and stores the session's value ("1s" / "0").
+func TestAttack21PgOnceCachedReadOutlivesTheRollback(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				res := atkName("a21once")
+				atkMust(t, plain, "CREATE TABLE "+res+" (v text)")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + res) })
+				db := a16Open(t, drv, m.opts...)
+				want := a16Show(t, plain, m.setting)
+				var once sync.Once
+				var cached string
+				var onceErr error
+				serverSetting := func(ctx context.Context, tx *sql.Tx) (string, error) {
+					once.Do(func() { onceErr = tx.QueryRowContext(ctx, "SHOW "+m.setting).Scan(&cached) })
+					return cached, onceErr
+				}
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					v, err := serverSetting(ctx, tx)
+					if err != nil {
+						return err
+					}
+					_, err = tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ($1)", v)
+					return err
+				})
+				var got string
+				plain.QueryRow("SELECT coalesce(string_agg(v, ','), '') FROM " + res).Scan(&got)
+				t.Logf("%s: err=%v committed %q, cached %q", drv, err, got, cached)
+				if err != nil || got != want || cached != want {
+					t.Errorf("%s: err=%v committed %q, cached %q; the plain driver caches and commits the session's %s %q",
+						drv, err, got, cached, m.setting, want)
+				}
+			})
+		}
+	}
+}
+
+// TestAttack21PgColumnDefaultReadsTheBound: a column whose DEFAULT is
+// current_setting of the setting (an audit column), filled by a plain
+// INSERT that names neither. The README lists "a function, view or
+// trigger of your own" as not seen; a column default is none of those.
+// The plain driver stores the session's value; sqlretry's bounded replay
+// commits its bound.
+func TestAttack21PgColumnDefaultReadsTheBound(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				res := atkName("a21def")
+				atkMust(t, plain, "CREATE TABLE "+res+" (id int, v text DEFAULT current_setting('"+m.setting+"'))")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + res) })
+				db := a16Open(t, drv, m.opts...)
+				want := a16Show(t, plain, m.setting)
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" (id) VALUES (1)")
+					return err
+				})
+				var got string
+				plain.QueryRow("SELECT coalesce(string_agg(v, ','), '') FROM " + res).Scan(&got)
+				t.Logf("%s: err=%v committed %q", drv, err, got)
+				if err != nil || got != want {
+					t.Errorf("%s: err=%v committed %q; the plain driver commits the session's %s %q", drv, err, got, m.setting, want)
 				}
 			})
 		}
