@@ -329,3 +329,118 @@ func TestAttack21PgColumnDefaultReadsTheBound(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack21PgPlainSpellingsHold: claims that held. In a bounded replay
+// (both modes): a read through a statement prepared on the db before the
+// call and used with tx.Stmt is seen and run again unbounded; RESET ALL
+// (which resets the setting without naming it) leaves the session as the
+// plain driver does; a closure that reads the setting and panics panics
+// once, and the session keeps its value.
+func TestAttack21PgPlainSpellingsHold(t *testing.T) {
+	for _, m := range a21Modes {
+		t.Run(m.name+"/prepared_on_db", func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			res := atkName("a21ps")
+			atkMust(t, plain, "CREATE TABLE "+res+" (v text)")
+			t.Cleanup(func() { plain.Exec("DROP TABLE " + res) })
+			db := a16Open(t, "sqlretry", m.opts...)
+			want := a16Show(t, plain, m.setting)
+			st, err := db.Prepare("SELECT current_setting('" + m.setting + "')")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			err = a18Replay(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+				var v string
+				if err := tx.StmtContext(ctx, st).QueryRowContext(ctx).Scan(&v); err != nil {
+					return err
+				}
+				_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ($1)", v)
+				return err
+			})
+			var got string
+			plain.QueryRow("SELECT coalesce(string_agg(v, ','), '') FROM " + res).Scan(&got)
+			if err != nil || got != want {
+				t.Errorf("err=%v committed %q, want %q", err, got, want)
+			}
+		})
+		t.Run(m.name+"/reset_all", func(t *testing.T) {
+			db := a16Open(t, "sqlretry", m.opts...)
+			atkMust(t, db, "SET "+m.setting+" = '700ms'")
+			err := a18Replay(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "RESET ALL")
+				return err
+			})
+			// The plain driver: RESET ALL at session level, committed.
+			want := a16Show(t, atkPlain(t, "pgx"), m.setting)
+			if got := a16Show(t, db, m.setting); err != nil || got != want {
+				t.Errorf("err=%v session %q, want %q", err, got, want)
+			}
+		})
+		t.Run(m.name+"/panic", func(t *testing.T) {
+			db := a16Open(t, "sqlretry", m.opts...)
+			want := a16Show(t, db, m.setting)
+			calls := 0
+			func() {
+				defer func() {
+					if r := recover(); r == nil {
+						t.Errorf("no panic")
+					}
+				}()
+				a18Replay(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+					calls++
+					var v string
+					tx.QueryRowContext(ctx, "SHOW "+m.setting).Scan(&v)
+					panic("a21")
+				})
+			}()
+			if got := a16Show(t, db, m.setting); calls != 1 || got != want {
+				t.Errorf("calls=%d session %q, want 1 call and %q", calls, got, want)
+			}
+		})
+	}
+}
+
+// TestAttack21PgManyGoroutinesOneConnHold: 8 goroutines, each a bounded
+// replay that reads the setting and stores it, on a db of one
+// connection. Held: every stored value is the session's, and so is the
+// session's value after.
+func TestAttack21PgManyGoroutinesOneConnHold(t *testing.T) {
+	for _, m := range a21Modes {
+		t.Run(m.name, func(t *testing.T) {
+			plain := atkPlain(t, "pgx")
+			res := atkName("a21mg")
+			atkMust(t, plain, "CREATE TABLE "+res+" (v text)")
+			t.Cleanup(func() { plain.Exec("DROP TABLE " + res) })
+			db := a16Open(t, "sqlretry", m.opts...)
+			want := a16Show(t, plain, m.setting)
+			var wg sync.WaitGroup
+			errs := make([]error, 8)
+			for i := range errs {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					errs[i] = a18Replay(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+						var v string
+						if err := tx.QueryRowContext(ctx, "SELECT current_setting('"+m.setting+"')").Scan(&v); err != nil {
+							return err
+						}
+						_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ($1)", v)
+						return err
+					})
+				}()
+			}
+			wg.Wait()
+			for _, err := range errs {
+				if err != nil {
+					t.Error(err)
+				}
+			}
+			bad := atkCount(t, plain, "SELECT count(*) FROM "+res+" WHERE v <> '"+want+"'")
+			n := atkCount(t, plain, "SELECT count(*) FROM "+res)
+			if got := a16Show(t, db, m.setting); bad != 0 || n != 8 || got != want {
+				t.Errorf("rows=%d, %d not %q; session %q", n, bad, want, got)
+			}
+		})
+	}
+}
