@@ -444,3 +444,78 @@ func TestAttack21PgManyGoroutinesOneConnHold(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack21PgTenantSetConfigRunsTwiceWithoutConflict: the row-level
+// security idiom, `SELECT set_config('app.tenant', $1, true)` at the
+// start of every transaction (a custom setting, not the bound's). After
+// one deadlock on the db (call A's first attempt fails with 40P01), every
+// attempt of the db is bounded for 2 s, first attempts included. Call B,
+// which meets no conflict at all, has its first attempt bounded;
+// mayTouchSetting matches "set_config" whatever the name, so B's closure
+// is rolled back and run again. The README says such a closure runs once
+// more "only in a replay that was bounded"; B is no replay. The plain
+// driver runs B's closure once (one nextval, one Go-side effect);
+// sqlretry runs it twice (two nextvals, the Go-side effect twice).
+func TestAttack21PgTenantSetConfigRunsTwiceWithoutConflict(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				seq := atkName("a21seq")
+				res := atkName("a21ten")
+				atkMust(t, plain, "CREATE SEQUENCE "+seq, "CREATE TABLE "+res+" (id bigint, tenant text)")
+				t.Cleanup(func() { plain.Exec("DROP TABLE " + res); plain.Exec("DROP SEQUENCE " + seq) })
+				db := a16Open(t, drv, m.opts...)
+				db.SetMaxOpenConns(2)
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				if drv == "sqlretry" {
+					// Call A: a deadlock, then success.
+					runsA := 0
+					if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+						runsA++
+						if runsA == 1 {
+							_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack21 deadlock' USING ERRCODE = '40P01'; END$$`)
+							return err
+						}
+						return nil
+					}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				// Call B: no conflict.
+				runsB := 0
+				fn := func(ctx context.Context, tx *sql.Tx) error {
+					runsB++ // a side effect outside the database (a message sent, a counter)
+					if _, err := tx.ExecContext(ctx, "SELECT set_config('app.tenant', $1, true)", "42"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+res+" SELECT nextval('"+seq+"'), current_setting('app.tenant')")
+					return err
+				}
+				var err error
+				if drv == "pgx" {
+					tx, berr := db.BeginTx(ctx, nil)
+					if berr != nil {
+						t.Fatal(berr)
+					}
+					if err = fn(ctx, tx); err == nil {
+						err = tx.Commit()
+					} else {
+						tx.Rollback()
+					}
+				} else {
+					err = sqlretry.RunInTx(ctx, db, nil, fn)
+				}
+				var last int64
+				plain.QueryRow("SELECT last_value FROM " + seq).Scan(&last)
+				rows := atkCount(t, plain, "SELECT count(*) FROM "+res)
+				t.Logf("%s: err=%v closure runs=%d rows=%d sequence at %d", drv, err, runsB, rows, last)
+				if err != nil || runsB != 1 || rows != 1 || last != 1 {
+					t.Errorf("%s: err=%v call B's closure ran %d times, sequence at %d; the plain driver runs it once (sequence at 1), and B met no conflict",
+						drv, err, runsB, last)
+				}
+			})
+		}
+	}
+}
