@@ -519,3 +519,37 @@ func TestAttack21PgTenantSetConfigRunsTwiceWithoutConflict(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack21PgEscapedFromCurrentStoresTheBound: attack20's FROM CURRENT
+// shape (a migration run in a RunInTx creates a function that keeps the
+// setting in force at creation) with the setting's name as a
+// Unicode-escape identifier: `CREATE FUNCTION ... SET
+// U&"deadlock\005ftimeout" FROM CURRENT`. The plain driver's function
+// keeps the session's value ("1s" / "0"); in sqlretry's bounded replay
+// the text names nothing mayTouchSetting knows, the DDL commits, and the
+// function carries sqlretry's bound ("20ms") in the catalog for good:
+// every later call in every session runs with it (with lock_timeout, a
+// 55P03 after 20 ms on any row lock wait).
+func TestAttack21PgEscapedFromCurrentStoresTheBound(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				plain := atkPlain(t, "pgx")
+				fn := atkName("a21fc")
+				t.Cleanup(func() { plain.Exec("DROP FUNCTION IF EXISTS " + fn + "()") })
+				db := a16Open(t, drv, m.opts...)
+				want := a16Show(t, plain, m.setting)
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, `CREATE FUNCTION `+fn+`() RETURNS int LANGUAGE sql SET U&"`+a21Uesc(m.setting)+`" FROM CURRENT AS 'SELECT 1'`)
+					return err
+				})
+				var cfg string
+				plain.QueryRow("SELECT coalesce(array_to_string(proconfig, ','), '') FROM pg_proc WHERE proname = $1", fn).Scan(&cfg)
+				t.Logf("%s: err=%v function config %q", drv, err, cfg)
+				if err != nil || cfg != m.setting+"="+want {
+					t.Errorf("%s: err=%v function stored %q; the plain driver's stores %s=%s", drv, err, cfg, m.setting, want)
+				}
+			})
+		}
+	}
+}
