@@ -1025,7 +1025,7 @@ func TestMayTouchSettingWords(t *testing.T) {
 		"DO $$BEGIN NULL; END$$":           true,
 		"DO$$BEGIN NULL; END$$":            true,
 		"SET lock_timeout = '1s'":          true,
-		"SELECT set_config('x', 'y', f)":   true,
+		"SELECT set_config('x', 'y', f)":   false, // another setting (attack21)
 		"UPDATE pg_settings SET setting=1": true,
 		"SELECT recall(1)":                 false,
 		"SELECT docs FROM t":               false,
@@ -1158,5 +1158,30 @@ func TestShortWaitTouchedThenEscapedCommits(t *testing.T) {
 	})
 	if err != nil || runs != 2 {
 		t.Fatalf("err %v, runs %d: want the escaped attempt committed, not run again", err, runs)
+	}
+}
+
+// attack21: the row-level security idiom (set_config of another setting,
+// in every transaction) and words in string data are not touches; Unicode
+// escapes, SQL run from a text, and a name that is not a plain literal
+// are.
+func TestMayTouchSettingAttack21(t *testing.T) {
+	for q, want := range map[string]bool{
+		"SELECT set_config('app.tenant', $1, true)":                                  false,
+		"SELECT pg_catalog.set_config( 'app.tenant' , $1, true)":                     false,
+		"SELECT current_setting('app.tenant')::int":                                  false,
+		"INSERT INTO log (msg) VALUES ('show me the call to execute')":               false,
+		"SELECT set_config($1, $2, false)":                                           true,
+		"SELECT set_config('lock' || '_timeout', '1s', false)":                       true,
+		"SELECT set_config('app.t', current_setting('deadlock_timeout'), true)":      true,
+		"SELECT current_setting('it''s')":                                            true,
+		`SELECT U&"current\005fsetting"(U&'deadlock\005ftimeout')`:                   true,
+		"SELECT query_to_xml('select current' || '_setting(''x'')', true, true, '')": true,
+		"INSERT INTO log (msg, p) VALUES ('show me', 'C:\\')":                        true, // a backslash: literals not blanked
+		"SHOW ALL": true,
+	} {
+		if got := mayTouchSetting(q, "deadlock_timeout"); got != want {
+			t.Errorf("mayTouchSetting(%q) = %v, want %v", q, got, want)
+		}
 	}
 }

@@ -93,19 +93,83 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 }
 
 // mayTouchSetting says whether a statement may read or set the setting
-// name, read widely: its name anywhere in the text (SET "lock_timeout",
-// a comment, a string), set_config or current_setting (whose name may be
-// an argument), pg_settings or pg_show_all_settings, SHOW as a word (SHOW
-// ALL), or a CALL, DO or EXECUTE (a procedure's body, a statement
-// prepared in SQL) as a word, whatever follows it (attack17: "CALL\n
-// p()" and EXECUTE were missed). A false match costs one more attempt
-// (touchedRedo). A function of the user's own that reads or sets it from
-// a plain SELECT, or a trigger, cannot be seen.
+// name, read widely, since a false match costs only one more attempt
+// (touchedRedo): its name anywhere in the text (SET "lock_timeout", a
+// comment, a string); a Unicode escape (U&"..." or U&'...' can spell the
+// name or a function without their letters: attack21); pg_settings,
+// pg_show_all_settings, query_to_xml (which runs an SQL text it is
+// given); set_config or current_setting unless each call's first argument
+// is a plain string of another setting's name (the row-level security
+// idiom set_config('app.tenant', $1, true), run in every transaction, was
+// taken for a touch: attack21); and SHOW, CALL, DO and EXECUTE as words,
+// whatever follows them (attack17: "CALL\n p()" and EXECUTE were missed),
+// outside string literals when the text has no backslash. A function,
+// view, trigger, column default, check constraint or policy of the user's
+// own that reads or sets it from a plain statement cannot be seen.
 func mayTouchSetting(query, name string) bool {
 	q := strings.ToLower(query)
-	return strings.Contains(q, name) || strings.Contains(q, "set_config") || strings.Contains(q, "current_setting") ||
-		strings.Contains(q, "pg_settings") || strings.Contains(q, "show_all_settings") || hasWord(q, "show") ||
-		hasWord(q, "call") || doBlock(q) || hasWord(q, "execute")
+	if strings.Contains(q, name) || strings.Contains(q, "u&") || strings.Contains(q, "pg_settings") ||
+		strings.Contains(q, "show_all_settings") || strings.Contains(q, "query_to_xml") ||
+		settingCall(q, "set_config") || settingCall(q, "current_setting") || doBlock(q) {
+		return true
+	}
+	w := q
+	if strings.IndexByte(q, '\\') < 0 {
+		w = blankStrings(q)
+	}
+	return hasWord(w, "show") || hasWord(w, "call") || hasWord(w, "execute")
+}
+
+// settingCall says whether the lower-case q calls f (set_config,
+// current_setting) with anything but a plain string literal as its first
+// argument: a parameter, an expression, another kind of literal. (A plain
+// literal naming the setting itself is caught by the name's search.)
+func settingCall(q, f string) bool {
+	for i := 0; ; {
+		j := strings.Index(q[i:], f)
+		if j < 0 {
+			return false
+		}
+		i += j + len(f)
+		rest := strings.TrimLeft(q[i:], " \t\r\n")
+		if !strings.HasPrefix(rest, "(") {
+			continue // not a call: a column or a word in a string
+		}
+		rest = strings.TrimLeft(rest[1:], " \t\r\n")
+		if len(rest) == 0 || rest[0] != '\'' {
+			return true
+		}
+		end := strings.IndexByte(rest[1:], '\'')
+		if end < 0 || strings.IndexByte(rest[1:end+1], '\\') >= 0 {
+			return true
+		}
+		after := strings.TrimLeft(rest[end+2:], " \t\r\n")
+		if len(after) == 0 || after[0] != ',' && after[0] != ')' {
+			return true // 'lock' || '_timeout', '...'::text, a doubled quote
+		}
+	}
+}
+
+// blankStrings blanks the contents of '...' literals in q (a doubled
+// quote stays inside), for word checks that should not match words in
+// data. Not used on a text with a backslash, whose literals read
+// differently under standard_conforming_strings off.
+func blankStrings(q string) string {
+	if strings.IndexByte(q, '\'') < 0 {
+		return q
+	}
+	b := []byte(q)
+	in := false
+	for i := 0; i < len(b); i++ {
+		if b[i] == '\'' {
+			in = !in // a doubled quote closes and opens again
+			continue
+		}
+		if in {
+			b[i] = ' '
+		}
+	}
+	return string(b)
 }
 
 // doBlock says whether the lower-case q holds a DO statement: the word do
@@ -621,7 +685,7 @@ func (a *txAttempt) ownHit() error {
 
 // errBoundTouched is why an attempt whose closure may have read or set
 // the bound's setting is not committed (touchedRedo).
-var errBoundTouched = errors.New("sqlretry: the closure may have read or set the setting of sqlretry's bound; the attempt runs again unbounded")
+var errBoundTouched = errors.New("sqlretry: the closure may have read or set the setting of sqlretry's short-wait bound, so the attempt was not committed")
 
 // touchedRedo says whether the attempt ran under a bound of sqlretry's and
 // its closure may have read or set the bound's setting (mayTouchSetting):
