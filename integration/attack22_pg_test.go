@@ -1,0 +1,167 @@
+package integration
+
+// Hostile tests of sqlretry (attack22): the rule "a bounded attempt whose
+// closure ran a statement that may read or set the setting is never
+// committed; it is rolled back and run again at once unbounded"
+// (tx.go: mayTouchSetting, touchedRedo, runAttempt).
+
+import (
+	"context"
+	"database/sql"
+	"strings"
+	"testing"
+)
+
+// TestAttack22PgPrepareExecuteRerunFails: a closure that runs an SQL-level
+// PREPARE and then EXECUTEs it (the simple-protocol idiom; the word
+// EXECUTE counts as "may read or set the setting"). In a bounded replay
+// the attempt is rolled back and run again at once; a ROLLBACK does not
+// undo a PREPARE, so the rerun's PREPARE fails with 42P05 "prepared
+// statement already exists" and RunInTx returns that error, nothing
+// committed. The plain driver runs the closure once on the same fresh
+// connection: it commits the row. (The first attempt of sqlretry's call
+// fails with 40001 without preparing anything.)
+func TestAttack22PgPrepareExecuteRerunFails(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, m.opts...)
+				tbl := atkName("a22prep")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (v int)")
+				t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl) })
+				p := atkName("a22p")
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "PREPARE "+p+"(int) AS INSERT INTO "+tbl+" VALUES ($1)"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "EXECUTE "+p+"(7)")
+					return err
+				})
+				if err != nil {
+					t.Errorf("%s: RunInTx: %v (the plain driver commits)", drv, err)
+				}
+				if n := atkCount(t, db, "SELECT count(*) FROM "+tbl); n != 1 {
+					t.Errorf("%s: %d rows committed, want 1", drv, n)
+				}
+			})
+		}
+	}
+}
+
+// a22DoHidden is a DO block whose body is a plain string literal with a
+// comment between DO and it: it reads the setting (EXECUTE 'SHOW ...' in
+// PL/pgSQL, its name put together from two parts) and stores it in tbl.
+// mayTouchSetting blanks the literal's contents, doBlock looks for the
+// body right after DO (not after a comment), and the name never appears
+// whole.
+func a22DoHidden(setting, tbl string) string {
+	i := len(setting) - len("_timeout") + 1
+	return `DO /* store it */ 'DECLARE v text; BEGIN EXECUTE ''SHOW ` + setting[:i] + `'' || ''` + setting[i:] +
+		`'' INTO v; INSERT INTO ` + tbl + ` VALUES (v); END'`
+}
+
+// TestAttack22PgDoAfterCommentCommitsTheBound: a bounded replay whose
+// closure runs a DO block (written DO /* comment */ '...body...') that
+// reads the setting and stores what it read. The plain driver stores the
+// session's value ("1s" for deadlock_timeout, "0" for lock_timeout).
+// sqlretry sees no touch (the comment hides the DO, the literal hides
+// EXECUTE and SHOW), commits the attempt, and the row holds sqlretry's
+// bound ("20ms").
+func TestAttack22PgDoAfterCommentCommitsTheBound(t *testing.T) {
+	for _, m := range a21Modes {
+		want := map[string]string{"deadlock_timeout": "1s", "lock_timeout": "0"}[m.setting]
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, m.opts...)
+				tbl := atkName("a22do")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (v text)")
+				t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl) })
+				if err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					_, err := tx.ExecContext(ctx, a22DoHidden(m.setting, tbl))
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				var got string
+				if err := db.QueryRow("SELECT string_agg(v, ',') FROM " + tbl).Scan(&got); err != nil {
+					t.Fatal(err)
+				}
+				if got != want {
+					t.Errorf("%s: the closure stored %q, the plain driver %q", drv, got, want)
+				}
+			})
+		}
+	}
+}
+
+// TestAttack22PgTableToXmlCommitsTheBound: table_to_xml reads any
+// relation given as a regclass; given pg_settings by a name put together
+// from parts it reads the setting with none of the words mayTouchSetting
+// looks for (query_to_xml is counted, table_to_xml is not). The plain
+// driver stores the session's value, sqlretry's bounded replay the bound.
+func TestAttack22PgTableToXmlCommitsTheBound(t *testing.T) {
+	for _, m := range a21Modes {
+		want := map[string]string{"deadlock_timeout": "1s", "lock_timeout": "0"}[m.setting]
+		// pg_settings as XML; the setting's row is picked out in Go.
+		q := `SELECT x::text FROM (SELECT table_to_xml(('pg_catalog.pg_sett' || 'ings')::regclass, false, false, '') x) s`
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, m.opts...)
+				tbl := atkName("a22xml")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (v text)")
+				t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl) })
+				if err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					var x string
+					if err := tx.QueryRowContext(ctx, q).Scan(&x); err != nil {
+						return err
+					}
+					v := a22XMLSetting(x, m.setting)
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ($1)", v)
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				var got string
+				if err := db.QueryRow("SELECT string_agg(v, ',') FROM " + tbl).Scan(&got); err != nil {
+					t.Fatal(err)
+				}
+				if got != want {
+					t.Errorf("%s: the closure stored %q, the plain driver %q", drv, got, want)
+				}
+			})
+		}
+	}
+}
+
+// a22XMLSetting picks the setting's value and unit out of pg_settings as
+// table_to_xml gives it ("<name>x</name><setting>1000</setting><unit>ms</unit>").
+func a22XMLSetting(x, name string) string {
+	i := strings.Index(x, "<name>"+name+"</name>")
+	if i < 0 {
+		return "?"
+	}
+	r := x[i:]
+	s := between(r, "<setting>", "</setting>")
+	u := between(r, "<unit>", "</unit>")
+	v := s + u
+	switch v {
+	case "1000ms":
+		return "1s"
+	case "0ms":
+		return "0"
+	}
+	return v
+}
+
+func between(s, a, b string) string {
+	i := strings.Index(s, a)
+	if i < 0 {
+		return ""
+	}
+	s = s[i+len(a):]
+	j := strings.Index(s, b)
+	if j < 0 {
+		return ""
+	}
+	return s[:j]
+}
