@@ -137,7 +137,7 @@ func TestAttack22MyAlteredMarkerSideCheckEveryTx(t *testing.T) {
 // of the session's under the marker's name) commits without a marker, so
 // that a lost COMMIT is ambiguous, never replayed. That holds only while
 // the INSERT is refused, i.e. under a strict sql_mode. The same session
-// with sql_mode = ” (a DSN's, a legacy application's): the INSERT into
+// with an empty sql_mode (a DSN's, a legacy application's): the INSERT into
 // the temporary table (token VARBINARY(4)) succeeds, with a truncation
 // warning; the token row lives in the session's temporary table and dies
 // with it; after a lost COMMIT reply the lookup on a side connection finds
