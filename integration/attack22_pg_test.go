@@ -8,6 +8,7 @@ package integration
 import (
 	"context"
 	"database/sql"
+	"math/rand/v2"
 	"strings"
 	"testing"
 )
@@ -164,4 +165,93 @@ func between(s, a, b string) string {
 		return ""
 	}
 	return s[:j]
+}
+
+// TestAttack22PgAdvisoryLockHeldTwice: a closure that takes a session-level
+// advisory lock (released by the application after the call, on the same
+// connection) and reads a harmless setting (SHOW TimeZone, counted as
+// "may read or set"). In a bounded replay the attempt is rolled back and
+// run again; a ROLLBACK does not release a session-level advisory lock, so
+// the rerun takes it a second time. After the application's one
+// pg_advisory_unlock the plain driver's session holds nothing; sqlretry's
+// still holds the lock, and every other session's pg_try_advisory_lock
+// fails (pg_advisory_lock would wait forever).
+func TestAttack22PgAdvisoryLockHeldTwice(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, m.opts...)
+				other := atkPlain(t, "pgx")
+				key := int64(rand.Uint32())
+				if err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_lock($1)", key); err != nil {
+						return err
+					}
+					var tz string
+					return tx.QueryRowContext(ctx, "SHOW TimeZone").Scan(&tz)
+				}); err != nil {
+					t.Fatal(err)
+				}
+				var unlocked bool
+				if err := db.QueryRow("SELECT pg_advisory_unlock($1)", key).Scan(&unlocked); err != nil || !unlocked {
+					t.Fatalf("unlock: %v %v", unlocked, err)
+				}
+				var got bool
+				if err := other.QueryRow("SELECT pg_try_advisory_lock($1)", key).Scan(&got); err != nil {
+					t.Fatal(err)
+				}
+				if !got {
+					t.Errorf("%s: after the application's unlock another session cannot take the lock: the call left it held (taken twice)", drv)
+				}
+				other.Exec("SELECT pg_advisory_unlock_all()")
+			})
+		}
+	}
+}
+
+// TestAttack22PgOwnRollbackRunsTwice: README: "If the closure calls
+// tx.Commit() or tx.Rollback() itself, RunInTx returns that outcome ...
+// and never replays". A closure that reads a harmless setting (SHOW
+// TimeZone), does something outside the database (counted here) and then
+// ends the transaction itself:
+//   - rollback: calls tx.Rollback() (a dry run) and returns nil;
+//   - commit: calls tx.Commit(); on an error it records a failure outside
+//     the database and returns the error.
+//
+// In a bounded replay sqlretry runs it twice: the dry run's side effect
+// happens twice; the closure's own tx.Commit() fails (the plain driver's
+// succeeds), the closure records a failure for a transaction that then
+// commits in the rerun. (sqlretry, called the same way when the attempt
+// is not bounded: once, and Commit succeeds.)
+func TestAttack22PgOwnRollbackRunsTwice(t *testing.T) {
+	for _, how := range []string{"rollback", "commit"} {
+		for _, m := range a21Modes {
+			t.Run(how+"/"+m.name, func(t *testing.T) {
+				db := a16Open(t, "sqlretry", m.opts...)
+				runs, failures := 0, 0
+				err := a18Replay(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+					runs++
+					var tz string
+					if err := tx.QueryRowContext(ctx, "SHOW TimeZone").Scan(&tz); err != nil {
+						return err
+					}
+					if how == "rollback" {
+						return tx.Rollback()
+					}
+					if err := tx.Commit(); err != nil {
+						failures++
+						return err
+					}
+					return nil
+				})
+				t.Logf("RunInTx: %v; closure runs after the conflict: %d; Commit failures it saw: %d", err, runs, failures)
+				if runs != 1 {
+					t.Errorf("%s: the closure that ended its transaction itself ran %d times after the conflict; README: RunInTx returns that outcome and never replays", how, runs)
+				}
+				if failures != 0 {
+					t.Errorf("%s: the closure's own tx.Commit() failed %d times (the plain driver's commits)", how, failures)
+				}
+			})
+		}
+	}
 }
