@@ -11,6 +11,9 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/sqlretry/sqlretry"
 )
 
 // TestAttack22PgPrepareExecuteRerunFails: a closure that runs an SQL-level
@@ -250,6 +253,82 @@ func TestAttack22PgOwnRollbackRunsTwice(t *testing.T) {
 				}
 				if failures != 0 {
 					t.Errorf("%s: the closure's own tx.Commit() failed %d times (the plain driver's commits)", how, failures)
+				}
+			})
+		}
+	}
+}
+
+// a22MakeHot has one RunInTx of db meet a deadlock (40P01, raised by its
+// first attempt): for 2 s every attempt of db is bounded, first attempts
+// of other calls included (README: "any attempt of the db for 2 s after a
+// deadlock, a first one included").
+func a22MakeHot(t *testing.T, db *sql.DB) {
+	t.Helper()
+	runs := 0
+	if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if runs == 1 {
+			_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack22 deadlock' USING ERRCODE = '40P01'; END$$`)
+			return err
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAttack22PgHotWindowDeadlineFails: a call with no conflict of its
+// own, a 600 ms deadline, and a closure that reads a harmless setting
+// (SHOW TimeZone) and works 350 ms before its INSERT. The plain driver
+// commits in ~350 ms. Within 2 s of an unrelated deadlock on the same db,
+// sqlretry bounds this first attempt, the SHOW marks it touched, it is
+// rolled back after 350 ms and run again: 700 ms, past the deadline. The
+// caller gets "context deadline exceeded" and nothing is committed, for a
+// transaction that met no conflict at all.
+func TestAttack22PgHotWindowDeadlineFails(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, m.opts...)
+				db.SetMaxOpenConns(4)
+				tbl := atkName("a22hot")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (v int)")
+				t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl) })
+				fn := func(ctx context.Context, tx *sql.Tx) error {
+					var tz string
+					if err := tx.QueryRowContext(ctx, "SHOW TimeZone").Scan(&tz); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "SELECT pg_sleep(0.35)"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (1)")
+					return err
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 600*time.Millisecond)
+				defer cancel()
+				var err error
+				start := time.Now()
+				if drv == "pgx" {
+					var tx *sql.Tx
+					if tx, err = db.BeginTx(ctx, nil); err == nil {
+						if err = fn(ctx, tx); err == nil {
+							err = tx.Commit()
+						} else {
+							tx.Rollback()
+						}
+					}
+				} else {
+					a22MakeHot(t, db)
+					start = time.Now()
+					err = sqlretry.RunInTx(ctx, db, nil, fn)
+				}
+				took := time.Since(start)
+				n := atkCount(t, db, "SELECT count(*) FROM "+tbl)
+				t.Logf("%s: %v in %v, %d rows", drv, err, took, n)
+				if err != nil || n != 1 {
+					t.Errorf("%s: a conflict-free call failed (%v) after %v, %d rows; the plain driver commits in ~350 ms", drv, err, took, n)
 				}
 			})
 		}
