@@ -218,3 +218,61 @@ func a22TempMarkerRun(t *testing.T, sqlMode string) {
 		t.Errorf("want nil or ErrAmbiguousCommit, got %v", err)
 	}
 }
+
+// a22Questions is the session's count of statements the client sent.
+func a22Questions(t *testing.T, db *sql.DB) int {
+	t.Helper()
+	var name string
+	var n int
+	if err := db.QueryRow("SHOW SESSION STATUS LIKE 'Questions'").Scan(&name, &n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestAttack22MyOracleModeBlockHolds (held: MariaDB 10.11 takes the block
+// under sql_mode = ORACLE too). Probe: one closure sets its
+// session's sql_mode to ORACLE (MariaDB's mode for applications moved from
+// Oracle; a DSN may set it too). MariaDB parses BEGIN NOT ATOMIC only in
+// the default mode, so the marker block that carries this transaction's
+// COMMIT is refused (1064); sqlretry rolls the transaction back, replays
+// the closure (it runs twice; the plain driver commits it once) and turns
+// the block off for the whole db, for good: every later transaction of the
+// db, on every connection and in the default sql_mode, sends its marker
+// INSERT and its COMMIT separately, one more statement and round trip
+// each.
+func TestAttack22MyOracleModeBlockHolds(t *testing.T) {
+	db, _, _, _ := a22MyOwnDB(t)
+	db.SetMaxOpenConns(1)
+	one := func() int {
+		q0 := a22Questions(t, db)
+		if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO w (v) VALUES (1)")
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return a22Questions(t, db) - q0 - 1
+	}
+	before := one()
+	runs := 0
+	if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if _, err := tx.ExecContext(ctx, "SET SESSION sql_mode = 'ORACLE'"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "INSERT INTO w (v) VALUES (2)")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	atkMust(t, db, "SET SESSION sql_mode = DEFAULT")
+	after := one()
+	t.Logf("statements per transaction before: %d, after: %d; the ORACLE-mode closure ran %d times", before, after, runs)
+	if runs != 1 {
+		t.Errorf("the closure that set sql_mode = ORACLE ran %d times (the plain driver: once)", runs)
+	}
+	if after > before {
+		t.Errorf("after one session's ORACLE mode every transaction of the db sends %d statements, %d before", after, before)
+	}
+}
