@@ -334,3 +334,39 @@ func TestAttack22PgHotWindowDeadlineFails(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack22PgExecuteDeallocateRerunFails: the other half of the
+// PREPARE/EXECUTE idiom. A statement prepared on the session earlier
+// (PREPARE, outside the call) is run and deallocated by the closure
+// (EXECUTE p(7); DEALLOCATE p). In a bounded replay the EXECUTE marks the
+// attempt touched; it is rolled back, which does not bring back a
+// DEALLOCATEd statement, and run again: EXECUTE fails with 26000
+// ("prepared statement does not exist"), once more, and RunInTx returns
+// it. The plain driver commits the row.
+func TestAttack22PgExecuteDeallocateRerunFails(t *testing.T) {
+	for _, m := range a21Modes {
+		for _, drv := range []string{"pgx", "sqlretry"} {
+			t.Run(m.name+"/"+drv, func(t *testing.T) {
+				db := a16Open(t, drv, m.opts...)
+				tbl := atkName("a22dealloc")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (v int)")
+				t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl) })
+				p := atkName("a22p")
+				atkMust(t, db, "PREPARE "+p+"(int) AS INSERT INTO "+tbl+" VALUES ($1)")
+				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					if _, err := tx.ExecContext(ctx, "EXECUTE "+p+"(7)"); err != nil {
+						return err
+					}
+					_, err := tx.ExecContext(ctx, "DEALLOCATE "+p)
+					return err
+				})
+				if err != nil {
+					t.Errorf("%s: RunInTx: %v (the plain driver commits)", drv, err)
+				}
+				if n := atkCount(t, db, "SELECT count(*) FROM "+tbl); n != 1 {
+					t.Errorf("%s: %d rows committed, want 1", drv, n)
+				}
+			})
+		}
+	}
+}
