@@ -370,3 +370,37 @@ func TestAttack22PgExecuteDeallocateRerunFails(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack22PgToDoLiteralRunsTwice: a task board's everyday statement,
+// UPDATE tasks SET status = 'to do' (Jira's "To Do"), with no conflict of
+// its own, run within 2 s of an unrelated deadlock on the db. The word
+// "do" followed by a quote reads as a DO block (doBlock looks at the raw
+// text, string literals included), so the bounded first attempt counts as
+// touched, is rolled back and run again: the closure runs twice (its
+// notification is sent twice) where the plain driver runs it once. The
+// same call with status = 'done' runs once.
+func TestAttack22PgToDoLiteralRunsTwice(t *testing.T) {
+	for _, status := range []string{"done", "to do"} {
+		for _, m := range a21Modes {
+			t.Run(status+"/"+m.name, func(t *testing.T) {
+				db := a16Open(t, "sqlretry", m.opts...)
+				db.SetMaxOpenConns(4)
+				tbl := atkName("a22tasks")
+				atkMust(t, db, "CREATE TABLE "+tbl+" (id int primary key, status text)", "INSERT INTO "+tbl+" VALUES (1, 'new')")
+				t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl) })
+				a22MakeHot(t, db)
+				runs := 0
+				if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					runs++ // (the notification "task 1 moved")
+					_, err := tx.ExecContext(ctx, "UPDATE "+tbl+" SET status = '"+status+"' WHERE id = 1")
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				if runs != 1 {
+					t.Errorf("status %q: a conflict-free closure ran %d times (the plain driver: once)", status, runs)
+				}
+			})
+		}
+	}
+}
