@@ -404,3 +404,44 @@ func TestAttack22PgToDoLiteralRunsTwice(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack22PgDollarQuoteHidesCall: mayTouchSetting blanks '...'
+// literals before it looks for SHOW, CALL and EXECUTE, but it does not
+// know dollar quotes: a $$'$$ (a dollar-quoted string holding one single
+// quote, say a column default or a label) opens a "literal" that never
+// closes, and every word after it is blanked. A closure that runs
+// SELECT $$'$$ AS q; CALL p() — p a procedure of the application that
+// stores the setting it runs under (CALL is on the list of words that may
+// read or set it) — is not counted as touched, and the bounded replay
+// commits the bound ("20ms") where the plain driver stores the session's
+// value. (Without the $$'$$ the CALL is counted: the "plain" cases pass.)
+func TestAttack22PgDollarQuoteHidesCall(t *testing.T) {
+	for _, pre := range []string{"", "SELECT $$'$$ AS q; "} {
+		for _, m := range a21Modes {
+			want := map[string]string{"deadlock_timeout": "1s", "lock_timeout": "0"}[m.setting]
+			for _, drv := range []string{"pgx", "sqlretry"} {
+				t.Run(map[bool]string{true: "plain", false: "dollar"}[pre == ""]+"/"+m.name+"/"+drv, func(t *testing.T) {
+					db := a16Open(t, drv, m.opts...)
+					tbl, proc := atkName("a22dq"), atkName("a22dqp")
+					i := len(m.setting) - len("_timeout") + 1
+					atkMust(t, db, "CREATE TABLE "+tbl+" (v text)",
+						"CREATE PROCEDURE "+proc+"() LANGUAGE sql AS $b$ INSERT INTO "+tbl+" SELECT current_setting('"+m.setting[:i]+"' || '"+m.setting[i:]+"') $b$")
+					t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl, "DROP PROCEDURE IF EXISTS "+proc) })
+					if err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+						_, err := tx.ExecContext(ctx, pre+"CALL "+proc+"()")
+						return err
+					}); err != nil {
+						t.Fatal(err)
+					}
+					var got string
+					if err := db.QueryRow("SELECT string_agg(v, ',') FROM " + tbl).Scan(&got); err != nil {
+						t.Fatal(err)
+					}
+					if got != want {
+						t.Errorf("%s: the procedure stored %q, the plain driver %q", drv, got, want)
+					}
+				})
+			}
+		}
+	}
+}
