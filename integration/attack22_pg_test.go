@@ -414,13 +414,15 @@ func TestAttack22PgToDoLiteralRunsTwice(t *testing.T) {
 // stores the setting it runs under (CALL is on the list of words that may
 // read or set it) — is not counted as touched, and the bounded replay
 // commits the bound ("20ms") where the plain driver stores the session's
-// value. (Without the $$'$$ the CALL is counted: the "plain" cases pass.)
+// value. The same with an apostrophe in an SQL comment before the CALL
+// ("-- store the session's setting"): the comment is not skipped either.
+// (Without them the CALL is counted: the "plain" cases pass.)
 func TestAttack22PgDollarQuoteHidesCall(t *testing.T) {
-	for _, pre := range []string{"", "SELECT $$'$$ AS q; "} {
+	for _, pre := range []string{"", "SELECT $$'$$ AS q; ", "-- store the session's setting\n"} {
 		for _, m := range a21Modes {
 			want := map[string]string{"deadlock_timeout": "1s", "lock_timeout": "0"}[m.setting]
 			for _, drv := range []string{"pgx", "sqlretry"} {
-				t.Run(map[bool]string{true: "plain", false: "dollar"}[pre == ""]+"/"+m.name+"/"+drv, func(t *testing.T) {
+				t.Run(map[string]string{"": "plain", "S": "dollar", "-": "comment"}[pre[:min(1, len(pre))]]+"/"+m.name+"/"+drv, func(t *testing.T) {
 					db := a16Open(t, drv, m.opts...)
 					tbl, proc := atkName("a22dq"), atkName("a22dqp")
 					i := len(m.setting) - len("_timeout") + 1
