@@ -447,3 +447,48 @@ func TestAttack22PgDollarQuoteHidesCall(t *testing.T) {
 		}
 	}
 }
+
+// TestAttack22PgTouchedPanicPropagatesHolds: a bounded replay whose closure
+// reads the setting and then panics: the panic reaches the caller with its
+// own value, the closure is not run again, nothing is committed, and the
+// pooled connection is usable with the session's value (as the plain
+// driver: panic, rollback).
+func TestAttack22PgTouchedPanicPropagatesHolds(t *testing.T) {
+	for _, m := range a21Modes {
+		t.Run(m.name, func(t *testing.T) {
+			db := a16Open(t, "sqlretry", m.opts...)
+			tbl := atkName("a22panic")
+			atkMust(t, db, "CREATE TABLE "+tbl+" (v int)")
+			t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl) })
+			before := a16Show(t, db, m.setting)
+			runs := 0
+			func() {
+				defer func() {
+					if r := recover(); r != "attack22" {
+						t.Errorf("recovered %v, want the closure's own value", r)
+					}
+				}()
+				a18Replay(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+					runs++
+					var v string
+					if err := tx.QueryRowContext(ctx, "SHOW "+m.setting).Scan(&v); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES (1)"); err != nil {
+						return err
+					}
+					panic("attack22")
+				})
+			}()
+			if runs != 1 {
+				t.Errorf("the panicking closure ran %d times", runs)
+			}
+			if n := atkCount(t, db, "SELECT count(*) FROM "+tbl); n != 0 {
+				t.Errorf("%d rows committed", n)
+			}
+			if after := a16Show(t, db, m.setting); after != before {
+				t.Errorf("session's %s %q after the call, %q before", m.setting, after, before)
+			}
+		})
+	}
+}
