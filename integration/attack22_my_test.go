@@ -90,7 +90,8 @@ func a22MyOwnDB(t *testing.T, opts ...sqlretry.Option) (db, plain *sql.DB, cc *a
 
 // TestAttack22MyAlteredMarkerSideCheckEveryTx: another session (a DBA, a
 // schema tool, another program sharing the table) adds a NOT NULL column
-// without a default to the marker table. The marker check (markerShapeOK)
+// without a default to the marker table, or drops its created_at column
+// (the token is all a lookup needs). The marker check (markerShapeOK)
 // looks only at the token column, the engine and triggers, so it passes
 // the table; every marker INSERT then fails with 1364 under the server's
 // STRICT_TRANS_TABLES, which the new path reads as "a table of another
@@ -102,6 +103,12 @@ func a22MyOwnDB(t *testing.T, opts ...sqlretry.Option) (db, plain *sql.DB, cc *a
 // EventResolutionOff). The plain driver: 40 commits on one pooled
 // connection. sqlretry: 40 commits and ~40 side connections.
 func TestAttack22MyAlteredMarkerSideCheckEveryTx(t *testing.T) {
+	for _, alter := range []string{"ADD COLUMN host VARCHAR(64) NOT NULL", "DROP COLUMN created_at"} {
+		t.Run(alter, func(t *testing.T) { a22AlteredMarker(t, alter) })
+	}
+}
+
+func a22AlteredMarker(t *testing.T, alter string) {
 	obs := &a22Events{}
 	db, plain, cc, dbName := a22MyOwnDB(t, sqlretry.WithObserver(obs))
 	const n = 40
@@ -120,7 +127,7 @@ func TestAttack22MyAlteredMarkerSideCheckEveryTx(t *testing.T) {
 		return time.Since(start), cc.n.Load() - before, atkCount(t, plain, "SELECT COUNT(*) FROM "+dbName+".sqlretry_commit_marker") - m0
 	}
 	tookOK, dialsOK, markersOK := run()
-	atkMust(t, plain, "ALTER TABLE "+dbName+".sqlretry_commit_marker ADD COLUMN host VARCHAR(64) NOT NULL")
+	atkMust(t, plain, "ALTER TABLE "+dbName+".sqlretry_commit_marker "+alter)
 	took, dials, markers := run()
 	t.Logf("%d transactions before the ALTER: %d dials, %v, %d markers; after: %d dials, %v, %d markers, EventResolutionOff %d",
 		n, dialsOK, tookOK, markersOK, dials, took, markers, obs.count(sqlretry.EventResolutionOff))

@@ -492,3 +492,45 @@ func TestAttack22PgTouchedPanicPropagatesHolds(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack22PgCommonStatementsRunOnceHolds: statements an application
+// commonly runs in every transaction are not taken for touches: within 2 s
+// of a deadlock a conflict-free closure made of them runs once.
+func TestAttack22PgCommonStatementsRunOnceHolds(t *testing.T) {
+	for _, m := range a21Modes {
+		t.Run(m.name, func(t *testing.T) {
+			db := a16Open(t, "sqlretry", m.opts...)
+			db.SetMaxOpenConns(4)
+			tbl := atkName("a22common")
+			atkMust(t, db, "CREATE TABLE "+tbl+" (id int primary key, doc jsonb, note text)")
+			t.Cleanup(func() { atkMust(t, db, "DROP TABLE IF EXISTS "+tbl) })
+			a22MakeHot(t, db)
+			runs := 0
+			if err := sqlretry.RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+				runs++
+				for _, q := range []struct {
+					q    string
+					args []any
+				}{
+					{"SET LOCAL search_path TO public", nil},
+					{"SET LOCAL application_name = 'billing'", nil},
+					{"SET LOCAL statement_timeout = '5s'", nil},
+					{"SELECT set_config('app.tenant', $1, true)", []any{"42"}},
+					{`INSERT INTO "` + tbl + `" ("id", "doc", "note") VALUES ($1, $2, $3) ON CONFLICT ("id") DO UPDATE SET "doc" = EXCLUDED."doc"`,
+						[]any{1, `{"action": "show", "call": "execute", "do": "u&"}`, "show me; call; execute"}},
+					{"SELECT id FROM " + tbl + " WHERE doc->>'action' = 'show' AND current_setting('app.tenant') = '42'", nil},
+				} {
+					if _, err := tx.ExecContext(ctx, q.q, q.args...); err != nil {
+						return err
+					}
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if runs != 1 {
+				t.Errorf("ran %d times", runs)
+			}
+		})
+	}
+}
