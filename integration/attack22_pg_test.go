@@ -534,3 +534,49 @@ func TestAttack22PgCommonStatementsRunOnceHolds(t *testing.T) {
 		})
 	}
 }
+
+// TestAttack22PgSessionRoleTurnsChecksOffForGood: README: "Only a role
+// that may set deadlock_timeout gets them ... For any other role the SET
+// LOCAL fails with 42501 ... and the db stops asking". The db's user is a
+// superuser; one pooled session runs for a while under another role (SET
+// ROLE reporting, say for one report, RESET ROLE after). A bounded replay
+// that happens to run on that session meanwhile gets 42501, and short
+// deadlock checks are off for the whole db, for good: after RESET ROLE,
+// replays of the superuser's transactions run with the server's 1 s
+// deadlock_timeout (read by a column DEFAULT, a probe) where they had
+// 20 ms. (The MySQL marker's same shape was fixed in attack15: a refusal
+// under a role of the session's own stays that connection's.)
+func TestAttack22PgSessionRoleTurnsChecksOffForGood(t *testing.T) {
+	db := a16Open(t, "sqlretry")
+	tbl, role := atkName("a22role"), atkName("a22reporting")
+	atkMust(t, db, "CREATE TABLE "+tbl+" (tag text, v text DEFAULT current_setting('deadlock_timeout'))",
+		"CREATE ROLE "+role+" NOLOGIN", "GRANT SELECT ON "+tbl+" TO "+role)
+	t.Cleanup(func() { atkMust(t, db, "RESET ROLE", "DROP TABLE IF EXISTS "+tbl, "DROP ROLE IF EXISTS "+role) })
+	probe := func(tag string) string {
+		if err := a18Replay(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" (tag) VALUES ($1)", tag)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		var v string
+		if err := db.QueryRow("SELECT v FROM "+tbl+" WHERE tag = $1", tag).Scan(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	before := probe("before")
+	atkMust(t, db, "SET ROLE "+role)
+	if err := a18Replay(t, "sqlretry", db, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "SELECT count(*) FROM "+tbl)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	atkMust(t, db, "RESET ROLE")
+	after := probe("after")
+	t.Logf("a replay's deadlock_timeout before the session's SET ROLE: %s, after RESET ROLE: %s", before, after)
+	if before != after {
+		t.Errorf("one session's temporary SET ROLE turned short deadlock checks off for the db: replays run with %s, %s before", after, before)
+	}
+}
