@@ -421,6 +421,8 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		return &fakeRows{cols: []string{"n"}, data: [][]driver.Value{{int64(1)}}}, nil
 	case strings.HasPrefix(q, "SELECT DATA_TYPE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS"):
 		return &fakeRows{cols: []string{"t", "n"}, data: [][]driver.Value{{"binary", int64(16)}}}, nil // as sqlretry creates it
+	case q == markerColumnsQuery:
+		return &fakeRows{cols: []string{"c", "n"}, data: [][]driver.Value{{int64(1), int64(0)}}}, nil // as sqlretry creates it
 	case strings.HasPrefix(q, "SELECT ENGINE FROM information_schema.TABLES"):
 		return &fakeRows{cols: []string{"e"}, data: [][]driver.Value{{"InnoDB"}}}, nil
 	case strings.HasPrefix(q, "SELECT COUNT(*) FROM information_schema.TRIGGERS"):

@@ -251,7 +251,14 @@ func markerInsert(table string, token []byte) string {
 // not seen: see the README.)
 func (t *tx) markerShadowed() {
 	t.token = nil
-	t.c.r.resolution.forgetMarker()
+	rs := t.c.r.resolution
+	// At most once a second: a temporary table of one session's under
+	// the marker's name would otherwise have every transaction of that
+	// session check the table on a side connection (attack22).
+	now := t.c.r.clock.Now().UnixNano()
+	if last := rs.shapeForgotAt.Load(); now-last >= int64(time.Second) && rs.shapeForgotAt.CompareAndSwap(last, now) {
+		rs.forgetMarker()
+	}
 }
 
 // markerShapeNumber says whether a MySQL error number at the marker's
@@ -802,6 +809,21 @@ func markerShapeOK(ctx context.Context, dc driver.Conn, schema, table, name, ddl
 	default:
 		return bad(fmt.Sprintf("its token column is %s(%d), which does not keep 16 bytes as written", typ, n)), nil
 	}
+	// The marker's INSERT writes token and created_at: a table without
+	// created_at, or with another column it must fill (NOT NULL, no
+	// default, not generated), refuses every marker (attack22: another
+	// session's ALTER TABLE made every transaction commit without one and
+	// check the table again on a side connection).
+	shape, err := queryRow(ctx, dc, markerColumnsQuery, schema, table)
+	if err != nil {
+		return nil, err
+	}
+	if len(shape) < 2 || asInt64(shape[0]) != 1 {
+		return bad("it has no created_at column"), nil
+	}
+	if asInt64(shape[1]) != 0 {
+		return bad("another column of it must be given a value"), nil
+	}
 	eng, err := queryRow(ctx, dc, "SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?", schema, table)
 	if err != nil {
 		return nil, err
@@ -823,6 +845,13 @@ func markerShapeOK(ctx context.Context, dc driver.Conn, schema, table, name, ddl
 	}
 	return nil, nil
 }
+
+// markerColumnsQuery counts the marker table's created_at columns and its
+// other columns an INSERT of token and created_at cannot leave out.
+const markerColumnsQuery = "SELECT COALESCE(SUM(COLUMN_NAME = 'created_at'), 0), COALESCE(SUM(COLUMN_NAME NOT IN ('token', 'created_at') " +
+	"AND IS_NULLABLE = 'NO' AND COLUMN_DEFAULT IS NULL AND EXTRA NOT LIKE '%auto_increment%' AND EXTRA NOT LIKE '%GENERATED%' " +
+	"AND EXTRA NOT LIKE '%VIRTUAL%' AND EXTRA NOT LIKE '%PERSISTENT%' AND EXTRA NOT LIKE '%STORED%'), 0) " +
+	"FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?"
 
 // oneLine is a statement's text on one line, for a message.
 func oneLine(q string) string { return strings.Join(strings.Fields(q), " ") }

@@ -39,6 +39,9 @@ type retrier struct {
 // resolveState is what the resolution of lost COMMITs learns as it goes.
 type resolveState struct {
 	broken atomic.Bool // the engine lacks txid_current (CockroachDB): stop asking
+	// shapeForgotAt: unix ns of the last marker check forgotten for a
+	// marker INSERT refused as a table of another shape (markerShadowed).
+	shapeForgotAt atomic.Int64
 	// pgVersion: server_version_num as a connection reported it, 0 until
 	// then, -1 when the proof of resolve_failover.go is refused.
 	pgVersion atomic.Int64

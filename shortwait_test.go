@@ -1177,11 +1177,96 @@ func TestMayTouchSettingAttack21(t *testing.T) {
 		"SELECT current_setting('it''s')":                                            true,
 		`SELECT U&"current\005fsetting"(U&'deadlock\005ftimeout')`:                   true,
 		"SELECT query_to_xml('select current' || '_setting(''x'')', true, true, '')": true,
-		"INSERT INTO log (msg, p) VALUES ('show me', 'C:\\')":                        true, // a backslash: literals not blanked
+		"INSERT INTO log (msg, p) VALUES ('call me', 'C:\\')":                        true, // a backslash: literals read as code too
 		"SHOW ALL": true,
 	} {
 		if got := mayTouchSetting(q, "deadlock_timeout"); got != want {
 			t.Errorf("mayTouchSetting(%q) = %v, want %v", q, got, want)
 		}
+	}
+}
+
+// attack22: words in string data and comments are not code (sqlCode); SHOW
+// of another setting is not a touch; table_to_xml is; a DO block after a
+// comment is.
+func TestMayTouchSettingAttack22(t *testing.T) {
+	for q, want := range map[string]bool{
+		"UPDATE tasks SET status = 'to do' WHERE id = 1":                                false,
+		"-- store the session's setting\nCALL p()":                                      true,
+		"SELECT $$'$$; CALL p()":                                                        true,
+		"SELECT $tag$ call me $tag$":                                                    false,
+		"SELECT E'it\\'s'; CALL p()":                                                    true,
+		"DO /* c */ 'BEGIN NULL; END'":                                                  true,
+		"SELECT table_to_xml(('pg_catalog.pg_sett'||'ings')::regclass, true, true, '')": true,
+		"SHOW TimeZone":                                                                 false,
+		"SHOW /* x */ ALL":                                                              true,
+		"show\nall":                                                                     true,
+		"SELECT showall FROM t":                                                         false,
+		"SELECT 1 /* nested /* call */ still comment */":                                false,
+		"INSERT INTO t VALUES ($1, 'execute')":                                          false,
+	} {
+		if got := mayTouchSetting(q, "deadlock_timeout"); got != want {
+			t.Errorf("mayTouchSetting(%q) = %v, want %v", q, got, want)
+		}
+	}
+	for q, want := range map[string]bool{
+		"PREPARE p AS INSERT INTO t VALUES ($1)": true,
+		"EXECUTE p; DEALLOCATE p":                true,
+		"SELECT pg_advisory_lock(7)":             true,
+		"SELECT pg_try_advisory_lock(7)":         true,
+		"SELECT pg_advisory_xact_lock(7)":        false,
+		"SELECT dblink_exec('x', 'y')":           true,
+		"INSERT INTO t VALUES ('prepare')":       false,
+	} {
+		if got := sessionSticky(q); got != want {
+			t.Errorf("sessionSticky(%q) = %v, want %v", q, got, want)
+		}
+	}
+}
+
+// A closure's own Rollback is its outcome, also in a bounded attempt that
+// touched the setting: it is not run again (attack22). Its own Commit is
+// refused and the attempt runs again unbounded.
+func TestShortWaitTouchedOwnRollbackIsFinal(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv, db, _ := shortWaitDB(t, w)
+	srv.script("UPDATE", step{err: errDeadlock})
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if err := updateTx(ctx, tx); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, "SHOW lock_timeout"); err != nil {
+			return err
+		}
+		return tx.Rollback()
+	})
+	if !errors.Is(err, sql.ErrTxDone) || runs != 2 {
+		t.Fatalf("err %v, runs %d: want the closure's own rollback final after the touch (sql.ErrTxDone, as the README says)", err, runs)
+	}
+}
+
+// An attempt that touched the setting and left session state no rollback
+// undoes (a PREPARE) is not run again: it commits as the plain driver's
+// (attack22: the run again's PREPARE failed with 42P05).
+func TestShortWaitTouchedStickyCommits(t *testing.T) {
+	w := &lockWaits{deadlockMS: 1000}
+	srv, db, _ := shortWaitDB(t, w)
+	srv.script("UPDATE", step{err: errDeadlock})
+	runs := 0
+	err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		if err := updateTx(ctx, tx); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, "PREPARE p AS SELECT 1"); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, "EXECUTE p")
+		return err
+	})
+	if err != nil || runs != 2 {
+		t.Fatalf("err %v, runs %d: want the attempt committed, not run again", err, runs)
 	}
 }

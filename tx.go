@@ -72,11 +72,15 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if t.c.escapesTx(query) {
 		t.escape(query)
 	}
-	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !a.rare.touched && !isShortWaitQuery(query) &&
-		mayTouchSetting(query, a.boundSetting()) {
-		// The closure may have read or set the bound's setting: the
-		// attempt is not committed, it runs again unbounded (touchedRedo).
-		a.rare.touched = true
+	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !isShortWaitQuery(query) {
+		if !a.rare.touched && mayTouchSetting(query, a.boundSetting()) {
+			// The closure may have read or set the setting: the attempt
+			// is not committed, it runs again unbounded (touchedRedo).
+			a.rare.touched = true
+		}
+		if !a.rare.sticky && sessionSticky(query) {
+			a.rare.sticky = true
+		}
 	}
 	if err == nil {
 		t.c.r.succeeded(ticket{})
@@ -97,27 +101,158 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 // (touchedRedo): its name anywhere in the text (SET "lock_timeout", a
 // comment, a string); a Unicode escape (U&"..." or U&'...' can spell the
 // name or a function without their letters: attack21); pg_settings,
-// pg_show_all_settings, query_to_xml (which runs an SQL text it is
-// given); set_config or current_setting unless each call's first argument
-// is a plain string of another setting's name (the row-level security
-// idiom set_config('app.tenant', $1, true), run in every transaction, was
-// taken for a touch: attack21); and SHOW, CALL, DO and EXECUTE as words,
-// whatever follows them (attack17: "CALL\n p()" and EXECUTE were missed),
-// outside string literals when the text has no backslash. A function,
-// view, trigger, column default, check constraint or policy of the user's
-// own that reads or sets it from a plain statement cannot be seen.
+// pg_show_all_settings, and the ..._to_xml functions (query_to_xml runs an
+// SQL text it is given, table_to_xml reads a relation named at run time:
+// attack21, attack22); set_config or current_setting unless each call's
+// first argument is a plain string of another setting's name (the
+// row-level security idiom set_config('app.tenant', $1, true), run in
+// every transaction, was taken for a touch: attack21); and, outside
+// comments and string data (sqlCode), SHOW ALL, and CALL, DO and EXECUTE
+// as words, whatever follows them (attack17: "CALL\n p()" and EXECUTE
+// were missed). SHOW of another setting is not a touch (attack22: SHOW
+// TimeZone ran closures twice). A text with a backslash is read also as
+// it is, its literals as code (standard_conforming_strings off reads them
+// otherwise). A function, view, trigger, column default, check constraint
+// or policy of the user's own that reads or sets it from a plain
+// statement cannot be seen.
 func mayTouchSetting(query, name string) bool {
 	q := strings.ToLower(query)
 	if strings.Contains(q, name) || strings.Contains(q, "u&") || strings.Contains(q, "pg_settings") ||
-		strings.Contains(q, "show_all_settings") || strings.Contains(q, "query_to_xml") ||
-		settingCall(q, "set_config") || settingCall(q, "current_setting") || doBlock(q) {
+		strings.Contains(q, "show_all_settings") || strings.Contains(q, "_to_xml") ||
+		settingCall(q, "set_config") || settingCall(q, "current_setting") {
 		return true
 	}
-	w := q
-	if strings.IndexByte(q, '\\') < 0 {
-		w = blankStrings(q)
+	if touchWords(sqlCode(q)) {
+		return true
 	}
-	return hasWord(w, "show") || hasWord(w, "call") || hasWord(w, "execute")
+	return strings.IndexByte(q, '\\') >= 0 && touchWords(q)
+}
+
+// touchWords says whether the lower-case code w holds SHOW ALL, a DO
+// block, or CALL or EXECUTE as a word.
+func touchWords(w string) bool {
+	return doBlock(w) || hasWord(w, "call") || hasWord(w, "execute") || showAll(w)
+}
+
+// showAll says whether w holds the words SHOW ALL.
+func showAll(w string) bool {
+	for i := 0; ; {
+		j := strings.Index(w[i:], "show")
+		if j < 0 {
+			return false
+		}
+		start := i + j
+		i = start + 4
+		if start > 0 && identByte(w[start-1]) || i < len(w) && identByte(w[i]) {
+			continue
+		}
+		rest := strings.TrimLeft(w[i:], " \t\r\n\f\v")
+		if strings.HasPrefix(rest, "all") && (len(rest) == 3 || !identByte(rest[3])) {
+			return true
+		}
+	}
+}
+
+// sessionSticky says whether a statement may leave session state that a
+// rollback does not undo: a prepared statement made or dropped in SQL
+// (PREPARE, DEALLOCATE, DISCARD), a session advisory lock, work through
+// dblink on another session. An attempt that ran one is not run again
+// for a touched bound (touchedRedo): the run again would PREPARE twice
+// (42P05), EXECUTE what the first run deallocated (26000), or take the
+// lock twice (attack22).
+func sessionSticky(query string) bool {
+	q := sqlCode(strings.ToLower(query))
+	return hasWord(q, "prepare") || hasWord(q, "deallocate") || hasWord(q, "discard") ||
+		strings.Contains(q, "_advisory_lock") || strings.Contains(q, "dblink")
+}
+
+// sqlCode blanks the comments (-- and nested /* */) and the contents of
+// string literals ('...', E'...' with its backslash escapes, $tag$...$tag$)
+// of the lower-case PostgreSQL text q, keeping the quotes and dollar tags,
+// so that word checks see only code (attack22: a word in 'to do', and an
+// apostrophe in a comment that hid a CALL). Quoted names stay. A literal
+// with a backslash is read as standard_conforming_strings on reads it.
+func sqlCode(q string) string {
+	if !strings.ContainsAny(q, "'$-/") {
+		return q
+	}
+	b := []byte(q)
+	for i := 0; i < len(b); {
+		c := b[i]
+		switch {
+		case c == '-' && i+1 < len(b) && b[i+1] == '-':
+			for ; i < len(b) && b[i] != '\n'; i++ {
+				b[i] = ' '
+			}
+		case c == '/' && i+1 < len(b) && b[i+1] == '*':
+			for depth := 0; i < len(b); {
+				switch {
+				case b[i] == '/' && i+1 < len(b) && b[i+1] == '*':
+					depth++
+					b[i], b[i+1] = ' ', ' '
+					i += 2
+				case b[i] == '*' && i+1 < len(b) && b[i+1] == '/':
+					depth--
+					b[i], b[i+1] = ' ', ' '
+					i += 2
+				default:
+					b[i] = ' '
+					i++
+				}
+				if depth == 0 {
+					break
+				}
+			}
+		case c == '\'':
+			esc := i > 0 && b[i-1] == 'e' && (i == 1 || !identByte(b[i-2]))
+			j := i + 1
+			for j < len(b) {
+				if esc && b[j] == '\\' && j+1 < len(b) {
+					b[j], b[j+1] = ' ', ' '
+					j += 2
+					continue
+				}
+				if b[j] == '\'' {
+					if j+1 < len(b) && b[j+1] == '\'' {
+						b[j], b[j+1] = ' ', ' '
+						j += 2
+						continue
+					}
+					break
+				}
+				b[j] = ' '
+				j++
+			}
+			i = j + 1
+		case c == '"':
+			j := strings.IndexByte(q[i+1:], '"')
+			if j < 0 {
+				return string(b)
+			}
+			i += j + 2
+		case c == '$' && (i == 0 || !identByte(b[i-1])):
+			k := i + 1
+			for k < len(b) && (b[k] == '_' || b[k] >= 'a' && b[k] <= 'z' || b[k] >= 0x80 || k > i+1 && b[k] >= '0' && b[k] <= '9') {
+				k++
+			}
+			if k >= len(b) || b[k] != '$' {
+				i = max(k, i+1) // $1, a parameter
+				continue
+			}
+			tag := q[i : k+1]
+			end := strings.Index(q[k+1:], tag)
+			if end < 0 {
+				end = len(b) - k - 1
+			}
+			for m := k + 1; m < k+1+end; m++ {
+				b[m] = ' '
+			}
+			i = min(k+1+end+len(tag), len(b))
+		default:
+			i++
+		}
+	}
+	return string(b)
 }
 
 // settingCall says whether the lower-case q calls f (set_config,
@@ -148,28 +283,6 @@ func settingCall(q, f string) bool {
 			return true // 'lock' || '_timeout', '...'::text, a doubled quote
 		}
 	}
-}
-
-// blankStrings blanks the contents of '...' literals in q (a doubled
-// quote stays inside), for word checks that should not match words in
-// data. Not used on a text with a backslash, whose literals read
-// differently under standard_conforming_strings off.
-func blankStrings(q string) string {
-	if strings.IndexByte(q, '\'') < 0 {
-		return q
-	}
-	b := []byte(q)
-	in := false
-	for i := 0; i < len(b); i++ {
-		if b[i] == '\'' {
-			in = !in // a doubled quote closes and opens again
-			continue
-		}
-		if in {
-			b[i] = ' '
-		}
-	}
-	return string(b)
 }
 
 // doBlock says whether the lower-case q holds a DO statement: the word do
@@ -360,6 +473,9 @@ func (t *tx) Commit() error {
 		// unbounded (decide, runAttempt).
 		_ = t.rollback()
 		t.c.tx = nil
+		if h == errBoundTouched {
+			a.rare.commitRefused = true
+		}
 		a.ended.Store(endRolledBack)
 		return &poisonedError{cause: h}
 	}
@@ -672,6 +788,12 @@ type attemptRare struct {
 	boundMS  int64
 	boundPre string
 	touched  bool
+	// sticky: a statement may have left session state no rollback undoes
+	// (sessionSticky): no run again for a touched bound.
+	sticky bool
+	// commitRefused: the closure's own Commit was refused for a touched
+	// bound (tx.Commit): the attempt runs again, as after a return.
+	commitRefused bool
 }
 
 // ownHit is the first 55P03 (40P01 with short deadlock checks) the
@@ -701,7 +823,7 @@ var errBoundTouched = errors.New("sqlretry: the closure may have read or set the
 // value, for the transaction or the session, and restored the session's
 // value; each hostile round found spellings those checks misread.
 func (a *txAttempt) touchedRedo() bool {
-	return a.rare != nil && a.rare.touched && !a.escaped && !nestedCommitSince(a.seq)
+	return a.rare != nil && a.rare.touched && !a.rare.sticky && !a.escaped && !nestedCommitSince(a.seq)
 }
 
 // redo is why the attempt must not commit and is run again (decide,
@@ -1190,7 +1312,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 	// or set the bound's setting (touchedRedo): whatever it returned, the
 	// attempt was rolled back (tx.Commit, runTxOnce).
 	touched := false
-	if att.bounded && ctx.Err() == nil && att.byClosure != endCommitted && att.touchedRedo() {
+	if att.bounded && ctx.Err() == nil && (att.byClosure == 0 || att.rare != nil && att.rare.commitRefused) && att.touchedRedo() {
 		touched = true
 		for range 2 {
 			att = &txAttempt{Context: ctx}
