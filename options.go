@@ -60,6 +60,8 @@ type config struct {
 	contentionQueue   bool
 	shortLockWait     bool // WithShortLockWait
 	shortDeadlock     bool // WithShortDeadlockCheck
+	replaySpread      bool // WithReplaySpread ...
+	replaySpreadSet   bool // ... given: otherwise on for MySQL/MariaDB only
 
 	shadow bool // WithShadow
 
@@ -81,6 +83,7 @@ func defaultConfig() config {
 		contentionControl: true,
 		shortLockWait:     false, // server-side handlers may catch its lock timeout: WithShortLockWait
 		shortDeadlock:     true,  // only when the role may set deadlock_timeout: WithShortDeadlockCheck
+		replaySpread:      true,
 	}
 }
 
@@ -106,6 +109,25 @@ func (c *config) apply(opts []Option) error {
 func WithContentionControl(on bool) Option {
 	return func(c *config) error {
 		c.contentionControl = on
+		return nil
+	}
+}
+
+// WithReplaySpread turns the replay spread of RunInTx on or off. By
+// default it is on for MySQL and MariaDB, where InnoDB finds deadlocks at
+// once and contention control seldom engages, and off for PostgreSQL,
+// where contention control and short deadlock checks handle hot spots and
+// the spread measured from 0.65 to 2.1 times their rate. A replay after a conflict (a serialization failure, a deadlock, a
+// lock-wait timeout) waits the backoff's delay, or a random delay up to a
+// spread that grows with the db's recent share of attempts that conflicted
+// and with how long the attempt took, when that is longer: on a hot spot
+// the replays then spread out instead of colliding again, which also works
+// across replicas of an application (each sees the same share of
+// conflicts). The delay never takes more than a quarter of the time left
+// to the caller's deadline. See the README.
+func WithReplaySpread(on bool) Option {
+	return func(c *config) error {
+		c.replaySpread, c.replaySpreadSet = on, true
 		return nil
 	}
 }

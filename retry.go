@@ -19,6 +19,7 @@ type retrier struct {
 	dialect    Dialect
 	clock      Clock
 	rnd        func() float64
+	spread     *atomic.Int64 // ns: the replay spread (tx.go: spreadOn), shared by per-call copies
 	breaker    *breaker
 	budget     *retryBudget
 	dials      *dialLimiter
@@ -78,7 +79,7 @@ type resolveState struct {
 
 func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 	r := &retrier{cfg: cfg, dialect: dialect, clock: cfg.clock, rnd: cfg.rnd, obs: cfg.observer, inner: inner,
-		counters: &counters{}, resolution: &resolveState{}, shortWait: newShortWait(cfg, dialect)}
+		counters: &counters{}, resolution: &resolveState{}, shortWait: newShortWait(cfg, dialect), spread: new(atomic.Int64)}
 	if cfg.contentionControl && inner != nil {
 		r.txLimit = &txLimiter{clock: cfg.clock}
 	}

@@ -112,10 +112,15 @@ var (
 	SqlretryNoResolution = Strategy{Name: "sqlretry-no-resolution", Wrapped: true, Run: workload.RunInTx,
 		Options: []sqlretry.Option{sqlretry.WithCommitResolution(false)}}
 
+	// SqlretryNoSpread is sqlretry without the replay spread
+	// (WithReplaySpread(false); on by default), to measure it.
+	SqlretryNoSpread = Strategy{Name: "sqlretry-no-spread", Wrapped: true, Run: workload.RunInTx,
+		Options: []sqlretry.Option{sqlretry.WithReplaySpread(false)}}
+
 	// Strategies are the strategies the chaos benchmark runs by default.
 	Strategies = []Strategy{Plain, Immediate, Backoff, Sqlretry}
 	// Extra are strategies to run by name only.
-	Extra = []Strategy{SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait, SqlretryShortWait, SqlretryNoShortDeadlock, SqlretryNoResolution}
+	Extra = []Strategy{SqlretryNoSpread, SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait, SqlretryShortWait, SqlretryNoShortDeadlock, SqlretryNoResolution}
 )
 
 // Scenario is a workload and the faults injected while it runs.

@@ -1,0 +1,113 @@
+package sqlretry
+
+import (
+	"context"
+	"database/sql"
+	"testing"
+	"time"
+)
+
+// spreadRun runs n calls on a fake PostgreSQL whose UPDATE takes 10 ms
+// (the fake clock) and fails to serialize at every call's first attempt,
+// and returns the delays slept before the replays.
+func spreadRun(t *testing.T, n int, ctx context.Context, opts ...Option) []time.Duration {
+	return spreadRunErr(t, n, ctx, errSerialize, opts...)
+}
+
+func spreadRunErr(t *testing.T, n int, ctx context.Context, conflict error, opts ...Option) []time.Duration {
+	t.Helper()
+	srv := newFakeServer()
+	db, clock := testDB(t, srv, append([]Option{WithContentionControl(false)}, opts...)...)
+	slow := func(ctx context.Context, tx *sql.Tx) error {
+		clock.Advance(10 * time.Millisecond) // the attempt's work
+		return updateTx(ctx, tx)
+	}
+	for range n {
+		srv.script("UPDATE", step{err: conflict})
+		if err := RunInTx(ctx, db, nil, slow); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return clock.Sleeps()
+}
+
+// With half the attempts conflicting, replays wait up to the spread (what
+// an attempt took times 300·p/(1-p), at most the backoff's Max), not the
+// backoff's 5 ms: on a hot spot they then stop colliding again. Without
+// it (WithReplaySpread(false)) every delay is the backoff's.
+func TestReplaySpreadGrowsWithConflicts(t *testing.T) {
+	on := spreadRun(t, 200, context.Background(), WithReplaySpread(true))
+	off := spreadRun(t, 200, context.Background(), WithReplaySpread(false))
+	def := spreadRun(t, 200, context.Background()) // PostgreSQL: off by default
+	for _, d := range def {
+		if d > 5*time.Millisecond {
+			t.Fatalf("a delay of %v on PostgreSQL by default: the spread is on only for MySQL unless asked", d)
+		}
+	}
+	var longOn, longOff int
+	for _, d := range on[len(on)-100:] {
+		if d > 50*time.Millisecond {
+			longOn++
+		}
+		if d > time.Second {
+			t.Fatalf("a delay of %v, over the backoff's Max", d)
+		}
+	}
+	for _, d := range off {
+		if d > 5*time.Millisecond {
+			longOff++
+		}
+	}
+	if longOn < 50 || longOff != 0 {
+		t.Fatalf("delays over 50 ms with the spread: %d of the last 100 (want most); over 5 ms without: %d (want 0)", longOn, longOff)
+	}
+}
+
+// The spread never takes more than a quarter of the time left to the
+// caller's deadline.
+func TestReplaySpreadWithinTheDeadline(t *testing.T) {
+	ctx := context.Background()
+	srv := newFakeServer()
+	db, clock := testDB(t, srv, WithContentionControl(false), WithReplaySpread(true))
+	slow := func(ctx context.Context, tx *sql.Tx) error {
+		clock.Advance(10 * time.Millisecond)
+		return updateTx(ctx, tx)
+	}
+	for range 200 { // the share of conflicts grows
+		srv.script("UPDATE", step{err: errSerialize})
+		if err := RunInTx(ctx, db, nil, slow); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 20 {
+		before := len(clock.Sleeps())
+		// A deadline 200 ms after the fake clock's now (ahead of the real
+		// time, which the context's own expiry follows).
+		short, cancel := context.WithDeadline(ctx, clock.Now().Add(200*time.Millisecond))
+		srv.script("UPDATE", step{err: errSerialize})
+		err := RunInTx(short, db, nil, slow)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range clock.Sleeps()[before:] {
+			if d > 48*time.Millisecond { // a quarter of what is left after the 10 ms attempt
+				t.Fatalf("a delay of %v with 190 ms left", d)
+			}
+		}
+	}
+}
+
+// On MySQL and MariaDB the spread is on by default (a deadlock, 1213).
+func TestReplaySpreadOnByDefaultForMySQL(t *testing.T) {
+	sleeps := spreadRunErr(t, 200, context.Background(), errCertification, WithDialect(DialectMySQL), WithCommitResolution(false))
+	long := 0
+	for _, d := range sleeps[len(sleeps)-100:] {
+		if d > 50*time.Millisecond {
+			long++
+		}
+	}
+	if long < 50 {
+		t.Fatalf("delays over 50 ms on MySQL by default: %d of the last 100, want most", long)
+	}
+}
