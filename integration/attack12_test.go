@@ -61,6 +61,7 @@ func (tr *a12Tracer) seen() []string {
 // a12Open opens a sqlretry db on d with a tracer, conns connections.
 func a12Open(t *testing.T, d string, conns int, tr *a12Tracer, opts ...sqlretry.Option) *sql.DB {
 	t.Helper()
+	ensureProbe(t, d)
 	cfg, err := pgx.ParseConfig(d)
 	if err != nil {
 		t.Fatal(err)

@@ -6,7 +6,6 @@ package integration
 import (
 	"context"
 	"database/sql"
-	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -21,6 +20,7 @@ import (
 // appended), one connection unless conns says otherwise.
 func a5Open(t *testing.T, d string, conns int, opts ...sqlretry.Option) *sql.DB {
 	t.Helper()
+	ensureProbe(t, d)
 	cfg, err := pgx.ParseConfig(d)
 	if err != nil {
 		t.Fatal(err)
@@ -56,13 +56,26 @@ func a5WithParam(d, kv string) string {
 // a5FakeConflict makes the server raise SQLSTATE code in the transaction
 // (what a real serialization failure or deadlock looks like on the wire).
 func a5FakeConflict(ctx context.Context, tx *sql.Tx, code string) error {
-	_, err := tx.ExecContext(ctx, fmt.Sprintf(`DO $$BEGIN RAISE EXCEPTION 'attack5 fake conflict' USING ERRCODE = '%s'; END$$`, code))
+	_, err := tx.ExecContext(ctx, `DO $$BEGIN RAISE EXCEPTION 'attack5 fake conflict' USING ERRCODE = '`+code+`'; END$$`)
+	return err
+}
+
+// a5FakeConflictFn is a5FakeConflict through a function (probe_test.go;
+// the db opened with a5Open), not a DO block: a DO block is a touch of
+// the bound's setting, after which sqlretry runs the attempt again
+// unbounded and the later replays too (touchedRedo), where a test looks
+// at the bounds of several replays.
+func a5FakeConflictFn(ctx context.Context, tx *sql.Tx, code string) error {
+	_, err := tx.ExecContext(ctx, "SELECT public."+probeRaise+"($1::text)", code)
 	return err
 }
 
 func a5Setting(ctx context.Context, q interface {
 	QueryRowContext(context.Context, string, ...any) *sql.Row
 }, name string) (string, error) {
+	if tx, ok := q.(*sql.Tx); ok {
+		return probeSetting(ctx, tx, name) // in a closure: not a touch (probe_test.go)
+	}
 	var s string
 	err := q.QueryRowContext(ctx, "SELECT current_setting('"+name+"')").Scan(&s)
 	return s, err
@@ -82,7 +95,7 @@ func a5ReplaySeen(t *testing.T, ctx context.Context, db *sql.DB, opts ...sqlretr
 		}
 		seen = append(seen, s)
 		if k == 1 {
-			return a5FakeConflict(ctx, tx, "40001")
+			return a5FakeConflictFn(ctx, tx, "40001")
 		}
 		return nil
 	}, opts...)

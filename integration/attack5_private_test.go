@@ -107,7 +107,7 @@ func TestAttack5PrivateServer(t *testing.T) {
 			if n.Add(1) == 1 {
 				return a5FakeConflict(ctx, tx, "40001")
 			}
-			return tx.QueryRowContext(ctx, "SELECT pg_catalog.current_setting('lock_timeout')").Scan(&seen)
+			return tx.QueryRowContext(ctx, probeQuery("lock_timeout")).Scan(&seen)
 		})
 		if err != nil {
 			t.Fatal(err)

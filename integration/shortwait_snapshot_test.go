@@ -34,7 +34,7 @@ func TestShortLockWaitStatementsTakeNoSnapshot(t *testing.T) {
 	tr := &a12Tracer{}
 	db := a12Open(t, d, 1, tr, swOn...)
 	ctx := a12Ctx(t, 10*time.Second)
-	const marker = "SHOW lock_timeout /* the closure's */"
+	marker := probeQuery("lock_timeout") + " /* the closure's */"
 	for call := 1; call <= 2; call++ {
 		before := len(tr.seen())
 		var lt string
@@ -302,7 +302,7 @@ func TestShortLockWaitSetTransactionFirstKeepsTheBound(t *testing.T) {
 			if err := tx.QueryRowContext(ctx, "SHOW transaction_isolation").Scan(&iso); err != nil {
 				return err
 			}
-			return tx.QueryRowContext(ctx, "SHOW lock_timeout").Scan(&lt)
+			return tx.QueryRowContext(ctx, probeQuery("lock_timeout")).Scan(&lt)
 		})
 		t.Logf("err %v runs %d isolation %s lock_timeout %s", err, runs, iso, lt)
 		if err != nil || runs != 2 || iso != "serializable" || lt != "20ms" {
@@ -335,7 +335,7 @@ func TestShortLockWaitSetTransactionFirstKeepsTheBound(t *testing.T) {
 			if err := tx.QueryRowContext(ctx, "SELECT count(*) FROM "+tbl).Scan(&seen); err != nil {
 				return err
 			}
-			return tx.QueryRowContext(ctx, "SHOW lock_timeout").Scan(&lt)
+			return tx.QueryRowContext(ctx, probeQuery("lock_timeout")).Scan(&lt)
 		})
 		t.Logf("err %v runs %d rows seen %d lock_timeout %s", err, runs, seen, lt)
 		if err != nil || runs != 2 || seen != 0 || lt != "20ms" {
