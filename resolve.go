@@ -863,10 +863,8 @@ func isConfigNumber(n uint16) bool {
 	switch n {
 	case 1142, 1143, 1044, 1045, 1046, 1049, 1146, 1227:
 		return true
-	case 1054, 1048, 1364, 1366, 1406: // a table of another shape under the marker's name
-		return true
 	}
-	return false
+	return markerShapeNumber(n) // a table of another shape under the marker's name
 }
 
 // sessionLockRefused says whether a MySQL error number refuses the marker's

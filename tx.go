@@ -72,13 +72,14 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 	if t.c.escapesTx(query) {
 		t.escape(query)
 	}
-	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && !isShortWaitQuery(query) {
-		if !a.rare.touched && mayTouchSetting(query, a.boundSetting()) {
+	if a := t.attempt; a != nil && a.rare != nil && a.rare.boundMS > 0 && (!a.rare.touched || !a.rare.sticky) && !isShortWaitQuery(query) {
+		st := readSettingText(query) // once for both checks
+		if !a.rare.touched && st.touches(a.boundSetting()) {
 			// The closure may have read or set the setting: the attempt
 			// is not committed, it runs again unbounded (touchedRedo).
 			a.rare.touched = true
 		}
-		if !a.rare.sticky && sessionSticky(query) {
+		if !a.rare.sticky && st.sticky() {
 			a.rare.sticky = true
 		}
 	}
@@ -115,14 +116,26 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 // otherwise). A function, view, trigger, column default, check constraint
 // or policy of the user's own that reads or sets it from a plain
 // statement cannot be seen.
-func mayTouchSetting(query, name string) bool {
+func mayTouchSetting(query, name string) bool { return readSettingText(query).touches(name) }
+
+// settingText is a statement as the setting checks read it: lower case,
+// and its code alone (sqlCode), made once per statement for both checks.
+type settingText struct{ lower, code string }
+
+func readSettingText(query string) settingText {
 	q := strings.ToLower(query)
+	return settingText{lower: q, code: sqlCode(q)}
+}
+
+// touches is mayTouchSetting.
+func (st settingText) touches(name string) bool {
+	q := st.lower
 	if strings.Contains(q, name) || strings.Contains(q, "u&") || strings.Contains(q, "pg_settings") ||
 		strings.Contains(q, "show_all_settings") || strings.Contains(q, "_to_xml") ||
 		settingCall(q, "set_config") || settingCall(q, "current_setting") {
 		return true
 	}
-	if touchWords(sqlCode(q)) {
+	if touchWords(st.code) {
 		return true
 	}
 	return strings.IndexByte(q, '\\') >= 0 && touchWords(q)
@@ -160,8 +173,11 @@ func showAll(w string) bool {
 // for a touched bound (touchedRedo): the run again would PREPARE twice
 // (42P05), EXECUTE what the first run deallocated (26000), or take the
 // lock twice (attack22).
-func sessionSticky(query string) bool {
-	q := sqlCode(strings.ToLower(query))
+func sessionSticky(query string) bool { return readSettingText(query).sticky() }
+
+// sticky is sessionSticky.
+func (st settingText) sticky() bool {
+	q := st.code
 	return hasWord(q, "prepare") || hasWord(q, "deallocate") || hasWord(q, "discard") ||
 		strings.Contains(q, "_advisory_lock") || strings.Contains(q, "dblink")
 }
