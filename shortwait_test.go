@@ -1177,7 +1177,9 @@ func TestMayTouchSettingAttack21(t *testing.T) {
 		"SELECT current_setting('it''s')":                                            true,
 		`SELECT U&"current\005fsetting"(U&'deadlock\005ftimeout')`:                   true,
 		"SELECT query_to_xml('select current' || '_setting(''x'')', true, true, '')": true,
-		"INSERT INTO log (msg, p) VALUES ('call me', 'C:\\')":                        true, // a backslash: literals read as code too
+		// A backslash: read also as standard_conforming_strings off reads it.
+		"INSERT INTO log (msg, p) VALUES ('call me', 'C:\\')":        false, // off: unterminated, the server runs nothing
+		"INSERT INTO log (msg, p) VALUES ('C:\\', ' call p(); -- ')": true,  // off: '...\', ' is one literal, then CALL
 		"SHOW ALL": true,
 	} {
 		if got := mayTouchSetting(q, "deadlock_timeout"); got != want {
@@ -1186,7 +1188,7 @@ func TestMayTouchSettingAttack21(t *testing.T) {
 	}
 }
 
-// attack22: words in string data and comments are not code (sqlCode); SHOW
+// attack22: words in string data and comments are not code (sqltext.PostgresCode); SHOW
 // of another setting is not a touch; table_to_xml is; a DO block after a
 // comment is.
 func TestMayTouchSettingAttack22(t *testing.T) {

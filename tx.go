@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/sqlretry/sqlretry/internal/sqltext"
 )
 
 var _ driver.Tx = (*tx)(nil)
@@ -108,23 +110,29 @@ func (t *tx) done(ctx context.Context, err error, query string, isQuery bool) {
 // first argument is a plain string of another setting's name (the
 // row-level security idiom set_config('app.tenant', $1, true), run in
 // every transaction, was taken for a touch: attack21); and, outside
-// comments and string data (sqlCode), SHOW ALL, and CALL, DO and EXECUTE
-// as words, whatever follows them (attack17: "CALL\n p()" and EXECUTE
-// were missed). SHOW of another setting is not a touch (attack22: SHOW
-// TimeZone ran closures twice). A text with a backslash is read also as
-// it is, its literals as code (standard_conforming_strings off reads them
-// otherwise). A function, view, trigger, column default, check constraint
+// comments and string data (sqltext.PostgresCode, in each reading:
+// with a backslash in the text, standard_conforming_strings on and off),
+// SHOW ALL, and CALL, DO and EXECUTE as words, whatever follows them
+// (attack17: "CALL\n p()" and EXECUTE were missed). SHOW of another
+// setting is not a touch (attack22: SHOW TimeZone ran closures twice). A function, view, trigger, column default, check constraint
 // or policy of the user's own that reads or sets it from a plain
 // statement cannot be seen.
 func mayTouchSetting(query, name string) bool { return readSettingText(query).touches(name) }
 
 // settingText is a statement as the setting checks read it: lower case,
-// and its code alone (sqlCode), made once per statement for both checks.
-type settingText struct{ lower, code string }
+// and its code (sqltext.PostgresCode: comments left out, string data
+// blanked) in each reading PostgreSQL may give it, made once per
+// statement for both checks.
+type settingText struct {
+	lower string
+	code  [2]string
+	n     int
+}
 
 func readSettingText(query string) settingText {
-	q := strings.ToLower(query)
-	return settingText{lower: q, code: sqlCode(q)}
+	st := settingText{lower: strings.ToLower(query)}
+	st.code, st.n = sqltext.PostgresCode(query)
+	return st
 }
 
 // touches is mayTouchSetting.
@@ -135,10 +143,12 @@ func (st settingText) touches(name string) bool {
 		settingCall(q, "set_config") || settingCall(q, "current_setting") {
 		return true
 	}
-	if touchWords(st.code) {
-		return true
+	for _, c := range st.code[:st.n] {
+		if touchWords(c) {
+			return true
+		}
 	}
-	return strings.IndexByte(q, '\\') >= 0 && touchWords(q)
+	return false
 }
 
 // touchWords says whether the lower-case code w holds SHOW ALL, a DO
@@ -177,98 +187,13 @@ func sessionSticky(query string) bool { return readSettingText(query).sticky() }
 
 // sticky is sessionSticky.
 func (st settingText) sticky() bool {
-	q := st.code
-	return hasWord(q, "prepare") || hasWord(q, "deallocate") || hasWord(q, "discard") ||
-		strings.Contains(q, "_advisory_lock") || strings.Contains(q, "dblink")
-}
-
-// sqlCode blanks the comments (-- and nested /* */) and the contents of
-// string literals ('...', E'...' with its backslash escapes, $tag$...$tag$)
-// of the lower-case PostgreSQL text q, keeping the quotes and dollar tags,
-// so that word checks see only code (attack22: a word in 'to do', and an
-// apostrophe in a comment that hid a CALL). Quoted names stay. A literal
-// with a backslash is read as standard_conforming_strings on reads it.
-func sqlCode(q string) string {
-	if !strings.ContainsAny(q, "'$-/") {
-		return q
-	}
-	b := []byte(q)
-	for i := 0; i < len(b); {
-		c := b[i]
-		switch {
-		case c == '-' && i+1 < len(b) && b[i+1] == '-':
-			for ; i < len(b) && b[i] != '\n'; i++ {
-				b[i] = ' '
-			}
-		case c == '/' && i+1 < len(b) && b[i+1] == '*':
-			for depth := 0; i < len(b); {
-				switch {
-				case b[i] == '/' && i+1 < len(b) && b[i+1] == '*':
-					depth++
-					b[i], b[i+1] = ' ', ' '
-					i += 2
-				case b[i] == '*' && i+1 < len(b) && b[i+1] == '/':
-					depth--
-					b[i], b[i+1] = ' ', ' '
-					i += 2
-				default:
-					b[i] = ' '
-					i++
-				}
-				if depth == 0 {
-					break
-				}
-			}
-		case c == '\'':
-			esc := i > 0 && b[i-1] == 'e' && (i == 1 || !identByte(b[i-2]))
-			j := i + 1
-			for j < len(b) {
-				if esc && b[j] == '\\' && j+1 < len(b) {
-					b[j], b[j+1] = ' ', ' '
-					j += 2
-					continue
-				}
-				if b[j] == '\'' {
-					if j+1 < len(b) && b[j+1] == '\'' {
-						b[j], b[j+1] = ' ', ' '
-						j += 2
-						continue
-					}
-					break
-				}
-				b[j] = ' '
-				j++
-			}
-			i = j + 1
-		case c == '"':
-			j := strings.IndexByte(q[i+1:], '"')
-			if j < 0 {
-				return string(b)
-			}
-			i += j + 2
-		case c == '$' && (i == 0 || !identByte(b[i-1])):
-			k := i + 1
-			for k < len(b) && (b[k] == '_' || b[k] >= 'a' && b[k] <= 'z' || b[k] >= 0x80 || k > i+1 && b[k] >= '0' && b[k] <= '9') {
-				k++
-			}
-			if k >= len(b) || b[k] != '$' {
-				i = max(k, i+1) // $1, a parameter
-				continue
-			}
-			tag := q[i : k+1]
-			end := strings.Index(q[k+1:], tag)
-			if end < 0 {
-				end = len(b) - k - 1
-			}
-			for m := k + 1; m < k+1+end; m++ {
-				b[m] = ' '
-			}
-			i = min(k+1+end+len(tag), len(b))
-		default:
-			i++
+	for _, q := range st.code[:st.n] {
+		if hasWord(q, "prepare") || hasWord(q, "deallocate") || hasWord(q, "discard") ||
+			strings.Contains(q, "_advisory_lock") || strings.Contains(q, "dblink") {
+			return true
 		}
 	}
-	return string(b)
+	return false
 }
 
 // settingCall says whether the lower-case q calls f (set_config,

@@ -48,6 +48,7 @@ func (c *a5DelayConn) Write(p []byte) (int, error) {
 // on its way: that is the caller's deadline, not a server refusing the
 // statement; short waits must stay on for the db's later calls.
 func TestAttack5DeadlineOnTheShortWaitStatement(t *testing.T) {
+	ensureProbe(t, atkPG) // a5ReplaySeen reads the bound through it
 	cfg, err := pgx.ParseConfig(atkPG)
 	if err != nil {
 		t.Fatal(err)

@@ -544,3 +544,33 @@ func FuzzReader(f *testing.F) {
 		}
 	})
 }
+
+func TestPostgresCode(t *testing.T) {
+	for _, c := range []struct {
+		q    string
+		want []string
+	}{
+		{"SELECT 1", []string{"select 1"}},
+		{"CALL p() -- it's\n", []string{"call p ( )"}},
+		{"/* it's /* nested */ still */ SELECT 'to do', $x$ call $x$, E'a\\'b' FROM \"Call\"", []string{
+			`select '' , '' , '' from "Call"`,
+			`select '' , '' , '' from "Call"`}},
+		{`INSERT INTO t VALUES ('\', 'saved; end')`, []string{
+			"insert into t values ( '' , '' )",          // standard_conforming_strings on
+			"insert into t values ( '' saved ; end ?"}}, // off: '\', ' is one literal
+		{"DO $$BEGIN NULL; END$$", []string{"do ''"}},
+		{"SELECT U&\"a\" FROM t", []string{"select ? from t"}},
+		{"SELECT 'unterminated", []string{"select ?"}},
+	} {
+		got, n := PostgresCode(c.q)
+		if n != len(c.want) {
+			t.Errorf("PostgresCode(%q): %d readings %q, want %d", c.q, n, got[:n], len(c.want))
+			continue
+		}
+		for i := range n {
+			if got[i] != c.want[i] {
+				t.Errorf("PostgresCode(%q) reading %d = %q, want %q", c.q, i, got[i], c.want[i])
+			}
+		}
+	}
+}
