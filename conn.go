@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"reflect"
+	"strings"
 	"sync/atomic"
 
 	"github.com/sqlretry/sqlretry/internal/sqltext"
@@ -106,6 +107,13 @@ type conn struct {
 	serverStart int64       // PostgreSQL server start time, µs, asked with serverID
 	mysqlServer mysqlServer // the MySQL server the session runs on, asked with serverID (resolve.go)
 	noMarker    bool        // MySQL: the session may not write the commit marker a new one may (markerRefused)
+	// boundRefusedAt: when this session was refused the short-wait bound's
+	// SET (42501) on a db whose bound other sessions did set: a role of
+	// the session's own (SET ROLE) may not set it. Its replays run
+	// unbounded until a statement on it may change its role back
+	// (noteRole), or shortWaitRelearn has passed (unix ns, the db's clock;
+	// 0: none). Read and written only by the connection's user.
+	boundRefusedAt int64
 
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.
@@ -298,6 +306,9 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 }
 
 func (c *conn) execContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if c.boundRefusedAt != 0 {
+		c.noteRole(query)
+	}
 	if c.shadowTx {
 		return c.execInner(ctx, query, args)
 	}
@@ -348,6 +359,9 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 }
 
 func (c *conn) queryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.boundRefusedAt != 0 {
+		c.noteRole(query)
+	}
 	if c.shadowTx {
 		return c.queryInner(ctx, query, args)
 	}
@@ -528,9 +542,43 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 	if a, ok := ctx.Value(keyAttempt).(*txAttempt); ok {
 		c.txBuf.attempt = a
 		a.tracked = true
+		if a.rare != nil { // an attempt that may get a bound (runTxOnce)
+			a.rare.conn = c
+		}
 	}
 	c.tx = &c.txBuf
 	return c.tx, nil
+}
+
+// noteRole forgets the session's refusal of the short-wait bound
+// (boundRefusedAt) at a statement that may change its role: "role" with
+// "set" (SET ROLE, RESET ROLE, set_config('role', ...), a function
+// reset_role()), "authorization" (SET SESSION AUTHORIZATION), RESET ALL,
+// DISCARD. A false match costs one more refused attempt (attack23: a
+// SELECT of a column named role, 'reset password' in data, the tenant
+// idiom set_config('app.tenant', ...) had each replay refused); a change
+// back it does not see (a function of another name, a trigger) leaves the
+// session's replays unbounded, as the plain driver runs them, for up to
+// shortWaitRelearn.
+func (c *conn) noteRole(query string) {
+	q := strings.ToLower(query)
+	if strings.Contains(q, "role") && strings.Contains(q, "set") || strings.Contains(q, "authorization") ||
+		strings.Contains(q, "reset") && strings.Contains(q, "all") || strings.Contains(q, "discard") {
+		c.boundRefusedAt = 0
+	}
+}
+
+// boundRefused says whether the session was refused the short-wait bound
+// within shortWaitRelearn (boundRefusedAt).
+func (c *conn) boundRefused(clock Clock) bool {
+	if c.boundRefusedAt == 0 {
+		return false
+	}
+	if clock.Now().UnixNano()-c.boundRefusedAt < int64(shortWaitRelearn) {
+		return true
+	}
+	c.boundRefusedAt = 0
+	return false
 }
 
 // beginWithoutContext is database/sql's ctxDriverBegin for old drivers.

@@ -195,8 +195,11 @@ func WithShortLockWait(on bool) Option {
 // attempt is replayed with the server's deadlock_timeout. Only a role that
 // may set deadlock_timeout gets them (a superuser, or GRANT SET ON
 // PARAMETER deadlock_timeout, PostgreSQL 15 and later); for any other
-// role the first such attempt is refused (42501), runs again at once
-// without it, and the db stops asking. WithShortLockWait(true) takes
+// role such an attempt is refused (42501) and runs again at once without
+// it; the refusing session stops asking until its role may have changed
+// back (a session's own SET ROLE) or a minute passes, and four refusals
+// in a row pause the db's checks for a minute, doubling up to an hour.
+// WithShortLockWait(true) takes
 // their place. It does nothing on MySQL. Given to one RunInTx call on a
 // db opened with them, false turns them off for that call. See the
 // README.

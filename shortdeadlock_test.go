@@ -360,3 +360,119 @@ func TestShortDeadlockCheckTopBoundStepsDown(t *testing.T) {
 		}
 	}
 }
+
+// A role of the session's own (SET ROLE for a report, RESET ROLE after)
+// that may not set deadlock_timeout, on a db whose login role may and
+// did: the refusal is that connection's, not the db's (attack22). The
+// connection's replays run unbounded until a statement on it may change
+// its role back (RESET ROLE), or a minute has passed; the db's other
+// connections, and that one after RESET ROLE, keep their bounds.
+func TestShortDeadlockCheckSessionRoleRefusalIsTheConnections(t *testing.T) {
+	w := &deadlockChecks{deadlockMS: 1000}
+	srv, db := deadlockCheckDB(t, w)
+	db.SetMaxOpenConns(1)
+	replay := func() int {
+		t.Helper()
+		srv.script("UPDATE", step{err: errDeadlock})
+		runs := 0
+		if err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			runs++
+			return updateTx(ctx, tx)
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return runs
+	}
+	if runs := replay(); runs != 2 || len(w.got()) != 1 {
+		t.Fatalf("before: runs %d, bounds %v; want 2 runs, one bound", runs, w.got())
+	}
+	// The session's SET ROLE: its next bound is refused.
+	srv.script(shortDeadlockSetPrefix, step{err: &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}})
+	if _, err := db.Exec("SET ROLE reporting"); err != nil {
+		t.Fatal(err)
+	}
+	if runs := replay(); runs != 2 {
+		t.Fatalf("refused: closure ran %d times, want 2 (the refused attempt never ran it)", runs)
+	}
+	if runs := replay(); runs != 2 || len(w.got()) != 1 {
+		t.Fatalf("under the role: runs %d, bounds %v; want no bound asked on the connection that refused", runs, w.got())
+	}
+	if _, err := db.Exec("RESET ROLE"); err != nil {
+		t.Fatal(err)
+	}
+	if runs := replay(); runs != 2 || len(w.got()) < 2 {
+		t.Fatalf("after RESET ROLE: runs %d, bounds %v; want the bound again (the db did not turn them off)", runs, w.got())
+	}
+}
+
+// attack23: two sessions under a role of their own refused before the
+// db ever set a bound do not turn the checks off for the db: after RESET
+// ROLE the bound is set again at once.
+func TestShortDeadlockCheckRefusalsBeforeAnyBoundStayTheSessions(t *testing.T) {
+	w := &deadlockChecks{deadlockMS: 1000}
+	srv, db := deadlockCheckDB(t, w)
+	db.SetMaxOpenConns(1)
+	for range 2 {
+		srv.script(shortDeadlockSetPrefix, step{err: &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}})
+		srv.script("UPDATE", step{err: errDeadlock})
+		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := db.Exec("RESET ROLE"); err != nil { // the session's mark goes
+			t.Fatal(err)
+		}
+	}
+	srv.script("UPDATE", step{err: errDeadlock})
+	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.got(); len(got) == 0 {
+		t.Fatalf("no bound after two sessions' refusals and RESET ROLE: the db turned the checks off")
+	}
+}
+
+// A role that may never set it (or whose grant was revoked while the db
+// runs): after a few refusals in a row, with no bound set between them,
+// the db stops asking for a minute, then twice as long each time, up to
+// an hour; it asks again after that (attack23: a revoked grant was asked
+// at nearly every replay, on every new session).
+func TestShortDeadlockCheckRepeatedRefusalsPauseTheDb(t *testing.T) {
+	w := &deadlockChecks{deadlockMS: 1000}
+	srv := newFakeServer()
+	srv.pgAborts = true
+	w.install(srv)
+	db, clock := testDB(t, srv)
+	db.SetMaxOpenConns(1)
+	sets := func() int {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.shows
+	}
+	replay := func() {
+		t.Helper()
+		srv.script("UPDATE", step{err: errDeadlock})
+		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	replay() // a bound set: the grant was there
+	for range 40 {
+		srv.script(shortDeadlockSetPrefix, step{err: &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}})
+	}
+	before := sets()
+	for range 10 {
+		if _, err := db.Exec("RESET ROLE"); err != nil { // as a closure's tenant idiom did
+			t.Fatal(err)
+		}
+		replay()
+	}
+	if asked := sets() - before; asked > 4 {
+		t.Fatalf("asked %d times in 10 replays after the grant went; want the db to stop after a few", asked)
+	}
+	before = sets()
+	clock.Advance(61 * time.Second)
+	replay()
+	if sets() == before {
+		t.Fatalf("not asked again after the pause")
+	}
+}

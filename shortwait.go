@@ -45,6 +45,13 @@ type shortWait struct {
 	// (unix ns, the db's clock).
 	deadlockRead atomic.Int64
 	off          atomic.Bool // the server refused the statement (an engine without lock_timeout): off for good
+	// refusals: the 42501s the bound's SET met in a row, no bound set
+	// between them (roleRefusal); pausedUntil: the db asks for no bound
+	// until then (unix ns, the db's clock; 0: not paused), after
+	// refusalsToPause of them; pauseFor: the next pause.
+	refusals    atomic.Int32
+	pausedUntil atomic.Int64
+	pauseFor    atomic.Int64
 	// deadlockMode: the bound is a deadlock_timeout (WithShortDeadlockCheck,
 	// the default), not a lock_timeout (WithShortLockWait(true)).
 	deadlockMode bool
@@ -401,6 +408,58 @@ func (r *retrier) shortWaitRefused(err error) bool {
 		return true
 	}
 	return false
+}
+
+// roleRefusal takes a refusal of the bound (shortWaitRefused): a 42501
+// (the role may not set the setting) is its session's, whose replays then
+// run unbounded (conn.boundRefusedAt), and the db goes on; after
+// refusalsToPause of them in a row, no bound set between them, the db
+// stops asking for a minute, then twice as long each time, up to an hour.
+// Any other refusal (an engine without the setting) is the db's, for
+// good: false. A session's own SET ROLE to a role that may not (a report
+// run under another role, RESET ROLE after) turned short waits off for the
+// whole db for good (attack22), also when two sessions did so before the
+// db's first bound (attack23); a grant revoked while the db runs had every
+// replay refused (attack23).
+func (s *shortWait) roleRefusal(err error, clock Clock) bool {
+	var sw *shortWaitError
+	if !errors.As(err, &sw) || ErrorCode(sw.err) != "42501" {
+		return false
+	}
+	if s.refusals.Add(1) >= refusalsToPause {
+		s.refusals.Store(0)
+		d := time.Duration(s.pauseFor.Load())
+		if d == 0 {
+			d = shortWaitRelearn
+		}
+		s.pausedUntil.Store(clock.Now().Add(d).UnixNano())
+		s.pauseFor.Store(int64(min(2*d, time.Hour)))
+	}
+	return true
+}
+
+// refusalsToPause: the refusals in a row that pause the db's bounds
+// (roleRefusal).
+const refusalsToPause = 4
+
+// paused says whether the db asks for no bound now (roleRefusal).
+func (s *shortWait) paused(clock Clock) bool {
+	u := s.pausedUntil.Load()
+	if u == 0 {
+		return false
+	}
+	if clock.Now().UnixNano() < u {
+		return true
+	}
+	s.pausedUntil.CompareAndSwap(u, 0)
+	return false
+}
+
+// boundSet notes a bound set: the refusals in a row start again.
+func (s *shortWait) boundSet() {
+	if s.refusals.Load() != 0 {
+		s.refusals.Store(0)
+	}
 }
 
 // staleStatement says whether the bound's statement failed because the

@@ -735,6 +735,9 @@ type attemptRare struct {
 	// commitRefused: the closure's own Commit was refused for a touched
 	// bound (tx.Commit): the attempt runs again, as after a return.
 	commitRefused bool
+	// conn: the connection the attempt's transaction began on, for an
+	// attempt that may get a bound (runTxOnce; conn.boundRefusedAt).
+	conn *conn
 }
 
 // ownHit is the first 55P03 (40P01 with short deadlock checks) the
@@ -1027,7 +1030,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 	for attempt := 1; ; attempt++ {
 		var o txOutcome
 		var lockWait time.Duration
-		if sw != nil && !unbounded && (conflicted || sw.isHot(r.clock)) {
+		if sw != nil && !unbounded && (conflicted || sw.isHot(r.clock)) && !sw.paused(r.clock) {
 			lockWait = sw.bound(bounded)
 			if lockWait == 0 && lim != nil && lim.engaged.Load() {
 				lockWait = sw.top() // shortwait.go
@@ -1251,7 +1254,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 		refused, stale := r.shortWaitRefused(o.err), staleStatement(o.err)
 		mustFirst = !refused && att.byClosure == 0 && !att.escaped && !nestedCommitSince(att.seq) &&
 			att.first != nil && ErrorCode(att.first) == "25001"
-		if refused {
+		if refused && !r.shortWait.roleRefusal(o.err, r.clock) {
 			r.shortWait.off.Store(true)
 		}
 		if refused || mustFirst || stale {
@@ -1418,6 +1421,9 @@ const (
 // BeginTx returned. fn runs with att as its context.
 func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, clock Clock,
 	sw *shortWait, lockWait time.Duration) (began time.Time, phase txPhase, err error) {
+	if lockWait > 0 {
+		att.rareState() // conn.BeginTx links its connection here
+	}
 	sqlTx, err := db.BeginTx(att, txOpts)
 	began = clock.Now()
 	if err != nil {
@@ -1430,7 +1436,7 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 			_ = sqlTx.Rollback() // also when fn panics
 		}
 	}()
-	if lockWait > 0 && att.tracked {
+	if lockWait > 0 && att.tracked && (att.rare.conn == nil || !att.rare.conn.boundRefused(clock)) {
 		att.bounded = true
 		// Before the closure's statements, so that a SET LOCAL of its own
 		// wins; a failure is the attempt's, before its closure ran. Not in
@@ -1438,7 +1444,13 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		// nothing would replay.
 		b, err := sw.set(att, sqlTx, lockWait, clock)
 		if err != nil {
+			if c := att.rare.conn; c != nil && ErrorCode(err) == "42501" {
+				c.boundRefusedAt = clock.Now().UnixNano() // the session's (roleRefusal)
+			}
 			return began, phaseBegin, err
+		}
+		if b.ms > 0 {
+			sw.boundSet()
 		}
 		att.ownBound, att.ownDeadlock = b.ms > 0, sw.deadlockMode
 		if b.ms > 0 {
