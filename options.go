@@ -117,14 +117,17 @@ func WithContentionControl(on bool) Option {
 // default it is on for MySQL and MariaDB, where InnoDB finds deadlocks at
 // once and contention control seldom engages, and off for PostgreSQL,
 // where contention control and short deadlock checks handle hot spots and
-// the spread measured from 0.65 to 2.1 times their rate. A replay after a conflict (a serialization failure, a deadlock, a
+// the spread helped across replicas but hurt one process in most runs. A
+// replay after a conflict (a serialization failure, a deadlock, a
 // lock-wait timeout) waits the backoff's delay, or a random delay up to a
 // spread that grows with the db's recent share of attempts that conflicted
 // and with how long the attempt took, when that is longer: on a hot spot
 // the replays then spread out instead of colliding again, which also works
 // across replicas of an application (each sees the same share of
-// conflicts). The delay never takes more than a quarter of the time left
-// to the caller's deadline. See the README.
+// conflicts). The delay is shorter for a call's later replays, never
+// takes more than a quarter of the time left to the caller's deadline,
+// and never goes past the backoff's MaxElapsed. It costs the callers of
+// one db some evenness: see the README.
 func WithReplaySpread(on bool) Option {
 	return func(c *config) error {
 		c.replaySpread, c.replaySpreadSet = on, true

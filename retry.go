@@ -19,7 +19,7 @@ type retrier struct {
 	dialect    Dialect
 	clock      Clock
 	rnd        func() float64
-	spread     *atomic.Int64 // ns: the replay spread (tx.go: spreadOn), shared by per-call copies
+	spread     *spreadState // the replay spread (tx.go: spreadOn), shared by per-call copies
 	breaker    *breaker
 	budget     *retryBudget
 	dials      *dialLimiter
@@ -79,7 +79,8 @@ type resolveState struct {
 
 func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 	r := &retrier{cfg: cfg, dialect: dialect, clock: cfg.clock, rnd: cfg.rnd, obs: cfg.observer, inner: inner,
-		counters: &counters{}, resolution: &resolveState{}, shortWait: newShortWait(cfg, dialect), spread: new(atomic.Int64)}
+		counters: &counters{}, resolution: &resolveState{}, shortWait: newShortWait(cfg, dialect), spread: &spreadState{}}
+	r.spread.db = r.spreads() // the db's own setting: every call of it counts in p
 	if cfg.contentionControl && inner != nil {
 		r.txLimit = &txLimiter{clock: cfg.clock}
 	}

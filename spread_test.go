@@ -111,3 +111,92 @@ func TestReplaySpreadOnByDefaultForMySQL(t *testing.T) {
 		t.Fatalf("delays over 50 ms on MySQL by default: %d of the last 100, want most", long)
 	}
 }
+
+// spreadPrimed is a db (fake clock, PostgreSQL with the spread asked for)
+// on which 200 calls each conflicted once: half its recent attempts
+// conflicted.
+func spreadPrimed(t *testing.T, opts ...Option) (*fakeServer, *sql.DB, *fakeClock, func(context.Context, *sql.Tx) error) {
+	t.Helper()
+	srv := newFakeServer()
+	db, clock := testDB(t, srv, append([]Option{WithContentionControl(false), WithReplaySpread(true)}, opts...)...)
+	slow := func(ctx context.Context, tx *sql.Tx) error {
+		clock.Advance(10 * time.Millisecond)
+		return updateTx(ctx, tx)
+	}
+	for range 200 {
+		srv.script("UPDATE", step{err: errSerialize})
+		if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return srv, db, clock, slow
+}
+
+// attack24: the spread's waits stay within the backoff's MaxElapsed (a
+// call slept 6-8 s past it).
+func TestReplaySpreadWithinMaxElapsed(t *testing.T) {
+	srv, db, clock, slow := spreadPrimed(t, WithBackoff(Backoff{MaxElapsed: 300 * time.Millisecond, Max: 10 * time.Second}), withRand(0.99))
+	before := len(clock.Sleeps())
+	for range 30 {
+		srv.script("UPDATE", step{err: errSerialize})
+	}
+	start := clock.Now()
+	err := RunInTx(context.Background(), db, nil, slow)
+	if err == nil {
+		t.Fatal("want the conflict back after MaxElapsed")
+	}
+	var slept time.Duration
+	for _, d := range clock.Sleeps()[before:] {
+		slept += d
+	}
+	if took := clock.Now().Sub(start); slept > 300*time.Millisecond || took > 700*time.Millisecond {
+		t.Fatalf("slept %v, the call took %v: past MaxElapsed 300ms", slept, took)
+	}
+}
+
+// attack24: a db with no attempt ending for a while forgets its share of
+// conflicts: a lone conflict after 2 s of quiet waits what it would on a
+// db that never conflicted (its own conflict counts: 10 ms x 300 x
+// (1/64)/(63/64), 48 ms), not the burst's spread (up to 1 s).
+func TestReplaySpreadForgetsAQuietStretch(t *testing.T) {
+	srv, db, clock, slow := spreadPrimed(t, withRand(0.99))
+	clock.Advance(2 * time.Second)
+	before := len(clock.Sleeps())
+	srv.script("UPDATE", step{err: errSerialize})
+	if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+		t.Fatal(err)
+	}
+	if d := clock.Sleeps()[before:]; len(d) != 1 || d[0] > 60*time.Millisecond {
+		t.Fatalf("after 2 s of quiet a lone conflict's replay waited %v", d)
+	}
+}
+
+// attack24: calls that turn the spread off still count in the db's share
+// of conflicts; and the older a call, the shorter its spread (its replays
+// had waited while fresh first attempts went on: unfair).
+func TestReplaySpreadCountsEveryCallAndFavoursOldCalls(t *testing.T) {
+	srv := newFakeServer()
+	db, clock := testDB(t, srv, WithContentionControl(false), WithReplaySpread(true), withRand(0.99))
+	slow := func(ctx context.Context, tx *sql.Tx) error {
+		clock.Advance(10 * time.Millisecond)
+		return updateTx(ctx, tx)
+	}
+	for range 200 {
+		srv.script("UPDATE", step{err: errSerialize})
+		if err := RunInTx(context.Background(), db, nil, slow, WithReplaySpread(false)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := len(clock.Sleeps())
+	srv.script("UPDATE", step{err: errSerialize}, step{err: errSerialize}, step{err: errSerialize})
+	if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+		t.Fatal(err)
+	}
+	d := clock.Sleeps()[before:]
+	if len(d) != 3 || d[0] < 200*time.Millisecond {
+		t.Fatalf("delays %v: the opted-out calls' conflicts are not in the db's share", d)
+	}
+	if !(d[1] < d[0] && d[2] < d[1]) {
+		t.Fatalf("delays %v: an older call's replay should wait less", d)
+	}
+}

@@ -1051,10 +1051,10 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			start = o.began
 		}
 		conflicted = conflicted || o.conflict
-		if r.spreads() {
+		if r.spread.db || r.spreads() {
 			if o.conflict {
 				r.spreadOn(true)
-			} else if o.err == nil && r.spread.Load() != 0 {
+			} else if o.err == nil && r.spread.p.Load() != 0 {
 				r.spreadOn(false)
 			}
 		}
@@ -1136,7 +1136,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 		}
 		d, stop := p.next(ctx, attempt)
 		if stop == "" && o.conflict && r.spreads() {
-			d = r.spreadReplay(ctx, d, since(r.clock, o.began))
+			d = r.spreadReplay(ctx, d, since(r.clock, o.began), attempt, p)
 		}
 		if stop != "" {
 			if !o.ownTimeout || stop == stopMaxAttempts {
@@ -1517,9 +1517,13 @@ func markedNotIdempotent(ctx context.Context) bool {
 // spreadReplay is the delay before a conflict's replay: the backoff's d,
 // or a random one up to the db's spread when that is longer. The spread
 // is what the attempt took times spreadK·p/(1-p), p the db's recent share
-// of attempts that conflicted (spreadOn), at most the backoff's Max, and
-// the delay at most a quarter of the time left to the caller's deadline.
-// On a hot spot the backoff alone (5 ms, doubling per attempt of one
+// of attempts that conflicted (spreadOn), at most the backoff's Max,
+// halved for each earlier attempt of the call (the older a call, the
+// sooner its replay: attack24, callers whose replays waited while fresh
+// first attempts went on got 0.15-0.5 of the others' commits), and the
+// delay at most a quarter of the time left to the caller's deadline and
+// never past the backoff's MaxElapsed (attack24: a call slept 6-8 s past
+// it). On a hot spot the backoff alone (5 ms, doubling per attempt of one
 // call) had the replays collide again: MariaDB, 16 workers on 8 rows
 // (cmd/ceiling), 1.33 attempts per commit and 0.72-0.80 of a hand-written
 // loop's rate that sleeps 500 ms; with the spread 1.09-1.16 attempts per
@@ -1527,18 +1531,22 @@ func markedNotIdempotent(ctx context.Context) bool {
 // application each see the same share of conflicts, so they spread alike
 // (a spread that grew with each replica's own conflicts starved some of
 // them: fairness 0.32-0.62 at 4-8 replicas).
-func (r *retrier) spreadReplay(ctx context.Context, d, took time.Duration) time.Duration {
-	p := float64(r.spread.Load()) / spreadOne
+func (r *retrier) spreadReplay(ctx context.Context, d, took time.Duration, attempt int, pc *pacer) time.Duration {
+	p := float64(r.spread.p.Load()) / spreadOne
 	if p <= 0 || p >= 1 || took <= 0 {
 		return d
 	}
-	sp := min(time.Duration(float64(took)*spreadK*p/(1-p)), r.backoff().Max)
+	sp := min(time.Duration(float64(took)*spreadK*p/(1-p)), r.backoff().Max) >> min(max(attempt-1, 0), 16)
 	if sp <= d {
 		return d
 	}
 	x := time.Duration(r.rnd() * float64(sp))
+	now := r.clock.Now()
 	if dl, ok := ctx.Deadline(); ok {
-		x = min(x, dl.Sub(r.clock.Now())/4)
+		x = min(x, dl.Sub(now)/4)
+	}
+	if pc != nil {
+		x = min(x, pc.b.MaxElapsed-now.Sub(pc.start))
 	}
 	return max(d, x)
 }
@@ -1549,24 +1557,49 @@ func (r *retrier) spreads() bool {
 	return r.cfg.replaySpread && (r.cfg.replaySpreadSet || r.dialect == DialectMySQL)
 }
 
-// spreadOne is p = 1 in r.spread; spreadK scales the spread (300 measured
-// best of 100 and 300 on the MariaDB replicas scenario).
+// spreadOne is p = 1 in spreadState; spreadK scales the spread: 100 (300
+// committed 1.03-1.09x more on MariaDB's replicas scenario in one run,
+// but gave the slowest of 16 callers 0.32-0.53 of the fastest in
+// attack24's hot spots, against 0.49-0.70 with 100 and the loop's 0.75-0.85).
 const (
 	spreadOne = 1 << 20
-	spreadK   = 300
+	spreadK   = 100
 )
 
-// spreadOn moves the db's share of attempts that conflicted: an average
-// over about the last 64 attempts (a commit or a conflict).
+// spreadState is the db's replay spread: p, its share of attempts that
+// conflicted (spreadOne is all of them), an average over about the last
+// 64 attempts, and when an attempt last ended (unix ns, the db's clock).
+// db: the db itself spreads (not only some calls), so every call's
+// attempts count, also those of calls with WithReplaySpread(false)
+// (attack24: a hot path turned off left the rest of the db spreading as
+// if nothing conflicted).
+type spreadState struct {
+	p    atomic.Int64
+	last atomic.Int64
+	db   bool
+}
+
+// spreadQuiet: each such stretch with no attempt of the db ending halves
+// p (attack24: after a burst of deadlocks and 2 s without a transaction,
+// a lone deadlock's replay still waited up to a second).
+const spreadQuiet = 250 * time.Millisecond
+
+// spreadOn moves the db's share of attempts that conflicted (spreadState).
 func (r *retrier) spreadOn(conflict bool) {
+	now := r.clock.Now().UnixNano()
+	var halve int64
+	if last := r.spread.last.Swap(now); last != 0 && now-last > int64(spreadQuiet) {
+		halve = min((now-last)/int64(spreadQuiet), 62)
+	}
 	for {
-		old := r.spread.Load()
+		old := r.spread.p.Load()
+		base := old >> halve
 		var x int64
 		if conflict {
 			x = spreadOne
 		}
-		nw := old + (x-old)/64
-		if nw == old || r.spread.CompareAndSwap(old, nw) {
+		nw := base + (x-base)/64
+		if nw == old || r.spread.p.CompareAndSwap(old, nw) {
 			return
 		}
 	}

@@ -38,7 +38,7 @@ import (
 var (
 	driversFlag    = flag.String("drivers", "pgx,mysql", "engines: pgx (PostgreSQL), mysql (MariaDB)")
 	scenariosFlag  = flag.String("scenarios", "hotspot,kills,restart,latency,replicas,failover", "scenarios to run (failover: PostgreSQL only, on a Patroni cluster; also: hotratio, 8 hot accounts against 100,000)")
-	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control; sqlretry-queue, with WithContentionQueue; sqlretry-shortwait, with WithShortLockWait(true); sqlretry-no-shortdeadlock, with WithShortDeadlockCheck(false); sqlretry-no-resolution, with WithCommitResolution(false); sqlretry-no-spread, with WithReplaySpread(false))")
+	strategiesFlag = flag.String("strategies", "plain,immediate-loop,cenkalti-backoff,sqlretry", "strategies to run (also: sqlretry-no-cc, sqlretry without contention control; sqlretry-queue, with WithContentionQueue; sqlretry-shortwait, with WithShortLockWait(true); sqlretry-no-shortdeadlock, with WithShortDeadlockCheck(false); sqlretry-no-resolution, with WithCommitResolution(false); sqlretry-no-spread, with WithReplaySpread(false); sqlretry-spread, with WithReplaySpread(true))")
 	duration       = flag.Duration("duration", 5*time.Second, "run time per strategy (the restart scenario adds the outage and the breaker's open timeout)")
 	outDir         = flag.String("out", "docs/chaos", "directory for chaos.json, chaos.md and the restart plots")
 	replot         = flag.Bool("replot", false, "only draw the plots and chaos.md again from the chaos.json in -out")

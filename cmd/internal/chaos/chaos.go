@@ -117,10 +117,16 @@ var (
 	SqlretryNoSpread = Strategy{Name: "sqlretry-no-spread", Wrapped: true, Run: workload.RunInTx,
 		Options: []sqlretry.Option{sqlretry.WithReplaySpread(false)}}
 
+	// SqlretrySpread is sqlretry with the replay spread on
+	// (WithReplaySpread(true); on by default for MySQL/MariaDB only), to
+	// measure it on PostgreSQL.
+	SqlretrySpread = Strategy{Name: "sqlretry-spread", Wrapped: true, Run: workload.RunInTx,
+		Options: []sqlretry.Option{sqlretry.WithReplaySpread(true)}}
+
 	// Strategies are the strategies the chaos benchmark runs by default.
 	Strategies = []Strategy{Plain, Immediate, Backoff, Sqlretry}
 	// Extra are strategies to run by name only.
-	Extra = []Strategy{SqlretryNoSpread, SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait, SqlretryShortWait, SqlretryNoShortDeadlock, SqlretryNoResolution}
+	Extra = []Strategy{SqlretryNoSpread, SqlretrySpread, SqlretryNoCC, SqlretryQueue, SqlretryNoShortWait, SqlretryShortWait, SqlretryNoShortDeadlock, SqlretryNoResolution}
 )
 
 // Scenario is a workload and the faults injected while it runs.
