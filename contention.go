@@ -190,8 +190,9 @@ func (l *txLimiter) acquire(ctx context.Context) (txSlot, error) {
 	}
 	if len(l.waiters) == 0 && l.running < int(l.limit) {
 		l.running++
+		gen := l.gen // read under the lock: a let-go bumps it (race, CI 2026-12-02)
 		l.mu.Unlock()
-		return txSlot{limited: true, gen: l.gen, gated: true}, nil
+		return txSlot{limited: true, gen: gen, gated: true}, nil
 	}
 	if nestedInAttempt() {
 		// A RunInTx in another's closure, on a context of its own: its
