@@ -10,13 +10,15 @@ STATICCHECK_VERSION ?= v0.8.2
 # builds) against the local PostgreSQL and MariaDB and private throwaway
 # servers, with the race detector (the restart scenario among them: it
 # checks that write service comes back within 0.5 s of the restarted server
-# taking writes). The drivers' own test suites raw and
+# taking writes). The tests on private servers and clusters (crash tests,
+# failovers, Galera, Patroni) run in the parallel phase, three at a time:
+# much of their time is waiting for servers. The drivers' own test suites raw and
 # through sqlretry (TestDriverSuites); the SQL reader against PostgreSQL's
 # and TiDB's parsers (sqlparsecheck, its own module: cgo, parsers).
 test: databases
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 5m ./...
-	cd integration && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 25m -skip '^TestDriverSuites$$' ./...
+	cd integration && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 28m -parallel 3 -skip '^TestDriverSuites$$' ./...
 	cd integration && $(GO) test -count=1 -timeout 10m -run '^TestDriverSuites$$' .
 	cd sqlparsecheck && $(GO) vet ./... && $(GO) test -count=1 -timeout 10m .
 	cd cmd && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 5m ./...

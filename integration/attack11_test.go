@@ -289,6 +289,7 @@ func a11TwoLives(t *testing.T, recycle bool, second func(e *a11Env, t *testing.T
 // falls back to the replay position when the WAL is unreadable takes the
 // middle life's commit of the reused id for ours.
 func TestAttack11TwoCrashesRecordSegmentRecycled(t *testing.T) {
+	t.Parallel() // a private server each
 	a11TwoLives(t, true, (*a11Env).crash, nil)
 }
 
@@ -296,11 +297,13 @@ func TestAttack11TwoCrashesRecordSegmentRecycled(t *testing.T) {
 // at the next start): "started with no recovery at all" must not make the
 // middle life's reuse of the id ours.
 func TestAttack11CrashThenCleanRestart(t *testing.T) {
+	t.Parallel() // a private server each
 	a11TwoLives(t, false, (*a11Env).cleanRestart, nil)
 }
 
 // The same, with the segment that held our record recycled first.
 func TestAttack11CrashThenCleanRestartRecordSegmentRecycled(t *testing.T) {
+	t.Parallel() // a private server each
 	a11TwoLives(t, true, (*a11Env).cleanRestart, nil)
 }
 
@@ -308,6 +311,7 @@ func TestAttack11CrashThenCleanRestartRecordSegmentRecycled(t *testing.T) {
 // sqlretry asks, the segment that held the record is recycled. The
 // transaction committed: a replay is a doubled write.
 func TestAttack11OneCrashDurableRecordSegmentRecycled(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, false, nil)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	start := e.lsn(t)
@@ -328,6 +332,7 @@ func TestAttack11OneCrashDurableRecordSegmentRecycled(t *testing.T) {
 // message of the subtransaction's id at the record: replaying would
 // double the write.
 func TestAttack11SavepointOpenOneCrashDurable(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, false, nil)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	e.h.after = func() {
@@ -357,6 +362,7 @@ func TestAttack11SavepointOpenOneCrashDurable(t *testing.T) {
 // The same open savepoint, the commit lost in memory and the id reused by
 // another transaction after the crash: must not be taken as committed.
 func TestAttack11SavepointOpenReusedIDAfterCrash(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, true, nil)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	var xid int64
@@ -464,6 +470,7 @@ func padBefore(ctx context.Context, tx *sql.Tx, k, unit int64) (int64, error) {
 // over the page header misses our message and replays a committed
 // transaction (a doubled write).
 func TestAttack11MessageStraddlesWALPage(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, false, nil)
 	for _, k := range []int64{8, 16, 24, 40, 56, 64, 72} {
 		op := fmt.Sprintf("op-%d-k%d", time.Now().UnixNano(), k)
@@ -486,6 +493,7 @@ func TestAttack11MessageStraddlesWALPage(t *testing.T) {
 // Attack: the same across a WAL segment boundary (a long page header, and
 // the record's end in the next segment file).
 func TestAttack11MessageStraddlesWALSegment(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, false, nil)
 	var seg int64
 	if err := e.plain.QueryRow("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'").Scan(&seg); err != nil {
@@ -515,12 +523,14 @@ func TestAttack11MessageStraddlesWALSegment(t *testing.T) {
 // fooled ... if the role may not read the WAL"); this test shows it is a
 // lost write, not ErrAmbiguousCommit.
 func TestAttack11NonSuperuserTwoCrashes(t *testing.T) {
+	t.Parallel() // a private server each
 	a11Defect(t)
 	a11TwoLives(t, false, (*a11Env).crash, a11Role(t))
 }
 
 // The same role with pg_read_server_files: the WAL check applies.
 func TestAttack11ReadServerFilesTwoCrashes(t *testing.T) {
+	t.Parallel() // a private server each
 	a11Defect(t)
 	a11TwoLives(t, false, (*a11Env).crash, a11Role(t, "GRANT pg_read_server_files TO %s"))
 }
@@ -528,6 +538,7 @@ func TestAttack11ReadServerFilesTwoCrashes(t *testing.T) {
 // A role with only EXECUTE on pg_read_binary_file (as the README offers),
 // no pg_read_file: two crashes.
 func TestAttack11ExecuteGrantTwoCrashes(t *testing.T) {
+	t.Parallel() // a private server each
 	a11TwoLives(t, false, (*a11Env).crash, a11Role(t,
 		"GRANT EXECUTE ON FUNCTION pg_read_file(text) TO %s",
 		"GRANT EXECUTE ON FUNCTION pg_read_binary_file(text, bigint, bigint, boolean) TO %s"))
@@ -536,6 +547,7 @@ func TestAttack11ExecuteGrantTwoCrashes(t *testing.T) {
 // A role without WAL reads: one crash, the commit durable. Must not be
 // replayed.
 func TestAttack11NonSuperuserOneCrashDurable(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, false, a11Role(t))
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	e.h.after = func() {
@@ -549,6 +561,7 @@ func TestAttack11NonSuperuserOneCrashDurable(t *testing.T) {
 // A role without WAL reads: one crash loses the commit, the id is reused
 // after it.
 func TestAttack11NonSuperuserReusedIDAfterCrash(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, true, a11Role(t))
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	var xid int64
@@ -606,6 +619,7 @@ func padTo(ctx context.Context, tx *sql.Tx, target int64) error {
 // position. The WAL at the record then holds a sqlretry message with our
 // id, the id's status is "committed", the last recovery ended past it.
 func TestAttack11MiddleLifeSqlretryMessageAtOurPosition(t *testing.T) {
+	t.Parallel() // a private server each
 	a11Defect(t)
 	a11MiddleLife(t, true)
 }
@@ -616,6 +630,7 @@ func TestAttack11MiddleLifeSqlretryMessageAtOurPosition(t *testing.T) {
 // a message with our id would fool the check; a genuine sqlretry message
 // of any id at our position does.
 func TestAttack11MiddleLifeOtherIDSqlretryMessageAtOurPosition(t *testing.T) {
+	t.Parallel() // a private server each
 	a11MiddleLife(t, false)
 }
 
@@ -695,6 +710,7 @@ func a11MiddleLife(t *testing.T, sameID bool) {
 // record, a second crash. Must replay (or be ambiguous), never nil with
 // no row.
 func TestAttack11SavepointOpenTwoCrashes(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, true, nil)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	var xid int64
@@ -728,6 +744,7 @@ func TestAttack11SavepointOpenTwoCrashes(t *testing.T) {
 // record; then, while sqlretry is asking, the server crashes again after
 // a delay. Several delays, one server.
 func TestAttack11CrashDuringResolution(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, true, nil)
 	for _, delay := range []time.Duration{0, 20 * time.Millisecond, 60 * time.Millisecond, 150 * time.Millisecond} {
 		op := fmt.Sprintf("op-%d-d%d", time.Now().UnixNano(), delay/time.Millisecond)
@@ -757,6 +774,7 @@ func TestAttack11CrashDuringResolution(t *testing.T) {
 // The same with the commit durable (synchronous): a crash during the
 // resolution must not turn it into a replay.
 func TestAttack11CrashDuringResolutionDurable(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, false, nil)
 	for _, delay := range []time.Duration{0, 20 * time.Millisecond, 60 * time.Millisecond, 150 * time.Millisecond} {
 		op := fmt.Sprintf("op-%d-d%d", time.Now().UnixNano(), delay/time.Millisecond)
@@ -781,6 +799,7 @@ func TestAttack11CrashDuringResolutionDurable(t *testing.T) {
 // crashes with a middle life that hands every id out again and writes
 // past the records (the herd of attack3 had one crash).
 func TestAttack11HerdTwoCrashes(t *testing.T) {
+	t.Parallel() // a private server each
 	const n = 8
 	e := a11Setup(t, true, nil)
 	cfg, err := pgx.ParseConfig(e.srv.DSN)
@@ -902,6 +921,7 @@ func forgedMessage(xid uint32, prev uint64, dbOid uint32) []byte {
 // if the check looks for a record ending at our position without walking
 // the WAL's record chain, the content of another record fools it too.
 func TestAttack11MiddleLifeForgedMessageInPayload(t *testing.T) {
+	t.Parallel() // a private server each
 	a11Forge(t, "ours")
 }
 
@@ -909,12 +929,14 @@ func TestAttack11MiddleLifeForgedMessageInPayload(t *testing.T) {
 // no transaction ever had): the check does not compare the record's id
 // either.
 func TestAttack11MiddleLifeForgedOtherIDInPayload(t *testing.T) {
+	t.Parallel() // a private server each
 	a11Forge(t, "other")
 }
 
 // The control: the same outbox message at the same place with zeros where
 // the forged record was. Holds: replayed once, one row.
 func TestAttack11MiddleLifeOutboxMessageAtOurPosition(t *testing.T) {
+	t.Parallel() // a private server each
 	a11Forge(t, "none")
 }
 
@@ -1019,12 +1041,14 @@ func a11ForgeOnce(t *testing.T, mode string, last bool) bool {
 // The same with only the 9 bytes "sqlretry\x00" at the end of the outbox
 // payload (no record header, no id): the check takes it for our message.
 func TestAttack11MiddleLifePrefixBytesInPayload(t *testing.T) {
+	t.Parallel() // a private server each
 	a11Forge(t, "suffix")
 }
 
 // A clean restart (pg_ctl stop -m fast) while the COMMIT's reply is lost:
 // the commit is durable, the next life started with no recovery.
 func TestAttack11CleanRestartDurable(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, false, nil)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	e.h.after = func() {
@@ -1038,6 +1062,7 @@ func TestAttack11CleanRestartDurable(t *testing.T) {
 // One crash with the commit durable, then a clean restart before sqlretry
 // asks (a life with no recovery after the one that recovered our record).
 func TestAttack11CrashThenCleanRestartDurable(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, false, nil)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	e.h.after = func() {
@@ -1079,6 +1104,7 @@ func (e *a11Env) crossSegment(t *testing.T, lsn string) {
 // segment that held our record, so the WAL check finds no file and falls
 // back to the replay position: a lost write, with a superuser.
 func TestAttack11TwoCrashesMiddleLifeCrossesSegment(t *testing.T) {
+	t.Parallel() // a private server each
 	e := a11Setup(t, true, nil)
 	op := fmt.Sprintf("op-%d", time.Now().UnixNano())
 	var xid int64

@@ -17,6 +17,7 @@ import (
 // rejoins. The broken cache is made here: a directory where the file
 // should be, which the provider cannot open.
 func TestGaleraRestartWithoutABrokenGCache(t *testing.T) {
+	t.Parallel() // a private cluster: its waits overlap the other private-server tests
 	g, err := dbserver.StartGalera()
 	if err != nil {
 		unavailable(t, err.Error())

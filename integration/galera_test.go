@@ -22,6 +22,7 @@ import (
 // node. One cluster serves both scenarios: starting one takes 30-50 s on
 // a loaded 2-core machine, most of it the joiners' rsync snapshots.
 func TestGalera(t *testing.T) {
+	t.Parallel() // a private cluster: its waits overlap the other private-server tests
 	g, err := dbserver.StartGalera()
 	if err != nil {
 		unavailable(t, err.Error())

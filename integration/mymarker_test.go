@@ -141,6 +141,7 @@ func TestMariaDBDeadlockAtTheMarkerInsertReplays(t *testing.T) {
 // COMMIT is resolved or ambiguous; none is resolved wrongly (a lost ack,
 // a phantom write, a duplicate in the ledger).
 func TestGaleraCommitMarker(t *testing.T) {
+	t.Parallel() // a private cluster: its waits overlap the other private-server tests
 	g, err := dbserver.StartGalera()
 	if err != nil {
 		unavailable(t, err.Error())

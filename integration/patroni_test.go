@@ -35,6 +35,7 @@ import (
 // the three, in that order (the node kill last: the killed node does not
 // come back).
 func TestPatroniFailover(t *testing.T) {
+	t.Parallel() // a private cluster: its waits overlap the other private-server tests
 	if _, _, err := dbserver.PatroniBinaries(); err != nil {
 		unavailable(t, err.Error())
 	}

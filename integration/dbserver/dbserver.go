@@ -124,15 +124,23 @@ func freePort() (int, error) {
 		}
 		port := l.Addr().(*net.TCPAddr).Port
 		l.Close()
-		portsMu.Lock()
-		seen := portsGiven[port]
-		portsGiven[port] = true
-		portsMu.Unlock()
-		if !seen {
+		if claimPort(port) {
 			return port, nil
 		}
 	}
 	return 0, errors.New("dbserver: no port free that was not given before")
+}
+
+// claimPort marks port as given to a server of this process; false: it
+// was given before.
+func claimPort(port int) bool {
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	if portsGiven[port] {
+		return false
+	}
+	portsGiven[port] = true
+	return true
 }
 
 var (

@@ -499,7 +499,10 @@ func killSSTHelpers(dir string) {
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		b, err := os.ReadFile(p)
-		if err != nil || !strings.Contains(string(b), dir) {
+		// dir followed by "/" or the argument's end: another cluster's
+		// temp dir can have this one's name as its prefix (Galera tests
+		// run in parallel).
+		if err != nil || !(strings.Contains(string(b), dir+"/") || strings.Contains(string(b), dir+"\x00")) {
 			continue
 		}
 		var pid int

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -160,20 +159,15 @@ func StartPatroni(n int) (*Patroni, error) {
 }
 
 func freePorts(n int) ([]int, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	var ports []int
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	// Claimed one by one as freePort claims (a port rejected there is not
+	// held open: it may be a crashed server's, about to restart on it).
+	ports := make([]int, n)
+	for i := range ports {
+		p, err := freePort()
 		if err != nil {
 			return nil, err
 		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		ports[i] = p
 	}
 	return ports, nil
 }
