@@ -279,7 +279,22 @@ func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
 				db := a16Open(t, drv)
 				other := atkPlain(t, "pgx")
 				var bDone chan error
+				var bErr error
 				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					// An earlier attempt's session B first ends: else,
+					// on a loaded machine, this attempt can take row 1
+					// before that B, which still holds row 2 and waits
+					// for row 1, and this attempt's B then waits for it:
+					// a cycle through the test's goroutine the server
+					// cannot see (CI, 2026-12-01: a 20 s hang).
+					if bDone != nil {
+						select {
+						case bErr = <-bDone:
+						case <-ctx.Done():
+							return ctx.Err()
+						}
+						bDone = nil
+					}
 					var saved string
 					if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&saved); err != nil {
 						return err
@@ -326,7 +341,6 @@ func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
 					_, err = tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
 					return err
 				})
-				var bErr error
 				if bDone != nil {
 					bErr = <-bDone
 				}

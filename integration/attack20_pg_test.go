@@ -133,7 +133,19 @@ func TestAttack20PgHelperRestoreSpellingsDeadlockBusy(t *testing.T) {
 				db := a16Open(t, drv)
 				other := atkPlain(t, "pgx")
 				var bDone chan error
+				var bErr error
 				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
+					// An earlier attempt's session B first ends (see
+					// TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn:
+					// else a cycle through the test's goroutine).
+					if bDone != nil {
+						select {
+						case bErr = <-bDone:
+						case <-ctx.Done():
+							return ctx.Err()
+						}
+						bDone = nil
+					}
 					var saved string
 					if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&saved); err != nil {
 						return err
@@ -181,7 +193,6 @@ func TestAttack20PgHelperRestoreSpellingsDeadlockBusy(t *testing.T) {
 					_, err = tx.ExecContext(ctx, "INSERT INTO "+res+" VALUES ('"+said+"')")
 					return err
 				})
-				var bErr error
 				if bDone != nil {
 					bErr = <-bDone
 				}
