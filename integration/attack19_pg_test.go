@@ -281,19 +281,8 @@ func TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn(t *testing.T) {
 				var bDone chan error
 				var bErr error
 				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
-					// An earlier attempt's session B first ends: else,
-					// on a loaded machine, this attempt can take row 1
-					// before that B, which still holds row 2 and waits
-					// for row 1, and this attempt's B then waits for it:
-					// a cycle through the test's goroutine the server
-					// cannot see (CI, 2026-12-01: a 20 s hang).
-					if bDone != nil {
-						select {
-						case bErr = <-bDone:
-						case <-ctx.Done():
-							return ctx.Err()
-						}
-						bDone = nil
+					if err := a19AwaitB(ctx, &bDone, &bErr); err != nil {
+						return err
 					}
 					var saved string
 					if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&saved); err != nil {
@@ -486,4 +475,23 @@ func TestAttack19PgColumnNamedLikeTheSettingDisownsTheBound(t *testing.T) {
 			})
 		}
 	}
+}
+
+// a19AwaitB waits for an earlier attempt's session B to end (*bDone, its
+// error into *bErr) before the next attempt begins: else, on a loaded
+// machine, an attempt can take row 1 before that B, which still holds
+// row 2 and waits for row 1, and the attempt's own B then waits for it: a
+// cycle through the test's goroutine the server cannot see (CI,
+// 2026-12-01: a 20 s hang).
+func a19AwaitB(ctx context.Context, bDone *chan error, bErr *error) error {
+	if *bDone == nil {
+		return nil
+	}
+	select {
+	case *bErr = <-*bDone:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	*bDone = nil
+	return nil
 }

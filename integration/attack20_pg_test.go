@@ -135,16 +135,8 @@ func TestAttack20PgHelperRestoreSpellingsDeadlockBusy(t *testing.T) {
 				var bDone chan error
 				var bErr error
 				err := a18Replay(t, drv, db, func(ctx context.Context, tx *sql.Tx) error {
-					// An earlier attempt's session B first ends (see
-					// TestAttack19PgHelperMakesTheDeadlockCheckTheClosuresOwn:
-					// else a cycle through the test's goroutine).
-					if bDone != nil {
-						select {
-						case bErr = <-bDone:
-						case <-ctx.Done():
-							return ctx.Err()
-						}
-						bDone = nil
+					if err := a19AwaitB(ctx, &bDone, &bErr); err != nil {
+						return err
 					}
 					var saved string
 					if err := tx.QueryRowContext(ctx, "SHOW deadlock_timeout").Scan(&saved); err != nil {
