@@ -108,7 +108,7 @@ func TestAttack12Probe(t *testing.T) {
 	for _, q := range tr.seen() {
 		t.Logf("Q: %s", strings.ReplaceAll(q, "\n", " "))
 	}
-	if err != nil || n.Load() != 2 || dt != "20ms" || a12Count(tr.seen(), "SET LOCAL deadlock_timeout") != 1 {
+	if err != nil || n.Load() != 2 || !isShortBound(dt) || a12Count(tr.seen(), "SET LOCAL deadlock_timeout") != 1 {
 		t.Errorf("err %v runs %d deadlock_timeout %s", err, n.Load(), dt)
 	}
 }
@@ -607,8 +607,8 @@ func TestAttack12Settings(t *testing.T) {
 			}
 		}
 		t.Logf("the replays' deadlock_timeout: %v", got)
-		if got[0] != "20ms" || got[2] != "1s" || got[3] != "1s" {
-			t.Errorf("replays saw %v; want 20ms before the revoke and 1s after", got)
+		if !isShortBound(got[0]) || got[2] != "1s" || got[3] != "1s" {
+			t.Errorf("replays saw %v; want the bound (20ms or more) before the revoke and 1s after", got)
 		}
 	})
 }
@@ -670,8 +670,8 @@ func TestAttack12CancelDuringTheExtraStatement(t *testing.T) {
 			var again string
 			if _, err := a12Replay(c2, db, func(ctx context.Context, tx *sql.Tx) error {
 				return tx.QueryRowContext(ctx, probe).Scan(&again)
-			}); err != nil || again != "20ms" {
-				t.Errorf("the next replay: deadlock_timeout %q (%v), want 20ms", again, err)
+			}); err != nil || !isShortBound(again) {
+				t.Errorf("the next replay: deadlock_timeout %q (%v), want the bound (20ms or more)", again, err)
 			}
 		})
 	}
@@ -831,7 +831,7 @@ func TestAttack12SearchPathShadows(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("runs %d err %v deadlock_timeout %s shadow calls %d", runs, err, dt, calls)
-	if err != nil || runs != 2 || dt != "20ms" {
+	if err != nil || runs != 2 || !isShortBound(dt) {
 		t.Errorf("err %v runs %d deadlock_timeout %s", err, runs, dt)
 	}
 }
@@ -1021,7 +1021,7 @@ func TestAttack12ReadOnlyAndStandby(t *testing.T) {
 				t.Fatal(err2)
 			}
 			t.Logf("err %v runs %d read only %s deadlock_timeout %s after %s", err, runs, ro, dt, after)
-			if err != nil || runs != 2 || ro != "on" || dt != "20ms" || after != "1s" {
+			if err != nil || runs != 2 || ro != "on" || !isShortBound(dt) || after != "1s" {
 				t.Errorf("err %v runs %d read only %s deadlock_timeout %s after %s", err, runs, ro, dt, after)
 			}
 		})

@@ -56,8 +56,8 @@ func TestAttack5PrivateServer(t *testing.T) {
 	})
 	t.Run("role-higher", func(t *testing.T) {
 		seen, after := replay(t, as("a5high", ""))
-		if seen[1] != "20ms" || after != "2s" {
-			t.Errorf("role lock_timeout 2s: replay saw %s, after %s; want 20ms, 2s", seen[1], after)
+		if !isShortBound(seen[1]) || after != "2s" {
+			t.Errorf("role lock_timeout 2s: replay saw %s, after %s; want the bound (20ms or more), 2s", seen[1], after)
 		}
 	})
 	t.Run("database", func(t *testing.T) {
@@ -74,8 +74,8 @@ func TestAttack5PrivateServer(t *testing.T) {
 	})
 	t.Run("role-deadlock_timeout-5s", func(t *testing.T) {
 		seen, _ := replay(t, as("a5dlhigh", ""))
-		if seen[1] != "20ms" {
-			t.Errorf("role deadlock_timeout 5s: replay saw %s, want 20ms", seen[1])
+		if !isShortBound(seen[1]) {
+			t.Errorf("role deadlock_timeout 5s: replay saw %s, want the bound (20ms or more)", seen[1])
 		}
 	})
 	t.Run("alter-system-deadlock_timeout", func(t *testing.T) {
@@ -113,7 +113,7 @@ func TestAttack5PrivateServer(t *testing.T) {
 			t.Fatal(err)
 		}
 		calls := atkCount(t, admin, "SELECT count(*) FROM a5evil.calls")
-		if calls != 0 || seen != "20ms" {
+		if calls != 0 || !isShortBound(seen) {
 			t.Errorf("DEFECT: search_path=a5evil,pg_catalog: sqlretry's short-wait statement called %d functions of schema a5evil (unqualified set_config/current_setting), bounded replay saw lock_timeout %q, want 20ms and no call", calls, seen)
 		}
 	})
@@ -164,7 +164,7 @@ func TestAttack5PrivateServer(t *testing.T) {
 		for call := 1; call <= 3; call++ {
 			seen, n, err := a5ReplaySeen(t, ctx, db)
 			t.Logf("call %d: attempts %d seen %v err %v", call, n, seen, err)
-			if err != nil || n != 2 || seen[1] != "20ms" {
+			if err != nil || n != 2 || !isShortBound(seen[1]) {
 				t.Errorf("DEFECT: set_config revoked, call %d: err %v, closure ran %d times (want 2), replay saw %v", call, err, n, seen)
 			}
 		}

@@ -278,7 +278,7 @@ func TestAttack5IsolationAndReadOnly(t *testing.T) {
 				ro, _ = a5Setting(ctx, tx, "transaction_read_only")
 				return nil
 			})
-			if err != nil || seen != "20ms" || n.Load() != 2 {
+			if err != nil || !isShortBound(seen) || n.Load() != 2 {
 				t.Fatalf("err %v seen %q attempts %d", err, seen, n.Load())
 			}
 			if o.ReadOnly != (ro == "on") {

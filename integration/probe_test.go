@@ -6,6 +6,7 @@ import (
 	"errors"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -94,4 +95,15 @@ func probeSetting(ctx context.Context, tx *sql.Tx, name string) (string, error) 
 	var s string
 	err := tx.QueryRowContext(ctx, q).Scan(&s)
 	return s, err
+}
+
+// isShortBound says whether s, a lock_timeout or deadlock_timeout a
+// replay read (SHOW's text), is a bound of sqlretry's: shortWaitFactor (4)
+// times a recent commit's duration, at least 20ms, under the server's
+// deadlock_timeout (1s here). On a loaded machine a commit of more than
+// 5 ms makes it 40ms or more (CI rehearsal 2026-12-02: "40ms" where a
+// test wanted "20ms").
+func isShortBound(s string) bool {
+	d, err := time.ParseDuration(s)
+	return err == nil && d >= 20*time.Millisecond && d < time.Second
 }

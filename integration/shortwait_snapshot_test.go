@@ -308,8 +308,8 @@ func TestShortLockWaitSetTransactionFirstKeepsTheBound(t *testing.T) {
 			return tx.QueryRowContext(ctx, probeQuery("lock_timeout")).Scan(&lt)
 		})
 		t.Logf("err %v runs %d isolation %s lock_timeout %s", err, runs, iso, lt)
-		if err != nil || runs != 2 || iso != "serializable" || lt != "20ms" {
-			t.Errorf("err %v, runs %d, isolation %s, lock_timeout %s; want nil, 2, serializable, 20ms", err, runs, iso, lt)
+		if err != nil || runs != 2 || iso != "serializable" || !isShortBound(lt) {
+			t.Errorf("err %v, runs %d, isolation %s, lock_timeout %s; want nil, 2, serializable, the bound (20ms or more)", err, runs, iso, lt)
 		}
 	})
 	t.Run("snapshot", func(t *testing.T) {
@@ -341,8 +341,8 @@ func TestShortLockWaitSetTransactionFirstKeepsTheBound(t *testing.T) {
 			return tx.QueryRowContext(ctx, probeQuery("lock_timeout")).Scan(&lt)
 		})
 		t.Logf("err %v runs %d rows seen %d lock_timeout %s", err, runs, seen, lt)
-		if err != nil || runs != 2 || seen != 0 || lt != "20ms" {
-			t.Errorf("err %v, runs %d, rows seen %d, lock_timeout %s; want nil, 2, 0 (the exported snapshot's), 20ms", err, runs, seen, lt)
+		if err != nil || runs != 2 || seen != 0 || !isShortBound(lt) {
+			t.Errorf("err %v, runs %d, rows seen %d, lock_timeout %s; want nil, 2, 0 (the exported snapshot's), the bound (20ms or more)", err, runs, seen, lt)
 		}
 	})
 }
