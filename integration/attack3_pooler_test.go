@@ -101,6 +101,15 @@ func poolerLostCommit(t *testing.T, restart string) {
 		}
 		pinned.Raw(func(any) error { return driver.ErrBadConn }) // it died with its backend: not back to the pool
 		pinned.Close()
+		// The postmaster starts its crash cycle (every backend ended,
+		// recovery, 57P03 meanwhile) when it reaps the killed backend: wait
+		// for that first. A SELECT 1 on a new session could succeed before
+		// it, and the next one fail with 57P03 (a CI rehearsal, 2026-12-02).
+		for deadline := time.Now().Add(20 * time.Second); syscall.Kill(pid, 0) == nil; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the killed backend %d was not reaped within 20 s", pid)
+			}
+		}
 		waitRow(t, plain, 1, "SELECT 1")
 		if err := plain.QueryRow("SELECT pg_postmaster_start_time()").Scan(&start1); err != nil {
 			t.Fatal(err)
