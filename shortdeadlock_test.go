@@ -55,7 +55,7 @@ func (w *deadlockChecks) install(srv *fakeServer) {
 	}
 	if w.mayNot {
 		for range 20 {
-			srv.script(shortDeadlockSetPrefix, step{err: &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}})
+			srv.script(shortDeadlockSetPrefix, step{err: errRoleRefused()})
 		}
 	}
 	if w.refuse != nil {
@@ -371,23 +371,12 @@ func TestShortDeadlockCheckSessionRoleRefusalIsTheConnections(t *testing.T) {
 	w := &deadlockChecks{deadlockMS: 1000}
 	srv, db := deadlockCheckDB(t, w)
 	db.SetMaxOpenConns(1)
-	replay := func() int {
-		t.Helper()
-		srv.script("UPDATE", step{err: errDeadlock})
-		runs := 0
-		if err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
-			runs++
-			return updateTx(ctx, tx)
-		}); err != nil {
-			t.Fatal(err)
-		}
-		return runs
-	}
+	replay := func() int { t.Helper(); return deadlockReplay(t, srv, db) }
 	if runs := replay(); runs != 2 || len(w.got()) != 1 {
 		t.Fatalf("before: runs %d, bounds %v; want 2 runs, one bound", runs, w.got())
 	}
 	// The session's SET ROLE: its next bound is refused.
-	srv.script(shortDeadlockSetPrefix, step{err: &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}})
+	srv.script(shortDeadlockSetPrefix, step{err: errRoleRefused()})
 	if _, err := db.Exec("SET ROLE reporting"); err != nil {
 		t.Fatal(err)
 	}
@@ -413,19 +402,13 @@ func TestShortDeadlockCheckRefusalsBeforeAnyBoundStayTheSessions(t *testing.T) {
 	srv, db := deadlockCheckDB(t, w)
 	db.SetMaxOpenConns(1)
 	for range 2 {
-		srv.script(shortDeadlockSetPrefix, step{err: &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}})
-		srv.script("UPDATE", step{err: errDeadlock})
-		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
-			t.Fatal(err)
-		}
+		srv.script(shortDeadlockSetPrefix, step{err: errRoleRefused()})
+		deadlockReplay(t, srv, db)
 		if _, err := db.Exec("RESET ROLE"); err != nil { // the session's mark goes
 			t.Fatal(err)
 		}
 	}
-	srv.script("UPDATE", step{err: errDeadlock})
-	if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
-		t.Fatal(err)
-	}
+	deadlockReplay(t, srv, db)
 	if got := w.got(); len(got) == 0 {
 		t.Fatalf("no bound after two sessions' refusals and RESET ROLE: the db turned the checks off")
 	}
@@ -448,16 +431,10 @@ func TestShortDeadlockCheckRepeatedRefusalsPauseTheDb(t *testing.T) {
 		defer w.mu.Unlock()
 		return w.shows
 	}
-	replay := func() {
-		t.Helper()
-		srv.script("UPDATE", step{err: errDeadlock})
-		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
-			t.Fatal(err)
-		}
-	}
+	replay := func() { t.Helper(); deadlockReplay(t, srv, db) }
 	replay() // a bound set: the grant was there
 	for range 40 {
-		srv.script(shortDeadlockSetPrefix, step{err: &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}})
+		srv.script(shortDeadlockSetPrefix, step{err: errRoleRefused()})
 	}
 	before := sets()
 	for range 10 {
@@ -475,4 +452,25 @@ func TestShortDeadlockCheckRepeatedRefusalsPauseTheDb(t *testing.T) {
 	if sets() == before {
 		t.Fatalf("not asked again after the pause")
 	}
+}
+
+// errRoleRefused is the server's refusal of the bound's SET to a role
+// that may not set deadlock_timeout (the attack22/23 tests).
+func errRoleRefused() error {
+	return &pgError{"42501", `permission denied to set parameter "deadlock_timeout"`}
+}
+
+// deadlockReplay runs updateTx through RunInTx with its UPDATE scripted
+// to deadlock once, and says how many times the closure ran.
+func deadlockReplay(t *testing.T, srv *fakeServer, db *sql.DB) int {
+	t.Helper()
+	srv.script("UPDATE", step{err: errDeadlock})
+	runs := 0
+	if err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+		runs++
+		return updateTx(ctx, tx)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return runs
 }
