@@ -148,9 +148,14 @@ func TestPgBouncerKilledAndRestarted(t *testing.T) {
 	}
 	// Every dial is refused while the pooler is down: the breaker opens
 	// after ConsecutiveDialFailures of them and probes once per OpenTimeout
-	// (1 s, +20% jitter), so service is back within that of the pooler.
-	if back < 0 || back > 1500*time.Millisecond {
-		t.Errorf("first commit %v after the pooler was back, want within the breaker's open time (1.2 s)", back)
+	// (1 s, +20% jitter), so service is back within that of the pooler,
+	// plus a dial through the restarted pooler (a new server backend) and
+	// a transaction. Quiet runs: 9 ms-1.02 s (a probe that failed just
+	// before the pooler was back waits a whole open time); 1.5 s failed
+	// once in a CI rehearsal beside the parallel cluster tests
+	// (2026-12-02), so the slack for the dial and the transaction is 0.8 s.
+	if back < 0 || back > 2*time.Second {
+		t.Errorf("first commit %v after the pooler was back, want within the breaker's open time (1.2 s) and a dial and a transaction (0.8 s)", back)
 	}
 }
 
