@@ -306,7 +306,7 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	if c.srv.pgLife.owns(q) {
 		return nil
 	}
-	if q == pgAskXID || q == pgAskXIDAndServer || q == "SELECT "+pgStartTime || q == "SELECT txid_status($1)" ||
+	if q == pgAskXID || q == pgAskXIDAndServer || q == "SELECT "+pgStartTime || q == pgNoProofLifeQuery || q == "SELECT txid_status($1)" ||
 		q == pgStatusQuery || strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") || strings.Contains(q, "FROM pg_catalog.pg_stat_replication") {
 		return nil
 	}
@@ -402,6 +402,8 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		return &fakeRows{cols: []string{"xid", "pid", "start"}, data: [][]driver.Value{{xid, c.pid, fakeStart}}}, nil
 	case "SELECT " + pgStartTime:
 		return &fakeRows{cols: []string{"start"}, data: [][]driver.Value{{fakeStart}}}, nil
+	case pgNoProofLifeQuery: // a server that has run no recovery since it started
+		return &fakeRows{cols: []string{"start", "recovered"}, data: [][]driver.Value{{fakeStart, false}}}, nil
 	case "SELECT txid_status($1)":
 		xid := args[0].Value.(int64)
 		c.srv.mu.Lock()

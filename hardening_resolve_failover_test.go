@@ -54,8 +54,8 @@ func (l *fakePGLife) owns(q string) bool {
 		return false
 	}
 	switch q {
-	case pgAskXIDAndServer, pgAskXIDProof13, pgAskXIDProof13AndServer, pgAskXIDProof10, pgAskXIDProof10AndServer,
-		pgServerNowQuery, "SELECT " + pgStartTime, pgHistoryFileQuery, pgWALSizesQuery, pgWALReadQuery:
+	case pgAskXID, pgAskXIDAndServer, pgAskXIDProof13, pgAskXIDProof13AndServer, pgAskXIDProof10, pgAskXIDProof10AndServer,
+		pgServerNowQuery, "SELECT " + pgStartTime, pgNoProofLifeQuery, pgNoProofLifeQuery96, pgHistoryFileQuery, pgWALSizesQuery, pgWALReadQuery:
 		return true
 	}
 	return false
@@ -91,13 +91,20 @@ func (l *fakePGLife) answer(c *fakeConn, q string, args []driver.NamedValue) (dr
 		return c.xid
 	}
 	server := []driver.Value{c.pid, l.start, l.version}
-	if (q == pgServerNowQuery || q == "SELECT "+pgStartTime) && !l.resolved && l.onResolve != nil {
+	if (q == pgServerNowQuery || q == "SELECT "+pgStartTime || q == pgNoProofLifeQuery || q == pgNoProofLifeQuery96) && !l.resolved && l.onResolve != nil {
 		l.resolved = true
 		l.onResolve(l, l.lastXID)
 	}
 	switch q {
 	case "SELECT " + pgStartTime:
 		return &fakeRows{cols: []string{"start"}, data: [][]driver.Value{{l.start}}}, true
+	case pgNoProofLifeQuery, pgNoProofLifeQuery96:
+		// pg_last_wal_replay_lsn from PostgreSQL 10 on,
+		// pg_last_xlog_replay_location before.
+		if (q == pgNoProofLifeQuery) != (l.version >= pgProofMinVersion) {
+			return &fakeRows{cols: []string{"start", "recovered"}, nextErr: &pgError{"42883", "function does not exist"}}, true
+		}
+		return &fakeRows{cols: []string{"start", "recovered"}, data: [][]driver.Value{{l.start, l.replay != ""}}}, true
 	case pgHistoryFileQuery:
 		l.historyAsk++
 		if l.history == "" {
@@ -127,6 +134,9 @@ func (l *fakePGLife) answer(c *fakeConn, q string, args []driver.NamedValue) (dr
 			copy(buf[n-int64(aligned):], rec)
 		}
 		return &fakeRows{cols: []string{"pg_read_binary_file"}, data: [][]driver.Value{{buf}}}, true
+	case pgAskXID: // without the proof, the server asked before on this connection
+		l.asked = append(l.asked, q)
+		return &fakeRows{cols: []string{"xid"}, data: [][]driver.Value{{assign()}}}, true
 	case pgAskXIDAndServer:
 		l.asked = append(l.asked, q)
 		row := append([]driver.Value{assign()}, server...)
@@ -288,6 +298,20 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(+0x30) }, "committed"},
 		{"PostgreSQL 9.6 (no proof): a restart makes committed ambiguous", 90600, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(+0x30) }, "ambiguous"},
+		{"PostgreSQL 9.6 (no proof): a crash restart that kept the postmaster (a backend killed: the same start time), the record lost and the id reused by a commit: ambiguous", 90600, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal - 0x20); l.wal += 0x1000 }, setStatus(srv, "committed"))
+			}, "ambiguous"},
+		{"PostgreSQL 9.6 (no proof): the same, the commit durable: ambiguous (the same start time cannot tell the two apart)", 90600, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal + 0x30); l.wal += 0x1000 }
+			}, "ambiguous"},
+		{"PostgreSQL 9.6 (no proof): no recovery since the server started: committed", 90600, true,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return nil }, "committed"},
+		{"PostgreSQL 9.6 (no proof): a crash restart that kept the postmaster, the id aborted: replayed", 90600, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal - 0x20); l.wal += 0x1000 }, setStatus(srv, "aborted"))
+			}, "replayed"},
 		{"clean restart (no recovery), same timeline: committed", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return func(l *fakePGLife, _ int64) { l.start += 42_000_000 }
@@ -475,7 +499,7 @@ func TestFailoverProofAddsNoRoundTrip(t *testing.T) {
 		// behind a pooler one connection may reach several lives.
 		{150000, []string{pgAskXIDAndServer, pgAskXIDProof13AndServer, pgAskXIDProof13AndServer}},
 		{120000, []string{pgAskXIDAndServer, pgAskXIDProof10AndServer, pgAskXIDProof10AndServer}},
-		{90600, []string{pgAskXIDAndServer}}, // then pgAskXID, answered by the fake itself
+		{90600, []string{pgAskXIDAndServer, pgAskXID, pgAskXID}}, // the server once per connection
 	} {
 		t.Run(fmt.Sprint(v.version), func(t *testing.T) {
 			srv := newFakeServer()
@@ -544,5 +568,69 @@ func TestFailoverProofRefusedFallsBack(t *testing.T) {
 	last := l.asked[len(l.asked)-1]
 	if strings.Contains(last, "pg_logical_emit_message") {
 		t.Errorf("still asks with the proof after the refusal: %q", last)
+	}
+}
+
+// With the proof refused (the version forgotten: -1), a lost COMMIT is
+// judged without it: a crash restart that kept the postmaster (a backend
+// killed: the same start time) may have lost the record and handed the id
+// out again, so "committed" is no answer; a server that has run no
+// recovery since it started answers.
+func TestFailoverProofRefusedCrashCycle(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		recovery  bool
+		committed bool
+		want      string
+	}{
+		{"a recovery since the server started, the id committed (ours, or another's after the crash): ambiguous", true, false, "ambiguous"},
+		{"the same, our commit durable: ambiguous", true, true, "ambiguous"},
+		{"no recovery since the server started: committed", false, true, "committed"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			srv := newFakeServer()
+			l := newFakePGLife(150000)
+			srv.pgLife = l
+			srv.pgAborts = true
+			db, _ := testDB(t, srv)
+			db.SetMaxOpenConns(1)
+			run := func() (int, error) {
+				calls := 0
+				err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+					calls++
+					_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
+					return err
+				})
+				return calls, err
+			}
+			if _, err := run(); err != nil { // learns the version
+				t.Fatal(err)
+			}
+			srv.script(pgAskXIDProof13, step{err: &pgError{"42501", "permission denied for function pg_logical_emit_message"}})
+			if _, err := run(); err != nil { // refused, replayed without the proof
+				t.Fatal(err)
+			}
+			l.onResolve = func(l *fakePGLife, xid int64) {
+				if c.recovery {
+					l.replay = lsnText(l.wal + 0x30)
+					l.wal += 0x1000
+				}
+				srv.xidStatus[xid] = "committed"
+			}
+			srv.script("COMMIT", step{err: errLost, ran: c.committed})
+			calls, err := run()
+			got := "replayed"
+			switch {
+			case errors.Is(err, ErrAmbiguousCommit):
+				got = "ambiguous"
+			case err != nil:
+				t.Fatalf("err = %v", err)
+			case calls == 1:
+				got = "committed"
+			}
+			if got != c.want || !l.resolved {
+				t.Fatalf("outcome %s (calls=%d, err=%v, asked after the loss: %v), want %s", got, calls, err, l.resolved, c.want)
+			}
+		})
 	}
 }

@@ -1005,7 +1005,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 			by = "the transaction id and its WAL position"
 		}
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule, unseenLife)
+			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule, unseenLife, r.resolution.pgVersion.Load())
 		}
 	case r.dialect == DialectMySQL && t.token != nil:
 		by = "the commit marker"
@@ -1090,6 +1090,53 @@ const pgStartTime = "(extract(epoch FROM pg_catalog.pg_postmaster_start_time()) 
 // errUnresolvable is a final "cannot know".
 var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted since the COMMIT and may have handed out its transaction id again")
 
+// errRecoveredNoProof is errUnresolvable for a transaction without the WAL
+// proof on a server whose start time is unchanged but which has run
+// recovery since it started: a backend that crashes makes the postmaster
+// end every session and run crash recovery, keeping its start time, and a
+// recovery that lost the COMMIT's record hands its id out again.
+var errRecoveredNoProof = fmt.Errorf("%w (the same start time, but the server has run crash recovery since it started, and the transaction carried no WAL proof to tell whether that was after it)", errUnresolvable)
+
+// The question after a lost COMMIT for a transaction without the WAL
+// proof: the start time, and whether the server has run recovery since it
+// started (the replay position is NULL when it started without one). The
+// function's name changed in PostgreSQL 10.
+const (
+	pgNoProofLifeQuery   = "SELECT " + pgStartTime + ", " + pgReplayCol + " IS NOT NULL"
+	pgNoProofLifeQuery96 = "SELECT " + pgStartTime + ", pg_catalog.pg_last_xlog_replay_location() IS NOT NULL"
+)
+
+// pgAskLifeNoProof asks pgNoProofLifeQuery in the form the server's
+// version takes (version 0 or -1: not known, the PostgreSQL 10 form
+// first). recovered is true also when the server cannot say (neither
+// function exists: an engine that speaks PostgreSQL's protocol).
+func pgAskLifeNoProof(ctx context.Context, dc driver.Conn, version int64) (start int64, recovered bool, err error) {
+	qs := []string{pgNoProofLifeQuery, pgNoProofLifeQuery96}
+	if version > 0 && version < pgProofMinVersion {
+		qs[0], qs[1] = qs[1], qs[0]
+	}
+	for _, q := range qs {
+		vals, err := queryRow(ctx, dc, q)
+		var pg interface{ SQLState() string }
+		if err != nil && errors.As(err, &pg) && pg.SQLState() == "42883" { // undefined function
+			continue
+		}
+		if err != nil {
+			return 0, false, err
+		}
+		if len(vals) < 2 {
+			return 0, false, errors.New("sqlretry: the server's start time query returned too few columns")
+		}
+		rec, _ := vals[1].(bool)
+		return asInt64(vals[0]), rec, nil
+	}
+	vals, err := queryRow(ctx, dc, "SELECT "+pgStartTime)
+	if err != nil {
+		return 0, false, err
+	}
+	return asInt64(vals[0]), true, nil
+}
+
 // pgCheckCommit asks once. "in progress" means the old backend still holds
 // the transaction: end it if it is still that backend and has sat idle in
 // its transaction for pgIdleGrace (never once seen to have begun its
@@ -1108,9 +1155,10 @@ var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted
 //
 // unseenLife: an earlier question of this resolution reached a server that
 // had finished recovery and lost the connection before it answered.
-func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string, unseenLife bool) (CommitOutcome, error) {
+func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string, unseenLife bool, version int64) (CommitOutcome, error) {
 	restarted, proven, beyond := false, false, false
-	unseen := false // proven by the replay position, doubted for an unseen life
+	recoveredNoProof := false // no proof, the same start time, a recovery since the server started
+	unseen := false           // proven by the replay position, doubted for an unseen life
 	var now pgNow
 	switch {
 	case m.lsn != 0:
@@ -1147,11 +1195,12 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			proven, unseen = false, true
 		}
 	case start != 0:
-		vals, err := queryRow(ctx, dc, "SELECT "+pgStartTime)
+		nowStart, rec, err := pgAskLifeNoProof(ctx, dc, version)
 		if err != nil {
 			return CommitUnknown, err
 		}
-		restarted = asInt64(vals[0]) != start
+		restarted = nowStart != start
+		recoveredNoProof = !restarted && rec
 	}
 	st, err := pgAskStatus(ctx, dc, xid, pid)
 	if err != nil {
@@ -1224,6 +1273,13 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		// record, nor our commit record after it: the id was taken again
 		// by a transaction that committed. Ours did not.
 		return CommitNotCommitted, nil
+	case st.status == "committed" && recoveredNoProof:
+		// The recovery may have come after the transaction, lost its
+		// record and handed the id out again; nothing recorded says when
+		// it ran. "aborted" or "in progress" stay answers: whoever holds
+		// the id now, ours did not commit.
+		*rule = "the same start time, a recovery since the server started, no WAL proof"
+		return CommitUnknown, errRecoveredNoProof
 	case st.status == "committed" && restarted && !proven:
 		if m.lsn == 0 {
 			return CommitUnknown, errUnresolvable
