@@ -409,6 +409,9 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		c.srv.mu.Lock()
 		defer c.srv.mu.Unlock()
 		status := c.srv.xidStatus[xid]
+		if status == "future" {
+			return nil, &pgError{"22023", fmt.Sprintf("transaction ID %d is in the future", xid)}
+		}
 		return &fakeRows{cols: []string{"txid_status"}, data: [][]driver.Value{{status}}}, nil
 	}
 	// A MySQL-like default: the DSN's database is test, and the commit
@@ -522,6 +525,9 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		var state driver.Value
 		if holding {
 			state = b.state
+		}
+		if c.srv.xidStatus[xid] == "future" { // a recovery that lost the id's record: no id handed out up to it yet
+			return nil, &pgError{"22023", fmt.Sprintf("transaction ID %d is in the future", xid)}
 		}
 		return &fakeRows{cols: []string{"txid_status", "holding", "state", "names", "commit"},
 			data: [][]driver.Value{{c.srv.xidStatus[xid], holding, state, c.srv.syncNames, commit}}}, nil

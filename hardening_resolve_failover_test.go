@@ -306,6 +306,12 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal + 0x30); l.wal += 0x1000 }
 			}, "ambiguous"},
+		{"PostgreSQL 9.6 (no proof): a crash restart that kept the postmaster, the record lost, the id not handed out again (in the future): replayed", 90600, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) {
+				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal - 0x20); l.wal += 0x1000 }, setStatus(srv, "future"))
+			}, "replayed"},
+		{"PostgreSQL 9.6 (no proof): a restart, the record lost, the id in the future: replayed", 90600, false,
+			func(srv *fakeServer) func(*fakePGLife, int64) { return both(crash(-0x20), setStatus(srv, "future")) }, "replayed"},
 		{"PostgreSQL 9.6 (no proof): no recovery since the server started: committed", 90600, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return nil }, "committed"},
 		{"PostgreSQL 9.6 (no proof): a crash restart that kept the postmaster, the id aborted: replayed", 90600, false,

@@ -1205,8 +1205,11 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 	st, err := pgAskStatus(ctx, dc, xid, pid)
 	if err != nil {
 		var pg interface{ SQLState() string }
-		if restarted && errors.As(err, &pg) && pg.SQLState() == "22023" {
-			return CommitNotCommitted, nil // "is in the future": the id was never logged
+		if (restarted || recoveredNoProof) && errors.As(err, &pg) && pg.SQLState() == "22023" {
+			// "is in the future": the recovery ended before the id's
+			// record, so our commit record, after it, is not in this
+			// history either.
+			return CommitNotCommitted, nil
 		}
 		return CommitUnknown, err
 	}
