@@ -402,8 +402,8 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		return &fakeRows{cols: []string{"xid", "pid", "start"}, data: [][]driver.Value{{xid, c.pid, fakeStart}}}, nil
 	case "SELECT " + pgStartTime:
 		return &fakeRows{cols: []string{"start"}, data: [][]driver.Value{{fakeStart}}}, nil
-	case pgNoProofLifeQuery: // a server that has run no recovery since it started
-		return &fakeRows{cols: []string{"start", "recovered"}, data: [][]driver.Value{{fakeStart, false}}}, nil
+	case pgNoProofLifeQuery: // a primary that has run no recovery since it started
+		return &fakeRows{cols: []string{"start", "in_recovery", "replay"}, data: [][]driver.Value{{fakeStart, false, nil}}}, nil
 	case "SELECT txid_status($1)":
 		xid := args[0].Value.(int64)
 		c.srv.mu.Lock()

@@ -55,7 +55,7 @@ func (l *fakePGLife) owns(q string) bool {
 	}
 	switch q {
 	case pgAskXID, pgAskXIDAndServer, pgAskXIDProof13, pgAskXIDProof13AndServer, pgAskXIDProof10, pgAskXIDProof10AndServer,
-		pgServerNowQuery, "SELECT " + pgStartTime, pgNoProofLifeQuery, pgNoProofLifeQuery96, pgHistoryFileQuery, pgWALSizesQuery, pgWALReadQuery:
+		pgServerNowQuery, "SELECT " + pgStartTime, pgNoProofLifeQuery, pgNoProofStartQuery, pgHistoryFileQuery, pgWALSizesQuery, pgWALReadQuery:
 		return true
 	}
 	return false
@@ -91,20 +91,27 @@ func (l *fakePGLife) answer(c *fakeConn, q string, args []driver.NamedValue) (dr
 		return c.xid
 	}
 	server := []driver.Value{c.pid, l.start, l.version}
-	if (q == pgServerNowQuery || q == "SELECT "+pgStartTime || q == pgNoProofLifeQuery || q == pgNoProofLifeQuery96) && !l.resolved && l.onResolve != nil {
+	if (q == pgServerNowQuery || q == "SELECT "+pgStartTime || q == pgNoProofLifeQuery || q == pgNoProofStartQuery) && !l.resolved && l.onResolve != nil {
 		l.resolved = true
 		l.onResolve(l, l.lastXID)
 	}
 	switch q {
 	case "SELECT " + pgStartTime:
 		return &fakeRows{cols: []string{"start"}, data: [][]driver.Value{{l.start}}}, true
-	case pgNoProofLifeQuery, pgNoProofLifeQuery96:
-		// pg_last_wal_replay_lsn from PostgreSQL 10 on,
-		// pg_last_xlog_replay_location before.
-		if (q == pgNoProofLifeQuery) != (l.version >= pgProofMinVersion) {
-			return &fakeRows{cols: []string{"start", "recovered"}, nextErr: &pgError{"42883", "function does not exist"}}, true
+	case pgNoProofLifeQuery, pgNoProofStartQuery:
+		rec := l.inRecovery > 0
+		if rec {
+			l.inRecovery--
 		}
-		return &fakeRows{cols: []string{"start", "recovered"}, data: [][]driver.Value{{l.start, l.replay != ""}}}, true
+		row := []driver.Value{l.start, rec}
+		if q == pgNoProofLifeQuery {
+			var replay driver.Value
+			if l.replay != "" {
+				replay = l.lsnAnswer(q, l.replay)
+			}
+			row = append(row, replay)
+		}
+		return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
 	case pgHistoryFileQuery:
 		l.historyAsk++
 		if l.history == "" {
@@ -139,7 +146,11 @@ func (l *fakePGLife) answer(c *fakeConn, q string, args []driver.NamedValue) (dr
 		return &fakeRows{cols: []string{"xid"}, data: [][]driver.Value{{assign()}}}, true
 	case pgAskXIDAndServer:
 		l.asked = append(l.asked, q)
-		row := append([]driver.Value{assign()}, server...)
+		var replay driver.Value // where the last recovery ended: NULL when none
+		if l.replay != "" {
+			replay = l.lsnAnswer(q, l.replay)
+		}
+		row := append(append([]driver.Value{assign()}, server...), replay)
 		return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
 	case pgServerNowQuery:
 		if l.nowFails > 0 {

@@ -66,7 +66,7 @@ const pgAskXID = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 // known or below PostgreSQL 10) for the backend pid,
 // the server's start time and its version (which picks the question with
 // the proof of resolve_failover.go from then on).
-const pgAskXIDAndServer = pgAskXID + pgServerInfo
+const pgAskXIDAndServer = pgAskXID + pgServerInfo + ", " + pgReplayCol
 
 // prepareResolution runs inside the transaction, just before COMMIT. Its
 // errors never replay the transaction for their own sake (issue 15): a
@@ -1005,7 +1005,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 			by = "the transaction id and its WAL position"
 		}
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule, unseenLife, r.resolution.pgVersion.Load())
+			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule, unseenLife, t.c.serverReplay, t.c.serverReplayKnown)
 		}
 	case r.dialect == DialectMySQL && t.token != nil:
 		by = "the commit marker"
@@ -1092,49 +1092,75 @@ var errUnresolvable = errors.New("sqlretry: the server restarted or was promoted
 
 // errRecoveredNoProof is errUnresolvable for a transaction without the WAL
 // proof on a server whose start time is unchanged but which has run
-// recovery since it started: a backend that crashes makes the postmaster
-// end every session and run crash recovery, keeping its start time, and a
-// recovery that lost the COMMIT's record hands its id out again.
-var errRecoveredNoProof = fmt.Errorf("%w (the same start time, but the server has run crash recovery since it started, and the transaction carried no WAL proof to tell whether that was after it)", errUnresolvable)
+// recovery since the connection asked (or cannot say whether it has): a
+// backend that crashes makes the postmaster end every session and run
+// crash recovery, keeping its start time, and a recovery that lost the
+// COMMIT's record hands its id out again.
+var errRecoveredNoProof = fmt.Errorf("%w (the same start time, but the server has run crash recovery since the connection asked, or cannot say, and the transaction carried no WAL proof to tell whether that was after it)", errUnresolvable)
 
-// The question after a lost COMMIT for a transaction without the WAL
-// proof: the start time, and whether the server has run recovery since it
-// started (the replay position is NULL when it started without one). The
-// function's name changed in PostgreSQL 10.
+// pgNoProofLifeQuery is the question after a lost COMMIT for a transaction
+// without the WAL proof: the start time, whether the server is a standby
+// (or still electing), and where its last recovery ended (NULL when it
+// started without one). pgNoProofStartQuery is what is left when the role
+// may not run pg_last_wal_replay_lsn.
 const (
-	pgNoProofLifeQuery   = "SELECT " + pgStartTime + ", " + pgReplayCol + " IS NOT NULL"
-	pgNoProofLifeQuery96 = "SELECT " + pgStartTime + ", pg_catalog.pg_last_xlog_replay_location() IS NOT NULL"
+	pgNoProofLifeQuery  = "SELECT " + pgStartTime + ", pg_catalog.pg_is_in_recovery(), " + pgReplayCol
+	pgNoProofStartQuery = "SELECT " + pgStartTime + ", pg_catalog.pg_is_in_recovery()"
 )
 
-// pgAskLifeNoProof asks pgNoProofLifeQuery in the form the server's
-// version takes (version 0 or -1: not known, the PostgreSQL 10 form
-// first). recovered is true also when the server cannot say (neither
-// function exists: an engine that speaks PostgreSQL's protocol).
-func pgAskLifeNoProof(ctx context.Context, dc driver.Conn, version int64) (start int64, recovered bool, err error) {
-	qs := []string{pgNoProofLifeQuery, pgNoProofLifeQuery96}
-	if version > 0 && version < pgProofMinVersion {
-		qs[0], qs[1] = qs[1], qs[0]
+// pgNoProofNow is the answer of pgNoProofLifeQuery.
+type pgNoProofNow struct {
+	start       int64
+	inRecovery  bool
+	replay      uint64
+	replayKnown bool // false: the role may not ask for it
+}
+
+// pgAskLifeNoProof asks pgNoProofLifeQuery, or pgNoProofStartQuery where
+// the role may not run the function that tells the replay position.
+func pgAskLifeNoProof(ctx context.Context, dc driver.Conn) (pgNoProofNow, error) {
+	vals, err := queryRow(ctx, dc, pgNoProofLifeQuery)
+	known := true
+	var pg interface{ SQLState() string }
+	if err != nil && errors.As(err, &pg) {
+		switch pg.SQLState() {
+		case "42501", "42883": // EXECUTE revoked, or no such function (an engine that speaks PostgreSQL's protocol)
+			known = false
+			vals, err = queryRow(ctx, dc, pgNoProofStartQuery)
+		}
 	}
-	for _, q := range qs {
-		vals, err := queryRow(ctx, dc, q)
-		var pg interface{ SQLState() string }
-		if err != nil && errors.As(err, &pg) && pg.SQLState() == "42883" { // undefined function
-			continue
-		}
-		if err != nil {
-			return 0, false, err
-		}
-		if len(vals) < 2 {
-			return 0, false, errors.New("sqlretry: the server's start time query returned too few columns")
-		}
-		rec, _ := vals[1].(bool)
-		return asInt64(vals[0]), rec, nil
-	}
-	vals, err := queryRow(ctx, dc, "SELECT "+pgStartTime)
 	if err != nil {
-		return 0, false, err
+		return pgNoProofNow{}, err
 	}
-	return asInt64(vals[0]), true, nil
+	if len(vals) < 2 || (known && len(vals) < 3) {
+		return pgNoProofNow{}, errors.New("sqlretry: the server's start time query returned too few columns")
+	}
+	n := pgNoProofNow{start: asInt64(vals[0]), replayKnown: known}
+	if rec, ok := vals[1].(bool); ok {
+		n.inRecovery = rec
+	} else {
+		return pgNoProofNow{}, fmt.Errorf("sqlretry: pg_is_in_recovery() answered %T", vals[1])
+	}
+	if known {
+		n.replay = lsnValue(vals[2])
+	}
+	return n, nil
+}
+
+// pgNoProofRecovered says whether a server with the transaction's start
+// time may have run recovery since the connection asked: its replay
+// position differs from the one the connection recorded (a crash cycle
+// always moves it on: each recovery replays at least the checkpoint the
+// one before ended with), or either is not known, and then any recovery
+// in the server's life counts.
+func pgNoProofRecovered(now pgNoProofNow, replay uint64, replayKnown bool) bool {
+	switch {
+	case !now.replayKnown:
+		return true
+	case !replayKnown:
+		return now.replay != 0
+	}
+	return now.replay != replay
 }
 
 // pgCheckCommit asks once. "in progress" means the old backend still holds
@@ -1155,7 +1181,7 @@ func pgAskLifeNoProof(ctx context.Context, dc driver.Conn, version int64) (start
 //
 // unseenLife: an earlier question of this resolution reached a server that
 // had finished recovery and lost the connection before it answered.
-func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string, unseenLife bool, version int64) (CommitOutcome, error) {
+func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string, unseenLife bool, replay uint64, replayKnown bool) (CommitOutcome, error) {
 	restarted, proven, beyond := false, false, false
 	recoveredNoProof := false // no proof, the same start time, a recovery since the server started
 	unseen := false           // proven by the replay position, doubted for an unseen life
@@ -1195,12 +1221,18 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			proven, unseen = false, true
 		}
 	case start != 0:
-		nowStart, rec, err := pgAskLifeNoProof(ctx, dc, version)
+		n, err := pgAskLifeNoProof(ctx, dc)
 		if err != nil {
 			return CommitUnknown, err
 		}
-		restarted = nowStart != start
-		recoveredNoProof = !restarted && rec
+		if n.inRecovery {
+			// A standby, or a server still electing: it may not have
+			// replayed the COMMIT yet ("in progress", "in the future");
+			// ask again later.
+			return CommitUnknown, nil
+		}
+		restarted = n.start != start
+		recoveredNoProof = !restarted && pgNoProofRecovered(n, replay, replayKnown)
 	}
 	st, err := pgAskStatus(ctx, dc, xid, pid)
 	if err != nil {
@@ -1281,7 +1313,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 		// record and handed the id out again; nothing recorded says when
 		// it ran. "aborted" or "in progress" stay answers: whoever holds
 		// the id now, ours did not commit.
-		*rule = "the same start time, a recovery since the server started, no WAL proof"
+		*rule = "the same start time, a recovery since the connection asked (or not known), no WAL proof"
 		return CommitUnknown, errRecoveredNoProof
 	case st.status == "committed" && restarted && !proven:
 		if m.lsn == 0 {

@@ -194,10 +194,14 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 	if !proof {
 		if ask && len(vals) >= 3 {
 			c.serverID, c.serverStart = asInt64(vals[1]), asInt64(vals[2])
+			c.serverReplay, c.serverReplayKnown = 0, false
 			if len(vals) > 3 {
 				if v := asInt64(vals[3]); v > 0 {
 					r.resolution.pgVersion.CompareAndSwap(0, v)
 				}
+			}
+			if len(vals) > 4 {
+				c.serverReplay, c.serverReplayKnown = lsnValue(vals[4]), true
 			}
 		}
 		return
@@ -210,6 +214,12 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 		return
 	}
 	c.serverID, c.serverStart = asInt64(vals[2]), asInt64(vals[3])
+	c.serverReplay, c.serverReplayKnown = 0, false
+	if len(vals) >= 7 {
+		// Kept for the question without the proof, should the role be
+		// refused it later.
+		c.serverReplay, c.serverReplayKnown = lsnValue(vals[6]), true
+	}
 	if lsn != 0 && len(vals) >= 7 {
 		h := pgMark{sys: asInt64(vals[4]), start: asInt64(vals[3]), replay: lsnValue(vals[6]), lsn: lsn}
 		h.tli, _ = parseHexInt(vals[5])
