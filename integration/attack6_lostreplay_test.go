@@ -18,6 +18,7 @@ import (
 
 func TestAttack6LostCommitOnBoundedReplay(t *testing.T) {
 	base := needPrivate(t, "pgx")
+	ensureProbe(t, base) // a5Setting reads the bound through it (run alone, no other test had made it)
 	for _, mode := range []string{"simple_protocol", "cache_statement", "exec"} {
 		for _, cut := range []int32{cutAfterSend, cutMidMessage} {
 			t.Run(fmt.Sprintf("%s/cut%d", mode, cut), func(t *testing.T) {
