@@ -1449,11 +1449,9 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 			}
 			return began, phaseBegin, err
 		}
-		if b.ms > 0 {
-			sw.boundSet()
-		}
 		att.ownBound, att.ownDeadlock = b.ms > 0, sw.deadlockMode
 		if b.ms > 0 {
+			sw.boundSet()
 			r := att.rareState()
 			r.boundMS, r.boundPre = b.ms, b.pre
 		}
