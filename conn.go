@@ -118,8 +118,10 @@ type conn struct {
 	// the session's own (SET ROLE) may not set it. Its replays run
 	// unbounded until a statement on it may change its role back
 	// (noteRole), or shortWaitRelearn has passed (unix ns, the db's clock;
-	// 0: none). Read and written only by the connection's user.
-	boundRefusedAt int64
+	// 0: none). Atomic: database/sql rolls a transaction back from its own
+	// goroutine when the caller's context ends, and hands the connection
+	// to the next caller while the attempt's goroutine may still read it.
+	boundRefusedAt atomic.Int64
 
 	// inflight is a COMMIT abandoned at the caller's deadline (see
 	// commitWithinDeadline): the driver's connection is closed after it.
@@ -312,7 +314,7 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 }
 
 func (c *conn) execContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
-	if c.boundRefusedAt != 0 {
+	if c.boundRefusedAt.Load() != 0 {
 		c.noteRole(query)
 	}
 	if c.shadowTx {
@@ -365,7 +367,7 @@ func (c *conn) QueryContext(ctx context.Context, query string, args []driver.Nam
 }
 
 func (c *conn) queryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
-	if c.boundRefusedAt != 0 {
+	if c.boundRefusedAt.Load() != 0 {
 		c.noteRole(query)
 	}
 	if c.shadowTx {
@@ -570,20 +572,21 @@ func (c *conn) noteRole(query string) {
 	q := strings.ToLower(query)
 	if strings.Contains(q, "role") && strings.Contains(q, "set") || strings.Contains(q, "authorization") ||
 		strings.Contains(q, "reset") && strings.Contains(q, "all") || strings.Contains(q, "discard") {
-		c.boundRefusedAt = 0
+		c.boundRefusedAt.Store(0)
 	}
 }
 
 // boundRefused says whether the session was refused the short-wait bound
 // within shortWaitRelearn (boundRefusedAt).
 func (c *conn) boundRefused(clock Clock) bool {
-	if c.boundRefusedAt == 0 {
+	at := c.boundRefusedAt.Load()
+	if at == 0 {
 		return false
 	}
-	if clock.Now().UnixNano()-c.boundRefusedAt < int64(shortWaitRelearn) {
+	if clock.Now().UnixNano()-at < int64(shortWaitRelearn) {
 		return true
 	}
-	c.boundRefusedAt = 0
+	c.boundRefusedAt.CompareAndSwap(at, 0)
 	return false
 }
 
@@ -677,6 +680,9 @@ func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (drive
 
 func (s *stmt) execContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
 	c := s.c
+	if c.boundRefusedAt.Load() != 0 {
+		c.noteRole(s.query) // a prepared RESET ROLE
+	}
 	if c.shadowTx {
 		return s.execInner(ctx, args)
 	}
@@ -715,6 +721,9 @@ func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driv
 
 func (s *stmt) queryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
 	c := s.c
+	if c.boundRefusedAt.Load() != 0 {
+		c.noteRole(s.query)
+	}
 	if c.shadowTx {
 		return s.queryInner(ctx, args)
 	}

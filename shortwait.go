@@ -455,10 +455,14 @@ func (s *shortWait) paused(clock Clock) bool {
 	return false
 }
 
-// boundSet notes a bound set: the refusals in a row start again.
+// boundSet notes a bound set: the refusals in a row start again, and so
+// does the pause's doubling (a db whose role may set the bound again).
 func (s *shortWait) boundSet() {
 	if s.refusals.Load() != 0 {
 		s.refusals.Store(0)
+	}
+	if s.pauseFor.Load() != 0 {
+		s.pauseFor.Store(0)
 	}
 }
 

@@ -1250,11 +1250,16 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 	// 25001 of another kind, VACUUM in a transaction, fails the same way
 	// unbounded), unless part of the closure's work committed by itself.
 	mustFirst := false
+	roleRefused := false // the session's role may not set the bound: the call's later attempts go unbounded
 	if att.bounded && o.err != nil && ctx.Err() == nil {
-		refused, stale := r.shortWaitRefused(o.err), staleStatement(o.err)
+		// Only the attempt's own bound statement, which fails before its
+		// closure runs (phaseBegin): a closure's error that wraps another
+		// db's refusal (a RunInTx of its own inside) is the closure's.
+		refused, stale := o.phase == phaseBegin && r.shortWaitRefused(o.err), o.phase == phaseBegin && staleStatement(o.err)
 		mustFirst = !refused && att.byClosure == 0 && !att.escaped && !nestedCommitSince(att.seq) &&
 			att.first != nil && ErrorCode(att.first) == "25001"
-		if refused && !r.shortWait.roleRefusal(o.err, r.clock) {
+		roleRefused = refused && r.shortWait.roleRefusal(o.err, r.clock)
+		if refused && !roleRefused {
 			r.shortWait.off.Store(true)
 		}
 		if refused || mustFirst || stale {
@@ -1284,7 +1289,7 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 		}
 	}
 	o.bounded = att.bounded
-	o.unbound = touched
+	o.unbound = touched || roleRefused
 	if o.err != nil {
 		r.decide(o, att, sees)
 		o.conflict = ctx.Err() == nil && o.replay && r.isConflict(o.cause, o.cls)
@@ -1445,7 +1450,7 @@ func runTxOnce(att *txAttempt, db txBeginner, txOpts *sql.TxOptions, fn func(con
 		b, err := sw.set(att, sqlTx, lockWait, clock)
 		if err != nil {
 			if c := att.rare.conn; c != nil && ErrorCode(err) == "42501" {
-				c.boundRefusedAt = clock.Now().UnixNano() // the session's (roleRefusal)
+				c.boundRefusedAt.Store(clock.Now().UnixNano()) // the session's (roleRefusal)
 			}
 			return began, phaseBegin, err
 		}
