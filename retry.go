@@ -348,9 +348,21 @@ func decideAutocommit(cls Class, err error, safeToRerun, atomic bool, manual man
 		return actRetryHere
 	case Unavailable:
 		if errors.Is(err, driver.ErrBadConn) {
+			if manual == manualHandTx {
+				// Nothing of this statement was sent, but the transaction
+				// opened by hand died with the session: run on a new
+				// connection in autocommit, it would commit alone, the
+				// transaction's earlier work gone (hostile review
+				// 2026-12-02).
+				return actSurface
+			}
 			return actHandOff // nothing was sent, by the driver contract
 		}
-		if manual != notManual {
+		if manual != notManual || !atomic {
+			// In a session opened by hand, or a text of several
+			// statements whose first ones may have run before the refusal
+			// (a MySQL multi-statement text whose second part met Galera's
+			// 1047, a dblink_exec before a standby's 25006).
 			return actSurface
 		}
 		// The server refused the statement before running it (a standby, as
@@ -365,8 +377,16 @@ func decideAutocommit(cls Class, err error, safeToRerun, atomic bool, manual man
 			// block that may commit inside): it may have committed
 			// (attack9: the driver's bare error was returned).
 			return actAmbiguous
-		case manualSession:
+		case manualSession, manualHandTx:
 			return actSurface
+		case manualMaybe:
+			// After a MySQL CALL or SET autocommit the session may be in
+			// autocommit: a write may have committed (as the deadline's
+			// path says, runStatement); a read has nothing to doubt.
+			if safeToRerun {
+				return actSurface
+			}
+			return actAmbiguous
 		}
 		if safeToRerun {
 			return actHandOff
@@ -381,18 +401,25 @@ type manualState uint8
 
 const (
 	notManual     manualState = iota
-	manualSession             // in a transaction opened by hand
+	manualSession             // every statement in a transaction (autocommit off in the DSN)
+	manualHandTx              // in a transaction opened by hand (BEGIN through Exec)
+	manualMaybe               // manual for good (a MySQL CALL, SET autocommit, XA): maybe in autocommit
 	manualCtl                 // ... by this very statement, or one that controls transactions itself
 )
 
-// manualFor says whether the session is manual, and whether query itself
-// controls transactions.
+// manualFor says whether the session is manual, and how, and whether
+// query itself controls transactions.
 func (c *conn) manualFor(query string) manualState {
+	m := c.manual.Load()
 	switch {
-	case c.manual.Load() == 0:
+	case m == 0:
 		return notManual
 	case c.txControl(query) != sqltext.TxNone:
 		return manualCtl
+	case m == 1:
+		return manualHandTx
+	case !c.r.implicitTx:
+		return manualMaybe
 	}
 	return manualSession
 }
@@ -520,9 +547,20 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 			return zero, err
 		}
 		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery),
-			(cls == RetryStatement || cls == RetryTransaction) && rolledBackWhole(ctx, r.dialect, query), c.manualFor(query))
+			(cls == RetryStatement || cls == RetryTransaction || cls == Unavailable && !errors.Is(err, driver.ErrBadConn)) && rolledBackWhole(ctx, r.dialect, query),
+			c.manualFor(query))
 		switch act {
 		case actSurface:
+			if errors.Is(err, driver.ErrBadConn) {
+				// A transaction opened by hand died with its session: the
+				// error must not match ErrBadConn, or database/sql runs the
+				// statement on a new connection, outside it.
+				c.bad.Store(true)
+				why := "the transaction opened by hand on this connection was lost with it"
+				r.counters.giveUps.Add(1)
+				r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: why})
+				return zero, newError(op, attempt, cls, nil, err)
+			}
 			if cls == ConnectionLost {
 				c.bad.Store(true)
 			}

@@ -107,7 +107,8 @@ func shadowStatement[T any](ctx context.Context, c *conn, op, query string, isQu
 	cls := r.classify(err)
 	r.breaker.done(t, breakerOutcome(cls, err))
 	act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery),
-		(cls == RetryStatement || cls == RetryTransaction) && rolledBackWhole(ctx, r.dialect, query), c.manualFor(query))
+		(cls == RetryStatement || cls == RetryTransaction || cls == Unavailable && !errors.Is(err, driver.ErrBadConn)) && rolledBackWhole(ctx, r.dialect, query),
+		c.manualFor(query))
 	switch act {
 	case actRetryHere:
 		d := r.wouldPause(ctx)
