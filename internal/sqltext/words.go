@@ -123,6 +123,22 @@ var words = map[string]uint8{
 	"LOWRITE":                    wSideEffect, // large objects by descriptor
 	"LOREAD":                     wSideEffect, // moves the descriptor
 	"SET_LIMIT":                  wSideEffect, // pg_trgm: sets a setting
+	// Extensions whose functions write (hostile review, 2026-12-02). A
+	// schema name marks every call into it, reads of its tables too:
+	// those are then only not retried by themselves.
+	"PGMQ":                            wSideEffect, // pgmq.send, .pop, .read (sets the visibility timeout)
+	"CRON":                            wSideEffect, // pg_cron: cron.schedule, cron.unschedule, cron.alter_job
+	"PGLOGICAL":                       wSideEffect, // pglogical.replicate_ddl_command, ...
+	"ADD_JOB":                         wSideEffect, // TimescaleDB jobs and policies
+	"ALTER_JOB":                       wSideEffect,
+	"DELETE_JOB":                      wSideEffect,
+	"ADD_RETENTION_POLICY":            wSideEffect,
+	"ADD_COMPRESSION_POLICY":          wSideEffect,
+	"ADD_CONTINUOUS_AGGREGATE_POLICY": wSideEffect,
+	"COMPRESS_CHUNK":                  wSideEffect,
+	"DECOMPRESS_CHUNK":                wSideEffect,
+	"DROP_CHUNKS":                     wSideEffect,
+	"SERVICE_RELEASE_LOCKS":           wSideEffect | wNonTx, // MySQL locking service
 }
 
 // sideEffectPrefix lists families of functions with side effects, each
@@ -147,6 +163,17 @@ var sideEffectPrefix = [...]struct {
 	{"CURSOR_TO_XML", wSideEffect | wNonTx},        // moves the cursor
 	{"PG_BUFFERCACHE_EVICT", wSideEffect | wNonTx}, //
 	{"PG_BACKGROUND_", wSideEffect | wNonTx},       // pg_background: runs an SQL text in a worker
+	// Extensions and components whose functions write (hostile review,
+	// 2026-12-02: each ran twice after a lost connection; the whole names
+	// are in words). The first three letters of each are in lookup's switch.
+	{"RUN_COMMAND_ON_", wSideEffect | wNonTx},                   // Citus: runs SQL on other servers
+	{"REMOVE_", wSideEffect},                                    // TimescaleDB: remove_retention_policy, ...
+	{"SERVICE_GET_", wSideEffect | wNonTx},                      // MySQL locking service: locks the session keeps
+	{"VERSION_TOKENS_", wSideEffect | wNonTx},                   // MySQL version tokens (set, locks)
+	{"KEYRING_KEY_", wSideEffect | wNonTx},                      // MySQL keyring UDFs
+	{"AUDIT_LOG_", wSideEffect | wNonTx},                        // MySQL audit log filters, encryption passwords
+	{"ASYNCHRONOUS_CONNECTION_FAILOVER_", wSideEffect | wNonTx}, // MySQL replication sources
+	{"GROUP_REPLICATION_", wSideEffect | wNonTx},                // MySQL group replication's functions
 }
 
 // maxWord is the longest word looked up whole; longer ones are only
@@ -197,7 +224,7 @@ func lookup(w string) uint8 {
 			p[i] = c
 		}
 		switch string(p[:]) {
-		case "PG_", "DBL", "LO_", "TXI", "QUE", "CUR":
+		case "PG_", "DBL", "LO_", "TXI", "QUE", "CUR", "RUN", "REM", "SER", "VER", "KEY", "AUD", "ASY", "GRO":
 			for _, sp := range sideEffectPrefix {
 				if n >= len(sp.prefix) && strings.EqualFold(w[:len(sp.prefix)], sp.prefix) {
 					return bits | sp.bits
