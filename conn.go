@@ -306,6 +306,15 @@ func (c *conn) noteTxControl(query string) {
 // ExecContext reports the call to an OperationObserver when there is one
 // (not sqlretry's own short-wait statements, as no statement of its own is).
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if c.tx == nil && inClosure() {
+		res, err := c.execObserved(ctx, query, args)
+		c.noteEscape(query, err)
+		return res, err
+	}
+	return c.execObserved(ctx, query, args)
+}
+
+func (c *conn) execObserved(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
 	if o := c.r.operations(); o != nil && !isShortWaitQuery(query) {
 		op := Operation{Op: "exec", Query: query, InTx: c.tx != nil, Dialect: c.r.dialect}
 		return observed(ctx, o, op, func(ctx context.Context) (driver.Result, error) { return c.execContext(ctx, query, args) })
@@ -359,6 +368,15 @@ func (c *conn) execContext(ctx context.Context, query string, args []driver.Name
 // QueryContext reports the call to an OperationObserver when there is one
 // (not sqlretry's own short-wait statement, as no statement of its own is).
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if c.tx == nil && inClosure() {
+		rows, err := c.queryObserved(ctx, query, args)
+		c.noteEscape(query, err)
+		return rows, err
+	}
+	return c.queryObserved(ctx, query, args)
+}
+
+func (c *conn) queryObserved(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
 	if o := c.r.operations(); o != nil && !isShortWaitQuery(query) {
 		op := Operation{Op: "query", Query: query, InTx: c.tx != nil, Dialect: c.r.dialect}
 		return observed(ctx, o, op, func(ctx context.Context) (driver.Rows, error) { return c.queryContext(ctx, query, args) })
@@ -558,6 +576,23 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 	return c.tx, nil
 }
 
+// noteEscape: a statement outside any transaction of sqlretry's, run in
+// an attempt's closure (a write through the outer *sql.DB, or another
+// db of sqlretry's), that may have written and committed by itself: the
+// attempt must not be replayed, or it runs again (noteCommit; a hostile
+// review found the audit row of such a closure written twice,
+// 2026-12-02). A plain read is not one; a SELECT of a function of your
+// own with side effects looks like one (mark it NotIdempotent).
+func (c *conn) noteEscape(query string, err error) {
+	if err != nil && !errors.Is(err, ErrAmbiguousCommit) {
+		return
+	}
+	if c.isReadQuery(query) {
+		return
+	}
+	noteCommit()
+}
+
 // noteRole forgets the session's refusal of the short-wait bound
 // (boundRefusedAt) at a statement that may change its role: "role" with
 // "set" (SET ROLE, RESET ROLE, set_config('role', ...), a function
@@ -671,6 +706,15 @@ func (s *stmt) Query(args []driver.Value) (driver.Rows, error) {
 
 // ExecContext reports the call to an OperationObserver when there is one.
 func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	if s.c.tx == nil && inClosure() {
+		res, err := s.execObserved(ctx, args)
+		s.c.noteEscape(s.query, err)
+		return res, err
+	}
+	return s.execObserved(ctx, args)
+}
+
+func (s *stmt) execObserved(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
 	if o := s.c.r.operations(); o != nil {
 		op := Operation{Op: "stmt.exec", Query: s.query, InTx: s.c.tx != nil, Dialect: s.c.r.dialect}
 		return observed(ctx, o, op, func(ctx context.Context) (driver.Result, error) { return s.execContext(ctx, args) })
@@ -712,6 +756,15 @@ func (s *stmt) execContext(ctx context.Context, args []driver.NamedValue) (drive
 
 // QueryContext reports the call to an OperationObserver when there is one.
 func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	if s.c.tx == nil && inClosure() {
+		rows, err := s.queryObserved(ctx, args)
+		s.c.noteEscape(s.query, err)
+		return rows, err
+	}
+	return s.queryObserved(ctx, args)
+}
+
+func (s *stmt) queryObserved(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
 	if o := s.c.r.operations(); o != nil {
 		op := Operation{Op: "stmt.query", Query: s.query, InTx: s.c.tx != nil, Dialect: s.c.r.dialect}
 		return observed(ctx, o, op, func(ctx context.Context) (driver.Rows, error) { return s.queryContext(ctx, args) })

@@ -428,6 +428,11 @@ func (t *tx) Commit() error {
 	if a != nil {
 		a.commitErr = err
 		a.ended.Store(endCommitted)
+	} else if err == nil || errors.Is(err, ErrAmbiguousCommit) {
+		// A transaction of its own (db.BeginTx on the outer *sql.DB)
+		// committed inside an attempt's closure: that attempt must not be
+		// replayed (noteCommit; hostile review 2026-12-02).
+		noteCommit()
 	}
 	return err
 }
@@ -970,8 +975,29 @@ func (r *retrier) runInTxObserved(ctx context.Context, db *sql.DB, txOpts *sql.T
 	if o := r.operations(); o != nil { // the whole call, its replays included, is one operation
 		op := Operation{Op: "tx", Dialect: r.dialect}
 		ctx = o.StartOperation(ctx, op)
-		defer func() { o.EndOperation(ctx, op, err) }()
+		returned := false
+		defer func() {
+			if !returned {
+				// The closure panicked (or called runtime.Goexit): the
+				// operation failed; the panic goes on.
+				o.EndOperation(ctx, op, errClosurePanicked)
+				return
+			}
+			o.EndOperation(ctx, op, err)
+		}()
+		err = r.runInTxFallback(ctx, db, txOpts, fn, sees)
+		returned = true
+		return err
 	}
+	return r.runInTxFallback(ctx, db, txOpts, fn, sees)
+}
+
+// errClosurePanicked is what an OperationObserver is told of a RunInTx
+// whose closure panicked or called runtime.Goexit.
+var errClosurePanicked = errors.New("sqlretry: the closure panicked")
+
+// runInTxFallback is runInTx with the fallback for ErrCircuitOpen.
+func (r *retrier) runInTxFallback(ctx context.Context, db *sql.DB, txOpts *sql.TxOptions, fn func(context.Context, *sql.Tx) error, sees bool) (err error) {
 	if fb := r.cfg.fallback; fb != nil {
 		defer func() {
 			if errors.Is(err, ErrCircuitOpen) {
@@ -1108,6 +1134,13 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			err = fmt.Errorf("%w (then: %w)", o.cause, err)
 		}
 		if outer != nil {
+			if ctx.Value(keyNoRetry) != nil {
+				// The caller asked for one run: a give-up, final for the
+				// outer RunInTx too (an *Error; the raw error would be
+				// replayed by it).
+				r.counters.giveUps.Add(1)
+				return newError("tx", attempt, cls, nil, err)
+			}
 			// Nested: one run; a replay is the outer RunInTx's.
 			if o.replay {
 				outer.rareState().nested = &nestedReplay{err: err, cause: o.cause}
