@@ -556,25 +556,8 @@ func TestFailoverProofAddsNoRoundTrip(t *testing.T) {
 // the refused question aborted the transaction before COMMIT, so it is
 // replayed once and the question without the proof is asked from then on.
 func TestFailoverProofRefusedFallsBack(t *testing.T) {
-	srv := newFakeServer()
-	l := newFakePGLife(150000)
-	srv.pgLife = l
-	srv.pgAborts = true
-	db, _ := testDB(t, srv)
-	db.SetMaxOpenConns(1)
-	run := func() (int, error) {
-		calls := 0
-		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
-			calls++
-			_, err := tx.ExecContext(ctx, "INSERT INTO t VALUES (1)")
-			return err
-		})
-		return calls, err
-	}
-	if _, err := run(); err != nil { // learns the version
-		t.Fatal(err)
-	}
-	srv.script(pgAskXIDProof13, step{err: &pgError{"42501", "permission denied for function pg_logical_emit_message"}})
+	srv, l, run := proofRefusedBed(t, "INSERT INTO t VALUES (1)")
+	srv.script(pgAskXIDProof13, step{err: errProofRefused()})
 	calls, err := run()
 	if err != nil || calls != 2 {
 		t.Fatalf("calls=%d err=%v; want one replay, then success", calls, err)
@@ -600,30 +583,13 @@ func TestFailoverProofRefusedCrashCycle(t *testing.T) {
 		committed bool
 		want      string
 	}{
-		{"a recovery since the server started, the id committed (ours, or another's after the crash): ambiguous", true, false, "ambiguous"},
+		{"a recovery since the connection asked, the id committed (ours, or another's after the crash): ambiguous", true, false, "ambiguous"},
 		{"the same, our commit durable: ambiguous", true, true, "ambiguous"},
-		{"no recovery since the server started: committed", false, true, "committed"},
+		{"no recovery since the connection asked: committed", false, true, "committed"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			srv := newFakeServer()
-			l := newFakePGLife(150000)
-			srv.pgLife = l
-			srv.pgAborts = true
-			db, _ := testDB(t, srv)
-			db.SetMaxOpenConns(1)
-			run := func() (int, error) {
-				calls := 0
-				err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
-					calls++
-					_, err := tx.ExecContext(ctx, "INSERT INTO ledger VALUES ('op-1')")
-					return err
-				})
-				return calls, err
-			}
-			if _, err := run(); err != nil { // learns the version
-				t.Fatal(err)
-			}
-			srv.script(pgAskXIDProof13, step{err: &pgError{"42501", "permission denied for function pg_logical_emit_message"}})
+			srv, l, run := proofRefusedBed(t, "INSERT INTO ledger VALUES ('op-1')")
+			srv.script(pgAskXIDProof13, step{err: errProofRefused()})
 			if _, err := run(); err != nil { // refused, replayed without the proof
 				t.Fatal(err)
 			}
@@ -650,4 +616,36 @@ func TestFailoverProofRefusedCrashCycle(t *testing.T) {
 			}
 		})
 	}
+}
+
+// proofRefusedBed is a PostgreSQL 15 fake on one connection whose server
+// aborts a transaction at a failed statement, and run, a RunInTx of stmt
+// that says how often its closure ran; a first run has taught the version.
+func proofRefusedBed(t *testing.T, stmt string) (*fakeServer, *fakePGLife, func() (int, error)) {
+	t.Helper()
+	srv := newFakeServer()
+	l := newFakePGLife(150000)
+	srv.pgLife = l
+	srv.pgAborts = true
+	db, _ := testDB(t, srv)
+	db.SetMaxOpenConns(1)
+	run := func() (int, error) {
+		calls := 0
+		err := RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			calls++
+			_, err := tx.ExecContext(ctx, stmt)
+			return err
+		})
+		return calls, err
+	}
+	if _, err := run(); err != nil {
+		t.Fatal(err)
+	}
+	return srv, l, run
+}
+
+// errProofRefused is the server's refusal of the question with the proof
+// to a role that may not run pg_logical_emit_message.
+func errProofRefused() error {
+	return &pgError{"42501", "permission denied for function pg_logical_emit_message"}
 }
