@@ -106,13 +106,12 @@ type conn struct {
 	serverID    int64 // PostgreSQL backend pid / MySQL connection id, 0 until asked
 	serverStart int64 // PostgreSQL server start time, µs, asked with serverID
 	// serverReplay: where the PostgreSQL server's last recovery ended (0:
-	// none since it started), asked with serverStart when serverReplayKnown.
-	// Without the WAL proof it tells a recovery since (a crash cycle keeps
-	// the start time) from one before the connection asked.
-	serverReplay      uint64
-	serverReplayKnown bool
-	mysqlServer       mysqlServer // the MySQL server the session runs on, asked with serverID (resolve.go)
-	noMarker          bool        // MySQL: the session may not write the commit marker a new one may (markerRefused)
+	// none since it started; replayUnknown: the question did not ask),
+	// set with serverStart. Without the WAL proof it tells a recovery since (a crash
+	// cycle keeps the start time) from one before the connection asked.
+	serverReplay uint64
+	mysqlServer  mysqlServer // the MySQL server the session runs on, asked with serverID (resolve.go)
+	noMarker     bool        // MySQL: the session may not write the commit marker a new one may (markerRefused)
 	// boundRefusedAt: when this session was refused the short-wait bound's
 	// SET (42501) on a db whose bound other sessions did set: a role of
 	// the session's own (SET ROLE) may not set it. Its replays run

@@ -1005,7 +1005,7 @@ func (r *retrier) resolveCommit(ctx context.Context, t *tx) CommitOutcome {
 			by = "the transaction id and its WAL position"
 		}
 		check = func(ctx context.Context, dc driver.Conn) (CommitOutcome, error) {
-			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule, unseenLife, t.c.serverReplay, t.c.serverReplayKnown)
+			return pgCheckCommit(ctx, dc, t.xid, t.c.serverID, t.c.serverStart, t.mark, &rule, unseenLife, t.c.serverReplay)
 		}
 	case r.dialect == DialectMySQL && t.token != nil:
 		by = "the commit marker"
@@ -1110,10 +1110,22 @@ const (
 
 // pgNoProofNow is the answer of pgNoProofLifeQuery.
 type pgNoProofNow struct {
-	start       int64
-	inRecovery  bool
-	replay      uint64
-	replayKnown bool // false: the role may not ask for it
+	start      int64
+	inRecovery bool
+	replay     uint64 // replayUnknown: the role may not ask for it
+}
+
+// replayUnknown is a replay position nobody asked for (conn.serverReplay,
+// pgNoProofNow.replay); 0 is a server that started without recovery.
+const replayUnknown = ^uint64(0)
+
+// replayAt is the replay position in column i of an answer, replayUnknown
+// where the question did not ask for it.
+func replayAt(vals []driver.Value, i int) uint64 {
+	if len(vals) > i {
+		return lsnValue(vals[i])
+	}
+	return replayUnknown
 }
 
 // pgAskLifeNoProof asks pgNoProofLifeQuery, or pgNoProofStartQuery where
@@ -1135,12 +1147,11 @@ func pgAskLifeNoProof(ctx context.Context, dc driver.Conn) (pgNoProofNow, error)
 	if len(vals) < 2 || (known && len(vals) < 3) {
 		return pgNoProofNow{}, errors.New("sqlretry: the server's start time query returned too few columns")
 	}
-	n := pgNoProofNow{start: asInt64(vals[0]), replayKnown: known}
-	if rec, ok := vals[1].(bool); ok {
-		n.inRecovery = rec
-	} else {
+	rec, ok := vals[1].(bool)
+	if !ok {
 		return pgNoProofNow{}, fmt.Errorf("sqlretry: pg_is_in_recovery() answered %T", vals[1])
 	}
+	n := pgNoProofNow{start: asInt64(vals[0]), inRecovery: rec, replay: replayUnknown}
 	if known {
 		n.replay = lsnValue(vals[2])
 	}
@@ -1153,11 +1164,11 @@ func pgAskLifeNoProof(ctx context.Context, dc driver.Conn) (pgNoProofNow, error)
 // always moves it on: each recovery replays at least the checkpoint the
 // one before ended with), or either is not known, and then any recovery
 // in the server's life counts.
-func pgNoProofRecovered(now pgNoProofNow, replay uint64, replayKnown bool) bool {
+func pgNoProofRecovered(now pgNoProofNow, replay uint64) bool {
 	switch {
-	case !now.replayKnown:
+	case now.replay == replayUnknown:
 		return true
-	case !replayKnown:
+	case replay == replayUnknown:
 		return now.replay != 0
 	}
 	return now.replay != replay
@@ -1181,7 +1192,7 @@ func pgNoProofRecovered(now pgNoProofNow, replay uint64, replayKnown bool) bool 
 //
 // unseenLife: an earlier question of this resolution reached a server that
 // had finished recovery and lost the connection before it answered.
-func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string, unseenLife bool, replay uint64, replayKnown bool) (CommitOutcome, error) {
+func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m pgMark, rule *string, unseenLife bool, replay uint64) (CommitOutcome, error) {
 	restarted, proven, beyond := false, false, false
 	recoveredNoProof := false // no proof, the same start time, a recovery since the server started
 	unseen := false           // proven by the replay position, doubted for an unseen life
@@ -1232,7 +1243,7 @@ func pgCheckCommit(ctx context.Context, dc driver.Conn, xid, pid, start int64, m
 			return CommitUnknown, nil
 		}
 		restarted = n.start != start
-		recoveredNoProof = !restarted && pgNoProofRecovered(n, replay, replayKnown)
+		recoveredNoProof = !restarted && pgNoProofRecovered(n, replay)
 	}
 	st, err := pgAskStatus(ctx, dc, xid, pid)
 	if err != nil {

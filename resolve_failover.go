@@ -193,15 +193,11 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 	t.mark = pgMark{}
 	if !proof {
 		if ask && len(vals) >= 3 {
-			c.serverID, c.serverStart = asInt64(vals[1]), asInt64(vals[2])
-			c.serverReplay, c.serverReplayKnown = 0, false
+			c.serverID, c.serverStart, c.serverReplay = asInt64(vals[1]), asInt64(vals[2]), replayAt(vals, 4)
 			if len(vals) > 3 {
 				if v := asInt64(vals[3]); v > 0 {
 					r.resolution.pgVersion.CompareAndSwap(0, v)
 				}
-			}
-			if len(vals) > 4 {
-				c.serverReplay, c.serverReplayKnown = lsnValue(vals[4]), true
 			}
 		}
 		return
@@ -213,15 +209,11 @@ func (t *tx) pgTakeAnswer(vals []driver.Value, ask, proof bool) {
 	if !ask || len(vals) < 4 {
 		return
 	}
-	c.serverID, c.serverStart = asInt64(vals[2]), asInt64(vals[3])
-	c.serverReplay, c.serverReplayKnown = 0, false
-	if len(vals) >= 7 {
-		// Kept for the question without the proof, should the role be
-		// refused it later.
-		c.serverReplay, c.serverReplayKnown = lsnValue(vals[6]), true
-	}
+	// The replay position is kept for the question without the proof too,
+	// should the role be refused it later.
+	c.serverID, c.serverStart, c.serverReplay = asInt64(vals[2]), asInt64(vals[3]), replayAt(vals, 6)
 	if lsn != 0 && len(vals) >= 7 {
-		h := pgMark{sys: asInt64(vals[4]), start: asInt64(vals[3]), replay: lsnValue(vals[6]), lsn: lsn}
+		h := pgMark{sys: asInt64(vals[4]), start: asInt64(vals[3]), replay: c.serverReplay, lsn: lsn}
 		h.tli, _ = parseHexInt(vals[5])
 		if h.sys != 0 && h.tli != 0 && h.start != 0 {
 			t.mark = h

@@ -262,6 +262,13 @@ func (r *retrier) giveUp(ctx context.Context, op string, attempts int, cls Class
 	if attempts <= 1 {
 		return err
 	}
+	return r.giveUpFinal(ctx, op, attempts, cls, err, why)
+}
+
+// giveUpFinal is a give-up that is an *Error even after one attempt: the
+// driver's own error would be run again (by database/sql where it matches
+// ErrBadConn, by an outer RunInTx where it is retryable).
+func (r *retrier) giveUpFinal(ctx context.Context, op string, attempts int, cls Class, err error, why string) error {
 	r.counters.giveUps.Add(1)
 	r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempts, Class: cls, Err: err, Reason: why})
 	return newError(op, attempts, cls, nil, err)
@@ -394,6 +401,16 @@ func decideAutocommit(cls Class, err error, safeToRerun, atomic bool, manual man
 		return actAmbiguous
 	}
 	return actSurface
+}
+
+// autocommitAction is decideAutocommit for a statement of c that failed
+// with err (cls): the text is read only where the row needs it (a re-run
+// after a lost connection, one after a rollback or a refusal).
+func (c *conn) autocommitAction(ctx context.Context, cls Class, err error, query string, isQuery bool) action {
+	d := c.r.dialect
+	return decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, d, query, isQuery),
+		(cls == RetryStatement || cls == RetryTransaction || cls == Unavailable && !errors.Is(err, driver.ErrBadConn)) && rolledBackWhole(ctx, d, query),
+		c.manualFor(query))
 }
 
 // manualState is what decideAutocommit needs of a session opened by hand.
@@ -546,20 +563,16 @@ func runStatement[T any](ctx context.Context, c *conn, t ticket, op, query strin
 		if ctx.Value(keyNoRetry) != nil {
 			return zero, err
 		}
-		act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery),
-			(cls == RetryStatement || cls == RetryTransaction || cls == Unavailable && !errors.Is(err, driver.ErrBadConn)) && rolledBackWhole(ctx, r.dialect, query),
-			c.manualFor(query))
+		act := c.autocommitAction(ctx, cls, err, query, isQuery)
 		switch act {
 		case actSurface:
 			if errors.Is(err, driver.ErrBadConn) {
-				// A transaction opened by hand died with its session: the
-				// error must not match ErrBadConn, or database/sql runs the
-				// statement on a new connection, outside it.
+				// A session not in autocommit (a transaction opened by
+				// hand) died with its connection: the error must not match
+				// ErrBadConn, or database/sql runs the statement on a new
+				// connection, outside the transaction.
 				c.bad.Store(true)
-				why := "the transaction opened by hand on this connection was lost with it"
-				r.counters.giveUps.Add(1)
-				r.observe(ctx, Event{Kind: EventGiveUp, Op: op, Attempt: attempt, Class: cls, Err: err, Reason: why})
-				return zero, newError(op, attempt, cls, nil, err)
+				return zero, r.giveUpFinal(ctx, op, attempt, cls, err, "the session's transaction (opened by hand) was lost with the connection")
 			}
 			if cls == ConnectionLost {
 				c.bad.Store(true)

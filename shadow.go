@@ -106,9 +106,7 @@ func shadowStatement[T any](ctx context.Context, c *conn, op, query string, isQu
 	}
 	cls := r.classify(err)
 	r.breaker.done(t, breakerOutcome(cls, err))
-	act := decideAutocommit(cls, err, cls >= ConnectionLost && safeToRerun(ctx, r.dialect, query, isQuery),
-		(cls == RetryStatement || cls == RetryTransaction || cls == Unavailable && !errors.Is(err, driver.ErrBadConn)) && rolledBackWhole(ctx, r.dialect, query),
-		c.manualFor(query))
+	act := c.autocommitAction(ctx, cls, err, query, isQuery)
 	switch act {
 	case actRetryHere:
 		d := r.wouldPause(ctx)

@@ -1288,7 +1288,8 @@ func (r *retrier) runAttempt(ctx context.Context, o *txOutcome, lim *txLimiter, 
 		// Only the attempt's own bound statement, which fails before its
 		// closure runs (phaseBegin): a closure's error that wraps another
 		// db's refusal (a RunInTx of its own inside) is the closure's.
-		refused, stale := o.phase == phaseBegin && r.shortWaitRefused(o.err), o.phase == phaseBegin && staleStatement(o.err)
+		own := o.phase == phaseBegin
+		refused, stale := own && r.shortWaitRefused(o.err), own && staleStatement(o.err)
 		mustFirst = !refused && att.byClosure == 0 && !att.escaped && !nestedCommitSince(att.seq) &&
 			att.first != nil && ErrorCode(att.first) == "25001"
 		roleRefused = refused && r.shortWait.roleRefusal(o.err, r.clock)
