@@ -232,6 +232,17 @@ func crash(replayDelta int64) func(l *fakePGLife, xid int64) {
 	}
 }
 
+// crashCycle is a crash restart that keeps the postmaster (a backend
+// killed: every session ends, crash recovery runs, the start time stays):
+// its recovery ended replayDelta bytes after the end of the lost
+// transaction's WAL record; it writes on from there.
+func crashCycle(replayDelta int64) func(l *fakePGLife, xid int64) {
+	return func(l *fakePGLife, _ int64) {
+		l.replay = lsnText(uint64(int64(l.wal) + replayDelta))
+		l.wal += 0x1000
+	}
+}
+
 // forkAt promotes the server n timelines on, in a life that started after
 // the connection asked (so that its start time proves nothing); its
 // history leaves the transaction's timeline delta bytes after the end of
@@ -311,15 +322,13 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) { return crash(+0x30) }, "ambiguous"},
 		{"PostgreSQL 9.6 (no proof): a crash restart that kept the postmaster (a backend killed: the same start time), the record lost and the id reused by a commit: ambiguous", 90600, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
-				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal - 0x20); l.wal += 0x1000 }, setStatus(srv, "committed"))
+				return both(crashCycle(-0x20), setStatus(srv, "committed"))
 			}, "ambiguous"},
 		{"PostgreSQL 9.6 (no proof): the same, the commit durable: ambiguous (the same start time cannot tell the two apart)", 90600, true,
-			func(srv *fakeServer) func(*fakePGLife, int64) {
-				return func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal + 0x30); l.wal += 0x1000 }
-			}, "ambiguous"},
+			func(srv *fakeServer) func(*fakePGLife, int64) { return crashCycle(+0x30) }, "ambiguous"},
 		{"PostgreSQL 9.6 (no proof): a crash restart that kept the postmaster, the record lost, the id not handed out again (in the future): replayed", 90600, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
-				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal - 0x20); l.wal += 0x1000 }, setStatus(srv, "future"))
+				return both(crashCycle(-0x20), setStatus(srv, "future"))
 			}, "replayed"},
 		{"PostgreSQL 9.6 (no proof): a restart, the record lost, the id in the future: replayed", 90600, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) { return both(crash(-0x20), setStatus(srv, "future")) }, "replayed"},
@@ -327,7 +336,7 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) { return nil }, "committed"},
 		{"PostgreSQL 9.6 (no proof): a crash restart that kept the postmaster, the id aborted: replayed", 90600, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
-				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal - 0x20); l.wal += 0x1000 }, setStatus(srv, "aborted"))
+				return both(crashCycle(-0x20), setStatus(srv, "aborted"))
 			}, "replayed"},
 		{"clean restart (no recovery), same timeline: committed", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
@@ -359,12 +368,10 @@ func TestFailoverResolutionDecisions(t *testing.T) {
 			func(srv *fakeServer) func(*fakePGLife, int64) { return both(promote(2, +0x30), refused) }, "ambiguous"},
 		{"a crash restart that kept the postmaster (a backend killed: same start time), recovery ended before the record, the id reused: replayed", 150000, false,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
-				return both(func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal - 0x20); l.wal += 0x1000 }, setStatus(srv, "committed"))
+				return both(crashCycle(-0x20), setStatus(srv, "committed"))
 			}, "replayed"},
 		{"the same, recovery past the record, committed: committed", 150000, true,
-			func(srv *fakeServer) func(*fakePGLife, int64) {
-				return func(l *fakePGLife, _ int64) { l.replay = lsnText(l.wal + 0x30); l.wal += 0x1000 }
-			}, "committed"},
+			func(srv *fakeServer) func(*fakePGLife, int64) { return crashCycle(+0x30) }, "committed"},
 		{"a server without recovery on another timeline: ambiguous", 150000, true,
 			func(srv *fakeServer) func(*fakePGLife, int64) {
 				return func(l *fakePGLife, _ int64) { l.start += 1; l.tli++ }

@@ -420,17 +420,8 @@ func TestShortDeadlockCheckRefusalsBeforeAnyBoundStayTheSessions(t *testing.T) {
 // an hour; it asks again after that (attack23: a revoked grant was asked
 // at nearly every replay, on every new session).
 func TestShortDeadlockCheckRepeatedRefusalsPauseTheDb(t *testing.T) {
-	w := &deadlockChecks{deadlockMS: 1000}
-	srv := newFakeServer()
-	srv.pgAborts = true
-	w.install(srv)
-	db, clock := testDB(t, srv)
-	db.SetMaxOpenConns(1)
-	sets := func() int {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		return w.shows
-	}
+	srv, db, clock, w := roleRefusalDB(t)
+	sets := w.showCount
 	replay := func() { t.Helper(); deadlockReplay(t, srv, db) }
 	replay() // a bound set: the grant was there
 	for range 40 {
