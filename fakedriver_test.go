@@ -306,7 +306,7 @@ func (c *fakeConn) run(ctx context.Context, q string) error {
 	if c.srv.pgLife.owns(q) {
 		return nil
 	}
-	if q == pgAskXID || q == pgAskXIDAndServer || q == "SELECT "+pgStartTime || q == pgNoProofLifeQuery || q == "SELECT txid_status($1)" ||
+	if q == pgAskXID || q == pgAskXIDAndServer || q == pgAskXIDAndServerBare || q == "SELECT "+pgStartTime || q == pgNoProofLifeQuery || q == "SELECT txid_status($1)" ||
 		q == pgStatusQuery || strings.HasPrefix(q, "SELECT pg_current_wal_flush_lsn()") || strings.Contains(q, "FROM pg_catalog.pg_stat_replication") {
 		return nil
 	}
@@ -387,7 +387,7 @@ func (c *fakeConn) QueryContext(ctx context.Context, q string, args []driver.Nam
 		}
 	}
 	switch q {
-	case pgAskXID, pgAskXIDAndServer:
+	case pgAskXID, pgAskXIDAndServer, pgAskXIDAndServerBare:
 		var xid driver.Value // NULL: in recovery
 		if !c.srv.inRecovery {
 			if c.xid == 0 && strings.Contains(q, "txid_current()") { // it assigns one

@@ -54,7 +54,7 @@ func (l *fakePGLife) owns(q string) bool {
 		return false
 	}
 	switch q {
-	case pgAskXID, pgAskXIDAndServer, pgAskXIDProof13, pgAskXIDProof13AndServer, pgAskXIDProof10, pgAskXIDProof10AndServer,
+	case pgAskXID, pgAskXIDAndServer, pgAskXIDAndServerBare, pgAskXIDProof13, pgAskXIDProof13AndServer, pgAskXIDProof10, pgAskXIDProof10AndServer,
 		pgServerNowQuery, "SELECT " + pgStartTime, pgNoProofLifeQuery, pgNoProofStartQuery, pgHistoryFileQuery, pgWALSizesQuery, pgWALReadQuery:
 		return true
 	}
@@ -151,6 +151,10 @@ func (l *fakePGLife) answer(c *fakeConn, q string, args []driver.NamedValue) (dr
 			replay = l.lsnAnswer(q, l.replay)
 		}
 		row := append(append([]driver.Value{assign()}, server...), replay)
+		return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
+	case pgAskXIDAndServerBare:
+		l.asked = append(l.asked, q)
+		row := append([]driver.Value{assign()}, server...)
 		return &fakeRows{cols: make([]string, len(row)), data: [][]driver.Value{row}}, true
 	case pgServerNowQuery:
 		if l.nowFails > 0 {

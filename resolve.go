@@ -66,7 +66,13 @@ const pgAskXID = "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL " +
 // known or below PostgreSQL 10) for the backend pid,
 // the server's start time and its version (which picks the question with
 // the proof of resolve_failover.go from then on).
-const pgAskXIDAndServer = pgAskXID + pgServerInfo + ", " + pgReplayCol
+// With it, where the last recovery ended (conn.serverReplay); without it
+// (pgAskXIDAndServerBare) where the role may not ask that or the server
+// lacks the function (pgReplayRefused).
+const (
+	pgAskXIDAndServer     = pgAskXIDAndServerBare + ", " + pgReplayCol
+	pgAskXIDAndServerBare = pgAskXID + pgServerInfo
+)
 
 // prepareResolution runs inside the transaction, just before COMMIT. Its
 // errors never replay the transaction for their own sake (issue 15): a
@@ -79,7 +85,7 @@ func (t *tx) prepareResolution() error {
 		q, ask, proof := r.pgAskQuery(c)
 		vals, err := queryRow(t.ctx, c.inner, q)
 		if err != nil {
-			return t.questionFailed(err, proof)
+			return t.questionFailed(q, err, proof)
 		}
 		t.pgTakeAnswer(vals, ask, proof)
 	case r.dialect == DialectMySQL && r.cfg.mysqlMarker != "" && !r.resolution.markerOff.Load():

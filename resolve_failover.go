@@ -171,6 +171,9 @@ func (r *retrier) pgAskQuery(c *conn) (q string, ask, proof bool) {
 		q, ask = pgAskXID, c.serverID == 0
 		if ask {
 			q = pgAskXIDAndServer
+			if r.resolution.pgNoReplay.Load() {
+				q = pgAskXIDAndServerBare
+			}
 		}
 	case v >= pgXid8Version:
 		q, ask = pgAskXIDProof13AndServer, true // the server's life, every time (pgHistoryID)
@@ -241,6 +244,29 @@ func (r *retrier) pgProofRefused(err error) bool {
 		return true
 	}
 	return false
+}
+
+// pgReplayRefused: the server refuses pg_last_wal_replay_lsn in the
+// question without the proof (EXECUTE revoked from the role, an engine
+// without it): the question goes without it from now on, and a connection
+// records no replay position (replayUnknown: any recovery in the server's
+// life then makes a "committed" ambiguous, pgNoProofRecovered). A 42501
+// for another function of the question comes back from the question
+// without it, and fails there as it did before the column.
+func (r *retrier) pgReplayRefused(err error) bool {
+	switch ErrorCode(err) {
+	case "42883", "0A000":
+		// Only where the function missing is this one: an engine without
+		// the txid functions turns the question off at once (lacksFunction).
+		if !strings.Contains(err.Error(), "replay_lsn") {
+			return false
+		}
+	case "42501":
+	default:
+		return false
+	}
+	r.resolution.pgNoReplay.Store(true)
+	return true
 }
 
 // pgNow is one answer of pgServerNowQuery.

@@ -89,7 +89,7 @@ func (t *tx) commitInOneFlight(f CommitFlight) error {
 		// The server refused the question; the COMMIT after it in the same
 		// message did not run (TestPostgresOneFlightQuestionErrorSkipsCommit).
 		_ = t.rollback()
-		return t.questionFailed(askErr, proof)
+		return t.questionFailed(q, askErr, proof)
 	case row == nil:
 		// The question's answer was lost: the id is unknown and the COMMIT
 		// may have run. commitFailed finds no id to ask by: ambiguous,
@@ -110,10 +110,15 @@ func (t *tx) commitInOneFlight(f CommitFlight) error {
 
 // questionFailed is prepareResolution's answer to a question the server
 // refused: the transaction was aborted before COMMIT.
-func (t *tx) questionFailed(err error, proof bool) error {
+func (t *tx) questionFailed(q string, err error, proof bool) error {
 	r := t.c.r
 	if proof && r.pgProofRefused(err) {
 		// Replay once, without the proof from now on.
+		return newError("commit", 1, RetryTransaction, nil, err)
+	}
+	if q == pgAskXIDAndServer && r.pgReplayRefused(err) {
+		// Replay once, without the replay position from now on: the
+		// question asks nothing else the question before it did not.
 		return newError("commit", 1, RetryTransaction, nil, err)
 	}
 	if lacksFunction(err) {

@@ -46,6 +46,10 @@ type resolveState struct {
 	// pgVersion: server_version_num as a connection reported it, 0 until
 	// then, -1 when the proof of resolve_failover.go is refused.
 	pgVersion atomic.Int64
+	// pgNoReplay: the role may not run pg_last_wal_replay_lsn, or the
+	// server lacks it: the question without the proof goes without it
+	// (pgAskXIDAndServerBare).
+	pgNoReplay atomic.Bool
 
 	markerMu sync.Mutex
 	// markerName: the marker table, fully qualified and checked; nil

@@ -133,3 +133,39 @@ func TestNoProofCrashCycleCommittedIsAmbiguous(t *testing.T) {
 		t.Errorf("err %v, %d rows; want ErrAmbiguousCommit and no row (the id now names another transaction), or a replay", err, rows)
 	}
 }
+
+// A role refused pg_last_wal_replay_lsn as well as the proof (both revoked
+// from PUBLIC): the question before COMMIT falls back without the replay
+// position, once, and every transaction commits, as with the plain driver
+// (a hostile review found each COMMIT failing once the question carried
+// it, 2026-12-02).
+func TestNoProofReplayPositionRefusedCommits(t *testing.T) {
+	t.Parallel()
+	srv := ownServer(t, "pgx")
+	plain := openPlain(t, srv.DSN)
+	tbl := table(t, plain, "nprr")
+	mustExec(t, plain, "CREATE TABLE "+tbl+" (op text)",
+		"REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC",
+		"REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC",
+		"REVOKE EXECUTE ON FUNCTION pg_last_wal_replay_lsn() FROM PUBLIC",
+		"CREATE ROLE appnr LOGIN", "GRANT ALL ON "+tbl+" TO appnr")
+	db, err := sqlretry.Open("pgx", strings.Replace(srv.DSN, "postgres@", "appnr@", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := 0; i < 5; i++ {
+		op := fmt.Sprintf("op-%d", i)
+		if err := sqlretry.RunInTx(ctx, db, nil, func(ctx context.Context, tx *sql.Tx) error {
+			_, err := tx.ExecContext(ctx, "INSERT INTO "+tbl+" VALUES ($1)", op)
+			return err
+		}); err != nil {
+			t.Fatalf("transaction %d: %v", i, err)
+		}
+		if n := countRows(t, plain, tbl, op); n != 1 {
+			t.Fatalf("transaction %d: %d rows", i, n)
+		}
+	}
+}
