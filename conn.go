@@ -307,7 +307,7 @@ func (c *conn) noteTxControl(query string) {
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
 	if c.tx == nil && inClosure() {
 		res, err := c.execObserved(ctx, query, args)
-		c.noteEscape(query, err)
+		c.noteEscape(ctx, query, err)
 		return res, err
 	}
 	return c.execObserved(ctx, query, args)
@@ -369,7 +369,7 @@ func (c *conn) execContext(ctx context.Context, query string, args []driver.Name
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
 	if c.tx == nil && inClosure() {
 		rows, err := c.queryObserved(ctx, query, args)
-		c.noteEscape(query, err)
+		c.noteEscape(ctx, query, err)
 		return rows, err
 	}
 	return c.queryObserved(ctx, query, args)
@@ -580,13 +580,21 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, e
 // db of sqlretry's), that may have written and committed by itself: the
 // attempt must not be replayed, or it runs again (noteCommit; a hostile
 // review found the audit row of such a closure written twice,
-// 2026-12-02). A plain read is not one; a SELECT of a function of your
-// own with side effects looks like one (mark it NotIdempotent).
-func (c *conn) noteEscape(query string, err error) {
-	if err != nil && !errors.Is(err, ErrAmbiguousCommit) {
+// 2026-12-02). Not one: a statement that provably did not run (the
+// driver sent nothing; the server refused one atomic statement whole),
+// one marked Idempotent, a plain read unless marked NotIdempotent. A
+// failed CALL, a multi-statement text or a write lost with its connection
+// may have committed part of its work: one.
+func (c *conn) noteEscape(ctx context.Context, query string, err error) {
+	if err != nil && !errors.Is(err, ErrAmbiguousCommit) &&
+		(errors.Is(err, driver.ErrBadConn) || serverAnswered(err) && isAtomicStatement(c.r.dialect, query)) {
 		return
 	}
-	if c.isReadQuery(query) {
+	if v, ok := ctx.Value(keyIdempotent).(bool); ok {
+		if v {
+			return
+		}
+	} else if c.isReadQuery(query) {
 		return
 	}
 	noteCommit()
@@ -707,7 +715,7 @@ func (s *stmt) Query(args []driver.Value) (driver.Rows, error) {
 func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
 	if s.c.tx == nil && inClosure() {
 		res, err := s.execObserved(ctx, args)
-		s.c.noteEscape(s.query, err)
+		s.c.noteEscape(ctx, s.query, err)
 		return res, err
 	}
 	return s.execObserved(ctx, args)
@@ -757,7 +765,7 @@ func (s *stmt) execContext(ctx context.Context, args []driver.NamedValue) (drive
 func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
 	if s.c.tx == nil && inClosure() {
 		rows, err := s.queryObserved(ctx, args)
-		s.c.noteEscape(s.query, err)
+		s.c.noteEscape(ctx, s.query, err)
 		return rows, err
 	}
 	return s.queryObserved(ctx, args)
