@@ -92,7 +92,15 @@ func runInProcess(ctx context.Context, tg Target, sc Scenario, st Strategy, admi
 		}
 		defer stop()
 		if st.Wrapped {
-			dbs[i] = sqlretry.OpenDB(connector, st.Options...)
+			// CHAOS_TRACE: one log per replica (<prefix>-<strategy>-replicas-<n>x-r<i>.log).
+			tr := newTracer(fmt.Sprintf("%s-%s-%dx-r%d", st.Name, sc.Name, n, i))
+			defer tr.dump()
+			dbs[i] = sqlretry.OpenDB(connector, append(append([]sqlretry.Option(nil), st.Options...), tr.options()...)...)
+			if tr != nil {
+				stopWatch := make(chan struct{})
+				defer close(stopWatch)
+				go tr.watch(dbs[i], stopWatch)
+			}
 		} else {
 			dbs[i] = sql.OpenDB(connector)
 		}
