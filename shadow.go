@@ -210,7 +210,8 @@ func (r *retrier) shadowRunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxO
 	} else {
 		err = tx.Commit()
 	}
-	spreads := r.spread.db || r.spreads()
+	spreading := r.spreadsNow(r.txLimit) // PostgreSQL: while contention control is not engaged
+	spreads := r.spread.db || spreading
 	if err == nil || ctx.Err() != nil {
 		if err == nil && spreads && r.spread.p.Load() != 0 {
 			r.spreadOn(false)
@@ -228,7 +229,7 @@ func (r *retrier) shadowRunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxO
 		// ms where enforcing paused 28-752 ms).
 		if spreads && r.isConflict(err, cls) {
 			r.spreadOn(true)
-			if r.spreads() {
+			if spreading {
 				d = r.spreadReplay(ctx, d, since(r.clock, began), 1, nil)
 			}
 		}

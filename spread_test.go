@@ -255,3 +255,37 @@ func TestReplaySpreadOffOnPostgresWhileEngaged(t *testing.T) {
 		})
 	}
 }
+
+// Shadow mode reports the pause enforcement would take: on PostgreSQL with
+// contention control not engaged, the spread's (attack24: shadow mode once
+// reported the backoff's few ms where enforcing paused hundreds).
+func TestShadowReportsThePostgresSpreadWhileNotEngaged(t *testing.T) {
+	srv := newFakeServer()
+	log := &eventLog{}
+	db, clock := testDB(t, srv, WithObserver(log), withRand(0.99))
+	slow := func(ctx context.Context, tx *sql.Tx) error {
+		clock.Advance(10 * time.Millisecond)
+		return updateTx(ctx, tx)
+	}
+	for range 200 {
+		srv.script("UPDATE", step{err: errSerialize})
+		if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+			t.Fatal(err)
+		}
+	}
+	enforced := clock.Sleeps()[len(clock.Sleeps())-1]
+	if !SetShadow(db, true) {
+		t.Fatal("SetShadow")
+	}
+	srv.script("UPDATE", step{err: errSerialize})
+	if err := RunInTx(context.Background(), db, nil, slow); err == nil {
+		t.Fatal("shadow mode: want the conflict back")
+	}
+	ev := log.shadow()
+	if len(ev) != 1 || ev[0].Kind != EventRetry {
+		t.Fatalf("shadow events %+v, want one retry", ev)
+	}
+	if enforced < 50*time.Millisecond || ev[0].Delay < enforced/2 {
+		t.Fatalf("shadow mode reported a pause of %v where enforcing paused %v", ev[0].Delay, enforced)
+	}
+}
