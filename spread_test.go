@@ -289,3 +289,30 @@ func TestShadowReportsThePostgresSpreadWhileNotEngaged(t *testing.T) {
 		t.Fatalf("shadow mode reported a pause of %v where enforcing paused %v", ev[0].Delay, enforced)
 	}
 }
+
+// After a burst of conflicts the db's share of conflicting attempts goes
+// back to 0 with commits, not to a residue that keeps every commit
+// reading the clock and writing the db's shared spread state (integer
+// decay by 1/64 stopped at 63 of 2^20 before).
+func TestReplaySpreadShareReturnsToZero(t *testing.T) {
+	srv := newFakeServer()
+	db, _ := testDB(t, srv)
+	for range 50 {
+		srv.script("UPDATE", step{err: errSerialize})
+		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := retrierOf(db)
+	if r.spread.p.Load() == 0 {
+		t.Fatal("no share of conflicts after 50 conflicts")
+	}
+	for range 2000 {
+		if err := RunInTx(context.Background(), db, nil, updateTx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p := r.spread.p.Load(); p != 0 {
+		t.Fatalf("after 2000 commits the share of conflicts is %d of %d, want 0", p, spreadOne)
+	}
+}

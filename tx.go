@@ -1618,8 +1618,9 @@ func (r *retrier) spreadsNow(lim *txLimiter) bool {
 // but gave the slowest of 16 callers 0.32-0.53 of the fastest in
 // attack24's hot spots, against 0.49-0.70 with 100 and the loop's 0.75-0.85).
 const (
-	spreadOne = 1 << 20
-	spreadK   = 100
+	spreadOne   = 1 << 20
+	spreadK     = 100
+	spreadFloor = spreadOne >> 10 // p under about 0.1 % is taken as 0 (spreadOn)
 )
 
 // spreadState is the db's replay spread: p, its share of attempts that
@@ -1655,6 +1656,12 @@ func (r *retrier) spreadOn(conflict bool) {
 			x = spreadOne
 		}
 		nw := base + (x-base)/64
+		if nw < spreadFloor {
+			// A share this small spreads nothing worth a pause, and at 0
+			// a commit skips spreadOn: its clock read and the swap of
+			// last, a cache line every caller of the db writes.
+			nw = 0
+		}
 		if nw == old || r.spread.p.CompareAndSwap(old, nw) {
 			return
 		}
