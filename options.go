@@ -115,16 +115,22 @@ func WithContentionControl(on bool) Option {
 
 // WithReplaySpread turns the replay spread of RunInTx on or off. By
 // default it is on for MySQL and MariaDB, where InnoDB finds deadlocks at
-// once and contention control seldom engages, and off for PostgreSQL,
-// where contention control and short deadlock checks handle hot spots and
-// the spread helped across replicas but hurt one process in most runs. A
+// once and contention control seldom engages. On PostgreSQL, where
+// contention control and short deadlock checks handle a hot spot within
+// one process, it is on by default only while contention control is not
+// engaged and at least a fifth of the db's recent attempts conflicted
+// (other replicas of the application, whose conflicts no replica's
+// contention control can remove), and then pauses at most 250 ms; true
+// turns it on always, false off. A
 // replay after a conflict (a serialization failure, a deadlock, a
 // lock-wait timeout) waits the backoff's delay, or a random delay up to a
 // spread that grows with the db's recent share of attempts that conflicted
 // and with how long the attempt took, when that is longer: on a hot spot
 // the replays then spread out instead of colliding again, which also works
 // across replicas of an application (each sees the same share of
-// conflicts). The delay is shorter for a call's later replays, never
+// conflicts). A timeout that ended the attempt (statement, transaction or
+// idle-in-transaction timeout) is not a conflict and is not spread. The
+// delay is shorter for a call's later replays, never
 // takes more than a quarter of the time left to the caller's deadline,
 // and never goes past the backoff's MaxElapsed. It costs the callers of
 // one db some evenness: see the README.

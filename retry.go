@@ -88,6 +88,9 @@ func newRetrier(cfg config, inner driver.Connector, dialect Dialect) *retrier {
 	if cfg.contentionControl && inner != nil {
 		r.txLimit = &txLimiter{clock: cfg.clock}
 	}
+	// auto: PostgreSQL's default spread (spreadTracks), for the db: calls
+	// given WithReplaySpread(false) count in p too.
+	r.spread.auto = dialect == DialectPostgres && cfg.replaySpread && !cfg.replaySpreadSet && r.txLimit != nil
 	if cfg.breaker != nil {
 		r.breaker = newBreaker(*cfg.breaker, cfg.clock, cfg.rnd, func(from, to BreakerState) {
 			r.observe(context.Background(), Event{Kind: EventBreaker, Op: "breaker", BreakerFrom: from, BreakerTo: to})

@@ -210,8 +210,7 @@ func (r *retrier) shadowRunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxO
 	} else {
 		err = tx.Commit()
 	}
-	spreading := r.spreadsNow(r.txLimit) // PostgreSQL: while contention control is not engaged
-	spreads := r.spread.db || spreading
+	spreads, auto := r.spreadTracks(r.txLimit, true) // PostgreSQL: as if contention control were not engaged
 	if err == nil || ctx.Err() != nil {
 		if err == nil && spreads && r.spread.p.Load() != 0 {
 			r.spreadOn(false)
@@ -227,10 +226,10 @@ func (r *retrier) shadowRunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxO
 		// With the replay spread, the pause enforcement would take after
 		// a conflict (attack24: shadow mode reported the backoff's 0.2-4
 		// ms where enforcing paused 28-752 ms).
-		if spreads && r.isConflict(err, cls) {
+		if spreads && r.isConflict(err, cls) && timeoutOf(err) == 0 {
 			r.spreadOn(true)
-			if spreading {
-				d = r.spreadReplay(ctx, d, since(r.clock, began), 1, nil)
+			if r.spreading(auto) && timeoutOf(err) == 0 {
+				d = r.spreadReplayAuto(ctx, d, since(r.clock, began), 1, nil, auto)
 			}
 		}
 		r.wouldDo(ctx, Event{Kind: EventRetry, Op: "tx", Attempt: 1, Class: cls, Err: err, Delay: d,

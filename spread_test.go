@@ -3,6 +3,7 @@ package sqlretry
 import (
 	"context"
 	"database/sql"
+	"sync"
 	"testing"
 	"time"
 )
@@ -202,11 +203,13 @@ func TestReplaySpreadCountsEveryCallAndFavoursOldCalls(t *testing.T) {
 }
 
 // On PostgreSQL the spread is off by default while contention control is
-// engaged, and on while it is not: replicas of an application, whose
-// limiters let go of conflicts they cannot remove, replayed after the
-// backoff's few milliseconds and collided again (chaos replicas,
-// 2026-12-02: about 2 attempts per commit at 4 and 8 replicas). Here one
-// caller at a time, so the limiter never engages: the replays spread.
+// engaged, and on while it is not and conflicts are frequent: replicas of
+// an application, whose limiters let go of conflicts they cannot remove,
+// replayed after the backoff's few milliseconds and collided again (chaos
+// replicas, 2026-12-02: about 2 attempts per commit at 4 and 8 replicas).
+// Here one caller at a time, so the limiter never engages. Every call
+// conflicts once: the replays spread. One call in ten conflicts (a killed
+// session, a slow link): they do not.
 func TestReplaySpreadOnPostgresWhileContentionControlIsNotEngaged(t *testing.T) {
 	sleeps := spreadRunErr(t, 200, context.Background(), errSerialize, WithContentionControl(true))
 	long := 0
@@ -215,8 +218,8 @@ func TestReplaySpreadOnPostgresWhileContentionControlIsNotEngaged(t *testing.T) 
 			long++
 		}
 	}
-	if long < 50 {
-		t.Fatalf("delays over 50 ms on PostgreSQL with contention control not engaged: %d of the last 100, want most", long)
+	if long < 20 {
+		t.Fatalf("delays over 50 ms on PostgreSQL with contention control not engaged and every call conflicting: %d of the last 100, want many", long)
 	}
 	off := spreadRunErr(t, 200, context.Background(), errSerialize, WithContentionControl(true), WithReplaySpread(false))
 	for _, d := range off {
@@ -224,28 +227,54 @@ func TestReplaySpreadOnPostgresWhileContentionControlIsNotEngaged(t *testing.T) 
 			t.Fatalf("a delay of %v with WithReplaySpread(false): the spread must stay off", d)
 		}
 	}
+
+	srv := newFakeServer()
+	db, clock := testDB(t, srv)
+	slow := func(ctx context.Context, tx *sql.Tx) error {
+		clock.Advance(10 * time.Millisecond)
+		return updateTx(ctx, tx)
+	}
+	for i := range 400 {
+		if i%10 == 0 {
+			srv.script("UPDATE", step{err: errSerialize})
+		}
+		if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, d := range clock.Sleeps() {
+		if d > 5*time.Millisecond {
+			t.Fatalf("a delay of %v with one call in ten conflicting: rare conflicts replay after the backoff", d)
+		}
+	}
 }
 
 // While contention control is engaged it paces a PostgreSQL db's
-// transactions, and the spread is off unless asked for.
+// transactions, and the spread is off unless asked for; while it is not,
+// a replay is spread by default only while a fifth or more of the db's
+// recent attempts conflicted (rarer conflicts: a killed session, a slow
+// link, whose long attempts made the spread pause 0.2-1 s).
 func TestReplaySpreadOffOnPostgresWhileEngaged(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		opts    []Option
 		engaged bool
+		p       int64
 		want    bool
 		dialect Dialect
 	}{
-		{"default, not engaged", nil, false, true, DialectPostgres},
-		{"default, engaged", nil, true, false, DialectPostgres},
-		{"asked for, engaged", []Option{WithReplaySpread(true)}, true, true, DialectPostgres},
-		{"refused, not engaged", []Option{WithReplaySpread(false)}, false, false, DialectPostgres},
-		{"MySQL default, engaged", nil, true, true, DialectMySQL},
+		{"default, not engaged, frequent conflicts", nil, false, spreadOne / 3, true, DialectPostgres},
+		{"default, not engaged, rare conflicts", nil, false, spreadOne / 8, false, DialectPostgres},
+		{"default, engaged", nil, true, spreadOne / 3, false, DialectPostgres},
+		{"asked for, engaged, rare conflicts", []Option{WithReplaySpread(true)}, true, spreadOne / 8, true, DialectPostgres},
+		{"refused, not engaged", []Option{WithReplaySpread(false)}, false, spreadOne / 3, false, DialectPostgres},
+		{"MySQL default, engaged, rare conflicts", nil, true, spreadOne / 8, true, DialectMySQL},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			db, _ := testDB(t, newFakeServer(), append([]Option{WithDialect(tc.dialect)}, tc.opts...)...)
 			r := retrierOf(db)
 			r.txLimit.engaged.Store(tc.engaged)
+			r.spread.p.Store(tc.p)
 			if got := r.spreadsNow(r.txLimit); got != tc.want {
 				t.Fatalf("spreadsNow = %v, want %v", got, tc.want)
 			}
@@ -257,8 +286,9 @@ func TestReplaySpreadOffOnPostgresWhileEngaged(t *testing.T) {
 }
 
 // Shadow mode reports the pause enforcement would take: on PostgreSQL with
-// contention control not engaged, the spread's (attack24: shadow mode once
-// reported the backoff's few ms where enforcing paused hundreds).
+// contention control not engaged and frequent conflicts, the spread's
+// (attack24: shadow mode once reported the backoff's few ms where
+// enforcing paused hundreds).
 func TestShadowReportsThePostgresSpreadWhileNotEngaged(t *testing.T) {
 	srv := newFakeServer()
 	log := &eventLog{}
@@ -267,16 +297,21 @@ func TestShadowReportsThePostgresSpreadWhileNotEngaged(t *testing.T) {
 		clock.Advance(10 * time.Millisecond)
 		return updateTx(ctx, tx)
 	}
-	for range 200 {
-		srv.script("UPDATE", step{err: errSerialize})
-		if err := RunInTx(context.Background(), db, nil, slow); err != nil {
-			t.Fatal(err)
-		}
+	r := retrierOf(db)
+	prime := func() {
+		r.spread.p.Store(spreadOne / 2) // half the recent attempts conflicted
+		r.spread.last.Store(clock.Now().UnixNano())
+	}
+	prime()
+	srv.script("UPDATE", step{err: errSerialize})
+	if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+		t.Fatal(err)
 	}
 	enforced := clock.Sleeps()[len(clock.Sleeps())-1]
 	if !SetShadow(db, true) {
 		t.Fatal("SetShadow")
 	}
+	prime()
 	srv.script("UPDATE", step{err: errSerialize})
 	if err := RunInTx(context.Background(), db, nil, slow); err == nil {
 		t.Fatal("shadow mode: want the conflict back")
@@ -315,4 +350,169 @@ func TestReplaySpreadShareReturnsToZero(t *testing.T) {
 	if p := r.spread.p.Load(); p != 0 {
 		t.Fatalf("after 2000 commits the share of conflicts is %d of %d, want 0", p, spreadOne)
 	}
+}
+
+// The PostgreSQL default spread pauses at most spreadAutoMax (250 ms); one
+// asked for with WithReplaySpread(true), up to the backoff's Max.
+func TestReplaySpreadOnPostgresByDefaultIsBounded(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts []Option
+		max  time.Duration
+	}{
+		{"default", nil, spreadAutoMax},
+		{"asked for", []Option{WithReplaySpread(true)}, time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := newFakeServer()
+			db, clock := testDB(t, srv, append([]Option{withRand(0.99)}, tc.opts...)...)
+			slow := func(ctx context.Context, tx *sql.Tx) error {
+				clock.Advance(40 * time.Millisecond)
+				return updateTx(ctx, tx)
+			}
+			r := retrierOf(db)
+			r.spread.p.Store(spreadOne / 2)
+			r.spread.last.Store(clock.Now().UnixNano())
+			srv.script("UPDATE", step{err: errSerialize})
+			if err := RunInTx(context.Background(), db, nil, slow); err != nil {
+				t.Fatal(err)
+			}
+			got := clock.Sleeps()[len(clock.Sleeps())-1]
+			if got > tc.max || got < tc.max*9/10 {
+				t.Fatalf("paused %v after a 40 ms attempt with half the attempts conflicting, want about %v", got, tc.max)
+			}
+		})
+	}
+}
+
+// primeSpread makes half the db's recent attempts conflicted, as of now.
+func primeSpread(db *sql.DB, clock *fakeClock) {
+	r := retrierOf(db)
+	r.spread.p.Store(spreadOne / 2)
+	r.spread.last.Store(clock.Now().UnixNano())
+}
+
+// Hostile review of the PostgreSQL default spread (2026-12-02): each case
+// failed before its fix.
+func TestReplaySpreadPostgresDefaultReview(t *testing.T) {
+	slow := func(clock *fakeClock, took time.Duration) func(context.Context, *sql.Tx) error {
+		return func(ctx context.Context, tx *sql.Tx) error {
+			clock.Advance(took)
+			return updateTx(ctx, tx)
+		}
+	}
+	t.Run("calls that refuse the spread count in the db's share", func(t *testing.T) {
+		srv := newFakeServer()
+		db, clock := testDB(t, srv)
+		for range 100 {
+			srv.script("UPDATE", step{err: errSerialize})
+			if err := RunInTx(context.Background(), db, nil, slow(clock, 10*time.Millisecond), WithReplaySpread(false)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if p := retrierOf(db).spread.p.Load(); p < spreadOne/10 {
+			t.Fatalf("after 100 refusing calls that each conflicted once the db's share is %d of %d: they were left out", p, spreadOne)
+		}
+		for _, d := range clock.Sleeps() {
+			if d > 10*time.Millisecond {
+				t.Fatalf("a refusing call paused %v", d)
+			}
+		}
+	})
+	t.Run("an unknown dialect does not spread by default", func(t *testing.T) {
+		srv := newFakeServer()
+		db, clock := testDB(t, srv, WithDialect(DialectUnknown), withRand(0.99))
+		primeSpread(db, clock)
+		srv.script("UPDATE", step{err: errSerialize})
+		if err := RunInTx(context.Background(), db, nil, slow(clock, 10*time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+		if d := clock.Sleeps()[len(clock.Sleeps())-1]; d > 10*time.Millisecond {
+			t.Fatalf("paused %v on DialectUnknown", d)
+		}
+	})
+	t.Run("a transaction timeout is not spread", func(t *testing.T) {
+		srv := newFakeServer()
+		db, clock := testDB(t, srv, withRand(0.99))
+		primeSpread(db, clock)
+		srv.script("UPDATE", step{err: &pgSevError{Severity: "FATAL", Code: "25P04", Message: "terminating connection due to transaction timeout"}, closes: true})
+		if err := RunInTx(context.Background(), db, nil, slow(clock, 20*time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+		if d := clock.Sleeps()[len(clock.Sleeps())-1]; d > 10*time.Millisecond {
+			t.Fatalf("a transaction timeout's replay paused %v", d)
+		}
+	})
+	t.Run("shadow mode reports the spread whatever the limiter's stale state", func(t *testing.T) {
+		srv := newFakeServer()
+		log := &eventLog{}
+		db, clock := testDB(t, srv, WithObserver(log), withRand(0.99))
+		retrierOf(db).txLimit.engaged.Store(true) // engaged when shadow mode was turned on
+		SetShadow(db, true)
+		primeSpread(db, clock)
+		srv.script("UPDATE", step{err: errSerialize})
+		_ = RunInTx(context.Background(), db, nil, slow(clock, 10*time.Millisecond))
+		ev := log.shadow()
+		if len(ev) != 1 || ev[0].Delay < 100*time.Millisecond {
+			t.Fatalf("shadow events %+v: want one retry with the spread's pause", ev)
+		}
+	})
+	t.Run("the spread keeps the Max the call started with", func(t *testing.T) {
+		srv := newFakeServer()
+		db, clock := testDB(t, srv, withRand(0.99), WithBackoff(Backoff{Max: 20 * time.Millisecond}))
+		primeSpread(db, clock)
+		srv.script("UPDATE", step{err: errSerialize})
+		fn := func(ctx context.Context, tx *sql.Tx) error {
+			clock.Advance(10 * time.Millisecond)
+			SetBackoff(db, Backoff{Max: 10 * time.Second})
+			return updateTx(ctx, tx)
+		}
+		if err := RunInTx(context.Background(), db, nil, fn); err != nil {
+			t.Fatal(err)
+		}
+		if d := clock.Sleeps()[len(clock.Sleeps())-1]; d > 20*time.Millisecond {
+			t.Fatalf("paused %v: past the call's Max of 20 ms", d)
+		}
+	})
+}
+
+// Under -race: concurrent calls of a PostgreSQL db with the default
+// spread, per-call refusals, shadow mode turned on and off, the limiter
+// engaging and letting go on its own (a hostile review's, 2026-12-02).
+func TestReplaySpreadPostgresConcurrentCalls(t *testing.T) {
+	srv := newFakeServer()
+	db, clock := testDB(t, srv)
+	r := retrierOf(db)
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			SetShadow(db, i%7 == 0)
+			_ = r.spreadsNow(r.txLimit)
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 50 {
+				srv.script("UPDATE", step{err: errSerialize})
+				var opts []Option
+				if (g+i)%2 == 0 {
+					opts = append(opts, WithReplaySpread(false))
+				}
+				_ = RunInTx(context.Background(), db, nil, func(ctx context.Context, tx *sql.Tx) error { clock.Advance(time.Millisecond); return updateTx(ctx, tx) }, opts...)
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	SetShadow(db, false)
+	_ = stats(t, db)
 }

@@ -1077,14 +1077,18 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			start = o.began
 		}
 		conflicted = conflicted || o.conflict
-		spreading := r.spreadsNow(lim)
-		if r.spread.db || spreading {
-			if o.conflict {
+		// A timeout that ended the attempt (timeoutOf) is the closure's
+		// slowness, not a collision: it moves no spread.
+		spreadConflict := o.conflict && timeoutOf(o.cause) == 0
+		tracks, auto := r.spreadTracks(lim, false)
+		if tracks {
+			if spreadConflict {
 				r.spreadOn(true)
 			} else if o.err == nil && r.spread.p.Load() != 0 {
 				r.spreadOn(false)
 			}
 		}
+		spreading := r.spreading(auto)
 		unbounded = unbounded || o.unbound
 		err := o.err
 		if sw != nil && o.cause != nil {
@@ -1169,8 +1173,8 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			p = &pacer{b: *bo, clock: r.clock, rnd: r.rnd, start: start}
 		}
 		d, stop := p.next(ctx, attempt)
-		if stop == "" && o.conflict && spreading {
-			d = r.spreadReplay(ctx, d, since(r.clock, o.began), attempt, p)
+		if stop == "" && spreadConflict && spreading {
+			d = r.spreadReplayAuto(ctx, d, since(r.clock, o.began), attempt, p, auto)
 		}
 		if stop != "" {
 			if !o.ownTimeout || stop == stopMaxAttempts {
@@ -1574,7 +1578,11 @@ func (r *retrier) spreadReplay(ctx context.Context, d, took time.Duration, attem
 	if p <= 0 || p >= 1 || took <= 0 {
 		return d
 	}
-	sp := min(time.Duration(float64(took)*spreadK*p/(1-p)), r.backoff().Max) >> min(max(attempt-1, 0), 16)
+	top := r.backoff().Max
+	if pc != nil {
+		top = pc.b.Max // the backoff the call started with (SetBackoff since: attack review)
+	}
+	sp := min(time.Duration(float64(took)*spreadK*p/(1-p)), top) >> min(max(attempt-1, 0), 16)
 	if sp <= d {
 		return d
 	}
@@ -1589,28 +1597,64 @@ func (r *retrier) spreadReplay(ctx context.Context, d, took time.Duration, attem
 	return max(d, x)
 }
 
+// spreadReplayAuto is spreadReplay, at most spreadAutoMax (or d) for a
+// PostgreSQL db's default spread (auto, spreadTracks).
+func (r *retrier) spreadReplayAuto(ctx context.Context, d, took time.Duration, attempt int, pc *pacer, auto bool) time.Duration {
+	x := r.spreadReplay(ctx, d, took, attempt, pc)
+	if auto && x > spreadAutoMax {
+		x = max(d, spreadAutoMax)
+	}
+	return x
+}
+
 // spreads says whether the replay spread is on for the db or call
 // (WithReplaySpread: by default on MySQL and MariaDB only).
 func (r *retrier) spreads() bool {
 	return r.cfg.replaySpread && (r.cfg.replaySpreadSet || r.dialect == DialectMySQL)
 }
 
-// spreadsNow is spreads for an attempt of a call with limiter lim. On
-// PostgreSQL the spread is off by default while contention control is
-// engaged (it limits the db's transactions, and short deadlock checks find
-// deadlocks in milliseconds) and on while it is not: conflicts it does not
-// act on (rare ones, or another replica's, which no replica's limiter can
-// remove: its limiter lets go and stays out) are replayed after a spread
-// as on MySQL. Without it replicas replayed after the backoff's few
-// milliseconds and collided again: about 2 attempts per commit at 4 and 8
-// replicas, 0.3-0.6 of a hand-written loop that sleeps 500 ms (chaos
-// replicas, 2026-12-02). WithReplaySpread(false) keeps it off, and
-// WithReplaySpread(true) on while engaged too.
-func (r *retrier) spreadsNow(lim *txLimiter) bool {
+// spreadTracks says whether an attempt of a call with limiter lim counts
+// in the db's share of conflicting attempts p: the db spreads (spread.db:
+// MySQL, or WithReplaySpread(true) given to the db), the call does, or the
+// db is a PostgreSQL one with the default (spread.auto) and its contention
+// control is not engaged (auto; shadow: shadow mode runs no attempt
+// through the limiter, whose state it would read stale). Every call of the
+// db counts, also one given WithReplaySpread(false) (attack24).
+//
+// On PostgreSQL the spread is off while contention control is engaged (it
+// limits the db's transactions, and short deadlock checks find deadlocks
+// in milliseconds), and while it is not an auto replay is spread only
+// while at least spreadAutoShare of the db's recent attempts conflicted
+// (spreading), at most spreadAutoMax: conflicts that frequent with
+// contention control out are other replicas', which no replica's limiter
+// can remove (it lets go and stays out). Without the spread such replicas
+// replayed after the backoff's few milliseconds and collided again: about
+// 2 attempts per commit at 2, 4 and 8 replicas (chaos replicas,
+// 2026-12-02). Rarer conflicts (a killed session, a slow link, where an
+// attempt's time is mostly round trips and the spread, which grows with
+// it, paused replays 0.2-1 s and halved the chaos latency scenario's rate)
+// replay after the backoff. With contention control off
+// (WithContentionControl(false)) nothing spreads by default.
+func (r *retrier) spreadTracks(lim *txLimiter, shadow bool) (tracks, auto bool) {
+	auto = r.spread.auto && (shadow || lim != nil && !lim.engaged.Load())
+	return r.spread.db || r.spreads() || auto, auto
+}
+
+// spreading says whether a conflict's replay is spread now, given
+// spreadTracks' auto: the call spreads (spreads), or the db spreads by
+// default now, and the call did not refuse it.
+func (r *retrier) spreading(auto bool) bool {
 	if r.spreads() {
 		return true
 	}
-	return lim != nil && r.cfg.replaySpread && !r.cfg.replaySpreadSet && !lim.engaged.Load()
+	return auto && !r.cfg.replaySpreadSet && r.spread.p.Load() >= spreadAutoShare
+}
+
+// spreadsNow says whether a conflict's replay of a call with limiter lim
+// is spread now (spreadTracks, spreading).
+func (r *retrier) spreadsNow(lim *txLimiter) bool {
+	_, auto := r.spreadTracks(lim, false)
+	return r.spreading(auto)
 }
 
 // spreadOne is p = 1 in spreadState; spreadK scales the spread: 100 (300
@@ -1621,6 +1665,20 @@ const (
 	spreadOne   = 1 << 20
 	spreadK     = 100
 	spreadFloor = spreadOne >> 10 // p under about 0.1 % is taken as 0 (spreadOn)
+	// spreadAutoShare: a PostgreSQL db not engaged spreads its replays by
+	// default while at least a fifth of its recent attempts conflicted
+	// (spreadTracks). Chaos, 2026-12-02: 2, 4 and 8 replicas 0.5 without
+	// the spread and 0.27-0.33 with it; a killed session every 200 ms
+	// 0.09-0.14; a 20 ms link 0.13-0.15.
+	spreadAutoShare = spreadOne / 5
+	// spreadAutoMax bounds that default spread, which could otherwise
+	// reach the backoff's Max (1 s) on the one-process hot spot before
+	// contention control engages (its p99.9 was about 1 s in 4 of 8 chaos
+	// cells with the unbounded default spread, and in 3 of 8 without any:
+	// a deadlock found after deadlock_timeout); across replicas most
+	// spreads are under it (attempts of 2-5 ms, a share of 0.3: up to
+	// 85-215 ms).
+	spreadAutoMax = 250 * time.Millisecond
 )
 
 // spreadState is the db's replay spread: p, its share of attempts that
@@ -1634,6 +1692,7 @@ type spreadState struct {
 	p    atomic.Int64
 	last atomic.Int64
 	db   bool
+	auto bool // PostgreSQL's default spread (spreadTracks)
 }
 
 // spreadQuiet: each such stretch with no attempt of the db ending halves
