@@ -1668,8 +1668,9 @@ const (
 	// spreadAutoShare: a PostgreSQL db not engaged spreads its replays by
 	// default while at least a fifth of its recent attempts conflicted
 	// (spreadTracks). Chaos, 2026-12-02: 2, 4 and 8 replicas 0.5 without
-	// the spread and 0.27-0.33 with it; a killed session every 200 ms
-	// 0.09-0.14; a 20 ms link 0.13-0.15.
+	// the spread and 0.3-0.37 with it; a killed session every 200 ms
+	// 0.09-0.15; a 20 ms link 0.12-0.19 (narrowly under: spreadAutoMax
+	// bounds what crossing it costs there).
 	spreadAutoShare = spreadOne / 5
 	// spreadAutoMax bounds that default spread, which could otherwise
 	// reach the backoff's Max (1 s) on the one-process hot spot before
