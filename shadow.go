@@ -228,7 +228,7 @@ func (r *retrier) shadowRunInTx(ctx context.Context, db *sql.DB, txOpts *sql.TxO
 		// ms where enforcing paused 28-752 ms).
 		if spreads && r.isConflict(err, cls) && timeoutOf(err) == 0 {
 			r.spreadOn(true)
-			if r.spreading(auto) && timeoutOf(err) == 0 {
+			if r.spreading(auto) {
 				d = r.spreadReplayAuto(ctx, d, since(r.clock, began), 1, nil, auto)
 			}
 		}

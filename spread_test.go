@@ -364,25 +364,38 @@ func TestReplaySpreadOnPostgresByDefaultIsBounded(t *testing.T) {
 		{"asked for", []Option{WithReplaySpread(true)}, time.Second},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			srv := newFakeServer()
-			db, clock := testDB(t, srv, append([]Option{withRand(0.99)}, tc.opts...)...)
-			slow := func(ctx context.Context, tx *sql.Tx) error {
-				clock.Advance(40 * time.Millisecond)
-				return updateTx(ctx, tx)
-			}
-			r := retrierOf(db)
-			r.spread.p.Store(spreadOne / 2)
-			r.spread.last.Store(clock.Now().UnixNano())
-			srv.script("UPDATE", step{err: errSerialize})
-			if err := RunInTx(context.Background(), db, nil, slow); err != nil {
-				t.Fatal(err)
-			}
-			got := clock.Sleeps()[len(clock.Sleeps())-1]
+			got := spreadPauseAfter(t, step{err: errSerialize}, 40*time.Millisecond, tc.opts...)
 			if got > tc.max || got < tc.max*9/10 {
 				t.Fatalf("paused %v after a 40 ms attempt with half the attempts conflicting, want about %v", got, tc.max)
 			}
 		})
 	}
+}
+
+// spreadsNow says whether a conflict's replay of a call with limiter lim
+// is spread now (spreadTracks, spreading), as attempts decides it.
+func (r *retrier) spreadsNow(lim *txLimiter) bool {
+	_, auto := r.spreadTracks(lim, false)
+	return r.spreading(auto)
+}
+
+// spreadPauseAfter is the pause before the replay of one call whose
+// first attempt took took and failed as fail says, on a fresh db (options
+// opts) where half the recent attempts conflicted.
+func spreadPauseAfter(t *testing.T, fail step, took time.Duration, opts ...Option) time.Duration {
+	t.Helper()
+	srv := newFakeServer()
+	db, clock := testDB(t, srv, append([]Option{withRand(0.99)}, opts...)...)
+	primeSpread(db, clock)
+	srv.script("UPDATE", fail)
+	fn := func(ctx context.Context, tx *sql.Tx) error {
+		clock.Advance(took)
+		return updateTx(ctx, tx)
+	}
+	if err := RunInTx(context.Background(), db, nil, fn); err != nil {
+		t.Fatal(err)
+	}
+	return clock.Sleeps()[len(clock.Sleeps())-1]
 }
 
 // primeSpread makes half the db's recent attempts conflicted, as of now.
@@ -420,26 +433,13 @@ func TestReplaySpreadPostgresDefaultReview(t *testing.T) {
 		}
 	})
 	t.Run("an unknown dialect does not spread by default", func(t *testing.T) {
-		srv := newFakeServer()
-		db, clock := testDB(t, srv, WithDialect(DialectUnknown), withRand(0.99))
-		primeSpread(db, clock)
-		srv.script("UPDATE", step{err: errSerialize})
-		if err := RunInTx(context.Background(), db, nil, slow(clock, 10*time.Millisecond)); err != nil {
-			t.Fatal(err)
-		}
-		if d := clock.Sleeps()[len(clock.Sleeps())-1]; d > 10*time.Millisecond {
+		if d := spreadPauseAfter(t, step{err: errSerialize}, 10*time.Millisecond, WithDialect(DialectUnknown)); d > 10*time.Millisecond {
 			t.Fatalf("paused %v on DialectUnknown", d)
 		}
 	})
 	t.Run("a transaction timeout is not spread", func(t *testing.T) {
-		srv := newFakeServer()
-		db, clock := testDB(t, srv, withRand(0.99))
-		primeSpread(db, clock)
-		srv.script("UPDATE", step{err: &pgSevError{Severity: "FATAL", Code: "25P04", Message: "terminating connection due to transaction timeout"}, closes: true})
-		if err := RunInTx(context.Background(), db, nil, slow(clock, 20*time.Millisecond)); err != nil {
-			t.Fatal(err)
-		}
-		if d := clock.Sleeps()[len(clock.Sleeps())-1]; d > 10*time.Millisecond {
+		timeout := step{err: &pgSevError{Severity: "FATAL", Code: "25P04", Message: "terminating connection due to transaction timeout"}, closes: true}
+		if d := spreadPauseAfter(t, timeout, 20*time.Millisecond); d > 10*time.Millisecond {
 			t.Fatalf("a transaction timeout's replay paused %v", d)
 		}
 	})

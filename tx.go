@@ -1088,7 +1088,6 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 				r.spreadOn(false)
 			}
 		}
-		spreading := r.spreading(auto)
 		unbounded = unbounded || o.unbound
 		err := o.err
 		if sw != nil && o.cause != nil {
@@ -1173,7 +1172,7 @@ func (r *retrier) attempts(ctx context.Context, outer *txAttempt, lim *txLimiter
 			p = &pacer{b: *bo, clock: r.clock, rnd: r.rnd, start: start}
 		}
 		d, stop := p.next(ctx, attempt)
-		if stop == "" && spreadConflict && spreading {
+		if stop == "" && spreadConflict && r.spreading(auto) {
 			d = r.spreadReplayAuto(ctx, d, since(r.clock, o.began), attempt, p, auto)
 		}
 		if stop != "" {
@@ -1648,13 +1647,6 @@ func (r *retrier) spreading(auto bool) bool {
 		return true
 	}
 	return auto && !r.cfg.replaySpreadSet && r.spread.p.Load() >= spreadAutoShare
-}
-
-// spreadsNow says whether a conflict's replay of a call with limiter lim
-// is spread now (spreadTracks, spreading).
-func (r *retrier) spreadsNow(lim *txLimiter) bool {
-	_, auto := r.spreadTracks(lim, false)
-	return r.spreading(auto)
 }
 
 // spreadOne is p = 1 in spreadState; spreadK scales the spread: 100 (300
